@@ -1,0 +1,208 @@
+//! Exception handling: report and stop.
+//!
+//! Every exception is fatal. The handler (ring 0, emulated on our KVM, so
+//! kept to plain integer code) prints one line on the serial console —
+//! `EMBER-GUEST-CRASH vector=14 (#PF) error=0x4 rip=… cr2=… rsp=… cs=…` —
+//! posts a [`CrashReport`] to the host through the mailbox when the runtime
+//! has registered one, and halts the vCPU with interrupts off.
+//!
+//! Vector 32 is the park gate: ring 3 executes `int 0x20` to halt the vCPU
+//! when it has nothing left to do and no host to wait on (no mailbox).
+
+use core::arch::{asm, global_asm};
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use ember_abi::mailbox::CrashReport;
+use ember_abi::{exception_name, ByteWriter, CRASH_MARKER};
+
+use crate::{console, crash};
+
+// The entry stubs, pinned at ISR_BASE by the linker script, ISR_STRIDE bytes
+// apart: push a zero error code where the CPU pushes none, push the vector,
+// join the common path. Vector 32 (the park gate) halts.
+global_asm!(
+    r#"
+    .macro ember_isr_noerr vector
+    .balign 16
+    push 0
+    push \vector
+    jmp ember_isr_common
+    .endm
+
+    .macro ember_isr_err vector
+    .balign 16
+    push \vector
+    jmp ember_isr_common
+    .endm
+
+    .section .ember.isr, "ax"
+    .global ember_isr_stubs
+ember_isr_stubs:
+    ember_isr_noerr 0
+    ember_isr_noerr 1
+    ember_isr_noerr 2
+    ember_isr_noerr 3
+    ember_isr_noerr 4
+    ember_isr_noerr 5
+    ember_isr_noerr 6
+    ember_isr_noerr 7
+    ember_isr_err 8
+    ember_isr_noerr 9
+    ember_isr_err 10
+    ember_isr_err 11
+    ember_isr_err 12
+    ember_isr_err 13
+    ember_isr_err 14
+    ember_isr_noerr 15
+    ember_isr_noerr 16
+    ember_isr_err 17
+    ember_isr_noerr 18
+    ember_isr_noerr 19
+    ember_isr_noerr 20
+    ember_isr_err 21
+    ember_isr_noerr 22
+    ember_isr_noerr 23
+    ember_isr_noerr 24
+    ember_isr_noerr 25
+    ember_isr_noerr 26
+    ember_isr_noerr 27
+    ember_isr_noerr 28
+    ember_isr_err 29
+    ember_isr_err 30
+    ember_isr_noerr 31
+    .balign 16
+ember_park_gate:
+    cli
+    hlt
+    jmp ember_park_gate
+    .balign 16
+    .global ember_isr_stubs_end
+ember_isr_stubs_end:
+
+    .section .text.ember_isr_common, "ax"
+ember_isr_common:
+    push rax
+    push rbx
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push rbp
+    push r8
+    push r9
+    push r10
+    push r11
+    push r12
+    push r13
+    push r14
+    push r15
+    mov rdi, rsp
+    call ember_exception
+    ud2
+    "#
+);
+
+/// The stack at `ember_exception`: registers pushed by the common path, the
+/// vector and error code pushed by the stub, then the CPU's frame.
+#[repr(C)]
+pub struct ExceptionFrame {
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rbp: u64,
+    rdi: u64,
+    rsi: u64,
+    rdx: u64,
+    rcx: u64,
+    rbx: u64,
+    rax: u64,
+    vector: u64,
+    error_code: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+/// Set while an exception is being reported, so that a fault inside the
+/// handler halts instead of recursing.
+static HANDLING: AtomicBool = AtomicBool::new(false);
+
+/// The common exception handler, called by `ember_isr_common` in ring 0.
+#[no_mangle]
+extern "C" fn ember_exception(frame: &ExceptionFrame) -> ! {
+    if HANDLING.load(Ordering::Relaxed) {
+        halt_forever();
+    }
+    HANDLING.store(true, Ordering::Relaxed);
+
+    let report = CrashReport {
+        vector: frame.vector,
+        error_code: frame.error_code,
+        rip: frame.rip,
+        cs: frame.cs,
+        rflags: frame.rflags,
+        rsp: frame.rsp,
+        ss: frame.ss,
+        cr2: read_cr2(),
+        gprs: [
+            frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi, frame.rbp, frame.r8,
+            frame.r9, frame.r10, frame.r11, frame.r12, frame.r13, frame.r14, frame.r15,
+        ],
+    };
+
+    let mut line = [0u8; 192];
+    let mut w = ByteWriter::new(&mut line);
+    w.push_str(CRASH_MARKER);
+    w.push_str(" vector=");
+    w.push_dec(report.vector);
+    w.push_str(" (");
+    w.push_str(exception_name(report.vector));
+    w.push_str(") error=");
+    w.push_hex(report.error_code);
+    w.push_str(" rip=");
+    w.push_hex(report.rip);
+    w.push_str(" cr2=");
+    w.push_hex(report.cr2);
+    w.push_str(" rsp=");
+    w.push_hex(report.rsp);
+    w.push_str(" cs=");
+    w.push_hex(report.cs);
+    w.push_str("\n");
+    console::write_bytes(w.as_bytes());
+
+    crash::post_report(&report);
+    halt_forever()
+}
+
+/// CR2: the linear address of the last page fault.
+fn read_cr2() -> u64 {
+    let cr2: u64;
+    // SAFETY: reading CR2 has no side effects; this runs in ring 0.
+    unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
+    cr2
+}
+
+/// Halts the vCPU for good (ring 0 only): interrupts off, `hlt` in a loop.
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: cli/hlt only stop this vCPU; nothing is expected to run after.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}
+
+/// Parks the vCPU from ring 3 through the park gate: it halts in ring 0 and
+/// never returns. Used when there is no host to wait on.
+pub fn park() -> ! {
+    loop {
+        // SAFETY: the park gate (vector 32, DPL 3) halts in ring 0; it does
+        // not return, and touches no memory of ours.
+        unsafe { asm!("int 0x20", options(nomem, nostack)) };
+    }
+}

@@ -1,0 +1,160 @@
+//! The guest side of the host mailbox (layout in [`ember_abi::mailbox`]).
+//!
+//! The host writes the request slot and area only while this vCPU is parked
+//! in the doorbell exit, and reads the response only after the doorbell, so
+//! plain (volatile) accesses between doorbells are race-free. The doorbell's
+//! `out` is a compiler barrier: nothing is cached across it.
+
+use core::ptr;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use ember_abi::mailbox::{offsets, Layout, MessageKind, Slot, MAGIC, VERSION};
+use ember_abi::MailboxParam;
+
+use crate::io::outb;
+
+/// A mailbox region announced on the command line and checked against the
+/// header the host wrote.
+#[derive(Debug, Clone, Copy)]
+pub struct Mailbox {
+    base: u64,
+    layout: Layout,
+    port: u16,
+}
+
+impl Mailbox {
+    /// Checks the region the host announced: a valid layout below the mapped
+    /// limit, and a header with the expected magic, version and area size.
+    ///
+    /// # Safety
+    /// `param` must describe guest memory that is identity-mapped and set
+    /// aside for the mailbox (the VMM reserves it in the e820 map).
+    pub unsafe fn open(param: MailboxParam) -> Result<Mailbox, &'static str> {
+        let layout = Layout::new(param.size).ok_or("mailbox size is not a valid layout")?;
+        let end = param
+            .gpa
+            .checked_add(param.size)
+            .ok_or("mailbox wraps around")?;
+        if end > ember_abi::GUEST_MAPPED_LIMIT {
+            return Err("mailbox lies above the mapped 4 GiB");
+        }
+        let mailbox = Mailbox {
+            base: param.gpa,
+            layout,
+            port: param.port,
+        };
+        if mailbox.read_u32(offsets::MAGIC) != MAGIC {
+            return Err("mailbox header has the wrong magic");
+        }
+        if mailbox.read_u32(offsets::VERSION) != VERSION {
+            return Err("mailbox protocol version differs from this guest's");
+        }
+        if u64::from(mailbox.read_u32(offsets::AREA_SIZE)) != layout.area_size {
+            return Err("mailbox header's area size disagrees with the command line");
+        }
+        Ok(mailbox)
+    }
+
+    /// The region's geometry.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The request the host posted (lengths not yet checked).
+    pub fn request(&self) -> Slot {
+        Slot {
+            seq: self.read_u64(offsets::REQUEST_SEQ),
+            kind: self.read_u32(offsets::REQUEST_KIND),
+            len: self.read_u32(offsets::REQUEST_LEN),
+        }
+    }
+
+    /// The first `len` bytes of the request area, clamped to its capacity.
+    pub fn request_payload(&self, len: u32) -> &[u8] {
+        let len = (len as u64).min(self.layout.area_size) as usize;
+        // SAFETY: the request area lies inside the region checked by `open`;
+        // the host does not write it until the next doorbell, and the
+        // returned borrow of `self` cannot outlive a `post` (which takes
+        // `&mut self`).
+        unsafe {
+            core::slice::from_raw_parts(
+                (self.base + self.layout.request_offset()) as *const u8,
+                len,
+            )
+        }
+    }
+
+    /// The whole response area, for the guest to write a message into.
+    pub fn response_area(&mut self) -> &mut [u8] {
+        // SAFETY: the response area lies inside the region checked by `open`
+        // and is written only by the guest; the host reads it after a doorbell.
+        unsafe {
+            core::slice::from_raw_parts_mut(
+                (self.base + self.layout.response_offset()) as *mut u8,
+                self.layout.area_size as usize,
+            )
+        }
+    }
+
+    /// Posts a message of `len` bytes (already in the response area) and
+    /// rings the doorbell. When the kind awaits a request, this returns once
+    /// the host has posted one.
+    pub fn post(&mut self, kind: MessageKind, seq: u64, len: u32) {
+        self.post_raw(kind as u32, seq, len);
+    }
+
+    /// Posts a message without checking `len` against the area: the test
+    /// command `bad-length` uses it to play a hostile guest.
+    pub fn post_raw(&mut self, kind: u32, seq: u64, len: u32) {
+        self.write_u64(offsets::RESPONSE_SEQ, seq);
+        self.write_u32(offsets::RESPONSE_KIND, kind);
+        self.write_u32(offsets::RESPONSE_LEN, len);
+        outb(self.port, 1);
+    }
+
+    fn read_u32(&self, offset: usize) -> u32 {
+        // SAFETY: header fields lie in the first page of the checked region
+        // and are naturally aligned (offsets in ember_abi::mailbox::offsets).
+        unsafe { ptr::read_volatile((self.base + offset as u64) as *const u32) }
+    }
+
+    fn read_u64(&self, offset: usize) -> u64 {
+        // SAFETY: as in `read_u32`.
+        unsafe { ptr::read_volatile((self.base + offset as u64) as *const u64) }
+    }
+
+    fn write_u32(&mut self, offset: usize, value: u32) {
+        // SAFETY: as in `read_u32`; the response slot is the guest's to write.
+        unsafe { ptr::write_volatile((self.base + offset as u64) as *mut u32, value) }
+    }
+
+    fn write_u64(&mut self, offset: usize, value: u64) {
+        // SAFETY: as in `write_u32`.
+        unsafe { ptr::write_volatile((self.base + offset as u64) as *mut u64, value) }
+    }
+}
+
+/// The mailbox the exception handler reports crashes to (0: none yet).
+static CRASH_MAILBOX_BASE: AtomicU64 = AtomicU64::new(0);
+static CRASH_MAILBOX_SIZE: AtomicU64 = AtomicU64::new(0);
+static CRASH_MAILBOX_PORT: AtomicU64 = AtomicU64::new(0);
+
+/// Lets the exception handler report crashes through `mailbox`.
+pub fn register_for_crash_reports(mailbox: &Mailbox) {
+    CRASH_MAILBOX_SIZE.store(mailbox.layout.size, Ordering::Relaxed);
+    CRASH_MAILBOX_PORT.store(u64::from(mailbox.port), Ordering::Relaxed);
+    CRASH_MAILBOX_BASE.store(mailbox.base, Ordering::Relaxed);
+}
+
+/// The mailbox registered for crash reports, if any.
+pub(crate) fn crash_mailbox() -> Option<Mailbox> {
+    let base = CRASH_MAILBOX_BASE.load(Ordering::Relaxed);
+    if base == 0 {
+        return None;
+    }
+    Some(Mailbox {
+        base,
+        layout: Layout::new(CRASH_MAILBOX_SIZE.load(Ordering::Relaxed))?,
+        port: CRASH_MAILBOX_PORT.load(Ordering::Relaxed) as u16,
+    })
+}

@@ -1,0 +1,312 @@
+//! A small HTTP/1.1 server-side codec for the control socket, over httparse.
+//!
+//! Requests carry bodies by Content-Length only (as curl and Firecracker's
+//! clients send them); `Expect: 100-continue` is honoured; keep-alive and
+//! pipelining work. Limits: 16 KiB of headers, [`MAX_BODY`] of body.
+
+use serde::Serialize;
+
+/// Longest request head (request line and headers).
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// Longest request body: a mailbox payload with room to spare.
+pub const MAX_BODY: usize = 4 << 20;
+
+/// Most headers in a request.
+const MAX_HEADERS: usize = 32;
+
+/// A complete request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// `GET`, `PUT`, ...
+    pub method: String,
+    /// The path, without any query string.
+    pub path: String,
+    /// The body (empty without Content-Length).
+    pub body: Vec<u8>,
+    /// The client asked to close the connection after this request.
+    pub close: bool,
+}
+
+/// A response to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Extra headers.
+    pub headers: Vec<(&'static str, String)>,
+    /// Content type of the body, if there is one.
+    pub content_type: Option<&'static str>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// 204 No Content.
+    pub fn no_content() -> Response {
+        Response {
+            status: 204,
+            headers: Vec::new(),
+            content_type: None,
+            body: Vec::new(),
+        }
+    }
+
+    /// A JSON body.
+    pub fn json<T: Serialize>(status: u16, value: &T) -> Response {
+        match serde_json::to_vec(value) {
+            Ok(body) => Response {
+                status,
+                headers: Vec::new(),
+                content_type: Some("application/json"),
+                body,
+            },
+            Err(e) => Response::fault(500, &format!("cannot encode the response: {e}")),
+        }
+    }
+
+    /// Firecracker's error body: `{"fault_message": "..."}`.
+    pub fn fault(status: u16, message: &str) -> Response {
+        Response::json(status, &serde_json::json!({ "fault_message": message }))
+    }
+
+    /// Raw bytes.
+    pub fn bytes(status: u16, body: Vec<u8>) -> Response {
+        Response {
+            status,
+            headers: Vec::new(),
+            content_type: Some("application/octet-stream"),
+            body,
+        }
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, name: &'static str, value: String) -> Response {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// The response as bytes on the wire.
+    pub fn encode(&self, close: bool) -> Vec<u8> {
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\nServer: ember-vmm\r\n",
+            self.status,
+            reason(self.status)
+        );
+        if close {
+            head.push_str("Connection: close\r\n");
+        }
+        if self.status != 204 {
+            if let Some(content_type) = self.content_type {
+                head.push_str(&format!("Content-Type: {content_type}\r\n"));
+            }
+            head.push_str(&format!("Content-Length: {}\r\n", self.body.len()));
+        }
+        for (name, value) in &self.headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut out = head.into_bytes();
+        if self.status != 204 {
+            out.extend_from_slice(&self.body);
+        }
+        out
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        504 => "Gateway Timeout",
+        _ => "Unknown",
+    }
+}
+
+/// What the bytes received so far amount to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// Not a whole request yet.
+    Incomplete,
+    /// The head is complete and asks for `100 Continue` before the body.
+    ExpectsContinue,
+    /// A whole request, taking the first `consumed` bytes.
+    Request(Request, usize),
+    /// A request that cannot be served; answer and close the connection.
+    Invalid(Response),
+}
+
+/// Parses the first request in `buf`. `continue_sent` tells whether the
+/// `100 Continue` for it has already gone out.
+pub fn parse_request(buf: &[u8], continue_sent: bool) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let head_len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Parsed::Invalid(Response::fault(
+                431,
+                &format!("request head exceeds {MAX_HEAD} bytes"),
+            ));
+        }
+        Ok(httparse::Status::Partial) => return Parsed::Incomplete,
+        Err(e) => {
+            return Parsed::Invalid(Response::fault(
+                400,
+                &format!("malformed HTTP request: {e}"),
+            ))
+        }
+    };
+    let method = request.method.unwrap_or_default().to_string();
+    let path = request.path.unwrap_or_default();
+    let path = path.split('?').next().unwrap_or_default().to_string();
+
+    let mut content_length = None;
+    let mut expects_continue = false;
+    let mut close = request.version == Some(0);
+    for header in request.headers.iter() {
+        let value = String::from_utf8_lossy(header.value);
+        let value = value.trim();
+        if header.name.eq_ignore_ascii_case("content-length") {
+            let Ok(len) = value.parse::<usize>() else {
+                return Parsed::Invalid(Response::fault(
+                    400,
+                    &format!("bad Content-Length: {value:?}"),
+                ));
+            };
+            if content_length.is_some_and(|l| l != len) {
+                return Parsed::Invalid(Response::fault(400, "conflicting Content-Length headers"));
+            }
+            content_length = Some(len);
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Parsed::Invalid(Response::fault(
+                400,
+                "Transfer-Encoding is not supported: send the body with Content-Length",
+            ));
+        } else if header.name.eq_ignore_ascii_case("expect") {
+            expects_continue = value.eq_ignore_ascii_case("100-continue");
+        } else if header.name.eq_ignore_ascii_case("connection") {
+            close = value.eq_ignore_ascii_case("close");
+        }
+    }
+    let body_len = content_length.unwrap_or(0);
+    if body_len > MAX_BODY {
+        return Parsed::Invalid(Response::fault(
+            413,
+            &format!("request body of {body_len} bytes exceeds the API limit of {MAX_BODY} bytes"),
+        ));
+    }
+    let total = head_len + body_len;
+    if buf.len() < total {
+        if expects_continue && !continue_sent && buf.len() == head_len {
+            return Parsed::ExpectsContinue;
+        }
+        return Parsed::Incomplete;
+    }
+    Parsed::Request(
+        Request {
+            method,
+            path,
+            body: buf[head_len..total].to_vec(),
+            close,
+        },
+        total,
+    )
+}
+
+/// The interim response to `Expect: 100-continue`.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_request_with_body() {
+        let raw =
+            b"PUT /machine-config HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}GET /";
+        match parse_request(raw, false) {
+            Parsed::Request(req, used) => {
+                assert_eq!(req.method, "PUT");
+                assert_eq!(req.path, "/machine-config");
+                assert_eq!(req.body, b"{}");
+                assert!(!req.close);
+                assert_eq!(used, raw.len() - 5);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn waits_for_the_rest() {
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.1\r\nHost: x\r\n", false),
+            Parsed::Incomplete
+        );
+        assert_eq!(
+            parse_request(b"PUT /x HTTP/1.1\r\nContent-Length: 10\r\n\r\n12345", false),
+            Parsed::Incomplete
+        );
+    }
+
+    #[test]
+    fn honours_expect_continue_once() {
+        let head =
+            b"POST /ember/echo HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n";
+        assert_eq!(parse_request(head, false), Parsed::ExpectsContinue);
+        assert_eq!(parse_request(head, true), Parsed::Incomplete);
+        let mut whole = head.to_vec();
+        whole.extend_from_slice(b"abc");
+        assert!(matches!(parse_request(&whole, true), Parsed::Request(..)));
+    }
+
+    #[test]
+    fn refuses_bad_requests_by_name() {
+        let check = |raw: &[u8], status: u16, text: &str| match parse_request(raw, false) {
+            Parsed::Invalid(resp) => {
+                assert_eq!(resp.status, status);
+                let body = String::from_utf8(resp.body).unwrap();
+                assert!(body.contains(text), "{body}");
+            }
+            other => panic!("{other:?}"),
+        };
+        check(b"GARBAGE\x01\r\n\r\n", 400, "malformed HTTP request");
+        check(
+            b"PUT / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+            400,
+            "bad Content-Length",
+        );
+        check(
+            b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            400,
+            "Content-Length",
+        );
+        check(
+            b"PUT / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+            413,
+            "exceeds the API limit",
+        );
+        let mut huge = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', MAX_HEAD + 1));
+        check(&huge, 431, "request head exceeds");
+    }
+
+    #[test]
+    fn encodes_responses() {
+        let wire = Response::fault(400, "bad").encode(false);
+        let text = String::from_utf8(wire).unwrap();
+        assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"));
+        assert!(text.ends_with("\r\n\r\n{\"fault_message\":\"bad\"}"));
+        assert!(text.contains("Content-Length: 23\r\n"));
+        let none = String::from_utf8(Response::no_content().encode(true)).unwrap();
+        assert_eq!(
+            none,
+            "HTTP/1.1 204 No Content\r\nServer: ember-vmm\r\nConnection: close\r\n\r\n"
+        );
+    }
+}

@@ -1,0 +1,3 @@
+//! Architecture support. Ember runs on x86-64 only.
+
+pub mod x86_64;

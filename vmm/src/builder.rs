@@ -1,0 +1,262 @@
+//! Building a microVM for boot: the one place that orders setup.
+//!
+//! ```text
+//! /dev/kvm → VM → guest memory registered as slot 0 → irqchip   (slots before irqchip:
+//!   → vCPUs → image (linux-loader ELF) → command line              5–8 ms saved here)
+//!   → zero page (e820) → boot GDT + page tables → mailbox header
+//!   → devices (serial + irqfd, i8042) → per-vCPU CPUID, BSP regs/sregs
+//!   → vCPU threads (each installs its seccomp filter and waits)
+//! ```
+//!
+//! The caller then installs the VMM thread's filter and starts the vCPUs,
+//! so no guest instruction runs before every filter is in place.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+use ember_abi::mailbox::{DEFAULT_DOORBELL_PORT, DEFAULT_SIZE};
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::elf::Elf;
+use linux_loader::loader::{load_cmdline, KernelLoader};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
+use crate::arch::x86_64::{boot_params, cpuid, regs};
+use crate::devices::legacy::i8042;
+use crate::devices::legacy::serial::{ConsoleOutput, SerialDevice};
+use crate::devices::mailbox::{Mailbox, MailboxError};
+use crate::devices::{EventFdTrigger, PioDevices};
+use crate::resources::VmResources;
+use crate::vstate::kvm::{KvmContext, KvmError};
+use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::vstate::vcpu::{Vcpu, VcpuEventSender, VcpuHandle};
+use crate::vstate::vm::{Vm, VmError};
+
+/// The interrupt line of COM1.
+const SERIAL_GSI: u32 = 4;
+
+/// Why a microVM could not be built.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum StartMicrovmError {
+    /// no boot source: PUT /boot-source first
+    MissingBootSource,
+    /// {0}
+    Kvm(#[from] KvmError),
+    /// {0}
+    Memory(#[from] MemoryError),
+    /// {0}
+    Vm(#[from] VmError),
+    /// cannot load the guest image {path}: {source}
+    LoadKernel {
+        /// The image.
+        path: String,
+        /// What linux-loader reported.
+        source: linux_loader::loader::Error,
+    },
+    /// the guest image ends at {end:#x}, past the end of usable RAM at {limit:#x}: raise mem_size_mib
+    KernelTooBig {
+        /// End of the loaded image.
+        end: u64,
+        /// End of RAM below the mailbox.
+        limit: u64,
+    },
+    /// cannot build the kernel command line: {0}
+    Cmdline(linux_loader::cmdline::Error),
+    /// cannot write the command line into guest memory: {0}
+    LoadCmdline(linux_loader::loader::Error),
+    /// cannot write boot structures into guest memory: {0}
+    BootMemory(#[from] vm_memory::GuestMemoryError),
+    /// {0}
+    Mailbox(#[from] MailboxError),
+    /// cannot create an eventfd: {0}
+    EventFd(std::io::Error),
+    /// cannot set up vCPU {index}: {what}: {source}
+    VcpuSetup {
+        /// The vCPU.
+        index: u8,
+        /// Which step.
+        what: &'static str,
+        /// What KVM reported.
+        source: kvm_ioctls::Error,
+    },
+    /// cannot start a vCPU thread: {0}
+    VcpuThread(std::io::Error),
+}
+
+/// How to build the microVM beyond its resources.
+pub struct BuildOptions {
+    /// Announce a mailbox to the guest (false with `--no-mailbox`).
+    pub mailbox: bool,
+    /// Install the seccomp filters.
+    pub seccomp: bool,
+    /// Count the boot path's ring-0 instructions on vCPU 0.
+    pub count_ring0: bool,
+}
+
+/// A built microVM: its vCPU threads wait for `Start`.
+pub struct Microvm {
+    /// `/dev/kvm`.
+    pub kvm: KvmContext,
+    /// The VM.
+    pub vm: Vm,
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The vCPU threads.
+    pub vcpus: Vec<VcpuHandle>,
+    /// The port-I/O devices.
+    pub devices: PioDevices,
+    /// The mailbox, unless `--no-mailbox`.
+    pub mailbox: Option<Mailbox>,
+}
+
+/// Builds the microVM `resources` describe. `reset_evt` is signalled by the
+/// i8042 when the guest resets; vCPU threads report on `vcpu_events`.
+pub fn build_microvm_for_boot(
+    resources: &mut VmResources,
+    options: &BuildOptions,
+    console: ConsoleOutput,
+    reset_evt: &EventFd,
+    vcpu_events: &VcpuEventSender,
+) -> Result<Microvm, StartMicrovmError> {
+    let boot_source = resources
+        .boot_source
+        .as_mut()
+        .ok_or(StartMicrovmError::MissingBootSource)?;
+    let machine = &resources.machine_config;
+    let mem_size = (machine.mem_size_mib as u64) << 20;
+
+    let kvm = KvmContext::new()?;
+    let mem = create_guest_memory(mem_size as usize)?;
+    let vm = Vm::new(&kvm, &mem, machine.track_dirty_pages)?;
+    let vcpu_fds = (0..machine.vcpu_count)
+        .map(|index| vm.create_vcpu(index))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mailbox = if options.mailbox {
+        let mailbox = Mailbox::new(
+            mem.clone(),
+            mem_size - DEFAULT_SIZE,
+            DEFAULT_SIZE,
+            DEFAULT_DOORBELL_PORT,
+        )?;
+        mailbox.init_header()?;
+        Some(mailbox)
+    } else {
+        None
+    };
+    let ram_end = mailbox.as_ref().map_or(mem_size, Mailbox::gpa);
+
+    let entry = load_kernel(
+        &mem,
+        &mut boot_source.kernel_file,
+        &boot_source.config.kernel_image_path,
+        ram_end,
+    )?;
+
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(StartMicrovmError::Cmdline)?;
+    if let Some(args) = boot_source
+        .config
+        .boot_args
+        .as_deref()
+        .filter(|a| !a.trim().is_empty())
+    {
+        cmdline
+            .insert_str(args)
+            .map_err(StartMicrovmError::Cmdline)?;
+    }
+    if let Some(mailbox) = &mailbox {
+        cmdline
+            .insert_str(mailbox.cmdline_param())
+            .map_err(StartMicrovmError::Cmdline)?;
+    }
+    load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline)
+        .map_err(StartMicrovmError::LoadCmdline)?;
+    let cmdline_size = cmdline
+        .as_cstring()
+        .map_err(StartMicrovmError::Cmdline)?
+        .as_bytes_with_nul()
+        .len();
+
+    let e820 = boot_params::e820_map(mem_size, mailbox.as_ref().map(Mailbox::gpa));
+    boot_params::write_boot_params(&mem, &e820, cmdline_size)?;
+    regs::write_boot_tables(&mem)?;
+
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(StartMicrovmError::EventFd)?;
+    vm.register_irqfd(&serial_irq, SERIAL_GSI)?;
+    let reset = reset_evt.try_clone().map_err(StartMicrovmError::EventFd)?;
+    let devices = PioDevices {
+        serial: Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger(serial_irq),
+            console,
+        ))),
+        i8042: Arc::new(Mutex::new(i8042::new(reset))),
+        doorbell_port: mailbox.as_ref().map(Mailbox::port),
+    };
+
+    let mut vcpus = Vec::with_capacity(vcpu_fds.len());
+    for (index, fd) in vcpu_fds.into_iter().enumerate() {
+        let index = index as u8;
+        let setup = |what, source| StartMicrovmError::VcpuSetup {
+            index,
+            what,
+            source,
+        };
+        let mut cpuid = kvm.supported_cpuid.clone();
+        cpuid::normalize(&mut cpuid, index, machine.vcpu_count);
+        fd.set_cpuid2(&cpuid)
+            .map_err(|e| setup("KVM_SET_CPUID2", e))?;
+        if index == 0 {
+            let mut sregs = fd.get_sregs().map_err(|e| setup("KVM_GET_SREGS", e))?;
+            regs::setup_long_mode_sregs(&mut sregs);
+            fd.set_sregs(&sregs)
+                .map_err(|e| setup("KVM_SET_SREGS", e))?;
+            fd.set_regs(&regs::boot_regs(entry))
+                .map_err(|e| setup("KVM_SET_REGS", e))?;
+        }
+        let count_ring0 = options.count_ring0 && index == 0;
+        vcpus.push(Vcpu::new(
+            index,
+            fd,
+            devices.clone(),
+            vcpu_events.clone(),
+            count_ring0,
+        ));
+    }
+    let vcpus = vcpus
+        .into_iter()
+        .map(|vcpu| vcpu.start_thread(options.seccomp))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(StartMicrovmError::VcpuThread)?;
+
+    Ok(Microvm {
+        kvm,
+        vm,
+        mem,
+        vcpus,
+        devices,
+        mailbox,
+    })
+}
+
+/// Loads the ELF image at its physical addresses; returns its entry point.
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    file: &mut File,
+    path: &str,
+    ram_end: u64,
+) -> Result<u64, StartMicrovmError> {
+    let loaded = Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
+        StartMicrovmError::LoadKernel {
+            path: path.to_string(),
+            source,
+        }
+    })?;
+    if loaded.kernel_end > ram_end {
+        return Err(StartMicrovmError::KernelTooBig {
+            end: loaded.kernel_end,
+            limit: ram_end,
+        });
+    }
+    Ok(loaded.kernel_load.0)
+}

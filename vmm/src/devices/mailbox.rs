@@ -1,0 +1,353 @@
+//! The host side of the mailbox (layout and protocol in [`ember_abi::mailbox`]).
+//!
+//! Everything the guest writes is hostile: a message is read by copying the
+//! header once, checking the copy (known kind, length within the response
+//! area), then copying exactly that many payload bytes. Nothing is read
+//! through a pointer into guest memory, and nothing beyond the region.
+
+use ember_abi::mailbox::{
+    offsets, Layout, MessageKind, RequestKind, Slot, HEADER_BYTES, MAGIC, VERSION,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+
+/// A message the guest posted, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestMessage {
+    /// The request it answers (0 for none).
+    pub seq: u64,
+    /// What it is.
+    pub kind: MessageKind,
+    /// Its payload, copied out of guest memory.
+    pub payload: Vec<u8>,
+}
+
+/// A message the host refused to take from the guest.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum ProtocolError {
+    /// guest wrote mailbox message length {len}, beyond the {area} bytes of the response area; message rejected
+    LengthBeyondArea {
+        /// The length field.
+        len: u32,
+        /// The response area's capacity.
+        area: u64,
+    },
+    /// guest wrote unknown mailbox message kind {0}; message rejected
+    UnknownKind(u32),
+    /// cannot read the mailbox from guest memory: {0}
+    Memory(GuestMemoryError),
+}
+
+/// Errors setting up the mailbox or posting a request.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum MailboxError {
+    /// mailbox of {0} bytes is not a valid size (a multiple of 4 KiB, at least 12 KiB)
+    BadSize(u64),
+    /// request payload of {len} bytes exceeds the mailbox maximum of {max} bytes
+    PayloadTooLarge {
+        /// The payload length.
+        len: usize,
+        /// The request area's capacity.
+        max: u64,
+    },
+    /// cannot write the mailbox in guest memory: {0}
+    Memory(#[from] GuestMemoryError),
+}
+
+/// The mailbox region in guest memory and its doorbell port.
+#[derive(Debug)]
+pub struct Mailbox {
+    mem: GuestMemoryMmap,
+    gpa: u64,
+    layout: Layout,
+    port: u16,
+}
+
+impl Mailbox {
+    /// A mailbox of `size` bytes at `gpa` in `mem`, with its doorbell on `port`.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        gpa: u64,
+        size: u64,
+        port: u16,
+    ) -> Result<Mailbox, MailboxError> {
+        let layout = Layout::new(size).ok_or(MailboxError::BadSize(size))?;
+        Ok(Mailbox {
+            mem,
+            gpa,
+            layout,
+            port,
+        })
+    }
+
+    /// Guest-physical address of the region.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// The doorbell port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The region's geometry.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The largest payload either way.
+    pub fn max_payload(&self) -> u64 {
+        self.layout.area_size
+    }
+
+    /// The command-line parameter that announces this mailbox to the guest.
+    pub fn cmdline_param(&self) -> String {
+        let mut buf = [0u8; 80];
+        ember_abi::format_mailbox_param(&mut buf, self.gpa, self.layout.size, self.port).to_string()
+    }
+
+    /// Writes the header the guest checks at boot: magic, version, area size,
+    /// empty slots.
+    pub fn init_header(&self) -> Result<(), GuestMemoryError> {
+        let mut header = [0u8; HEADER_BYTES];
+        header[offsets::MAGIC..offsets::MAGIC + 4].copy_from_slice(&MAGIC.to_le_bytes());
+        header[offsets::VERSION..offsets::VERSION + 4].copy_from_slice(&VERSION.to_le_bytes());
+        header[offsets::AREA_SIZE..offsets::AREA_SIZE + 4]
+            .copy_from_slice(&(self.layout.area_size as u32).to_le_bytes());
+        self.mem.write_slice(&header, GuestAddress(self.gpa))
+    }
+
+    /// Posts request `seq` of `kind` with `payload` for the guest to read
+    /// when it resumes. Call only while the guest waits in the doorbell exit.
+    pub fn write_request(
+        &self,
+        seq: u64,
+        kind: RequestKind,
+        payload: &[u8],
+    ) -> Result<(), MailboxError> {
+        if payload.len() as u64 > self.layout.area_size {
+            return Err(MailboxError::PayloadTooLarge {
+                len: payload.len(),
+                max: self.layout.area_size,
+            });
+        }
+        self.mem.write_slice(
+            payload,
+            GuestAddress(self.gpa + self.layout.request_offset()),
+        )?;
+        let slot = Slot {
+            seq,
+            kind: kind as u32,
+            len: payload.len() as u32,
+        };
+        self.mem.write_slice(
+            &slot.encode(),
+            GuestAddress(self.gpa + offsets::REQUEST_SEQ as u64),
+        )?;
+        Ok(())
+    }
+
+    /// Reads and checks the message the guest posted before ringing the doorbell.
+    pub fn read_message(&self) -> Result<GuestMessage, ProtocolError> {
+        let mut header = [0u8; HEADER_BYTES];
+        self.mem
+            .read_slice(&mut header, GuestAddress(self.gpa))
+            .map_err(ProtocolError::Memory)?;
+        let slot = Slot::response_from_header(&header);
+        let kind = MessageKind::from_u32(slot.kind).ok_or(ProtocolError::UnknownKind(slot.kind))?;
+        if u64::from(slot.len) > self.layout.area_size {
+            return Err(ProtocolError::LengthBeyondArea {
+                len: slot.len,
+                area: self.layout.area_size,
+            });
+        }
+        let mut payload = vec![0u8; slot.len as usize];
+        self.mem
+            .read_slice(
+                &mut payload,
+                GuestAddress(self.gpa + self.layout.response_offset()),
+            )
+            .map_err(ProtocolError::Memory)?;
+        Ok(GuestMessage {
+            seq: slot.seq,
+            kind,
+            payload,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_abi::mailbox::DEFAULT_SIZE;
+
+    const GPA: u64 = 6 << 20;
+
+    fn mailbox() -> (Mailbox, GuestMemoryMmap) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let mailbox = Mailbox::new(mem.clone(), GPA, DEFAULT_SIZE, 0xee0).unwrap();
+        mailbox.init_header().unwrap();
+        (mailbox, mem)
+    }
+
+    /// Plays the guest: writes a response slot and payload.
+    fn guest_posts(mem: &GuestMemoryMmap, mailbox: &Mailbox, slot: Slot, payload: &[u8]) {
+        mem.write_slice(
+            payload,
+            GuestAddress(GPA + mailbox.layout().response_offset()),
+        )
+        .unwrap();
+        mem.write_slice(
+            &slot.encode(),
+            GuestAddress(GPA + offsets::RESPONSE_SEQ as u64),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn header_is_what_the_guest_checks() {
+        let (mailbox, mem) = mailbox();
+        let magic: u32 = mem.read_obj(GuestAddress(GPA)).unwrap();
+        let version: u32 = mem.read_obj(GuestAddress(GPA + 4)).unwrap();
+        let area: u32 = mem.read_obj(GuestAddress(GPA + 8)).unwrap();
+        assert_eq!(
+            (magic, version, u64::from(area)),
+            (MAGIC, VERSION, mailbox.max_payload())
+        );
+        assert_eq!(
+            mailbox.cmdline_param(),
+            "ember.mailbox=0x600000,0x200000,0xee0"
+        );
+    }
+
+    #[test]
+    fn request_lands_in_the_request_area() {
+        let (mailbox, mem) = mailbox();
+        mailbox
+            .write_request(7, RequestKind::Echo, b"hello")
+            .unwrap();
+        let mut header = [0u8; HEADER_BYTES];
+        mem.read_slice(&mut header, GuestAddress(GPA)).unwrap();
+        assert_eq!(
+            Slot::request_from_header(&header),
+            Slot {
+                seq: 7,
+                kind: 2,
+                len: 5
+            }
+        );
+        let mut payload = [0u8; 5];
+        mem.read_slice(&mut payload, GuestAddress(GPA + 4096))
+            .unwrap();
+        assert_eq!(&payload, b"hello");
+    }
+
+    #[test]
+    fn oversized_request_is_refused_before_writing() {
+        let (mailbox, _mem) = mailbox();
+        let too_big = vec![0u8; mailbox.max_payload() as usize + 1];
+        let err = mailbox
+            .write_request(1, RequestKind::Echo, &too_big)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("exceeds the mailbox maximum"),
+            "{err}"
+        );
+        let fits = vec![0xa5u8; mailbox.max_payload() as usize];
+        mailbox.write_request(1, RequestKind::Echo, &fits).unwrap();
+    }
+
+    #[test]
+    fn well_formed_message_is_copied_out() {
+        let (mailbox, mem) = mailbox();
+        guest_posts(
+            &mem,
+            &mailbox,
+            Slot {
+                seq: 3,
+                kind: MessageKind::EchoReply as u32,
+                len: 4,
+            },
+            b"abcd",
+        );
+        let msg = mailbox.read_message().unwrap();
+        assert_eq!(
+            msg,
+            GuestMessage {
+                seq: 3,
+                kind: MessageKind::EchoReply,
+                payload: b"abcd".to_vec()
+            }
+        );
+
+        let full = vec![0x5au8; mailbox.max_payload() as usize];
+        guest_posts(
+            &mem,
+            &mailbox,
+            Slot {
+                seq: 4,
+                kind: MessageKind::EchoReply as u32,
+                len: full.len() as u32,
+            },
+            &full,
+        );
+        assert_eq!(mailbox.read_message().unwrap().payload, full);
+    }
+
+    #[test]
+    fn hostile_lengths_are_rejected() {
+        let (mailbox, mem) = mailbox();
+        for len in [
+            mailbox.max_payload() as u32 + 1,
+            DEFAULT_SIZE as u32,
+            u32::MAX,
+        ] {
+            guest_posts(
+                &mem,
+                &mailbox,
+                Slot {
+                    seq: 1,
+                    kind: MessageKind::EchoReply as u32,
+                    len,
+                },
+                &[],
+            );
+            let err = mailbox.read_message().unwrap_err();
+            assert!(
+                matches!(err, ProtocolError::LengthBeyondArea { .. }),
+                "{err}"
+            );
+            assert!(err.to_string().contains(&len.to_string()), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_kinds_are_rejected() {
+        let (mailbox, mem) = mailbox();
+        for kind in [0, 7, 0x100, u32::MAX] {
+            guest_posts(
+                &mem,
+                &mailbox,
+                Slot {
+                    seq: 1,
+                    kind,
+                    len: 0,
+                },
+                &[],
+            );
+            assert!(
+                matches!(mailbox.read_message(), Err(ProtocolError::UnknownKind(k)) if k == kind)
+            );
+        }
+    }
+
+    #[test]
+    fn region_beyond_memory_is_an_error_not_a_read() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        // The response area would lie past the end of guest memory.
+        let mailbox = Mailbox::new(mem, (8 << 20) - 8192, DEFAULT_SIZE, 0xee0).unwrap();
+        assert!(matches!(
+            mailbox.read_message(),
+            Err(ProtocolError::Memory(_)) | Err(ProtocolError::UnknownKind(_))
+        ));
+    }
+}

@@ -1,0 +1,202 @@
+//! `ember-vmm`: arguments, signal handlers, then the VMM thread's event loop.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ember_vmm::devices::legacy::serial::ConsoleOutput;
+use ember_vmm::resources::VmResources;
+use ember_vmm::vmm::{Vmm, VmmOptions};
+use ember_vmm::{api, logger, seccomp, vstate, ExitCode};
+use event_manager::{EventManager, SubscriberOps};
+
+/// A minimal VMM for the Ember guest. Speaks a subset of Firecracker's API
+/// on --api-sock; see docs/vmm.md.
+#[derive(Debug, Parser)]
+#[command(name = "ember-vmm", version)]
+struct Args {
+    /// Serve the control API on this Unix socket (it must not exist yet).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Boot at once from this JSON file ({"boot-source": ..., "machine-config": ...}).
+    #[arg(long, value_name = "PATH")]
+    config_file: Option<PathBuf>,
+    /// Instance id, shown by GET / and in the log.
+    #[arg(long, default_value = "anonymous-instance")]
+    id: String,
+    /// Write the guest's serial console to this file instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    serial_out: Option<PathBuf>,
+    /// Log level on stderr: error, warn, info, debug or trace.
+    #[arg(long, default_value = "warn", value_parser = parse_level)]
+    log_level: log::LevelFilter,
+    /// Do not install seccomp filters (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Serve /ember/test/* (crash, reset, bad-length, forbidden-syscall).
+    #[arg(long)]
+    test_commands: bool,
+    /// Do not announce the mailbox: the guest boots as under Firecracker,
+    /// prints its marker and parks.
+    #[arg(long)]
+    no_mailbox: bool,
+    /// How long the guest may take to answer a mailbox request.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    mailbox_timeout_ms: u64,
+    /// Single-step the boot vCPU through ring 0 and log the instruction count.
+    #[arg(long)]
+    count_ring0: bool,
+}
+
+fn main() {
+    let process_start = Instant::now();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            let code = if e.use_stderr() {
+                ExitCode::ArgParsing
+            } else {
+                ExitCode::Ok
+            };
+            std::process::exit(code.code());
+        }
+    };
+    logger::init(args.log_level, &args.id, process_start);
+    let code = run(args, process_start);
+    log::info!("exiting with code {} ({code:?})", code.code());
+    std::process::exit(code.code());
+}
+
+fn parse_level(text: &str) -> Result<log::LevelFilter, String> {
+    text.parse()
+        .map_err(|_| format!("{text:?} is not a log level (error, warn, info, debug, trace, off)"))
+}
+
+fn fail(code: ExitCode, message: impl std::fmt::Display) -> ExitCode {
+    log::error!("{message}");
+    eprintln!("ember-vmm: {message}");
+    code
+}
+
+fn run(args: Args, process_start: Instant) -> ExitCode {
+    if args.api_sock.is_none() && args.config_file.is_none() {
+        return fail(
+            ExitCode::ArgParsing,
+            "give --api-sock, --config-file, or both",
+        );
+    }
+    seccomp::set_thread_label("vmm");
+    if let Err(e) = seccomp::install_sigsys_handler() {
+        return fail(
+            ExitCode::GenericError,
+            format!("cannot install the SIGSYS handler: {e}"),
+        );
+    }
+    if let Err(e) = vstate::vcpu::register_kick_handler() {
+        return fail(
+            ExitCode::GenericError,
+            format!("cannot install the vCPU kick handler: {e}"),
+        );
+    }
+
+    let console = match &args.serial_out {
+        Some(path) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(file) => ConsoleOutput::File(file),
+            Err(e) => {
+                return fail(
+                    ExitCode::GenericError,
+                    format!("cannot open --serial-out {}: {e}", path.display()),
+                )
+            }
+        },
+        None => ConsoleOutput::Stdout(std::io::stdout()),
+    };
+
+    let resources = match &args.config_file {
+        Some(path) => match VmResources::from_config_file(path) {
+            Ok(resources) => resources,
+            Err(e) => return fail(ExitCode::BadConfiguration, e),
+        },
+        None => VmResources::default(),
+    };
+
+    let api = match &args.api_sock {
+        Some(path) => {
+            let listener = match api::bind(path) {
+                Ok(listener) => listener,
+                Err(e) => {
+                    return fail(
+                        ExitCode::GenericError,
+                        format!("cannot bind the API socket {}: {e}", path.display()),
+                    )
+                }
+            };
+            match api::start_api_thread(listener, !args.no_seccomp) {
+                Ok(channels) => {
+                    log::info!("API server listening on {}", path.display());
+                    Some(channels)
+                }
+                Err(e) => {
+                    return fail(
+                        ExitCode::GenericError,
+                        format!("cannot start the API thread: {e}"),
+                    )
+                }
+            }
+        }
+        None => None,
+    };
+
+    let options = VmmOptions {
+        id: args.id.clone(),
+        seccomp: !args.no_seccomp,
+        test_commands: args.test_commands,
+        mailbox: !args.no_mailbox,
+        mailbox_timeout: Duration::from_millis(args.mailbox_timeout_ms),
+        count_ring0: args.count_ring0,
+    };
+    let vmm = match Vmm::new(options, process_start, resources, console, api) {
+        Ok(vmm) => Arc::new(Mutex::new(vmm)),
+        Err(e) => return fail(ExitCode::GenericError, e),
+    };
+    // The event loop exists before the microVM starts: starting installs
+    // the VMM thread's seccomp filter, which does not allow creating it.
+    let mut manager = match EventManager::<Arc<Mutex<Vmm>>>::new() {
+        Ok(manager) => manager,
+        Err(e) => {
+            return fail(
+                ExitCode::GenericError,
+                format!("cannot create the event loop: {e:?}"),
+            )
+        }
+    };
+    manager.add_subscriber(vmm.clone());
+    if args.config_file.is_some() {
+        if let Err(e) = lock(&vmm).start_microvm() {
+            return fail(ExitCode::BadConfiguration, e);
+        }
+    }
+    let code = loop {
+        if let Err(e) = manager.run() {
+            break fail(
+                ExitCode::GenericError,
+                format!("the event loop failed: {e:?}"),
+            );
+        }
+        if let Some(code) = lock(&vmm).exit_code() {
+            break code;
+        }
+    };
+    lock(&vmm).stop_api();
+    code
+}
+
+fn lock(vmm: &Mutex<Vmm>) -> std::sync::MutexGuard<'_, Vmm> {
+    vmm.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,255 @@
+//! What the API thread asks of the VMM thread, and the answers.
+
+use ember_abi::mailbox::CrashReport;
+use serde::Serialize;
+
+use crate::builder::StartMicrovmError;
+use crate::devices::mailbox::{MailboxError, ProtocolError};
+use crate::resources::ResourcesError;
+use crate::vmm_config::boot_source::BootSourceConfig;
+use crate::vmm_config::machine_config::MachineConfig;
+
+/// A request from the API thread to the VMM thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmmAction {
+    /// `GET /`.
+    GetInstanceInfo,
+    /// `PUT /boot-source`.
+    PutBootSource(BootSourceConfig),
+    /// `PUT /machine-config`.
+    PutMachineConfig(MachineConfig),
+    /// `GET /machine-config`.
+    GetMachineConfig,
+    /// `PUT /actions` InstanceStart.
+    InstanceStart,
+    /// `PUT /actions` SendCtrlAltDel: for an Ember guest, a mailbox `shutdown`.
+    SendCtrlAltDel,
+    /// `PATCH /vm` Paused.
+    Pause,
+    /// `PATCH /vm` Resumed.
+    Resume,
+    /// `GET /ember/status`.
+    GetEmberStatus,
+    /// `POST /ember/ping`.
+    Ping,
+    /// `POST /ember/echo` with the payload.
+    Echo(Vec<u8>),
+    /// `POST /ember/test/{crash,reset,bad-length}` (with `--test-commands`).
+    TestGuest(GuestTest),
+    /// `POST /ember/test/forbidden-syscall` (with `--test-commands`): the
+    /// VMM thread makes a system call outside its seccomp filter.
+    TestForbiddenSyscall,
+}
+
+/// Test-only guest commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestTest {
+    /// The guest faults (a page fault at an unmapped address).
+    Crash,
+    /// The guest writes the i8042 reset command from ring 3.
+    Reset,
+    /// The guest posts a message whose length exceeds the mailbox.
+    BadLength,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmmData {
+    /// Nothing to say (HTTP 204).
+    Empty,
+    /// `GET /`.
+    InstanceInfo(InstanceInfo),
+    /// `GET /machine-config`.
+    MachineConfig(MachineConfig),
+    /// `GET /ember/status`.
+    Status(Box<EmberStatus>),
+    /// `POST /ember/ping`: the guest answered.
+    Pong {
+        /// Host → guest → host inside the VMM, microseconds.
+        round_trip_us: u64,
+    },
+    /// `POST /ember/echo`: the payload the guest sent back.
+    Echo {
+        /// The bytes.
+        payload: Vec<u8>,
+        /// Host → guest → host inside the VMM, microseconds.
+        round_trip_us: u64,
+    },
+    /// A test command ended the guest as asked.
+    GuestEnded(GuestEnd),
+}
+
+/// How a test command ended the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestEnd {
+    /// The guest crashed and reported it.
+    Crash(CrashInfo),
+    /// The guest reset itself through the i8042.
+    Reset,
+}
+
+/// A guest crash report, for JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CrashInfo {
+    /// Exception vector.
+    pub vector: u64,
+    /// Its mnemonic (`#PF`).
+    pub exception: &'static str,
+    /// The CPU's error code.
+    pub error_code: u64,
+    /// Where it happened.
+    pub rip: u64,
+    /// The faulting address (page faults).
+    pub cr2: u64,
+    /// Stack pointer.
+    pub rsp: u64,
+    /// Code segment (low bits: privilege level).
+    pub cs: u64,
+    /// RFLAGS.
+    pub rflags: u64,
+}
+
+impl From<&CrashReport> for CrashInfo {
+    fn from(report: &CrashReport) -> Self {
+        CrashInfo {
+            vector: report.vector,
+            exception: ember_abi::exception_name(report.vector),
+            error_code: report.error_code,
+            rip: report.rip,
+            cr2: report.cr2,
+            rsp: report.rsp,
+            cs: report.cs,
+            rflags: report.rflags,
+        }
+    }
+}
+
+impl std::fmt::Display for CrashInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "vector {} ({}) error {:#x} at rip {:#x} (ring {}), cr2 {:#x}, rsp {:#x}",
+            self.vector,
+            self.exception,
+            self.error_code,
+            self.rip,
+            self.cs & 3,
+            self.cr2,
+            self.rsp
+        )
+    }
+}
+
+/// `GET /`: Firecracker's instance info.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceInfo {
+    /// The instance id (`--id`).
+    pub id: String,
+    /// "Not started", "Running" or "Paused".
+    pub state: &'static str,
+    /// This build's version.
+    pub vmm_version: &'static str,
+    /// "ember-vmm".
+    pub app_name: &'static str,
+}
+
+/// `GET /ember/status`: the guest and its mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EmberStatus {
+    /// "not started", "booting", "ready", "busy" or "stopped: <why>".
+    pub guest: String,
+    /// "Not started", "Running" or "Paused".
+    pub state: &'static str,
+    /// vCPUs (only vCPU 0 runs the guest).
+    pub vcpu_count: u8,
+    /// Guest memory.
+    pub mem_size_mib: usize,
+    /// From ember-vmm's start to the guest's `ready`, microseconds.
+    pub ready_after_process_start_us: Option<u64>,
+    /// From InstanceStart to the guest's `ready`, microseconds.
+    pub ready_after_instance_start_us: Option<u64>,
+    /// The mailbox, if the guest has one.
+    pub mailbox: Option<MailboxStatus>,
+    /// What the guest reported in its `ready`.
+    pub guest_ram_bytes: Option<u64>,
+    /// The guest runtime's heap.
+    pub guest_heap_bytes: Option<u64>,
+    /// Requests the guest answered.
+    pub requests: u64,
+    /// Guest messages rejected for breaking the protocol.
+    pub protocol_errors: u64,
+    /// Console bytes the output refused.
+    pub console_lost_bytes: u64,
+    /// With `--count-ring0`: instructions the boot path ran in ring 0.
+    pub ring0_instructions: Option<u64>,
+}
+
+/// Where the mailbox is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MailboxStatus {
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// Region size in bytes.
+    pub size: u64,
+    /// Doorbell port.
+    pub port: u16,
+    /// Largest payload either way.
+    pub max_payload: u64,
+}
+
+/// Why an action failed. Each maps to an HTTP status ([`VmmActionError::status`]).
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum VmmActionError {
+    /// {0}
+    Resources(#[from] ResourcesError),
+    /// The requested operation is not supported after starting the microVM.
+    OperationNotSupportedPostBoot,
+    /// Cannot start the microVM: {0}
+    StartMicrovm(#[from] StartMicrovmError),
+    /// The microVM is already running: InstanceStart may be sent only once.
+    AlreadyStarted,
+    /// The microVM is not running (state: {0}).
+    NotRunning(&'static str),
+    /// The microVM is paused: resume it first (PATCH /vm {{"state": "Resumed"}}).
+    Paused,
+    /// A pause or resume is already in progress.
+    TransitionInProgress,
+    /// The guest has no mailbox: ember-vmm was started with --no-mailbox.
+    NoMailbox,
+    /// The guest has stopped ({0}); it serves no more requests.
+    GuestStopped(String),
+    /// Another request to the guest is in flight.
+    Busy,
+    /// {0}
+    Mailbox(#[from] MailboxError),
+    /// The guest broke the mailbox protocol: {0}
+    Protocol(#[from] ProtocolError),
+    /// The guest did not answer within {0} ms.
+    GuestTimeout(u64),
+    /// The guest could not serve the request: {0}
+    GuestError(String),
+    /// The guest crashed while serving the request: {0}
+    GuestCrashed(String),
+    /// Test commands are disabled: start ember-vmm with --test-commands.
+    TestCommandsDisabled,
+    /// Internal error: {0}
+    Internal(String),
+}
+
+impl VmmActionError {
+    /// The HTTP status this error is reported with.
+    pub fn status(&self) -> u16 {
+        match self {
+            VmmActionError::GuestTimeout(_) => 504,
+            VmmActionError::GuestError(_)
+            | VmmActionError::GuestCrashed(_)
+            | VmmActionError::Internal(_) => 500,
+            // Like Firecracker: every refused request is a 400.
+            _ => 400,
+        }
+    }
+}
+
+/// The VMM thread's answer to one [`VmmAction`].
+pub type VmmResponse = Result<VmmData, VmmActionError>;

@@ -1,0 +1,799 @@
+//! The VMM thread: an event-manager epoll loop that owns the microVM.
+//!
+//! Its events: API requests (an eventfd the API thread signals), vCPU
+//! events (an eventfd the vCPU threads signal: doorbells, pause acks,
+//! stops), the i8042 reset line, and a timerfd for the mailbox deadline.
+//! Nothing here sleeps or polls.
+//!
+//! The host side of the mailbox lives here. A request is written into guest
+//! memory only while the guest is parked in its doorbell exit; then vCPU 0
+//! is told to continue, and the next doorbell brings the answer. Requests
+//! made while the guest still boots wait for its `ready`. The guest's
+//! messages are checked before use; a message that breaks the protocol is
+//! refused with an error to the caller, and the guest is left parked, so
+//! the VMM keeps serving.
+
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ember_abi::mailbox::{CrashReport, GuestInfo, MessageKind, RequestKind};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::builder::{build_microvm_for_boot, BuildOptions, Microvm, StartMicrovmError};
+use crate::devices::legacy::serial::{self, ConsoleOutput};
+use crate::devices::mailbox::GuestMessage;
+use crate::resources::VmResources;
+use crate::rpc_interface::{
+    CrashInfo, EmberStatus, GuestEnd, GuestTest, InstanceInfo, MailboxStatus, VmmAction,
+    VmmActionError, VmmData, VmmResponse,
+};
+use crate::seccomp::{self, ThreadKind};
+use crate::vstate::vcpu::{VcpuCommand, VcpuEvent, VcpuEventSender, VcpuStop};
+use crate::{ExitCode, VMM_VERSION};
+
+/// Settings from the command line.
+#[derive(Debug, Clone)]
+pub struct VmmOptions {
+    /// Instance id (`--id`).
+    pub id: String,
+    /// Install seccomp filters (false with `--no-seccomp`).
+    pub seccomp: bool,
+    /// Serve `/ember/test/*` (`--test-commands`).
+    pub test_commands: bool,
+    /// Announce a mailbox to the guest (false with `--no-mailbox`).
+    pub mailbox: bool,
+    /// How long the guest may take to answer a mailbox request.
+    pub mailbox_timeout: Duration,
+    /// Count the boot path's ring-0 instructions (`--count-ring0`).
+    pub count_ring0: bool,
+}
+
+/// The VMM thread's end of the API channels.
+pub struct ApiChannels {
+    /// Requests from the API thread.
+    pub requests: Receiver<VmmAction>,
+    /// Answers to it.
+    pub responses: Sender<VmmResponse>,
+    /// Signalled by the API thread after each request.
+    pub request_evt: EventFd,
+    /// Signalled by the VMM thread to stop the API thread.
+    pub exit_evt: Arc<EventFd>,
+    /// The API thread's last word before it stops.
+    pub done: Receiver<()>,
+}
+
+/// Firecracker's instance states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InstanceState {
+    NotStarted,
+    Running,
+    Paused,
+}
+
+impl InstanceState {
+    fn name(self) -> &'static str {
+        match self {
+            InstanceState::NotStarted => "Not started",
+            InstanceState::Running => "Running",
+            InstanceState::Paused => "Paused",
+        }
+    }
+}
+
+/// What the guest is doing, as the host sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum GuestState {
+    NotStarted,
+    /// Started, no `ready` yet.
+    Booting,
+    /// Parked in the doorbell exit, waiting for a request.
+    Idle,
+    /// Serving request `seq`.
+    Busy(u64),
+    /// Ended; the text says how.
+    Stopped(String),
+}
+
+/// The request to the guest that an API call waits on.
+struct Pending {
+    action: VmmAction,
+    kind: RequestKind,
+    payload: Vec<u8>,
+    /// Set once written to the mailbox.
+    seq: Option<u64>,
+    sent_at: Option<Instant>,
+    deadline: Instant,
+}
+
+/// A pause or resume waiting for every vCPU to acknowledge.
+struct Transition {
+    target: InstanceState,
+    remaining: usize,
+}
+
+const TOKEN_API: u32 = 1;
+const TOKEN_VCPU: u32 = 2;
+const TOKEN_RESET: u32 = 3;
+const TOKEN_TIMER: u32 = 4;
+
+/// How long the VMM waits for the API thread to send its last response.
+const API_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The VMM: configuration, the microVM once started, and the host side of
+/// the mailbox.
+pub struct Vmm {
+    options: VmmOptions,
+    process_start: Instant,
+    resources: VmResources,
+    console: Option<ConsoleOutput>,
+    api: Option<ApiChannels>,
+    vcpu_events: Receiver<(u8, VcpuEvent)>,
+    vcpu_event_sender: VcpuEventSender,
+    vcpu_evt: Arc<EventFd>,
+    reset_evt: EventFd,
+    timer: TimerFd,
+    microvm: Option<Microvm>,
+    state: InstanceState,
+    guest: GuestState,
+    pending: Option<Pending>,
+    /// A request given up on (timed out) whose late answer is to be dropped.
+    abandoned: Option<u64>,
+    transition: Option<Transition>,
+    next_seq: u64,
+    started_at: Option<Instant>,
+    ready_at: Option<Instant>,
+    guest_info: Option<GuestInfo>,
+    requests: u64,
+    protocol_errors: u64,
+    ring0_instructions: Option<u64>,
+    exit_code: Option<ExitCode>,
+}
+
+/// Errors setting up the VMM thread.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum VmmError {
+    /// cannot create {what}: {source}
+    Setup {
+        /// Which file descriptor.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl Vmm {
+    /// A VMM with `resources` configured, its console on `console`, serving
+    /// the API thread on `api` (none with `--config-file` alone).
+    pub fn new(
+        options: VmmOptions,
+        process_start: Instant,
+        resources: VmResources,
+        console: ConsoleOutput,
+        api: Option<ApiChannels>,
+    ) -> Result<Vmm, VmmError> {
+        let setup = |what| move |source| VmmError::Setup { what, source };
+        let vcpu_evt =
+            Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(setup("the vCPU eventfd"))?);
+        let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("the reset eventfd"))?;
+        let timer = TimerFd::new()
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+            .map_err(setup("the mailbox timer"))?;
+        let (tx, vcpu_events) = std::sync::mpsc::channel();
+        Ok(Vmm {
+            options,
+            process_start,
+            resources,
+            console: Some(console),
+            api,
+            vcpu_events,
+            vcpu_event_sender: VcpuEventSender::new(tx, vcpu_evt.clone()),
+            vcpu_evt,
+            reset_evt,
+            timer,
+            microvm: None,
+            state: InstanceState::NotStarted,
+            guest: GuestState::NotStarted,
+            pending: None,
+            abandoned: None,
+            transition: None,
+            next_seq: 1,
+            started_at: None,
+            ready_at: None,
+            guest_info: None,
+            requests: 0,
+            protocol_errors: 0,
+            ring0_instructions: None,
+            exit_code: None,
+        })
+    }
+
+    /// The exit code, once the VMM has decided to end.
+    pub fn exit_code(&self) -> Option<ExitCode> {
+        self.exit_code
+    }
+
+    /// Builds and starts the microVM (InstanceStart). The VMM thread's
+    /// seccomp filter is installed here, before any vCPU runs guest code.
+    pub fn start_microvm(&mut self) -> Result<(), VmmActionError> {
+        if self.state != InstanceState::NotStarted {
+            return Err(VmmActionError::AlreadyStarted);
+        }
+        if self.resources.boot_source.is_none() {
+            return Err(StartMicrovmError::MissingBootSource.into());
+        }
+        let console = self
+            .console
+            .take()
+            .ok_or_else(|| VmmActionError::Internal("the console was already taken".into()))?;
+        let build = BuildOptions {
+            mailbox: self.options.mailbox,
+            seccomp: self.options.seccomp,
+            count_ring0: self.options.count_ring0,
+        };
+        let started_at = Instant::now();
+        let microvm = build_microvm_for_boot(
+            &mut self.resources,
+            &build,
+            console,
+            &self.reset_evt,
+            &self.vcpu_event_sender,
+        )?;
+        seccomp::apply(ThreadKind::Vmm, "vmm", self.options.seccomp)
+            .map_err(|e| VmmActionError::Internal(e.to_string()))?;
+        for vcpu in &microvm.vcpus {
+            vcpu.send(VcpuCommand::Start);
+        }
+        log::info!(
+            "microVM started: {} vCPU(s), {} MiB, built in {} us",
+            microvm.vcpus.len(),
+            self.resources.machine_config.mem_size_mib,
+            started_at.elapsed().as_micros()
+        );
+        self.started_at = Some(started_at);
+        self.microvm = Some(microvm);
+        self.state = InstanceState::Running;
+        self.guest = GuestState::Booting;
+        Ok(())
+    }
+
+    /// Runs one API action; `None` when the answer comes later (from the guest).
+    fn handle_action(&mut self, action: VmmAction) -> Option<VmmResponse> {
+        let started = self.state != InstanceState::NotStarted;
+        Some(match action {
+            VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(InstanceInfo {
+                id: self.options.id.clone(),
+                state: self.state.name(),
+                vmm_version: VMM_VERSION,
+                app_name: "ember-vmm",
+            })),
+            VmmAction::PutBootSource(_) | VmmAction::PutMachineConfig(_) if started => {
+                Err(VmmActionError::OperationNotSupportedPostBoot)
+            }
+            VmmAction::PutBootSource(config) => self
+                .resources
+                .set_boot_source(config)
+                .map(|()| VmmData::Empty)
+                .map_err(Into::into),
+            VmmAction::PutMachineConfig(config) => self
+                .resources
+                .set_machine_config(config)
+                .map(|()| VmmData::Empty)
+                .map_err(Into::into),
+            VmmAction::GetMachineConfig => Ok(VmmData::MachineConfig(
+                self.resources.machine_config.clone(),
+            )),
+            VmmAction::InstanceStart => self.start_microvm().map(|()| VmmData::Empty),
+            VmmAction::Pause => return self.begin_transition(InstanceState::Paused),
+            VmmAction::Resume => return self.begin_transition(InstanceState::Running),
+            VmmAction::GetEmberStatus => Ok(VmmData::Status(Box::new(self.status()))),
+            VmmAction::SendCtrlAltDel => {
+                return self.request_guest(action, RequestKind::Shutdown, Vec::new())
+            }
+            VmmAction::Ping => return self.request_guest(action, RequestKind::Ping, Vec::new()),
+            VmmAction::Echo(ref payload) => {
+                let payload = payload.clone();
+                return self.request_guest(action, RequestKind::Echo, payload);
+            }
+            VmmAction::TestGuest(_) | VmmAction::TestForbiddenSyscall
+                if !self.options.test_commands =>
+            {
+                Err(VmmActionError::TestCommandsDisabled)
+            }
+            VmmAction::TestGuest(test) => {
+                let kind = match test {
+                    GuestTest::Crash => RequestKind::TestCrash,
+                    GuestTest::Reset => RequestKind::TestReset,
+                    GuestTest::BadLength => RequestKind::TestBadLength,
+                };
+                return self.request_guest(action, kind, Vec::new());
+            }
+            VmmAction::TestForbiddenSyscall => Err(forbidden_syscall()),
+        })
+    }
+
+    /// Queues a request for the guest; it is delivered now if the guest
+    /// waits, or when it becomes ready.
+    fn request_guest(
+        &mut self,
+        action: VmmAction,
+        kind: RequestKind,
+        payload: Vec<u8>,
+    ) -> Option<VmmResponse> {
+        let refuse = |e| Some(Err(e));
+        let Some(microvm) = &self.microvm else {
+            return refuse(VmmActionError::NotRunning(self.state.name()));
+        };
+        let Some(mailbox) = &microvm.mailbox else {
+            return refuse(VmmActionError::NoMailbox);
+        };
+        if let GuestState::Stopped(how) = &self.guest {
+            return refuse(VmmActionError::GuestStopped(how.clone()));
+        }
+        if self.state == InstanceState::Paused {
+            return refuse(VmmActionError::Paused);
+        }
+        if self.pending.is_some() || self.transition.is_some() {
+            return refuse(VmmActionError::Busy);
+        }
+        if payload.len() as u64 > mailbox.max_payload() {
+            return refuse(
+                crate::devices::mailbox::MailboxError::PayloadTooLarge {
+                    len: payload.len(),
+                    max: mailbox.max_payload(),
+                }
+                .into(),
+            );
+        }
+        let deadline = Instant::now() + self.options.mailbox_timeout;
+        self.pending = Some(Pending {
+            action,
+            kind,
+            payload,
+            seq: None,
+            sent_at: None,
+            deadline,
+        });
+        self.arm_timer(self.options.mailbox_timeout);
+        if self.guest == GuestState::Idle {
+            self.deliver();
+        }
+        None
+    }
+
+    /// Writes the pending request into the mailbox and lets vCPU 0 go on.
+    fn deliver(&mut self) {
+        let seq = self.next_seq;
+        let written = {
+            let (Some(microvm), Some(pending)) = (&self.microvm, &self.pending) else {
+                return;
+            };
+            let Some(mailbox) = &microvm.mailbox else {
+                return;
+            };
+            mailbox.write_request(seq, pending.kind, &pending.payload)
+        };
+        if let Err(e) = written {
+            self.pending = None;
+            self.disarm_timer();
+            self.respond(Err(e.into()));
+            return;
+        }
+        self.next_seq += 1;
+        if let Some(pending) = &mut self.pending {
+            pending.seq = Some(seq);
+            pending.sent_at = Some(Instant::now());
+        }
+        self.guest = GuestState::Busy(seq);
+        if let Some(microvm) = &self.microvm {
+            microvm.vcpus[0].send(VcpuCommand::Continue);
+        }
+    }
+
+    /// vCPU 0 rang the doorbell: read and act on the guest's message.
+    fn on_doorbell(&mut self) {
+        let Some(mailbox) = self.microvm.as_ref().and_then(|m| m.mailbox.as_ref()) else {
+            return;
+        };
+        match mailbox.read_message() {
+            Ok(message) => self.on_message(message),
+            Err(e) => self.protocol_error(VmmActionError::Protocol(e)),
+        }
+    }
+
+    fn on_message(&mut self, message: GuestMessage) {
+        match message.kind {
+            MessageKind::Ready => {
+                if self.guest != GuestState::Booting {
+                    return self.protocol_error(VmmActionError::GuestError(format!(
+                        "guest posted `ready` while {:?}",
+                        self.guest
+                    )));
+                }
+                self.on_ready(&message);
+            }
+            MessageKind::Pong
+            | MessageKind::EchoReply
+            | MessageKind::Error
+            | MessageKind::ShutdownAck => {
+                if let Some(seq) = self.abandoned.filter(|&seq| seq == message.seq) {
+                    log::warn!("dropping the guest's late answer to request {seq}");
+                    self.abandoned = None;
+                    self.guest = GuestState::Idle;
+                    if message.kind == MessageKind::ShutdownAck {
+                        self.end_guest("shut down".into(), ExitCode::Ok);
+                    }
+                    return self.deliver_if_waiting();
+                }
+                self.on_answer(message);
+            }
+            MessageKind::Crash => self.on_crash(&message.payload),
+        }
+    }
+
+    fn on_ready(&mut self, message: &GuestMessage) {
+        let now = Instant::now();
+        self.ready_at = Some(now);
+        self.guest = GuestState::Idle;
+        match GuestInfo::decode(&message.payload) {
+            Some(info) => self.guest_info = Some(info),
+            None => {
+                self.protocol_errors += 1;
+                log::warn!(
+                    "guest `ready` carried {} bytes, not a GuestInfo",
+                    message.payload.len()
+                );
+            }
+        }
+        let since_start = self.started_at.map_or(0, |t| (now - t).as_micros());
+        log::info!(
+            "guest ready: {} us after ember-vmm started, {} us after InstanceStart",
+            (now - self.process_start).as_micros(),
+            since_start
+        );
+        self.deliver_if_waiting();
+    }
+
+    fn deliver_if_waiting(&mut self) {
+        if self.guest == GuestState::Idle && self.pending.as_ref().is_some_and(|p| p.seq.is_none())
+        {
+            self.deliver();
+        }
+    }
+
+    /// An answer to the request in flight.
+    fn on_answer(&mut self, message: GuestMessage) {
+        let in_flight = self.pending.as_ref().and_then(|p| p.seq);
+        if in_flight != Some(message.seq) {
+            return self.protocol_error(VmmActionError::GuestError(format!(
+                "guest answered request {} but {} is in flight",
+                message.seq,
+                in_flight.map_or("none".to_string(), |s| s.to_string())
+            )));
+        }
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        self.disarm_timer();
+        self.requests += 1;
+        self.guest = GuestState::Idle;
+        let round_trip_us = pending
+            .sent_at
+            .map_or(0, |t| t.elapsed().as_micros() as u64);
+        let expected = match pending.kind {
+            RequestKind::Ping => MessageKind::Pong,
+            RequestKind::Echo => MessageKind::EchoReply,
+            RequestKind::Shutdown => MessageKind::ShutdownAck,
+            _ => MessageKind::Error,
+        };
+        let response = match message.kind {
+            MessageKind::Error => Err(VmmActionError::GuestError(
+                String::from_utf8_lossy(&message.payload).into(),
+            )),
+            kind if kind != expected => {
+                self.protocol_errors += 1;
+                Err(VmmActionError::GuestError(format!(
+                    "guest answered {:?} with {kind:?}",
+                    pending.kind
+                )))
+            }
+            MessageKind::Pong => Ok(VmmData::Pong { round_trip_us }),
+            MessageKind::EchoReply => Ok(VmmData::Echo {
+                payload: message.payload,
+                round_trip_us,
+            }),
+            MessageKind::ShutdownAck => {
+                self.respond(Ok(VmmData::Empty));
+                self.end_guest("shut down".into(), ExitCode::Ok);
+                return;
+            }
+            other => Err(VmmActionError::GuestError(format!("unexpected {other:?}"))),
+        };
+        self.respond(response);
+    }
+
+    fn on_crash(&mut self, payload: &[u8]) {
+        let Some(report) = CrashReport::decode(payload) else {
+            return self.protocol_error(VmmActionError::GuestError(format!(
+                "guest posted a crash report of {} bytes, not {}",
+                payload.len(),
+                CrashReport::SIZE
+            )));
+        };
+        let info = CrashInfo::from(&report);
+        log::error!("guest crashed: {info}");
+        let pending = self.pending.take();
+        self.disarm_timer();
+        if let Some(pending) = pending {
+            let response = match pending.action {
+                VmmAction::TestGuest(GuestTest::Crash) => {
+                    Ok(VmmData::GuestEnded(GuestEnd::Crash(info.clone())))
+                }
+                _ => Err(VmmActionError::GuestCrashed(info.to_string())),
+            };
+            self.respond(response);
+        }
+        self.end_guest(format!("crashed: {info}"), ExitCode::GuestCrashed);
+    }
+
+    /// The guest broke the protocol: refuse the message, answer the caller,
+    /// leave the guest parked in its exit (it waits for a request).
+    fn protocol_error(&mut self, error: VmmActionError) {
+        self.protocol_errors += 1;
+        log::warn!("{error}");
+        if matches!(self.guest, GuestState::Booting | GuestState::Busy(_)) {
+            self.guest = GuestState::Idle;
+        }
+        if self.pending.as_ref().is_some_and(|p| p.seq.is_some()) {
+            self.pending = None;
+            self.disarm_timer();
+            self.respond(Err(error));
+        }
+        self.deliver_if_waiting();
+    }
+
+    fn on_vcpu_event(&mut self, index: u8, event: VcpuEvent) {
+        match event {
+            VcpuEvent::Doorbell if index == 0 => self.on_doorbell(),
+            VcpuEvent::Doorbell => {
+                // Only vCPU 0 runs the guest; an AP ringing is left parked.
+                self.protocol_errors += 1;
+                log::warn!("vCPU {index} rang the mailbox doorbell; it stays parked");
+            }
+            VcpuEvent::Paused | VcpuEvent::Resumed => self.on_transition_ack(),
+            VcpuEvent::Ring0Instructions { count, complete } => {
+                log::info!(
+                    "ring-0 boot path: {count} instructions from entry to ring 3{}",
+                    if complete {
+                        ""
+                    } else {
+                        " (count interrupted by an exit)"
+                    }
+                );
+                self.ring0_instructions = Some(count);
+            }
+            VcpuEvent::Stopped(reason) => {
+                log::error!("vCPU {index} stopped: {reason}");
+                let code = match reason {
+                    VcpuStop::TripleFault => ExitCode::GuestTripleFault,
+                    VcpuStop::SystemEvent("reset") | VcpuStop::SystemEvent("shutdown") => {
+                        ExitCode::Ok
+                    }
+                    VcpuStop::Seccomp(_) => ExitCode::GenericError,
+                    _ => ExitCode::KvmError,
+                };
+                if let Some(_pending) = self.pending.take() {
+                    self.disarm_timer();
+                    self.respond(Err(VmmActionError::GuestStopped(reason.to_string())));
+                }
+                self.end_guest(reason.to_string(), code);
+            }
+        }
+    }
+
+    fn begin_transition(&mut self, target: InstanceState) -> Option<VmmResponse> {
+        let Some(microvm) = &self.microvm else {
+            return Some(Err(VmmActionError::NotRunning(self.state.name())));
+        };
+        if self.transition.is_some() {
+            return Some(Err(VmmActionError::TransitionInProgress));
+        }
+        if self.state == target {
+            return Some(Ok(VmmData::Empty));
+        }
+        let command = if target == InstanceState::Paused {
+            VcpuCommand::Pause
+        } else {
+            VcpuCommand::Resume
+        };
+        for vcpu in &microvm.vcpus {
+            vcpu.send(command);
+        }
+        self.transition = Some(Transition {
+            target,
+            remaining: microvm.vcpus.len(),
+        });
+        None
+    }
+
+    fn on_transition_ack(&mut self) {
+        let Some(transition) = &mut self.transition else {
+            return;
+        };
+        transition.remaining = transition.remaining.saturating_sub(1);
+        if transition.remaining == 0 {
+            self.state = transition.target;
+            self.transition = None;
+            log::info!("microVM {}", self.state.name().to_lowercase());
+            self.respond(Ok(VmmData::Empty));
+        }
+    }
+
+    fn on_reset(&mut self) {
+        log::info!("guest reset itself through the i8042");
+        if let Some(pending) = self.pending.take() {
+            self.disarm_timer();
+            let response = match pending.action {
+                VmmAction::TestGuest(GuestTest::Reset) => Ok(VmmData::GuestEnded(GuestEnd::Reset)),
+                _ => Err(VmmActionError::GuestStopped(
+                    "the guest reset itself".into(),
+                )),
+            };
+            self.respond(response);
+        }
+        self.end_guest("reset".into(), ExitCode::Ok);
+    }
+
+    fn on_timer(&mut self) {
+        let Some(pending) = &self.pending else { return };
+        let now = Instant::now();
+        if now < pending.deadline {
+            self.arm_timer(pending.deadline - now);
+            return;
+        }
+        let ms = self.options.mailbox_timeout.as_millis() as u64;
+        log::warn!("guest did not answer {:?} within {ms} ms", pending.kind);
+        self.abandoned = pending.seq;
+        self.pending = None;
+        self.respond(Err(VmmActionError::GuestTimeout(ms)));
+    }
+
+    fn end_guest(&mut self, how: String, code: ExitCode) {
+        self.guest = GuestState::Stopped(how);
+        self.exit_code.get_or_insert(code);
+    }
+
+    fn respond(&self, response: VmmResponse) {
+        if let Some(api) = &self.api {
+            // The API thread waits for exactly one answer per request.
+            let _ = api.responses.send(response);
+        }
+    }
+
+    fn arm_timer(&mut self, after: Duration) {
+        if let Err(e) = self.timer.reset(after.max(Duration::from_millis(1)), None) {
+            log::error!("cannot arm the mailbox timer: {e}");
+        }
+    }
+
+    fn disarm_timer(&mut self) {
+        if let Err(e) = self.timer.clear() {
+            log::error!("cannot clear the mailbox timer: {e}");
+        }
+    }
+
+    fn status(&self) -> EmberStatus {
+        let guest = match &self.guest {
+            GuestState::NotStarted => "not started".to_string(),
+            GuestState::Booting => "booting".to_string(),
+            GuestState::Idle => "ready".to_string(),
+            GuestState::Busy(_) => "busy".to_string(),
+            GuestState::Stopped(how) => format!("stopped: {how}"),
+        };
+        let micros = |from: Option<Instant>| match (from, self.ready_at) {
+            (Some(from), Some(ready)) => Some((ready - from).as_micros() as u64),
+            _ => None,
+        };
+        let mailbox = self
+            .microvm
+            .as_ref()
+            .and_then(|m| m.mailbox.as_ref())
+            .map(|mb| MailboxStatus {
+                gpa: mb.gpa(),
+                size: mb.layout().size,
+                port: mb.port(),
+                max_payload: mb.max_payload(),
+            });
+        EmberStatus {
+            guest,
+            state: self.state.name(),
+            vcpu_count: self.resources.machine_config.vcpu_count,
+            mem_size_mib: self.resources.machine_config.mem_size_mib,
+            ready_after_process_start_us: micros(Some(self.process_start)),
+            ready_after_instance_start_us: micros(self.started_at),
+            mailbox,
+            guest_ram_bytes: self.guest_info.map(|i| i.ram_bytes),
+            guest_heap_bytes: self.guest_info.map(|i| i.heap_bytes),
+            requests: self.requests,
+            protocol_errors: self.protocol_errors,
+            console_lost_bytes: self
+                .microvm
+                .as_ref()
+                .map_or(0, |m| serial::lost_bytes(&m.devices.serial)),
+            ring0_instructions: self.ring0_instructions,
+        }
+    }
+
+    /// Stops the API thread after it has sent its last response.
+    pub fn stop_api(&mut self) {
+        if let Some(api) = self.api.take() {
+            if api.exit_evt.write(1).is_ok() && api.done.recv_timeout(API_DRAIN_TIMEOUT).is_err() {
+                log::warn!("the API thread did not stop within {API_DRAIN_TIMEOUT:?}");
+            }
+        }
+    }
+}
+
+/// `--test-commands` only: a system call no thread's filter allows
+/// (socket(AF_INET)); under seccomp it ends the process with exit code 148.
+fn forbidden_syscall() -> VmmActionError {
+    // SAFETY: socket(2) with constant arguments; the descriptor, if any, is closed.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd >= 0 {
+        // SAFETY: fd is a descriptor we just opened.
+        unsafe { libc::close(fd) };
+    }
+    VmmActionError::Internal("socket(AF_INET) was allowed: seccomp is off (--no-seccomp)".into())
+}
+
+impl MutEventSubscriber for Vmm {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_API => {
+                let Some(api) = &self.api else { return };
+                let _ = api.request_evt.read();
+                while let Some(action) = self
+                    .api
+                    .as_ref()
+                    .and_then(|api| api.requests.try_recv().ok())
+                {
+                    if let Some(response) = self.handle_action(action) {
+                        self.respond(response);
+                    }
+                }
+            }
+            TOKEN_VCPU => {
+                let _ = self.vcpu_evt.read();
+                while let Ok((index, event)) = self.vcpu_events.try_recv() {
+                    self.on_vcpu_event(index, event);
+                }
+            }
+            TOKEN_RESET => {
+                let _ = self.reset_evt.read();
+                self.on_reset();
+            }
+            TOKEN_TIMER => {
+                let _ = self.timer.wait();
+                self.on_timer();
+            }
+            other => log::warn!("event for unknown token {other}"),
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut add = |fd: &dyn std::os::fd::AsRawFd, token: u32, what: &str| {
+            if let Err(e) = ops.add(Events::with_data_raw(fd.as_raw_fd(), token, EventSet::IN)) {
+                log::error!("cannot watch {what}: {e:?}");
+            }
+        };
+        if let Some(api) = &self.api {
+            add(&api.request_evt, TOKEN_API, "API requests");
+        }
+        add(self.vcpu_evt.as_ref(), TOKEN_VCPU, "vCPU events");
+        add(&self.reset_evt, TOKEN_RESET, "the i8042 reset line");
+        add(&self.timer, TOKEN_TIMER, "the mailbox timer");
+    }
+}

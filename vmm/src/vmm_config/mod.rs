@@ -1,0 +1,5 @@
+//! The request bodies of the configuration endpoints, one file per resource
+//! (Firecracker's JSON, unknown fields refused), and their validation.
+
+pub mod boot_source;
+pub mod machine_config;

@@ -1,0 +1,402 @@
+//! vCPU threads.
+//!
+//! Each vCPU runs on its own thread under the `vcpu` seccomp filter. The
+//! thread runs KVM_RUN and handles port I/O exits with the shared devices;
+//! when the guest rings the mailbox doorbell, the thread tells the VMM
+//! thread and stays *parked in that exit* (blocked on its command channel,
+//! outside KVM_RUN) until the VMM has posted the next request and says
+//! [`VcpuCommand::Continue`]. An idle guest therefore costs no CPU, and a
+//! snapshot taken while parked resumes cleanly (KVM has already advanced
+//! RIP past the `out`).
+//!
+//! To get a thread out of KVM_RUN (pause), the VMM queues the command and
+//! sends the thread [`kick_signal`]; the handler sets `immediate_exit` in
+//! the thread's `kvm_run`, so a signal that lands just before KVM_RUN is not
+//! lost. APs (vCPUs other than 0) are never started by the guest: KVM holds
+//! them in KVM_RUN, waiting for an INIT/SIPI that does not come.
+
+use std::cell::Cell;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::{kvm_guest_debug, kvm_run, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable};
+
+use crate::devices::{PioAction, PioDevices};
+use crate::seccomp::{self, ThreadKind};
+
+/// What the VMM thread tells a vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuCommand {
+    /// Enter the guest for the first time (sent once the VMM thread's own
+    /// seccomp filter is installed).
+    Start,
+    /// Leave KVM_RUN and wait; answered with [`VcpuEvent::Paused`].
+    Pause,
+    /// Undo [`VcpuCommand::Pause`]; answered with [`VcpuEvent::Resumed`].
+    Resume,
+    /// Leave the doorbell exit: a request has been posted.
+    Continue,
+}
+
+/// Why a vCPU stopped running the guest for good.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
+pub enum VcpuStop {
+    /// the guest triple-faulted (KVM_EXIT_SHUTDOWN)
+    TripleFault,
+    /// the guest requested a system {0} (KVM_EXIT_SYSTEM_EVENT)
+    SystemEvent(&'static str),
+    /// KVM internal error, suberror {0} (KVM_EXIT_INTERNAL_ERROR)
+    InternalError(u32),
+    /// KVM could not enter the guest, hardware reason {0:#x} (KVM_EXIT_FAIL_ENTRY)
+    FailEntry(u64),
+    /// unexpected vCPU exit: {0}
+    Unexpected(String),
+    /// KVM_RUN failed: {0}
+    RunFailed(String),
+    /// the vCPU thread could not install its seccomp filter: {0}
+    Seccomp(String),
+}
+
+/// What a vCPU thread tells the VMM thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// The guest rang the mailbox doorbell; the vCPU is parked in the exit.
+    Doorbell,
+    /// The vCPU left KVM_RUN and waits.
+    Paused,
+    /// The vCPU runs again (or stays parked in the doorbell exit).
+    Resumed,
+    /// The vCPU stopped for good.
+    Stopped(VcpuStop),
+    /// `--count-ring0`: instructions executed in ring 0 from entry to the
+    /// first ring-3 instruction; `complete` is false if another exit
+    /// interrupted the count.
+    Ring0Instructions {
+        /// Instructions counted.
+        count: u64,
+        /// Whether the count reached ring 3 by single-stepping alone.
+        complete: bool,
+    },
+}
+
+/// The channel vCPU threads report on, and the eventfd that wakes the VMM
+/// thread's event loop for it.
+#[derive(Clone)]
+pub struct VcpuEventSender {
+    tx: Sender<(u8, VcpuEvent)>,
+    evt: Arc<EventFd>,
+}
+
+impl VcpuEventSender {
+    /// A sender on `tx` that signals `evt`.
+    pub fn new(tx: Sender<(u8, VcpuEvent)>, evt: Arc<EventFd>) -> Self {
+        VcpuEventSender { tx, evt }
+    }
+
+    fn send(&self, index: u8, event: VcpuEvent) {
+        // The VMM thread outlives every vCPU thread: a failed send means the
+        // process is exiting, and there is no one left to tell.
+        if self.tx.send((index, event)).is_ok() {
+            let _ = self.evt.write(1);
+        }
+    }
+}
+
+/// Offset from SIGRTMIN of the signal that kicks a vCPU out of KVM_RUN
+/// (the offset Firecracker uses).
+const KICK_SIGNAL_OFFSET: libc::c_int = 0;
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick handler (null on other threads).
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN_PTR.with(|ptr| ptr.get());
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set
+        // before the thread first entered KVM_RUN and valid while the vCPU
+        // fd lives (for the thread's whole life). A byte store is
+        // async-signal-safe.
+        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+    }
+}
+
+/// Installs the kick handler; call once, before any vCPU thread starts.
+pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    register_signal_handler(kick_signal(), handle_kick)
+}
+
+/// A vCPU, before its thread starts.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    devices: PioDevices,
+    events: VcpuEventSender,
+    count_ring0: bool,
+}
+
+/// The VMM thread's handle on a running vCPU thread.
+pub struct VcpuHandle {
+    /// The vCPU index.
+    pub index: u8,
+    tx: Sender<VcpuCommand>,
+    thread: JoinHandle<()>,
+}
+
+impl VcpuHandle {
+    /// Sends `command`; a pause also kicks the thread out of KVM_RUN.
+    pub fn send(&self, command: VcpuCommand) {
+        if self.tx.send(command).is_err() {
+            // The thread is gone, which happens only when the process exits.
+            return;
+        }
+        if command == VcpuCommand::Pause {
+            if let Err(e) = self.thread.kill(kick_signal()) {
+                log::error!("cannot kick vCPU {}: {e}", self.index);
+            }
+        }
+    }
+}
+
+/// How one KVM_RUN ended, once handled.
+enum Outcome {
+    /// Run the guest on.
+    Continue,
+    /// The guest rang the doorbell.
+    Doorbell,
+    /// A single-step exit (counting ring-0 instructions).
+    Stepped,
+    /// KVM_RUN was interrupted by a signal (a kick).
+    Interrupted,
+    /// The vCPU stops for good.
+    Stop(VcpuStop),
+}
+
+/// Where the vCPU is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    /// Waiting for [`VcpuCommand::Start`].
+    NotStarted,
+    /// In (or about to enter) KVM_RUN.
+    Running,
+    /// Parked in the doorbell exit, waiting for [`VcpuCommand::Continue`].
+    Parked,
+    /// Stopped for good.
+    Stopped,
+}
+
+impl Vcpu {
+    /// A vCPU `index` on `fd`, handling port I/O with `devices` and
+    /// reporting on `events`. With `count_ring0`, the vCPU single-steps from
+    /// entry until it reaches ring 3 and reports the count.
+    pub fn new(
+        index: u8,
+        fd: VcpuFd,
+        devices: PioDevices,
+        events: VcpuEventSender,
+        count_ring0: bool,
+    ) -> Self {
+        Vcpu {
+            index,
+            fd,
+            devices,
+            events,
+            count_ring0,
+        }
+    }
+
+    /// The vCPU fd, for setting its state before the thread starts.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Starts the thread. It installs the `vcpu` seccomp filter (unless
+    /// `seccomp` is false), then waits for [`VcpuCommand::Start`].
+    pub fn start_thread(self, seccomp: bool) -> std::io::Result<VcpuHandle> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let index = self.index;
+        let thread = std::thread::Builder::new()
+            .name(format!("ember_vcpu{index}"))
+            .spawn(move || self.run_thread(rx, seccomp))?;
+        Ok(VcpuHandle { index, tx, thread })
+    }
+
+    fn run_thread(mut self, rx: Receiver<VcpuCommand>, seccomp_enabled: bool) {
+        const LABELS: [&str; 4] = ["vcpu0", "vcpu1", "vcpu2", "vcpu3"];
+        let label = LABELS.get(self.index as usize).copied().unwrap_or("vcpu");
+        KVM_RUN_PTR.with(|ptr| ptr.set(self.fd.get_kvm_run() as *mut kvm_run));
+        if let Err(e) = seccomp::apply(ThreadKind::Vcpu, label, seccomp_enabled) {
+            self.events.send(
+                self.index,
+                VcpuEvent::Stopped(VcpuStop::Seccomp(e.to_string())),
+            );
+            return;
+        }
+
+        let mut state = RunState::NotStarted;
+        let mut paused = false;
+        let mut ring0 = self.count_ring0.then_some(0u64);
+        loop {
+            if state != RunState::Running || paused {
+                let Ok(command) = rx.recv() else { return };
+                match command {
+                    VcpuCommand::Start if state == RunState::NotStarted => {
+                        if ring0.is_some() && !self.set_single_step(true) {
+                            ring0 = None;
+                        }
+                        state = RunState::Running;
+                    }
+                    VcpuCommand::Pause => {
+                        paused = true;
+                        self.events.send(self.index, VcpuEvent::Paused);
+                    }
+                    VcpuCommand::Resume => {
+                        paused = false;
+                        self.events.send(self.index, VcpuEvent::Resumed);
+                    }
+                    VcpuCommand::Continue if state == RunState::Parked => state = RunState::Running,
+                    other => log::warn!("vCPU {} ignored {other:?} while {state:?}", self.index),
+                }
+                continue;
+            }
+
+            match rx.try_recv() {
+                Ok(VcpuCommand::Pause) => {
+                    paused = true;
+                    self.events.send(self.index, VcpuEvent::Paused);
+                    continue;
+                }
+                Ok(other) => log::warn!("vCPU {} ignored {other:?} while running", self.index),
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => return,
+            }
+
+            state = self.run_once(&mut ring0);
+            if state == RunState::Stopped {
+                // Stay alive (answering pause/resume) until the process exits.
+                paused = false;
+            }
+        }
+    }
+
+    /// Runs the guest until one exit is handled; returns the next state.
+    fn run_once(&mut self, ring0: &mut Option<u64>) -> RunState {
+        let outcome = self.run_to_exit(ring0.is_some());
+        if let Some(count) = *ring0 {
+            match outcome {
+                Outcome::Stepped => self.count_step(ring0, count + 1),
+                Outcome::Interrupted => {}
+                // Another exit came while counting: report what was counted.
+                _ => {
+                    *ring0 = None;
+                    self.finish_count(count + 1, false);
+                }
+            }
+        }
+        match outcome {
+            Outcome::Continue | Outcome::Stepped | Outcome::Interrupted => RunState::Running,
+            Outcome::Doorbell => {
+                self.events.send(self.index, VcpuEvent::Doorbell);
+                RunState::Parked
+            }
+            Outcome::Stop(reason) => {
+                self.events.send(self.index, VcpuEvent::Stopped(reason));
+                RunState::Stopped
+            }
+        }
+    }
+
+    /// One KVM_RUN and the handling of its exit.
+    fn run_to_exit(&mut self, counting: bool) -> Outcome {
+        match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => match self.devices.write(port, data) {
+                PioAction::Continue => Outcome::Continue,
+                PioAction::Doorbell => Outcome::Doorbell,
+            },
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.devices.read(port, data);
+                Outcome::Continue
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                // No MMIO devices: reads float high, writes vanish.
+                data.fill(0xff);
+                Outcome::Continue
+            }
+            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Intr) => Outcome::Continue,
+            Ok(VcpuExit::Debug(_)) if counting => Outcome::Stepped,
+            Ok(VcpuExit::Shutdown) => Outcome::Stop(VcpuStop::TripleFault),
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                Outcome::Stop(VcpuStop::SystemEvent(match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => "reset",
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => "shutdown",
+                    kvm_bindings::KVM_SYSTEM_EVENT_CRASH => "crash",
+                    _ => "event",
+                }))
+            }
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: KVM_EXIT_INTERNAL_ERROR fills the `internal` member.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                Outcome::Stop(VcpuStop::InternalError(suberror))
+            }
+            Ok(VcpuExit::FailEntry(reason, _cpu)) => Outcome::Stop(VcpuStop::FailEntry(reason)),
+            Ok(other) => Outcome::Stop(VcpuStop::Unexpected(format!("{other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                Outcome::Interrupted
+            }
+            Err(e) => Outcome::Stop(VcpuStop::RunFailed(e.to_string())),
+        }
+    }
+
+    /// One single-step exit while counting ring-0 instructions.
+    fn count_step(&mut self, ring0: &mut Option<u64>, count: u64) {
+        let cpl = match self.fd.get_sregs() {
+            Ok(sregs) => sregs.cs.selector & 3,
+            Err(e) => {
+                log::warn!("cannot read sregs while counting ring-0 instructions: {e}");
+                3
+            }
+        };
+        if cpl == 0 {
+            *ring0 = Some(count);
+        } else {
+            // The step that just completed (iretq) was the last in ring 0.
+            *ring0 = None;
+            self.finish_count(count, true);
+        }
+    }
+
+    fn finish_count(&mut self, count: u64, complete: bool) {
+        self.set_single_step(false);
+        self.events
+            .send(self.index, VcpuEvent::Ring0Instructions { count, complete });
+    }
+
+    fn set_single_step(&self, on: bool) -> bool {
+        let debug = kvm_guest_debug {
+            control: if on {
+                KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
+            } else {
+                0
+            },
+            ..Default::default()
+        };
+        match self.fd.set_guest_debug(&debug) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("cannot set single-step on vCPU {}: {e}", self.index);
+                false
+            }
+        }
+    }
+}
