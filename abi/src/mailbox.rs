@@ -115,8 +115,9 @@ pub enum RequestKind {
 }
 
 /// The address the guest touches to fault on [`RequestKind::TestCrash`]:
-/// above [`crate::GUEST_MAPPED_LIMIT`], so unmapped, and easy to recognise in CR2.
-pub const TEST_CRASH_ADDRESS: u64 = 0xdead_0000_0000;
+/// above [`crate::GUEST_MAPPED_LIMIT`], so unmapped, canonical (a page
+/// fault, not a general-protection fault) and easy to recognise in CR2.
+pub const TEST_CRASH_ADDRESS: u64 = 0x0bad_0000_0000;
 
 impl RequestKind {
     /// The kind with wire code `code`, if any.

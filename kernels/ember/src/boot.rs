@@ -129,8 +129,8 @@ ember_tss:
     ist1 = const IST1_STACK_TOP,
 );
 
-// The IDT: 32 exception vectors (interrupt gates, DPL 0; NMI, #DF and #MC on
-// IST1) and the park gate at vector 32 (DPL 3, so ring 3 may `int 0x20`).
+// The IDT: the 32 exception vectors (interrupt gates, DPL 0; NMI, #DF and
+// #MC on IST1).
 global_asm!(
     r#"
     .macro ember_idt_entry vector, ist, type
@@ -178,7 +178,6 @@ ember_idt:
     ember_idt_entry 29, 0, 0x8e
     ember_idt_entry 30, 0, 0x8e
     ember_idt_entry 31, 0, 0x8e
-    ember_idt_entry 32, 0, 0xee
 ember_idt_end:
     .balign 8
 ember_idt_descriptor:

@@ -6,8 +6,10 @@
 //! posts a [`CrashReport`] to the host through the mailbox when the runtime
 //! has registered one, and halts the vCPU with interrupts off.
 //!
-//! Vector 32 is the park gate: ring 3 executes `int 0x20` to halt the vCPU
-//! when it has nothing left to do and no host to wait on (no mailbox).
+//! One #UD is not a crash: the `ud2` at `ember_park_trap`, which ring 3
+//! runs to halt the vCPU when it has nothing left to do and no host to wait
+//! on. (A software-interrupt gate would be the textbook way, but on our KVM
+//! `int n` from ring 3 raises #UD.)
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +21,7 @@ use crate::{console, crash};
 
 // The entry stubs, pinned at ISR_BASE by the linker script, ISR_STRIDE bytes
 // apart: push a zero error code where the CPU pushes none, push the vector,
-// join the common path. Vector 32 (the park gate) halts.
+// join the common path.
 global_asm!(
     r#"
     .macro ember_isr_noerr vector
@@ -71,11 +73,6 @@ ember_isr_stubs:
     ember_isr_err 30
     ember_isr_noerr 31
     .balign 16
-ember_park_gate:
-    cli
-    hlt
-    jmp ember_park_gate
-    .balign 16
     .global ember_isr_stubs_end
 ember_isr_stubs_end:
 
@@ -99,8 +96,22 @@ ember_isr_common:
     mov rdi, rsp
     call ember_exception
     ud2
+
+    .section .text.ember_park, "ax"
+    .global ember_park_trap
+ember_park_trap:
+    ud2
+    jmp ember_park_trap
     "#
 );
+
+extern "C" {
+    /// The `ud2` that parks the vCPU (see the module docs).
+    static ember_park_trap: u8;
+}
+
+/// The #UD vector.
+const VECTOR_UD: u64 = 6;
 
 /// The stack at `ember_exception`: registers pushed by the common path, the
 /// vector and error code pushed by the stub, then the CPU's frame.
@@ -137,7 +148,9 @@ static HANDLING: AtomicBool = AtomicBool::new(false);
 /// The common exception handler, called by `ember_isr_common` in ring 0.
 #[no_mangle]
 extern "C" fn ember_exception(frame: &ExceptionFrame) -> ! {
-    if HANDLING.load(Ordering::Relaxed) {
+    if HANDLING.load(Ordering::Relaxed)
+        || (frame.vector == VECTOR_UD && frame.rip == core::ptr::addr_of!(ember_park_trap) as u64)
+    {
         halt_forever();
     }
     HANDLING.store(true, Ordering::Relaxed);
@@ -197,12 +210,10 @@ pub fn halt_forever() -> ! {
     }
 }
 
-/// Parks the vCPU from ring 3 through the park gate: it halts in ring 0 and
-/// never returns. Used when there is no host to wait on.
+/// Parks the vCPU from ring 3: faults at `ember_park_trap`, whose #UD the
+/// handler turns into a silent halt. Never returns. Used when there is no
+/// host to wait on.
 pub fn park() -> ! {
-    loop {
-        // SAFETY: the park gate (vector 32, DPL 3) halts in ring 0; it does
-        // not return, and touches no memory of ours.
-        unsafe { asm!("int 0x20", options(nomem, nostack)) };
-    }
+    // SAFETY: jumps to the trap, which never returns; no memory of ours is touched.
+    unsafe { asm!("jmp ember_park_trap", options(noreturn, nomem, nostack)) }
 }

@@ -16,17 +16,15 @@
 /// Where the image is linked and loaded (1 MiB).
 pub const IMAGE_BASE: u64 = 0x10_0000;
 
-/// The 33 exception entry stubs, [`ISR_STRIDE`] bytes each.
+/// The 32 exception entry stubs, [`ISR_STRIDE`] bytes each.
 pub const ISR_BASE: u64 = 0x10_1000;
 
 /// Size of each exception entry stub.
 pub const ISR_STRIDE: u64 = 16;
 
-/// Number of IDT entries: the 32 exception vectors and the park gate.
-pub const IDT_ENTRIES: u64 = 33;
-
-/// Vector of the park gate: ring 3 executes `int 0x20` to halt the vCPU.
-pub const PARK_VECTOR: u64 = 32;
+/// Number of IDT entries: the 32 exception vectors. (No software-interrupt
+/// gate: on our KVM `int n` from ring 3 raises #UD instead.)
+pub const IDT_ENTRIES: u64 = 32;
 
 /// The 64-bit TSS (104 bytes).
 pub const TSS_BASE: u64 = 0x10_2000;

@@ -296,10 +296,13 @@ impl Vcpu {
             match outcome {
                 Outcome::Stepped => self.count_step(ring0, count + 1),
                 Outcome::Interrupted => {}
-                // Another exit came while counting: report what was counted.
+                // Another exit: the instruction behind it ran too. Under KVM
+                // the `iretq` to ring 3 reloads RFLAGS and so clears the trap
+                // flag: the count ends with the first exit from ring 3.
                 _ => {
                     *ring0 = None;
-                    self.finish_count(count + 1, false);
+                    let in_ring3 = self.cpl() == Some(3);
+                    self.finish_count(count + 1, in_ring3);
                 }
             }
         }
@@ -360,19 +363,23 @@ impl Vcpu {
 
     /// One single-step exit while counting ring-0 instructions.
     fn count_step(&mut self, ring0: &mut Option<u64>, count: u64) {
-        let cpl = match self.fd.get_sregs() {
-            Ok(sregs) => sregs.cs.selector & 3,
-            Err(e) => {
-                log::warn!("cannot read sregs while counting ring-0 instructions: {e}");
-                3
-            }
-        };
-        if cpl == 0 {
+        if self.cpl() == Some(0) {
             *ring0 = Some(count);
         } else {
             // The step that just completed (iretq) was the last in ring 0.
             *ring0 = None;
             self.finish_count(count, true);
+        }
+    }
+
+    /// The current privilege level, from CS.
+    fn cpl(&self) -> Option<u16> {
+        match self.fd.get_sregs() {
+            Ok(sregs) => Some(sregs.cs.selector & 3),
+            Err(e) => {
+                log::warn!("cannot read sregs while counting ring-0 instructions: {e}");
+                None
+            }
         }
     }
 

@@ -118,7 +118,8 @@ mod tests {
         assert_eq!({ read.hdr.cmdline_size }, 42);
         // The offsets the guest reads (guest/src/boot_params.rs).
         let mut raw = [0u8; 4096];
-        mem.read_slice(&mut raw, GuestAddress(ZERO_PAGE_START)).unwrap();
+        mem.read_slice(&mut raw, GuestAddress(ZERO_PAGE_START))
+            .unwrap();
         assert_eq!(raw[0x1e8], 2);
         assert_eq!(
             u32::from_le_bytes(raw[0x228..0x22c].try_into().unwrap()),
