@@ -28,7 +28,7 @@ use crate::devices::legacy::serial::{ConsoleOutput, SerialDevice};
 use crate::devices::mailbox::{Mailbox, MailboxError};
 use crate::devices::{EventFdTrigger, PioDevices};
 use crate::resources::VmResources;
-use crate::vstate::kvm::{KvmContext, KvmError};
+use crate::vstate::kvm::{CpuidPrefetch, KvmContext, KvmError};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuEventSender, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
@@ -115,6 +115,7 @@ pub struct Microvm {
 pub fn build_microvm_for_boot(
     resources: &mut VmResources,
     options: &BuildOptions,
+    cpuid: CpuidPrefetch,
     console: ConsoleOutput,
     reset_evt: &EventFd,
     vcpu_events: &VcpuEventSender,
@@ -126,7 +127,7 @@ pub fn build_microvm_for_boot(
     let machine = &resources.machine_config;
     let mem_size = (machine.mem_size_mib as u64) << 20;
 
-    let kvm = KvmContext::new()?;
+    let kvm = KvmContext::new(cpuid)?;
     let mem = create_guest_memory(mem_size as usize)?;
     let vm = Vm::new(&kvm, &mem, machine.track_dirty_pages)?;
     let vcpu_fds = (0..machine.vcpu_count)

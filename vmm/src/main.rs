@@ -93,6 +93,7 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
             "give --api-sock, --config-file, or both",
         );
     }
+    let cpuid = vstate::kvm::CpuidPrefetch::start();
     seccomp::set_thread_label("vmm");
     if let Err(e) = seccomp::install_sigsys_handler() {
         return fail(
@@ -167,7 +168,7 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
         mailbox_timeout: Duration::from_millis(args.mailbox_timeout_ms),
         count_ring0: args.count_ring0,
     };
-    let vmm = match Vmm::new(options, process_start, resources, console, api) {
+    let vmm = match Vmm::new(options, process_start, resources, console, cpuid, api) {
         Ok(vmm) => Arc::new(Mutex::new(vmm)),
         Err(e) => return fail(ExitCode::GenericError, e),
     };

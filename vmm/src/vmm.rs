@@ -32,6 +32,7 @@ use crate::rpc_interface::{
     VmmActionError, VmmData, VmmResponse,
 };
 use crate::seccomp::{self, ThreadKind};
+use crate::vstate::kvm::CpuidPrefetch;
 use crate::vstate::vcpu::{VcpuCommand, VcpuEvent, VcpuEventSender, VcpuStop};
 use crate::{ExitCode, VMM_VERSION};
 
@@ -130,6 +131,7 @@ pub struct Vmm {
     process_start: Instant,
     resources: VmResources,
     console: Option<ConsoleOutput>,
+    cpuid: Option<CpuidPrefetch>,
     api: Option<ApiChannels>,
     vcpu_events: Receiver<(u8, VcpuEvent)>,
     vcpu_event_sender: VcpuEventSender,
@@ -166,13 +168,15 @@ pub enum VmmError {
 }
 
 impl Vmm {
-    /// A VMM with `resources` configured, its console on `console`, serving
-    /// the API thread on `api` (none with `--config-file` alone).
+    /// A VMM with `resources` configured, its console on `console`, the
+    /// host's CPUID coming from `cpuid`, serving the API thread on `api`
+    /// (none with `--config-file` alone).
     pub fn new(
         options: VmmOptions,
         process_start: Instant,
         resources: VmResources,
         console: ConsoleOutput,
+        cpuid: CpuidPrefetch,
         api: Option<ApiChannels>,
     ) -> Result<Vmm, VmmError> {
         let setup = |what| move |source| VmmError::Setup { what, source };
@@ -188,6 +192,7 @@ impl Vmm {
             process_start,
             resources,
             console: Some(console),
+            cpuid: Some(cpuid),
             api,
             vcpu_events,
             vcpu_event_sender: VcpuEventSender::new(tx, vcpu_evt.clone()),
@@ -225,10 +230,11 @@ impl Vmm {
         if self.resources.boot_source.is_none() {
             return Err(StartMicrovmError::MissingBootSource.into());
         }
-        let console = self
-            .console
-            .take()
-            .ok_or_else(|| VmmActionError::Internal("the console was already taken".into()))?;
+        let (Some(console), Some(cpuid)) = (self.console.take(), self.cpuid.take()) else {
+            return Err(VmmActionError::Internal(
+                "a failed start used up the console".into(),
+            ));
+        };
         let build = BuildOptions {
             mailbox: self.options.mailbox,
             seccomp: self.options.seccomp,
@@ -238,6 +244,7 @@ impl Vmm {
         let microvm = build_microvm_for_boot(
             &mut self.resources,
             &build,
+            cpuid,
             console,
             &self.reset_evt,
             &self.vcpu_event_sender,
