@@ -115,7 +115,7 @@ pub fn parse_mailbox_param(cmdline: &[u8]) -> Option<Result<MailboxParam, &'stat
         let size = next("ember.mailbox: bad size")?;
         let port = next("ember.mailbox: bad doorbell port")?;
         let port = u16::try_from(port).map_err(|_| "ember.mailbox: port above 0xffff")?;
-        if gpa % 4096 != 0 {
+        if !gpa.is_multiple_of(4096) {
             return Err("ember.mailbox: address not page-aligned");
         }
         Ok(MailboxParam { gpa, size, port })

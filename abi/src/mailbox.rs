@@ -75,7 +75,7 @@ impl Layout {
     /// multiple of 4 KiB, is smaller than [`MIN_SIZE`], or its areas would
     /// not fit a `u32` length.
     pub const fn new(size: u64) -> Option<Layout> {
-        if size % 4096 != 0 || size < MIN_SIZE {
+        if !size.is_multiple_of(4096) || size < MIN_SIZE {
             return None;
         }
         let area_size = ((size - HEADER_SIZE) / 2) & !0xfff;

@@ -1,1 +1,457 @@
-//! placeholder
+//! Helpers for the end-to-end tests: find the ember-vmm binary and the guest
+//! image, run ember-vmm as a child process with its console and log
+//! captured, and wait for what it prints — on events (pipe reads), never on
+//! sleeps.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use ember_vmm::api::client::{ApiClient, ApiResponse};
+use serde_json::json;
+
+/// How long a test waits for anything a healthy VMM does.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("integration/ has a parent")
+        .to_path_buf()
+}
+
+/// The ember-vmm binary: `$EMBER_VMM_BIN`, else the one beside this test's
+/// target directory (`cargo build --workspace --bins` puts it there).
+pub fn vmm_binary() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("EMBER_VMM_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the test binary: {e}"))?;
+    // target/<profile>/deps/vmm-<hash> → target/<profile>/ember-vmm
+    let candidate = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("ember-vmm"))
+        .ok_or("unexpected test binary location")?;
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        Err(format!(
+            "no ember-vmm binary at {}: run `cargo build --workspace --bins` first, or set EMBER_VMM_BIN \
+             (./scripts/test does both)",
+            candidate.display()
+        ))
+    }
+}
+
+/// The guest image: `$EMBER_GUEST_IMAGE`, else what `./scripts/guest-image` prints.
+pub fn guest_image() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("EMBER_GUEST_IMAGE") {
+        return Ok(PathBuf::from(path));
+    }
+    let script = repo_root().join("scripts/guest-image");
+    let output = Command::new(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !output.status.success() {
+        return Err(format!("{} failed: {}", script.display(), output.status));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default().trim();
+    if last.is_empty() {
+        return Err(format!("{} printed no path", script.display()));
+    }
+    Ok(PathBuf::from(last))
+}
+
+/// Why KVM tests cannot run here, if they cannot.
+pub fn kvm_unavailable() -> Option<String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/kvm is not usable: {e}")),
+    }
+}
+
+/// Holds an exclusive lock so that KVM tests run one at a time, across
+/// test processes too (a VM boot beside another skews nothing here, but
+/// two boots at once on two cores make failures hard to read).
+pub struct KvmLock {
+    /// Closing it releases the lock.
+    _file: File,
+}
+
+impl KvmLock {
+    /// Waits for the lock.
+    pub fn acquire() -> KvmLock {
+        let path = std::env::temp_dir().join("ember-kvm-tests.lock");
+        let file = File::create(&path).expect("create the KVM test lock file");
+        // SAFETY: flock on a descriptor we own; blocks until the lock is ours.
+        let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(ret, 0, "flock {}", path.display());
+        KvmLock { _file: file }
+    }
+}
+
+/// Output of a child, filled by a reader thread.
+#[derive(Default)]
+struct Captured {
+    bytes: Vec<u8>,
+    closed: bool,
+}
+
+/// A pipe being read into memory, with a condition variable to wait on.
+#[derive(Clone, Default)]
+pub struct Capture(Arc<(Mutex<Captured>, Condvar)>);
+
+impl Capture {
+    fn start(mut source: impl Read + Send + 'static) -> Capture {
+        let capture = Capture::default();
+        let shared = capture.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            loop {
+                let n = source.read(&mut chunk).unwrap_or(0);
+                let (lock, cond) = &*shared.0;
+                let mut captured = lock.lock().unwrap();
+                if n == 0 {
+                    captured.closed = true;
+                    cond.notify_all();
+                    return;
+                }
+                captured.bytes.extend_from_slice(&chunk[..n]);
+                cond.notify_all();
+            }
+        });
+        capture
+    }
+
+    /// Everything captured so far, as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0 .0.lock().unwrap().bytes).into_owned()
+    }
+
+    /// Waits until the output contains `needle`, or the pipe closes, or
+    /// `timeout` passes; returns whether it appeared.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (lock, cond) = &*self.0;
+        let mut captured = lock.lock().unwrap();
+        loop {
+            if String::from_utf8_lossy(&captured.bytes).contains(needle) {
+                return true;
+            }
+            let now = Instant::now();
+            if captured.closed || now >= deadline {
+                return false;
+            }
+            captured = cond.wait_timeout(captured, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits until the pipe closes (the process exited); returns whether it did.
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (lock, cond) = &*self.0;
+        let mut captured = lock.lock().unwrap();
+        while !captured.closed {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            captured = cond.wait_timeout(captured, deadline - now).unwrap().0;
+        }
+        true
+    }
+}
+
+/// A running ember-vmm, killed when dropped.
+pub struct VmmProcess {
+    child: Child,
+    /// Its working directory (holds the API socket and files the test made).
+    pub dir: PathBuf,
+    /// The API socket, when started with one.
+    pub api_sock: Option<PathBuf>,
+    /// The guest console (stdout).
+    pub serial: Capture,
+    /// The log (stderr).
+    pub log: Capture,
+    _lock: KvmLock,
+}
+
+/// How to start ember-vmm.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// Serve the API (on `<dir>/api.sock`).
+    pub api: bool,
+    /// A config file body to boot from at once.
+    pub config: Option<serde_json::Value>,
+    /// More arguments.
+    pub extra_args: Vec<String>,
+}
+
+impl VmmProcess {
+    /// Starts ember-vmm as `launch` says, in a fresh directory, logging at
+    /// info level; with an API socket, returns once it listens.
+    pub fn start(launch: Launch) -> Result<VmmProcess, String> {
+        let lock = KvmLock::acquire();
+        let binary = vmm_binary()?;
+        let dir = fresh_dir()?;
+        let mut command = Command::new(&binary);
+        command
+            .current_dir(&dir)
+            .args(["--log-level", "info", "--id", "integration"])
+            .args(&launch.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let api_sock = launch.api.then(|| dir.join("api.sock"));
+        if let Some(sock) = &api_sock {
+            command.arg("--api-sock").arg(sock);
+        }
+        if let Some(config) = &launch.config {
+            let path = dir.join("config.json");
+            std::fs::write(&path, config.to_string()).map_err(|e| e.to_string())?;
+            command.arg("--config-file").arg(&path);
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let serial = Capture::start(child.stdout.take().expect("piped stdout"));
+        let log = Capture::start(child.stderr.take().expect("piped stderr"));
+        let process = VmmProcess {
+            child,
+            dir,
+            api_sock,
+            serial,
+            log,
+            _lock: lock,
+        };
+        if process.api_sock.is_some() && !process.log.wait_for("API server listening", PATIENCE) {
+            return Err(format!(
+                "ember-vmm did not start its API server:\n{}",
+                process.log.text()
+            ));
+        }
+        Ok(process)
+    }
+
+    /// A new connection to the API socket.
+    pub fn client(&self) -> ApiClient {
+        let sock = self.api_sock.as_ref().expect("started with an API socket");
+        let client =
+            ApiClient::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+        client
+            .set_timeout(Some(PATIENCE))
+            .expect("set a read timeout");
+        client
+    }
+
+    /// Waits for the guest's `ready` (logged by ember-vmm).
+    pub fn wait_ready(&self) -> Result<(), String> {
+        if self.log.wait_for("guest ready", PATIENCE) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the guest did not become ready.\nlog:\n{}\nconsole:\n{}",
+                self.log.text(),
+                self.serial.text()
+            ))
+        }
+    }
+
+    /// Waits for the process to exit; returns its status.
+    pub fn wait_exit(&mut self) -> Result<ExitStatus, String> {
+        if !self.log.wait_closed(PATIENCE) {
+            return Err(format!(
+                "ember-vmm did not exit.\nlog:\n{}",
+                self.log.text()
+            ));
+        }
+        self.child.wait().map_err(|e| e.to_string())
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it printed, for failure messages.
+    pub fn transcript(&self) -> String {
+        format!(
+            "--- log ---\n{}\n--- console ---\n{}",
+            self.log.text(),
+            self.serial.text()
+        )
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A new empty directory under the system temp dir.
+fn fresh_dir() -> Result<PathBuf, String> {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("ember-it-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The body of `PUT /boot-source` for the guest image.
+pub fn boot_source(image: &Path) -> serde_json::Value {
+    json!({ "kernel_image_path": image.to_str().expect("UTF-8 path") })
+}
+
+/// The body of `PUT /machine-config`.
+pub fn machine_config(vcpus: u8, mem_mib: usize) -> serde_json::Value {
+    json!({ "vcpu_count": vcpus, "mem_size_mib": mem_mib })
+}
+
+/// Starts ember-vmm with an API socket, configures it with the guest image,
+/// `vcpus` and `mem_mib`, sends InstanceStart and waits for `ready`.
+pub fn boot(
+    vcpus: u8,
+    mem_mib: usize,
+    extra_args: &[&str],
+) -> Result<(VmmProcess, ApiClient), String> {
+    let image = guest_image()?;
+    let vmm = VmmProcess::start(Launch {
+        api: true,
+        config: None,
+        extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+    })?;
+    let mut client = vmm.client();
+    expect_status(
+        client.put_json("/boot-source", &boot_source(&image)),
+        204,
+        "PUT /boot-source",
+    )?;
+    expect_status(
+        client.put_json("/machine-config", &machine_config(vcpus, mem_mib)),
+        204,
+        "PUT /machine-config",
+    )?;
+    expect_status(
+        client.put_json("/actions", &json!({ "action_type": "InstanceStart" })),
+        204,
+        "InstanceStart",
+    )?;
+    vmm.wait_ready()?;
+    Ok((vmm, client))
+}
+
+/// Checks a response's status; returns the response.
+pub fn expect_status(
+    response: std::io::Result<ApiResponse>,
+    status: u16,
+    what: &str,
+) -> Result<ApiResponse, String> {
+    let response = response.map_err(|e| format!("{what}: {e}"))?;
+    if response.status != status {
+        return Err(format!(
+            "{what}: expected {status}, got {} with body {}",
+            response.status,
+            String::from_utf8_lossy(&response.body)
+        ));
+    }
+    Ok(response)
+}
+
+/// Checks that a response is a 400 whose `fault_message` contains `text`.
+pub fn expect_fault(
+    response: std::io::Result<ApiResponse>,
+    text: &str,
+    what: &str,
+) -> Result<(), String> {
+    let response = expect_status(response, 400, what)?;
+    let message = response.fault_message().ok_or_else(|| {
+        format!(
+            "{what}: no fault_message in {}",
+            String::from_utf8_lossy(&response.body)
+        )
+    })?;
+    if !message.contains(text) {
+        return Err(format!(
+            "{what}: fault_message {message:?} does not name {text:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The exit code of a finished process (or a description of its signal).
+pub fn exit_code(status: ExitStatus) -> Result<i32, String> {
+    status
+        .code()
+        .ok_or_else(|| format!("ember-vmm ended by a signal: {status:?}"))
+}
+
+/// CPU time (user + system) a process has used, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Result<u64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields overall.
+    let rest = stat.rsplit_once(')').ok_or("bad /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields
+        .get(11)
+        .and_then(|f| f.parse().ok())
+        .ok_or("no utime")?;
+    let stime: u64 = fields
+        .get(12)
+        .and_then(|f| f.parse().ok())
+        .ok_or("no stime")?;
+    Ok(utime + stime)
+}
+
+/// A small deterministic pseudo-random generator (xorshift64*) for payloads.
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed` (non-zero).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..=max`.
+    pub fn below_or_eq(&mut self, max: u64) -> u64 {
+        if max == u64::MAX {
+            self.next_u64()
+        } else {
+            self.next_u64() % (max + 1)
+        }
+    }
+
+    /// `len` random bytes.
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            out.extend_from_slice(&self.next_u64().to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+}

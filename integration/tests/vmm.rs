@@ -1,1 +1,675 @@
-fn main() {}
+//! ember-vmm end to end: real microVMs on /dev/kvm, driven through the
+//! control socket. Without /dev/kvm every test here is reported as
+//! *ignored* (never passed), with a banner saying why.
+
+use std::time::Duration;
+
+use ember_integration::*;
+use ember_vmm::api::parsed_request::ROUND_TRIP_HEADER;
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::json;
+
+type TestResult = Result<(), Failed>;
+
+/// A named test.
+type Test = (&'static str, fn() -> TestResult);
+
+fn main() {
+    let mut args = Arguments::from_args();
+    // One VM at a time (KvmLock serialises across processes as well).
+    args.test_threads = Some(1);
+    let tests: Vec<Test> = vec![
+        ("boot_to_ready_with_one_vcpu", boot_to_ready_with_one_vcpu),
+        (
+            "boot_with_two_vcpus_pause_resume",
+            boot_with_two_vcpus_pause_resume,
+        ),
+        (
+            "echo_1000_round_trips_up_to_the_mailbox_maximum",
+            echo_1000_round_trips,
+        ),
+        ("pause_and_resume_then_echo", pause_and_resume_then_echo),
+        (
+            "guest_crash_is_reported_with_its_vector",
+            guest_crash_is_reported,
+        ),
+        (
+            "guest_reset_ends_the_vmm_cleanly",
+            guest_reset_ends_the_vmm_cleanly,
+        ),
+        (
+            "bad_input_missing_kernel_file",
+            bad_input_missing_kernel_file,
+        ),
+        ("bad_input_kernel_not_elf", bad_input_kernel_not_elf),
+        ("bad_input_mem_size_zero_and_above_host", bad_input_mem_size),
+        ("bad_input_vcpu_count_zero", bad_input_vcpu_count_zero),
+        ("bad_input_malformed_json", bad_input_malformed_json),
+        ("bad_input_unknown_path", bad_input_unknown_path),
+        (
+            "bad_input_instance_start_twice",
+            bad_input_instance_start_twice,
+        ),
+        (
+            "bad_input_requests_before_start",
+            bad_input_requests_before_start,
+        ),
+        (
+            "bad_input_echo_above_mailbox_maximum",
+            bad_input_echo_above_maximum,
+        ),
+        (
+            "hostile_guest_mailbox_length_beyond_region",
+            hostile_guest_bad_length,
+        ),
+        (
+            "seccomp_violation_ends_the_process_with_a_report",
+            seccomp_violation,
+        ),
+        (
+            "test_commands_are_off_by_default",
+            test_commands_off_by_default,
+        ),
+        ("config_file_boots_without_api_calls", config_file_boot),
+        ("bad_config_file_exits_with_code_3", bad_config_file),
+        (
+            "guest_boots_without_mailbox_as_under_firecracker",
+            boots_without_mailbox,
+        ),
+        ("idle_vm_uses_no_cpu", idle_vm_uses_no_cpu),
+        ("ring0_boot_path_is_counted_and_tiny", ring0_boot_path),
+    ];
+
+    let unavailable = kvm_unavailable();
+    if let Some(why) = &unavailable {
+        eprintln!();
+        eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+        eprintln!("!! KVM TESTS SKIPPED: {why}");
+        eprintln!(
+            "!! {} tests that boot real microVMs are reported as ignored, NOT passed.",
+            tests.len()
+        );
+        eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+        eprintln!();
+    }
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            Trial::test(name, test)
+                .with_kind("kvm")
+                .with_ignored_flag(unavailable.is_some())
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
+
+fn fail(message: impl Into<String>) -> Failed {
+    Failed::from(message.into())
+}
+
+fn check(condition: bool, message: impl FnOnce() -> String) -> TestResult {
+    if condition {
+        Ok(())
+    } else {
+        Err(fail(message()))
+    }
+}
+
+/// The VMM still answers after a refused request.
+fn still_serving(client: &mut ember_vmm::api::client::ApiClient) -> TestResult {
+    let info = expect_status(client.get("/"), 200, "GET / after a refused request")?;
+    check(info.json()["app_name"] == "ember-vmm", || {
+        format!("GET / answered {}", info.json())
+    })
+}
+
+fn shutdown(vmm: &mut VmmProcess, client: &mut ember_vmm::api::client::ApiClient) -> TestResult {
+    expect_status(
+        client.put_json("/actions", &json!({ "action_type": "SendCtrlAltDel" })),
+        204,
+        "SendCtrlAltDel",
+    )?;
+    let code = exit_code(vmm.wait_exit()?)?;
+    check(code == 0, || {
+        format!("exit code {code} after shutdown\n{}", vmm.transcript())
+    })
+}
+
+fn boot_to_ready_with_one_vcpu() -> TestResult {
+    let (mut vmm, mut client) = boot(1, 128, &[])?;
+    check(vmm.serial.wait_for("EMBER-GUEST-READY\n", PATIENCE), || {
+        vmm.transcript()
+    })?;
+    let info = expect_status(client.get("/"), 200, "GET /")?.json();
+    check(info["state"] == "Running", || format!("GET / said {info}"))?;
+    let pong = expect_status(client.post("/ember/ping", b""), 200, "ping")?;
+    check(pong.json()["round_trip_us"].as_u64().is_some(), || {
+        format!("ping said {}", pong.json())
+    })?;
+    let status = expect_status(client.get("/ember/status"), 200, "GET /ember/status")?.json();
+    check(status["guest"] == "ready", || format!("status {status}"))?;
+    check(status["vcpu_count"] == 1, || format!("status {status}"))?;
+    let ram = status["guest_ram_bytes"].as_u64().unwrap_or(0);
+    // The guest sees 128 MiB less the low-memory hole and the 2 MiB mailbox.
+    check((120 << 20..128 << 20).contains(&ram), || {
+        format!("guest saw {ram} bytes of RAM")
+    })?;
+    check(
+        status["mailbox"]["max_payload"].as_u64() > Some(1 << 19),
+        || format!("status {status}"),
+    )?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn boot_with_two_vcpus_pause_resume() -> TestResult {
+    let (mut vmm, mut client) = boot(2, 256, &[])?;
+    let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+    check(status["vcpu_count"] == 2, || format!("status {status}"))?;
+    expect_status(
+        client.patch_json("/vm", &json!({ "state": "Paused" })),
+        204,
+        "pause",
+    )?;
+    let info = expect_status(client.get("/"), 200, "GET /")?.json();
+    check(info["state"] == "Paused", || {
+        format!("GET / said {info} after pausing")
+    })?;
+    expect_fault(
+        client.post("/ember/ping", b""),
+        "paused",
+        "ping while paused",
+    )?;
+    expect_status(
+        client.patch_json("/vm", &json!({ "state": "Resumed" })),
+        204,
+        "resume",
+    )?;
+    let info = expect_status(client.get("/"), 200, "GET /")?.json();
+    check(info["state"] == "Running", || {
+        format!("GET / said {info} after resuming")
+    })?;
+    let echo = expect_status(
+        client.post("/ember/echo", b"two vcpus"),
+        200,
+        "echo after resume",
+    )?;
+    check(echo.body == b"two vcpus", || {
+        format!("echo returned {:?}", echo.body)
+    })?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn echo_1000_round_trips() -> TestResult {
+    let (mut vmm, mut client) = boot(1, 128, &[])?;
+    let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+    let max = status["mailbox"]["max_payload"]
+        .as_u64()
+        .ok_or_else(|| fail(format!("no max_payload in {status}")))?;
+    let mut rng = Rng::new(0x0e3b_e2c0_ffee);
+    // The edges first, then sizes spread over the whole range.
+    let mut sizes = vec![0, 1, 2, 7, 8, 4095, 4096, 4097, max - 1, max];
+    while sizes.len() < 1000 {
+        let size = match rng.below_or_eq(3) {
+            0 => rng.below_or_eq(64),
+            1 => rng.below_or_eq(8192),
+            _ => rng.below_or_eq(max),
+        };
+        sizes.push(size);
+    }
+    for (i, size) in sizes.iter().enumerate() {
+        let payload = rng.bytes(*size as usize);
+        let response =
+            expect_status(client.post("/ember/echo", &payload), 200, "echo").map_err(|e| {
+                fail(format!(
+                    "echo {i} of {size} bytes: {e}\n{}",
+                    vmm.transcript()
+                ))
+            })?;
+        if response.body != payload {
+            let first_diff = response.body.iter().zip(&payload).position(|(a, b)| a != b);
+            return Err(fail(format!(
+                "echo {i} of {size} bytes came back as {} bytes, first difference at {first_diff:?}",
+                response.body.len()
+            )));
+        }
+        check(response.header(ROUND_TRIP_HEADER).is_some(), || {
+            "no round-trip header".into()
+        })?;
+    }
+    let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+    check(status["requests"] == 1000, || format!("status {status}"))?;
+    check(status["protocol_errors"] == 0, || {
+        format!("status {status}")
+    })?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn pause_and_resume_then_echo() -> TestResult {
+    let (mut vmm, mut client) = boot(1, 128, &[])?;
+    for round in 0..3 {
+        expect_status(
+            client.patch_json("/vm", &json!({ "state": "Paused" })),
+            204,
+            "pause",
+        )?;
+        // Pausing twice is not an error (as in Firecracker).
+        expect_status(
+            client.patch_json("/vm", &json!({ "state": "Paused" })),
+            204,
+            "pause again",
+        )?;
+        expect_status(
+            client.patch_json("/vm", &json!({ "state": "Resumed" })),
+            204,
+            "resume",
+        )?;
+        let payload = format!("round {round}");
+        let echo = expect_status(client.post("/ember/echo", payload.as_bytes()), 200, "echo")?;
+        check(echo.body == payload.as_bytes(), || {
+            format!("echo returned {:?}", echo.body)
+        })?;
+    }
+    shutdown(&mut vmm, &mut client)
+}
+
+fn guest_crash_is_reported() -> TestResult {
+    let (mut vmm, mut client) = boot(1, 128, &["--test-commands"])?;
+    let response = expect_status(client.post("/ember/test/crash", b""), 200, "test/crash")?.json();
+    let crash = &response["crash"];
+    check(crash["vector"] == 14, || format!("crash report {response}"))?;
+    check(crash["exception"] == "#PF", || {
+        format!("crash report {response}")
+    })?;
+    check(
+        crash["cr2"] == ember_abi::mailbox::TEST_CRASH_ADDRESS,
+        || format!("crash report {response}"),
+    )?;
+    check(crash["cs"].as_u64().map(|cs| cs & 3) == Some(3), || {
+        format!("crash report {response}")
+    })?;
+    let code = exit_code(vmm.wait_exit()?)?;
+    check(code == 10, || {
+        format!(
+            "exit code {code}, expected 10 (guest crashed)\n{}",
+            vmm.transcript()
+        )
+    })?;
+    check(
+        vmm.serial
+            .text()
+            .contains("EMBER-GUEST-CRASH vector=14 (#PF)"),
+        || vmm.transcript(),
+    )?;
+    check(
+        vmm.log.text().contains("guest crashed: vector 14 (#PF)"),
+        || vmm.transcript(),
+    )
+}
+
+fn guest_reset_ends_the_vmm_cleanly() -> TestResult {
+    let (mut vmm, mut client) = boot(1, 128, &["--test-commands"])?;
+    let response = expect_status(client.post("/ember/test/reset", b""), 200, "test/reset")?.json();
+    check(response["reset"] == true, || {
+        format!("reset answered {response}")
+    })?;
+    let code = exit_code(vmm.wait_exit()?)?;
+    check(code == 0, || {
+        format!("exit code {code} after a guest reset\n{}", vmm.transcript())
+    })?;
+    check(
+        vmm.log.text().contains("reset itself through the i8042"),
+        || vmm.transcript(),
+    )
+}
+
+fn api_only() -> Result<(VmmProcess, ember_vmm::api::client::ApiClient), Failed> {
+    let vmm = VmmProcess::start(Launch {
+        api: true,
+        ..Launch::default()
+    })?;
+    let client = vmm.client();
+    Ok((vmm, client))
+}
+
+fn bad_input_missing_kernel_file() -> TestResult {
+    let (vmm, mut client) = api_only()?;
+    let missing = vmm.dir.join("no-such-kernel");
+    expect_fault(
+        client.put_json("/boot-source", &boot_source(&missing)),
+        &format!(
+            "Cannot open kernel_image_path {}: No such file",
+            missing.display()
+        ),
+        "missing kernel",
+    )?;
+    expect_fault(
+        client.put_json("/actions", &json!({ "action_type": "InstanceStart" })),
+        "no boot source",
+        "InstanceStart without a boot source",
+    )?;
+    still_serving(&mut client)
+}
+
+fn bad_input_kernel_not_elf() -> TestResult {
+    let (vmm, mut client) = api_only()?;
+    let text = vmm.dir.join("not-a-kernel.txt");
+    std::fs::write(
+        &text,
+        "#!/bin/sh\necho this is not a kernel, but it is long enough to have a header\n",
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    expect_fault(
+        client.put_json("/boot-source", &boot_source(&text)),
+        "is not an ELF kernel: no ELF magic",
+        "text file as kernel",
+    )?;
+    still_serving(&mut client)
+}
+
+fn bad_input_mem_size() -> TestResult {
+    let (_vmm, mut client) = api_only()?;
+    expect_fault(
+        client.put_json("/machine-config", &machine_config(1, 0)),
+        "mem_size_mib must be at least 8 (got 0)",
+        "mem_size_mib 0",
+    )?;
+    expect_fault(
+        client.put_json("/machine-config", &machine_config(1, 64 << 20)),
+        "exceeds this host's memory",
+        "mem_size_mib above the host",
+    )?;
+    still_serving(&mut client)?;
+    // A good value is still accepted afterwards.
+    expect_status(
+        client.put_json("/machine-config", &machine_config(1, 64)),
+        204,
+        "mem_size_mib 64",
+    )?;
+    let config = expect_status(client.get("/machine-config"), 200, "GET /machine-config")?.json();
+    check(config["mem_size_mib"] == 64, || {
+        format!("machine config {config}")
+    })
+}
+
+fn bad_input_vcpu_count_zero() -> TestResult {
+    let (_vmm, mut client) = api_only()?;
+    expect_fault(
+        client.put_json("/machine-config", &machine_config(0, 128)),
+        "vcpu_count must be between 1 and 32 (got 0)",
+        "vcpu_count 0",
+    )?;
+    still_serving(&mut client)
+}
+
+fn bad_input_malformed_json() -> TestResult {
+    let (vmm, mut client) = api_only()?;
+    let response = client.request(
+        "PUT",
+        "/machine-config",
+        Some(b"{\"vcpu_count\": 1, \"mem_size_mib\": "),
+    );
+    expect_fault(
+        response,
+        "Cannot parse the body of PUT /machine-config",
+        "truncated JSON",
+    )?;
+    expect_fault(
+        client.put_json(
+            "/machine-config",
+            &json!({ "vcpu_count": 1, "mem_size_mib": 128, "vcpus": 2 }),
+        ),
+        "unknown field `vcpus`",
+        "unknown field",
+    )?;
+    still_serving(&mut client)?;
+    // Not even HTTP, on a connection of its own: a 400, then that
+    // connection is closed and the server goes on.
+    let mut spoiled = vmm.client();
+    let response = spoiled
+        .send_raw(b"\x16\x03\x01 hello\r\n\r\n")
+        .map_err(|e| fail(e.to_string()))?;
+    check(response.status == 400, || {
+        format!("garbage answered {}", response.status)
+    })?;
+    still_serving(&mut client)
+}
+
+fn bad_input_unknown_path() -> TestResult {
+    let (_vmm, mut client) = api_only()?;
+    expect_fault(
+        client.get("/no-such-path"),
+        "Invalid request method and/or path: GET /no-such-path",
+        "unknown path",
+    )?;
+    expect_fault(
+        client.request("DELETE", "/machine-config", None),
+        "Invalid request method and/or path: DELETE /machine-config",
+        "wrong method",
+    )?;
+    still_serving(&mut client)
+}
+
+fn bad_input_instance_start_twice() -> TestResult {
+    let (mut vmm, mut client) = boot(1, 128, &[])?;
+    expect_fault(
+        client.put_json("/actions", &json!({ "action_type": "InstanceStart" })),
+        "already running",
+        "second InstanceStart",
+    )?;
+    expect_fault(
+        client.put_json("/machine-config", &machine_config(2, 256)),
+        "not supported after starting",
+        "machine-config after start",
+    )?;
+    expect_status(
+        client.post("/ember/ping", b""),
+        200,
+        "ping after the refusals",
+    )?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn bad_input_requests_before_start() -> TestResult {
+    let (_vmm, mut client) = api_only()?;
+    expect_fault(
+        client.post("/ember/ping", b""),
+        "not running",
+        "ping before start",
+    )?;
+    expect_fault(
+        client.put_json("/actions", &json!({ "action_type": "SendCtrlAltDel" })),
+        "not running",
+        "SendCtrlAltDel before start",
+    )?;
+    expect_fault(
+        client.patch_json("/vm", &json!({ "state": "Paused" })),
+        "not running",
+        "pause before start",
+    )?;
+    still_serving(&mut client)
+}
+
+fn bad_input_echo_above_maximum() -> TestResult {
+    let (mut vmm, mut client) = boot(1, 128, &[])?;
+    let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+    let max = status["mailbox"]["max_payload"].as_u64().unwrap_or(0) as usize;
+    let too_big = vec![0x42u8; max + 1];
+    expect_fault(
+        client.post("/ember/echo", &too_big),
+        &format!(
+            "request payload of {} bytes exceeds the mailbox maximum of {max} bytes",
+            max + 1
+        ),
+        "echo one byte above the maximum",
+    )?;
+    let fits = vec![0x42u8; max];
+    let echo = expect_status(
+        client.post("/ember/echo", &fits),
+        200,
+        "echo at the maximum",
+    )?;
+    check(echo.body == fits, || {
+        "echo at the maximum came back different".into()
+    })?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn hostile_guest_bad_length() -> TestResult {
+    let (mut vmm, mut client) = boot(1, 128, &["--test-commands"])?;
+    expect_fault(
+        client.post("/ember/test/bad-length", b""),
+        "guest wrote mailbox message length 4294967295, beyond the",
+        "guest posting a length beyond the region",
+    )?;
+    for _ in 0..3 {
+        let echo = expect_status(
+            client.post("/ember/echo", b"still here"),
+            200,
+            "echo after the bad length",
+        )?;
+        check(echo.body == b"still here", || {
+            format!("echo returned {:?}", echo.body)
+        })?;
+    }
+    let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+    check(status["protocol_errors"] == 1, || {
+        format!("status {status}")
+    })?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn seccomp_violation() -> TestResult {
+    let (mut vmm, mut client) = boot(1, 128, &["--test-commands"])?;
+    // The VMM thread calls socket(AF_INET): the process dies, so no answer.
+    let answer = client.post("/ember/test/forbidden-syscall", b"");
+    check(answer.is_err(), || {
+        format!("the forbidden system call was answered: {answer:?}")
+    })?;
+    let code = exit_code(vmm.wait_exit()?)?;
+    check(code == 148, || {
+        format!("exit code {code}, expected 148\n{}", vmm.transcript())
+    })?;
+    check(
+        vmm.log
+            .text()
+            .contains("seccomp: thread 'vmm' made system call 41 (socket)"),
+        || vmm.transcript(),
+    )
+}
+
+fn test_commands_off_by_default() -> TestResult {
+    let (mut vmm, mut client) = boot(1, 128, &[])?;
+    for path in ["/ember/test/crash", "/ember/test/forbidden-syscall"] {
+        expect_fault(client.post(path, b""), "--test-commands", path)?;
+    }
+    shutdown(&mut vmm, &mut client)
+}
+
+fn config_file_boot() -> TestResult {
+    let image = guest_image()?;
+    let mut vmm = VmmProcess::start(Launch {
+        api: true,
+        config: Some(json!({
+            "boot-source": boot_source(&image),
+            "machine-config": machine_config(1, 64),
+        })),
+        extra_args: Vec::new(),
+    })?;
+    vmm.wait_ready()?;
+    check(vmm.serial.wait_for("EMBER-GUEST-READY", PATIENCE), || {
+        vmm.transcript()
+    })?;
+    let mut client = vmm.client();
+    let config = expect_status(client.get("/machine-config"), 200, "GET /machine-config")?.json();
+    check(config["mem_size_mib"] == 64, || {
+        format!("machine config {config}")
+    })?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn bad_config_file() -> TestResult {
+    let mut vmm = VmmProcess::start(Launch {
+        api: false,
+        config: Some(json!({
+            "boot-source": { "kernel_image_path": "/nonexistent/vmlinux" },
+            "machine-config": machine_config(1, 64),
+        })),
+        extra_args: Vec::new(),
+    })?;
+    let code = exit_code(vmm.wait_exit()?)?;
+    check(code == 3, || {
+        format!("exit code {code}, expected 3\n{}", vmm.transcript())
+    })?;
+    check(vmm.log.text().contains("/nonexistent/vmlinux"), || {
+        vmm.transcript()
+    })
+}
+
+fn boots_without_mailbox() -> TestResult {
+    // As under Firecracker: only the boot protocol, no ember.* parameters.
+    let image = guest_image()?;
+    let vmm = VmmProcess::start(Launch {
+        api: true,
+        config: Some(json!({
+            "boot-source": { "kernel_image_path": image, "boot_args": "console=ttyS0 reboot=k panic=1 pci=off" },
+            "machine-config": machine_config(1, 128),
+        })),
+        extra_args: vec!["--no-mailbox".into()],
+    })?;
+    check(vmm.serial.wait_for("EMBER-GUEST-READY\n", PATIENCE), || {
+        vmm.transcript()
+    })?;
+    check(
+        vmm.serial
+            .wait_for("no ember.mailbox on the command line", PATIENCE),
+        || vmm.transcript(),
+    )?;
+    let mut client = vmm.client();
+    expect_fault(
+        client.post("/ember/ping", b""),
+        "--no-mailbox",
+        "ping without a mailbox",
+    )?;
+    // The guest parked itself: halted, no CPU, the process still serving.
+    let before = cpu_ticks(vmm.pid())?;
+    std::thread::sleep(Duration::from_millis(500));
+    let used = cpu_ticks(vmm.pid())? - before;
+    check(used <= 5, || {
+        format!("a parked guest used {used} ticks of CPU in 0.5 s")
+    })?;
+    still_serving(&mut client)
+}
+
+fn idle_vm_uses_no_cpu() -> TestResult {
+    let (mut vmm, mut client) = boot(2, 128, &[])?;
+    expect_status(client.post("/ember/ping", b""), 200, "ping")?;
+    let before = cpu_ticks(vmm.pid())?;
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(vmm.pid())? - before;
+    // A busy-waiting vCPU would use ~100 ticks per second.
+    check(used <= 5, || {
+        format!("an idle VM used {used} ticks of CPU in 1 s")
+    })?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn ring0_boot_path() -> TestResult {
+    let (mut vmm, mut client) = boot(1, 128, &["--count-ring0"])?;
+    let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+    let count = status["ring0_instructions"]
+        .as_u64()
+        .ok_or_else(|| fail(format!("no ring-0 count in {status}\n{}", vmm.transcript())))?;
+    eprintln!("ring-0 boot path: {count} instructions");
+    check(
+        vmm.log
+            .text()
+            .contains("instructions from entry to ring 3\n"),
+        || vmm.transcript(),
+    )?;
+    // docs/guest-kernel.md: the boot path is straight-line code of ~30
+    // instructions; a loop sneaking in would show up as hundreds.
+    check((10..=64).contains(&count), || {
+        format!("the ring-0 boot path ran {count} instructions")
+    })?;
+    shutdown(&mut vmm, &mut client)
+}
