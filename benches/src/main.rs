@@ -1,1 +1,261 @@
-fn main() {}
+//! `ember-bench`: the Ember benchmark suite.
+//!
+//! Every command prints p50/p99/min/max over many runs and, with `--json`,
+//! writes the samples' summaries as JSON. Run it on an idle machine: it
+//! warns when the load average says otherwise. docs/BENCHMARKS.md records
+//! the figures and the commands that made them.
+
+mod launch;
+mod procfs;
+mod stats;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use ember_vmm::api::parsed_request::ROUND_TRIP_HEADER;
+use serde_json::json;
+
+use crate::launch::{Binaries, Launched};
+use crate::stats::{header, Summary};
+
+#[derive(Debug, Parser)]
+#[command(name = "ember-bench", version, about = "The Ember benchmark suite")]
+struct Args {
+    /// The ember-vmm binary (default: the one beside ember-bench).
+    #[arg(long, global = true, value_name = "PATH")]
+    vmm: Option<PathBuf>,
+    /// The guest image (default: $EMBER_GUEST_IMAGE, else ./scripts/guest-image).
+    #[arg(long, global = true, value_name = "PATH")]
+    guest_image: Option<PathBuf>,
+    /// Also write the results as JSON to this file.
+    #[arg(long, global = true, value_name = "FILE")]
+    json: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Cold boots: process start → console marker and → mailbox `ready`;
+    /// the VMM's RSS and PSS without guest memory.
+    Boot {
+        /// Boots to run.
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        /// vCPUs per VM.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 128)]
+        mem_mib: u64,
+    },
+    /// Mailbox echo round trips (host → guest → host) through the control socket.
+    Echo {
+        /// Round trips per payload size.
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// Payload sizes in bytes (repeatable).
+        #[arg(long = "size", default_values_t = [0usize, 1024, 65536, 1 << 20])]
+        sizes: Vec<usize>,
+    },
+    /// The ring-0 instructions of the guest's boot path, counted by
+    /// single-stepping (deterministic: one boot suffices).
+    Ring0,
+}
+
+fn main() {
+    let args = Args::parse();
+    let load = procfs::load_average();
+    if load > 0.5 {
+        eprintln!(
+            "warning: load average {load:.2}: the machine is not idle, and the figures will show it \
+             (a build beside a benchmark turns a 0.4 ms VM setup into 10 ms)"
+        );
+    }
+    let result =
+        Binaries::find(args.vmm.clone(), args.guest_image.clone()).and_then(|binaries| match args
+            .command
+        {
+            Bench::Boot {
+                runs,
+                vcpus,
+                mem_mib,
+            } => bench_boot(&binaries, runs, vcpus, mem_mib),
+            Bench::Echo { count, ref sizes } => bench_echo(&binaries, count, sizes),
+            Bench::Ring0 => bench_ring0(&binaries),
+        });
+    let mut report = match result {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("ember-bench: {e}");
+            std::process::exit(1);
+        }
+    };
+    report["load_average_at_start"] = json!(load);
+    report["host"] = json!({ "kernel": kernel_release(), "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()) });
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report).expect("JSON of plain data");
+        if let Err(e) = std::fs::write(path, text + "\n") {
+            eprintln!("ember-bench: cannot write {}: {e}", path.display());
+            std::process::exit(1);
+        }
+        println!("results written to {}", path.display());
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn bench_boot(
+    binaries: &Binaries,
+    runs: usize,
+    vcpus: u8,
+    mem_mib: u64,
+) -> Result<serde_json::Value, String> {
+    if runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
+    println!(
+        "cold boot: {runs} runs, {vcpus} vCPU(s), {mem_mib} MiB, {}",
+        binaries.vmm.display()
+    );
+    let (mut marker, mut ready, mut rss, mut pss) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let mut vm = Launched::boot(binaries, vcpus, mem_mib, &[])?;
+        let milestones = vm.wait_milestones(Duration::from_secs(10))?;
+        let footprint =
+            procfs::footprint(vm.pid(), vm.mem_bytes).map_err(|e| format!("smaps: {e}"))?;
+        vm.shutdown()?;
+        marker.push(ms(milestones.marker));
+        ready.push(ms(milestones.ready));
+        rss.push(footprint.rss_kib as f64 / 1024.0);
+        pss.push(footprint.pss_kib as f64 / 1024.0);
+    }
+    let summaries = [
+        (
+            "process start → console marker",
+            Summary::of(&marker),
+            "ms",
+            3,
+        ),
+        (
+            "process start → mailbox ready",
+            Summary::of(&ready),
+            "ms",
+            3,
+        ),
+        ("VMM RSS without guest memory", Summary::of(&rss), "MiB", 2),
+        ("VMM PSS without guest memory", Summary::of(&pss), "MiB", 2),
+    ];
+    println!("{}", header());
+    for (name, summary, unit, decimals) in &summaries {
+        println!("{}", summary.row(name, unit, *decimals));
+    }
+    Ok(json!({
+        "bench": "boot",
+        "runs": runs,
+        "vcpus": vcpus,
+        "mem_mib": mem_mib,
+        "start_to_marker_ms": summaries[0].1,
+        "start_to_ready_ms": summaries[1].1,
+        "rss_mib": summaries[2].1,
+        "pss_mib": summaries[3].1,
+    }))
+}
+
+fn bench_echo(
+    binaries: &Binaries,
+    count: usize,
+    sizes: &[usize],
+) -> Result<serde_json::Value, String> {
+    if count == 0 {
+        return Err("--count must be at least 1".into());
+    }
+    let mut vm = Launched::boot(binaries, 1, 128, &[])?;
+    vm.wait_milestones(Duration::from_secs(10))?;
+    let mut client = vm.client()?;
+    let max = client
+        .get("/ember/status")
+        .map_err(|e| e.to_string())?
+        .json()["mailbox"]["max_payload"]
+        .as_u64()
+        .ok_or("no mailbox in /ember/status")? as usize;
+    println!("mailbox echo: {count} round trips per size, 1 vCPU");
+    println!("{}", header());
+    let mut results = Vec::new();
+    for &size in sizes {
+        if size > max {
+            return Err(format!(
+                "--size {size} exceeds the mailbox maximum of {max} bytes"
+            ));
+        }
+        let payload: Vec<u8> = (0..size).map(|i| (i * 31 + 7) as u8).collect();
+        let (mut client_us, mut vmm_us) = (Vec::with_capacity(count), Vec::with_capacity(count));
+        // Warm up: first touches of the guest's pages are not the steady state.
+        for _ in 0..(count / 10).clamp(1, 100) {
+            client
+                .post("/ember/echo", &payload)
+                .map_err(|e| e.to_string())?;
+        }
+        for _ in 0..count {
+            let start = Instant::now();
+            let response = client
+                .post("/ember/echo", &payload)
+                .map_err(|e| e.to_string())?;
+            client_us.push(start.elapsed().as_secs_f64() * 1e6);
+            if response.status != 200 || response.body.len() != size {
+                return Err(format!(
+                    "echo of {size} bytes answered {} with {} bytes",
+                    response.status,
+                    response.body.len()
+                ));
+            }
+            let inside: f64 = response
+                .header(ROUND_TRIP_HEADER)
+                .and_then(|v| v.parse().ok())
+                .ok_or("no round-trip header")?;
+            vmm_us.push(inside);
+        }
+        let through_api = Summary::of(&client_us);
+        let inside_vmm = Summary::of(&vmm_us);
+        println!(
+            "{}",
+            through_api.row(&format!("{size} B, client → socket → guest"), "us", 1)
+        );
+        println!(
+            "{}",
+            inside_vmm.row(&format!("{size} B, inside ember-vmm"), "us", 1)
+        );
+        results.push(
+            json!({ "size": size, "through_api_us": through_api, "inside_vmm_us": inside_vmm }),
+        );
+    }
+    drop(client);
+    vm.shutdown()?;
+    Ok(json!({ "bench": "echo", "count": count, "results": results }))
+}
+
+fn bench_ring0(binaries: &Binaries) -> Result<serde_json::Value, String> {
+    let mut vm = Launched::boot(binaries, 1, 128, &["--count-ring0"])?;
+    vm.wait_milestones(Duration::from_secs(10))?;
+    let status = vm
+        .client()?
+        .get("/ember/status")
+        .map_err(|e| e.to_string())?
+        .json();
+    let count = status["ring0_instructions"]
+        .as_u64()
+        .ok_or_else(|| format!("no ring-0 count in {status}"))?;
+    println!("ring-0 instructions from guest entry to the first ring-3 instruction: {count}");
+    vm.shutdown()?;
+    Ok(json!({ "bench": "ring0", "boot_path_instructions": count }))
+}

@@ -70,6 +70,10 @@ fn main() {
             "test_commands_are_off_by_default",
             test_commands_off_by_default,
         ),
+        (
+            "api_serves_many_and_interleaved_connections",
+            api_connections,
+        ),
         ("config_file_boots_without_api_calls", config_file_boot),
         ("bad_config_file_exits_with_code_3", bad_config_file),
         (
@@ -555,6 +559,31 @@ fn seccomp_violation() -> TestResult {
             .contains("seccomp: thread 'vmm' made system call 41 (socket)"),
         || vmm.transcript(),
     )
+}
+
+fn api_connections() -> TestResult {
+    let (mut vmm, mut client) = boot(1, 128, &[])?;
+    // Connections come and go; descriptor numbers get reused.
+    for i in 0..200 {
+        let mut once = vmm.client();
+        let answer = expect_status(once.get("/"), 200, &format!("GET / on connection {i}"))?;
+        check(answer.json()["state"] == "Running", || {
+            format!("GET / said {}", answer.json())
+        })?;
+    }
+    // Several open at once, used in turn, keep-alive.
+    let mut others: Vec<_> = (0..4).map(|_| vmm.client()).collect();
+    for round in 0..10 {
+        for (i, other) in others.iter_mut().enumerate() {
+            let payload = format!("connection {i} round {round}");
+            let echo = expect_status(other.post("/ember/echo", payload.as_bytes()), 200, "echo")?;
+            check(echo.body == payload.as_bytes(), || {
+                format!("echo returned {:?}", echo.body)
+            })?;
+        }
+    }
+    drop(others);
+    shutdown(&mut vmm, &mut client)
 }
 
 fn test_commands_off_by_default() -> TestResult {

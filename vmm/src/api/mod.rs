@@ -233,9 +233,12 @@ impl ApiServer {
     }
 
     fn close(&mut self, fd: RawFd, ops: &mut EventOps) {
-        if self.connections.remove(&fd).is_some() {
-            let _ = ops.remove(Events::empty_raw(fd));
+        // Leave the epoll set before the descriptor closes: the next
+        // connection may get the same number.
+        if let Err(e) = ops.remove(Events::empty_raw(fd)) {
+            log::warn!("cannot stop watching an API connection: {e:?}");
         }
+        self.connections.remove(&fd);
     }
 
     /// The VMM is exiting: write out what is pending, then report done.
