@@ -28,7 +28,7 @@ use crate::devices::legacy::serial::{ConsoleOutput, SerialDevice};
 use crate::devices::mailbox::{Mailbox, MailboxError};
 use crate::devices::{EventFdTrigger, PioDevices};
 use crate::resources::VmResources;
-use crate::vstate::kvm::{CpuidPrefetch, KvmContext, KvmError};
+use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuEventSender, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
@@ -97,7 +97,7 @@ pub struct BuildOptions {
 /// A built microVM: its vCPU threads wait for `Start`.
 pub struct Microvm {
     /// `/dev/kvm`.
-    pub kvm: KvmContext,
+    pub kvm: kvm_ioctls::Kvm,
     /// The VM.
     pub vm: Vm,
     /// Guest memory.
@@ -115,7 +115,7 @@ pub struct Microvm {
 pub fn build_microvm_for_boot(
     resources: &mut VmResources,
     options: &BuildOptions,
-    cpuid: CpuidPrefetch,
+    kvm: KvmContext,
     console: ConsoleOutput,
     reset_evt: &EventFd,
     vcpu_events: &VcpuEventSender,
@@ -127,9 +127,9 @@ pub fn build_microvm_for_boot(
     let machine = &resources.machine_config;
     let mem_size = (machine.mem_size_mib as u64) << 20;
 
-    let kvm = KvmContext::new(cpuid)?;
     let mem = create_guest_memory(mem_size as usize)?;
-    let vm = Vm::new(&kvm, &mem, machine.track_dirty_pages)?;
+    let (kvm, vm_fd, supported_cpuid) = kvm.into_parts()?;
+    let vm = Vm::new(vm_fd, &mem, machine.track_dirty_pages)?;
     let vcpu_fds = (0..machine.vcpu_count)
         .map(|index| vm.create_vcpu(index))
         .collect::<Result<Vec<_>, _>>()?;
@@ -203,7 +203,7 @@ pub fn build_microvm_for_boot(
             what,
             source,
         };
-        let mut cpuid = kvm.supported_cpuid.clone();
+        let mut cpuid = supported_cpuid.clone();
         cpuid::normalize(&mut cpuid, index, machine.vcpu_count);
         fd.set_cpuid2(&cpuid)
             .map_err(|e| setup("KVM_SET_CPUID2", e))?;

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ember_vmm::devices::legacy::serial::ConsoleOutput;
+use ember_vmm::devices::legacy::serial::{ConsoleOutput, ConsoleSink};
 use ember_vmm::resources::VmResources;
 use ember_vmm::vmm::{Vmm, VmmOptions};
 use ember_vmm::{api, logger, seccomp, vstate, ExitCode};
@@ -98,7 +98,13 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
             "give --api-sock, --config-file, or both",
         );
     }
-    let cpuid = vstate::kvm::CpuidPrefetch::start();
+    // Before anything else: creating the VM and reading the supported
+    // CPUID take the better part of a millisecond, and neither depends on
+    // the configuration (see vstate::kvm).
+    let kvm = match vstate::kvm::KvmContext::open() {
+        Ok(kvm) => kvm,
+        Err(e) => return fail(ExitCode::GenericError, e),
+    };
     seccomp::set_thread_label("vmm");
     if let Err(e) = seccomp::install_sigsys_handler() {
         return fail(
@@ -119,7 +125,7 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
             .append(true)
             .open(path)
         {
-            Ok(file) => ConsoleOutput::File(file),
+            Ok(file) => ConsoleOutput::new(ConsoleSink::File(file)),
             Err(e) => {
                 return fail(
                     ExitCode::GenericError,
@@ -127,7 +133,7 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
                 )
             }
         },
-        None => ConsoleOutput::Stdout(std::io::stdout()),
+        None => ConsoleOutput::new(ConsoleSink::Stdout(std::io::stdout())),
     };
 
     let resources = match &args.config_file {
@@ -173,7 +179,7 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
         mailbox_timeout: Duration::from_millis(args.mailbox_timeout_ms),
         count_ring0: args.count_ring0,
     };
-    let vmm = match Vmm::new(options, process_start, resources, console, cpuid, api) {
+    let vmm = match Vmm::new(options, process_start, resources, console, kvm, api) {
         Ok(vmm) => Arc::new(Mutex::new(vmm)),
         Err(e) => return fail(ExitCode::GenericError, e),
     };

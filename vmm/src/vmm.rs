@@ -32,7 +32,7 @@ use crate::rpc_interface::{
     VmmActionError, VmmData, VmmResponse,
 };
 use crate::seccomp::{self, ThreadKind};
-use crate::vstate::kvm::CpuidPrefetch;
+use crate::vstate::kvm::KvmContext;
 use crate::vstate::vcpu::{VcpuCommand, VcpuEvent, VcpuEventSender, VcpuStop};
 use crate::{ExitCode, VMM_VERSION};
 
@@ -131,7 +131,7 @@ pub struct Vmm {
     process_start: Instant,
     resources: VmResources,
     console: Option<ConsoleOutput>,
-    cpuid: Option<CpuidPrefetch>,
+    kvm: Option<KvmContext>,
     api: Option<ApiChannels>,
     vcpu_events: Receiver<(u8, VcpuEvent)>,
     vcpu_event_sender: VcpuEventSender,
@@ -169,14 +169,14 @@ pub enum VmmError {
 
 impl Vmm {
     /// A VMM with `resources` configured, its console on `console`, the
-    /// host's CPUID coming from `cpuid`, serving the API thread on `api`
+    /// VM prepared in `kvm`, serving the API thread on `api`
     /// (none with `--config-file` alone).
     pub fn new(
         options: VmmOptions,
         process_start: Instant,
         resources: VmResources,
         console: ConsoleOutput,
-        cpuid: CpuidPrefetch,
+        kvm: KvmContext,
         api: Option<ApiChannels>,
     ) -> Result<Vmm, VmmError> {
         let setup = |what| move |source| VmmError::Setup { what, source };
@@ -192,7 +192,7 @@ impl Vmm {
             process_start,
             resources,
             console: Some(console),
-            cpuid: Some(cpuid),
+            kvm: Some(kvm),
             api,
             vcpu_events,
             vcpu_event_sender: VcpuEventSender::new(tx, vcpu_evt.clone()),
@@ -230,7 +230,7 @@ impl Vmm {
         if self.resources.boot_source.is_none() {
             return Err(StartMicrovmError::MissingBootSource.into());
         }
-        let (Some(console), Some(cpuid)) = (self.console.take(), self.cpuid.take()) else {
+        let (Some(console), Some(kvm)) = (self.console.take(), self.kvm.take()) else {
             return Err(VmmActionError::Internal(
                 "a failed start used up the console".into(),
             ));
@@ -244,7 +244,7 @@ impl Vmm {
         let microvm = build_microvm_for_boot(
             &mut self.resources,
             &build,
-            cpuid,
+            kvm,
             console,
             &self.reset_evt,
             &self.vcpu_event_sender,

@@ -56,6 +56,8 @@ impl PioDevices {
     /// Handles an `out` (or string `outs`) of `data` to `port`.
     pub fn write(&self, port: u16, data: &[u8]) -> PioAction {
         if Some(port) == self.doorbell_port {
+            // The guest waits now; let its console catch up.
+            lock(&self.serial).flush_console();
             return PioAction::Doorbell;
         }
         if SERIAL_PORTS.contains(&port) {

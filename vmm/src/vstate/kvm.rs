@@ -1,7 +1,14 @@
-//! The KVM handle and what it tells about this host.
+//! The KVM handle, the VM file descriptor, and what KVM tells about this host.
+//!
+//! Nothing here depends on the machine configuration, so ember-vmm does it
+//! at process start ([`KvmContext::open`]) rather than on InstanceStart:
+//! KVM_CREATE_VM takes 0.25–0.5 ms on our nested KVM and
+//! KVM_GET_SUPPORTED_CPUID 0.3–0.9 ms (every CPUID the host kernel runs traps
+//! to the outer hypervisor). The CPUID is read on a helper thread so that
+//! the two overlap each other and the rest of start-up.
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Cap, Kvm};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 
 /// Errors opening KVM.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -12,18 +19,12 @@ pub enum KvmError {
     ApiVersion(i32),
     /// KVM lacks a capability ember-vmm needs: {0:?}
     MissingCap(Cap),
+    /// Cannot create the VM: {0}
+    CreateVm(kvm_ioctls::Error),
     /// Cannot read KVM's supported CPUID: {0}
     SupportedCpuid(kvm_ioctls::Error),
     /// The thread reading KVM's supported CPUID panicked
     CpuidThread,
-}
-
-/// `/dev/kvm` and the host facts read from it once.
-pub struct KvmContext {
-    /// The open `/dev/kvm`.
-    pub kvm: Kvm,
-    /// KVM_GET_SUPPORTED_CPUID: the CPUID every vCPU starts from.
-    pub supported_cpuid: CpuId,
 }
 
 /// Capabilities ember-vmm relies on.
@@ -34,10 +35,20 @@ const REQUIRED_CAPS: [Cap; 4] = [
     Cap::Irqfd,
 ];
 
+/// `/dev/kvm`, a fresh VM (no memory, no irqchip, no vCPUs yet), and the
+/// supported CPUID on its way.
+pub struct KvmContext {
+    /// The open `/dev/kvm`.
+    pub kvm: Kvm,
+    vm_fd: VmFd,
+    cpuid: CpuidPrefetch,
+}
+
 impl KvmContext {
-    /// Opens `/dev/kvm`, checks it, and takes the supported CPUID from
-    /// `cpuid` (started earlier, see [`CpuidPrefetch`]).
-    pub fn new(cpuid: CpuidPrefetch) -> Result<KvmContext, KvmError> {
+    /// Starts reading the supported CPUID on a helper thread, opens
+    /// `/dev/kvm`, checks it and creates the VM.
+    pub fn open() -> Result<KvmContext, KvmError> {
+        let cpuid = CpuidPrefetch::start();
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         let version = kvm.get_api_version();
         if version != kvm_bindings::KVM_API_VERSION as i32 {
@@ -48,27 +59,25 @@ impl KvmContext {
                 return Err(KvmError::MissingCap(cap));
             }
         }
-        let supported_cpuid = cpuid.wait()?;
-        Ok(KvmContext {
-            kvm,
-            supported_cpuid,
-        })
+        let vm_fd = kvm.create_vm().map_err(KvmError::CreateVm)?;
+        Ok(KvmContext { kvm, vm_fd, cpuid })
+    }
+
+    /// The VM, and the supported CPUID once read (this waits for the helper).
+    pub fn into_parts(self) -> Result<(Kvm, VmFd, CpuId), KvmError> {
+        let cpuid = self.cpuid.wait()?;
+        Ok((self.kvm, self.vm_fd, cpuid))
     }
 }
 
-/// KVM_GET_SUPPORTED_CPUID, read on a helper thread.
-///
-/// On our nested KVM every CPUID the host kernel executes traps to the
-/// outer hypervisor, and the ioctl takes 0.3–0.5 ms — more than creating
-/// the VM. Started at process start, it overlaps everything before the
-/// first KVM_SET_CPUID2. The thread ends before any guest code runs (the
-/// builder waits for it), so it needs no seccomp filter of its own.
-pub struct CpuidPrefetch(Option<std::thread::JoinHandle<Result<CpuId, KvmError>>>);
+/// KVM_GET_SUPPORTED_CPUID, read on a helper thread. The thread ends before
+/// any guest code runs (the builder waits for it), so it needs no seccomp
+/// filter of its own.
+struct CpuidPrefetch(Option<std::thread::JoinHandle<Result<CpuId, KvmError>>>);
 
 impl CpuidPrefetch {
-    /// Starts reading the supported CPUID (or, if no thread can be
-    /// started, leaves it to [`CpuidPrefetch::wait`]).
-    pub fn start() -> CpuidPrefetch {
+    /// Starts reading (or, if no thread can be started, leaves it to `wait`).
+    fn start() -> CpuidPrefetch {
         let thread = std::thread::Builder::new()
             .name("ember_cpuid".into())
             .spawn(read_supported_cpuid);
@@ -76,7 +85,7 @@ impl CpuidPrefetch {
     }
 
     /// The supported CPUID, once read.
-    pub fn wait(self) -> Result<CpuId, KvmError> {
+    fn wait(self) -> Result<CpuId, KvmError> {
         match self.0 {
             Some(thread) => thread.join().unwrap_or(Err(KvmError::CpuidThread)),
             None => read_supported_cpuid(),

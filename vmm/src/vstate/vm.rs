@@ -11,13 +11,9 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::kvm::KvmContext;
-
 /// Errors setting up the VM.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum VmError {
-    /// Cannot create the VM: {0}
-    Create(kvm_ioctls::Error),
     /// Cannot register guest memory slot {slot}: {source}
     MemorySlot {
         /// The slot.
@@ -49,14 +45,10 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates the VM, registers every region of `mem` (before the
-    /// irqchip: see the module docs), then creates the in-kernel irqchip.
-    pub fn new(
-        kvm: &KvmContext,
-        mem: &GuestMemoryMmap,
-        track_dirty_pages: bool,
-    ) -> Result<Vm, VmError> {
-        let fd = kvm.kvm.create_vm().map_err(VmError::Create)?;
+    /// Takes the freshly created VM `fd`, registers every region of `mem`
+    /// (before the irqchip: see the module docs), then creates the in-kernel
+    /// irqchip.
+    pub fn new(fd: VmFd, mem: &GuestMemoryMmap, track_dirty_pages: bool) -> Result<Vm, VmError> {
         let flags = if track_dirty_pages {
             KVM_MEM_LOG_DIRTY_PAGES
         } else {
