@@ -55,9 +55,9 @@ enum Bench {
         /// Round trips per payload size.
         #[arg(long, default_value_t = 10_000)]
         count: usize,
-        /// Payload sizes in bytes (repeatable).
-        #[arg(long = "size", default_values_t = [0usize, 1024, 65536, 1 << 20])]
-        sizes: Vec<usize>,
+        /// Payload sizes in bytes, or `max` for the mailbox maximum (repeatable).
+        #[arg(long = "size", default_values = ["0", "1024", "65536", "max"])]
+        sizes: Vec<String>,
     },
     /// The ring-0 instructions of the guest's boot path, counted by
     /// single-stepping (deterministic: one boot suffices).
@@ -206,7 +206,7 @@ fn bench_boot(
 fn bench_echo(
     binaries: &Binaries,
     count: usize,
-    sizes: &[usize],
+    sizes: &[String],
 ) -> Result<serde_json::Value, String> {
     if count == 0 {
         return Err("--count must be at least 1".into());
@@ -223,7 +223,13 @@ fn bench_echo(
     println!("mailbox echo: {count} round trips per size, 1 vCPU");
     println!("{}", header());
     let mut results = Vec::new();
-    for &size in sizes {
+    for size in sizes {
+        let size = match size.as_str() {
+            "max" => max,
+            number => number
+                .parse::<usize>()
+                .map_err(|_| format!("--size {number:?} is neither a number nor `max`"))?,
+        };
         if size > max {
             return Err(format!(
                 "--size {size} exceeds the mailbox maximum of {max} bytes"

@@ -101,8 +101,8 @@ enum GuestState {
 
 /// The request to the guest that an API call waits on.
 struct Pending {
-    action: VmmAction,
     kind: RequestKind,
+    /// Emptied once written to the mailbox.
     payload: Vec<u8>,
     /// Set once written to the mailbox.
     seq: Option<u64>,
@@ -298,13 +298,10 @@ impl Vmm {
             VmmAction::Resume => return self.begin_transition(InstanceState::Running),
             VmmAction::GetEmberStatus => Ok(VmmData::Status(Box::new(self.status()))),
             VmmAction::SendCtrlAltDel => {
-                return self.request_guest(action, RequestKind::Shutdown, Vec::new())
+                return self.request_guest(RequestKind::Shutdown, Vec::new())
             }
-            VmmAction::Ping => return self.request_guest(action, RequestKind::Ping, Vec::new()),
-            VmmAction::Echo(ref payload) => {
-                let payload = payload.clone();
-                return self.request_guest(action, RequestKind::Echo, payload);
-            }
+            VmmAction::Ping => return self.request_guest(RequestKind::Ping, Vec::new()),
+            VmmAction::Echo(payload) => return self.request_guest(RequestKind::Echo, payload),
             VmmAction::TestGuest(_) | VmmAction::TestForbiddenSyscall
                 if !self.options.test_commands =>
             {
@@ -316,7 +313,7 @@ impl Vmm {
                     GuestTest::Reset => RequestKind::TestReset,
                     GuestTest::BadLength => RequestKind::TestBadLength,
                 };
-                return self.request_guest(action, kind, Vec::new());
+                return self.request_guest(kind, Vec::new());
             }
             VmmAction::TestForbiddenSyscall => Err(forbidden_syscall()),
         })
@@ -324,12 +321,7 @@ impl Vmm {
 
     /// Queues a request for the guest; it is delivered now if the guest
     /// waits, or when it becomes ready.
-    fn request_guest(
-        &mut self,
-        action: VmmAction,
-        kind: RequestKind,
-        payload: Vec<u8>,
-    ) -> Option<VmmResponse> {
+    fn request_guest(&mut self, kind: RequestKind, payload: Vec<u8>) -> Option<VmmResponse> {
         let refuse = |e| Some(Err(e));
         let Some(microvm) = &self.microvm else {
             return refuse(VmmActionError::NotRunning(self.state.name()));
@@ -357,7 +349,6 @@ impl Vmm {
         }
         let deadline = Instant::now() + self.options.mailbox_timeout;
         self.pending = Some(Pending {
-            action,
             kind,
             payload,
             seq: None,
@@ -393,6 +384,7 @@ impl Vmm {
         if let Some(pending) = &mut self.pending {
             pending.seq = Some(seq);
             pending.sent_at = Some(Instant::now());
+            pending.payload = Vec::new();
         }
         self.guest = GuestState::Busy(seq);
         if let Some(microvm) = &self.microvm {
@@ -535,10 +527,8 @@ impl Vmm {
         let pending = self.pending.take();
         self.disarm_timer();
         if let Some(pending) = pending {
-            let response = match pending.action {
-                VmmAction::TestGuest(GuestTest::Crash) => {
-                    Ok(VmmData::GuestEnded(GuestEnd::Crash(info.clone())))
-                }
+            let response = match pending.kind {
+                RequestKind::TestCrash => Ok(VmmData::GuestEnded(GuestEnd::Crash(info.clone()))),
                 _ => Err(VmmActionError::GuestCrashed(info.to_string())),
             };
             self.respond(response);
@@ -643,8 +633,8 @@ impl Vmm {
         log::info!("guest reset itself through the i8042");
         if let Some(pending) = self.pending.take() {
             self.disarm_timer();
-            let response = match pending.action {
-                VmmAction::TestGuest(GuestTest::Reset) => Ok(VmmData::GuestEnded(GuestEnd::Reset)),
+            let response = match pending.kind {
+                RequestKind::TestReset => Ok(VmmData::GuestEnded(GuestEnd::Reset)),
                 _ => Err(VmmActionError::GuestStopped(
                     "the guest reset itself".into(),
                 )),

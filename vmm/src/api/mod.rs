@@ -118,13 +118,19 @@ fn run(server: ApiServer, seccomp_enabled: bool) {
     loop {
         if let Err(e) = manager.run() {
             log::error!("API event loop failed: {e:?}");
-            return;
+            break;
         }
-        match manager.subscriber_mut(id) {
-            Ok(server) if server.finished => return,
-            Ok(_) => {}
-            Err(_) => return,
+        if manager
+            .subscriber_mut(id)
+            .map_or(true, |server| server.finished)
+        {
+            break;
         }
+    }
+    // The process is about to exit: stay out of the way rather than run
+    // the thread-exit path (which the filter does not allow).
+    loop {
+        std::thread::park();
     }
 }
 
