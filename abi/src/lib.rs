@@ -36,6 +36,10 @@ pub const CRASH_MARKER: &str = "EMBER-GUEST-CRASH";
 /// each number in hexadecimal with a `0x` prefix.
 pub const CMDLINE_MAILBOX: &str = "ember.mailbox";
 
+/// Test only: with this word on the command line the guest faults right
+/// after printing its marker, before it opens the mailbox.
+pub const CMDLINE_TEST_CRASH_AT_BOOT: &str = "ember.test_crash_at_boot";
+
 /// The guest maps guest-physical memory below this address (identity-mapped
 /// with 2 MiB pages, page tables built into the image). RAM and the mailbox
 /// must lie below it to be usable by the guest.

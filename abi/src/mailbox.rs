@@ -14,8 +14,9 @@
 //! ([`MessageKind::awaits_request`]), the vCPU stays parked in the exit until
 //! the host has written the next request into the request slot and area, so
 //! an idle guest costs no CPU and every request costs one exit. Because
-//! replies travel in memory and the doorbell is `out`-only, a snapshot taken
-//! while the vCPU is parked there resumes cleanly.
+//! replies travel in memory and the doorbell is `out`-only (no `in` whose
+//! result could be lost), a snapshot taken while the vCPU is parked there can
+//! resume cleanly once the VMM has completed the pending `out`.
 
 /// Header magic, `EMBX` in little-endian byte order.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"EMBX");
@@ -112,6 +113,8 @@ pub enum RequestKind {
     TestReset = 0x101,
     /// Test only: answer with a message whose length exceeds the response area.
     TestBadLength = 0x102,
+    /// Test only: never answer (spin in ring 3).
+    TestHang = 0x103,
 }
 
 /// The address the guest touches to fault on [`RequestKind::TestCrash`]:
@@ -129,6 +132,7 @@ impl RequestKind {
             0x100 => RequestKind::TestCrash,
             0x101 => RequestKind::TestReset,
             0x102 => RequestKind::TestBadLength,
+            0x103 => RequestKind::TestHang,
             _ => return None,
         })
     }
@@ -379,6 +383,7 @@ mod tests {
             RequestKind::TestCrash,
             RequestKind::TestReset,
             RequestKind::TestBadLength,
+            RequestKind::TestHang,
         ] {
             assert_eq!(RequestKind::from_u32(kind as u32), Some(kind));
         }

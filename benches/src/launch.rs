@@ -83,11 +83,13 @@ pub struct Milestones {
 impl Launched {
     /// Spawns ember-vmm booting `binaries.guest_image` at once
     /// (`--config-file`), with an API socket for the shutdown.
+    /// With `pin`, every thread of the VMM runs on that one CPU.
     pub fn boot(
         binaries: &Binaries,
         vcpus: u8,
         mem_mib: u64,
         extra: &[&str],
+        pin: Option<usize>,
     ) -> Result<Launched, String> {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -103,8 +105,12 @@ impl Launched {
         std::fs::write(&config_path, config.to_string()).map_err(|e| e.to_string())?;
         let api_sock = dir.join("api.sock");
 
+        let mut command = Command::new(&binaries.vmm);
+        if let Some(cpu) = pin {
+            pin_to_cpu(&mut command, cpu);
+        }
         let spawned_at = Instant::now();
-        let mut child = Command::new(&binaries.vmm)
+        let mut child = command
             .arg("--config-file")
             .arg(&config_path)
             .arg("--api-sock")
@@ -233,6 +239,23 @@ impl Drop for Launched {
             let _ = self.child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Makes the child run on `cpu` only (inherited by all its threads).
+fn pin_to_cpu(command: &mut Command, cpu: usize) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only calls
+    // sched_setaffinity(2), which is async-signal-safe, on a local set.
+    unsafe {
+        command.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -28,6 +28,10 @@ struct Args {
     /// The guest image (default: $EMBER_GUEST_IMAGE, else ./scripts/guest-image).
     #[arg(long, global = true, value_name = "PATH")]
     guest_image: Option<PathBuf>,
+    /// Run every thread of ember-vmm on this CPU (`echo` measures both
+    /// unpinned and pinned, in the same run).
+    #[arg(long, global = true, value_name = "CPU")]
+    pin: Option<usize>,
     /// Also write the results as JSON to this file.
     #[arg(long, global = true, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -81,8 +85,8 @@ fn main() {
                 runs,
                 vcpus,
                 mem_mib,
-            } => bench_boot(&binaries, runs, vcpus, mem_mib),
-            Bench::Echo { count, ref sizes } => bench_echo(&binaries, count, sizes),
+            } => bench_boot(&binaries, runs, vcpus, mem_mib, args.pin),
+            Bench::Echo { count, ref sizes } => bench_echo(&binaries, count, sizes, args.pin),
             Bench::Ring0 => bench_ring0(&binaries),
         });
     let mut report = match result {
@@ -119,6 +123,7 @@ fn bench_boot(
     runs: usize,
     vcpus: u8,
     mem_mib: u64,
+    pin: Option<usize>,
 ) -> Result<serde_json::Value, String> {
     if runs == 0 {
         return Err("--runs must be at least 1".into());
@@ -129,7 +134,7 @@ fn bench_boot(
     );
     let mut samples: [Vec<f64>; 7] = Default::default();
     for _ in 0..runs {
-        let mut vm = Launched::boot(binaries, vcpus, mem_mib, &[])?;
+        let mut vm = Launched::boot(binaries, vcpus, mem_mib, &[], pin)?;
         let milestones = vm.wait_milestones(Duration::from_secs(10))?;
         let footprint =
             procfs::footprint(vm.pid(), vm.mem_bytes).map_err(|e| format!("smaps: {e}"))?;
@@ -193,6 +198,7 @@ fn bench_boot(
         "runs": runs,
         "vcpus": vcpus,
         "mem_mib": mem_mib,
+        "pinned_to_cpu": pin,
     });
     println!("{}", header());
     for ((key, name, unit, decimals), samples) in rows.iter().zip(&samples) {
@@ -207,11 +213,37 @@ fn bench_echo(
     binaries: &Binaries,
     count: usize,
     sizes: &[String],
+    pin: Option<usize>,
 ) -> Result<serde_json::Value, String> {
     if count == 0 {
         return Err("--count must be at least 1".into());
     }
-    let mut vm = Launched::boot(binaries, 1, 128, &[])?;
+    // A: the scheduler places the VMM's threads; B (with --pin): all on one CPU.
+    let mut placements = vec![None];
+    placements.extend(pin.map(Some));
+    let mut results = Vec::new();
+    for placement in placements {
+        let label = match placement {
+            None => "threads unpinned".to_string(),
+            Some(cpu) => format!("all threads on CPU {cpu}"),
+        };
+        println!("mailbox echo: {count} round trips per size, 1 vCPU, {label}");
+        println!("{}", header());
+        for row in echo_sizes(binaries, count, sizes, placement)? {
+            results.push(json!({ "pinned_to_cpu": placement, "result": row }));
+        }
+    }
+    Ok(json!({ "bench": "echo", "count": count, "results": results }))
+}
+
+/// Echo round trips of each size in one VM placed as `pin` says.
+fn echo_sizes(
+    binaries: &Binaries,
+    count: usize,
+    sizes: &[String],
+    pin: Option<usize>,
+) -> Result<Vec<serde_json::Value>, String> {
+    let mut vm = Launched::boot(binaries, 1, 128, &[], pin)?;
     vm.wait_milestones(Duration::from_secs(10))?;
     let mut client = vm.client()?;
     let max = client
@@ -220,8 +252,6 @@ fn bench_echo(
         .json()["mailbox"]["max_payload"]
         .as_u64()
         .ok_or("no mailbox in /ember/status")? as usize;
-    println!("mailbox echo: {count} round trips per size, 1 vCPU");
-    println!("{}", header());
     let mut results = Vec::new();
     for size in sizes {
         let size = match size.as_str() {
@@ -249,7 +279,7 @@ fn bench_echo(
                 .post("/ember/echo", &payload)
                 .map_err(|e| e.to_string())?;
             client_us.push(start.elapsed().as_secs_f64() * 1e6);
-            if response.status != 200 || response.body.len() != size {
+            if response.status != 200 || response.body != payload {
                 return Err(format!(
                     "echo of {size} bytes answered {} with {} bytes",
                     response.status,
@@ -278,11 +308,11 @@ fn bench_echo(
     }
     drop(client);
     vm.shutdown()?;
-    Ok(json!({ "bench": "echo", "count": count, "results": results }))
+    Ok(results)
 }
 
 fn bench_ring0(binaries: &Binaries) -> Result<serde_json::Value, String> {
-    let mut vm = Launched::boot(binaries, 1, 128, &["--count-ring0"])?;
+    let mut vm = Launched::boot(binaries, 1, 128, &["--count-ring0"], None)?;
     vm.wait_milestones(Duration::from_secs(10))?;
     let status = vm
         .client()?

@@ -31,6 +31,10 @@ extern "C" fn ember_main(boot_params: u64) -> ! {
     console::write_str(READY_MARKER);
     console::write_str("\n");
 
+    if has_word(boot.cmdline(), ember_abi::CMDLINE_TEST_CRASH_AT_BOOT) {
+        serve::crash();
+    }
+
     let param = match mailbox_param {
         Some(Ok(param)) => param,
         Some(Err(problem)) => stop(problem),
@@ -49,6 +53,13 @@ extern "C" fn ember_main(boot_params: u64) -> ! {
         image_end: heap::image_end(),
     };
     serve::serve(mailbox, &info)
+}
+
+/// Whether `word` appears as a whole word in the command line.
+fn has_word(cmdline: &[u8], word: &str) -> bool {
+    cmdline
+        .split(|&b| b == b' ' || b == b'\t' || b == b'\n')
+        .any(|w| w == word.as_bytes())
 }
 
 /// Says why on the console and parks the vCPU.

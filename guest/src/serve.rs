@@ -37,12 +37,7 @@ pub fn serve(mut mailbox: Mailbox, info: &GuestInfo) -> ! {
                 mailbox.post(MessageKind::ShutdownAck, seq, 0);
                 ember_kernel::park();
             }
-            Some(RequestKind::TestCrash) => {
-                // SAFETY: deliberately faults: the address lies above the
-                // mapped 4 GiB; the exception handler reports and halts.
-                unsafe { core::ptr::read_volatile(TEST_CRASH_ADDRESS as *const u8) };
-                unreachable!("reading an unmapped address returned");
-            }
+            Some(RequestKind::TestCrash) => crash(),
             Some(RequestKind::TestReset) => {
                 outb(I8042_COMMAND_PORT, I8042_RESET);
                 ember_kernel::park();
@@ -50,6 +45,9 @@ pub fn serve(mut mailbox: Mailbox, info: &GuestInfo) -> ! {
             Some(RequestKind::TestBadLength) => {
                 mailbox.post_raw(MessageKind::EchoReply as u32, seq, u32::MAX);
             }
+            Some(RequestKind::TestHang) => loop {
+                core::hint::spin_loop();
+            },
             None => {
                 let mut text = [0u8; 64];
                 let mut w = ByteWriter::new(&mut text);
@@ -61,6 +59,14 @@ pub fn serve(mut mailbox: Mailbox, info: &GuestInfo) -> ! {
             }
         }
     }
+}
+
+/// Faults on purpose: the address lies above the mapped 4 GiB; the
+/// exception handler reports and stops the VM.
+pub fn crash() -> ! {
+    // SAFETY: the read faults (it is meant to); nothing is read.
+    unsafe { core::ptr::read_volatile(TEST_CRASH_ADDRESS as *const u8) };
+    unreachable!("reading an unmapped address returned");
 }
 
 /// Answers request `seq` with an error message.

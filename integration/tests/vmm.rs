@@ -74,6 +74,15 @@ fn main() {
             "api_serves_many_and_interleaved_connections",
             api_connections,
         ),
+        (
+            "crash_before_the_mailbox_stops_the_vm",
+            crash_before_mailbox,
+        ),
+        ("failed_start_can_be_retried", failed_start_can_be_retried),
+        (
+            "hung_guest_times_out_and_the_vmm_keeps_serving",
+            hung_guest_times_out,
+        ),
         ("config_file_boots_without_api_calls", config_file_boot),
         ("bad_config_file_exits_with_code_3", bad_config_file),
         (
@@ -584,6 +593,107 @@ fn api_connections() -> TestResult {
     }
     drop(others);
     shutdown(&mut vmm, &mut client)
+}
+
+fn crash_before_mailbox() -> TestResult {
+    let image = guest_image()?;
+    let mut vmm = VmmProcess::start(Launch {
+        api: false,
+        config: Some(json!({
+            "boot-source": { "kernel_image_path": image, "boot_args": ember_abi::CMDLINE_TEST_CRASH_AT_BOOT },
+            "machine-config": machine_config(1, 64),
+        })),
+        extra_args: Vec::new(),
+    })?;
+    // No mailbox yet to report to: the handler prints and triple-faults,
+    // which stops the VM under any VMM.
+    let code = exit_code(vmm.wait_exit()?)?;
+    check(code == 11, || {
+        format!(
+            "exit code {code}, expected 11 (triple fault)\n{}",
+            vmm.transcript()
+        )
+    })?;
+    check(
+        vmm.serial
+            .text()
+            .contains("EMBER-GUEST-CRASH vector=14 (#PF)"),
+        || vmm.transcript(),
+    )?;
+    check(vmm.log.text().contains("triple-faulted"), || {
+        vmm.transcript()
+    })
+}
+
+fn failed_start_can_be_retried() -> TestResult {
+    let image = guest_image()?;
+    let (vmm, mut client) = api_only()?;
+    // A valid ELF header and nothing after it: accepted by PUT /boot-source,
+    // refused when loaded.
+    let header = std::fs::read(&image).map_err(|e| fail(e.to_string()))?[..64].to_vec();
+    let truncated = vmm.dir.join("truncated-kernel");
+    std::fs::write(&truncated, header).map_err(|e| fail(e.to_string()))?;
+    expect_status(
+        client.put_json("/boot-source", &boot_source(&truncated)),
+        204,
+        "boot-source",
+    )?;
+    expect_fault(
+        client.put_json("/actions", &json!({ "action_type": "InstanceStart" })),
+        "cannot load the guest image",
+        "InstanceStart with a truncated image",
+    )?;
+    // Fix the configuration and try again, in the same process.
+    expect_status(
+        client.put_json("/boot-source", &boot_source(&image)),
+        204,
+        "boot-source",
+    )?;
+    expect_status(
+        client.put_json("/actions", &json!({ "action_type": "InstanceStart" })),
+        204,
+        "InstanceStart after the failure",
+    )?;
+    vmm.wait_ready()?;
+    expect_status(client.post("/ember/ping", b""), 200, "ping")?;
+    let mut vmm = vmm;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn hung_guest_times_out() -> TestResult {
+    let (vmm, mut client) = boot(1, 128, &["--test-commands", "--mailbox-timeout-ms", "300"])?;
+    let started = std::time::Instant::now();
+    let response = expect_status(client.post("/ember/test/hang", b""), 504, "test/hang")?;
+    let waited = started.elapsed();
+    let message = response.fault_message().unwrap_or_default();
+    check(message.contains("did not answer within 300 ms"), || {
+        message.clone()
+    })?;
+    check(waited >= Duration::from_millis(300), || {
+        format!("answered after {waited:?}")
+    })?;
+    // The VMM keeps serving; the guest is still busy (spinning in ring 3).
+    let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+    check(status["guest"] == "busy", || format!("status {status}"))?;
+    // Pausing must get the spinning vCPU out of KVM_RUN.
+    expect_status(
+        client.patch_json("/vm", &json!({ "state": "Paused" })),
+        204,
+        "pause",
+    )?;
+    expect_status(
+        client.patch_json("/vm", &json!({ "state": "Resumed" })),
+        204,
+        "resume",
+    )?;
+    expect_status(
+        client.post("/ember/ping", b""),
+        504,
+        "ping while the guest hangs",
+    )?;
+    still_serving(&mut client)?;
+    drop(vmm);
+    Ok(())
 }
 
 fn test_commands_off_by_default() -> TestResult {

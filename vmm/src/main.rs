@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ember_vmm::devices::legacy::serial::{ConsoleOutput, ConsoleSink};
+use ember_vmm::devices::legacy::serial::ConsoleSink;
 use ember_vmm::resources::VmResources;
 use ember_vmm::vmm::{Vmm, VmmOptions};
 use ember_vmm::{api, logger, seccomp, vstate, ExitCode};
@@ -69,7 +69,27 @@ fn main() {
         }
     };
     logger::init(args.log_level, &args.id, process_start);
+    install_panic_hook();
     exit(run(args, process_start));
+}
+
+/// A panic (an ember-vmm bug) is reported and ends the process with exit
+/// code 1 on any thread. The default hook would capture a backtrace (which
+/// opens files no seccomp filter allows), and `abort` needs system calls
+/// that not every filter allows: either would turn the report into a
+/// seccomp violation.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let message = format!(
+            "ember-vmm: thread '{}' panicked: {info}; exiting with code {}\n",
+            thread.name().unwrap_or("unnamed"),
+            ExitCode::GenericError.code()
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), message.as_bytes());
+        // SAFETY: _exit ends the process at once; nothing runs after it.
+        unsafe { libc::_exit(ExitCode::GenericError.code()) };
+    }));
 }
 
 /// Ends the process without tearing the microVM down: vCPU threads may
@@ -125,7 +145,7 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
             .append(true)
             .open(path)
         {
-            Ok(file) => ConsoleOutput::new(ConsoleSink::File(file)),
+            Ok(file) => ConsoleSink::File(file),
             Err(e) => {
                 return fail(
                     ExitCode::GenericError,
@@ -133,7 +153,7 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
                 )
             }
         },
-        None => ConsoleOutput::new(ConsoleSink::Stdout(std::io::stdout())),
+        None => ConsoleSink::Stdout(std::io::stdout()),
     };
 
     let resources = match &args.config_file {

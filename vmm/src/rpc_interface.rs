@@ -50,6 +50,8 @@ pub enum GuestTest {
     Reset,
     /// The guest posts a message whose length exceeds the mailbox.
     BadLength,
+    /// The guest never answers (it spins in ring 3).
+    Hang,
 }
 
 /// A successful answer.
@@ -235,6 +237,8 @@ pub enum VmmActionError {
     TestCommandsDisabled,
     /// Internal error: {0}
     Internal(String),
+    /// ember-vmm is exiting; the request was not served.
+    Exiting,
 }
 
 impl VmmActionError {
@@ -242,6 +246,7 @@ impl VmmActionError {
     pub fn status(&self) -> u16 {
         match self {
             VmmActionError::GuestTimeout(_) => 504,
+            VmmActionError::Exiting => 503,
             VmmActionError::GuestError(_)
             | VmmActionError::GuestCrashed(_)
             | VmmActionError::Internal(_) => 500,

@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::builder::{build_microvm_for_boot, BuildOptions, Microvm, StartMicrovmError};
-use crate::devices::legacy::serial::{self, ConsoleOutput};
+use crate::devices::legacy::serial::{self, ConsoleOutput, ConsoleSink};
 use crate::devices::mailbox::GuestMessage;
 use crate::resources::VmResources;
 use crate::rpc_interface::{
@@ -130,7 +130,7 @@ pub struct Vmm {
     options: VmmOptions,
     process_start: Instant,
     resources: VmResources,
-    console: Option<ConsoleOutput>,
+    console: ConsoleSink,
     kvm: Option<KvmContext>,
     api: Option<ApiChannels>,
     vcpu_events: Receiver<(u8, VcpuEvent)>,
@@ -175,7 +175,7 @@ impl Vmm {
         options: VmmOptions,
         process_start: Instant,
         resources: VmResources,
-        console: ConsoleOutput,
+        console: ConsoleSink,
         kvm: KvmContext,
         api: Option<ApiChannels>,
     ) -> Result<Vmm, VmmError> {
@@ -185,13 +185,14 @@ impl Vmm {
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("the reset eventfd"))?;
         let timer = TimerFd::new()
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+            .and_then(|timer| set_nonblocking(&timer).map(|()| timer))
             .map_err(setup("the mailbox timer"))?;
         let (tx, vcpu_events) = std::sync::mpsc::channel();
         Ok(Vmm {
             options,
             process_start,
             resources,
-            console: Some(console),
+            console,
             kvm: Some(kvm),
             api,
             vcpu_events,
@@ -230,10 +231,16 @@ impl Vmm {
         if self.resources.boot_source.is_none() {
             return Err(StartMicrovmError::MissingBootSource.into());
         }
-        let (Some(console), Some(kvm)) = (self.console.take(), self.kvm.take()) else {
-            return Err(VmmActionError::Internal(
-                "a failed start used up the console".into(),
-            ));
+        // A failed start leaves nothing half-used: the console is a fresh
+        // handle each time, and the VM prepared at process start is replaced.
+        let console = self
+            .console
+            .try_clone()
+            .map(ConsoleOutput::new)
+            .map_err(|e| VmmActionError::Internal(format!("cannot reopen the console: {e}")))?;
+        let kvm = match self.kvm.take() {
+            Some(kvm) => kvm,
+            None => KvmContext::open().map_err(StartMicrovmError::Kvm)?,
         };
         let build = BuildOptions {
             mailbox: self.options.mailbox,
@@ -312,6 +319,7 @@ impl Vmm {
                     GuestTest::Crash => RequestKind::TestCrash,
                     GuestTest::Reset => RequestKind::TestReset,
                     GuestTest::BadLength => RequestKind::TestBadLength,
+                    GuestTest::Hang => RequestKind::TestHang,
                 };
                 return self.request_guest(kind, Vec::new());
             }
@@ -653,12 +661,18 @@ impl Vmm {
         }
         let ms = self.options.mailbox_timeout.as_millis() as u64;
         log::warn!("guest did not answer {:?} within {ms} ms", pending.kind);
-        self.abandoned = pending.seq;
+        if pending.seq.is_some() {
+            self.abandoned = pending.seq;
+        }
         self.pending = None;
         self.respond(Err(VmmActionError::GuestTimeout(ms)));
     }
 
     fn end_guest(&mut self, how: String, code: ExitCode) {
+        if let Some(microvm) = &self.microvm {
+            // A last partial console line (no newline) is not lost.
+            crate::devices::lock(&microvm.devices.serial).flush_console();
+        }
         self.guest = GuestState::Stopped(how);
         self.exit_code.get_or_insert(code);
     }
@@ -726,12 +740,35 @@ impl Vmm {
 
     /// Stops the API thread after it has sent its last response.
     pub fn stop_api(&mut self) {
-        if let Some(api) = self.api.take() {
-            if api.exit_evt.write(1).is_ok() && api.done.recv_timeout(API_DRAIN_TIMEOUT).is_err() {
-                log::warn!("the API thread did not stop within {API_DRAIN_TIMEOUT:?}");
-            }
+        let Some(api) = self.api.take() else { return };
+        let ApiChannels {
+            requests,
+            responses,
+            exit_evt,
+            done,
+            ..
+        } = api;
+        // Answers already sent stay queued for the API thread; a request it
+        // sends from now on is answered "exiting" (503) as the channels close.
+        drop(requests);
+        drop(responses);
+        if exit_evt.write(1).is_ok() && done.recv_timeout(API_DRAIN_TIMEOUT).is_err() {
+            log::warn!("the API thread did not stop within {API_DRAIN_TIMEOUT:?}");
         }
     }
+}
+
+/// Makes a descriptor non-blocking: an event may be stale by the time it is
+/// handled (the timer may be cleared between epoll and the read).
+fn set_nonblocking(fd: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, with plain integer arguments.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `--test-commands` only: a system call no thread's filter allows

@@ -9,7 +9,8 @@
 //! Entry follows the Linux x86-64 boot protocol, as Firecracker and ember-vmm
 //! implement it for an ELF vmlinux: 64-bit mode, paging on with the low
 //! memory identity-mapped, interrupts off, RSI = the boot parameters ("zero
-//! page"). Nothing else from the VMM is assumed.
+//! page"). Nothing else from the VMM is assumed — not even a stack: the
+//! first instruction loads our own.
 
 use core::arch::global_asm;
 
@@ -22,6 +23,7 @@ global_asm!(
     .global _start
     .code64
 _start:
+    mov rsp, {ring0_stack}
     lgdt [rip + ember_gdt_descriptor]
     mov ax, {kernel_ds}
     mov ds, ax
@@ -60,6 +62,7 @@ _start:
     user_cs = const USER_CS,
     ring3_stack = const RING3_STACK_TOP,
     ring3_rflags = const RING3_RFLAGS,
+    ring0_stack = const RING0_STACK_TOP,
 );
 // CR4 |= OSFXSR | OSXMMEXCPT (SSE usable in ring 3; no XSAVE in ring 0).
 // CR0 &= ~(CD | NW | EM); CR0 |= MP | NE | WP.

@@ -3,8 +3,10 @@
 //! Every exception is fatal. The handler (ring 0, emulated on our KVM, so
 //! kept to plain integer code) prints one line on the serial console —
 //! `EMBER-GUEST-CRASH vector=14 (#PF) error=0x4 rip=… cr2=… rsp=… cs=…` —
-//! posts a [`CrashReport`] to the host through the mailbox when the runtime
-//! has registered one, and halts the vCPU with interrupts off.
+//! and stops the VM: it posts a [`CrashReport`] through the mailbox when the
+//! runtime has registered one (the host ends the VM on it); without a
+//! mailbox it triple-faults, which ends the VM under any VMM. A fault inside
+//! the handler triple-faults at once.
 //!
 //! One #UD is not a crash: the `ud2` at `ember_park_trap`, which ring 3
 //! runs to halt the vCPU when it has nothing left to do and no host to wait
@@ -148,10 +150,11 @@ static HANDLING: AtomicBool = AtomicBool::new(false);
 /// The common exception handler, called by `ember_isr_common` in ring 0.
 #[no_mangle]
 extern "C" fn ember_exception(frame: &ExceptionFrame) -> ! {
-    if HANDLING.load(Ordering::Relaxed)
-        || (frame.vector == VECTOR_UD && frame.rip == core::ptr::addr_of!(ember_park_trap) as u64)
-    {
+    if frame.vector == VECTOR_UD && frame.rip == core::ptr::addr_of!(ember_park_trap) as u64 {
         halt_forever();
+    }
+    if HANDLING.load(Ordering::Relaxed) {
+        triple_fault();
     }
     HANDLING.store(true, Ordering::Relaxed);
 
@@ -190,8 +193,21 @@ extern "C" fn ember_exception(frame: &ExceptionFrame) -> ! {
     w.push_str("\n");
     console::write_bytes(w.as_bytes());
 
-    crash::post_report(&report);
+    if !crash::post_report(&report) {
+        triple_fault();
+    }
+    // The host ends the VM on the report; should it not, stay halted.
     halt_forever()
+}
+
+/// Stops the VM the way every VMM notices: an exception that cannot be
+/// delivered. With an empty IDT, `ud2` raises #UD, which escalates to #GP,
+/// #DF and a triple fault (KVM_EXIT_SHUTDOWN; ember-vmm exit code 11).
+fn triple_fault() -> ! {
+    let empty_idt = [0u16; 5];
+    // SAFETY: ring 0; loads an IDT of limit 0 (10 bytes on our stack) and
+    // faults; nothing runs after, so nothing depends on the old IDT.
+    unsafe { asm!("lidt [{0}]", "ud2", in(reg) &empty_idt, options(noreturn, nostack)) }
 }
 
 /// CR2: the linear address of the last page fault.

@@ -2,8 +2,9 @@
 //!
 //! The host writes the request slot and area only while this vCPU is parked
 //! in the doorbell exit, and reads the response only after the doorbell, so
-//! plain (volatile) accesses between doorbells are race-free. The doorbell's
-//! `out` is a compiler barrier: nothing is cached across it.
+//! plain accesses between doorbells are race-free. The doorbell
+//! ([`crate::io::doorbell`]) is a compiler barrier: no access to the areas
+//! moves across it.
 
 use core::ptr;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +12,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use ember_abi::mailbox::{offsets, Layout, MessageKind, Slot, MAGIC, VERSION};
 use ember_abi::MailboxParam;
 
-use crate::io::outb;
+use crate::io::doorbell;
 
 /// A mailbox region announced on the command line and checked against the
 /// header the host wrote.
@@ -109,7 +110,7 @@ impl Mailbox {
         self.write_u64(offsets::RESPONSE_SEQ, seq);
         self.write_u32(offsets::RESPONSE_KIND, kind);
         self.write_u32(offsets::RESPONSE_LEN, len);
-        outb(self.port, 1);
+        doorbell(self.port, 1);
     }
 
     fn read_u32(&self, offset: usize) -> u32 {

@@ -20,7 +20,9 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{
+    EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -86,9 +88,15 @@ pub fn start_api_thread(
         done: done_tx,
         finished: false,
     };
+    // The event loop is set up here, so that a failure stops ember-vmm at
+    // start rather than leaving it unreachable, and before the thread's
+    // filter goes on (creating it needs epoll_create1 and getrandom).
+    let mut manager = EventManager::<ApiServer>::new()
+        .map_err(|e| std::io::Error::other(format!("cannot create the API event loop: {e:?}")))?;
+    let id = manager.add_subscriber(server);
     std::thread::Builder::new()
         .name("ember_api".into())
-        .spawn(move || run(server, seccomp_enabled))?;
+        .spawn(move || run(manager, id, seccomp_enabled))?;
     Ok(ApiChannels {
         requests,
         responses,
@@ -98,27 +106,13 @@ pub fn start_api_thread(
     })
 }
 
-fn run(server: ApiServer, seccomp_enabled: bool) {
-    // The event loop is set up before the filter goes on: creating it
-    // needs system calls (epoll_create1, getrandom) that serving does not.
-    let mut manager = match EventManager::<ApiServer>::new() {
-        Ok(manager) => manager,
-        Err(e) => {
-            log::error!(
-                "cannot create the API event loop: {e:?}; the control socket is not served"
-            );
-            return;
-        }
-    };
-    let id = manager.add_subscriber(server);
+fn run(mut manager: EventManager<ApiServer>, id: SubscriberId, seccomp_enabled: bool) {
     if let Err(e) = seccomp::apply(ThreadKind::Api, "api", seccomp_enabled) {
-        log::error!("{e}; the control socket is not served");
-        return;
+        fatal(&format!("{e}; the control socket cannot be served"));
     }
     loop {
         if let Err(e) = manager.run() {
-            log::error!("API event loop failed: {e:?}");
-            break;
+            fatal(&format!("the API event loop failed: {e:?}"));
         }
         if manager
             .subscriber_mut(id)
@@ -132,6 +126,13 @@ fn run(server: ApiServer, seccomp_enabled: bool) {
     loop {
         std::thread::park();
     }
+}
+
+/// Without its control socket ember-vmm cannot be driven: say why and end.
+fn fatal(message: &str) -> ! {
+    log::error!("{message}");
+    // SAFETY: _exit ends the process at once (exit_group, which every filter allows).
+    unsafe { libc::_exit(crate::ExitCode::GenericError.code()) }
 }
 
 const TOKEN_LISTENER: u32 = u32::MAX;
@@ -192,7 +193,14 @@ impl ApiServer {
                         peer_closed = true;
                         break;
                     }
-                    Ok(n) => conn.input.extend_from_slice(&chunk[..n]),
+                    Ok(n) => {
+                        conn.input.extend_from_slice(&chunk[..n]);
+                        // Enough for any request we accept: serve before
+                        // reading more (epoll reports the rest again).
+                        if conn.input.len() > http::MAX_HEAD + http::MAX_BODY {
+                            break;
+                        }
+                    }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(_) => return false,
@@ -269,7 +277,7 @@ fn ask_vmm(
     evt: &EventFd,
     action: VmmAction,
 ) -> VmmResponse {
-    let gone = || crate::rpc_interface::VmmActionError::Internal("the VMM thread is gone".into());
+    let gone = || crate::rpc_interface::VmmActionError::Exiting;
     to_vmm.send(action).map_err(|_| gone())?;
     evt.write(1).map_err(|_| gone())?;
     from_vmm.recv().map_err(|_| gone())?

@@ -67,6 +67,7 @@ pub fn parse(request: &Request) -> Result<VmmAction, Response> {
         ("POST", "/ember/test/crash") => VmmAction::TestGuest(GuestTest::Crash),
         ("POST", "/ember/test/reset") => VmmAction::TestGuest(GuestTest::Reset),
         ("POST", "/ember/test/bad-length") => VmmAction::TestGuest(GuestTest::BadLength),
+        ("POST", "/ember/test/hang") => VmmAction::TestGuest(GuestTest::Hang),
         ("POST", "/ember/test/forbidden-syscall") => VmmAction::TestForbiddenSyscall,
         _ => {
             return Err(Response::fault(

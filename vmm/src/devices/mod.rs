@@ -95,7 +95,7 @@ impl PioDevices {
 
 /// Locks a device, recovering it if a thread panicked while holding it
 /// (the device state is plain data and stays usable).
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

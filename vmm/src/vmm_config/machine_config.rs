@@ -9,9 +9,10 @@ pub const MAX_VCPUS: u8 = 32;
 /// mailbox at the top.
 pub const MIN_MEM_MIB: usize = 8;
 
-/// Largest guest memory: the guest maps the first 4 GiB
-/// ([`ember_abi::GUEST_MAPPED_LIMIT`]).
-pub const MAX_MEM_MIB: usize = (ember_abi::GUEST_MAPPED_LIMIT >> 20) as usize;
+/// Largest guest memory: RAM is one range from 0 and stops below the 32-bit
+/// MMIO hole (the IOAPIC at 0xfec00000, the LAPIC at 0xfee00000, and room
+/// for devices), which also keeps it inside the 4 GiB the guest maps.
+pub const MAX_MEM_MIB: usize = 3072;
 
 /// The body of `PUT /machine-config` and `GET /machine-config`, as
 /// Firecracker defines it. Optional fields Ember does not implement are
@@ -76,7 +77,7 @@ pub enum MachineConfigError {
         /// The host's total memory.
         host: usize,
     },
-    /// mem_size_mib {got} exceeds ember-vmm's maximum of {max} MiB (the guest maps the first 4 GiB)
+    /// mem_size_mib {got} exceeds ember-vmm's maximum of {max} MiB (guest RAM ends below the 32-bit MMIO hole)
     MemAboveMax {
         /// What was asked.
         got: usize,

@@ -5,9 +5,10 @@
 //! when the guest rings the mailbox doorbell, the thread tells the VMM
 //! thread and stays *parked in that exit* (blocked on its command channel,
 //! outside KVM_RUN) until the VMM has posted the next request and says
-//! [`VcpuCommand::Continue`]. An idle guest therefore costs no CPU, and a
-//! snapshot taken while parked resumes cleanly (KVM has already advanced
-//! RIP past the `out`).
+//! [`VcpuCommand::Continue`]. An idle guest therefore costs no CPU. (The
+//! `out` itself completes — RIP moves past it — on the next KVM_RUN;
+//! whoever saves vCPU state here must first complete it with a KVM_RUN
+//! under `immediate_exit`, as KVM's documentation asks.)
 //!
 //! To get a thread out of KVM_RUN (pause), the VMM queues the command and
 //! sends the thread [`kick_signal`]; the handler sets `immediate_exit` in
@@ -127,13 +128,22 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
         // before the thread first entered KVM_RUN and valid while the vCPU
         // fd lives (for the thread's whole life). A byte store is
         // async-signal-safe.
-        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+        unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1) };
     }
 }
 
 /// Installs the kick handler; call once, before any vCPU thread starts.
 pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     register_signal_handler(kick_signal(), handle_kick)
+}
+
+/// Parks a vCPU thread whose VMM side is gone (a start that failed after the
+/// threads were spawned): its filter does not allow the thread-exit path,
+/// and the process ends soon or retries with new threads.
+fn park_forever() {
+    loop {
+        std::thread::park();
+    }
 }
 
 /// A vCPU, before its thread starts.
@@ -248,7 +258,9 @@ impl Vcpu {
         let mut ring0 = self.count_ring0.then_some(0u64);
         loop {
             if state != RunState::Running || paused {
-                let Ok(command) = rx.recv() else { return };
+                let Ok(command) = rx.recv() else {
+                    return park_forever();
+                };
                 match command {
                     VcpuCommand::Start if state == RunState::NotStarted => {
                         if ring0.is_some() && !self.set_single_step(true) {
@@ -278,7 +290,7 @@ impl Vcpu {
                 }
                 Ok(other) => log::warn!("vCPU {} ignored {other:?} while running", self.index),
                 Err(TryRecvError::Empty) => {}
-                Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Disconnected) => return park_forever(),
             }
 
             state = self.run_once(&mut ring0);

@@ -18,6 +18,16 @@ pub enum ConsoleSink {
     File(File),
 }
 
+impl ConsoleSink {
+    /// Another handle on the same output.
+    pub fn try_clone(&self) -> io::Result<ConsoleSink> {
+        Ok(match self {
+            ConsoleSink::Stdout(_) => ConsoleSink::Stdout(io::stdout()),
+            ConsoleSink::File(file) => ConsoleSink::File(file.try_clone()?),
+        })
+    }
+}
+
 /// The console output, written a line at a time.
 ///
 /// The UART hands over one byte per guest `out` and flushes after each;
