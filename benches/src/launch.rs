@@ -172,33 +172,16 @@ impl Launched {
             if ret < 0 {
                 return Err(format!("poll: {}", std::io::Error::last_os_error()));
             }
-            let mut chunk = [0u8; 4096];
             if fds[0].revents != 0 {
-                let n = self.stdout.read(&mut chunk).map_err(|e| e.to_string())?;
-                let at = self.spawned_at.elapsed();
-                if n == 0 {
-                    return Err(format!(
-                        "ember-vmm closed its console\n{}",
-                        String::from_utf8_lossy(&self.log)
-                    ));
-                }
-                self.console.extend_from_slice(&chunk[..n]);
+                let at = read_some(&mut self.stdout, &mut self.console, &self.log)?;
                 if marker.is_none() && contains(&self.console, ember_abi::READY_MARKER) {
-                    marker = Some(at);
+                    marker = Some(at - self.spawned_at);
                 }
             }
             if fds[1].revents != 0 {
-                let n = self.stderr.read(&mut chunk).map_err(|e| e.to_string())?;
-                let at = self.spawned_at.elapsed();
-                if n == 0 {
-                    return Err(format!(
-                        "ember-vmm exited\n{}",
-                        String::from_utf8_lossy(&self.log)
-                    ));
-                }
-                self.log.extend_from_slice(&chunk[..n]);
+                let at = read_some(&mut self.stderr, &mut self.log, &[])?;
                 if ready.is_none() && contains(&self.log, "guest ready") {
-                    ready = Some(at);
+                    ready = Some(at - self.spawned_at);
                 }
             }
         }
@@ -257,6 +240,23 @@ fn pin_to_cpu(command: &mut Command, cpu: usize) {
             Ok(())
         });
     }
+}
+
+/// Reads what `pipe` has into `into`; returns when the read returned.
+/// End of file means ember-vmm exited (`log` says why).
+fn read_some(pipe: &mut impl Read, into: &mut Vec<u8>, log: &[u8]) -> Result<Instant, String> {
+    let mut chunk = [0u8; 4096];
+    let n = pipe.read(&mut chunk).map_err(|e| e.to_string())?;
+    let at = Instant::now();
+    if n == 0 {
+        let log = if log.is_empty() { &into[..] } else { log };
+        return Err(format!(
+            "ember-vmm exited\n{}",
+            String::from_utf8_lossy(log)
+        ));
+    }
+    into.extend_from_slice(&chunk[..n]);
+    Ok(at)
 }
 
 fn contains(haystack: &[u8], needle: &str) -> bool {

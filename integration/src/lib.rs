@@ -323,6 +323,16 @@ pub fn machine_config(vcpus: u8, mem_mib: usize) -> serde_json::Value {
     json!({ "vcpu_count": vcpus, "mem_size_mib": mem_mib })
 }
 
+/// `PUT /actions` with `action_type` (InstanceStart, SendCtrlAltDel).
+pub fn action(client: &mut ApiClient, action_type: &str) -> std::io::Result<ApiResponse> {
+    client.put_json("/actions", &json!({ "action_type": action_type }))
+}
+
+/// `PATCH /vm` to `state` ("Paused" or "Resumed").
+pub fn set_vm_state(client: &mut ApiClient, state: &str) -> std::io::Result<ApiResponse> {
+    client.patch_json("/vm", &json!({ "state": state }))
+}
+
 /// Starts ember-vmm with an API socket, configures it with the guest image,
 /// `vcpus` and `mem_mib`, sends InstanceStart and waits for `ready`.
 pub fn boot(
@@ -347,11 +357,7 @@ pub fn boot(
         204,
         "PUT /machine-config",
     )?;
-    expect_status(
-        client.put_json("/actions", &json!({ "action_type": "InstanceStart" })),
-        204,
-        "InstanceStart",
-    )?;
+    expect_status(action(&mut client, "InstanceStart"), 204, "InstanceStart")?;
     vmm.wait_ready()?;
     Ok((vmm, client))
 }

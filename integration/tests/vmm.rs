@@ -136,16 +136,27 @@ fn still_serving(client: &mut ember_vmm::api::client::ApiClient) -> TestResult {
     })
 }
 
-fn shutdown(vmm: &mut VmmProcess, client: &mut ember_vmm::api::client::ApiClient) -> TestResult {
-    expect_status(
-        client.put_json("/actions", &json!({ "action_type": "SendCtrlAltDel" })),
-        204,
-        "SendCtrlAltDel",
-    )?;
+/// Waits for ember-vmm to exit and checks its exit code.
+fn expect_exit(vmm: &mut VmmProcess, expected: i32, meaning: &str) -> TestResult {
     let code = exit_code(vmm.wait_exit()?)?;
-    check(code == 0, || {
-        format!("exit code {code} after shutdown\n{}", vmm.transcript())
+    check(code == expected, || {
+        format!(
+            "exit code {code}, expected {expected} ({meaning})\n{}",
+            vmm.transcript()
+        )
     })
+}
+
+/// Checks that `output` (the console or the log) holds `text`.
+fn printed(output: &Capture, text: &str, vmm: &VmmProcess) -> TestResult {
+    check(output.text().contains(text), || {
+        format!("{text:?} was not printed\n{}", vmm.transcript())
+    })
+}
+
+fn shutdown(vmm: &mut VmmProcess, client: &mut ember_vmm::api::client::ApiClient) -> TestResult {
+    expect_status(action(client, "SendCtrlAltDel"), 204, "SendCtrlAltDel")?;
+    expect_exit(vmm, 0, "clean end")
 }
 
 fn boot_to_ready_with_one_vcpu() -> TestResult {
@@ -178,11 +189,7 @@ fn boot_with_two_vcpus_pause_resume() -> TestResult {
     let (mut vmm, mut client) = boot(2, 256, &[])?;
     let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
     check(status["vcpu_count"] == 2, || format!("status {status}"))?;
-    expect_status(
-        client.patch_json("/vm", &json!({ "state": "Paused" })),
-        204,
-        "pause",
-    )?;
+    expect_status(set_vm_state(&mut client, "Paused"), 204, "pause")?;
     let info = expect_status(client.get("/"), 200, "GET /")?.json();
     check(info["state"] == "Paused", || {
         format!("GET / said {info} after pausing")
@@ -192,11 +199,7 @@ fn boot_with_two_vcpus_pause_resume() -> TestResult {
         "paused",
         "ping while paused",
     )?;
-    expect_status(
-        client.patch_json("/vm", &json!({ "state": "Resumed" })),
-        204,
-        "resume",
-    )?;
+    expect_status(set_vm_state(&mut client, "Resumed"), 204, "resume")?;
     let info = expect_status(client.get("/"), 200, "GET /")?.json();
     check(info["state"] == "Running", || {
         format!("GET / said {info} after resuming")
@@ -260,22 +263,10 @@ fn echo_1000_round_trips() -> TestResult {
 fn pause_and_resume_then_echo() -> TestResult {
     let (mut vmm, mut client) = boot(1, 128, &[])?;
     for round in 0..3 {
-        expect_status(
-            client.patch_json("/vm", &json!({ "state": "Paused" })),
-            204,
-            "pause",
-        )?;
+        expect_status(set_vm_state(&mut client, "Paused"), 204, "pause")?;
         // Pausing twice is not an error (as in Firecracker).
-        expect_status(
-            client.patch_json("/vm", &json!({ "state": "Paused" })),
-            204,
-            "pause again",
-        )?;
-        expect_status(
-            client.patch_json("/vm", &json!({ "state": "Resumed" })),
-            204,
-            "resume",
-        )?;
+        expect_status(set_vm_state(&mut client, "Paused"), 204, "pause again")?;
+        expect_status(set_vm_state(&mut client, "Resumed"), 204, "resume")?;
         let payload = format!("round {round}");
         let echo = expect_status(client.post("/ember/echo", payload.as_bytes()), 200, "echo")?;
         check(echo.body == payload.as_bytes(), || {
@@ -300,23 +291,9 @@ fn guest_crash_is_reported() -> TestResult {
     check(crash["cs"].as_u64().map(|cs| cs & 3) == Some(3), || {
         format!("crash report {response}")
     })?;
-    let code = exit_code(vmm.wait_exit()?)?;
-    check(code == 10, || {
-        format!(
-            "exit code {code}, expected 10 (guest crashed)\n{}",
-            vmm.transcript()
-        )
-    })?;
-    check(
-        vmm.serial
-            .text()
-            .contains("EMBER-GUEST-CRASH vector=14 (#PF)"),
-        || vmm.transcript(),
-    )?;
-    check(
-        vmm.log.text().contains("guest crashed: vector 14 (#PF)"),
-        || vmm.transcript(),
-    )
+    expect_exit(&mut vmm, 10, "guest crashed")?;
+    printed(&vmm.serial, "EMBER-GUEST-CRASH vector=14 (#PF)", &vmm)?;
+    printed(&vmm.log, "guest crashed: vector 14 (#PF)", &vmm)
 }
 
 fn guest_reset_ends_the_vmm_cleanly() -> TestResult {
@@ -325,14 +302,8 @@ fn guest_reset_ends_the_vmm_cleanly() -> TestResult {
     check(response["reset"] == true, || {
         format!("reset answered {response}")
     })?;
-    let code = exit_code(vmm.wait_exit()?)?;
-    check(code == 0, || {
-        format!("exit code {code} after a guest reset\n{}", vmm.transcript())
-    })?;
-    check(
-        vmm.log.text().contains("reset itself through the i8042"),
-        || vmm.transcript(),
-    )
+    expect_exit(&mut vmm, 0, "clean end after a guest reset")?;
+    printed(&vmm.log, "reset itself through the i8042", &vmm)
 }
 
 fn api_only() -> Result<(VmmProcess, ember_vmm::api::client::ApiClient), Failed> {
@@ -356,7 +327,7 @@ fn bad_input_missing_kernel_file() -> TestResult {
         "missing kernel",
     )?;
     expect_fault(
-        client.put_json("/actions", &json!({ "action_type": "InstanceStart" })),
+        action(&mut client, "InstanceStart"),
         "no boot source",
         "InstanceStart without a boot source",
     )?;
@@ -465,7 +436,7 @@ fn bad_input_unknown_path() -> TestResult {
 fn bad_input_instance_start_twice() -> TestResult {
     let (mut vmm, mut client) = boot(1, 128, &[])?;
     expect_fault(
-        client.put_json("/actions", &json!({ "action_type": "InstanceStart" })),
+        action(&mut client, "InstanceStart"),
         "already running",
         "second InstanceStart",
     )?;
@@ -490,12 +461,12 @@ fn bad_input_requests_before_start() -> TestResult {
         "ping before start",
     )?;
     expect_fault(
-        client.put_json("/actions", &json!({ "action_type": "SendCtrlAltDel" })),
+        action(&mut client, "SendCtrlAltDel"),
         "not running",
         "SendCtrlAltDel before start",
     )?;
     expect_fault(
-        client.patch_json("/vm", &json!({ "state": "Paused" })),
+        set_vm_state(&mut client, "Paused"),
         "not running",
         "pause before start",
     )?;
@@ -558,15 +529,11 @@ fn seccomp_violation() -> TestResult {
     check(answer.is_err(), || {
         format!("the forbidden system call was answered: {answer:?}")
     })?;
-    let code = exit_code(vmm.wait_exit()?)?;
-    check(code == 148, || {
-        format!("exit code {code}, expected 148\n{}", vmm.transcript())
-    })?;
-    check(
-        vmm.log
-            .text()
-            .contains("seccomp: thread 'vmm' made system call 41 (socket)"),
-        || vmm.transcript(),
+    expect_exit(&mut vmm, 148, "seccomp violation")?;
+    printed(
+        &vmm.log,
+        "seccomp: thread 'vmm' made system call 41 (socket)",
+        &vmm,
     )
 }
 
@@ -607,22 +574,9 @@ fn crash_before_mailbox() -> TestResult {
     })?;
     // No mailbox yet to report to: the handler prints and triple-faults,
     // which stops the VM under any VMM.
-    let code = exit_code(vmm.wait_exit()?)?;
-    check(code == 11, || {
-        format!(
-            "exit code {code}, expected 11 (triple fault)\n{}",
-            vmm.transcript()
-        )
-    })?;
-    check(
-        vmm.serial
-            .text()
-            .contains("EMBER-GUEST-CRASH vector=14 (#PF)"),
-        || vmm.transcript(),
-    )?;
-    check(vmm.log.text().contains("triple-faulted"), || {
-        vmm.transcript()
-    })
+    expect_exit(&mut vmm, 11, "triple fault")?;
+    printed(&vmm.serial, "EMBER-GUEST-CRASH vector=14 (#PF)", &vmm)?;
+    printed(&vmm.log, "triple-faulted", &vmm)
 }
 
 fn failed_start_can_be_retried() -> TestResult {
@@ -639,7 +593,7 @@ fn failed_start_can_be_retried() -> TestResult {
         "boot-source",
     )?;
     expect_fault(
-        client.put_json("/actions", &json!({ "action_type": "InstanceStart" })),
+        action(&mut client, "InstanceStart"),
         "cannot load the guest image",
         "InstanceStart with a truncated image",
     )?;
@@ -650,7 +604,7 @@ fn failed_start_can_be_retried() -> TestResult {
         "boot-source",
     )?;
     expect_status(
-        client.put_json("/actions", &json!({ "action_type": "InstanceStart" })),
+        action(&mut client, "InstanceStart"),
         204,
         "InstanceStart after the failure",
     )?;
@@ -676,16 +630,8 @@ fn hung_guest_times_out() -> TestResult {
     let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
     check(status["guest"] == "busy", || format!("status {status}"))?;
     // Pausing must get the spinning vCPU out of KVM_RUN.
-    expect_status(
-        client.patch_json("/vm", &json!({ "state": "Paused" })),
-        204,
-        "pause",
-    )?;
-    expect_status(
-        client.patch_json("/vm", &json!({ "state": "Resumed" })),
-        204,
-        "resume",
-    )?;
+    expect_status(set_vm_state(&mut client, "Paused"), 204, "pause")?;
+    expect_status(set_vm_state(&mut client, "Resumed"), 204, "resume")?;
     expect_status(
         client.post("/ember/ping", b""),
         504,
@@ -735,13 +681,8 @@ fn bad_config_file() -> TestResult {
         })),
         extra_args: Vec::new(),
     })?;
-    let code = exit_code(vmm.wait_exit()?)?;
-    check(code == 3, || {
-        format!("exit code {code}, expected 3\n{}", vmm.transcript())
-    })?;
-    check(vmm.log.text().contains("/nonexistent/vmlinux"), || {
-        vmm.transcript()
-    })
+    expect_exit(&mut vmm, 3, "bad configuration")?;
+    printed(&vmm.log, "/nonexistent/vmlinux", &vmm)
 }
 
 fn boots_without_mailbox() -> TestResult {
@@ -799,12 +740,7 @@ fn ring0_boot_path() -> TestResult {
         .as_u64()
         .ok_or_else(|| fail(format!("no ring-0 count in {status}\n{}", vmm.transcript())))?;
     eprintln!("ring-0 boot path: {count} instructions");
-    check(
-        vmm.log
-            .text()
-            .contains("instructions from entry to ring 3\n"),
-        || vmm.transcript(),
-    )?;
+    printed(&vmm.log, "instructions from entry to ring 3\n", &vmm)?;
     // docs/guest-kernel.md: the boot path is straight-line code of ~30
     // instructions; a loop sneaking in would show up as hundreds.
     check((10..=64).contains(&count), || {
