@@ -107,7 +107,6 @@ fn parse_level(text: &str) -> Result<log::LevelFilter, String> {
 
 fn fail(code: ExitCode, message: impl std::fmt::Display) -> ExitCode {
     log::error!("{message}");
-    eprintln!("ember-vmm: {message}");
     code
 }
 

@@ -25,7 +25,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::builder::{build_microvm_for_boot, BuildOptions, Microvm, StartMicrovmError};
 use crate::devices::legacy::serial::{self, ConsoleOutput, ConsoleSink};
-use crate::devices::mailbox::GuestMessage;
+use crate::devices::mailbox::{GuestMessage, ProtocolError};
 use crate::resources::VmResources;
 use crate::rpc_interface::{
     CrashInfo, EmberStatus, GuestEnd, GuestTest, InstanceInfo, MailboxStatus, VmmAction,
@@ -415,7 +415,7 @@ impl Vmm {
         match message.kind {
             MessageKind::Ready => {
                 if self.guest != GuestState::Booting {
-                    return self.protocol_error(VmmActionError::GuestError(format!(
+                    return self.protocol_error(unexpected(format!(
                         "guest posted `ready` while {:?}",
                         self.guest
                     )));
@@ -475,7 +475,7 @@ impl Vmm {
     fn on_answer(&mut self, message: GuestMessage) {
         let in_flight = self.pending.as_ref().and_then(|p| p.seq);
         if in_flight != Some(message.seq) {
-            return self.protocol_error(VmmActionError::GuestError(format!(
+            return self.protocol_error(unexpected(format!(
                 "guest answered request {} but {} is in flight",
                 message.seq,
                 in_flight.map_or("none".to_string(), |s| s.to_string())
@@ -502,7 +502,7 @@ impl Vmm {
             )),
             kind if kind != expected => {
                 self.protocol_errors += 1;
-                Err(VmmActionError::GuestError(format!(
+                Err(unexpected(format!(
                     "guest answered {:?} with {kind:?}",
                     pending.kind
                 )))
@@ -517,31 +517,39 @@ impl Vmm {
                 self.end_guest("shut down".into(), ExitCode::Ok);
                 return;
             }
-            other => Err(VmmActionError::GuestError(format!("unexpected {other:?}"))),
+            other => Err(unexpected(format!("guest answered with {other:?}"))),
         };
         self.respond(response);
     }
 
+    /// The guest crashed (and has stopped: a crash message is its last).
     fn on_crash(&mut self, payload: &[u8]) {
-        let Some(report) = CrashReport::decode(payload) else {
-            return self.protocol_error(VmmActionError::GuestError(format!(
-                "guest posted a crash report of {} bytes, not {}",
-                payload.len(),
-                CrashReport::SIZE
-            )));
+        let report = CrashReport::decode(payload);
+        let info = report.as_ref().map(CrashInfo::from);
+        let description = match &info {
+            Some(info) => info.to_string(),
+            None => {
+                self.protocol_errors += 1;
+                format!(
+                    "its crash report of {} bytes is unreadable (expected {})",
+                    payload.len(),
+                    CrashReport::SIZE
+                )
+            }
         };
-        let info = CrashInfo::from(&report);
-        log::error!("guest crashed: {info}");
+        log::error!("guest crashed: {description}");
         let pending = self.pending.take();
         self.disarm_timer();
         if let Some(pending) = pending {
-            let response = match pending.kind {
-                RequestKind::TestCrash => Ok(VmmData::GuestEnded(GuestEnd::Crash(info.clone()))),
-                _ => Err(VmmActionError::GuestCrashed(info.to_string())),
+            let response = match (pending.kind, info) {
+                (RequestKind::TestCrash, Some(info)) => {
+                    Ok(VmmData::GuestEnded(GuestEnd::Crash(info)))
+                }
+                _ => Err(VmmActionError::GuestCrashed(description.clone())),
             };
             self.respond(response);
         }
-        self.end_guest(format!("crashed: {info}"), ExitCode::GuestCrashed);
+        self.end_guest(format!("crashed: {description}"), ExitCode::GuestCrashed);
     }
 
     /// The guest broke the protocol: refuse the message, answer the caller,
@@ -756,6 +764,11 @@ impl Vmm {
             log::warn!("the API thread did not stop within {API_DRAIN_TIMEOUT:?}");
         }
     }
+}
+
+/// The guest posted something that does not fit the exchange.
+fn unexpected(what: String) -> VmmActionError {
+    VmmActionError::Protocol(ProtocolError::Unexpected(what))
 }
 
 /// Makes a descriptor non-blocking: an event may be stale by the time it is

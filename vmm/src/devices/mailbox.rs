@@ -35,6 +35,8 @@ pub enum ProtocolError {
     UnknownKind(u32),
     /// cannot read the mailbox from guest memory: {0}
     Memory(GuestMemoryError),
+    /// {0}
+    Unexpected(String),
 }
 
 /// Errors setting up the mailbox or posting a request.

@@ -225,11 +225,6 @@ impl Vcpu {
         }
     }
 
-    /// The vCPU fd, for setting its state before the thread starts.
-    pub fn fd(&self) -> &VcpuFd {
-        &self.fd
-    }
-
     /// Starts the thread. It installs the `vcpu` seccomp filter (unless
     /// `seccomp` is false), then waits for [`VcpuCommand::Start`].
     pub fn start_thread(self, seccomp: bool) -> std::io::Result<VcpuHandle> {
@@ -242,8 +237,9 @@ impl Vcpu {
     }
 
     fn run_thread(mut self, rx: Receiver<VcpuCommand>, seccomp_enabled: bool) {
-        const LABELS: [&str; 4] = ["vcpu0", "vcpu1", "vcpu2", "vcpu3"];
-        let label = LABELS.get(self.index as usize).copied().unwrap_or("vcpu");
+        // Named for the SIGSYS report, which needs a 'static name; a few
+        // bytes per vCPU for the life of the process.
+        let label: &'static str = Box::leak(format!("vcpu{}", self.index).into_boxed_str());
         KVM_RUN_PTR.with(|ptr| ptr.set(self.fd.get_kvm_run() as *mut kvm_run));
         if let Err(e) = seccomp::apply(ThreadKind::Vcpu, label, seccomp_enabled) {
             self.events.send(
