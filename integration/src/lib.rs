@@ -181,6 +181,8 @@ pub struct VmmProcess {
     pub dir: PathBuf,
     /// The API socket, when started with one.
     pub api_sock: Option<PathBuf>,
+    /// Its stdin, with [`Launch::stdin_pipe`].
+    pub stdin: Option<std::process::ChildStdin>,
     /// The guest console (stdout).
     pub serial: Capture,
     /// The log (stderr).
@@ -197,6 +199,8 @@ pub struct Launch {
     pub config: Option<serde_json::Value>,
     /// More arguments.
     pub extra_args: Vec<String>,
+    /// Give it a pipe as stdin (else /dev/null).
+    pub stdin_pipe: bool,
 }
 
 impl VmmProcess {
@@ -211,7 +215,11 @@ impl VmmProcess {
             .current_dir(&dir)
             .args(["--log-level", "info", "--id", "integration"])
             .args(&launch.extra_args)
-            .stdin(Stdio::null())
+            .stdin(if launch.stdin_pipe {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let api_sock = launch.api.then(|| dir.join("api.sock"));
@@ -226,12 +234,14 @@ impl VmmProcess {
         let mut child = command
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let stdin = child.stdin.take();
         let serial = Capture::start(child.stdout.take().expect("piped stdout"));
         let log = Capture::start(child.stderr.take().expect("piped stderr"));
         let process = VmmProcess {
             child,
             dir,
             api_sock,
+            stdin,
             serial,
             log,
             _lock: lock,
@@ -340,12 +350,25 @@ pub fn boot(
     mem_mib: usize,
     extra_args: &[&str],
 ) -> Result<(VmmProcess, ApiClient), String> {
+    boot_with(
+        vcpus,
+        mem_mib,
+        Launch {
+            api: true,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            ..Launch::default()
+        },
+    )
+}
+
+/// As [`boot`], starting ember-vmm as `launch` says.
+pub fn boot_with(
+    vcpus: u8,
+    mem_mib: usize,
+    launch: Launch,
+) -> Result<(VmmProcess, ApiClient), String> {
     let image = guest_image()?;
-    let vmm = VmmProcess::start(Launch {
-        api: true,
-        config: None,
-        extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-    })?;
+    let vmm = VmmProcess::start(launch)?;
     let mut client = vmm.client();
     expect_status(
         client.put_json("/boot-source", &boot_source(&image)),

@@ -78,6 +78,7 @@ fn main() {
             "crash_before_the_mailbox_stops_the_vm",
             crash_before_mailbox,
         ),
+        ("console_input_reaches_the_uart", console_input),
         ("failed_start_can_be_retried", failed_start_can_be_retried),
         (
             "hung_guest_times_out_and_the_vmm_keeps_serving",
@@ -562,6 +563,39 @@ fn api_connections() -> TestResult {
     shutdown(&mut vmm, &mut client)
 }
 
+fn console_input() -> TestResult {
+    use std::io::Write;
+    let (mut vmm, mut client) = boot_with(
+        1,
+        128,
+        Launch {
+            api: true,
+            stdin_pipe: true,
+            ..Launch::default()
+        },
+    )?;
+    let mut stdin = vmm.stdin.take().ok_or_else(|| fail("no stdin pipe"))?;
+    stdin
+        .write_all(b"hello\n")
+        .map_err(|e| fail(e.to_string()))?;
+    drop(stdin);
+    // The VMM thread forwards stdin to the UART's receive FIFO as it comes;
+    // the status request is served after the input event on the same loop
+    // only if the input arrived first, so ask until it shows (bounded).
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+        if status["console_input_bytes"] == 6 {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(fail(format!("console input never arrived: {status}")));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    shutdown(&mut vmm, &mut client)
+}
+
 fn crash_before_mailbox() -> TestResult {
     let image = guest_image()?;
     let mut vmm = VmmProcess::start(Launch {
@@ -570,7 +604,7 @@ fn crash_before_mailbox() -> TestResult {
             "boot-source": { "kernel_image_path": image, "boot_args": ember_abi::CMDLINE_TEST_CRASH_AT_BOOT },
             "machine-config": machine_config(1, 64),
         })),
-        extra_args: Vec::new(),
+        ..Launch::default()
     })?;
     // No mailbox yet to report to: the handler prints and triple-faults,
     // which stops the VM under any VMM.
@@ -658,7 +692,7 @@ fn config_file_boot() -> TestResult {
             "boot-source": boot_source(&image),
             "machine-config": machine_config(1, 64),
         })),
-        extra_args: Vec::new(),
+        ..Launch::default()
     })?;
     vmm.wait_ready()?;
     check(vmm.serial.wait_for("EMBER-GUEST-READY", PATIENCE), || {
@@ -679,7 +713,7 @@ fn bad_config_file() -> TestResult {
             "boot-source": { "kernel_image_path": "/nonexistent/vmlinux" },
             "machine-config": machine_config(1, 64),
         })),
-        extra_args: Vec::new(),
+        ..Launch::default()
     })?;
     expect_exit(&mut vmm, 3, "bad configuration")?;
     printed(&vmm.log, "/nonexistent/vmlinux", &vmm)
@@ -695,6 +729,7 @@ fn boots_without_mailbox() -> TestResult {
             "machine-config": machine_config(1, 128),
         })),
         extra_args: vec!["--no-mailbox".into()],
+        ..Launch::default()
     })?;
     check(vmm.serial.wait_for("EMBER-GUEST-READY\n", PATIENCE), || {
         vmm.transcript()

@@ -183,6 +183,8 @@ pub struct EmberStatus {
     pub protocol_errors: u64,
     /// Console bytes the output refused.
     pub console_lost_bytes: u64,
+    /// Console input (stdin) bytes handed to the guest's UART.
+    pub console_input_bytes: u64,
     /// With `--count-ring0`: instructions the boot path ran in ring 0.
     pub ring0_instructions: Option<u64>,
 }

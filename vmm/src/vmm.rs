@@ -2,8 +2,10 @@
 //!
 //! Its events: API requests (an eventfd the API thread signals), vCPU
 //! events (an eventfd the vCPU threads signal: doorbells, pause acks,
-//! stops), the i8042 reset line, and a timerfd for the mailbox deadline.
-//! Nothing here sleeps or polls.
+//! stops), the i8042 reset line, a timerfd for the mailbox deadline, and
+//! console input (stdin, forwarded to the UART as Firecracker does; the
+//! console output is written by the vCPU thread in the exit, a line at a
+//! time). Nothing here sleeps or polls.
 //!
 //! The host side of the mailbox lives here. A request is written into guest
 //! memory only while the guest is parked in its doorbell exit; then vCPU 0
@@ -24,7 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::builder::{build_microvm_for_boot, BuildOptions, Microvm, StartMicrovmError};
-use crate::devices::legacy::serial::{self, ConsoleOutput, ConsoleSink};
+use crate::devices::legacy::serial::{ConsoleOutput, ConsoleSink};
 use crate::devices::mailbox::{GuestMessage, ProtocolError};
 use crate::resources::VmResources;
 use crate::rpc_interface::{
@@ -120,6 +122,7 @@ const TOKEN_API: u32 = 1;
 const TOKEN_VCPU: u32 = 2;
 const TOKEN_RESET: u32 = 3;
 const TOKEN_TIMER: u32 = 4;
+const TOKEN_CONSOLE_IN: u32 = 5;
 
 /// How long the VMM waits for the API thread to send its last response.
 const API_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -676,6 +679,25 @@ impl Vmm {
         self.respond(Err(VmmActionError::GuestTimeout(ms)));
     }
 
+    /// Stdin has bytes (or ended): hand them to the UART.
+    fn on_console_input(&mut self, events: &Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        // SAFETY: read(2) into a local buffer of the given length; stdin was
+        // reported readable, so this does not block.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            // End of input (or an error): stop watching it.
+            let _ = ops.remove(Events::empty_raw(events.fd()));
+            return;
+        }
+        match &self.microvm {
+            Some(microvm) => {
+                crate::devices::lock(&microvm.devices.serial).receive(&buf[..n as usize])
+            }
+            None => log::debug!("dropping {n} bytes of console input: the microVM is not running"),
+        }
+    }
+
     fn end_guest(&mut self, how: String, code: ExitCode) {
         if let Some(microvm) = &self.microvm {
             // A last partial console line (no newline) is not lost.
@@ -726,6 +748,11 @@ impl Vmm {
                 port: mb.port(),
                 max_payload: mb.max_payload(),
             });
+        let serial = self
+            .microvm
+            .as_ref()
+            .map(|m| crate::devices::lock(&m.devices.serial));
+        let serial = serial.as_deref();
         EmberStatus {
             guest,
             state: self.state.name(),
@@ -738,10 +765,8 @@ impl Vmm {
             guest_heap_bytes: self.guest_info.map(|i| i.heap_bytes),
             requests: self.requests,
             protocol_errors: self.protocol_errors,
-            console_lost_bytes: self
-                .microvm
-                .as_ref()
-                .map_or(0, |m| serial::lost_bytes(&m.devices.serial)),
+            console_lost_bytes: serial.map_or(0, |s| s.lost_bytes),
+            console_input_bytes: serial.map_or(0, |s| s.input_bytes),
             ring0_instructions: self.ring0_instructions,
         }
     }
@@ -797,7 +822,7 @@ fn forbidden_syscall() -> VmmActionError {
 }
 
 impl MutEventSubscriber for Vmm {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             TOKEN_API => {
                 let Some(api) = &self.api else { return };
@@ -826,6 +851,7 @@ impl MutEventSubscriber for Vmm {
                 let _ = self.timer.wait();
                 self.on_timer();
             }
+            TOKEN_CONSOLE_IN => self.on_console_input(&events, ops),
             other => log::warn!("event for unknown token {other}"),
         }
     }
@@ -842,5 +868,11 @@ impl MutEventSubscriber for Vmm {
         add(self.vcpu_evt.as_ref(), TOKEN_VCPU, "vCPU events");
         add(&self.reset_evt, TOKEN_RESET, "the i8042 reset line");
         add(&self.timer, TOKEN_TIMER, "the mailbox timer");
+        // Console input, where stdin can be watched (a pipe or a terminal;
+        // not /dev/null or a file).
+        let stdin = Events::with_data_raw(libc::STDIN_FILENO, TOKEN_CONSOLE_IN, EventSet::IN);
+        if let Err(e) = ops.add(stdin) {
+            log::debug!("no console input: stdin cannot be watched ({e:?})");
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
 
-use crate::devices::{lock, EventFdTrigger};
+use crate::devices::EventFdTrigger;
 
 /// Where the guest's console goes.
 pub enum ConsoleSink {
@@ -87,6 +87,10 @@ pub struct SerialDevice {
     uart: Serial<EventFdTrigger, NoEvents, ConsoleOutput>,
     /// Bytes the output refused (a closed stdout, a full disk).
     pub lost_bytes: u64,
+    /// Bytes of console input the guest was given.
+    pub input_bytes: u64,
+    /// Bytes of console input dropped because the receive FIFO was full.
+    pub dropped_input_bytes: u64,
 }
 
 impl SerialDevice {
@@ -95,6 +99,8 @@ impl SerialDevice {
         SerialDevice {
             uart: Serial::new(interrupt, output),
             lost_bytes: 0,
+            input_bytes: 0,
+            dropped_input_bytes: 0,
         }
     }
 
@@ -104,6 +110,14 @@ impl SerialDevice {
             // The guest must not stall on a broken console; count and go on.
             self.lost_bytes += 1;
         }
+    }
+
+    /// Console input for the guest: into the receive FIFO (64 bytes), as
+    /// much as fits; the rest is dropped, as a UART does.
+    pub fn receive(&mut self, bytes: &[u8]) {
+        let taken = self.uart.enqueue_raw_bytes(bytes).unwrap_or(0);
+        self.input_bytes += taken as u64;
+        self.dropped_input_bytes += (bytes.len() - taken) as u64;
     }
 
     /// Writes out a partial console line.
@@ -117,9 +131,4 @@ impl SerialDevice {
     pub fn read(&mut self, offset: u8) -> u8 {
         self.uart.read(offset)
     }
-}
-
-/// Bytes the console lost so far (for `GET /ember/status`).
-pub fn lost_bytes(serial: &std::sync::Mutex<SerialDevice>) -> u64 {
-    lock(serial).lost_bytes
 }
