@@ -70,21 +70,28 @@ pub fn guest_image() -> Result<PathBuf, String> {
     Ok(PathBuf::from(last))
 }
 
-/// Why KVM tests cannot run here, if they cannot.
+/// Why KVM tests cannot run here, if they cannot: `/dev/kvm` must open
+/// read-write and answer KVM_GET_API_VERSION with 12.
 pub fn kvm_unavailable() -> Option<String> {
-    match std::fs::OpenOptions::new()
+    const KVM_GET_API_VERSION: libc::c_ulong = 0xae00;
+    let kvm = match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
     {
-        Ok(_) => None,
-        Err(e) => Some(format!("/dev/kvm is not usable: {e}")),
-    }
+        Ok(kvm) => kvm,
+        Err(e) => return Some(format!("/dev/kvm is not usable: {e}")),
+    };
+    // SAFETY: an ioctl without arguments on a descriptor we own.
+    let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
+    (version != 12).then(|| {
+        format!("/dev/kvm does not speak the KVM API (KVM_GET_API_VERSION gave {version})")
+    })
 }
 
 /// Holds an exclusive lock so that KVM tests run one at a time, across
-/// test processes too (a VM boot beside another skews nothing here, but
-/// two boots at once on two cores make failures hard to read).
+/// test processes too: two VMs at once on two cores slow each other down
+/// and make failures hard to read.
 pub struct KvmLock {
     /// Closing it releases the lock.
     _file: File,

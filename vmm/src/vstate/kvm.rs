@@ -15,7 +15,7 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 pub enum KvmError {
     /// Cannot open /dev/kvm: {0}
     Open(kvm_ioctls::Error),
-    /// KVM API version {0} is not the stable version 12
+    /// /dev/kvm answered KVM_GET_API_VERSION with {0}, not the stable version 12 (is it a KVM device?)
     ApiVersion(i32),
     /// KVM lacks a capability ember-vmm needs: {0:?}
     MissingCap(Cap),
