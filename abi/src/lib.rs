@@ -15,7 +15,11 @@
 //! through a pointer cast. docs/guest-abi.md describes the same ABI in prose.
 #![no_std]
 
+extern crate alloc;
+
+pub mod function;
 pub mod mailbox;
+pub mod wire;
 
 /// The I/O port of the 8250 UART the guest prints its console on (COM1).
 pub const SERIAL_PORT: u16 = 0x3f8;

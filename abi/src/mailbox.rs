@@ -22,7 +22,7 @@
 pub const MAGIC: u32 = u32::from_le_bytes(*b"EMBX");
 
 /// Version of the mailbox protocol described here.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Size of the header page at the start of the region.
 pub const HEADER_SIZE: u64 = 4096;
@@ -33,9 +33,10 @@ pub const HEADER_BYTES: usize = 48;
 /// The doorbell port ember-vmm announces unless told otherwise.
 pub const DEFAULT_DOORBELL_PORT: u16 = 0x0ee0;
 
-/// The mailbox size ember-vmm uses unless told otherwise: two areas of
-/// just under 1 MiB each.
-pub const DEFAULT_SIZE: u64 = 2 << 20;
+/// The mailbox size ember-vmm uses unless told otherwise: two areas of just
+/// under 8 MiB each, enough for a 6 MiB event or result in one piece.
+/// Pages cost nothing until touched.
+pub const DEFAULT_SIZE: u64 = 16 << 20;
 
 /// Smallest usable region: the header and one page per area.
 pub const MIN_SIZE: u64 = 3 * 4096;
@@ -107,6 +108,15 @@ pub enum RequestKind {
     Echo = 2,
     /// Answer with [`MessageKind::ShutdownAck`] and stop.
     Shutdown = 3,
+    /// Load a function (payload: [`crate::function::LoadSpec`]); answer
+    /// [`MessageKind::Loaded`] or [`MessageKind::LoadFailed`].
+    Load = 4,
+    /// Invoke the loaded function (payload: [`crate::function::InvokeParams`]
+    /// then the event); answer [`MessageKind::Outcome`] or
+    /// [`MessageKind::OutcomePreparing`].
+    Invoke = 5,
+    /// Answer [`MessageKind::Stats`].
+    Stats = 6,
     /// Test only: fault (a page fault at [`TEST_CRASH_ADDRESS`]).
     TestCrash = 0x100,
     /// Test only: write the i8042 reset command from ring 3.
@@ -129,6 +139,9 @@ impl RequestKind {
             1 => RequestKind::Ping,
             2 => RequestKind::Echo,
             3 => RequestKind::Shutdown,
+            4 => RequestKind::Load,
+            5 => RequestKind::Invoke,
+            6 => RequestKind::Stats,
             0x100 => RequestKind::TestCrash,
             0x101 => RequestKind::TestReset,
             0x102 => RequestKind::TestBadLength,
@@ -154,6 +167,22 @@ pub enum MessageKind {
     Error = 5,
     /// The guest took an exception; payload: [`CrashReport`]. The guest stops.
     Crash = 6,
+    /// The function is loaded and initialised; payload:
+    /// [`crate::function::LoadedInfo`].
+    Loaded = 7,
+    /// The function could not be loaded; payload: UTF-8 text naming why.
+    LoadFailed = 8,
+    /// An invocation's outcome; payload: [`crate::function::Outcome`]. The
+    /// guest then waits.
+    Outcome = 9,
+    /// An invocation's outcome, as [`MessageKind::Outcome`], but the guest
+    /// goes on to prepare the next instance and posts
+    /// [`MessageKind::Idle`] when done: the host resumes it at once.
+    OutcomePreparing = 10,
+    /// The guest finished its work after an outcome and waits.
+    Idle = 11,
+    /// Counters; payload: [`crate::function::GuestStats`].
+    Stats = 12,
 }
 
 impl MessageKind {
@@ -166,6 +195,12 @@ impl MessageKind {
             4 => MessageKind::ShutdownAck,
             5 => MessageKind::Error,
             6 => MessageKind::Crash,
+            7 => MessageKind::Loaded,
+            8 => MessageKind::LoadFailed,
+            9 => MessageKind::Outcome,
+            10 => MessageKind::OutcomePreparing,
+            11 => MessageKind::Idle,
+            12 => MessageKind::Stats,
             _ => return None,
         })
     }
@@ -173,9 +208,9 @@ impl MessageKind {
     /// After posting this message, the guest waits in the doorbell exit for
     /// the next request.
     pub const fn awaits_request(self) -> bool {
-        matches!(
+        !matches!(
             self,
-            MessageKind::Ready | MessageKind::Pong | MessageKind::EchoReply | MessageKind::Error
+            MessageKind::OutcomePreparing | MessageKind::ShutdownAck | MessageKind::Crash
         )
     }
 
@@ -359,9 +394,10 @@ mod tests {
     #[test]
     fn layout_of_default_region() {
         let layout = Layout::new(DEFAULT_SIZE).unwrap();
-        assert_eq!(layout.area_size, 1020 * 1024);
+        assert_eq!(layout.area_size, 8 * 1024 * 1024 - 4096);
+        assert!(layout.area_size as usize >= crate::function::MAX_EVENT_BYTES + 4096);
         assert_eq!(layout.request_offset(), 4096);
-        assert_eq!(layout.response_offset(), 4096 + 1020 * 1024);
+        assert_eq!(layout.response_offset(), 4096 + layout.area_size);
         assert!(layout.response_offset() + layout.area_size <= layout.size);
     }
 
@@ -380,6 +416,9 @@ mod tests {
             RequestKind::Ping,
             RequestKind::Echo,
             RequestKind::Shutdown,
+            RequestKind::Load,
+            RequestKind::Invoke,
+            RequestKind::Stats,
             RequestKind::TestCrash,
             RequestKind::TestReset,
             RequestKind::TestBadLength,
@@ -387,11 +426,14 @@ mod tests {
         ] {
             assert_eq!(RequestKind::from_u32(kind as u32), Some(kind));
         }
-        for code in 1..=6 {
+        for code in 1..=12 {
             assert_eq!(MessageKind::from_u32(code).unwrap() as u32, code);
         }
         assert_eq!(MessageKind::from_u32(0), None);
-        assert_eq!(MessageKind::from_u32(7), None);
+        assert_eq!(MessageKind::from_u32(13), None);
+        assert!(!MessageKind::OutcomePreparing.awaits_request());
+        assert!(MessageKind::Outcome.awaits_request());
+        assert!(!MessageKind::Crash.awaits_request());
         assert_eq!(RequestKind::from_u32(0), None);
     }
 
