@@ -1,13 +1,17 @@
 //! The runtime's heap: the RAM after the image, up to the next reserved
 //! range (ember-vmm reserves the mailbox at the top of RAM) or the mapped
-//! limit. Pages cost nothing until first touched.
+//! limit, managed by talc. Pages cost nothing until first touched, and
+//! talc reuses freed memory first, so a fresh instance's linear memory
+//! usually lands on pages the guest has already touched.
 
-use linked_list_allocator::LockedHeap;
+use spinning_top::RawSpinlock;
+use talc::source::Manual;
+use talc::TalcLock;
 
 use crate::boot_params::BootParams;
 
 #[global_allocator]
-static HEAP: LockedHeap = LockedHeap::empty();
+static HEAP: TalcLock<RawSpinlock, Manual> = TalcLock::new(Manual);
 
 extern "C" {
     /// First byte after the image (linker.ld), page-aligned.
@@ -31,11 +35,26 @@ pub fn init(boot: &BootParams) -> u64 {
     };
     let end = ram.end().min(ember_abi::GUEST_MAPPED_LIMIT);
     let size = end.saturating_sub(start);
-    if size == 0 {
-        return 0;
-    }
     // SAFETY: [start, end) is RAM from the e820 map, after the image and
     // below the mapped limit, used by nothing else; init runs once.
-    unsafe { HEAP.lock().init(start as *mut u8, size as usize) };
-    size
+    match unsafe { HEAP.lock().claim(start as *mut u8, size as usize) } {
+        Some(_) => size,
+        None => 0,
+    }
+}
+
+/// Heap bytes in use and in all.
+pub fn usage() -> (u64, u64) {
+    let talc = HEAP.lock();
+    let counters = talc.counters();
+    (
+        counters.allocated_bytes as u64,
+        counters.claimed_bytes as u64,
+    )
+}
+
+/// Heap bytes still free (some of it in fragments).
+pub fn available() -> u64 {
+    let (used, total) = usage();
+    total.saturating_sub(used)
 }

@@ -7,8 +7,12 @@
 extern crate alloc;
 
 mod boot_params;
+mod clock;
+mod function;
 mod heap;
+mod rng;
 mod serve;
+mod wasi;
 
 use core::fmt::Write;
 
@@ -22,6 +26,7 @@ use crate::boot_params::BootParams;
 /// Entered from `ember_ring3_entry` (kernels/ember) in ring 3.
 #[no_mangle]
 extern "C" fn ember_main(boot_params: u64) -> ! {
+    clock::init();
     // SAFETY: the kernel passes on RSI from the VMM, the boot parameters;
     // nothing has touched low memory yet.
     let boot = unsafe { BootParams::read(boot_params) };

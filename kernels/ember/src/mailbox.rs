@@ -85,6 +85,27 @@ impl Mailbox {
         }
     }
 
+    /// The first `len` bytes of the request area (clamped) and the whole
+    /// response area, together: they do not overlap.
+    pub fn areas(&mut self, len: u32) -> (&[u8], &mut [u8]) {
+        let len = (len as u64).min(self.layout.area_size) as usize;
+        // SAFETY: the two areas are disjoint parts of the region checked by
+        // `open`; the host does not touch either until the next doorbell,
+        // which needs `&mut self` (so both borrows end first).
+        unsafe {
+            (
+                core::slice::from_raw_parts(
+                    (self.base + self.layout.request_offset()) as *const u8,
+                    len,
+                ),
+                core::slice::from_raw_parts_mut(
+                    (self.base + self.layout.response_offset()) as *mut u8,
+                    self.layout.area_size as usize,
+                ),
+            )
+        }
+    }
+
     /// The whole response area, for the guest to write a message into.
     pub fn response_area(&mut self) -> &mut [u8] {
         // SAFETY: the response area lies inside the region checked by `open`

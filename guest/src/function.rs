@@ -1,0 +1,463 @@
+//! A loaded function: its compiled module and how it runs.
+//!
+//! Two handler models, chosen by what the module exports:
+//! - **reactor** (`ember_handle`, and `_initialize` run once at load): one
+//!   instance serves every invocation, so globals and memory persist, as
+//!   Lambda's warm globals do. After a failure (trap, timeout, exhausted
+//!   memory, `proc_exit`) its state is suspect: it is rebuilt (and
+//!   `_initialize` run again) after the outcome is posted.
+//! - **command** (`_start`): every invocation runs a fresh instance of the
+//!   compiled module. Preparing one (allocating and zeroing its memory,
+//!   writing its data segments) costs real time here, so it is done after
+//!   the outcome is posted, off the latency path; a snapshot taken while
+//!   the guest waits holds one ready.
+//!
+//! Time limits use wasmi fuel: the function runs in slices of fuel and the
+//! clock is checked between them (and inside host functions that wait).
+
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use ember_abi::function::{
+    write_outcome, ErrorKind, GuestStats, InvokeParams, LoadSpec, LoadedInfo, Model, OutcomeHeader,
+};
+use wasmi::{CompilationMode, Engine, ExternType, Func, Linker, Module, ResumableCall, Store, Val};
+
+use crate::wasi::fs::TaskFile;
+use crate::wasi::{self, Config, Wasi};
+use crate::{clock, heap, rng};
+
+/// Fuel per slice: a few milliseconds of wasm between clock checks.
+const FUEL_SLICE: u64 = 4_000_000;
+
+/// Time `_initialize` (and a reactor's rebuild) may take.
+const INITIALIZE_TIMEOUT_MS: u64 = 10_000;
+
+/// Heap kept free beyond a function's memory limit, for the runtime itself.
+const HEAP_RESERVE: u64 = 4 << 20;
+
+/// A running instance and its entry point.
+struct Instance {
+    store: Store<Wasi>,
+    entry: Func,
+    memory: Option<wasmi::Memory>,
+}
+
+/// How an invocation ended, before it is written out.
+enum Ending {
+    Ok,
+    Exit(i32),
+    Failed(ErrorKind, String),
+}
+
+/// The loaded function.
+pub struct Function {
+    engine: Engine,
+    module: Module,
+    linker: Linker<Wasi>,
+    config: Arc<Config>,
+    memory_limit: usize,
+    model: Model,
+    /// The reactor's instance, or the command's next fresh one.
+    instance: Option<Instance>,
+    stats: GuestStats,
+}
+
+/// What the request loop does after an invocation's outcome is written.
+pub struct Invoked {
+    /// Bytes of outcome in the response area.
+    pub len: usize,
+    /// Work remains ([`Function::finish`]) before the next invocation.
+    pub prepare: bool,
+}
+
+impl Function {
+    /// Compiles, checks and instantiates the function `spec` describes
+    /// (running `_initialize` for a reactor).
+    pub fn load(spec: &LoadSpec<'_>) -> Result<(Function, LoadedInfo), String> {
+        let started = clock::rdtsc();
+        clock::set_frequency(spec.tsc_khz);
+        rng::seed(spec.seed);
+
+        let mut engine_config = wasmi::Config::default();
+        engine_config
+            .consume_fuel(true)
+            // Everything is compiled now, so a snapshot taken after load
+            // holds compiled code and no copy compiles it again.
+            .compilation_mode(CompilationMode::Eager);
+        let engine = Engine::new(&engine_config);
+        let module = Module::new(&engine, spec.module)
+            .map_err(|e| format!("the module is not valid WebAssembly: {e}"))?;
+        check_imports(&module)?;
+        let model = model_of(&module)?;
+
+        let memory_limit =
+            usize::try_from(spec.memory_limit).map_err(|_| "memory limit too large")?;
+        let initial = initial_memory(&module);
+        if initial > spec.memory_limit {
+            return Err(format!(
+                "the module starts with {} MiB of linear memory, above its limit of {} MiB",
+                initial >> 20,
+                spec.memory_limit >> 20
+            ));
+        }
+        let available = heap::available();
+        if spec.memory_limit.saturating_add(HEAP_RESERVE) > available {
+            return Err(format!(
+                "a memory limit of {} MiB does not fit in this VM ({} MiB of guest heap free)",
+                spec.memory_limit >> 20,
+                available >> 20
+            ));
+        }
+
+        let mut linker = Linker::new(&engine);
+        wasi::define(&mut linker).map_err(|e| format!("cannot define WASI: {e}"))?;
+        let mut args = Vec::with_capacity(spec.args.len() + 1);
+        args.push(spec.name.to_vec());
+        args.extend(spec.args.iter().map(|a| a.to_vec()));
+        let config = Arc::new(Config {
+            args,
+            env: spec.env.iter().map(|e| e.to_vec()).collect(),
+            files: spec
+                .files
+                .iter()
+                .map(|(name, contents)| TaskFile {
+                    name: name.to_vec(),
+                    contents: contents.to_vec(),
+                })
+                .collect(),
+        });
+        let mut function = Function {
+            engine,
+            module,
+            linker,
+            config,
+            memory_limit,
+            model,
+            instance: None,
+            stats: GuestStats::default(),
+        };
+        let instance = function.instantiate()?;
+        let memory_bytes = instance
+            .memory
+            .map_or(0, |m| m.data(&instance.store).len() as u64);
+        function.instance = Some(instance);
+        if model == Model::Command {
+            function.stats.instances_prepared += 1;
+        }
+        let info = LoadedInfo {
+            model,
+            memory_bytes,
+            load_ns: clock::ticks_to_ns(clock::rdtsc() - started),
+        };
+        Ok((function, info))
+    }
+
+    /// A fresh instance: for a reactor with `_initialize` already run.
+    fn instantiate(&self) -> Result<Instance, String> {
+        let mut store = Store::new(
+            &self.engine,
+            Wasi::new(self.config.clone(), self.memory_limit),
+        );
+        store.limiter(|wasi| &mut wasi.limits);
+        store
+            .set_fuel(u64::MAX)
+            .map_err(|e| format!("cannot set fuel: {e}"))?;
+        let instance = self
+            .linker
+            .instantiate_and_start(&mut store, &self.module)
+            .map_err(|e| format!("cannot instantiate the module: {e}"))?;
+        let (entry_name, init) = match self.model {
+            Model::Reactor => ("ember_handle", instance.get_func(&store, "_initialize")),
+            Model::Command => ("_start", None),
+        };
+        let entry = instance
+            .get_func(&store, entry_name)
+            .ok_or_else(|| format!("the module does not export {entry_name} as a function"))?;
+        let memory = instance.get_memory(&store, "memory");
+        let mut instance = Instance {
+            store,
+            entry,
+            memory,
+        };
+        if let Some(init) = init {
+            let deadline = clock::rdtsc()
+                .saturating_add(clock::ns_to_ticks(INITIALIZE_TIMEOUT_MS * 1_000_000));
+            instance.store.data_mut().begin(&[], deadline);
+            if let (Err(e), _) = run(&mut instance.store, init, &mut []) {
+                let (_, message) = classify_error(instance.store.data(), e, INITIALIZE_TIMEOUT_MS);
+                return Err(format!("_initialize failed: {message}"));
+            }
+            // What _initialize printed goes nowhere.
+            instance.store.data_mut().release_buffers();
+        }
+        Ok(instance)
+    }
+
+    /// Runs one invocation of `event` and writes its outcome into `area`.
+    pub fn invoke(&mut self, params: InvokeParams, event: &[u8], area: &mut [u8]) -> Invoked {
+        clock::set_wall_clock(params.realtime_ns);
+        let started = clock::rdtsc();
+        let deadline = started.saturating_add(clock::ns_to_ticks(
+            params.timeout_ms.saturating_mul(1_000_000),
+        ));
+        self.stats.invocations += 1;
+
+        let instance = match self.instance.take() {
+            Some(instance) => Ok(instance),
+            None => self.instantiate(),
+        };
+        let mut instance = match instance {
+            Ok(instance) => instance,
+            Err(message) => {
+                let len = self.write(
+                    area,
+                    Ending::Failed(ErrorKind::Trap, message),
+                    0,
+                    0,
+                    &[],
+                    &[],
+                    0,
+                );
+                return Invoked { len, prepare: true };
+            }
+        };
+        instance.store.data_mut().begin(event, deadline);
+        let mut handle_result = [Val::I32(0)];
+        let results: &mut [Val] = match self.model {
+            Model::Reactor if returns_i32(&instance) => &mut handle_result,
+            _ => &mut [],
+        };
+        let (ran, fuel) = run(&mut instance.store, instance.entry, results);
+        let duration_ns = clock::ticks_to_ns(clock::rdtsc() - started);
+        let wasi = instance.store.data();
+        // The call came back normally (even with a non-zero status): a
+        // reactor's instance is intact. A trap, a timeout or proc_exit
+        // leaves it mid-call, so it is rebuilt.
+        let returned = ran.is_ok();
+        let ending = match ran {
+            Ok(()) if wasi.stdout_overflow => Ending::Failed(
+                ErrorKind::HandlerError,
+                format!(
+                    "the function wrote more than {} bytes to stdout",
+                    ember_abi::function::MAX_RESULT_BYTES
+                ),
+            ),
+            Ok(()) => match results.first() {
+                Some(Val::I32(0)) | None => Ending::Ok,
+                Some(Val::I32(status)) => Ending::Failed(
+                    ErrorKind::HandlerError,
+                    format!("ember_handle returned {status}"),
+                ),
+                Some(_) => Ending::Ok,
+            },
+            Err(e) => match e.i32_exit_status() {
+                Some(0) if !wasi.stdout_overflow => Ending::Exit(0),
+                _ => {
+                    let (kind, message) = classify_error(wasi, e, params.timeout_ms);
+                    Ending::Failed(kind, message)
+                }
+            },
+        };
+        let (log, log_dropped) = (wasi.stderr.bytes(), wasi.stderr.dropped);
+        let len = self.write(
+            area,
+            ending,
+            duration_ns,
+            fuel,
+            &wasi.stdout,
+            log,
+            log_dropped,
+        );
+
+        // What happens to the instance: a reactor keeps it if the call returned; a
+        // command's is spent.
+        let prepare = match self.model {
+            Model::Reactor if returned => {
+                instance.store.data_mut().release_buffers();
+                self.instance = Some(instance);
+                false
+            }
+            _ => true,
+        };
+        Invoked { len, prepare }
+    }
+
+    /// Work after an outcome: a fresh instance for the next invocation.
+    pub fn finish(&mut self) {
+        if self.instance.is_none() {
+            if let Ok(instance) = self.instantiate() {
+                self.instance = Some(instance);
+                self.stats.instances_prepared += 1;
+            }
+        }
+    }
+
+    /// Counters since boot.
+    pub fn stats(&self) -> GuestStats {
+        let (used, total) = heap::usage();
+        GuestStats {
+            heap_used: used,
+            heap_total: total,
+            ..self.stats
+        }
+    }
+
+    /// Writes the outcome into `area`; counts failures.
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &mut self,
+        area: &mut [u8],
+        ending: Ending,
+        duration_ns: u64,
+        fuel: u64,
+        stdout: &[u8],
+        log: &[u8],
+        log_dropped: u64,
+    ) -> usize {
+        let mut header = OutcomeHeader {
+            duration_ns,
+            fuel,
+            log_dropped,
+            ..OutcomeHeader::default()
+        };
+        let message;
+        let body: &[u8] = match &ending {
+            Ending::Ok => stdout,
+            Ending::Exit(code) => {
+                header.exit_code = *code;
+                stdout
+            }
+            Ending::Failed(kind, text) => {
+                header.status = *kind as u32;
+                if let Some(count) = self.stats.errors.get_mut(*kind as usize - 1) {
+                    *count += 1;
+                }
+                message = text.clone();
+                message.as_bytes()
+            }
+        };
+        write_outcome(area, header, body, log).unwrap_or_else(|| {
+            // Cannot happen with the area sizes ember-vmm uses (8 MiB for
+            // 6 MiB of result and 4 KiB of log); say so rather than lie.
+            let header = OutcomeHeader {
+                status: ErrorKind::HandlerError as u32,
+                ..header
+            };
+            write_outcome(area, header, b"the outcome does not fit the mailbox", &[]).unwrap_or(0)
+        })
+    }
+}
+
+/// Runs `func` in fuel slices until it returns, fails, or passes the
+/// deadline in the store's state; returns the outcome and the fuel used.
+fn run(
+    store: &mut Store<Wasi>,
+    func: Func,
+    results: &mut [Val],
+) -> (Result<(), wasmi::Error>, u64) {
+    let mut granted = 0u64;
+    let outcome = (|| {
+        store.set_fuel(FUEL_SLICE)?;
+        granted += FUEL_SLICE;
+        let mut call = func.call_resumable(&mut *store, &[], results)?;
+        loop {
+            match call {
+                ResumableCall::Finished => return Ok(()),
+                ResumableCall::HostTrap(trap) => return Err(trap.into_host_error()),
+                ResumableCall::OutOfFuel(out) => {
+                    if clock::rdtsc() >= store.data().deadline_tsc {
+                        store.data_mut().timed_out = true;
+                        return Err(wasmi::Error::new("the function ran past its time limit"));
+                    }
+                    let slice = FUEL_SLICE.max(out.required_fuel());
+                    store.set_fuel(slice)?;
+                    granted += slice;
+                    call = out.resume(&mut *store, results)?;
+                }
+            }
+        }
+    })();
+    let left = store.get_fuel().unwrap_or(0);
+    (outcome, granted.saturating_sub(left))
+}
+
+/// Sorts an error from a call into an [`ErrorKind`] and a message.
+fn classify_error(wasi: &Wasi, error: wasmi::Error, timeout_ms: u64) -> (ErrorKind, String) {
+    if wasi.timed_out {
+        return (
+            ErrorKind::Timeout,
+            format!("the function ran longer than its limit of {timeout_ms} ms"),
+        );
+    }
+    if wasi.limits.refused {
+        return (
+            ErrorKind::OutOfMemory,
+            format!(
+                "the function needed more than its memory limit of {} MiB",
+                wasi.limits.memory >> 20
+            ),
+        );
+    }
+    if let Some(status) = error.i32_exit_status() {
+        return (
+            ErrorKind::HandlerError,
+            format!("the function exited with status {status}"),
+        );
+    }
+    match error.as_trap_code() {
+        Some(code) => (ErrorKind::Trap, format!("wasm trap: {code}")),
+        None => (ErrorKind::Trap, format!("{error}")),
+    }
+}
+
+/// Every import must be a WASI preview 1 function the runtime defines.
+fn check_imports(module: &Module) -> Result<(), String> {
+    for import in module.imports() {
+        let known = import.module() == wasi::MODULE
+            && matches!(import.ty(), ExternType::Func(_))
+            && wasi::NAMES.contains(&import.name());
+        if !known {
+            return Err(format!(
+                "the module imports {}.{}, which the Ember runtime does not provide (it provides WASI preview 1 functions)",
+                import.module(),
+                import.name()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The handler model the module's exports choose.
+fn model_of(module: &Module) -> Result<Model, String> {
+    let exports_func = |name: &str| matches!(module.get_export(name), Some(ExternType::Func(_)));
+    if exports_func("ember_handle") {
+        Ok(Model::Reactor)
+    } else if exports_func("_start") {
+        Ok(Model::Command)
+    } else {
+        Err(String::from(
+            "the module exports neither _start (a command) nor ember_handle (a reactor)",
+        ))
+    }
+}
+
+/// Bytes of linear memory the module starts with.
+fn initial_memory(module: &Module) -> u64 {
+    module
+        .exports()
+        .filter_map(|export| match export.ty() {
+            ExternType::Memory(ty) => Some(ty.minimum().saturating_mul(65536)),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Whether a reactor's `ember_handle` returns an `i32` status.
+fn returns_i32(instance: &Instance) -> bool {
+    let ty = instance.entry.ty(&instance.store);
+    matches!(ty.results(), [wasmi::ValType::I32])
+}

@@ -1,0 +1,554 @@
+//! WASI preview 1 for functions.
+//!
+//! - stdin is the event, stdout the result (capped at 6 MiB), stderr the
+//!   log (its last 4 KiB come back with the outcome);
+//! - args and environment from the function's configuration;
+//! - clocks from the TSC ([`crate::clock`]), randomness from the seeded
+//!   ChaCha20 ([`crate::rng`]), `poll_oneoff` for clock sleeps (spun: the
+//!   guest has no timer), `sched_yield`, `proc_exit`;
+//! - a read-only preopened directory `/var/task` with the files shipped
+//!   beside the module ([`fs`]).
+//!
+//! Every other function of the interface is defined too and returns a
+//! proper errno (`ENOSYS`, `EBADF`, `ENOTCAPABLE`), so a module importing it
+//! links, and nothing a module does traps the runtime itself.
+
+pub mod fs;
+mod memory;
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use ember_abi::function::{LOG_TAIL_BYTES, MAX_RESULT_BYTES};
+use wasmi::{Caller, Error, Linker};
+
+use self::fs::{Fd, FdTable, TaskFile};
+use self::memory::Guest;
+use crate::clock;
+
+/// The import module every WASI preview 1 function lives in.
+pub const MODULE: &str = "wasi_snapshot_preview1";
+
+/// Every function of WASI preview 1; [`define`] defines them all.
+pub const NAMES: [&str; 46] = [
+    "args_get",
+    "args_sizes_get",
+    "environ_get",
+    "environ_sizes_get",
+    "clock_res_get",
+    "clock_time_get",
+    "fd_advise",
+    "fd_allocate",
+    "fd_close",
+    "fd_datasync",
+    "fd_fdstat_get",
+    "fd_fdstat_set_flags",
+    "fd_fdstat_set_rights",
+    "fd_filestat_get",
+    "fd_filestat_set_size",
+    "fd_filestat_set_times",
+    "fd_pread",
+    "fd_prestat_get",
+    "fd_prestat_dir_name",
+    "fd_pwrite",
+    "fd_read",
+    "fd_readdir",
+    "fd_renumber",
+    "fd_seek",
+    "fd_sync",
+    "fd_tell",
+    "fd_write",
+    "path_create_directory",
+    "path_filestat_get",
+    "path_filestat_set_times",
+    "path_link",
+    "path_open",
+    "path_readlink",
+    "path_remove_directory",
+    "path_rename",
+    "path_symlink",
+    "path_unlink_file",
+    "poll_oneoff",
+    "proc_exit",
+    "proc_raise",
+    "sched_yield",
+    "random_get",
+    "sock_accept",
+    "sock_recv",
+    "sock_send",
+    "sock_shutdown",
+];
+
+/// WASI errno values used here.
+pub mod errno {
+    /// No error.
+    pub const SUCCESS: i32 = 0;
+    /// Bad file descriptor.
+    pub const BADF: i32 = 8;
+    /// Bad address.
+    pub const FAULT: i32 = 21;
+    /// Invalid argument.
+    pub const INVAL: i32 = 28;
+    /// Is a directory.
+    pub const ISDIR: i32 = 31;
+    /// No such file or directory.
+    pub const NOENT: i32 = 44;
+    /// Function not supported.
+    pub const NOSYS: i32 = 52;
+    /// Not a directory.
+    pub const NOTDIR: i32 = 54;
+    /// Value too large.
+    pub const OVERFLOW: i32 = 61;
+    /// Invalid seek.
+    pub const SPIPE: i32 = 70;
+    /// Capabilities insufficient.
+    pub const NOTCAPABLE: i32 = 76;
+}
+
+/// What a function runs with, the same for every invocation.
+#[derive(Debug)]
+pub struct Config {
+    /// `argv`, `argv[0]` being the function's name.
+    pub args: Vec<Vec<u8>>,
+    /// `KEY=VALUE` entries.
+    pub env: Vec<Vec<u8>>,
+    /// The files of `/var/task`.
+    pub files: Vec<TaskFile>,
+}
+
+/// The last [`LOG_TAIL_BYTES`] of what the function wrote to stderr.
+#[derive(Debug, Default)]
+pub struct LogTail {
+    buf: Vec<u8>,
+    /// Bytes dropped from the front.
+    pub dropped: u64,
+}
+
+impl LogTail {
+    fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() > LOG_TAIL_BYTES {
+            let excess = self.buf.len() - LOG_TAIL_BYTES;
+            self.buf.drain(..excess);
+            self.dropped += excess as u64;
+        }
+    }
+
+    /// The tail.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.dropped = 0;
+    }
+}
+
+/// Memory growth past the limit, refused and remembered.
+#[derive(Debug)]
+pub struct Limits {
+    /// The most linear memory the function may have, in bytes.
+    pub memory: usize,
+    /// A growth was refused (by the limit or for want of heap) since the
+    /// invocation began.
+    pub refused: bool,
+}
+
+impl wasmi::ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> Result<bool, wasmi_core::LimiterError> {
+        let allowed = desired <= self.memory;
+        self.refused |= !allowed;
+        Ok(allowed)
+    }
+
+    fn memory_grow_failed(
+        &mut self,
+        _error: &wasmi::errors::MemoryError,
+    ) -> Result<(), wasmi_core::LimiterError> {
+        self.refused = true;
+        Ok(())
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> Result<bool, wasmi_core::LimiterError> {
+        Ok(desired <= 1 << 20)
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        16
+    }
+
+    fn memories(&self) -> usize {
+        1
+    }
+}
+
+/// A store's host state: the configuration and one invocation's I/O.
+pub struct Wasi {
+    config: Arc<Config>,
+    stdin: Vec<u8>,
+    stdin_pos: usize,
+    /// What the function wrote to stdout.
+    pub stdout: Vec<u8>,
+    /// It tried to write more than [`MAX_RESULT_BYTES`].
+    pub stdout_overflow: bool,
+    /// What it wrote to stderr.
+    pub stderr: LogTail,
+    fds: FdTable,
+    /// When the invocation must end (TSC).
+    pub deadline_tsc: u64,
+    /// A host function found the deadline passed.
+    pub timed_out: bool,
+    /// Memory limits.
+    pub limits: Limits,
+}
+
+impl Wasi {
+    /// A fresh state for `config` with a `memory_limit`.
+    pub fn new(config: Arc<Config>, memory_limit: usize) -> Wasi {
+        Wasi {
+            config,
+            stdin: Vec::new(),
+            stdin_pos: 0,
+            stdout: Vec::new(),
+            stdout_overflow: false,
+            stderr: LogTail::default(),
+            fds: FdTable::new(),
+            deadline_tsc: u64::MAX,
+            timed_out: false,
+            limits: Limits {
+                memory: memory_limit,
+                refused: false,
+            },
+        }
+    }
+
+    /// Starts an invocation: `event` on stdin, empty outputs, `deadline_tsc`.
+    pub fn begin(&mut self, event: &[u8], deadline_tsc: u64) {
+        self.stdin.clear();
+        self.stdin.extend_from_slice(event);
+        self.stdin_pos = 0;
+        self.stdout.clear();
+        self.stdout_overflow = false;
+        self.stderr.clear();
+        self.deadline_tsc = deadline_tsc;
+        self.timed_out = false;
+        self.limits.refused = false;
+    }
+
+    /// Frees the invocation's buffers (kept between invocations otherwise).
+    pub fn release_buffers(&mut self) {
+        self.stdin = Vec::new();
+        self.stdout = Vec::new();
+    }
+
+    fn write_stdout(&mut self, bytes: &[u8]) {
+        if self.stdout.len() + bytes.len() > MAX_RESULT_BYTES {
+            self.stdout_overflow = true;
+            return;
+        }
+        self.stdout.extend_from_slice(bytes);
+    }
+
+    fn past_deadline(&mut self) -> bool {
+        if clock::rdtsc() >= self.deadline_tsc {
+            self.timed_out = true;
+        }
+        self.timed_out
+    }
+}
+
+/// The host error that stops a function at its deadline inside a host call.
+fn deadline_error() -> Error {
+    Error::new("the function ran past its time limit")
+}
+
+type Ctx<'a> = Caller<'a, Wasi>;
+
+/// Runs `f` with the caller's memory and state; `EFAULT`-style errors
+/// become their errno.
+fn with<F>(caller: &mut Ctx<'_>, f: F) -> i32
+where
+    F: FnOnce(&mut Guest<'_>, &mut Wasi) -> Result<i32, i32>,
+{
+    let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+        return errno::INVAL;
+    };
+    let (bytes, wasi) = memory.data_and_store_mut(caller);
+    let mut guest = Guest::new(bytes);
+    f(&mut guest, wasi).unwrap_or_else(|errno| errno)
+}
+
+/// Writes a list of byte strings the way `args_get` and `environ_get` do.
+fn put_strings(guest: &mut Guest<'_>, list: &[Vec<u8>], ptrs: u32, buf: u32) -> Result<i32, i32> {
+    let mut at = buf;
+    for (i, item) in list.iter().enumerate() {
+        guest.write_u32(ptrs + 4 * i as u32, at)?;
+        guest.write_bytes(at, item)?;
+        guest.write_bytes(at + item.len() as u32, &[0])?;
+        at += item.len() as u32 + 1;
+    }
+    Ok(errno::SUCCESS)
+}
+
+fn sizes(list: &[Vec<u8>]) -> (u32, u32) {
+    let bytes: usize = list.iter().map(|s| s.len() + 1).sum();
+    (list.len() as u32, bytes as u32)
+}
+
+/// Defines every WASI preview 1 function in `linker`.
+pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
+    linker.func_wrap(
+        MODULE,
+        "args_get",
+        |mut c: Ctx<'_>, argv: u32, buf: u32| -> i32 {
+            with(&mut c, |g, w| put_strings(g, &w.config.args, argv, buf))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "args_sizes_get",
+        |mut c: Ctx<'_>, count: u32, size: u32| -> i32 {
+            with(&mut c, |g, w| {
+                let (n, bytes) = sizes(&w.config.args);
+                g.write_u32(count, n)?;
+                g.write_u32(size, bytes)?;
+                Ok(errno::SUCCESS)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "environ_get",
+        |mut c: Ctx<'_>, env: u32, buf: u32| -> i32 {
+            with(&mut c, |g, w| put_strings(g, &w.config.env, env, buf))
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "environ_sizes_get",
+        |mut c: Ctx<'_>, count: u32, size: u32| -> i32 {
+            with(&mut c, |g, w| {
+                let (n, bytes) = sizes(&w.config.env);
+                g.write_u32(count, n)?;
+                g.write_u32(size, bytes)?;
+                Ok(errno::SUCCESS)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "clock_res_get",
+        |mut c: Ctx<'_>, id: u32, res: u32| -> i32 {
+            with(&mut c, |g, _| {
+                if id > 3 {
+                    return Err(errno::INVAL);
+                }
+                g.write_u64(res, 1)?;
+                Ok(errno::SUCCESS)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "clock_time_get",
+        |mut c: Ctx<'_>, id: u32, _precision: u64, time: u32| -> i32 {
+            with(&mut c, |g, _| {
+                let now = match id {
+                    0 => clock::realtime_ns(),
+                    // Monotonic, and the process and thread CPU clocks (the
+                    // function owns its vCPU while it runs).
+                    1..=3 => clock::monotonic_ns(),
+                    _ => return Err(errno::INVAL),
+                };
+                g.write_u64(time, now)?;
+                Ok(errno::SUCCESS)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "random_get",
+        |mut c: Ctx<'_>, buf: u32, len: u32| -> i32 {
+            with(&mut c, |g, _| {
+                let out = g.slice_mut(buf, len)?;
+                if crate::rng::fill(out) {
+                    Ok(errno::SUCCESS)
+                } else {
+                    Err(errno::NOSYS)
+                }
+            })
+        },
+    )?;
+    linker.func_wrap(MODULE, "sched_yield", || -> i32 { errno::SUCCESS })?;
+    linker.func_wrap(MODULE, "proc_exit", |code: u32| -> Result<(), Error> {
+        Err(Error::i32_exit(code as i32))
+    })?;
+    linker.func_wrap(MODULE, "proc_raise", |_sig: u32| -> i32 { errno::NOSYS })?;
+    linker.func_wrap(
+        MODULE,
+        "poll_oneoff",
+        |mut c: Ctx<'_>, subs: u32, events: u32, count: u32, nevents: u32| -> Result<i32, Error> {
+            poll_oneoff(&mut c, subs, events, count, nevents)
+        },
+    )?;
+
+    fs::define(linker)?;
+
+    linker.func_wrap(MODULE, "sock_accept", |_: u32, _: u32, _: u32| -> i32 {
+        errno::NOSYS
+    })?;
+    linker.func_wrap(
+        MODULE,
+        "sock_recv",
+        |_: u32, _: u32, _: u32, _: u32, _: u32, _: u32| -> i32 { errno::NOSYS },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "sock_send",
+        |_: u32, _: u32, _: u32, _: u32, _: u32| -> i32 { errno::NOSYS },
+    )?;
+    linker.func_wrap(MODULE, "sock_shutdown", |_: u32, _: u32| -> i32 {
+        errno::NOSYS
+    })?;
+    Ok(())
+}
+
+/// Subscription and event layouts of `poll_oneoff`.
+const SUBSCRIPTION_SIZE: u32 = 48;
+const EVENT_SIZE: u32 = 32;
+const EVENTTYPE_CLOCK: u8 = 0;
+const EVENTTYPE_FD_READ: u8 = 1;
+const EVENTTYPE_FD_WRITE: u8 = 2;
+const SUBCLOCKFLAGS_ABSTIME: u16 = 1;
+
+/// `poll_oneoff`: file descriptors are always ready; clock subscriptions
+/// are slept out by spinning on the TSC, never past the invocation's
+/// deadline (which ends the function with a timeout instead).
+fn poll_oneoff(
+    c: &mut Ctx<'_>,
+    subs: u32,
+    events: u32,
+    count: u32,
+    nevents: u32,
+) -> Result<i32, Error> {
+    struct Sub {
+        userdata: u64,
+        tag: u8,
+        fd: u32,
+        deadline_tsc: u64,
+    }
+    if count == 0 {
+        return Ok(errno::INVAL);
+    }
+    // Read the subscriptions.
+    let mut list = Vec::new();
+    let mut bad_clock = false;
+    let read = with(c, |g, _| {
+        for i in 0..count {
+            let at = subs
+                .checked_add(i.checked_mul(SUBSCRIPTION_SIZE).ok_or(errno::FAULT)?)
+                .ok_or(errno::FAULT)?;
+            let userdata = g.read_u64(at)?;
+            let tag = g.read_u8(at + 8)?;
+            let (fd, deadline_tsc) = match tag {
+                EVENTTYPE_CLOCK => {
+                    let id = g.read_u32(at + 16)?;
+                    let timeout = g.read_u64(at + 24)?;
+                    let flags = g.read_u16(at + 40)?;
+                    let now_ns = match id {
+                        0 => clock::realtime_ns(),
+                        1..=3 => clock::monotonic_ns(),
+                        _ => {
+                            bad_clock = true;
+                            0
+                        }
+                    };
+                    let wait_ns = if flags & SUBCLOCKFLAGS_ABSTIME != 0 {
+                        timeout.saturating_sub(now_ns)
+                    } else {
+                        timeout
+                    };
+                    (
+                        0,
+                        clock::rdtsc().saturating_add(clock::ns_to_ticks(wait_ns)),
+                    )
+                }
+                EVENTTYPE_FD_READ | EVENTTYPE_FD_WRITE => (g.read_u32(at + 16)?, 0),
+                _ => return Err(errno::INVAL),
+            };
+            list.push(Sub {
+                userdata,
+                tag,
+                fd,
+                deadline_tsc,
+            });
+        }
+        Ok(errno::SUCCESS)
+    });
+    if read != errno::SUCCESS {
+        return Ok(read);
+    }
+    if bad_clock {
+        return Ok(errno::INVAL);
+    }
+    // File descriptors are ready at once; otherwise wait for the first clock.
+    let any_fd = list.iter().any(|s| s.tag != EVENTTYPE_CLOCK);
+    if !any_fd {
+        let first = list.iter().map(|s| s.deadline_tsc).min().unwrap_or(0);
+        loop {
+            let now = clock::rdtsc();
+            if now >= first {
+                break;
+            }
+            if c.data_mut().past_deadline() {
+                return Err(deadline_error());
+            }
+            core::hint::spin_loop();
+        }
+    }
+    let now = clock::rdtsc();
+    Ok(with(c, |g, w| {
+        let mut written = 0u32;
+        for sub in &list {
+            let ready = match sub.tag {
+                EVENTTYPE_CLOCK => !any_fd && now >= sub.deadline_tsc,
+                _ => true,
+            };
+            if !ready {
+                continue;
+            }
+            let at = events + written * EVENT_SIZE;
+            let (error, nbytes) = match sub.tag {
+                EVENTTYPE_CLOCK => (errno::SUCCESS, 0),
+                _ => match w.fds.get(sub.fd) {
+                    Some(Fd::Stdin) => (errno::SUCCESS, (w.stdin.len() - w.stdin_pos) as u64),
+                    Some(_) => (errno::SUCCESS, 0),
+                    None => (errno::BADF, 0),
+                },
+            };
+            g.write_u64(at, sub.userdata)?;
+            g.write_u16(at + 8, error as u16)?;
+            g.write_u8(at + 10, sub.tag)?;
+            g.write_u64(at + 16, nbytes)?;
+            g.write_u16(at + 24, 0)?;
+            written += 1;
+        }
+        g.write_u32(nevents, written)?;
+        Ok(errno::SUCCESS)
+    }))
+}
