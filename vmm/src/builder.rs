@@ -108,6 +108,8 @@ pub struct Microvm {
     pub devices: PioDevices,
     /// The mailbox, unless `--no-mailbox`.
     pub mailbox: Option<Mailbox>,
+    /// The guest's TSC frequency (KVM_GET_TSC_KHZ), 0 if KVM does not say.
+    pub tsc_khz: u64,
 }
 
 /// Builds the microVM `resources` describe. `reset_evt` is signalled by the
@@ -195,6 +197,13 @@ pub fn build_microvm_for_boot(
         doorbell_port: mailbox.as_ref().map(Mailbox::port),
     };
 
+    let tsc_khz = vcpu_fds.first().map_or(0, |fd| match fd.get_tsc_khz() {
+        Ok(khz) => u64::from(khz),
+        Err(e) => {
+            log::warn!("KVM does not tell the TSC frequency ({e}); guest clocks will read 0");
+            0
+        }
+    });
     let mut vcpus = Vec::with_capacity(vcpu_fds.len());
     for (index, fd) in vcpu_fds.into_iter().enumerate() {
         let index = index as u8;
@@ -237,6 +246,7 @@ pub fn build_microvm_for_boot(
         vcpus,
         devices,
         mailbox,
+        tsc_khz,
     })
 }
 

@@ -42,6 +42,9 @@ pub enum ExitCode {
     GuestTripleFault = 11,
     /// KVM failed or stopped the vCPU (internal error, failed entry, unexpected exit).
     KvmError = 12,
+    /// The guest did not answer a request within its deadline; the VM was
+    /// stopped (it is never reused).
+    GuestUnresponsive = 13,
     /// A thread made a system call outside its seccomp filter.
     BadSyscall = 148,
 }

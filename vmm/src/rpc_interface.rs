@@ -1,5 +1,6 @@
 //! What the API thread asks of the VMM thread, and the answers.
 
+use ember_abi::function::{ErrorKind, GuestStats, LoadedInfo, Model};
 use ember_abi::mailbox::CrashReport;
 use serde::Serialize;
 
@@ -7,6 +8,7 @@ use crate::builder::StartMicrovmError;
 use crate::devices::mailbox::{MailboxError, ProtocolError};
 use crate::resources::ResourcesError;
 use crate::vmm_config::boot_source::BootSourceConfig;
+use crate::vmm_config::function::FunctionBundle;
 use crate::vmm_config::machine_config::MachineConfig;
 
 /// A request from the API thread to the VMM thread.
@@ -34,6 +36,12 @@ pub enum VmmAction {
     Ping,
     /// `POST /ember/echo` with the payload.
     Echo(Vec<u8>),
+    /// `PUT /ember/function`, its files read.
+    LoadFunction(Box<FunctionBundle>),
+    /// `POST /ember/invoke` with the event.
+    Invoke(Vec<u8>),
+    /// `GET /ember/stats`.
+    GetGuestStats,
     /// `POST /ember/test/{crash,reset,bad-length}` (with `--test-commands`).
     TestGuest(GuestTest),
     /// `POST /ember/test/forbidden-syscall` (with `--test-commands`): the
@@ -79,6 +87,84 @@ pub enum VmmData {
     },
     /// A test command ended the guest as asked.
     GuestEnded(GuestEnd),
+    /// `PUT /ember/function`: loaded.
+    FunctionLoaded(FunctionInfo),
+    /// `POST /ember/invoke`: the function ran (successfully or not).
+    Invoked(Box<Invocation>),
+    /// `GET /ember/stats`.
+    GuestStats(StatsInfo),
+}
+
+/// A loaded function, for JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FunctionInfo {
+    /// "reactor" or "command".
+    pub model: &'static str,
+    /// Linear memory of the first instance, bytes.
+    pub memory_bytes: u64,
+    /// Time to compile, instantiate and initialise in the guest, µs.
+    pub load_us: u64,
+}
+
+impl From<LoadedInfo> for FunctionInfo {
+    fn from(info: LoadedInfo) -> Self {
+        FunctionInfo {
+            model: match info.model {
+                Model::Reactor => "reactor",
+                Model::Command => "command",
+            },
+            memory_bytes: info.memory_bytes,
+            load_us: info.load_ns / 1000,
+        }
+    }
+}
+
+/// One invocation's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invocation {
+    /// The result (stdout), or how the function failed.
+    pub result: Result<Vec<u8>, (ErrorKind, String)>,
+    /// The end of its stderr.
+    pub log: Vec<u8>,
+    /// Time in the function, µs (0 when the guest could not say).
+    pub duration_us: u64,
+}
+
+/// The guest's counters, for JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatsInfo {
+    /// Invocations served.
+    pub invocations: u64,
+    /// Failed invocations by kind.
+    pub errors: std::collections::BTreeMap<&'static str, u64>,
+    /// Guest heap in use, bytes.
+    pub heap_used: u64,
+    /// Guest heap in all, bytes.
+    pub heap_total: u64,
+    /// Fresh instances prepared ahead of invocations.
+    pub instances_prepared: u64,
+}
+
+impl From<GuestStats> for StatsInfo {
+    fn from(stats: GuestStats) -> Self {
+        let kinds = [
+            ErrorKind::HandlerError,
+            ErrorKind::Trap,
+            ErrorKind::Timeout,
+            ErrorKind::OutOfMemory,
+        ];
+        StatsInfo {
+            invocations: stats.invocations,
+            errors: kinds
+                .iter()
+                .zip(stats.errors)
+                .map(|(k, n)| (k.name(), n))
+                .collect(),
+            heap_used: stats.heap_used,
+            heap_total: stats.heap_total,
+            instances_prepared: stats.instances_prepared,
+        }
+    }
 }
 
 /// How a test command ended the guest.
@@ -237,6 +323,19 @@ pub enum VmmActionError {
     GuestCrashed(String),
     /// Test commands are disabled: start ember-vmm with --test-commands.
     TestCommandsDisabled,
+    /// No function is loaded: PUT /ember/function first.
+    NoFunction,
+    /// A function is already loaded in this VM; start another VM for another function.
+    FunctionAlreadyLoaded,
+    /// Cannot load the function: {0}
+    LoadFailed(String),
+    /// The event of {len} bytes exceeds the limit of {max} bytes.
+    EventTooLarge {
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// Internal error: {0}
     Internal(String),
     /// ember-vmm is exiting; the request was not served.

@@ -19,6 +19,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ember_abi::function::{ErrorKind, GuestStats, InvokeParams, LoadedInfo, Outcome};
 use ember_abi::mailbox::{CrashReport, GuestInfo, MessageKind, RequestKind};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
@@ -30,10 +31,11 @@ use crate::devices::legacy::serial::{ConsoleOutput, ConsoleSink};
 use crate::devices::mailbox::{GuestMessage, ProtocolError};
 use crate::resources::VmResources;
 use crate::rpc_interface::{
-    CrashInfo, EmberStatus, GuestEnd, GuestTest, InstanceInfo, MailboxStatus, VmmAction,
-    VmmActionError, VmmData, VmmResponse,
+    CrashInfo, EmberStatus, GuestEnd, GuestTest, InstanceInfo, Invocation, MailboxStatus,
+    VmmAction, VmmActionError, VmmData, VmmResponse,
 };
 use crate::seccomp::{self, ThreadKind};
+use crate::vmm_config::function::{FunctionBundle, MAX_EVENT};
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::vcpu::{VcpuCommand, VcpuEvent, VcpuEventSender, VcpuStop};
 use crate::{ExitCode, VMM_VERSION};
@@ -124,6 +126,10 @@ const TOKEN_RESET: u32 = 3;
 const TOKEN_TIMER: u32 = 4;
 const TOKEN_CONSOLE_IN: u32 = 5;
 
+/// How long past a function's time limit the guest may take to answer
+/// before ember-vmm stops the VM (the guest enforces the limit itself).
+const BACKSTOP_GRACE: Duration = Duration::from_secs(2);
+
 /// How long the VMM waits for the API thread to send its last response.
 const API_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -145,8 +151,10 @@ pub struct Vmm {
     state: InstanceState,
     guest: GuestState,
     pending: Option<Pending>,
-    /// A request given up on (timed out) whose late answer is to be dropped.
-    abandoned: Option<u64>,
+    /// The loaded function's time limit per invocation, ms.
+    function_timeout_ms: Option<u64>,
+    /// The time limit of the function being loaded.
+    loading_timeout_ms: Option<u64>,
     transition: Option<Transition>,
     next_seq: u64,
     started_at: Option<Instant>,
@@ -207,7 +215,8 @@ impl Vmm {
             state: InstanceState::NotStarted,
             guest: GuestState::NotStarted,
             pending: None,
-            abandoned: None,
+            function_timeout_ms: None,
+            loading_timeout_ms: None,
             transition: None,
             next_seq: 1,
             started_at: None,
@@ -308,10 +317,31 @@ impl Vmm {
             VmmAction::Resume => return self.begin_transition(InstanceState::Running),
             VmmAction::GetEmberStatus => Ok(VmmData::Status(Box::new(self.status()))),
             VmmAction::SendCtrlAltDel => {
-                return self.request_guest(RequestKind::Shutdown, Vec::new())
+                return self.request_guest(
+                    RequestKind::Shutdown,
+                    Vec::new(),
+                    self.options.mailbox_timeout,
+                )
             }
-            VmmAction::Ping => return self.request_guest(RequestKind::Ping, Vec::new()),
-            VmmAction::Echo(payload) => return self.request_guest(RequestKind::Echo, payload),
+            VmmAction::Ping => {
+                return self.request_guest(
+                    RequestKind::Ping,
+                    Vec::new(),
+                    self.options.mailbox_timeout,
+                )
+            }
+            VmmAction::Echo(payload) => {
+                return self.request_guest(RequestKind::Echo, payload, self.options.mailbox_timeout)
+            }
+            VmmAction::GetGuestStats => {
+                return self.request_guest(
+                    RequestKind::Stats,
+                    Vec::new(),
+                    self.options.mailbox_timeout,
+                )
+            }
+            VmmAction::LoadFunction(bundle) => return self.load_function(&bundle),
+            VmmAction::Invoke(event) => return self.invoke(event),
             VmmAction::TestGuest(_) | VmmAction::TestForbiddenSyscall
                 if !self.options.test_commands =>
             {
@@ -324,7 +354,7 @@ impl Vmm {
                     GuestTest::BadLength => RequestKind::TestBadLength,
                     GuestTest::Hang => RequestKind::TestHang,
                 };
-                return self.request_guest(kind, Vec::new());
+                return self.request_guest(kind, Vec::new(), self.options.mailbox_timeout);
             }
             VmmAction::TestForbiddenSyscall => Err(forbidden_syscall()),
         })
@@ -332,7 +362,12 @@ impl Vmm {
 
     /// Queues a request for the guest; it is delivered now if the guest
     /// waits, or when it becomes ready.
-    fn request_guest(&mut self, kind: RequestKind, payload: Vec<u8>) -> Option<VmmResponse> {
+    fn request_guest(
+        &mut self,
+        kind: RequestKind,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Option<VmmResponse> {
         let refuse = |e| Some(Err(e));
         let Some(microvm) = &self.microvm else {
             return refuse(VmmActionError::NotRunning(self.state.name()));
@@ -358,7 +393,7 @@ impl Vmm {
                 .into(),
             );
         }
-        let deadline = Instant::now() + self.options.mailbox_timeout;
+        let deadline = Instant::now() + timeout;
         self.pending = Some(Pending {
             kind,
             payload,
@@ -366,11 +401,54 @@ impl Vmm {
             sent_at: None,
             deadline,
         });
-        self.arm_timer(self.options.mailbox_timeout);
+        self.arm_timer(timeout);
         if self.guest == GuestState::Idle {
             self.deliver();
         }
         None
+    }
+
+    /// Sends the function to the guest to compile, instantiate and initialise.
+    fn load_function(&mut self, bundle: &FunctionBundle) -> Option<VmmResponse> {
+        if self.function_timeout_ms.is_some() || self.loading_timeout_ms.is_some() {
+            return Some(Err(VmmActionError::FunctionAlreadyLoaded));
+        }
+        let tsc_khz = self.microvm.as_ref().map_or(0, |m| m.tsc_khz);
+        let answer = self.request_guest(
+            RequestKind::Load,
+            bundle.encode(tsc_khz),
+            self.options.mailbox_timeout,
+        );
+        if answer.is_none() {
+            self.loading_timeout_ms = Some(bundle.timeout_ms);
+        }
+        answer
+    }
+
+    /// Sends an invocation: the event, the time limit and the wall clock.
+    /// ember-vmm waits the time limit plus [`BACKSTOP_GRACE`]; a guest that
+    /// has not answered by then is stopped for good.
+    fn invoke(&mut self, event: Vec<u8>) -> Option<VmmResponse> {
+        let Some(timeout_ms) = self.function_timeout_ms else {
+            return Some(Err(VmmActionError::NoFunction));
+        };
+        if event.len() > MAX_EVENT {
+            return Some(Err(VmmActionError::EventTooLarge {
+                len: event.len(),
+                max: MAX_EVENT,
+            }));
+        }
+        let params = InvokeParams {
+            timeout_ms,
+            realtime_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+        };
+        let mut payload = Vec::with_capacity(InvokeParams::SIZE + event.len());
+        payload.extend_from_slice(&params.encode());
+        payload.extend_from_slice(&event);
+        let backstop = Duration::from_millis(timeout_ms) + BACKSTOP_GRACE;
+        self.request_guest(RequestKind::Invoke, payload, backstop)
     }
 
     /// Writes the pending request into the mailbox and lets vCPU 0 go on.
@@ -425,23 +503,24 @@ impl Vmm {
                 }
                 self.on_ready(&message);
             }
-            MessageKind::Pong
-            | MessageKind::EchoReply
-            | MessageKind::Error
-            | MessageKind::ShutdownAck => {
-                if let Some(seq) = self.abandoned.filter(|&seq| seq == message.seq) {
-                    log::warn!("dropping the guest's late answer to request {seq}");
-                    self.abandoned = None;
-                    self.guest = GuestState::Idle;
-                    if message.kind == MessageKind::ShutdownAck {
-                        self.end_guest("shut down".into(), ExitCode::Ok);
-                    }
-                    return self.deliver_if_waiting();
-                }
-                self.on_answer(message);
-            }
+            MessageKind::Idle => self.on_idle(message.seq),
             MessageKind::Crash => self.on_crash(&message.payload),
+            _ => self.on_answer(message),
         }
+    }
+
+    /// The guest finished its work after an outcome and waits.
+    fn on_idle(&mut self, seq: u64) {
+        let waiting_after_outcome = self.guest == GuestState::Busy(seq)
+            && self.pending.as_ref().is_none_or(|p| p.seq.is_none());
+        if !waiting_after_outcome {
+            return self.protocol_error(unexpected(format!(
+                "guest posted `idle` for request {seq} while {:?}",
+                self.guest
+            )));
+        }
+        self.guest = GuestState::Idle;
+        self.deliver_if_waiting();
     }
 
     fn on_ready(&mut self, message: &GuestMessage) {
@@ -493,23 +572,32 @@ impl Vmm {
         let round_trip_us = pending
             .sent_at
             .map_or(0, |t| t.elapsed().as_micros() as u64);
-        let expected = match pending.kind {
-            RequestKind::Ping => MessageKind::Pong,
-            RequestKind::Echo => MessageKind::EchoReply,
-            RequestKind::Shutdown => MessageKind::ShutdownAck,
-            _ => MessageKind::Error,
+        let expected: &[MessageKind] = match pending.kind {
+            RequestKind::Ping => &[MessageKind::Pong],
+            RequestKind::Echo => &[MessageKind::EchoReply],
+            RequestKind::Shutdown => &[MessageKind::ShutdownAck],
+            RequestKind::Load => &[MessageKind::Loaded, MessageKind::LoadFailed],
+            RequestKind::Invoke => &[MessageKind::Outcome, MessageKind::OutcomePreparing],
+            RequestKind::Stats => &[MessageKind::Stats],
+            _ => &[],
         };
+        if message.kind != MessageKind::Error && !expected.contains(&message.kind) {
+            self.protocol_errors += 1;
+            // The guest said it waits (or not) by the kind it chose; believe
+            // that much, so the vCPU is not left parked forever.
+            if !message.kind.awaits_request() {
+                self.guest = GuestState::Busy(message.seq);
+                self.continue_vcpu();
+            }
+            return self.respond(Err(unexpected(format!(
+                "guest answered {:?} with {:?}",
+                pending.kind, message.kind
+            ))));
+        }
         let response = match message.kind {
             MessageKind::Error => Err(VmmActionError::GuestError(
                 String::from_utf8_lossy(&message.payload).into(),
             )),
-            kind if kind != expected => {
-                self.protocol_errors += 1;
-                Err(unexpected(format!(
-                    "guest answered {:?} with {kind:?}",
-                    pending.kind
-                )))
-            }
             MessageKind::Pong => Ok(VmmData::Pong { round_trip_us }),
             MessageKind::EchoReply => Ok(VmmData::Echo {
                 payload: message.payload,
@@ -520,9 +608,67 @@ impl Vmm {
                 self.end_guest("shut down".into(), ExitCode::Ok);
                 return;
             }
+            MessageKind::Loaded => match LoadedInfo::decode(&message.payload) {
+                Ok(info) => {
+                    self.function_timeout_ms = self.loading_timeout_ms.take();
+                    log::info!(
+                        "function loaded: {:?} in {} us",
+                        info.model,
+                        info.load_ns / 1000
+                    );
+                    Ok(VmmData::FunctionLoaded(info.into()))
+                }
+                Err(e) => {
+                    self.loading_timeout_ms = None;
+                    self.protocol_errors += 1;
+                    Err(unexpected(format!("guest's `loaded` is malformed: {e}")))
+                }
+            },
+            MessageKind::LoadFailed => {
+                self.loading_timeout_ms = None;
+                Err(VmmActionError::LoadFailed(
+                    String::from_utf8_lossy(&message.payload).into(),
+                ))
+            }
+            MessageKind::Outcome | MessageKind::OutcomePreparing => {
+                if message.kind == MessageKind::OutcomePreparing {
+                    // The guest goes on to prepare the next instance, and
+                    // says `idle` when done.
+                    self.guest = GuestState::Busy(message.seq);
+                    self.continue_vcpu();
+                }
+                match Outcome::decode(&message.payload) {
+                    Ok(outcome) => Ok(VmmData::Invoked(Box::new(Invocation {
+                        result: outcome
+                            .result
+                            .map(<[u8]>::to_vec)
+                            .map_err(|(kind, text)| (kind, String::from_utf8_lossy(text).into())),
+                        log: outcome.log.to_vec(),
+                        duration_us: outcome.header.duration_ns / 1000,
+                    }))),
+                    Err(e) => {
+                        self.protocol_errors += 1;
+                        Err(unexpected(format!("guest's outcome is malformed: {e}")))
+                    }
+                }
+            }
+            MessageKind::Stats => match GuestStats::decode(&message.payload) {
+                Ok(stats) => Ok(VmmData::GuestStats(stats.into())),
+                Err(e) => {
+                    self.protocol_errors += 1;
+                    Err(unexpected(format!("guest's stats are malformed: {e}")))
+                }
+            },
             other => Err(unexpected(format!("guest answered with {other:?}"))),
         };
         self.respond(response);
+    }
+
+    /// Lets vCPU 0 leave the doorbell exit without a new request.
+    fn continue_vcpu(&self) {
+        if let Some(microvm) = &self.microvm {
+            microvm.vcpus[0].send(VcpuCommand::Continue);
+        }
     }
 
     /// The guest crashed (and has stopped: a crash message is its last).
@@ -548,6 +694,16 @@ impl Vmm {
                 (RequestKind::TestCrash, Some(info)) => {
                     Ok(VmmData::GuestEnded(GuestEnd::Crash(info)))
                 }
+                (RequestKind::Invoke, _) => Ok(VmmData::Invoked(Box::new(Invocation {
+                    result: Err((
+                        ErrorKind::Crash,
+                        format!("the guest crashed while running the function: {description}"),
+                    )),
+                    log: Vec::new(),
+                    duration_us: pending
+                        .sent_at
+                        .map_or(0, |t| t.elapsed().as_micros() as u64),
+                }))),
                 _ => Err(VmmActionError::GuestCrashed(description.clone())),
             };
             self.respond(response);
@@ -663,6 +819,8 @@ impl Vmm {
         self.end_guest("reset".into(), ExitCode::Ok);
     }
 
+    /// A request's deadline passed: the guest did not answer in time. It is
+    /// not trusted again: the VM is stopped and ember-vmm exits (code 13).
     fn on_timer(&mut self) {
         let Some(pending) = &self.pending else { return };
         let now = Instant::now();
@@ -670,13 +828,29 @@ impl Vmm {
             self.arm_timer(pending.deadline - now);
             return;
         }
-        let ms = self.options.mailbox_timeout.as_millis() as u64;
-        log::warn!("guest did not answer {:?} within {ms} ms", pending.kind);
-        if pending.seq.is_some() {
-            self.abandoned = pending.seq;
-        }
-        self.pending = None;
-        self.respond(Err(VmmActionError::GuestTimeout(ms)));
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        let waited = pending
+            .sent_at
+            .map_or(0, |t| t.elapsed().as_millis() as u64);
+        log::error!(
+            "the guest did not answer {:?} within its deadline ({waited} ms after it was sent); stopping the VM",
+            pending.kind
+        );
+        let message = format!(
+            "the guest did not answer within {waited} ms; the VM was stopped and will not be reused"
+        );
+        let response = match pending.kind {
+            RequestKind::Invoke => Ok(VmmData::Invoked(Box::new(Invocation {
+                result: Err((ErrorKind::Timeout, message)),
+                log: Vec::new(),
+                duration_us: waited * 1000,
+            }))),
+            _ => Err(VmmActionError::GuestTimeout(waited)),
+        };
+        self.respond(response);
+        self.end_guest("unresponsive".into(), ExitCode::GuestUnresponsive);
     }
 
     /// Stdin has bytes (or ended): hand them to the UART.

@@ -9,8 +9,8 @@ use serde::Serialize;
 /// Longest request head (request line and headers).
 pub const MAX_HEAD: usize = 16 * 1024;
 
-/// Longest request body: a mailbox payload with room to spare.
-pub const MAX_BODY: usize = 4 << 20;
+/// Longest request body: a mailbox area (an event is at most 6 MiB).
+pub const MAX_BODY: usize = 8 << 20;
 
 /// Most headers in a request.
 const MAX_HEADERS: usize = 32;

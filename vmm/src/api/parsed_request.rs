@@ -3,14 +3,24 @@
 //! The paths and bodies are Firecracker's where Firecracker has them
 //! (docs/vmm.md lists them); Ember's own live under `/ember/`.
 
+use base64::Engine as _;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::http::{Request, Response};
 use crate::rpc_interface::{GuestEnd, GuestTest, VmmAction, VmmData, VmmResponse};
+use crate::vmm_config::function::FunctionConfig;
 
 /// Header carrying the host → guest → host time of a mailbox request.
 pub const ROUND_TRIP_HEADER: &str = "X-Ember-Round-Trip-Us";
+/// Header carrying the time an invocation spent in the function.
+pub const DURATION_HEADER: &str = "X-Ember-Duration-Us";
+/// Header carrying the end of the function's stderr, base64.
+pub const LOG_HEADER: &str = "X-Ember-Log";
+/// Header naming how a function failed.
+pub const FUNCTION_ERROR_HEADER: &str = "X-Ember-Function-Error";
+/// Bytes of log in [`LOG_HEADER`]: 3 KiB, 4 KiB once in base64.
+pub const LOG_HEADER_BYTES: usize = 3072;
 
 /// The body of `PUT /actions`.
 #[derive(Debug, Deserialize)]
@@ -64,6 +74,15 @@ pub fn parse(request: &Request) -> Result<VmmAction, Response> {
         ("GET", "/ember/status") => VmmAction::GetEmberStatus,
         ("POST", "/ember/ping") => VmmAction::Ping,
         ("POST", "/ember/echo") => VmmAction::Echo(request.body.clone()),
+        ("PUT", "/ember/function") => {
+            let config: FunctionConfig = json_body(request)?;
+            let bundle = config
+                .read(entropy()?)
+                .map_err(|e| Response::fault(400, &format!("Cannot load the function: {e}")))?;
+            VmmAction::LoadFunction(Box::new(bundle))
+        }
+        ("POST", "/ember/invoke") => VmmAction::Invoke(request.body.clone()),
+        ("GET", "/ember/stats") => VmmAction::GetGuestStats,
         ("POST", "/ember/test/crash") => VmmAction::TestGuest(GuestTest::Crash),
         ("POST", "/ember/test/reset") => VmmAction::TestGuest(GuestTest::Reset),
         ("POST", "/ember/test/bad-length") => VmmAction::TestGuest(GuestTest::BadLength),
@@ -77,6 +96,20 @@ pub fn parse(request: &Request) -> Result<VmmAction, Response> {
         }
     };
     Ok(action)
+}
+
+/// 32 bytes from the kernel's generator, for a function's random numbers.
+fn entropy() -> Result<[u8; 32], Response> {
+    let mut seed = [0u8; 32];
+    // SAFETY: getrandom(2) fills the buffer we own, of the length we pass.
+    let got = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+    if got != seed.len() as isize {
+        return Err(Response::fault(
+            500,
+            &format!("cannot get entropy: {}", std::io::Error::last_os_error()),
+        ));
+    }
+    Ok(seed)
 }
 
 /// Decodes a JSON body, or a 400 naming the request and the problem.
@@ -112,6 +145,25 @@ pub fn response(answer: VmmResponse) -> Response {
         Ok(VmmData::GuestEnded(GuestEnd::Crash(info))) => {
             Response::json(200, &serde_json::json!({ "crash": info }))
         }
+        Ok(VmmData::FunctionLoaded(info)) => Response::json(200, &info),
+        Ok(VmmData::GuestStats(stats)) => Response::json(200, &stats),
+        Ok(VmmData::Invoked(invocation)) => {
+            let log = &invocation.log[invocation.log.len().saturating_sub(LOG_HEADER_BYTES)..];
+            let response = match invocation.result {
+                Ok(result) => Response::bytes(200, result),
+                Err((kind, message)) => Response::json(
+                    200,
+                    &serde_json::json!({ "error": { "kind": kind.name(), "message": message } }),
+                )
+                .with_header(FUNCTION_ERROR_HEADER, kind.name().to_string()),
+            };
+            response
+                .with_header(DURATION_HEADER, invocation.duration_us.to_string())
+                .with_header(
+                    LOG_HEADER,
+                    base64::engine::general_purpose::STANDARD.encode(log),
+                )
+        }
         Ok(VmmData::GuestEnded(GuestEnd::Reset)) => {
             Response::json(200, &serde_json::json!({ "reset": true }))
         }
@@ -122,7 +174,7 @@ pub fn response(answer: VmmResponse) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rpc_interface::VmmActionError;
+    use crate::rpc_interface::{Invocation, VmmActionError};
 
     fn request(method: &str, path: &str, body: &str) -> Request {
         Request {
@@ -233,5 +285,52 @@ mod tests {
             response(Err(VmmActionError::GuestCrashed("x".into()))).status,
             500
         );
+    }
+
+    #[test]
+    fn invocations_are_200_with_the_result_or_the_function_error() {
+        use base64::Engine as _;
+        use ember_abi::function::ErrorKind;
+
+        let header = |r: &Response, name: &str| {
+            r.headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let ok = response(Ok(VmmData::Invoked(Box::new(Invocation {
+            result: Ok(b"result".to_vec()),
+            log: b"log line\n".to_vec(),
+            duration_us: 17,
+        }))));
+        assert_eq!((ok.status, ok.body.as_slice()), (200, &b"result"[..]));
+        assert_eq!(header(&ok, DURATION_HEADER).as_deref(), Some("17"));
+        assert_eq!(header(&ok, FUNCTION_ERROR_HEADER), None);
+        let log = base64::engine::general_purpose::STANDARD
+            .decode(header(&ok, LOG_HEADER).unwrap())
+            .unwrap();
+        assert_eq!(log, b"log line\n");
+
+        // A long log: its end, and the header stays within 4 KiB.
+        let long: Vec<u8> = (0..10_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let failed = response(Ok(VmmData::Invoked(Box::new(Invocation {
+            result: Err((ErrorKind::Trap, "wasm trap: unreachable".into())),
+            log: long.clone(),
+            duration_us: 5,
+        }))));
+        assert_eq!(failed.status, 200);
+        assert_eq!(
+            header(&failed, FUNCTION_ERROR_HEADER).as_deref(),
+            Some("trap")
+        );
+        let body: serde_json::Value = serde_json::from_slice(&failed.body).unwrap();
+        assert_eq!(body["error"]["kind"], "trap");
+        assert_eq!(body["error"]["message"], "wasm trap: unreachable");
+        let encoded = header(&failed, LOG_HEADER).unwrap();
+        assert!(encoded.len() <= 4096, "{}", encoded.len());
+        let tail = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap();
+        assert!(long.ends_with(&tail) && tail.len() == LOG_HEADER_BYTES);
     }
 }

@@ -185,7 +185,7 @@ mod tests {
     const GPA: u64 = 6 << 20;
 
     fn mailbox() -> (Mailbox, GuestMemoryMmap) {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
         let mailbox = Mailbox::new(mem.clone(), GPA, DEFAULT_SIZE, 0xee0).unwrap();
         mailbox.init_header().unwrap();
         (mailbox, mem)
@@ -217,7 +217,7 @@ mod tests {
         );
         assert_eq!(
             mailbox.cmdline_param(),
-            "ember.mailbox=0x600000,0x200000,0xee0"
+            "ember.mailbox=0x600000,0x1000000,0xee0"
         );
     }
 
@@ -325,7 +325,7 @@ mod tests {
     #[test]
     fn unknown_kinds_are_rejected() {
         let (mailbox, mem) = mailbox();
-        for kind in [0, 7, 0x100, u32::MAX] {
+        for kind in [0, 13, 0x100, u32::MAX] {
             guest_posts(
                 &mem,
                 &mailbox,
@@ -344,7 +344,7 @@ mod tests {
 
     #[test]
     fn region_beyond_memory_is_an_error_not_a_read() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
         // The response area would lie past the end of guest memory.
         let mailbox = Mailbox::new(mem, (8 << 20) - 8192, DEFAULT_SIZE, 0xee0).unwrap();
         assert!(matches!(

@@ -5,9 +5,9 @@ use serde::{Deserialize, Serialize};
 /// Most vCPUs a microVM may have.
 pub const MAX_VCPUS: u8 = 32;
 
-/// Smallest guest memory: the image at 1 MiB, the heap, and the 2 MiB
+/// Smallest guest memory: the image at 1 MiB, a heap, and the 16 MiB
 /// mailbox at the top.
-pub const MIN_MEM_MIB: usize = 8;
+pub const MIN_MEM_MIB: usize = 32;
 
 /// Largest guest memory: RAM is one range from 0 and stops below the 32-bit
 /// MMIO hole (the IOAPIC at 0xfec00000, the LAPIC at 0xfee00000, and room
@@ -174,7 +174,7 @@ mod tests {
         );
         assert_eq!(
             config(1, 0).validate(1024).unwrap_err().to_string(),
-            "mem_size_mib must be at least 8 (got 0)"
+            "mem_size_mib must be at least 32 (got 0)"
         );
         assert_eq!(
             config(1, 2048).validate(1024).unwrap_err().to_string(),

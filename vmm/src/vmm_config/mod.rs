@@ -2,4 +2,5 @@
 //! (Firecracker's JSON, unknown fields refused), and their validation.
 
 pub mod boot_source;
+pub mod function;
 pub mod machine_config;

@@ -1,0 +1,307 @@
+//! `PUT /ember/function`: the WebAssembly module to load, its files,
+//! arguments, environment and limits — host paths, read by ember-vmm.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use ember_abi::function::{LoadSpec, MAX_EVENT_BYTES};
+use ember_abi::mailbox::{Layout, DEFAULT_SIZE};
+use serde::Deserialize;
+
+/// Default memory limit (Lambda's default).
+pub const DEFAULT_MEMORY_MIB: u32 = 128;
+/// Default time limit per invocation (Lambda's default).
+pub const DEFAULT_TIMEOUT_MS: u64 = 3_000;
+/// Longest time limit (Lambda's).
+pub const MAX_TIMEOUT_MS: u64 = 900_000;
+
+/// A file shipped beside the module, as `/var/task/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Its name in `/var/task`.
+    pub name: String,
+    /// Where it is on the host.
+    pub host_path: PathBuf,
+}
+
+/// The body of `PUT /ember/function`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionConfig {
+    /// The module (a `.wasm` for wasm32-wasip1) on the host.
+    pub module_path: PathBuf,
+    /// Files for `/var/task`.
+    #[serde(default)]
+    pub files: Vec<FileConfig>,
+    /// Arguments after `argv[0]`.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The most linear memory the module may use, MiB.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+    /// Time limit per invocation, ms.
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_memory() -> u32 {
+    DEFAULT_MEMORY_MIB
+}
+
+fn default_timeout() -> u64 {
+    DEFAULT_TIMEOUT_MS
+}
+
+/// Why a function was refused before it reached the guest.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum FunctionConfigError {
+    /// Cannot read module_path {path}: {source}
+    ReadModule {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Cannot read file {name:?} from {path}: {source}
+    ReadFile {
+        /// Its name in /var/task.
+        name: String,
+        /// The host path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// file name {0:?} is not a plain name (no '/', not '.' or '..', not empty)
+    BadFileName(String),
+    /// file name {0:?} appears twice
+    DuplicateFileName(String),
+    /// memory_mib must be at least 1 (got 0)
+    NoMemory,
+    /// timeout_ms must be between 1 and {max} (got {got})
+    Timeout {
+        /// What was asked.
+        got: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// environment variable name {0:?} is empty or contains '=' or NUL
+    BadEnvName(String),
+    /// the function's module and files take {size} bytes, above the {max} bytes one load can carry
+    TooLarge {
+        /// Encoded size.
+        size: usize,
+        /// The request area.
+        max: u64,
+    },
+}
+
+/// A function read from the host, ready to be sent to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionBundle {
+    /// The module's bytes.
+    pub module: Vec<u8>,
+    /// `/var/task` files: (name, contents).
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Arguments after `argv[0]`.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` entries.
+    pub env: Vec<String>,
+    /// Memory limit, bytes.
+    pub memory_limit: u64,
+    /// Time limit per invocation, ms.
+    pub timeout_ms: u64,
+    /// Entropy for the guest's generator.
+    pub seed: [u8; 32],
+}
+
+impl FunctionConfig {
+    /// Checks the configuration and reads the module and files.
+    pub fn read(&self, seed: [u8; 32]) -> Result<FunctionBundle, FunctionConfigError> {
+        if self.memory_mib == 0 {
+            return Err(FunctionConfigError::NoMemory);
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > MAX_TIMEOUT_MS {
+            return Err(FunctionConfigError::Timeout {
+                got: self.timeout_ms,
+                max: MAX_TIMEOUT_MS,
+            });
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for file in &self.files {
+            let name = &file.name;
+            if name.is_empty()
+                || name == "."
+                || name == ".."
+                || name.contains('/')
+                || name.contains('\0')
+            {
+                return Err(FunctionConfigError::BadFileName(name.clone()));
+            }
+            if !names.insert(name.as_str()) {
+                return Err(FunctionConfigError::DuplicateFileName(name.clone()));
+            }
+        }
+        for key in self.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(FunctionConfigError::BadEnvName(key.clone()));
+            }
+        }
+        let module =
+            std::fs::read(&self.module_path).map_err(|source| FunctionConfigError::ReadModule {
+                path: self.module_path.clone(),
+                source,
+            })?;
+        let files = self
+            .files
+            .iter()
+            .map(|file| {
+                std::fs::read(&file.host_path)
+                    .map(|contents| (file.name.clone(), contents))
+                    .map_err(|source| FunctionConfigError::ReadFile {
+                        name: file.name.clone(),
+                        path: file.host_path.clone(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let bundle = FunctionBundle {
+            module,
+            files,
+            args: self.args.clone(),
+            env: self.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            memory_limit: u64::from(self.memory_mib) << 20,
+            timeout_ms: self.timeout_ms,
+            seed,
+        };
+        let size = bundle.encode(0).len();
+        let max = max_load_bytes();
+        if size as u64 > max {
+            return Err(FunctionConfigError::TooLarge { size, max });
+        }
+        Ok(bundle)
+    }
+}
+
+/// The most a `load` request can carry: the mailbox's request area.
+pub fn max_load_bytes() -> u64 {
+    Layout::new(DEFAULT_SIZE).map_or(0, |l| l.area_size)
+}
+
+/// The largest event an invocation takes.
+pub const MAX_EVENT: usize = MAX_EVENT_BYTES;
+
+impl FunctionBundle {
+    /// The `load` payload, with the guest's TSC frequency.
+    pub fn encode(&self, tsc_khz: u64) -> Vec<u8> {
+        LoadSpec {
+            module: &self.module,
+            files: self
+                .files
+                .iter()
+                .map(|(name, contents)| (name.as_bytes(), contents.as_slice()))
+                .collect(),
+            args: self.args.iter().map(|a| a.as_bytes()).collect(),
+            env: self.env.iter().map(|e| e.as_bytes()).collect(),
+            name: b"function",
+            memory_limit: self.memory_limit,
+            seed: self.seed,
+            tsc_khz,
+        }
+        .encode()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("ember-function-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn config(module: PathBuf) -> FunctionConfig {
+        FunctionConfig {
+            module_path: module,
+            files: Vec::new(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            memory_mib: 64,
+            timeout_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn reads_module_and_files() {
+        let dir = dir();
+        std::fs::write(dir.join("m.wasm"), b"\0asm\x01\0\0\0").unwrap();
+        std::fs::write(dir.join("data"), b"hello").unwrap();
+        let mut c = config(dir.join("m.wasm"));
+        c.files.push(FileConfig {
+            name: "data.txt".into(),
+            host_path: dir.join("data"),
+        });
+        c.env.insert("A".into(), "1".into());
+        let bundle = c.read([1; 32]).unwrap();
+        assert_eq!(bundle.module, b"\0asm\x01\0\0\0");
+        assert_eq!(
+            bundle.files,
+            vec![("data.txt".to_string(), b"hello".to_vec())]
+        );
+        assert_eq!(bundle.env, vec!["A=1".to_string()]);
+        let encoded = bundle.encode(2_000_000);
+        let spec = LoadSpec::decode(&encoded).unwrap();
+        assert_eq!(spec.tsc_khz, 2_000_000);
+        assert_eq!(spec.memory_limit, 64 << 20);
+    }
+
+    #[test]
+    fn refuses_bad_configs_by_name() {
+        let dir = dir();
+        std::fs::write(dir.join("m2.wasm"), b"x").unwrap();
+        let err = config(dir.join("missing.wasm"))
+            .read([0; 32])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("Cannot read module_path") && err.contains("missing.wasm"),
+            "{err}"
+        );
+        let mut c = config(dir.join("m2.wasm"));
+        c.files.push(FileConfig {
+            name: "../etc".into(),
+            host_path: dir.join("m2.wasm"),
+        });
+        assert!(matches!(
+            c.read([0; 32]),
+            Err(FunctionConfigError::BadFileName(_))
+        ));
+        let mut c = config(dir.join("m2.wasm"));
+        c.timeout_ms = 0;
+        assert!(matches!(
+            c.read([0; 32]),
+            Err(FunctionConfigError::Timeout { .. })
+        ));
+        let mut c = config(dir.join("m2.wasm"));
+        c.memory_mib = 0;
+        assert!(matches!(
+            c.read([0; 32]),
+            Err(FunctionConfigError::NoMemory)
+        ));
+        let mut c = config(dir.join("m2.wasm"));
+        c.env.insert("A=B".into(), "x".into());
+        assert!(matches!(
+            c.read([0; 32]),
+            Err(FunctionConfigError::BadEnvName(_))
+        ));
+        let parsed: Result<FunctionConfig, _> =
+            serde_json::from_str(r#"{"module_path": "/m.wasm", "memory": 1}"#);
+        assert!(parsed.is_err());
+    }
+}
