@@ -48,6 +48,20 @@ ensure_packages() {
     fi
 }
 
+# Debian's clang, lld, wasi-libc and compiler-rt for wasm32: C to wasm32-wasi.
+ensure_wasm_c() {
+    if command -v clang >/dev/null 2>&1 && command -v wasm-ld >/dev/null 2>&1 \
+        && [ -f /usr/lib/wasm32-wasi/crt1-command.o ] \
+        && ls /usr/lib/llvm-*/lib/clang/*/lib/wasi/libclang_rt.builtins-wasm32.a >/dev/null 2>&1; then
+        return
+    fi
+    say "installing clang, lld, wasi-libc and compiler-rt for wasm32"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq clang lld wasi-libc libclang-rt-dev-wasm32 >&2
+}
+
 # /dev/kvm must be usable for the demo and the KVM tests.
 kvm_usable() {
     [ -r /dev/kvm ] && [ -w /dev/kvm ]
