@@ -12,7 +12,88 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_vmm::api::client::{ApiClient, ApiResponse};
+use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::json;
+
+/// What a KVM test returns.
+pub type TestResult = Result<(), Failed>;
+
+/// A named KVM test.
+pub type Test = (&'static str, fn() -> TestResult);
+
+/// Runs `tests`, one at a time; without a usable /dev/kvm each is reported
+/// as ignored (never passed), under a banner saying why.
+pub fn run_kvm_tests(tests: Vec<Test>) -> ! {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let unavailable = kvm_unavailable();
+    if let Some(why) = &unavailable {
+        eprintln!();
+        eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+        eprintln!("!! KVM TESTS SKIPPED: {why}");
+        eprintln!(
+            "!! {} tests that boot real microVMs are reported as ignored, NOT passed.",
+            tests.len()
+        );
+        eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+        eprintln!();
+    }
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            Trial::test(name, test)
+                .with_kind("kvm")
+                .with_ignored_flag(unavailable.is_some())
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit()
+}
+
+/// A failure with `message`.
+pub fn fail(message: impl Into<String>) -> Failed {
+    Failed::from(message.into())
+}
+
+/// Fails with `message()` unless `condition`.
+pub fn check(condition: bool, message: impl FnOnce() -> String) -> TestResult {
+    if condition {
+        Ok(())
+    } else {
+        Err(fail(message()))
+    }
+}
+
+/// The VMM still answers after a refused request.
+pub fn still_serving(client: &mut ApiClient) -> TestResult {
+    let info = expect_status(client.get("/"), 200, "GET / after a refused request")?;
+    check(info.json()["app_name"] == "ember-vmm", || {
+        format!("GET / answered {}", info.json())
+    })
+}
+
+/// Waits for ember-vmm to exit and checks its exit code.
+pub fn expect_exit(vmm: &mut VmmProcess, expected: i32, meaning: &str) -> TestResult {
+    let code = exit_code(vmm.wait_exit()?)?;
+    check(code == expected, || {
+        format!(
+            "exit code {code}, expected {expected} ({meaning})\n{}",
+            vmm.transcript()
+        )
+    })
+}
+
+/// Checks that `output` (the console or the log) holds `text`.
+pub fn printed(output: &Capture, text: &str, vmm: &VmmProcess) -> TestResult {
+    check(output.text().contains(text), || {
+        format!("{text:?} was not printed\n{}", vmm.transcript())
+    })
+}
+
+/// Shuts the guest down (SendCtrlAltDel) and expects a clean exit.
+pub fn shutdown(vmm: &mut VmmProcess, client: &mut ApiClient) -> TestResult {
+    expect_status(action(client, "SendCtrlAltDel"), 204, "SendCtrlAltDel")?;
+    expect_exit(vmm, 0, "clean end")
+}
 
 /// How long a test waits for anything a healthy VMM does.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -54,8 +135,21 @@ pub fn guest_image() -> Result<PathBuf, String> {
     if let Some(path) = std::env::var_os("EMBER_GUEST_IMAGE") {
         return Ok(PathBuf::from(path));
     }
-    let script = repo_root().join("scripts/guest-image");
-    let output = Command::new(&script)
+    last_line_of(&repo_root().join("scripts/guest-image"))
+}
+
+/// The example functions: `$EMBER_EXAMPLES_DIR`, else what
+/// `./scripts/examples` prints (it builds them).
+pub fn examples_dir() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("EMBER_EXAMPLES_DIR") {
+        return Ok(PathBuf::from(path));
+    }
+    last_line_of(&repo_root().join("scripts/examples"))
+}
+
+/// Runs a build script and takes the path it prints last.
+fn last_line_of(script: &Path) -> Result<PathBuf, String> {
+    let output = Command::new(script)
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
@@ -91,21 +185,38 @@ pub fn kvm_unavailable() -> Option<String> {
 
 /// Holds an exclusive lock so that KVM tests run one at a time, across
 /// test processes too: two VMs at once on two cores slow each other down
-/// and make failures hard to read.
-pub struct KvmLock {
-    /// Closing it releases the lock.
-    _file: File,
-}
+/// and make failures hard to read. Within a process the lock is shared: a
+/// test may hold two VMs (the second must not wait for the first).
+pub struct KvmLock(());
+
+/// The process's lock file (while any [`KvmLock`] lives) and its holders.
+static KVM_LOCK: std::sync::Mutex<(Option<File>, usize)> = std::sync::Mutex::new((None, 0));
 
 impl KvmLock {
     /// Waits for the lock.
     pub fn acquire() -> KvmLock {
-        let path = std::env::temp_dir().join("ember-kvm-tests.lock");
-        let file = File::create(&path).expect("create the KVM test lock file");
-        // SAFETY: flock on a descriptor we own; blocks until the lock is ours.
-        let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(ret, 0, "flock {}", path.display());
-        KvmLock { _file: file }
+        let mut held = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        if held.1 == 0 {
+            let path = std::env::temp_dir().join("ember-kvm-tests.lock");
+            let file = File::create(&path).expect("create the KVM test lock file");
+            // SAFETY: flock on a descriptor we own; blocks until the lock is ours.
+            let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            assert_eq!(ret, 0, "flock {}", path.display());
+            held.0 = Some(file);
+        }
+        held.1 += 1;
+        KvmLock(())
+    }
+}
+
+impl Drop for KvmLock {
+    fn drop(&mut self) {
+        let mut held = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        held.1 -= 1;
+        if held.1 == 0 {
+            // Closing the file releases the lock.
+            held.0 = None;
+        }
     }
 }
 

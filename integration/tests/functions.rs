@@ -1,0 +1,659 @@
+//! Functions end to end: WebAssembly modules loaded into real microVMs and
+//! invoked through ember-vmm's socket. The examples come from
+//! `./scripts/examples`; the failure cases are small WAT modules written
+//! here. Without /dev/kvm every test is reported as ignored, never passed.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use ember_integration::*;
+use ember_vmm::api::client::{ApiClient, ApiResponse};
+use ember_vmm::api::parsed_request::{DURATION_HEADER, FUNCTION_ERROR_HEADER, LOG_HEADER};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+fn main() {
+    let tests: Vec<Test> = vec![
+        ("echo_returns_the_event", echo),
+        ("wordcount_counts", wordcount),
+        ("sha256_of_small_and_large_events", sha256),
+        ("jsonx_in_c_transforms_json", jsonx),
+        (
+            "jsonx_invalid_json_is_a_handler_error_with_log",
+            jsonx_invalid,
+        ),
+        ("counter_reactor_keeps_state", counter),
+        (
+            "counter_reactor_bad_event_is_a_handler_error",
+            counter_bad_event,
+        ),
+        ("datafile_reads_var_task", datafile),
+        ("wasi_args_env_clock_random_files", wasi_info),
+        ("traps_are_reported_and_the_next_invocation_works", traps),
+        ("reactor_is_rebuilt_after_a_trap", reactor_trap),
+        ("infinite_loop_times_out_not_before_its_limit", timeout),
+        (
+            "memory_hog_is_out_of_memory_and_runtime_stays_healthy",
+            memory_hog,
+        ),
+        ("proc_exit_nonzero_is_a_handler_error", exit_status),
+        ("module_not_wasm_is_a_load_error", not_wasm),
+        ("module_with_unknown_import_is_a_load_error", unknown_import),
+        ("module_without_entry_point_is_a_load_error", no_entry),
+        (
+            "event_at_limit_passes_one_byte_over_is_refused",
+            event_limit,
+        ),
+        (
+            "invoke_without_function_and_second_load_are_refused",
+            misuse,
+        ),
+        ("command_instances_are_prepared_ahead", prepared_instances),
+    ];
+    run_kvm_tests(tests);
+}
+
+fn example(name: &str) -> Result<PathBuf, String> {
+    let path = examples_dir()?.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("example {} is missing", path.display()))
+    }
+}
+
+/// Boots a VM and loads `config` (its `module_path` set to `module`).
+fn with_function(
+    module: &Path,
+    mut config: serde_json::Value,
+) -> Result<(VmmProcess, ApiClient, serde_json::Value), String> {
+    let (vmm, mut client) = boot(1, 128, &["--test-commands"])?;
+    config["module_path"] = json!(module);
+    if config.get("memory_mib").is_none() {
+        config["memory_mib"] = json!(32);
+    }
+    let loaded = expect_status(
+        client.put_json("/ember/function", &config),
+        200,
+        "PUT /ember/function",
+    )?
+    .json();
+    Ok((vmm, client, loaded))
+}
+
+/// Expects a successful invocation; returns its result.
+fn invoke_ok(client: &mut ApiClient, event: &[u8]) -> Result<Vec<u8>, String> {
+    let response = expect_status(client.post("/ember/invoke", event), 200, "invoke")?;
+    if let Some(kind) = response.header(FUNCTION_ERROR_HEADER) {
+        return Err(format!(
+            "the invocation failed ({kind}): {}",
+            String::from_utf8_lossy(&response.body)
+        ));
+    }
+    if response
+        .header(DURATION_HEADER)
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_none()
+    {
+        return Err("no duration header".into());
+    }
+    Ok(response.body)
+}
+
+/// Expects a failed invocation of `kind`; returns the response.
+fn invoke_err(client: &mut ApiClient, event: &[u8], kind: &str) -> Result<ApiResponse, String> {
+    let response = expect_status(client.post("/ember/invoke", event), 200, "invoke")?;
+    let got = response.header(FUNCTION_ERROR_HEADER).unwrap_or("none");
+    let body = response.json();
+    if got != kind || body["error"]["kind"] != kind {
+        return Err(format!(
+            "expected a {kind} error, got {got}: {}",
+            String::from_utf8_lossy(&response.body)
+        ));
+    }
+    Ok(response)
+}
+
+fn log_of(response: &ApiResponse) -> String {
+    let encoded = response.header(LOG_HEADER).unwrap_or("");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn same(got: &[u8], want: &[u8]) -> TestResult {
+    check(got == want, || {
+        format!(
+            "got {:?}, want {:?}",
+            String::from_utf8_lossy(got),
+            String::from_utf8_lossy(want)
+        )
+    })
+}
+
+fn echo() -> TestResult {
+    let (mut vmm, mut client, loaded) = with_function(&example("echo.wasm")?, json!({}))?;
+    check(loaded["model"] == "command", || format!("loaded {loaded}"))?;
+    same(
+        &invoke_ok(&mut client, b"hello, function")?,
+        b"hello, function",
+    )?;
+    same(&invoke_ok(&mut client, b"")?, b"")?;
+    let binary: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+    same(&invoke_ok(&mut client, &binary)?, &binary)?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn wordcount() -> TestResult {
+    let (mut vmm, mut client, _) = with_function(&example("wordcount.wasm")?, json!({}))?;
+    same(&invoke_ok(&mut client, b"one two\nthree\n")?, b"2 3 14\n")?;
+    same(&invoke_ok(&mut client, b"")?, b"0 0 0\n")?;
+    same(
+        &invoke_ok(&mut client, b"  spaced   out  words ")?,
+        b"0 3 22\n",
+    )?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn sha256() -> TestResult {
+    let (mut vmm, mut client, _) = with_function(&example("sha256.wasm")?, json!({}))?;
+    same(
+        &invoke_ok(&mut client, b"abc")?,
+        b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n",
+    )?;
+    let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let want = format!("{:x}\n", Sha256::digest(&big));
+    same(&invoke_ok(&mut client, &big)?, want.as_bytes())?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn jsonx() -> TestResult {
+    let (mut vmm, mut client, _) = with_function(&example("jsonx.wasm")?, json!({}))?;
+    same(
+        &invoke_ok(
+            &mut client,
+            br#"{"name": "ember", "tags": ["a", "b\"c"], "n": -3.5e2, "ok": true, "none": null}"#,
+        )?,
+        b"{\"name\":\"EMBER\",\"tags\":[\"A\",\"B\\\"C\"],\"n\":-3.5e2,\"ok\":true,\"none\":null,\"fields\":5}\n",
+    )?;
+    same(&invoke_ok(&mut client, b"[\"x\", {}]")?, b"[\"X\",{}]\n")?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn jsonx_invalid() -> TestResult {
+    let (mut vmm, mut client, _) = with_function(&example("jsonx.wasm")?, json!({}))?;
+    let response = invoke_err(&mut client, b"{\"unterminated\": ", "handler_error")?;
+    let message = response.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    check(message.contains("status 1"), || message.clone())?;
+    let log = log_of(&response);
+    check(log.contains("jsonx: invalid JSON"), || {
+        format!("log {log:?}")
+    })?;
+    // The next invocation is served normally.
+    same(&invoke_ok(&mut client, b"\"ok\"")?, b"\"OK\"\n")?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn counter() -> TestResult {
+    let (mut vmm, mut client, loaded) = with_function(&example("counter.wasm")?, json!({}))?;
+    check(loaded["model"] == "reactor", || format!("loaded {loaded}"))?;
+    for want in ["1\n", "2\n", "3\n"] {
+        same(&invoke_ok(&mut client, b"")?, want.as_bytes())?;
+    }
+    same(&invoke_ok(&mut client, b"10")?, b"13\n")?;
+    shutdown(&mut vmm, &mut client)?;
+
+    // _initialize runs once, at load, with the function's environment.
+    let (mut vmm, mut client, _) = with_function(
+        &example("counter.wasm")?,
+        json!({ "env": { "COUNTER_START": "100" } }),
+    )?;
+    same(&invoke_ok(&mut client, b"")?, b"101\n")?;
+    same(&invoke_ok(&mut client, b"")?, b"102\n")?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn counter_bad_event() -> TestResult {
+    let (mut vmm, mut client, _) = with_function(&example("counter.wasm")?, json!({}))?;
+    same(&invoke_ok(&mut client, b"")?, b"1\n")?;
+    let response = invoke_err(&mut client, b"abc", "handler_error")?;
+    let message = response.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    check(message.contains("ember_handle returned 2"), || {
+        message.clone()
+    })?;
+    check(log_of(&response).contains("not a number"), || {
+        log_of(&response)
+    })?;
+    // A handler error is not a failure of the instance: the state stays.
+    same(&invoke_ok(&mut client, b"")?, b"2\n")?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn datafile() -> TestResult {
+    let dir = examples_dir()?;
+    let (mut vmm, mut client, _) = with_function(
+        &example("datafile.wasm")?,
+        json!({ "files": [{ "name": "data.txt", "host_path": dir.join("data.txt") }] }),
+    )?;
+    same(
+        &invoke_ok(&mut client, b"sweet")?,
+        b"apple: red, sweet, grows on trees\nbanana: yellow, sweet, grows in bunches\n2 of 5 lines\n",
+    )?;
+    same(&invoke_ok(&mut client, b"kiwi")?, b"0 of 5 lines\n")?;
+    shutdown(&mut vmm, &mut client)
+}
+
+/// A command that reports what WASI gives it (written in WAT, so that the
+/// test does not depend on a language runtime): argv, environ, the
+/// realtime clock, 16 random bytes, and the contents of /var/task/motd.
+const WASI_INFO: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "args_get" (func $args_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $environ_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_get" (func $environ_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock_time_get (param i32 i64 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "random_get" (func $random_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "path_open" (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "sock_accept" (func $sock_accept (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 900) "motd")
+  ;; out: write `len` bytes at `ptr` to stdout (iovec at 16)
+  (func $out (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 16) (local.get $ptr))
+    (i32.store (i32.const 20) (local.get $len))
+    (drop (call $fd_write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24))))
+  (func (export "_start")
+    (local $fd i32)
+    ;; argv: sizes at 0/4, pointers at 1000, strings at 2000 (NUL-separated)
+    (drop (call $args_sizes_get (i32.const 0) (i32.const 4)))
+    (drop (call $args_get (i32.const 1000) (i32.const 2000)))
+    (call $out (i32.const 2000) (i32.load (i32.const 4)))
+    ;; environ: pointers at 3000, strings at 4000
+    (drop (call $environ_sizes_get (i32.const 0) (i32.const 4)))
+    (drop (call $environ_get (i32.const 3000) (i32.const 4000)))
+    (call $out (i32.const 4000) (i32.load (i32.const 4)))
+    ;; realtime (8 bytes), then 16 random bytes, as raw bytes
+    (drop (call $clock_time_get (i32.const 0) (i64.const 1) (i32.const 5000)))
+    (drop (call $random_get (i32.const 5008) (i32.const 16)))
+    (call $out (i32.const 5000) (i32.const 24))
+    ;; an unsupported function answers ENOSYS (52), as a byte
+    (i32.store8 (i32.const 5100) (call $sock_accept (i32.const 3) (i32.const 0) (i32.const 5104)))
+    (call $out (i32.const 5100) (i32.const 1))
+    ;; /var/task/motd: open at the preopen (fd 3), read up to 64 bytes
+    (drop (call $path_open (i32.const 3) (i32.const 0) (i32.const 900) (i32.const 4)
+      (i32.const 0) (i64.const 2) (i64.const 0) (i32.const 0) (i32.const 6000)))
+    (i32.store (i32.const 32) (i32.const 7000))
+    (i32.store (i32.const 36) (i32.const 64))
+    (drop (call $fd_read (i32.load (i32.const 6000)) (i32.const 32) (i32.const 1) (i32.const 40)))
+    (call $out (i32.const 7000) (i32.load (i32.const 40)))
+    ;; opening it for writing is not allowed: ENOTCAPABLE (76), as a byte
+    (i32.store8 (i32.const 5200) (call $path_open (i32.const 3) (i32.const 0) (i32.const 900) (i32.const 4)
+      (i32.const 0) (i64.const 64) (i64.const 0) (i32.const 0) (i32.const 6004)))
+    (call $out (i32.const 5200) (i32.const 1))))
+"#;
+
+fn write_wat(dir: &Path, name: &str, wat: &str) -> Result<PathBuf, String> {
+    let bytes = wat::parse_str(wat).map_err(|e| format!("{name}: {e}"))?;
+    let path = dir.join(format!("{name}.wasm"));
+    std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
+fn scratch() -> Result<PathBuf, String> {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("ember-fn-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    Ok(dir)
+}
+
+fn wasi_info() -> TestResult {
+    let dir = scratch()?;
+    let module = write_wat(&dir, "info", WASI_INFO)?;
+    std::fs::write(dir.join("motd"), b"welcome to /var/task").map_err(|e| fail(e.to_string()))?;
+    let (mut vmm, mut client, _) = with_function(
+        &module,
+        json!({
+            "args": ["--verbose", "x"],
+            "env": { "GREETING": "hi", "EMPTY": "" },
+            "files": [{ "name": "motd", "host_path": dir.join("motd") }],
+        }),
+    )?;
+    let now = |()| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    };
+    let before = now(());
+    let first = invoke_ok(&mut client, b"")?;
+    let after = now(());
+    let argv = b"function\0--verbose\0x\0";
+    let environ = b"EMPTY=\0GREETING=hi\0";
+    check(first.starts_with(argv), || format!("argv in {first:?}"))?;
+    let rest = &first[argv.len()..];
+    check(rest.starts_with(environ), || format!("environ in {rest:?}"))?;
+    let rest = &rest[environ.len()..];
+    check(rest.len() == 24 + 1 + 20 + 1, || {
+        format!("{} bytes after environ: {rest:?}", rest.len())
+    })?;
+    let realtime = u64::from_le_bytes(rest[..8].try_into().unwrap());
+    // The guest's wall clock agrees with the host's to within 50 ms.
+    let slack = 50_000_000;
+    check(
+        realtime + slack >= before && realtime <= after + slack,
+        || format!("guest realtime {realtime}, host between {before} and {after}"),
+    )?;
+    check(rest[24] == 52, || {
+        format!("sock_accept answered errno {}", rest[24])
+    })?;
+    same(&rest[25..45], b"welcome to /var/task")?;
+    check(rest[45] == 76, || {
+        format!(
+            "opening /var/task/motd for writing answered errno {}",
+            rest[45]
+        )
+    })?;
+    // Random bytes differ from one invocation to the next.
+    let second = invoke_ok(&mut client, b"")?;
+    let random =
+        |out: &[u8]| out[argv.len() + environ.len() + 8..argv.len() + environ.len() + 24].to_vec();
+    check(random(&first) != random(&second), || {
+        "the same random bytes twice".into()
+    })?;
+    check(random(&first) != vec![0; 16], || {
+        "random bytes are all zero".into()
+    })?;
+    shutdown(&mut vmm, &mut client)
+}
+
+/// A command whose behaviour the event's first byte picks: `u`nreachable,
+/// `d`ivision by zero, `o`ut-of-bounds load, `s`pin forever, `h`og memory,
+/// `e`xit with status 3; anything else prints "ok".
+const FAULTS: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 200) "ok")
+  (func (export "_start")
+    (local $c i32)
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 64))
+    (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 16)))
+    (local.set $c (i32.load8_u (i32.const 64)))
+    (if (i32.eq (local.get $c) (i32.const 117)) (then unreachable))
+    (if (i32.eq (local.get $c) (i32.const 100))
+      (then (drop (i32.div_s (i32.const 1) (i32.load8_u (i32.const 1000))))))
+    (if (i32.eq (local.get $c) (i32.const 111))
+      (then (drop (i32.load (i32.const 0x7ffffff0)))))
+    (if (i32.eq (local.get $c) (i32.const 115))
+      (then (loop $spin (br $spin))))
+    (if (i32.eq (local.get $c) (i32.const 104))
+      (then
+        (loop $grow (br_if $grow (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))
+        unreachable))
+    (if (i32.eq (local.get $c) (i32.const 101)) (then (call $proc_exit (i32.const 3))))
+    (i32.store (i32.const 32) (i32.const 200))
+    (i32.store (i32.const 36) (i32.const 2))
+    (drop (call $fd_write (i32.const 1) (i32.const 32) (i32.const 1) (i32.const 48)))))
+"#;
+
+fn faults(timeout_ms: u64, memory_mib: u32) -> Result<(VmmProcess, ApiClient), String> {
+    let module = write_wat(&scratch()?, "faults", FAULTS)?;
+    let (vmm, client, _) = with_function(
+        &module,
+        json!({ "timeout_ms": timeout_ms, "memory_mib": memory_mib }),
+    )?;
+    Ok((vmm, client))
+}
+
+fn traps() -> TestResult {
+    let (mut vmm, mut client) = faults(3000, 16)?;
+    for (event, text) in [
+        (&b"unreachable"[..], "unreachable"),
+        (b"div", "divide by zero"),
+        (b"oob", "out of bounds"),
+    ] {
+        let response = invoke_err(&mut client, event, "trap")?;
+        let message = response.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        check(message.contains(text), || {
+            format!("trap message {message:?} does not say {text:?}")
+        })?;
+        // The next invocation in the same VM works.
+        same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
+    }
+    let stats = expect_status(client.get("/ember/stats"), 200, "stats")?.json();
+    check(
+        stats["errors"]["trap"] == 3 && stats["invocations"] == 6,
+        || format!("stats {stats}"),
+    )?;
+    shutdown(&mut vmm, &mut client)
+}
+
+/// A reactor that counts (one digit) and traps on `u`.
+const REACTOR_TRAP: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $count (mut i32) (i32.const 0))
+  (func (export "_initialize") (global.set $count (i32.const 0)))
+  (func (export "ember_handle")
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 16))
+    (i32.store8 (i32.const 64) (i32.const 0))
+    (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 16)))
+    (if (i32.eq (i32.load8_u (i32.const 64)) (i32.const 117)) (then unreachable))
+    (global.set $count (i32.add (global.get $count) (i32.const 1)))
+    (i32.store8 (i32.const 100) (i32.add (i32.const 48) (global.get $count)))
+    (i32.store (i32.const 32) (i32.const 100))
+    (i32.store (i32.const 36) (i32.const 1))
+    (drop (call $fd_write (i32.const 1) (i32.const 32) (i32.const 1) (i32.const 48)))))
+"#;
+
+fn reactor_trap() -> TestResult {
+    let module = write_wat(&scratch()?, "reactor", REACTOR_TRAP)?;
+    let (mut vmm, mut client, loaded) = with_function(&module, json!({}))?;
+    check(loaded["model"] == "reactor", || format!("loaded {loaded}"))?;
+    same(&invoke_ok(&mut client, b"a")?, b"1")?;
+    same(&invoke_ok(&mut client, b"a")?, b"2")?;
+    invoke_err(&mut client, b"u", "trap")?;
+    // The instance was rebuilt (and _initialize run again): a fresh count.
+    same(&invoke_ok(&mut client, b"a")?, b"1")?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn timeout() -> TestResult {
+    let (mut vmm, mut client) = faults(1000, 16)?;
+    let started = Instant::now();
+    let response = invoke_err(&mut client, b"spin", "timeout")?;
+    let waited = started.elapsed();
+    check(waited >= Duration::from_millis(1000), || {
+        format!("timed out after only {waited:?}")
+    })?;
+    check(waited < Duration::from_millis(2500), || {
+        format!("timed out only after {waited:?}")
+    })?;
+    let message = response.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    check(message.contains("1000 ms"), || message.clone())?;
+    same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn memory_hog() -> TestResult {
+    let (mut vmm, mut client) = faults(3000, 8)?;
+    let response = invoke_err(&mut client, b"hog", "out_of_memory")?;
+    let message = response.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    check(message.contains("memory limit of 8 MiB"), || {
+        message.clone()
+    })?;
+    // The runtime stays healthy: the next invocations work, and the hog's
+    // memory was given back.
+    for _ in 0..3 {
+        same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
+    }
+    invoke_err(&mut client, b"hog", "out_of_memory")?;
+    same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn exit_status() -> TestResult {
+    let (mut vmm, mut client) = faults(3000, 16)?;
+    let response = invoke_err(&mut client, b"exit", "handler_error")?;
+    let message = response.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    check(message.contains("exited with status 3"), || message.clone())?;
+    same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn load_error(module_bytes: &[u8], text: &str) -> TestResult {
+    let dir = scratch()?;
+    let module = dir.join("module.wasm");
+    std::fs::write(&module, module_bytes).map_err(|e| fail(e.to_string()))?;
+    let (mut vmm, mut client) = boot(1, 128, &[])?;
+    expect_fault(
+        client.put_json(
+            "/ember/function",
+            &json!({ "module_path": module, "memory_mib": 16 }),
+        ),
+        text,
+        "load",
+    )?;
+    // The VMM (and the guest) keep serving.
+    expect_status(
+        client.post("/ember/ping", b""),
+        200,
+        "ping after a load error",
+    )?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn not_wasm() -> TestResult {
+    load_error(
+        b"#!/bin/sh\necho not a module\n",
+        "the module is not valid WebAssembly",
+    )
+}
+
+fn unknown_import() -> TestResult {
+    let bytes = wat::parse_str(
+        r#"(module (import "env" "magic" (func)) (memory (export "memory") 1) (func (export "_start")))"#,
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    load_error(&bytes, "imports env.magic")
+}
+
+fn no_entry() -> TestResult {
+    let bytes = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "main")))"#)
+        .map_err(|e| fail(e.to_string()))?;
+    load_error(
+        &bytes,
+        "exports neither _start (a command) nor ember_handle (a reactor)",
+    )
+}
+
+fn event_limit() -> TestResult {
+    let (mut vmm, mut client, _) =
+        with_function(&example("echo.wasm")?, json!({ "memory_mib": 64 }))?;
+    let limit = ember_abi::function::MAX_EVENT_BYTES;
+    let at_limit: Vec<u8> = (0..limit).map(|i| (i % 253) as u8).collect();
+    same(&invoke_ok(&mut client, &at_limit)?, &at_limit)?;
+    let mut over = at_limit;
+    over.push(0);
+    expect_fault(
+        client.post("/ember/invoke", &over),
+        &format!(
+            "The event of {} bytes exceeds the limit of {limit} bytes",
+            limit + 1
+        ),
+        "an event one byte over the limit",
+    )?;
+    same(&invoke_ok(&mut client, b"still fine")?, b"still fine")?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn misuse() -> TestResult {
+    let (mut vmm, mut client) = boot(1, 128, &[])?;
+    expect_fault(
+        client.post("/ember/invoke", b"x"),
+        "No function is loaded",
+        "invoke before load",
+    )?;
+    expect_fault(
+        client.put_json(
+            "/ember/function",
+            &json!({ "module_path": "/nonexistent.wasm" }),
+        ),
+        "Cannot read module_path /nonexistent.wasm",
+        "missing module",
+    )?;
+    let echo = example("echo.wasm")?;
+    expect_fault(
+        client.put_json(
+            "/ember/function",
+            &json!({ "module_path": echo, "memory_mib": 4096 }),
+        ),
+        "does not fit in this VM",
+        "memory limit above the guest's heap",
+    )?;
+    expect_status(
+        client.put_json(
+            "/ember/function",
+            &json!({ "module_path": echo, "memory_mib": 16 }),
+        ),
+        200,
+        "load",
+    )?;
+    expect_fault(
+        client.put_json(
+            "/ember/function",
+            &json!({ "module_path": echo, "memory_mib": 16 }),
+        ),
+        "already loaded",
+        "second load",
+    )?;
+    same(&invoke_ok(&mut client, b"x")?, b"x")?;
+    shutdown(&mut vmm, &mut client)
+}
+
+fn prepared_instances() -> TestResult {
+    let (mut vmm, mut client, _) = with_function(&example("echo.wasm")?, json!({}))?;
+    for i in 0..5 {
+        same(
+            &invoke_ok(&mut client, format!("{i}").as_bytes())?,
+            format!("{i}").as_bytes(),
+        )?;
+    }
+    let stats = expect_status(client.get("/ember/stats"), 200, "stats")?.json();
+    // One at load, one after each invocation: each invocation found one ready.
+    check(
+        stats["instances_prepared"] == 6 && stats["invocations"] == 5,
+        || format!("stats {stats}"),
+    )?;
+    shutdown(&mut vmm, &mut client)
+}
