@@ -72,7 +72,8 @@ pub struct LoadSpec<'a> {
     pub env: Vec<&'a [u8]>,
     /// The function's name (`argv[0]`).
     pub name: &'a [u8],
-    /// The largest the module's linear memory may grow, in bytes.
+    /// The largest the module's linear memory may grow, in bytes; 0 for
+    /// as much as the guest's heap can give.
     pub memory_limit: u64,
     /// Entropy for the guest's random generator.
     pub seed: [u8; 32],
@@ -294,20 +295,23 @@ pub struct LoadedInfo {
     pub model: Model,
     /// Bytes of linear memory the first instance has.
     pub memory_bytes: u64,
+    /// The most its linear memory may grow to, bytes.
+    pub memory_limit: u64,
     /// Time to compile, instantiate and initialise, nanoseconds.
     pub load_ns: u64,
 }
 
 impl LoadedInfo {
     /// Encoded size.
-    pub const SIZE: usize = 24;
+    pub const SIZE: usize = 32;
 
     /// Encodes the info.
     pub fn encode(&self) -> [u8; Self::SIZE] {
         let mut out = [0u8; Self::SIZE];
         out[0..4].copy_from_slice(&(self.model as u32).to_le_bytes());
         out[8..16].copy_from_slice(&self.memory_bytes.to_le_bytes());
-        out[16..24].copy_from_slice(&self.load_ns.to_le_bytes());
+        out[16..24].copy_from_slice(&self.memory_limit.to_le_bytes());
+        out[24..32].copy_from_slice(&self.load_ns.to_le_bytes());
         out
     }
 
@@ -326,11 +330,13 @@ impl LoadedInfo {
         };
         let _reserved = r.u32("reserved")?;
         let memory_bytes = r.u64("memory")?;
+        let memory_limit = r.u64("memory limit")?;
         let load_ns = r.u64("load time")?;
         r.end("loaded info")?;
         Ok(LoadedInfo {
             model,
             memory_bytes,
+            memory_limit,
             load_ns,
         })
     }
@@ -349,11 +355,13 @@ pub struct GuestStats {
     pub heap_total: u64,
     /// Fresh instances prepared ahead of an invocation (command model).
     pub instances_prepared: u64,
+    /// Time spent preparing them, in all, ns.
+    pub prepare_ns: u64,
 }
 
 impl GuestStats {
     /// Encoded size.
-    pub const SIZE: usize = 8 * 8;
+    pub const SIZE: usize = 9 * 8;
 
     /// Encodes the stats.
     pub fn encode(&self) -> [u8; Self::SIZE] {
@@ -366,6 +374,7 @@ impl GuestStats {
             self.heap_used,
             self.heap_total,
             self.instances_prepared,
+            self.prepare_ns,
         ];
         let mut out = [0u8; Self::SIZE];
         for (i, word) in words.iter().enumerate() {
@@ -377,7 +386,7 @@ impl GuestStats {
     /// Decodes the stats.
     pub fn decode(payload: &[u8]) -> Result<GuestStats, WireError> {
         let mut r = Reader::new(payload);
-        let mut words = [0u64; 8];
+        let mut words = [0u64; 9];
         for word in words.iter_mut() {
             *word = r.u64("stats")?;
         }
@@ -388,6 +397,7 @@ impl GuestStats {
             heap_used: words[5],
             heap_total: words[6],
             instances_prepared: words[7],
+            prepare_ns: words[8],
         })
     }
 }
@@ -482,6 +492,7 @@ mod tests {
         let info = LoadedInfo {
             model: Model::Command,
             memory_bytes: 1 << 20,
+            memory_limit: 64 << 20,
             load_ns: 5,
         };
         assert_eq!(LoadedInfo::decode(&info.encode()), Ok(info));
@@ -492,6 +503,7 @@ mod tests {
             heap_used: 5,
             heap_total: 6,
             instances_prepared: 7,
+            prepare_ns: 8,
         };
         assert_eq!(GuestStats::decode(&stats.encode()), Ok(stats));
         let params = InvokeParams {

@@ -7,9 +7,12 @@
 //! +HEADER_SIZE+area   response area  (area_size bytes, written by the guest)
 //! ```
 //!
-//! The exchange is strictly alternating. The guest writes a message (kind,
-//! length, the sequence number of the request it answers) into the response
-//! slot and area, then writes one byte to the doorbell port with `out`. The
+//! The exchange is strictly alternating. The guest writes a message (its
+//! payload, kind and length, then — last — the sequence number of the
+//! request it answers) into the response slot and area, then writes one
+//! byte to the doorbell port with `out`. (Because the sequence number goes
+//! last, a host may take the message as soon as the number appears, before
+//! the exit; the host likewise writes a request's number last.) The
 //! VMM handles that exit; when the message says the guest now waits for work
 //! ([`MessageKind::awaits_request`]), the vCPU stays parked in the exit until
 //! the host has written the next request into the request slot and area, so
@@ -176,8 +179,9 @@ pub enum MessageKind {
     /// guest then waits.
     Outcome = 9,
     /// An invocation's outcome, as [`MessageKind::Outcome`], but the guest
-    /// goes on to prepare the next instance and posts
-    /// [`MessageKind::Idle`] when done: the host resumes it at once.
+    /// goes on to prepare the next instance: the host resumes it at once.
+    /// When done, the guest serves a request the host posted meanwhile
+    /// without exiting, or else posts [`MessageKind::Idle`] and waits.
     OutcomePreparing = 10,
     /// The guest finished its work after an outcome and waits.
     Idle = 11,

@@ -35,8 +35,10 @@ const FUEL_SLICE: u64 = 4_000_000;
 /// Time `_initialize` (and a reactor's rebuild) may take.
 const INITIALIZE_TIMEOUT_MS: u64 = 10_000;
 
-/// Heap kept free beyond a function's memory limit, for the runtime itself.
-const HEAP_RESERVE: u64 = 4 << 20;
+/// Heap kept free beyond a function's memory limit, for the runtime
+/// itself: an event (up to 6 MiB) and a result (up to 6 MiB, in a buffer
+/// that may have doubled to 8) with room to spare.
+const HEAP_RESERVE: u64 = 16 << 20;
 
 /// A running instance and its entry point.
 struct Instance {
@@ -93,24 +95,29 @@ impl Function {
         check_imports(&module)?;
         let model = model_of(&module)?;
 
-        let memory_limit =
-            usize::try_from(spec.memory_limit).map_err(|_| "memory limit too large")?;
+        let available = heap::available();
+        // No limit given: as much as the heap can give, in whole MiB.
+        let limit = match spec.memory_limit {
+            0 => available.saturating_sub(HEAP_RESERVE) & !((1 << 20) - 1),
+            limit => limit,
+        };
         let initial = initial_memory(&module);
-        if initial > spec.memory_limit {
+        if initial > limit {
             return Err(format!(
                 "the module starts with {} MiB of linear memory, above its limit of {} MiB",
-                initial >> 20,
-                spec.memory_limit >> 20
+                initial.div_ceil(1 << 20),
+                limit >> 20
             ));
         }
-        let available = heap::available();
-        if spec.memory_limit.saturating_add(HEAP_RESERVE) > available {
+        if limit.saturating_add(HEAP_RESERVE) > available {
             return Err(format!(
-                "a memory limit of {} MiB does not fit in this VM ({} MiB of guest heap free)",
-                spec.memory_limit >> 20,
-                available >> 20
+                "a memory limit of {} MiB does not fit in this VM ({} MiB of guest heap free, {} MiB of it kept for the runtime)",
+                limit >> 20,
+                available >> 20,
+                HEAP_RESERVE >> 20
             ));
         }
+        let memory_limit = usize::try_from(limit).map_err(|_| "memory limit too large")?;
 
         let mut linker = Linker::new(&engine);
         wasi::define(&mut linker).map_err(|e| format!("cannot define WASI: {e}"))?;
@@ -150,6 +157,7 @@ impl Function {
         let info = LoadedInfo {
             model,
             memory_bytes,
+            memory_limit: limit,
             load_ns: clock::ticks_to_ns(clock::rdtsc() - started),
         };
         Ok((function, info))
@@ -288,10 +296,12 @@ impl Function {
     /// Work after an outcome: a fresh instance for the next invocation.
     pub fn finish(&mut self) {
         if self.instance.is_none() {
+            let started = clock::rdtsc();
             if let Ok(instance) = self.instantiate() {
                 self.instance = Some(instance);
                 self.stats.instances_prepared += 1;
             }
+            self.stats.prepare_ns += clock::ticks_to_ns(clock::rdtsc() - started);
         }
     }
 

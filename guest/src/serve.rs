@@ -1,4 +1,6 @@
-//! The request loop: one doorbell per request, parked in the exit between.
+//! The request loop: one doorbell per request, parked in the exit between
+//! (a command function's instance is prepared after the answer, and a
+//! request that arrives meanwhile is served without a second exit).
 
 use alloc::vec::Vec;
 
@@ -70,7 +72,11 @@ pub fn serve(mut mailbox: Mailbox, info: &GuestInfo) -> ! {
                 if invoked.prepare {
                     mailbox.post(MessageKind::OutcomePreparing, seq, invoked.len as u32);
                     function.finish();
-                    mailbox.post(MessageKind::Idle, seq, 0);
+                    // A request that came while preparing is served at
+                    // once; otherwise wait for one in the `idle` exit.
+                    if mailbox.request().seq == seq {
+                        mailbox.post(MessageKind::Idle, seq, 0);
+                    }
                 } else {
                     mailbox.post(MessageKind::Outcome, seq, invoked.len as u32);
                 }

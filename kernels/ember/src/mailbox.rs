@@ -63,8 +63,11 @@ impl Mailbox {
 
     /// The request the host posted (lengths not yet checked).
     pub fn request(&self) -> Slot {
+        // The host writes the sequence number last: read it first.
+        let seq = self.read_u64(offsets::REQUEST_SEQ);
+        core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
         Slot {
-            seq: self.read_u64(offsets::REQUEST_SEQ),
+            seq,
             kind: self.read_u32(offsets::REQUEST_KIND),
             len: self.read_u32(offsets::REQUEST_LEN),
         }
@@ -74,9 +77,9 @@ impl Mailbox {
     pub fn request_payload(&self, len: u32) -> &[u8] {
         let len = (len as u64).min(self.layout.area_size) as usize;
         // SAFETY: the request area lies inside the region checked by `open`;
-        // the host does not write it until the next doorbell, and the
-        // returned borrow of `self` cannot outlive a `post` (which takes
-        // `&mut self`).
+        // the host does not write it until the guest has answered (posted),
+        // and the returned borrow of `self` cannot outlive a `post` (which
+        // takes `&mut self`).
         unsafe {
             core::slice::from_raw_parts(
                 (self.base + self.layout.request_offset()) as *const u8,
@@ -90,7 +93,7 @@ impl Mailbox {
     pub fn areas(&mut self, len: u32) -> (&[u8], &mut [u8]) {
         let len = (len as u64).min(self.layout.area_size) as usize;
         // SAFETY: the two areas are disjoint parts of the region checked by
-        // `open`; the host does not touch either until the next doorbell,
+        // `open`; the host does not touch either until the guest posts,
         // which needs `&mut self` (so both borrows end first).
         unsafe {
             (
@@ -128,9 +131,14 @@ impl Mailbox {
     /// Posts a message without checking `len` against the area: the test
     /// command `bad-length` uses it to play a hostile guest.
     pub fn post_raw(&mut self, kind: u32, seq: u64, len: u32) {
-        self.write_u64(offsets::RESPONSE_SEQ, seq);
         self.write_u32(offsets::RESPONSE_KIND, kind);
         self.write_u32(offsets::RESPONSE_LEN, len);
+        // The sequence number goes last, after the payload and the other
+        // fields: the host may take the message as soon as it sees it,
+        // before the doorbell exit (x86 keeps stores in order; the fence
+        // keeps the compiler from sinking the payload's stores below it).
+        core::sync::atomic::fence(core::sync::atomic::Ordering::Release);
+        self.write_u64(offsets::RESPONSE_SEQ, seq);
         doorbell(self.port, 1);
     }
 
