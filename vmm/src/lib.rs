@@ -1,10 +1,10 @@
 //! ember-vmm: a minimal virtual machine monitor on KVM for the Ember guest.
 //!
-//! One process runs one microVM. Three kinds of thread, each under its own
+//! One process runs one microVM. Two kinds of thread, each under its own
 //! seccomp filter: the VMM thread (this crate's [`vmm::Vmm`], an
-//! event-manager epoll loop that owns the VM and the host side of the
-//! mailbox), the API thread ([`api`], the Firecracker-compatible control
-//! socket) and one thread per vCPU ([`vstate::vcpu`]).
+//! event-manager epoll loop that owns the VM, the host side of the mailbox
+//! and the Firecracker-compatible control socket, [`api`]) and one thread
+//! per vCPU ([`vstate::vcpu`]).
 //!
 //! How a process ends is its exit code ([`ExitCode`], docs/vmm.md).
 #![deny(missing_docs)]

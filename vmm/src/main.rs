@@ -44,6 +44,10 @@ struct Args {
     /// How long the guest may take to answer a mailbox request.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     mailbox_timeout_ms: u64,
+    /// After delivering a request, watch guest memory this long for the
+    /// answer before waiting for the doorbell exit (0: do not watch).
+    #[arg(long, value_name = "US", default_value_t = 100)]
+    mailbox_poll_us: u64,
     /// Single-step the boot vCPU through ring 0 and log the instruction count.
     #[arg(long)]
     count_ring0: bool,
@@ -164,29 +168,18 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
     };
 
     let api = match &args.api_sock {
-        Some(path) => {
-            let listener = match api::bind(path) {
-                Ok(listener) => listener,
-                Err(e) => {
-                    return fail(
-                        ExitCode::GenericError,
-                        format!("cannot bind the API socket {}: {e}", path.display()),
-                    )
-                }
-            };
-            match api::start_api_thread(listener, !args.no_seccomp) {
-                Ok(channels) => {
-                    log::info!("API server listening on {}", path.display());
-                    Some(channels)
-                }
-                Err(e) => {
-                    return fail(
-                        ExitCode::GenericError,
-                        format!("cannot start the API thread: {e}"),
-                    )
-                }
+        Some(path) => match api::bind(path) {
+            Ok(server) => {
+                log::info!("API server listening on {}", path.display());
+                Some(server)
             }
-        }
+            Err(e) => {
+                return fail(
+                    ExitCode::GenericError,
+                    format!("cannot bind the API socket {}: {e}", path.display()),
+                )
+            }
+        },
         None => None,
     };
 
@@ -196,6 +189,7 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
         test_commands: args.test_commands,
         mailbox: !args.no_mailbox,
         mailbox_timeout: Duration::from_millis(args.mailbox_timeout_ms),
+        mailbox_poll: Duration::from_micros(args.mailbox_poll_us),
         count_ring0: args.count_ring0,
     };
     let vmm = match Vmm::new(options, process_start, resources, console, kvm, api) {

@@ -1,4 +1,4 @@
-//! What the API thread asks of the VMM thread, and the answers.
+//! What a control-socket request asks of the VMM, and the answers.
 
 use ember_abi::function::{ErrorKind, GuestStats, LoadedInfo, Model};
 use ember_abi::mailbox::CrashReport;
@@ -11,7 +11,7 @@ use crate::vmm_config::boot_source::BootSourceConfig;
 use crate::vmm_config::function::FunctionBundle;
 use crate::vmm_config::machine_config::MachineConfig;
 
-/// A request from the API thread to the VMM thread.
+/// What a request asks of the VMM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmmAction {
     /// `GET /`.
@@ -102,6 +102,8 @@ pub struct FunctionInfo {
     pub model: &'static str,
     /// Linear memory of the first instance, bytes.
     pub memory_bytes: u64,
+    /// The most its linear memory may grow to, MiB.
+    pub memory_limit_mib: u64,
     /// Time to compile, instantiate and initialise in the guest, µs.
     pub load_us: u64,
 }
@@ -114,6 +116,7 @@ impl From<LoadedInfo> for FunctionInfo {
                 Model::Command => "command",
             },
             memory_bytes: info.memory_bytes,
+            memory_limit_mib: info.memory_limit >> 20,
             load_us: info.load_ns / 1000,
         }
     }
@@ -128,6 +131,9 @@ pub struct Invocation {
     pub log: Vec<u8>,
     /// Time in the function, µs (0 when the guest could not say).
     pub duration_us: u64,
+    /// Time from writing the event into the mailbox to reading the
+    /// outcome, µs: the function plus the mailbox and the guest's runtime.
+    pub round_trip_us: u64,
 }
 
 /// The guest's counters, for JSON.
@@ -143,6 +149,8 @@ pub struct StatsInfo {
     pub heap_total: u64,
     /// Fresh instances prepared ahead of invocations.
     pub instances_prepared: u64,
+    /// Time spent preparing instances after replies, in all, µs.
+    pub prepare_us_total: u64,
 }
 
 impl From<GuestStats> for StatsInfo {
@@ -163,6 +171,7 @@ impl From<GuestStats> for StatsInfo {
             heap_used: stats.heap_used,
             heap_total: stats.heap_total,
             instances_prepared: stats.instances_prepared,
+            prepare_us_total: stats.prepare_ns / 1000,
         }
     }
 }
@@ -267,6 +276,12 @@ pub struct EmberStatus {
     pub requests: u64,
     /// Guest messages rejected for breaking the protocol.
     pub protocol_errors: u64,
+    /// Answers taken from guest memory before their doorbell exit
+    /// (`--mailbox-poll-us`).
+    pub answers_from_memory: u64,
+    /// Requests delivered while the guest prepared a fresh instance (it
+    /// found them without another exit, or was continued from `idle`).
+    pub delivered_while_preparing: u64,
     /// Console bytes the output refused.
     pub console_lost_bytes: u64,
     /// Console input (stdin) bytes handed to the guest's UART.

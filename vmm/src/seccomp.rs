@@ -3,9 +3,9 @@
 //! The policy is data: vmm/seccomp/x86_64.json, one section per thread kind,
 //! a comment on every rule. build.rs compiles it with seccompiler and this
 //! module embeds the BPF. Each thread installs its own filter before it does
-//! its real work: the API thread when it starts, the vCPU threads before
-//! their first KVM_RUN, the VMM thread once the microVM is built and before
-//! any vCPU runs guest code.
+//! its real work: the vCPU threads before their first KVM_RUN, the VMM
+//! thread (which also serves the control socket) once the microVM is built
+//! and before any vCPU runs guest code.
 //!
 //! A system call outside the filter raises SIGSYS; [`install_sigsys_handler`]
 //! reports which thread made which call on stderr and ends the process with
@@ -22,8 +22,6 @@ use crate::ExitCode;
 pub enum ThreadKind {
     /// The VMM thread: the event loop that owns the VM.
     Vmm,
-    /// The API thread: the control socket.
-    Api,
     /// A vCPU thread.
     Vcpu,
 }
@@ -33,7 +31,6 @@ impl ThreadKind {
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Vmm => "vmm",
-            ThreadKind::Api => "api",
             ThreadKind::Vcpu => "vcpu",
         }
     }
@@ -41,7 +38,6 @@ impl ThreadKind {
     fn bpf_bytes(self) -> &'static [u8] {
         match self {
             ThreadKind::Vmm => include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_vmm.bpf")),
-            ThreadKind::Api => include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_api.bpf")),
             ThreadKind::Vcpu => include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_vcpu.bpf")),
         }
     }
@@ -180,7 +176,7 @@ mod tests {
 
     #[test]
     fn every_filter_is_embedded_and_well_formed() {
-        for kind in [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu] {
+        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu] {
             let bytes = kind.bpf_bytes();
             assert_eq!(
                 bytes.len() % 8,
@@ -208,7 +204,5 @@ mod tests {
     #[test]
     fn filters_differ_per_thread_kind() {
         assert_ne!(ThreadKind::Vmm.bpf_bytes(), ThreadKind::Vcpu.bpf_bytes());
-        assert_ne!(ThreadKind::Api.bpf_bytes(), ThreadKind::Vcpu.bpf_bytes());
-        assert_ne!(ThreadKind::Api.bpf_bytes(), ThreadKind::Vmm.bpf_bytes());
     }
 }

@@ -1,11 +1,11 @@
 //! The VMM thread: an event-manager epoll loop that owns the microVM.
 //!
-//! Its events: API requests (an eventfd the API thread signals), vCPU
-//! events (an eventfd the vCPU threads signal: doorbells, pause acks,
-//! stops), the i8042 reset line, a timerfd for the mailbox deadline, and
-//! console input (stdin, forwarded to the UART as Firecracker does; the
-//! console output is written by the vCPU thread in the exit, a line at a
-//! time). Nothing here sleeps or polls.
+//! Its events: the control socket and its connections (served here, see
+//! [`crate::api`]), vCPU events (an eventfd the vCPU threads signal:
+//! doorbells, pause acks, stops), the i8042 reset line, a timerfd for the
+//! mailbox deadline, and console input (stdin, forwarded to the UART as
+//! Firecracker does; the console output is written by the vCPU thread in
+//! the exit, a line at a time). Nothing here sleeps or polls.
 //!
 //! The host side of the mailbox lives here. A request is written into guest
 //! memory only while the guest is parked in its doorbell exit; then vCPU 0
@@ -15,7 +15,7 @@
 //! refused with an error to the caller, and the guest is left parked, so
 //! the VMM keeps serving.
 
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::api::ApiServer;
 use crate::builder::{build_microvm_for_boot, BuildOptions, Microvm, StartMicrovmError};
 use crate::devices::legacy::serial::{ConsoleOutput, ConsoleSink};
 use crate::devices::mailbox::{GuestMessage, ProtocolError};
@@ -53,22 +54,12 @@ pub struct VmmOptions {
     pub mailbox: bool,
     /// How long the guest may take to answer a mailbox request.
     pub mailbox_timeout: Duration,
+    /// How long the VMM thread watches guest memory for the answer to a
+    /// request it has just delivered, before it waits for the doorbell
+    /// (`--mailbox-poll-us`; zero turns watching off).
+    pub mailbox_poll: Duration,
     /// Count the boot path's ring-0 instructions (`--count-ring0`).
     pub count_ring0: bool,
-}
-
-/// The VMM thread's end of the API channels.
-pub struct ApiChannels {
-    /// Requests from the API thread.
-    pub requests: Receiver<VmmAction>,
-    /// Answers to it.
-    pub responses: Sender<VmmResponse>,
-    /// Signalled by the API thread after each request.
-    pub request_evt: EventFd,
-    /// Signalled by the VMM thread to stop the API thread.
-    pub exit_evt: Arc<EventFd>,
-    /// The API thread's last word before it stops.
-    pub done: Receiver<()>,
 }
 
 /// Firecracker's instance states.
@@ -99,6 +90,10 @@ enum GuestState {
     Idle,
     /// Serving request `seq`.
     Busy(u64),
+    /// Answered request `seq` and preparing for the next (a fresh
+    /// instance); it posts `idle` when done, unless a request came
+    /// meanwhile, which it then serves without exiting.
+    Preparing(u64),
     /// Ended; the text says how.
     Stopped(String),
 }
@@ -120,7 +115,6 @@ struct Transition {
     remaining: usize,
 }
 
-const TOKEN_API: u32 = 1;
 const TOKEN_VCPU: u32 = 2;
 const TOKEN_RESET: u32 = 3;
 const TOKEN_TIMER: u32 = 4;
@@ -130,9 +124,6 @@ const TOKEN_CONSOLE_IN: u32 = 5;
 /// before ember-vmm stops the VM (the guest enforces the limit itself).
 const BACKSTOP_GRACE: Duration = Duration::from_secs(2);
 
-/// How long the VMM waits for the API thread to send its last response.
-const API_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// The VMM: configuration, the microVM once started, and the host side of
 /// the mailbox.
 pub struct Vmm {
@@ -141,7 +132,7 @@ pub struct Vmm {
     resources: VmResources,
     console: ConsoleSink,
     kvm: Option<KvmContext>,
-    api: Option<ApiChannels>,
+    api: Option<ApiServer>,
     vcpu_events: Receiver<(u8, VcpuEvent)>,
     vcpu_event_sender: VcpuEventSender,
     vcpu_evt: Arc<EventFd>,
@@ -162,6 +153,15 @@ pub struct Vmm {
     guest_info: Option<GuestInfo>,
     requests: u64,
     protocol_errors: u64,
+    /// Messages taken from guest memory before their doorbell exit was
+    /// reported: that many doorbells bring nothing new.
+    early_messages: u32,
+    /// A request was delivered while the guest prepared after answering
+    /// request `n`: if it posts `idle` for `n`, it is continued to find it.
+    delivered_while_preparing: Option<u64>,
+    /// Counters for `GET /ember/status`.
+    answers_from_memory: u64,
+    deliveries_while_preparing: u64,
     ring0_instructions: Option<u64>,
     exit_code: Option<ExitCode>,
 }
@@ -180,15 +180,15 @@ pub enum VmmError {
 
 impl Vmm {
     /// A VMM with `resources` configured, its console on `console`, the
-    /// VM prepared in `kvm`, serving the API thread on `api`
-    /// (none with `--config-file` alone).
+    /// VM prepared in `kvm`, serving the control socket `api` (none with
+    /// `--config-file` alone).
     pub fn new(
         options: VmmOptions,
         process_start: Instant,
         resources: VmResources,
         console: ConsoleSink,
         kvm: KvmContext,
-        api: Option<ApiChannels>,
+        api: Option<ApiServer>,
     ) -> Result<Vmm, VmmError> {
         let setup = |what| move |source| VmmError::Setup { what, source };
         let vcpu_evt =
@@ -224,6 +224,10 @@ impl Vmm {
             guest_info: None,
             requests: 0,
             protocol_errors: 0,
+            early_messages: 0,
+            delivered_while_preparing: None,
+            answers_from_memory: 0,
+            deliveries_while_preparing: 0,
             ring0_instructions: None,
             exit_code: None,
         })
@@ -402,7 +406,7 @@ impl Vmm {
             deadline,
         });
         self.arm_timer(timeout);
-        if self.guest == GuestState::Idle {
+        if matches!(self.guest, GuestState::Idle | GuestState::Preparing(_)) {
             self.deliver();
         }
         None
@@ -414,13 +418,16 @@ impl Vmm {
             return Some(Err(VmmActionError::FunctionAlreadyLoaded));
         }
         let tsc_khz = self.microvm.as_ref().map_or(0, |m| m.tsc_khz);
+        // Set before the request goes: the answer may be taken at once.
+        self.loading_timeout_ms = Some(bundle.timeout_ms);
         let answer = self.request_guest(
             RequestKind::Load,
             bundle.encode(tsc_khz),
             self.options.mailbox_timeout,
         );
-        if answer.is_none() {
-            self.loading_timeout_ms = Some(bundle.timeout_ms);
+        if answer.is_some() {
+            // Refused before it reached the guest.
+            self.loading_timeout_ms = None;
         }
         answer
     }
@@ -451,7 +458,8 @@ impl Vmm {
         self.request_guest(RequestKind::Invoke, payload, backstop)
     }
 
-    /// Writes the pending request into the mailbox and lets vCPU 0 go on.
+    /// Writes the pending request into the mailbox and lets vCPU 0 go on;
+    /// while the guest prepares, it finds the request itself.
     fn deliver(&mut self) {
         let seq = self.next_seq;
         let written = {
@@ -475,14 +483,68 @@ impl Vmm {
             pending.sent_at = Some(Instant::now());
             pending.payload = Vec::new();
         }
-        self.guest = GuestState::Busy(seq);
-        if let Some(microvm) = &self.microvm {
+        if let GuestState::Preparing(answered) = self.guest {
+            // The vCPU runs: it reads the request after preparing, or
+            // posts `idle` first and is continued then (see on_idle).
+            self.delivered_while_preparing = Some(answered);
+            self.deliveries_while_preparing += 1;
+        } else if let Some(microvm) = &self.microvm {
             microvm.vcpus[0].send(VcpuCommand::Continue);
+        }
+        self.guest = GuestState::Busy(seq);
+        self.watch_for_answer(seq);
+    }
+
+    /// Watches guest memory for the answer to request `seq` for a short
+    /// while, and takes it from there when it comes. On our KVM the
+    /// doorbell exit and the wake-up of this thread that follow it cost
+    /// ~40 µs, most of a short function's round trip; the guest writes its
+    /// message's sequence number last, so the message is whole once the
+    /// number appears. The exit is then reported later and counted off
+    /// ([`Vmm::early_messages`]). Costs up to `mailbox_poll` of this
+    /// thread's CPU time per request, as KVM's halt polling does.
+    fn watch_for_answer(&mut self, seq: u64) {
+        let window = self.options.mailbox_poll;
+        if window.is_zero() {
+            return;
+        }
+        let Some(mailbox) = self.microvm.as_ref().and_then(|m| m.mailbox.as_ref()) else {
+            return;
+        };
+        let deadline = Instant::now() + window;
+        loop {
+            for _ in 0..64 {
+                if mailbox.response_seq().ok() == Some(seq) {
+                    return match mailbox.read_message() {
+                        Ok(message) if message.seq == seq => {
+                            self.early_messages += 1;
+                            self.answers_from_memory += 1;
+                            self.on_message(message)
+                        }
+                        // Not what the number promised (a guest rewriting
+                        // its message): the doorbell path reads it again.
+                        _ => {}
+                    };
+                }
+                std::hint::spin_loop();
+            }
+            if Instant::now() >= deadline {
+                return;
+            }
+            // Where the scheduler put the vCPU thread on this CPU, let it
+            // run: watching must not slow the guest it waits for.
+            // SAFETY: sched_yield(2) takes no arguments and cannot fail.
+            unsafe { libc::sched_yield() };
         }
     }
 
     /// vCPU 0 rang the doorbell: read and act on the guest's message.
     fn on_doorbell(&mut self) {
+        if self.early_messages > 0 {
+            // The exit behind a message already taken from memory.
+            self.early_messages -= 1;
+            return;
+        }
         let Some(mailbox) = self.microvm.as_ref().and_then(|m| m.mailbox.as_ref()) else {
             return;
         };
@@ -511,7 +573,13 @@ impl Vmm {
 
     /// The guest finished its work after an outcome and waits.
     fn on_idle(&mut self, seq: u64) {
-        let waiting_after_outcome = self.guest == GuestState::Busy(seq)
+        if self.delivered_while_preparing == Some(seq) {
+            // It missed the request delivered while it prepared: it is in
+            // the exit now, and reads the request when it goes on.
+            self.delivered_while_preparing = None;
+            return self.continue_vcpu();
+        }
+        let waiting_after_outcome = matches!(self.guest, GuestState::Busy(s) | GuestState::Preparing(s) if s == seq)
             && self.pending.as_ref().is_none_or(|p| p.seq.is_none());
         if !waiting_after_outcome {
             return self.protocol_error(unexpected(format!(
@@ -569,9 +637,14 @@ impl Vmm {
         self.disarm_timer();
         self.requests += 1;
         self.guest = GuestState::Idle;
+        // An answer to a request delivered while the guest prepared: it
+        // found the request without posting `idle`.
+        self.delivered_while_preparing = None;
         let round_trip_us = pending
             .sent_at
             .map_or(0, |t| t.elapsed().as_micros() as u64);
+        // Whatever the answer, the load is over.
+        let loaded_timeout_ms = self.loading_timeout_ms.take();
         let expected: &[MessageKind] = match pending.kind {
             RequestKind::Ping => &[MessageKind::Pong],
             RequestKind::Echo => &[MessageKind::EchoReply],
@@ -610,7 +683,7 @@ impl Vmm {
             }
             MessageKind::Loaded => match LoadedInfo::decode(&message.payload) {
                 Ok(info) => {
-                    self.function_timeout_ms = self.loading_timeout_ms.take();
+                    self.function_timeout_ms = loaded_timeout_ms;
                     log::info!(
                         "function loaded: {:?} in {} us",
                         info.model,
@@ -619,22 +692,18 @@ impl Vmm {
                     Ok(VmmData::FunctionLoaded(info.into()))
                 }
                 Err(e) => {
-                    self.loading_timeout_ms = None;
                     self.protocol_errors += 1;
                     Err(unexpected(format!("guest's `loaded` is malformed: {e}")))
                 }
             },
-            MessageKind::LoadFailed => {
-                self.loading_timeout_ms = None;
-                Err(VmmActionError::LoadFailed(
-                    String::from_utf8_lossy(&message.payload).into(),
-                ))
-            }
+            MessageKind::LoadFailed => Err(VmmActionError::LoadFailed(
+                String::from_utf8_lossy(&message.payload).into(),
+            )),
             MessageKind::Outcome | MessageKind::OutcomePreparing => {
                 if message.kind == MessageKind::OutcomePreparing {
                     // The guest goes on to prepare the next instance, and
                     // says `idle` when done.
-                    self.guest = GuestState::Busy(message.seq);
+                    self.guest = GuestState::Preparing(message.seq);
                     self.continue_vcpu();
                 }
                 match Outcome::decode(&message.payload) {
@@ -645,6 +714,7 @@ impl Vmm {
                             .map_err(|(kind, text)| (kind, String::from_utf8_lossy(text).into())),
                         log: outcome.log.to_vec(),
                         duration_us: outcome.header.duration_ns / 1000,
+                        round_trip_us,
                     }))),
                     Err(e) => {
                         self.protocol_errors += 1;
@@ -690,6 +760,9 @@ impl Vmm {
         let pending = self.pending.take();
         self.disarm_timer();
         if let Some(pending) = pending {
+            let since_sent_us = pending
+                .sent_at
+                .map_or(0, |t| t.elapsed().as_micros() as u64);
             let response = match (pending.kind, info) {
                 (RequestKind::TestCrash, Some(info)) => {
                     Ok(VmmData::GuestEnded(GuestEnd::Crash(info)))
@@ -700,9 +773,8 @@ impl Vmm {
                         format!("the guest crashed while running the function: {description}"),
                     )),
                     log: Vec::new(),
-                    duration_us: pending
-                        .sent_at
-                        .map_or(0, |t| t.elapsed().as_micros() as u64),
+                    duration_us: since_sent_us,
+                    round_trip_us: since_sent_us,
                 }))),
                 _ => Err(VmmActionError::GuestCrashed(description.clone())),
             };
@@ -716,11 +788,15 @@ impl Vmm {
     fn protocol_error(&mut self, error: VmmActionError) {
         self.protocol_errors += 1;
         log::warn!("{error}");
-        if matches!(self.guest, GuestState::Booting | GuestState::Busy(_)) {
+        if matches!(
+            self.guest,
+            GuestState::Booting | GuestState::Busy(_) | GuestState::Preparing(_)
+        ) {
             self.guest = GuestState::Idle;
         }
         if self.pending.as_ref().is_some_and(|p| p.seq.is_some()) {
             self.pending = None;
+            self.loading_timeout_ms = None;
             self.disarm_timer();
             self.respond(Err(error));
         }
@@ -846,6 +922,7 @@ impl Vmm {
                 result: Err((ErrorKind::Timeout, message)),
                 log: Vec::new(),
                 duration_us: waited * 1000,
+                round_trip_us: waited * 1000,
             }))),
             _ => Err(VmmActionError::GuestTimeout(waited)),
         };
@@ -881,10 +958,32 @@ impl Vmm {
         self.exit_code.get_or_insert(code);
     }
 
-    fn respond(&self, response: VmmResponse) {
-        if let Some(api) = &self.api {
-            // The API thread waits for exactly one answer per request.
-            let _ = api.responses.send(response);
+    /// Answers the API request being served.
+    fn respond(&mut self, response: VmmResponse) {
+        if let Some(api) = &mut self.api {
+            api.respond(response);
+        }
+    }
+
+    /// Serves the API requests that can be served now, in order, and
+    /// updates what the event loop watches for the control socket.
+    fn serve_api(&mut self, ops: &mut EventOps) {
+        while let Some(action) = self.api.as_mut().and_then(ApiServer::next_request) {
+            if self.exit_code.is_some() {
+                // Deciding to exit answers what is still queued.
+                self.respond(Err(VmmActionError::Exiting));
+                continue;
+            }
+            match self.handle_action(action) {
+                Some(response) => self.respond(response),
+                // The guest answers later (the next request waits), unless
+                // its answer was taken from memory already.
+                None if self.api.as_ref().is_some_and(ApiServer::busy) => break,
+                None => {}
+            }
+        }
+        if let Some(api) = &mut self.api {
+            api.sync(ops);
         }
     }
 
@@ -905,7 +1004,7 @@ impl Vmm {
             GuestState::NotStarted => "not started".to_string(),
             GuestState::Booting => "booting".to_string(),
             GuestState::Idle => "ready".to_string(),
-            GuestState::Busy(_) => "busy".to_string(),
+            GuestState::Busy(_) | GuestState::Preparing(_) => "busy".to_string(),
             GuestState::Stopped(how) => format!("stopped: {how}"),
         };
         let micros = |from: Option<Instant>| match (from, self.ready_at) {
@@ -939,28 +1038,22 @@ impl Vmm {
             guest_heap_bytes: self.guest_info.map(|i| i.heap_bytes),
             requests: self.requests,
             protocol_errors: self.protocol_errors,
+            answers_from_memory: self.answers_from_memory,
+            delivered_while_preparing: self.deliveries_while_preparing,
             console_lost_bytes: serial.map_or(0, |s| s.lost_bytes),
             console_input_bytes: serial.map_or(0, |s| s.input_bytes),
             ring0_instructions: self.ring0_instructions,
         }
     }
 
-    /// Stops the API thread after it has sent its last response.
+    /// ember-vmm is exiting: answers a request still in flight, then
+    /// writes out what is pending on the control socket.
     pub fn stop_api(&mut self) {
-        let Some(api) = self.api.take() else { return };
-        let ApiChannels {
-            requests,
-            responses,
-            exit_evt,
-            done,
-            ..
-        } = api;
-        // Answers already sent stay queued for the API thread; a request it
-        // sends from now on is answered "exiting" (503) as the channels close.
-        drop(requests);
-        drop(responses);
-        if exit_evt.write(1).is_ok() && done.recv_timeout(API_DRAIN_TIMEOUT).is_err() {
-            log::warn!("the API thread did not stop within {API_DRAIN_TIMEOUT:?}");
+        if self.api.as_ref().is_some_and(ApiServer::busy) {
+            self.respond(Err(VmmActionError::Exiting));
+        }
+        if let Some(api) = &mut self.api {
+            api.finish();
         }
     }
 }
@@ -998,19 +1091,6 @@ fn forbidden_syscall() -> VmmActionError {
 impl MutEventSubscriber for Vmm {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
-            TOKEN_API => {
-                let Some(api) = &self.api else { return };
-                let _ = api.request_evt.read();
-                while let Some(action) = self
-                    .api
-                    .as_ref()
-                    .and_then(|api| api.requests.try_recv().ok())
-                {
-                    if let Some(response) = self.handle_action(action) {
-                        self.respond(response);
-                    }
-                }
-            }
             TOKEN_VCPU => {
                 let _ = self.vcpu_evt.read();
                 while let Ok((index, event)) = self.vcpu_events.try_recv() {
@@ -1026,8 +1106,14 @@ impl MutEventSubscriber for Vmm {
                 self.on_timer();
             }
             TOKEN_CONSOLE_IN => self.on_console_input(&events, ops),
+            token if ApiServer::owns(token) => {
+                if let Some(api) = &mut self.api {
+                    api.on_event(&events, ops);
+                }
+            }
             other => log::warn!("event for unknown token {other}"),
         }
+        self.serve_api(ops);
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -1036,12 +1122,12 @@ impl MutEventSubscriber for Vmm {
                 log::error!("cannot watch {what}: {e:?}");
             }
         };
-        if let Some(api) = &self.api {
-            add(&api.request_evt, TOKEN_API, "API requests");
-        }
         add(self.vcpu_evt.as_ref(), TOKEN_VCPU, "vCPU events");
         add(&self.reset_evt, TOKEN_RESET, "the i8042 reset line");
         add(&self.timer, TOKEN_TIMER, "the mailbox timer");
+        if let Some(api) = &self.api {
+            api.register(ops);
+        }
         // Console input, where stdin can be watched (a pipe or a terminal;
         // not /dev/null or a file).
         let stdin = Events::with_data_raw(libc::STDIN_FILENO, TOKEN_CONSOLE_IN, EventSet::IN);

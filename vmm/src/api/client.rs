@@ -107,7 +107,9 @@ impl ApiClient {
         self.read_response()
     }
 
-    fn read_response(&mut self) -> io::Result<ApiResponse> {
+    /// Reads the next response (after [`ApiClient::send_raw`] of several
+    /// pipelined requests).
+    pub fn read_response(&mut self) -> io::Result<ApiResponse> {
         loop {
             if let Some((response, used)) = parse_response(&self.buf)? {
                 self.buf.drain(..used);

@@ -1,41 +1,46 @@
-//! The control socket (`--api-sock`): a Unix-socket HTTP server on its own
-//! thread, under the `api` seccomp filter.
+//! The control socket (`--api-sock`): a Unix-socket HTTP server served on
+//! the VMM thread's event loop.
 //!
-//! The thread runs an event-manager epoll loop over the listener and its
-//! connections. A complete request is routed ([`parsed_request`]) to a
-//! [`VmmAction`], handed to the VMM thread (channel + eventfd), and the
-//! thread waits for the one answer before it writes the response — as
-//! Firecracker's API thread does. Requests are thus served one at a time,
-//! in arrival order.
+//! A complete request is routed ([`parsed_request`]) to a [`VmmAction`];
+//! the VMM answers it at once or, for work the guest does, when the guest
+//! replies. Requests are served one at a time, in arrival order (round
+//! robin over connections), as Firecracker's API thread serves them — but
+//! without a thread of its own: on our KVM every hand-off between threads
+//! is a wake-up that costs up to ~20 µs when it crosses CPUs, and an
+//! invocation would pay two more of them (docs/decisions.md).
+//!
+//! Connections are non-blocking. A connection that sent more than one
+//! request waits with its input unread (no EPOLLIN) until its request is
+//! answered, so a client cannot make ember-vmm buffer without bound.
 
 pub mod client;
 pub mod http;
 pub mod parsed_request;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::mpsc::{Receiver, Sender};
-use std::sync::Arc;
 use std::time::Duration;
 
-use event_manager::{
-    EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
-};
+use event_manager::{EventOps, Events};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use self::http::{parse_request, Parsed, CONTINUE};
 use crate::rpc_interface::{VmmAction, VmmResponse};
-use crate::seccomp::{self, ThreadKind};
-use crate::vmm::ApiChannels;
 
 /// Most connections served at once; more are refused.
 const MAX_CONNECTIONS: usize = 64;
 
-/// How long a response may take to drain when the VMM exits.
+/// How long responses may take to drain when ember-vmm exits.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Event tokens at and above this belong to the API server.
+const TOKEN_BASE: u32 = 1 << 20;
+const TOKEN_LISTENER: u32 = TOKEN_BASE;
+
+/// Most input buffered per connection: one whole request.
+const MAX_INPUT: usize = http::MAX_HEAD + http::MAX_BODY;
 
 /// One client connection.
 struct Connection {
@@ -43,102 +48,221 @@ struct Connection {
     input: Vec<u8>,
     output: Vec<u8>,
     continue_sent: bool,
+    /// Close once the output is written (the client asked, or it sent
+    /// something unparseable).
     close_after_output: bool,
-    watching_output: bool,
+    /// The client hung up (or the socket failed): no more input.
+    peer_closed: bool,
+    /// A write failed: the connection is dropped.
+    broken: bool,
+    /// The events epoll reports for it now.
+    interest: EventSet,
 }
 
-/// The API thread's state: the listener, its connections, and its end of
-/// the channels to the VMM thread.
-struct ApiServer {
+/// The control socket's listener and connections.
+pub struct ApiServer {
     listener: UnixListener,
     connections: HashMap<RawFd, Connection>,
-    to_vmm: Sender<VmmAction>,
-    from_vmm: Receiver<VmmResponse>,
-    vmm_evt: EventFd,
-    exit_evt: Arc<EventFd>,
-    done: Sender<()>,
-    finished: bool,
+    /// Connections in the order they are offered a turn.
+    turns: VecDeque<RawFd>,
+    /// The connection whose request the VMM is serving, and whether it
+    /// asked to close afterwards.
+    in_flight: Option<(RawFd, bool)>,
 }
 
 /// Binds the control socket at `path`.
-pub fn bind(path: &std::path::Path) -> std::io::Result<UnixListener> {
+pub fn bind(path: &std::path::Path) -> std::io::Result<ApiServer> {
     let listener = UnixListener::bind(path)?;
     listener.set_nonblocking(true)?;
-    Ok(listener)
-}
-
-/// Starts the API thread on `listener`; returns the VMM thread's ends of
-/// the channels.
-pub fn start_api_thread(
-    listener: UnixListener,
-    seccomp_enabled: bool,
-) -> std::io::Result<ApiChannels> {
-    let (to_vmm, requests) = std::sync::mpsc::channel();
-    let (responses, from_vmm) = std::sync::mpsc::channel();
-    let (done_tx, done) = std::sync::mpsc::channel();
-    let request_evt = EventFd::new(libc::EFD_NONBLOCK)?;
-    let exit_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-    let server = ApiServer {
+    Ok(ApiServer {
         listener,
         connections: HashMap::new(),
-        to_vmm,
-        from_vmm,
-        vmm_evt: request_evt.try_clone()?,
-        exit_evt: exit_evt.clone(),
-        done: done_tx,
-        finished: false,
-    };
-    // The event loop is set up here, so that a failure stops ember-vmm at
-    // start rather than leaving it unreachable, and before the thread's
-    // filter goes on (creating it needs epoll_create1 and getrandom).
-    let mut manager = EventManager::<ApiServer>::new()
-        .map_err(|e| std::io::Error::other(format!("cannot create the API event loop: {e:?}")))?;
-    let id = manager.add_subscriber(server);
-    std::thread::Builder::new()
-        .name("ember_api".into())
-        .spawn(move || run(manager, id, seccomp_enabled))?;
-    Ok(ApiChannels {
-        requests,
-        responses,
-        request_evt,
-        exit_evt,
-        done,
+        turns: VecDeque::new(),
+        in_flight: None,
     })
 }
 
-fn run(mut manager: EventManager<ApiServer>, id: SubscriberId, seccomp_enabled: bool) {
-    if let Err(e) = seccomp::apply(ThreadKind::Api, "api", seccomp_enabled) {
-        fatal(&format!("{e}; the control socket cannot be served"));
-    }
-    loop {
-        if let Err(e) = manager.run() {
-            fatal(&format!("the API event loop failed: {e:?}"));
-        }
-        if manager
-            .subscriber_mut(id)
-            .map_or(true, |server| server.finished)
-        {
-            break;
-        }
-    }
-    // The process is about to exit: stay out of the way rather than run
-    // the thread-exit path (which the filter does not allow).
-    loop {
-        std::thread::park();
-    }
-}
-
-/// Without its control socket ember-vmm cannot be driven: say why and end.
-fn fatal(message: &str) -> ! {
-    log::error!("{message}");
-    // SAFETY: _exit ends the process at once (exit_group, which every filter allows).
-    unsafe { libc::_exit(crate::ExitCode::GenericError.code()) }
-}
-
-const TOKEN_LISTENER: u32 = u32::MAX;
-const TOKEN_EXIT: u32 = u32::MAX - 1;
-
 impl ApiServer {
+    /// Whether `token` is one of the server's.
+    pub fn owns(token: u32) -> bool {
+        token >= TOKEN_BASE
+    }
+
+    /// Adds the listener to the event loop.
+    pub fn register(&self, ops: &mut EventOps) {
+        let events = Events::with_data_raw(self.listener.as_raw_fd(), TOKEN_LISTENER, EventSet::IN);
+        if let Err(e) = ops.add(events) {
+            log::error!("cannot watch the API socket: {e:?}");
+        }
+    }
+
+    /// Handles readiness of the listener or of a connection.
+    pub fn on_event(&mut self, events: &Events, ops: &mut EventOps) {
+        if events.data() == TOKEN_LISTENER {
+            return self.accept(ops);
+        }
+        let Some(conn) = self.connections.get_mut(&events.fd()) else {
+            return;
+        };
+        let set = events.event_set();
+        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP) {
+            read_available(conn);
+        }
+        if set.contains(EventSet::ERROR) {
+            conn.peer_closed = true;
+            conn.broken = true;
+        }
+        if set.contains(EventSet::OUT) && flush(conn).is_err() {
+            conn.broken = true;
+        }
+    }
+
+    /// The next request to serve, if none is in flight: requests that do
+    /// not route (bad path, bad JSON) are answered here and skipped.
+    pub fn next_request(&mut self) -> Option<VmmAction> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        for _ in 0..self.turns.len() {
+            let fd = self.turns.pop_front()?;
+            self.turns.push_back(fd);
+            let Some(conn) = self.connections.get_mut(&fd) else {
+                continue;
+            };
+            while !conn.close_after_output && !conn.broken {
+                match parse_request(&conn.input, conn.continue_sent) {
+                    Parsed::Incomplete => break,
+                    Parsed::ExpectsContinue => {
+                        conn.output.extend_from_slice(CONTINUE);
+                        conn.continue_sent = true;
+                        break;
+                    }
+                    Parsed::Invalid(response) => {
+                        conn.output.extend_from_slice(&response.encode(true));
+                        conn.close_after_output = true;
+                    }
+                    Parsed::Request(request, used) => {
+                        conn.input.drain(..used);
+                        conn.continue_sent = false;
+                        match parsed_request::parse(&request) {
+                            Ok(action) => {
+                                self.in_flight = Some((fd, request.close));
+                                return Some(action);
+                            }
+                            Err(response) => {
+                                conn.output
+                                    .extend_from_slice(&response.encode(request.close));
+                                conn.close_after_output |= request.close;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Answers the request in flight.
+    pub fn respond(&mut self, answer: VmmResponse) {
+        let Some((fd, close)) = self.in_flight.take() else {
+            log::warn!("an answer with no request in flight was dropped");
+            return;
+        };
+        // The client may have gone meanwhile: then the answer has no reader.
+        let Some(conn) = self.connections.get_mut(&fd) else {
+            return;
+        };
+        let response = parsed_request::response(answer);
+        conn.output.extend_from_slice(&response.encode(close));
+        conn.close_after_output |= close;
+        if flush(conn).is_err() {
+            conn.broken = true;
+        }
+    }
+
+    /// After events: drops finished connections and sets what epoll
+    /// watches on the others.
+    pub fn sync(&mut self, ops: &mut EventOps) {
+        let in_flight = self.in_flight.map(|(fd, _)| fd);
+        let mut done = Vec::new();
+        for (&fd, conn) in &mut self.connections {
+            let drained = conn.output.is_empty();
+            // A client that sent its request and then hung up (or shut
+            // down its writing side) still gets served.
+            let served = || {
+                in_flight != Some(fd)
+                    && matches!(
+                        parse_request(&conn.input, conn.continue_sent),
+                        Parsed::Incomplete
+                    )
+            };
+            let finished = conn.broken
+                || (drained && conn.close_after_output)
+                || (drained && conn.peer_closed && served());
+            if finished {
+                done.push(fd);
+                continue;
+            }
+            // Read while there is room and nothing of this connection's is
+            // waiting to be served; write while output is pending.
+            let mut interest = EventSet::empty();
+            let waiting = in_flight == Some(fd) || conn.input.len() >= MAX_INPUT;
+            if !conn.peer_closed && !conn.close_after_output && !waiting {
+                interest |= EventSet::IN;
+            }
+            if !drained {
+                interest |= EventSet::OUT;
+            }
+            if interest != conn.interest {
+                let events = Events::with_data_raw(fd, token(fd), interest);
+                // A hung-up socket with nothing to read or write would be
+                // reported forever: it leaves the epoll set until then.
+                let result = if interest.is_empty() {
+                    ops.remove(events)
+                } else if conn.interest.is_empty() {
+                    ops.add(events)
+                } else {
+                    ops.modify(events)
+                };
+                match result {
+                    Ok(()) => conn.interest = interest,
+                    Err(e) => {
+                        log::warn!("cannot watch an API connection: {e:?}");
+                        done.push(fd);
+                    }
+                }
+            }
+        }
+        for fd in done {
+            if let Some(conn) = self.connections.remove(&fd) {
+                if !conn.interest.is_empty() {
+                    // Leave the epoll set before the descriptor closes: the
+                    // next connection may get the same number.
+                    let _ = ops.remove(Events::empty_raw(fd));
+                }
+            }
+            self.turns.retain(|&t| t != fd);
+        }
+    }
+
+    /// Whether a request is being served.
+    pub fn busy(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// ember-vmm is exiting: writes out what is pending, waiting a little
+    /// for slow readers.
+    pub fn finish(&mut self) {
+        for conn in self.connections.values_mut() {
+            if conn.output.is_empty() || conn.broken {
+                continue;
+            }
+            let _ = conn.stream.set_nonblocking(false);
+            let _ = conn.stream.set_write_timeout(Some(FINAL_WRITE_TIMEOUT));
+            let _ = conn.stream.write_all(&conn.output);
+        }
+    }
+
     fn accept(&mut self, ops: &mut EventOps) {
         loop {
             match self.listener.accept() {
@@ -152,7 +276,7 @@ impl ApiServer {
                         continue;
                     }
                     let fd = stream.as_raw_fd();
-                    if let Err(e) = ops.add(Events::with_data_raw(fd, fd as u32, EventSet::IN)) {
+                    if let Err(e) = ops.add(Events::with_data_raw(fd, token(fd), EventSet::IN)) {
                         log::warn!("cannot watch an API connection: {e:?}");
                         continue;
                     }
@@ -164,9 +288,12 @@ impl ApiServer {
                             output: Vec::new(),
                             continue_sent: false,
                             close_after_output: false,
-                            watching_output: false,
+                            peer_closed: false,
+                            broken: false,
+                            interest: EventSet::IN,
                         },
                     );
+                    self.turns.push_back(fd);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -177,172 +304,46 @@ impl ApiServer {
             }
         }
     }
+}
 
-    /// Reads what the client sent, serves every complete request, writes
-    /// what can be written. Returns false when the connection is done.
-    fn serve(&mut self, fd: RawFd, readable: bool) -> bool {
-        let Some(conn) = self.connections.get_mut(&fd) else {
-            return false;
-        };
-        let mut peer_closed = false;
-        if readable {
-            let mut chunk = [0u8; 64 * 1024];
-            loop {
-                match conn.stream.read(&mut chunk) {
-                    Ok(0) => {
-                        peer_closed = true;
-                        break;
-                    }
-                    Ok(n) => {
-                        conn.input.extend_from_slice(&chunk[..n]);
-                        // Enough for any request we accept: serve before
-                        // reading more (epoll reports the rest again).
-                        if conn.input.len() > http::MAX_HEAD + http::MAX_BODY {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(_) => return false,
-                }
+/// The event token of connection `fd`.
+fn token(fd: RawFd) -> u32 {
+    TOKEN_BASE + 1 + fd as u32
+}
+
+/// Reads what the client sent, up to one request's worth of buffer.
+fn read_available(conn: &mut Connection) {
+    let mut chunk = [0u8; 64 * 1024];
+    while conn.input.len() < MAX_INPUT {
+        match conn.stream.read(&mut chunk) {
+            Ok(0) => {
+                conn.peer_closed = true;
+                return;
+            }
+            Ok(n) => conn.input.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => {
+                conn.peer_closed = true;
+                conn.broken = true;
+                return;
             }
         }
-
-        while !conn.close_after_output {
-            match parse_request(&conn.input, conn.continue_sent) {
-                Parsed::Incomplete => break,
-                Parsed::ExpectsContinue => {
-                    conn.output.extend_from_slice(CONTINUE);
-                    conn.continue_sent = true;
-                    break;
-                }
-                Parsed::Invalid(response) => {
-                    conn.output.extend_from_slice(&response.encode(true));
-                    conn.close_after_output = true;
-                }
-                Parsed::Request(request, used) => {
-                    conn.input.drain(..used);
-                    conn.continue_sent = false;
-                    let response = match parsed_request::parse(&request) {
-                        Ok(action) => parsed_request::response(ask_vmm(
-                            &self.to_vmm,
-                            &self.from_vmm,
-                            &self.vmm_evt,
-                            action,
-                        )),
-                        Err(response) => response,
-                    };
-                    conn.output
-                        .extend_from_slice(&response.encode(request.close));
-                    conn.close_after_output |= request.close;
-                }
-            }
-        }
-
-        match flush(conn) {
-            Ok(true) if conn.close_after_output || peer_closed => false,
-            Ok(_) => !peer_closed || !conn.output.is_empty(),
-            Err(_) => false,
-        }
-    }
-
-    fn close(&mut self, fd: RawFd, ops: &mut EventOps) {
-        // Leave the epoll set before the descriptor closes: the next
-        // connection may get the same number.
-        if let Err(e) = ops.remove(Events::empty_raw(fd)) {
-            log::warn!("cannot stop watching an API connection: {e:?}");
-        }
-        self.connections.remove(&fd);
-    }
-
-    /// The VMM is exiting: write out what is pending, then report done.
-    fn finish(&mut self) {
-        for conn in self.connections.values_mut() {
-            if conn.output.is_empty() {
-                continue;
-            }
-            let _ = conn.stream.set_nonblocking(false);
-            let _ = conn.stream.set_write_timeout(Some(FINAL_WRITE_TIMEOUT));
-            let _ = conn.stream.write_all(&conn.output);
-        }
-        self.finished = true;
-        let _ = self.done.send(());
     }
 }
 
-/// Hands `action` to the VMM thread and waits for its answer.
-fn ask_vmm(
-    to_vmm: &Sender<VmmAction>,
-    from_vmm: &Receiver<VmmResponse>,
-    evt: &EventFd,
-    action: VmmAction,
-) -> VmmResponse {
-    let gone = || crate::rpc_interface::VmmActionError::Exiting;
-    to_vmm.send(action).map_err(|_| gone())?;
-    evt.write(1).map_err(|_| gone())?;
-    from_vmm.recv().map_err(|_| gone())?
-}
-
-/// Writes as much pending output as the socket takes; `Ok(true)` when all is out.
-fn flush(conn: &mut Connection) -> std::io::Result<bool> {
+/// Writes as much pending output as the socket takes.
+fn flush(conn: &mut Connection) -> std::io::Result<()> {
     while !conn.output.is_empty() {
         match conn.stream.write(&conn.output) {
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
             Ok(n) => {
                 conn.output.drain(..n);
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
     }
-    Ok(true)
-}
-
-impl MutEventSubscriber for ApiServer {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            TOKEN_LISTENER => self.accept(ops),
-            TOKEN_EXIT => {
-                let _ = self.exit_evt.read();
-                self.finish();
-            }
-            _ => {
-                let fd = events.fd();
-                let set = events.event_set();
-                let readable = set.contains(EventSet::IN);
-                let keep = !set.intersects(EventSet::ERROR)
-                    && self.serve(fd, readable || set.contains(EventSet::HANG_UP));
-                if !keep {
-                    return self.close(fd, ops);
-                }
-                // Watch for writability only while output is pending.
-                if let Some(conn) = self.connections.get_mut(&fd) {
-                    let want_output = !conn.output.is_empty();
-                    if want_output != conn.watching_output {
-                        let set = if want_output {
-                            EventSet::IN | EventSet::OUT
-                        } else {
-                            EventSet::IN
-                        };
-                        if ops
-                            .modify(Events::with_data_raw(fd, fd as u32, set))
-                            .is_ok()
-                        {
-                            conn.watching_output = want_output;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        let listener =
-            Events::with_data_raw(self.listener.as_raw_fd(), TOKEN_LISTENER, EventSet::IN);
-        let exit = Events::with_data_raw(self.exit_evt.as_raw_fd(), TOKEN_EXIT, EventSet::IN);
-        if ops.add(listener).is_err() || ops.add(exit).is_err() {
-            log::error!("cannot watch the API socket");
-        }
-    }
+    Ok(())
 }

@@ -159,6 +159,7 @@ pub fn response(answer: VmmResponse) -> Response {
             };
             response
                 .with_header(DURATION_HEADER, invocation.duration_us.to_string())
+                .with_header(ROUND_TRIP_HEADER, invocation.round_trip_us.to_string())
                 .with_header(
                     LOG_HEADER,
                     base64::engine::general_purpose::STANDARD.encode(log),
@@ -302,9 +303,11 @@ mod tests {
             result: Ok(b"result".to_vec()),
             log: b"log line\n".to_vec(),
             duration_us: 17,
+            round_trip_us: 30,
         }))));
         assert_eq!((ok.status, ok.body.as_slice()), (200, &b"result"[..]));
         assert_eq!(header(&ok, DURATION_HEADER).as_deref(), Some("17"));
+        assert_eq!(header(&ok, ROUND_TRIP_HEADER).as_deref(), Some("30"));
         assert_eq!(header(&ok, FUNCTION_ERROR_HEADER), None);
         let log = base64::engine::general_purpose::STANDARD
             .decode(header(&ok, LOG_HEADER).unwrap())
@@ -317,6 +320,7 @@ mod tests {
             result: Err((ErrorKind::Trap, "wasm trap: unreachable".into())),
             log: long.clone(),
             duration_us: 5,
+            round_trip_us: 9,
         }))));
         assert_eq!(failed.status, 200);
         assert_eq!(

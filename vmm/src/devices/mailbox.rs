@@ -118,8 +118,11 @@ impl Mailbox {
         self.mem.write_slice(&header, GuestAddress(self.gpa))
     }
 
-    /// Posts request `seq` of `kind` with `payload` for the guest to read
-    /// when it resumes. Call only while the guest waits in the doorbell exit.
+    /// Posts request `seq` of `kind` with `payload`. The sequence number
+    /// goes last: a guest that looks before it exits (after preparing an
+    /// instance) sees either the whole request or none. Call only while the
+    /// guest waits in its doorbell exit or is preparing (not reading the
+    /// request area).
     pub fn write_request(
         &self,
         seq: u64,
@@ -142,10 +145,26 @@ impl Mailbox {
             len: payload.len() as u32,
         };
         self.mem.write_slice(
-            &slot.encode(),
+            &slot.encode()[8..],
+            GuestAddress(self.gpa + offsets::REQUEST_KIND as u64),
+        )?;
+        self.mem.store(
+            seq,
             GuestAddress(self.gpa + offsets::REQUEST_SEQ as u64),
+            std::sync::atomic::Ordering::Release,
         )?;
         Ok(())
+    }
+
+    /// The sequence number of the guest's latest message. The guest writes
+    /// it last, so once it changes the rest of the message is in place.
+    pub fn response_seq(&self) -> Result<u64, ProtocolError> {
+        self.mem
+            .load::<u64>(
+                GuestAddress(self.gpa + offsets::RESPONSE_SEQ as u64),
+                std::sync::atomic::Ordering::Acquire,
+            )
+            .map_err(ProtocolError::Memory)
     }
 
     /// Reads and checks the message the guest posted before ringing the doorbell.

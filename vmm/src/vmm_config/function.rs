@@ -8,8 +8,6 @@ use ember_abi::function::{LoadSpec, MAX_EVENT_BYTES};
 use ember_abi::mailbox::{Layout, DEFAULT_SIZE};
 use serde::Deserialize;
 
-/// Default memory limit (Lambda's default).
-pub const DEFAULT_MEMORY_MIB: u32 = 128;
 /// Default time limit per invocation (Lambda's default).
 pub const DEFAULT_TIMEOUT_MS: u64 = 3_000;
 /// Longest time limit (Lambda's).
@@ -40,16 +38,13 @@ pub struct FunctionConfig {
     /// Environment.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// The most linear memory the module may use, MiB.
-    #[serde(default = "default_memory")]
-    pub memory_mib: u32,
+    /// The most linear memory the module may use, MiB (default: as much as
+    /// the VM's memory leaves, like Lambda's function memory).
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
     /// Time limit per invocation, ms.
     #[serde(default = "default_timeout")]
     pub timeout_ms: u64,
-}
-
-fn default_memory() -> u32 {
-    DEFAULT_MEMORY_MIB
 }
 
 fn default_timeout() -> u64 {
@@ -110,7 +105,7 @@ pub struct FunctionBundle {
     pub args: Vec<String>,
     /// `KEY=VALUE` entries.
     pub env: Vec<String>,
-    /// Memory limit, bytes.
+    /// Memory limit, bytes (0: as much as the guest can give).
     pub memory_limit: u64,
     /// Time limit per invocation, ms.
     pub timeout_ms: u64,
@@ -121,7 +116,7 @@ pub struct FunctionBundle {
 impl FunctionConfig {
     /// Checks the configuration and reads the module and files.
     pub fn read(&self, seed: [u8; 32]) -> Result<FunctionBundle, FunctionConfigError> {
-        if self.memory_mib == 0 {
+        if self.memory_mib == Some(0) {
             return Err(FunctionConfigError::NoMemory);
         }
         if self.timeout_ms == 0 || self.timeout_ms > MAX_TIMEOUT_MS {
@@ -173,7 +168,7 @@ impl FunctionConfig {
             files,
             args: self.args.clone(),
             env: self.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-            memory_limit: u64::from(self.memory_mib) << 20,
+            memory_limit: self.memory_mib.map_or(0, |mib| u64::from(mib) << 20),
             timeout_ms: self.timeout_ms,
             seed,
         };
@@ -232,7 +227,7 @@ mod tests {
             files: Vec::new(),
             args: Vec::new(),
             env: BTreeMap::new(),
-            memory_mib: 64,
+            memory_mib: Some(64),
             timeout_ms: 1000,
         }
     }
@@ -289,7 +284,7 @@ mod tests {
             Err(FunctionConfigError::Timeout { .. })
         ));
         let mut c = config(dir.join("m2.wasm"));
-        c.memory_mib = 0;
+        c.memory_mib = Some(0);
         assert!(matches!(
             c.read([0; 32]),
             Err(FunctionConfigError::NoMemory)

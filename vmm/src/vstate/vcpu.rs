@@ -5,7 +5,10 @@
 //! when the guest rings the mailbox doorbell, the thread tells the VMM
 //! thread and stays *parked in that exit* (blocked on its command channel,
 //! outside KVM_RUN) until the VMM has posted the next request and says
-//! [`VcpuCommand::Continue`]. An idle guest therefore costs no CPU. (The
+//! [`VcpuCommand::Continue`]. An idle guest therefore costs no CPU. A
+//! Continue may come before its exit (the VMM thread can read the guest's
+//! message while the guest is still on its way to the `out`); it is kept
+//! and spent on that exit. (The
 //! `out` itself completes — RIP moves past it — on the next KVM_RUN;
 //! whoever saves vCPU state here must first complete it with a KVM_RUN
 //! under `immediate_exit`, as KVM's documentation asks.)
@@ -251,6 +254,10 @@ impl Vcpu {
 
         let mut state = RunState::NotStarted;
         let mut paused = false;
+        // Continues that came before their doorbell exit: the VMM thread
+        // may take the guest's message from memory while the guest is
+        // still on its way to the `out`, and answer it at once.
+        let mut early_continues = 0u32;
         let mut ring0 = self.count_ring0.then_some(0u64);
         loop {
             if state != RunState::Running || paused {
@@ -273,6 +280,7 @@ impl Vcpu {
                         self.events.send(self.index, VcpuEvent::Resumed);
                     }
                     VcpuCommand::Continue if state == RunState::Parked => state = RunState::Running,
+                    VcpuCommand::Continue if state == RunState::Running => early_continues += 1,
                     other => log::warn!("vCPU {} ignored {other:?} while {state:?}", self.index),
                 }
                 continue;
@@ -284,12 +292,17 @@ impl Vcpu {
                     self.events.send(self.index, VcpuEvent::Paused);
                     continue;
                 }
+                Ok(VcpuCommand::Continue) => early_continues += 1,
                 Ok(other) => log::warn!("vCPU {} ignored {other:?} while running", self.index),
                 Err(TryRecvError::Empty) => {}
                 Err(TryRecvError::Disconnected) => return park_forever(),
             }
 
             state = self.run_once(&mut ring0);
+            if state == RunState::Parked && early_continues > 0 {
+                early_continues -= 1;
+                state = RunState::Running;
+            }
             if state == RunState::Stopped {
                 // Stay alive (answering pause/resume) until the process exits.
                 paused = false;
