@@ -34,25 +34,47 @@ impl Binaries {
                 vmm.display()
             ));
         }
-        let guest_image = match image
-            .or_else(|| std::env::var_os("EMBER_GUEST_IMAGE").map(PathBuf::from))
-        {
-            Some(path) => path,
-            None => {
-                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest-image");
-                let output = Command::new(&script)
-                    .stderr(Stdio::inherit())
-                    .output()
-                    .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-                let text = String::from_utf8_lossy(&output.stdout);
-                PathBuf::from(text.lines().last().unwrap_or_default().trim())
-            }
-        };
+        let guest_image =
+            match image.or_else(|| std::env::var_os("EMBER_GUEST_IMAGE").map(PathBuf::from)) {
+                Some(path) => path,
+                None => script_output("guest-image")?,
+            };
         if !guest_image.is_file() {
             return Err(format!("no guest image at {}", guest_image.display()));
         }
         Ok(Binaries { vmm, guest_image })
     }
+}
+
+/// The directory of the built example functions: `$EMBER_EXAMPLES_DIR`,
+/// else what `./scripts/examples` prints (it builds them if need be).
+pub fn examples_dir() -> Result<PathBuf, String> {
+    let dir = match std::env::var_os("EMBER_EXAMPLES_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => script_output("examples")?,
+    };
+    if !dir.is_dir() {
+        return Err(format!("no example functions at {}", dir.display()));
+    }
+    Ok(dir)
+}
+
+/// Runs `scripts/<name>` and returns the path on its last line.
+fn script_output(name: &str) -> Result<PathBuf, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts")
+        .join(name);
+    let output = Command::new(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !output.status.success() {
+        return Err(format!("{} failed: {}", script.display(), output.status));
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(PathBuf::from(
+        text.lines().last().unwrap_or_default().trim(),
+    ))
 }
 
 /// A running ember-vmm booted from a config file, with its pipes.

@@ -5,6 +5,7 @@
 //! warns when the load average says otherwise. docs/BENCHMARKS.md records
 //! the figures and the commands that made them.
 
+mod functions;
 mod launch;
 mod procfs;
 mod stats;
@@ -63,6 +64,35 @@ enum Bench {
         #[arg(long = "size", default_values = ["0", "1024", "65536", "max"])]
         sizes: Vec<String>,
     },
+    /// Warm invocations of a function (default: the echo example) through
+    /// the control socket, back to back and spaced apart.
+    InvokeVmm {
+        /// Invocations per spacing.
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// The .wasm to load (default: echo.wasm from the examples).
+        #[arg(long, value_name = "PATH")]
+        module: Option<PathBuf>,
+        /// Event size in bytes.
+        #[arg(long, default_value_t = 64)]
+        event_bytes: usize,
+        /// Pause before each invocation, µs; 0 is back to back (repeatable).
+        #[arg(long = "gap-us", default_values = ["0", "1000"])]
+        gaps_us: Vec<u64>,
+        /// ember-vmm's `--mailbox-poll-us`, one VM per value (repeatable).
+        #[arg(long = "mailbox-poll-us", default_values = ["100"])]
+        polls_us: Vec<u64>,
+    },
+    /// SHA-256 of an event in the guest (examples/sha256 under wasmi)
+    /// against the same source compiled natively.
+    Sha256 {
+        /// Invocations (and native runs).
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        /// Input size in bytes.
+        #[arg(long, default_value_t = 1 << 20)]
+        bytes: usize,
+    },
     /// The ring-0 instructions of the guest's boot path, counted by
     /// single-stepping (deterministic: one boot suffices).
     Ring0,
@@ -87,6 +117,24 @@ fn main() {
                 mem_mib,
             } => bench_boot(&binaries, runs, vcpus, mem_mib, args.pin),
             Bench::Echo { count, ref sizes } => bench_echo(&binaries, count, sizes, args.pin),
+            Bench::InvokeVmm {
+                count,
+                ref module,
+                event_bytes,
+                ref gaps_us,
+                ref polls_us,
+            } => functions::bench_invoke(
+                &binaries,
+                count,
+                module.clone(),
+                event_bytes,
+                gaps_us,
+                polls_us,
+                args.pin,
+            ),
+            Bench::Sha256 { runs, bytes } => {
+                functions::bench_sha256(&binaries, runs, bytes, args.pin)
+            }
             Bench::Ring0 => bench_ring0(&binaries),
         });
     let mut report = match result {
