@@ -50,6 +50,19 @@ fn main() {
             misuse,
         ),
         ("command_instances_are_prepared_ahead", prepared_instances),
+        (
+            "default_memory_limit_is_what_the_vm_leaves_and_the_runtime_survives_it",
+            default_memory_limit,
+        ),
+        ("pipelined_invocations_in_order_watching_memory", || {
+            pipelined("100")
+        }),
+        ("pipelined_invocations_in_order_doorbells_only", || {
+            pipelined("0")
+        }),
+        ("pipelined_invocations_in_order_watching_long", || {
+            pipelined("100000")
+        }),
     ];
     run_kvm_tests(tests);
 }
@@ -66,13 +79,21 @@ fn example(name: &str) -> Result<PathBuf, String> {
 /// Boots a VM and loads `config` (its `module_path` set to `module`).
 fn with_function(
     module: &Path,
-    mut config: serde_json::Value,
+    config: serde_json::Value,
 ) -> Result<(VmmProcess, ApiClient, serde_json::Value), String> {
-    let (vmm, mut client) = boot(1, 128, &["--test-commands"])?;
+    with_function_args(module, config, &[])
+}
+
+/// As [`with_function`], with more ember-vmm arguments.
+fn with_function_args(
+    module: &Path,
+    mut config: serde_json::Value,
+    args: &[&str],
+) -> Result<(VmmProcess, ApiClient, serde_json::Value), String> {
+    let mut all = vec!["--test-commands"];
+    all.extend_from_slice(args);
+    let (vmm, mut client) = boot(1, 128, &all)?;
     config["module_path"] = json!(module);
-    if config.get("memory_mib").is_none() {
-        config["memory_mib"] = json!(32);
-    }
     let loaded = expect_status(
         client.put_json("/ember/function", &config),
         200,
@@ -380,7 +401,8 @@ fn wasi_info() -> TestResult {
 
 /// A command whose behaviour the event's first byte picks: `u`nreachable,
 /// `d`ivision by zero, `o`ut-of-bounds load, `s`pin forever, `h`og memory,
-/// `e`xit with status 3; anything else prints "ok".
+/// `e`xit with status 3, `r`ecurse without end, write a `b`ig result
+/// (7 MiB); anything else prints "ok".
 const FAULTS: &str = r#"
 (module
   (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
@@ -406,9 +428,18 @@ const FAULTS: &str = r#"
         (loop $grow (br_if $grow (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))
         unreachable))
     (if (i32.eq (local.get $c) (i32.const 101)) (then (call $proc_exit (i32.const 3))))
+    (if (i32.eq (local.get $c) (i32.const 114)) (then (call $recurse)))
+    (if (i32.eq (local.get $c) (i32.const 98))
+      (then
+        (drop (memory.grow (i32.const 112)))
+        (i32.store (i32.const 32) (i32.const 65536))
+        (i32.store (i32.const 36) (i32.const 0x700000))
+        (drop (call $fd_write (i32.const 1) (i32.const 32) (i32.const 1) (i32.const 48)))
+        (return)))
     (i32.store (i32.const 32) (i32.const 200))
     (i32.store (i32.const 36) (i32.const 2))
-    (drop (call $fd_write (i32.const 1) (i32.const 32) (i32.const 1) (i32.const 48)))))
+    (drop (call $fd_write (i32.const 1) (i32.const 32) (i32.const 1) (i32.const 48))))
+  (func $recurse (call $recurse)))
 "#;
 
 fn faults(timeout_ms: u64, memory_mib: u32) -> Result<(VmmProcess, ApiClient), String> {
@@ -418,6 +449,45 @@ fn faults(timeout_ms: u64, memory_mib: u32) -> Result<(VmmProcess, ApiClient), S
         json!({ "timeout_ms": timeout_ms, "memory_mib": memory_mib }),
     )?;
     Ok((vmm, client))
+}
+
+/// With no `memory_mib` a function may use all the memory the VM leaves;
+/// using all of it, recursing without end or writing too much still gets
+/// a named error, and the runtime — with its own reserve — serves on.
+fn default_memory_limit() -> TestResult {
+    let module = write_wat(&scratch()?, "faults", FAULTS)?;
+    let (mut vmm, mut client, loaded) = with_function(&module, json!({}))?;
+    let limit = loaded["memory_limit_mib"].as_u64().unwrap_or(0);
+    // A 128 MiB VM: 16 MiB of mailbox, the runtime, a 16 MiB reserve.
+    check((64..112).contains(&limit), || format!("loaded {loaded}"))?;
+    for _ in 0..2 {
+        let response = invoke_err(&mut client, b"hog", "out_of_memory")?;
+        let message = response.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        check(
+            message.contains(&format!("memory limit of {limit} MiB")),
+            || message.clone(),
+        )?;
+        same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
+    }
+    let response = invoke_err(&mut client, b"recurse", "trap")?;
+    let message = response.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    check(message.contains("stack"), || message.clone())?;
+    let response = invoke_err(&mut client, b"big", "handler_error")?;
+    let message = response.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    check(message.contains("more than 6291456 bytes"), || {
+        message.clone()
+    })?;
+    same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
+    shutdown(&mut vmm, &mut client)
 }
 
 fn traps() -> TestResult {
@@ -464,7 +534,8 @@ const REACTOR_TRAP: &str = r#"
     (i32.store8 (i32.const 100) (i32.add (i32.const 48) (global.get $count)))
     (i32.store (i32.const 32) (i32.const 100))
     (i32.store (i32.const 36) (i32.const 1))
-    (drop (call $fd_write (i32.const 1) (i32.const 32) (i32.const 1) (i32.const 48)))))
+    (drop (call $fd_write (i32.const 1) (i32.const 32) (i32.const 1) (i32.const 48))))
+  (func $recurse (call $recurse)))
 "#;
 
 fn reactor_trap() -> TestResult {
@@ -654,6 +725,69 @@ fn prepared_instances() -> TestResult {
     check(
         stats["instances_prepared"] == 6 && stats["invocations"] == 5,
         || format!("stats {stats}"),
+    )?;
+    shutdown(&mut vmm, &mut client)
+}
+
+/// Many invocations written at once: each is delivered the moment the
+/// previous is answered — while the guest still prepares its next
+/// instance — and every answer comes back whole and in order, whether
+/// ember-vmm takes answers from guest memory (`--mailbox-poll-us`) or
+/// from the doorbell exits only.
+fn pipelined(poll_us: &str) -> TestResult {
+    let (mut vmm, mut client, _) = with_function_args(
+        &example("echo.wasm")?,
+        json!({}),
+        &["--mailbox-poll-us", poll_us],
+    )?;
+    const COUNT: usize = 200;
+    let mut raw = Vec::new();
+    for i in 0..COUNT {
+        let event = format!("event {i} {}", "x".repeat(i));
+        raw.extend_from_slice(
+            format!(
+                "POST /ember/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{event}",
+                event.len()
+            )
+            .as_bytes(),
+        );
+    }
+    let first = client.send_raw(&raw).map_err(|e| e.to_string())?;
+    let mut responses = vec![first];
+    for _ in 1..COUNT {
+        responses.push(client.read_response().map_err(|e| e.to_string())?);
+    }
+    for (i, response) in responses.iter().enumerate() {
+        let want = format!("event {i} {}", "x".repeat(i));
+        check(
+            response.status == 200
+                && response.header(FUNCTION_ERROR_HEADER).is_none()
+                && response.body == want.as_bytes(),
+            || {
+                format!(
+                    "invocation {i}: {} {:?}",
+                    response.status,
+                    String::from_utf8_lossy(&response.body)
+                )
+            },
+        )?;
+    }
+    let stats = expect_status(client.get("/ember/stats"), 200, "stats")?.json();
+    check(
+        stats["invocations"] == COUNT && stats["instances_prepared"] == COUNT + 1,
+        || format!("stats {stats}"),
+    )?;
+    let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+    let early = status["answers_from_memory"].as_u64().unwrap_or(u64::MAX);
+    let while_preparing = status["delivered_while_preparing"].as_u64().unwrap_or(0);
+    check(
+        status["protocol_errors"] == 0
+            && status["guest"] == "ready"
+            // Watching memory takes answers from it; doorbells alone never.
+            && (early > 0) == (poll_us != "0")
+            // Pipelined: nearly every next request finds the guest preparing.
+            && while_preparing >= COUNT as u64 / 2,
+        || format!("status {status}"),
     )?;
     shutdown(&mut vmm, &mut client)
 }
