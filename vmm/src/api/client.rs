@@ -101,6 +101,11 @@ impl ApiClient {
         self.read_response()
     }
 
+    /// Sends raw bytes and does not wait for a response.
+    pub fn send_raw_no_wait(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
     /// Sends raw bytes, for testing what the server makes of them.
     pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<ApiResponse> {
         self.stream.write_all(bytes)?;

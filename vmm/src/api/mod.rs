@@ -3,15 +3,19 @@
 //!
 //! A complete request is routed ([`parsed_request`]) to a [`VmmAction`];
 //! the VMM answers it at once or, for work the guest does, when the guest
-//! replies. Requests are served one at a time, in arrival order (round
-//! robin over connections), as Firecracker's API thread serves them — but
-//! without a thread of its own: on our KVM every hand-off between threads
-//! is a wake-up that costs up to ~20 µs when it crosses CPUs, and an
-//! invocation would pay two more of them (docs/decisions.md).
+//! replies. Requests are served one at a time — in order on a connection,
+//! round robin across connections — as Firecracker's API thread serves
+//! them, but without a thread of its own: on our KVM every hand-off between
+//! threads is a wake-up that costs up to ~20 µs when it crosses CPUs, and
+//! an invocation would pay two more of them (docs/decisions.md).
 //!
-//! Connections are non-blocking. A connection that sent more than one
-//! request waits with its input unread (no EPOLLIN) until its request is
-//! answered, so a client cannot make ember-vmm buffer without bound.
+//! Connections are non-blocking. A connection is not read (no EPOLLIN)
+//! while its request is being served or its last response is not yet
+//! written out, and holds at most one request's worth of input: a client
+//! cannot make ember-vmm buffer without bound. Each connection has its own
+//! id, used as its event token and to match an answer to its request, so a
+//! descriptor number reused by a new connection never receives an old
+//! connection's answer or events.
 
 pub mod client;
 pub mod http;
@@ -19,12 +23,13 @@ pub mod parsed_request;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
 use event_manager::{EventOps, Events};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
 use self::http::{parse_request, Parsed, CONTINUE};
 use crate::rpc_interface::{VmmAction, VmmResponse};
@@ -35,12 +40,23 @@ const MAX_CONNECTIONS: usize = 64;
 /// How long responses may take to drain when ember-vmm exits.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long the listener rests after accept(2) failed for want of
+/// descriptors or memory (instead of spinning on a readable listener).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
 /// Event tokens at and above this belong to the API server.
 const TOKEN_BASE: u32 = 1 << 20;
 const TOKEN_LISTENER: u32 = TOKEN_BASE;
+const TOKEN_LISTENER_PAUSE: u32 = TOKEN_BASE + 1;
+/// Connection tokens: `TOKEN_CONNECTIONS + id`.
+const TOKEN_CONNECTIONS: u32 = TOKEN_BASE + 2;
 
-/// Most input buffered per connection: one whole request.
+/// Most input buffered per connection: one whole request (a longer head
+/// or body is refused as soon as it is seen).
 const MAX_INPUT: usize = http::MAX_HEAD + http::MAX_BODY;
+
+/// A connection's id: its event token less [`TOKEN_CONNECTIONS`].
+type ConnId = u32;
 
 /// One client connection.
 struct Connection {
@@ -53,7 +69,7 @@ struct Connection {
     close_after_output: bool,
     /// The client hung up (or the socket failed): no more input.
     peer_closed: bool,
-    /// A write failed: the connection is dropped.
+    /// Reading or writing failed: the connection is dropped.
     broken: bool,
     /// The events epoll reports for it now.
     interest: EventSet,
@@ -62,21 +78,29 @@ struct Connection {
 /// The control socket's listener and connections.
 pub struct ApiServer {
     listener: UnixListener,
-    connections: HashMap<RawFd, Connection>,
+    /// Armed while the listener rests after a failed accept.
+    pause: TimerFd,
+    listener_paused: bool,
+    connections: HashMap<ConnId, Connection>,
+    last_id: ConnId,
     /// Connections in the order they are offered a turn.
-    turns: VecDeque<RawFd>,
+    turns: VecDeque<ConnId>,
     /// The connection whose request the VMM is serving, and whether it
     /// asked to close afterwards.
-    in_flight: Option<(RawFd, bool)>,
+    in_flight: Option<(ConnId, bool)>,
 }
 
 /// Binds the control socket at `path`.
 pub fn bind(path: &std::path::Path) -> std::io::Result<ApiServer> {
     let listener = UnixListener::bind(path)?;
     listener.set_nonblocking(true)?;
+    let pause = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     Ok(ApiServer {
         listener,
+        pause,
+        listener_paused: false,
         connections: HashMap::new(),
+        last_id: 0,
         turns: VecDeque::new(),
         in_flight: None,
     })
@@ -88,20 +112,31 @@ impl ApiServer {
         token >= TOKEN_BASE
     }
 
-    /// Adds the listener to the event loop.
+    /// Adds the listener (and its pause timer) to the event loop.
     pub fn register(&self, ops: &mut EventOps) {
-        let events = Events::with_data_raw(self.listener.as_raw_fd(), TOKEN_LISTENER, EventSet::IN);
-        if let Err(e) = ops.add(events) {
+        let listener =
+            Events::with_data_raw(self.listener.as_raw_fd(), TOKEN_LISTENER, EventSet::IN);
+        if let Err(e) = ops.add(listener) {
             log::error!("cannot watch the API socket: {e:?}");
+        }
+        let pause =
+            Events::with_data_raw(self.pause.as_raw_fd(), TOKEN_LISTENER_PAUSE, EventSet::IN);
+        if let Err(e) = ops.add(pause) {
+            log::error!("cannot watch the API socket's pause timer: {e:?}");
         }
     }
 
-    /// Handles readiness of the listener or of a connection.
+    /// Handles readiness of the listener, its pause timer or a connection.
     pub fn on_event(&mut self, events: &Events, ops: &mut EventOps) {
-        if events.data() == TOKEN_LISTENER {
-            return self.accept(ops);
+        match events.data() {
+            TOKEN_LISTENER => return self.accept(ops),
+            TOKEN_LISTENER_PAUSE => return self.resume_listener(ops),
+            _ => {}
         }
-        let Some(conn) = self.connections.get_mut(&events.fd()) else {
+        // An event for a connection closed earlier in the same batch finds
+        // nothing under its token: a live id is never given out again.
+        let id = events.data().wrapping_sub(TOKEN_CONNECTIONS);
+        let Some(conn) = self.connections.get_mut(&id) else {
             return;
         };
         let set = events.event_set();
@@ -124,35 +159,46 @@ impl ApiServer {
             return None;
         }
         for _ in 0..self.turns.len() {
-            let fd = self.turns.pop_front()?;
-            self.turns.push_back(fd);
-            let Some(conn) = self.connections.get_mut(&fd) else {
+            let id = self.turns.pop_front()?;
+            self.turns.push_back(id);
+            let Some(conn) = self.connections.get_mut(&id) else {
                 continue;
             };
-            while !conn.close_after_output && !conn.broken {
+            // A client that does not read its responses is served no more
+            // until it does.
+            while !conn.close_after_output && !conn.broken && conn.output.is_empty() {
                 match parse_request(&conn.input, conn.continue_sent) {
                     Parsed::Incomplete => break,
                     Parsed::ExpectsContinue => {
                         conn.output.extend_from_slice(CONTINUE);
                         conn.continue_sent = true;
+                        if flush(conn).is_err() {
+                            conn.broken = true;
+                        }
                         break;
                     }
                     Parsed::Invalid(response) => {
                         conn.output.extend_from_slice(&response.encode(true));
                         conn.close_after_output = true;
+                        if flush(conn).is_err() {
+                            conn.broken = true;
+                        }
                     }
                     Parsed::Request(request, used) => {
                         conn.input.drain(..used);
                         conn.continue_sent = false;
                         match parsed_request::parse(&request) {
                             Ok(action) => {
-                                self.in_flight = Some((fd, request.close));
+                                self.in_flight = Some((id, request.close));
                                 return Some(action);
                             }
                             Err(response) => {
                                 conn.output
                                     .extend_from_slice(&response.encode(request.close));
                                 conn.close_after_output |= request.close;
+                                if flush(conn).is_err() {
+                                    conn.broken = true;
+                                }
                             }
                         }
                     }
@@ -164,14 +210,17 @@ impl ApiServer {
 
     /// Answers the request in flight.
     pub fn respond(&mut self, answer: VmmResponse) {
-        let Some((fd, close)) = self.in_flight.take() else {
+        let Some((id, close)) = self.in_flight.take() else {
             log::warn!("an answer with no request in flight was dropped");
             return;
         };
         // The client may have gone meanwhile: then the answer has no reader.
-        let Some(conn) = self.connections.get_mut(&fd) else {
+        let Some(conn) = self.connections.get_mut(&id) else {
             return;
         };
+        if conn.broken {
+            return;
+        }
         let response = parsed_request::response(answer);
         conn.output.extend_from_slice(&response.encode(close));
         conn.close_after_output |= close;
@@ -183,65 +232,78 @@ impl ApiServer {
     /// After events: drops finished connections and sets what epoll
     /// watches on the others.
     pub fn sync(&mut self, ops: &mut EventOps) {
-        let in_flight = self.in_flight.map(|(fd, _)| fd);
+        let in_flight = self.in_flight.map(|(id, _)| id);
         let mut done = Vec::new();
-        for (&fd, conn) in &mut self.connections {
+        for (&id, conn) in &mut self.connections {
             let drained = conn.output.is_empty();
+            // The connection whose request is being served stays, even if
+            // its client went, until the answer comes.
+            let serving = in_flight == Some(id);
             // A client that sent its request and then hung up (or shut
-            // down its writing side) still gets served.
-            let served = || {
-                in_flight != Some(fd)
-                    && matches!(
-                        parse_request(&conn.input, conn.continue_sent),
-                        Parsed::Incomplete
-                    )
+            // down its writing side) is still served.
+            let has_request = || {
+                !matches!(
+                    parse_request(&conn.input, conn.continue_sent),
+                    Parsed::Incomplete
+                )
             };
-            let finished = conn.broken
-                || (drained && conn.close_after_output)
-                || (drained && conn.peer_closed && served());
+            let finished = !serving
+                && (conn.broken
+                    || (drained && conn.close_after_output)
+                    || (drained && conn.peer_closed && !has_request()));
             if finished {
-                done.push(fd);
+                done.push(id);
                 continue;
             }
-            // Read while there is room and nothing of this connection's is
-            // waiting to be served; write while output is pending.
+            // Read while nothing of this connection's is being served, its
+            // responses are written out and there is room; write while
+            // output is pending.
             let mut interest = EventSet::empty();
-            let waiting = in_flight == Some(fd) || conn.input.len() >= MAX_INPUT;
-            if !conn.peer_closed && !conn.close_after_output && !waiting {
+            if !conn.peer_closed
+                && !conn.close_after_output
+                && !conn.broken
+                && !serving
+                && drained
+                && conn.input.len() < MAX_INPUT
+            {
                 interest |= EventSet::IN;
             }
-            if !drained {
+            if !drained && !conn.broken {
                 interest |= EventSet::OUT;
             }
-            if interest != conn.interest {
-                let events = Events::with_data_raw(fd, token(fd), interest);
-                // A hung-up socket with nothing to read or write would be
-                // reported forever: it leaves the epoll set until then.
-                let result = if interest.is_empty() {
-                    ops.remove(events)
-                } else if conn.interest.is_empty() {
-                    ops.add(events)
-                } else {
-                    ops.modify(events)
-                };
-                match result {
-                    Ok(()) => conn.interest = interest,
-                    Err(e) => {
-                        log::warn!("cannot watch an API connection: {e:?}");
-                        done.push(fd);
+            if interest == conn.interest {
+                continue;
+            }
+            let fd = conn.stream.as_raw_fd();
+            let events = Events::with_data_raw(fd, TOKEN_CONNECTIONS + id, interest);
+            // A hung-up socket with nothing to read or write would be
+            // reported forever: it leaves the epoll set until then.
+            let result = if interest.is_empty() {
+                ops.remove(events)
+            } else if conn.interest.is_empty() {
+                ops.add(events)
+            } else {
+                ops.modify(events)
+            };
+            match result {
+                Ok(()) => conn.interest = interest,
+                Err(e) => {
+                    log::warn!("cannot watch an API connection: {e:?}");
+                    conn.broken = true;
+                    if !serving {
+                        done.push(id);
                     }
                 }
             }
         }
-        for fd in done {
-            if let Some(conn) = self.connections.remove(&fd) {
+        for id in done {
+            if let Some(conn) = self.connections.remove(&id) {
                 if !conn.interest.is_empty() {
-                    // Leave the epoll set before the descriptor closes: the
-                    // next connection may get the same number.
-                    let _ = ops.remove(Events::empty_raw(fd));
+                    // Leave the epoll set before the descriptor closes.
+                    let _ = ops.remove(Events::empty_raw(conn.stream.as_raw_fd()));
                 }
             }
-            self.turns.retain(|&t| t != fd);
+            self.turns.retain(|&t| t != id);
         }
     }
 
@@ -275,13 +337,15 @@ impl ApiServer {
                         log::warn!("cannot make an API connection non-blocking: {e}");
                         continue;
                     }
+                    let id = self.new_id();
                     let fd = stream.as_raw_fd();
-                    if let Err(e) = ops.add(Events::with_data_raw(fd, token(fd), EventSet::IN)) {
+                    let events = Events::with_data_raw(fd, TOKEN_CONNECTIONS + id, EventSet::IN);
+                    if let Err(e) = ops.add(events) {
                         log::warn!("cannot watch an API connection: {e:?}");
                         continue;
                     }
                     self.connections.insert(
-                        fd,
+                        id,
                         Connection {
                             stream,
                             input: Vec::new(),
@@ -293,22 +357,66 @@ impl ApiServer {
                             interest: EventSet::IN,
                         },
                     );
-                    self.turns.push_back(fd);
+                    self.turns.push_back(id);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Interrupted | ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue
+                }
                 Err(e) => {
-                    log::warn!("cannot accept an API connection: {e}");
-                    return;
+                    // Out of descriptors or memory: the listener stays
+                    // readable, so rest it rather than spin.
+                    log::warn!(
+                        "cannot accept an API connection: {e}; not accepting for {ACCEPT_PAUSE:?}"
+                    );
+                    return self.pause_listener(ops);
                 }
             }
         }
     }
-}
 
-/// The event token of connection `fd`.
-fn token(fd: RawFd) -> u32 {
-    TOKEN_BASE + 1 + fd as u32
+    fn pause_listener(&mut self, ops: &mut EventOps) {
+        if self.listener_paused {
+            return;
+        }
+        if ops
+            .remove(Events::empty_raw(self.listener.as_raw_fd()))
+            .is_ok()
+        {
+            self.listener_paused = true;
+            if let Err(e) = self.pause.reset(ACCEPT_PAUSE, None) {
+                log::error!("cannot arm the API socket's pause timer: {e}");
+            }
+        }
+    }
+
+    fn resume_listener(&mut self, ops: &mut EventOps) {
+        let _ = self.pause.wait();
+        if !self.listener_paused {
+            return;
+        }
+        self.listener_paused = false;
+        let events = Events::with_data_raw(self.listener.as_raw_fd(), TOKEN_LISTENER, EventSet::IN);
+        if let Err(e) = ops.add(events) {
+            log::error!("cannot watch the API socket again: {e:?}");
+        }
+    }
+
+    /// An id no open connection has.
+    fn new_id(&mut self) -> ConnId {
+        loop {
+            // Ids stay below u32::MAX - TOKEN_CONNECTIONS: tokens never wrap.
+            self.last_id = (self.last_id + 1) % (u32::MAX - TOKEN_CONNECTIONS);
+            if !self.connections.contains_key(&self.last_id) {
+                return self.last_id;
+            }
+        }
+    }
 }
 
 /// Reads what the client sent, up to one request's worth of buffer.
