@@ -146,7 +146,7 @@ impl FunctionConfig {
             }
         }
         let module =
-            std::fs::read(&self.module_path).map_err(|source| FunctionConfigError::ReadModule {
+            read_bounded(&self.module_path).map_err(|source| FunctionConfigError::ReadModule {
                 path: self.module_path.clone(),
                 source,
             })?;
@@ -154,7 +154,7 @@ impl FunctionConfig {
             .files
             .iter()
             .map(|file| {
-                std::fs::read(&file.host_path)
+                read_bounded(&file.host_path)
                     .map(|contents| (file.name.clone(), contents))
                     .map_err(|source| FunctionConfigError::ReadFile {
                         name: file.name.clone(),
@@ -179,6 +179,35 @@ impl FunctionConfig {
         }
         Ok(bundle)
     }
+}
+
+/// Reads a regular file of at most [`max_load_bytes`]. It runs on the VMM
+/// thread, so it must not block: the file is opened non-blocking (a FIFO
+/// would otherwise wait for a writer) and checked before it is read.
+fn read_bounded(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let max = max_load_bytes();
+    if meta.len() > max {
+        return Err(std::io::Error::other(format!(
+            "{} bytes, above the {max} bytes one load can carry",
+            meta.len()
+        )));
+    }
+    let mut contents = Vec::with_capacity(meta.len() as usize);
+    // A file that grows while it is read is cut at the limit, and then
+    // refused by the size check of the whole load.
+    file.take(max + 1).read_to_end(&mut contents)?;
+    Ok(contents)
 }
 
 /// The most a `load` request can carry: the mailbox's request area.
@@ -298,5 +327,24 @@ mod tests {
         let parsed: Result<FunctionConfig, _> =
             serde_json::from_str(r#"{"module_path": "/m.wasm", "memory": 1}"#);
         assert!(parsed.is_err());
+        // Not a regular file: refused without blocking (a FIFO would wait
+        // for a writer) or reading without end.
+        for path in ["/dev/zero", "/tmp"] {
+            let err = config(path.into()).read([0; 32]).unwrap_err().to_string();
+            assert!(err.contains("not a regular file"), "{err}");
+        }
+        let fifo = dir.join("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let err = config(fifo).read([0; 32]).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        // Too large: refused from its size, before it is read.
+        let big = dir.join("big.wasm");
+        let file = std::fs::File::create(&big).unwrap();
+        file.set_len(max_load_bytes() + 1).unwrap();
+        let err = config(big).read([0; 32]).unwrap_err().to_string();
+        assert!(err.contains("above the"), "{err}");
     }
 }
