@@ -14,6 +14,10 @@ pub const MAX_RESULT_BYTES: usize = 6 << 20;
 /// How much of the end of a function's stderr comes back with its outcome.
 pub const LOG_TAIL_BYTES: usize = 4096;
 
+/// How long a reactor's `_initialize` may run (at load, and when the
+/// instance is rebuilt after a failure).
+pub const INITIALIZE_TIMEOUT_MS: u64 = 10_000;
+
 /// The preopened, read-only directory holding the files shipped beside the module.
 pub const TASK_DIR: &str = "/var/task";
 

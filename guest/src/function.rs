@@ -22,6 +22,7 @@ use alloc::vec::Vec;
 
 use ember_abi::function::{
     write_outcome, ErrorKind, GuestStats, InvokeParams, LoadSpec, LoadedInfo, Model, OutcomeHeader,
+    INITIALIZE_TIMEOUT_MS,
 };
 use wasmi::{CompilationMode, Engine, ExternType, Func, Linker, Module, ResumableCall, Store, Val};
 
@@ -31,9 +32,6 @@ use crate::{clock, heap, rng};
 
 /// Fuel per slice: a few milliseconds of wasm between clock checks.
 const FUEL_SLICE: u64 = 4_000_000;
-
-/// Time `_initialize` (and a reactor's rebuild) may take.
-const INITIALIZE_TIMEOUT_MS: u64 = 10_000;
 
 /// Heap kept free beyond a function's memory limit, for the runtime
 /// itself: an event (up to 6 MiB) and a result (up to 6 MiB, in a buffer

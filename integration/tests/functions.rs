@@ -54,6 +54,10 @@ fn main() {
             "default_memory_limit_is_what_the_vm_leaves_and_the_runtime_survives_it",
             default_memory_limit,
         ),
+        (
+            "an_answer_for_a_client_that_left_never_reaches_the_next",
+            answer_after_client_left,
+        ),
         ("pipelined_invocations_in_order_watching_memory", || {
             pipelined("100")
         }),
@@ -789,5 +793,42 @@ fn pipelined(poll_us: &str) -> TestResult {
             && while_preparing >= COUNT as u64 / 2,
         || format!("status {status}"),
     )?;
+    shutdown(&mut vmm, &mut client)
+}
+
+/// A client that pipelines a large echo (whose response it never reads)
+/// and an invocation, then hangs up: the next connection (which the kernel
+/// likely gives the same descriptor number) gets its own answers, never
+/// the orphaned ones.
+fn answer_after_client_left() -> TestResult {
+    let (mut vmm, mut client) = faults(1000, 16)?;
+    let sock = vmm.api_sock.clone().ok_or("no API socket")?;
+    {
+        let mut gone = ApiClient::connect(&sock).map_err(|e| e.to_string())?;
+        let mut raw =
+            b"POST /ember/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n".to_vec();
+        raw.resize(raw.len() + (1 << 20), b'e');
+        // Spins until its 1 s limit, if it ever runs.
+        raw.extend_from_slice(
+            b"POST /ember/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nspin",
+        );
+        gone.send_raw_no_wait(&raw).map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut next = ApiClient::connect(&sock).map_err(|e| e.to_string())?;
+    next.set_timeout(Some(PATIENCE))
+        .map_err(|e| e.to_string())?;
+    let status = expect_status(next.get("/ember/status"), 200, "status after")?;
+    check(
+        status.header(FUNCTION_ERROR_HEADER).is_none() && status.json()["guest"].is_string(),
+        || {
+            format!(
+                "the next client got {:?}",
+                String::from_utf8_lossy(&status.body)
+            )
+        },
+    )?;
+    same(&invoke_ok(&mut next, b"fine")?, b"ok")?;
+    drop(next);
     shutdown(&mut vmm, &mut client)
 }

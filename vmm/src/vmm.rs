@@ -5,15 +5,19 @@
 //! doorbells, pause acks, stops), the i8042 reset line, a timerfd for the
 //! mailbox deadline, and console input (stdin, forwarded to the UART as
 //! Firecracker does; the console output is written by the vCPU thread in
-//! the exit, a line at a time). Nothing here sleeps or polls.
+//! the exit, a line at a time). Nothing here sleeps; the one poll is the
+//! short watch of guest memory after a request (below).
 //!
 //! The host side of the mailbox lives here. A request is written into guest
-//! memory only while the guest is parked in its doorbell exit; then vCPU 0
-//! is told to continue, and the next doorbell brings the answer. Requests
-//! made while the guest still boots wait for its `ready`. The guest's
-//! messages are checked before use; a message that breaks the protocol is
-//! refused with an error to the caller, and the guest is left parked, so
-//! the VMM keeps serving.
+//! memory while the guest is parked in its doorbell exit (or on its way to
+//! it, its answer already taken), or while it prepares its next instance
+//! and will look for one; then vCPU 0 is told to continue (unless it is
+//! still running). The answer is taken from guest memory if it comes within
+//! `--mailbox-poll-us`, else when the doorbell is reported; either way each
+//! doorbell is matched to exactly one message. Requests made while the
+//! guest still boots wait for its `ready`. The guest's messages are checked
+//! before use; a message that breaks the protocol is refused with an error
+//! to the caller, and the guest is left parked, so the VMM keeps serving.
 
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -106,6 +110,8 @@ struct Pending {
     /// Set once written to the mailbox.
     seq: Option<u64>,
     sent_at: Option<Instant>,
+    /// When the request was made.
+    asked_at: Instant,
     deadline: Instant,
 }
 
@@ -123,6 +129,11 @@ const TOKEN_CONSOLE_IN: u32 = 5;
 /// How long past a function's time limit the guest may take to answer
 /// before ember-vmm stops the VM (the guest enforces the limit itself).
 const BACKSTOP_GRACE: Duration = Duration::from_secs(2);
+
+/// What the guest may spend before it starts on a request: running a
+/// reactor's `_initialize` (at load, or rebuilding after a failure).
+const INITIALIZE_ALLOWANCE: Duration =
+    Duration::from_millis(ember_abi::function::INITIALIZE_TIMEOUT_MS);
 
 /// The VMM: configuration, the microVM once started, and the host side of
 /// the mailbox.
@@ -397,8 +408,10 @@ impl Vmm {
                 .into(),
             );
         }
-        let deadline = Instant::now() + timeout;
+        let asked_at = Instant::now();
+        let deadline = asked_at + timeout;
         self.pending = Some(Pending {
+            asked_at,
             kind,
             payload,
             seq: None,
@@ -420,10 +433,12 @@ impl Vmm {
         let tsc_khz = self.microvm.as_ref().map_or(0, |m| m.tsc_khz);
         // Set before the request goes: the answer may be taken at once.
         self.loading_timeout_ms = Some(bundle.timeout_ms);
+        // Compiling gets the usual time to answer, `_initialize` its own
+        // limit on top (the guest stops it then and answers).
         let answer = self.request_guest(
             RequestKind::Load,
             bundle.encode(tsc_khz),
-            self.options.mailbox_timeout,
+            self.options.mailbox_timeout + INITIALIZE_ALLOWANCE + BACKSTOP_GRACE,
         );
         if answer.is_some() {
             // Refused before it reached the guest.
@@ -473,6 +488,7 @@ impl Vmm {
         };
         if let Err(e) = written {
             self.pending = None;
+            self.loading_timeout_ms = None;
             self.disarm_timer();
             self.respond(Err(e.into()));
             return;
@@ -488,6 +504,13 @@ impl Vmm {
             // posts `idle` first and is continued then (see on_idle).
             self.delivered_while_preparing = Some(answered);
             self.deliveries_while_preparing += 1;
+            // Preparing may rebuild a reactor, `_initialize` and all: the
+            // request's time starts after that.
+            if let Some(pending) = &mut self.pending {
+                pending.deadline += INITIALIZE_ALLOWANCE + BACKSTOP_GRACE;
+                let left = pending.deadline.saturating_duration_since(Instant::now());
+                self.arm_timer(left);
+            }
         } else if let Some(microvm) = &self.microvm {
             microvm.vcpus[0].send(VcpuCommand::Continue);
         }
@@ -514,7 +537,8 @@ impl Vmm {
         let deadline = Instant::now() + window;
         loop {
             for _ in 0..64 {
-                if mailbox.response_seq().ok() == Some(seq) {
+                let seen = mailbox.response_seq().ok();
+                if seen == Some(seq) {
                     return match mailbox.read_message() {
                         Ok(message) if message.seq == seq => {
                             self.early_messages += 1;
@@ -525,6 +549,18 @@ impl Vmm {
                         // its message): the doorbell path reads it again.
                         _ => {}
                     };
+                }
+                // Delivered while it prepared, but it looked too early and
+                // is posting `idle` (same seq as the answer before it, a new
+                // kind): let it go on to the request now.
+                if let Some(answered) = self.delivered_while_preparing {
+                    if seen == Some(answered)
+                        && mailbox.response_kind().ok() == Some(MessageKind::Idle as u32)
+                    {
+                        self.delivered_while_preparing = None;
+                        self.early_messages += 1;
+                        self.continue_vcpu();
+                    }
                 }
                 std::hint::spin_loop();
             }
@@ -577,7 +613,11 @@ impl Vmm {
             // It missed the request delivered while it prepared: it is in
             // the exit now, and reads the request when it goes on.
             self.delivered_while_preparing = None;
-            return self.continue_vcpu();
+            self.continue_vcpu();
+            if let Some(request) = self.pending.as_ref().and_then(|p| p.seq) {
+                self.watch_for_answer(request);
+            }
+            return;
         }
         let waiting_after_outcome = matches!(self.guest, GuestState::Busy(s) | GuestState::Preparing(s) if s == seq)
             && self.pending.as_ref().is_none_or(|p| p.seq.is_none());
@@ -797,6 +837,7 @@ impl Vmm {
         if self.pending.as_ref().is_some_and(|p| p.seq.is_some()) {
             self.pending = None;
             self.loading_timeout_ms = None;
+            self.delivered_while_preparing = None;
             self.disarm_timer();
             self.respond(Err(error));
         }
@@ -907,11 +948,9 @@ impl Vmm {
         let Some(pending) = self.pending.take() else {
             return;
         };
-        let waited = pending
-            .sent_at
-            .map_or(0, |t| t.elapsed().as_millis() as u64);
+        let waited = pending.asked_at.elapsed().as_millis() as u64;
         log::error!(
-            "the guest did not answer {:?} within its deadline ({waited} ms after it was sent); stopping the VM",
+            "the guest did not answer {:?} within its deadline ({waited} ms after it was asked); stopping the VM",
             pending.kind
         );
         let message = format!(

@@ -1,10 +1,12 @@
 //! The guest side of the host mailbox (layout in [`ember_abi::mailbox`]).
 //!
-//! The host writes the request slot and area only while this vCPU is parked
-//! in the doorbell exit, and reads the response only after the doorbell, so
-//! plain accesses between doorbells are race-free. The doorbell
-//! ([`crate::io::doorbell`]) is a compiler barrier: no access to the areas
-//! moves across it.
+//! The host writes the request area only while the guest is not reading
+//! it — parked in the doorbell exit, on its way there after posting an
+//! answer, or preparing its next instance — and reads the response area
+//! once the guest has posted (it may look before the doorbell exit). Both
+//! sides write their slot's sequence number last, so a new number means a
+//! whole message. The doorbell ([`crate::io::doorbell`]) is a compiler
+//! barrier: no access to the areas moves across it.
 
 use core::ptr;
 use core::sync::atomic::{AtomicU64, Ordering};

@@ -167,6 +167,16 @@ impl Mailbox {
             .map_err(ProtocolError::Memory)
     }
 
+    /// The kind of the guest's latest message, unchecked.
+    pub fn response_kind(&self) -> Result<u32, ProtocolError> {
+        self.mem
+            .load::<u32>(
+                GuestAddress(self.gpa + offsets::RESPONSE_KIND as u64),
+                std::sync::atomic::Ordering::Acquire,
+            )
+            .map_err(ProtocolError::Memory)
+    }
+
     /// Reads and checks the message the guest posted before ringing the doorbell.
     pub fn read_message(&self) -> Result<GuestMessage, ProtocolError> {
         let mut header = [0u8; HEADER_BYTES];
