@@ -257,12 +257,18 @@ fn load_kernel(
     path: &str,
     ram_end: u64,
 ) -> Result<u64, StartMicrovmError> {
+    let started = std::time::Instant::now();
     let loaded = Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
         StartMicrovmError::LoadKernel {
             path: path.to_string(),
             source,
         }
     })?;
+    log::debug!(
+        "guest image loaded: {} KiB in {} us",
+        (loaded.kernel_end - loaded.kernel_load.0) >> 10,
+        started.elapsed().as_micros()
+    );
     if loaded.kernel_end > ram_end {
         return Err(StartMicrovmError::KernelTooBig {
             end: loaded.kernel_end,
