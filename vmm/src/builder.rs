@@ -47,6 +47,10 @@ pub enum StartMicrovmError {
     Memory(#[from] MemoryError),
     /// {0}
     Vm(#[from] VmError),
+    /// cannot start the thread that loads the guest image: {0}
+    LoaderThread(std::io::Error),
+    /// the thread that loads the guest image panicked
+    LoaderPanicked,
     /// cannot load the guest image {path}: {source}
     LoadKernel {
         /// The image.
@@ -130,123 +134,140 @@ pub fn build_microvm_for_boot(
     let mem_size = (machine.mem_size_mib as u64) << 20;
 
     let mem = create_guest_memory(mem_size as usize)?;
-    let (kvm, vm_fd, supported_cpuid) = kvm.into_parts()?;
-    let vm = Vm::new(vm_fd, &mem, machine.track_dirty_pages)?;
-    let vcpu_fds = (0..machine.vcpu_count)
-        .map(|index| vm.create_vcpu(index))
-        .collect::<Result<Vec<_>, _>>()?;
-
-    let mailbox = if options.mailbox {
-        let mailbox = Mailbox::new(
-            mem.clone(),
-            mem_size - DEFAULT_SIZE,
-            DEFAULT_SIZE,
-            DEFAULT_DOORBELL_PORT,
-        )?;
-        mailbox.init_header()?;
-        Some(mailbox)
+    let ram_end = if options.mailbox {
+        mem_size - DEFAULT_SIZE
     } else {
-        None
+        mem_size
     };
-    let ram_end = mailbox.as_ref().map_or(mem_size, Mailbox::gpa);
+    let kernel_file = &mut boot_source.kernel_file;
+    let boot_config = &boot_source.config;
+    // Copying the image into fresh guest memory costs 0.6–1 ms here (each
+    // new page must be backed by the outer hypervisor): a helper thread
+    // does it while this one sets up the rest, which writes elsewhere in
+    // guest memory. The scope joins the helper on every path out.
+    let loader_mem = mem.clone();
+    std::thread::scope(|scope| {
+        let image = std::thread::Builder::new()
+            .name("ember_load".into())
+            .spawn_scoped(scope, move || {
+                load_kernel(
+                    &loader_mem,
+                    kernel_file,
+                    &boot_config.kernel_image_path,
+                    ram_end,
+                )
+            })
+            .map_err(StartMicrovmError::LoaderThread)?;
+        let (kvm, vm_fd, supported_cpuid) = kvm.into_parts()?;
+        let vm = Vm::new(vm_fd, &mem, machine.track_dirty_pages)?;
+        let vcpu_fds = (0..machine.vcpu_count)
+            .map(|index| vm.create_vcpu(index))
+            .collect::<Result<Vec<_>, _>>()?;
 
-    let entry = load_kernel(
-        &mem,
-        &mut boot_source.kernel_file,
-        &boot_source.config.kernel_image_path,
-        ram_end,
-    )?;
-
-    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(StartMicrovmError::Cmdline)?;
-    if let Some(args) = boot_source
-        .config
-        .boot_args
-        .as_deref()
-        .filter(|a| !a.trim().is_empty())
-    {
-        cmdline
-            .insert_str(args)
-            .map_err(StartMicrovmError::Cmdline)?;
-    }
-    if let Some(mailbox) = &mailbox {
-        cmdline
-            .insert_str(mailbox.cmdline_param())
-            .map_err(StartMicrovmError::Cmdline)?;
-    }
-    load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline)
-        .map_err(StartMicrovmError::LoadCmdline)?;
-    let cmdline_size = cmdline
-        .as_cstring()
-        .map_err(StartMicrovmError::Cmdline)?
-        .as_bytes_with_nul()
-        .len();
-
-    let e820 = boot_params::e820_map(mem_size, mailbox.as_ref().map(Mailbox::gpa));
-    boot_params::write_boot_params(&mem, &e820, cmdline_size)?;
-    regs::write_boot_tables(&mem)?;
-
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(StartMicrovmError::EventFd)?;
-    vm.register_irqfd(&serial_irq, SERIAL_GSI)?;
-    let reset = reset_evt.try_clone().map_err(StartMicrovmError::EventFd)?;
-    let devices = PioDevices {
-        serial: Arc::new(Mutex::new(SerialDevice::new(
-            EventFdTrigger(serial_irq),
-            console,
-        ))),
-        i8042: Arc::new(Mutex::new(i8042::new(reset))),
-        doorbell_port: mailbox.as_ref().map(Mailbox::port),
-    };
-
-    let tsc_khz = vcpu_fds.first().map_or(0, |fd| match fd.get_tsc_khz() {
-        Ok(khz) => u64::from(khz),
-        Err(e) => {
-            log::warn!("KVM does not tell the TSC frequency ({e}); guest clocks will read 0");
-            0
-        }
-    });
-    let mut vcpus = Vec::with_capacity(vcpu_fds.len());
-    for (index, fd) in vcpu_fds.into_iter().enumerate() {
-        let index = index as u8;
-        let setup = |what, source| StartMicrovmError::VcpuSetup {
-            index,
-            what,
-            source,
+        let mailbox = if options.mailbox {
+            let mailbox = Mailbox::new(
+                mem.clone(),
+                mem_size - DEFAULT_SIZE,
+                DEFAULT_SIZE,
+                DEFAULT_DOORBELL_PORT,
+            )?;
+            mailbox.init_header()?;
+            Some(mailbox)
+        } else {
+            None
         };
-        let mut cpuid = supported_cpuid.clone();
-        cpuid::normalize(&mut cpuid, index, machine.vcpu_count);
-        fd.set_cpuid2(&cpuid)
-            .map_err(|e| setup("KVM_SET_CPUID2", e))?;
-        if index == 0 {
-            let mut sregs = fd.get_sregs().map_err(|e| setup("KVM_GET_SREGS", e))?;
-            regs::setup_long_mode_sregs(&mut sregs);
-            fd.set_sregs(&sregs)
-                .map_err(|e| setup("KVM_SET_SREGS", e))?;
-            fd.set_regs(&regs::boot_regs(entry))
-                .map_err(|e| setup("KVM_SET_REGS", e))?;
+        let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(StartMicrovmError::Cmdline)?;
+        if let Some(args) = boot_config
+            .boot_args
+            .as_deref()
+            .filter(|a| !a.trim().is_empty())
+        {
+            cmdline
+                .insert_str(args)
+                .map_err(StartMicrovmError::Cmdline)?;
         }
-        let count_ring0 = options.count_ring0 && index == 0;
-        vcpus.push(Vcpu::new(
-            index,
-            fd,
-            devices.clone(),
-            vcpu_events.clone(),
-            count_ring0,
-        ));
-    }
-    let vcpus = vcpus
-        .into_iter()
-        .map(|vcpu| vcpu.start_thread(options.seccomp))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(StartMicrovmError::VcpuThread)?;
+        if let Some(mailbox) = &mailbox {
+            cmdline
+                .insert_str(mailbox.cmdline_param())
+                .map_err(StartMicrovmError::Cmdline)?;
+        }
+        load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline)
+            .map_err(StartMicrovmError::LoadCmdline)?;
+        let cmdline_size = cmdline
+            .as_cstring()
+            .map_err(StartMicrovmError::Cmdline)?
+            .as_bytes_with_nul()
+            .len();
 
-    Ok(Microvm {
-        kvm,
-        vm,
-        mem,
-        vcpus,
-        devices,
-        mailbox,
-        tsc_khz,
+        let e820 = boot_params::e820_map(mem_size, mailbox.as_ref().map(Mailbox::gpa));
+        boot_params::write_boot_params(&mem, &e820, cmdline_size)?;
+        regs::write_boot_tables(&mem)?;
+
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(StartMicrovmError::EventFd)?;
+        vm.register_irqfd(&serial_irq, SERIAL_GSI)?;
+        let reset = reset_evt.try_clone().map_err(StartMicrovmError::EventFd)?;
+        let devices = PioDevices {
+            serial: Arc::new(Mutex::new(SerialDevice::new(
+                EventFdTrigger(serial_irq),
+                console,
+            ))),
+            i8042: Arc::new(Mutex::new(i8042::new(reset))),
+            doorbell_port: mailbox.as_ref().map(Mailbox::port),
+        };
+
+        let tsc_khz = vcpu_fds.first().map_or(0, |fd| match fd.get_tsc_khz() {
+            Ok(khz) => u64::from(khz),
+            Err(e) => {
+                log::warn!("KVM does not tell the TSC frequency ({e}); guest clocks will read 0");
+                0
+            }
+        });
+        let entry = image
+            .join()
+            .map_err(|_| StartMicrovmError::LoaderPanicked)??;
+        let mut vcpus = Vec::with_capacity(vcpu_fds.len());
+        for (index, fd) in vcpu_fds.into_iter().enumerate() {
+            let index = index as u8;
+            let setup = |what, source| StartMicrovmError::VcpuSetup {
+                index,
+                what,
+                source,
+            };
+            let mut cpuid = supported_cpuid.clone();
+            cpuid::normalize(&mut cpuid, index, machine.vcpu_count);
+            fd.set_cpuid2(&cpuid)
+                .map_err(|e| setup("KVM_SET_CPUID2", e))?;
+            if index == 0 {
+                let mut sregs = fd.get_sregs().map_err(|e| setup("KVM_GET_SREGS", e))?;
+                regs::setup_long_mode_sregs(&mut sregs);
+                fd.set_sregs(&sregs)
+                    .map_err(|e| setup("KVM_SET_SREGS", e))?;
+                fd.set_regs(&regs::boot_regs(entry))
+                    .map_err(|e| setup("KVM_SET_REGS", e))?;
+            }
+            let count_ring0 = options.count_ring0 && index == 0;
+            vcpus.push(Vcpu::new(
+                index,
+                fd,
+                devices.clone(),
+                vcpu_events.clone(),
+                count_ring0,
+            ));
+        }
+        let vcpus = vcpus
+            .into_iter()
+            .map(|vcpu| vcpu.start_thread(options.seccomp))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StartMicrovmError::VcpuThread)?;
+        Ok(Microvm {
+            kvm,
+            vm,
+            mem,
+            vcpus,
+            devices,
+            mailbox,
+            tsc_khz,
+        })
     })
 }
 
