@@ -126,6 +126,14 @@ fn invoke_ok(client: &mut ApiClient, event: &[u8]) -> Result<Vec<u8>, String> {
     Ok(response.body)
 }
 
+/// The message of a function error's body.
+fn error_message(response: &ApiResponse) -> String {
+    response.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
 /// Expects a failed invocation of `kind`; returns the response.
 fn invoke_err(client: &mut ApiClient, event: &[u8], kind: &str) -> Result<ApiResponse, String> {
     let response = expect_status(client.post("/ember/invoke", event), 200, "invoke")?;
@@ -210,10 +218,7 @@ fn jsonx() -> TestResult {
 fn jsonx_invalid() -> TestResult {
     let (mut vmm, mut client, _) = with_function(&example("jsonx.wasm")?, json!({}))?;
     let response = invoke_err(&mut client, b"{\"unterminated\": ", "handler_error")?;
-    let message = response.json()["error"]["message"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let message = error_message(&response);
     check(message.contains("status 1"), || message.clone())?;
     let log = log_of(&response);
     check(log.contains("jsonx: invalid JSON"), || {
@@ -247,10 +252,7 @@ fn counter_bad_event() -> TestResult {
     let (mut vmm, mut client, _) = with_function(&example("counter.wasm")?, json!({}))?;
     same(&invoke_ok(&mut client, b"")?, b"1\n")?;
     let response = invoke_err(&mut client, b"abc", "handler_error")?;
-    let message = response.json()["error"]["message"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let message = error_message(&response);
     check(message.contains("ember_handle returned 2"), || {
         message.clone()
     })?;
@@ -466,10 +468,7 @@ fn default_memory_limit() -> TestResult {
     check((64..112).contains(&limit), || format!("loaded {loaded}"))?;
     for _ in 0..2 {
         let response = invoke_err(&mut client, b"hog", "out_of_memory")?;
-        let message = response.json()["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
+        let message = error_message(&response);
         check(
             message.contains(&format!("memory limit of {limit} MiB")),
             || message.clone(),
@@ -477,16 +476,10 @@ fn default_memory_limit() -> TestResult {
         same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
     }
     let response = invoke_err(&mut client, b"recurse", "trap")?;
-    let message = response.json()["error"]["message"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let message = error_message(&response);
     check(message.contains("stack"), || message.clone())?;
     let response = invoke_err(&mut client, b"big", "handler_error")?;
-    let message = response.json()["error"]["message"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let message = error_message(&response);
     check(message.contains("more than 6291456 bytes"), || {
         message.clone()
     })?;
@@ -502,10 +495,7 @@ fn traps() -> TestResult {
         (b"oob", "out of bounds"),
     ] {
         let response = invoke_err(&mut client, event, "trap")?;
-        let message = response.json()["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
+        let message = error_message(&response);
         check(message.contains(text), || {
             format!("trap message {message:?} does not say {text:?}")
         })?;
@@ -565,10 +555,7 @@ fn timeout() -> TestResult {
     check(waited < Duration::from_millis(2500), || {
         format!("timed out only after {waited:?}")
     })?;
-    let message = response.json()["error"]["message"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let message = error_message(&response);
     check(message.contains("1000 ms"), || message.clone())?;
     same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
     shutdown(&mut vmm, &mut client)
@@ -577,10 +564,7 @@ fn timeout() -> TestResult {
 fn memory_hog() -> TestResult {
     let (mut vmm, mut client) = faults(3000, 8)?;
     let response = invoke_err(&mut client, b"hog", "out_of_memory")?;
-    let message = response.json()["error"]["message"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let message = error_message(&response);
     check(message.contains("memory limit of 8 MiB"), || {
         message.clone()
     })?;
@@ -597,10 +581,7 @@ fn memory_hog() -> TestResult {
 fn exit_status() -> TestResult {
     let (mut vmm, mut client) = faults(3000, 16)?;
     let response = invoke_err(&mut client, b"exit", "handler_error")?;
-    let message = response.json()["error"]["message"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let message = error_message(&response);
     check(message.contains("exited with status 3"), || message.clone())?;
     same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
     shutdown(&mut vmm, &mut client)

@@ -85,6 +85,15 @@ impl FdTable {
         self.slots.get(fd as usize).copied().flatten()
     }
 
+    /// `Ok` when `fd` is the directory; `ENOTDIR` or `EBADF` otherwise.
+    pub fn dir(&self, fd: u32) -> Result<(), i32> {
+        match self.get(fd) {
+            Some(Fd::Dir) => Ok(()),
+            Some(_) => Err(errno::NOTDIR),
+            None => Err(errno::BADF),
+        }
+    }
+
     fn set(&mut self, fd: u32, value: Fd) {
         if let Some(slot) = self.slots.get_mut(fd as usize) {
             *slot = Some(value);
@@ -367,9 +376,7 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
         "fd_fdstat_set_rights",
         |mut c: Ctx<'_>, fd: u32, _base: u64, _inheriting: u64| -> i32 {
             // Narrowing rights is always allowed (and not how access is enforced).
-            with(&mut c, |_, w| {
-                w.fds.get(fd).map(|_| errno::SUCCESS).ok_or(errno::BADF)
-            })
+            is_open(&mut c, fd)
         },
     )?;
     linker.func_wrap(
@@ -474,11 +481,7 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
          opened: u32|
          -> i32 {
             with(&mut c, |g, w| {
-                match w.fds.get(dirfd) {
-                    Some(Fd::Dir) => {}
-                    Some(_) => return Err(errno::NOTDIR),
-                    None => return Err(errno::BADF),
-                }
+                w.fds.dir(dirfd)?;
                 let name = g.slice(path, path_len)?.to_vec();
                 if oflags & (OFLAGS_CREAT | OFLAGS_EXCL | OFLAGS_TRUNC) != 0
                     || rights & WRITE_RIGHTS != 0
@@ -506,11 +509,7 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
         "path_filestat_get",
         |mut c: Ctx<'_>, dirfd: u32, _flags: u32, path: u32, path_len: u32, stat: u32| -> i32 {
             with(&mut c, |g, w| {
-                match w.fds.get(dirfd) {
-                    Some(Fd::Dir) => {}
-                    Some(_) => return Err(errno::NOTDIR),
-                    None => return Err(errno::BADF),
-                }
+                w.fds.dir(dirfd)?;
                 let name = g.slice(path, path_len)?.to_vec();
                 match lookup(&w.config.files, &name)? {
                     Lookup::Dir => write_filestat(g, stat, FILETYPE_DIRECTORY, 1, 0)?,
@@ -549,11 +548,7 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
     linker.func_wrap(
         MODULE,
         "fd_advise",
-        |mut c: Ctx<'_>, fd: u32, _o: u64, _l: u64, _a: u32| -> i32 {
-            with(&mut c, |_, w| {
-                w.fds.get(fd).map(|_| errno::SUCCESS).ok_or(errno::BADF)
-            })
-        },
+        |mut c: Ctx<'_>, fd: u32, _o: u64, _l: u64, _a: u32| -> i32 { is_open(&mut c, fd) },
     )?;
     linker.func_wrap(
         MODULE,
@@ -633,6 +628,14 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
         },
     )?;
     Ok(())
+}
+
+/// Success for an open descriptor (an operation with nothing to do),
+/// `EBADF` for any other.
+fn is_open(c: &mut Ctx<'_>, fd: u32) -> i32 {
+    with(c, |_, w| {
+        w.fds.get(fd).map(|_| errno::SUCCESS).ok_or(errno::BADF)
+    })
 }
 
 /// `EBADF` for an unknown descriptor, else `ENOTCAPABLE`: nothing here can

@@ -312,44 +312,33 @@ fn sizes(list: &[Vec<u8>]) -> (u32, u32) {
 
 /// Defines every WASI preview 1 function in `linker`.
 pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
-    linker.func_wrap(
-        MODULE,
-        "args_get",
-        |mut c: Ctx<'_>, argv: u32, buf: u32| -> i32 {
-            with(&mut c, |g, w| put_strings(g, &w.config.args, argv, buf))
-        },
-    )?;
-    linker.func_wrap(
-        MODULE,
-        "args_sizes_get",
-        |mut c: Ctx<'_>, count: u32, size: u32| -> i32 {
-            with(&mut c, |g, w| {
-                let (n, bytes) = sizes(&w.config.args);
-                g.write_u32(count, n)?;
-                g.write_u32(size, bytes)?;
-                Ok(errno::SUCCESS)
-            })
-        },
-    )?;
-    linker.func_wrap(
-        MODULE,
-        "environ_get",
-        |mut c: Ctx<'_>, env: u32, buf: u32| -> i32 {
-            with(&mut c, |g, w| put_strings(g, &w.config.env, env, buf))
-        },
-    )?;
-    linker.func_wrap(
-        MODULE,
-        "environ_sizes_get",
-        |mut c: Ctx<'_>, count: u32, size: u32| -> i32 {
-            with(&mut c, |g, w| {
-                let (n, bytes) = sizes(&w.config.env);
-                g.write_u32(count, n)?;
-                g.write_u32(size, bytes)?;
-                Ok(errno::SUCCESS)
-            })
-        },
-    )?;
+    // Arguments and environment: the same pair of calls over two lists.
+    type List = fn(&Config) -> &[Vec<u8>];
+    let lists: [(&str, &str, List); 2] = [
+        ("args_get", "args_sizes_get", |config| &config.args),
+        ("environ_get", "environ_sizes_get", |config| &config.env),
+    ];
+    for (get, sizes_get, list) in lists {
+        linker.func_wrap(
+            MODULE,
+            get,
+            move |mut c: Ctx<'_>, ptrs: u32, buf: u32| -> i32 {
+                with(&mut c, |g, w| put_strings(g, list(&w.config), ptrs, buf))
+            },
+        )?;
+        linker.func_wrap(
+            MODULE,
+            sizes_get,
+            move |mut c: Ctx<'_>, count: u32, size: u32| -> i32 {
+                with(&mut c, |g, w| {
+                    let (n, bytes) = sizes(list(&w.config));
+                    g.write_u32(count, n)?;
+                    g.write_u32(size, bytes)?;
+                    Ok(errno::SUCCESS)
+                })
+            },
+        )?;
+    }
     linker.func_wrap(
         MODULE,
         "clock_res_get",
