@@ -292,6 +292,17 @@ pub enum Model {
     Command = 2,
 }
 
+impl Model {
+    /// The model with wire code `code`, if any.
+    pub const fn from_u32(code: u32) -> Option<Model> {
+        match code {
+            1 => Some(Model::Reactor),
+            2 => Some(Model::Command),
+            _ => None,
+        }
+    }
+}
+
 /// The payload of `loaded`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadedInfo {
@@ -322,16 +333,10 @@ impl LoadedInfo {
     /// Decodes the info.
     pub fn decode(payload: &[u8]) -> Result<LoadedInfo, WireError> {
         let mut r = Reader::new(payload);
-        let model = match r.u32("model")? {
-            1 => Model::Reactor,
-            2 => Model::Command,
-            _ => {
-                return Err(WireError {
-                    field: "model",
-                    offset: 0,
-                })
-            }
-        };
+        let model = Model::from_u32(r.u32("model")?).ok_or(WireError {
+            field: "model",
+            offset: 0,
+        })?;
         let _reserved = r.u32("reserved")?;
         let memory_bytes = r.u64("memory")?;
         let memory_limit = r.u64("memory limit")?;

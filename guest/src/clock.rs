@@ -54,6 +54,22 @@ pub fn ns_to_ticks(ns: u64) -> u64 {
     ((ns as u128 * khz as u128) / 1_000_000).min(u64::MAX as u128) as u64
 }
 
+/// The TSC reading `ms` milliseconds after `from` (saturating).
+pub fn deadline_after_ms(from: u64, ms: u64) -> u64 {
+    from.saturating_add(ns_to_ticks(ms.saturating_mul(1_000_000)))
+}
+
+/// Now on WASI clock `id` (0 realtime; 1 monotonic, and 2, 3 the process
+/// and thread CPU clocks, which are monotonic time: the function owns its
+/// vCPU while it runs), or `None` for an unknown clock.
+pub fn now_ns(id: u32) -> Option<u64> {
+    match id {
+        0 => Some(realtime_ns()),
+        1..=3 => Some(monotonic_ns()),
+        _ => None,
+    }
+}
+
 /// Nanoseconds since boot.
 pub fn monotonic_ns() -> u64 {
     ticks_to_ns(rdtsc().wrapping_sub(TSC_AT_BOOT.load(Ordering::Relaxed)))

@@ -27,7 +27,7 @@ use ember_abi::function::{
 use wasmi::{CompilationMode, Engine, ExternType, Func, Linker, Module, ResumableCall, Store, Val};
 
 use crate::wasi::fs::TaskFile;
-use crate::wasi::{self, Config, Wasi};
+use crate::wasi::{self, Buffers, Config, Wasi};
 use crate::{clock, heap, rng};
 
 /// Fuel per slice: a few milliseconds of wasm between clock checks.
@@ -42,19 +42,16 @@ const HEAP_RESERVE: u64 = 16 << 20;
 struct Instance {
     store: Store<Wasi>,
     entry: Func,
-    memory: Option<wasmi::Memory>,
 }
 
 /// How an invocation ended, before it is written out.
 enum Ending {
     Ok,
-    Exit(i32),
     Failed(ErrorKind, String),
 }
 
 /// The loaded function.
 pub struct Function {
-    engine: Engine,
     module: Module,
     linker: Linker<Wasi>,
     config: Arc<Config>,
@@ -62,15 +59,9 @@ pub struct Function {
     model: Model,
     /// The reactor's instance, or the command's next fresh one.
     instance: Option<Instance>,
+    /// stdin and stdout buffers, kept from one invocation to the next.
+    buffers: Buffers,
     stats: GuestStats,
-}
-
-/// What the request loop does after an invocation's outcome is written.
-pub struct Invoked {
-    /// Bytes of outcome in the response area.
-    pub len: usize,
-    /// Work remains ([`Function::finish`]) before the next invocation.
-    pub prepare: bool,
 }
 
 impl Function {
@@ -135,17 +126,19 @@ impl Function {
                 .collect(),
         });
         let mut function = Function {
-            engine,
             module,
             linker,
             config,
             memory_limit,
             model,
             instance: None,
+            buffers: Buffers::default(),
             stats: GuestStats::default(),
         };
         let instance = function.instantiate()?;
         let memory_bytes = instance
+            .store
+            .data()
             .memory
             .map_or(0, |m| m.data(&instance.store).len() as u64);
         function.instance = Some(instance);
@@ -164,7 +157,7 @@ impl Function {
     /// A fresh instance: for a reactor with `_initialize` already run.
     fn instantiate(&self) -> Result<Instance, String> {
         let mut store = Store::new(
-            &self.engine,
+            self.module.engine(),
             Wasi::new(self.config.clone(), self.memory_limit),
         );
         store.limiter(|wasi| &mut wasi.limits);
@@ -182,33 +175,29 @@ impl Function {
         let entry = instance
             .get_func(&store, entry_name)
             .ok_or_else(|| format!("the module does not export {entry_name} as a function"))?;
-        let memory = instance.get_memory(&store, "memory");
-        let mut instance = Instance {
-            store,
-            entry,
-            memory,
-        };
+        store.data_mut().memory = instance.get_memory(&store, "memory");
+        let mut instance = Instance { store, entry };
         if let Some(init) = init {
-            let deadline = clock::rdtsc()
-                .saturating_add(clock::ns_to_ticks(INITIALIZE_TIMEOUT_MS * 1_000_000));
-            instance.store.data_mut().begin(&[], deadline);
+            let deadline = clock::deadline_after_ms(clock::rdtsc(), INITIALIZE_TIMEOUT_MS);
+            let wasi = instance.store.data_mut();
+            wasi.begin(&[], deadline, Buffers::default());
             if let (Err(e), _) = run(&mut instance.store, init, &mut []) {
                 let (_, message) = classify_error(instance.store.data(), e, INITIALIZE_TIMEOUT_MS);
                 return Err(format!("_initialize failed: {message}"));
             }
             // What _initialize printed goes nowhere.
-            instance.store.data_mut().release_buffers();
+            drop(instance.store.data_mut().take_buffers());
         }
         Ok(instance)
     }
 
-    /// Runs one invocation of `event` and writes its outcome into `area`.
-    pub fn invoke(&mut self, params: InvokeParams, event: &[u8], area: &mut [u8]) -> Invoked {
+    /// Runs one invocation of `event`, writes its outcome into `area` and
+    /// returns its length. Unless [`Function::ready`] says so afterwards,
+    /// [`Function::finish`] prepares the next instance.
+    pub fn invoke(&mut self, params: InvokeParams, event: &[u8], area: &mut [u8]) -> usize {
         clock::set_wall_clock(params.realtime_ns);
         let started = clock::rdtsc();
-        let deadline = started.saturating_add(clock::ns_to_ticks(
-            params.timeout_ms.saturating_mul(1_000_000),
-        ));
+        let deadline = clock::deadline_after_ms(started, params.timeout_ms);
         self.stats.invocations += 1;
 
         let instance = match self.instance.take() {
@@ -218,19 +207,12 @@ impl Function {
         let mut instance = match instance {
             Ok(instance) => instance,
             Err(message) => {
-                let len = self.write(
-                    area,
-                    Ending::Failed(ErrorKind::Trap, message),
-                    0,
-                    0,
-                    &[],
-                    &[],
-                    0,
-                );
-                return Invoked { len, prepare: true };
+                let failed = Ending::Failed(ErrorKind::Trap, message);
+                return self.write(area, failed, 0, 0, &[], &[], 0);
             }
         };
-        instance.store.data_mut().begin(event, deadline);
+        let buffers = core::mem::take(&mut self.buffers);
+        instance.store.data_mut().begin(event, deadline, buffers);
         let mut handle_result = [Val::I32(0)];
         let results: &mut [Val] = match self.model {
             Model::Reactor if returns_i32(&instance) => &mut handle_result,
@@ -244,28 +226,28 @@ impl Function {
         // leaves it mid-call, so it is rebuilt.
         let returned = ran.is_ok();
         let ending = match ran {
-            Ok(()) if wasi.stdout_overflow => Ending::Failed(
+            Ok(()) => match results.first() {
+                Some(Val::I32(status)) if *status != 0 => Ending::Failed(
+                    ErrorKind::HandlerError,
+                    format!("ember_handle returned {status}"),
+                ),
+                _ => Ending::Ok,
+            },
+            Err(e) if e.i32_exit_status() == Some(0) => Ending::Ok,
+            Err(e) => {
+                let (kind, message) = classify_error(wasi, e, params.timeout_ms);
+                Ending::Failed(kind, message)
+            }
+        };
+        let ending = match ending {
+            Ending::Ok if wasi.stdout_overflow => Ending::Failed(
                 ErrorKind::HandlerError,
                 format!(
                     "the function wrote more than {} bytes to stdout",
                     ember_abi::function::MAX_RESULT_BYTES
                 ),
             ),
-            Ok(()) => match results.first() {
-                Some(Val::I32(0)) | None => Ending::Ok,
-                Some(Val::I32(status)) => Ending::Failed(
-                    ErrorKind::HandlerError,
-                    format!("ember_handle returned {status}"),
-                ),
-                Some(_) => Ending::Ok,
-            },
-            Err(e) => match e.i32_exit_status() {
-                Some(0) if !wasi.stdout_overflow => Ending::Exit(0),
-                _ => {
-                    let (kind, message) = classify_error(wasi, e, params.timeout_ms);
-                    Ending::Failed(kind, message)
-                }
-            },
+            ending => ending,
         };
         let (log, log_dropped) = (wasi.stderr.bytes(), wasi.stderr.dropped);
         let len = self.write(
@@ -277,18 +259,18 @@ impl Function {
             log,
             log_dropped,
         );
+        self.buffers = instance.store.data_mut().take_buffers();
+        // A reactor keeps its instance if the call returned; a command's is
+        // spent.
+        if self.model == Model::Reactor && returned {
+            self.instance = Some(instance);
+        }
+        len
+    }
 
-        // What happens to the instance: a reactor keeps it if the call returned; a
-        // command's is spent.
-        let prepare = match self.model {
-            Model::Reactor if returned => {
-                instance.store.data_mut().release_buffers();
-                self.instance = Some(instance);
-                false
-            }
-            _ => true,
-        };
-        Invoked { len, prepare }
+    /// Whether an instance is ready for the next invocation.
+    pub fn ready(&self) -> bool {
+        self.instance.is_some()
     }
 
     /// Work after an outcome: a fresh instance for the next invocation.
@@ -303,14 +285,9 @@ impl Function {
         }
     }
 
-    /// Counters since boot.
+    /// Counters since load (heap figures are the caller's to add).
     pub fn stats(&self) -> GuestStats {
-        let (used, total) = heap::usage();
-        GuestStats {
-            heap_used: used,
-            heap_total: total,
-            ..self.stats
-        }
+        self.stats
     }
 
     /// Writes the outcome into `area`; counts failures.
@@ -331,20 +308,14 @@ impl Function {
             log_dropped,
             ..OutcomeHeader::default()
         };
-        let message;
         let body: &[u8] = match &ending {
             Ending::Ok => stdout,
-            Ending::Exit(code) => {
-                header.exit_code = *code;
-                stdout
-            }
             Ending::Failed(kind, text) => {
                 header.status = *kind as u32;
                 if let Some(count) = self.stats.errors.get_mut(*kind as usize - 1) {
                     *count += 1;
                 }
-                message = text.clone();
-                message.as_bytes()
+                text.as_bytes()
             }
         };
         write_outcome(area, header, body, log).unwrap_or_else(|| {
@@ -376,9 +347,8 @@ fn run(
                 ResumableCall::Finished => return Ok(()),
                 ResumableCall::HostTrap(trap) => return Err(trap.into_host_error()),
                 ResumableCall::OutOfFuel(out) => {
-                    if clock::rdtsc() >= store.data().deadline_tsc {
-                        store.data_mut().timed_out = true;
-                        return Err(wasmi::Error::new("the function ran past its time limit"));
+                    if store.data_mut().past_deadline() {
+                        return Err(wasi::deadline_error());
                     }
                     let slice = FUEL_SLICE.max(out.required_fuel());
                     store.set_fuel(slice)?;

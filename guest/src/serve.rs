@@ -4,7 +4,7 @@
 
 use alloc::vec::Vec;
 
-use ember_abi::function::{InvokeParams, LoadSpec};
+use ember_abi::function::{GuestStats, InvokeParams, LoadSpec};
 use ember_abi::mailbox::{GuestInfo, MessageKind, RequestKind, TEST_CRASH_ADDRESS};
 use ember_abi::{ByteWriter, I8042_COMMAND_PORT, I8042_RESET};
 use ember_kernel::io::outb;
@@ -15,9 +15,7 @@ use crate::function::Function;
 /// Posts `ready`, then serves requests until told to stop.
 pub fn serve(mut mailbox: Mailbox, info: &GuestInfo) -> ! {
     register_for_crash_reports(&mailbox);
-    let encoded = info.encode();
-    mailbox.response_area()[..encoded.len()].copy_from_slice(&encoded);
-    mailbox.post(MessageKind::Ready, 0, encoded.len() as u32);
+    reply(&mut mailbox, MessageKind::Ready, 0, &info.encode());
 
     let mut function: Option<Function> = None;
     loop {
@@ -32,30 +30,25 @@ pub fn serve(mut mailbox: Mailbox, info: &GuestInfo) -> ! {
             Some(RequestKind::Echo) => {
                 // The payload goes through the heap, as events do.
                 let payload: Vec<u8> = mailbox.request_payload(request.len).to_vec();
-                mailbox.response_area()[..payload.len()].copy_from_slice(&payload);
-                mailbox.post(MessageKind::EchoReply, seq, payload.len() as u32);
+                reply(&mut mailbox, MessageKind::EchoReply, seq, &payload);
             }
             Some(RequestKind::Load) => {
-                let (payload, area) = mailbox.areas(request.len);
-                let answer = match (&function, LoadSpec::decode(payload)) {
-                    (Some(_), _) => Err(alloc::string::String::from(
+                let answer = if function.is_some() {
+                    Err(alloc::string::String::from(
                         "a function is already loaded in this VM",
-                    )),
-                    (None, Err(e)) => Err(alloc::format!("malformed load request: {e}")),
-                    (None, Ok(spec)) => Function::load(&spec),
+                    ))
+                } else {
+                    match LoadSpec::decode(mailbox.request_payload(request.len)) {
+                        Err(e) => Err(alloc::format!("malformed load request: {e}")),
+                        Ok(spec) => Function::load(&spec),
+                    }
                 };
                 match answer {
                     Ok((loaded, info)) => {
-                        let encoded = info.encode();
-                        area[..encoded.len()].copy_from_slice(&encoded);
                         function = Some(loaded);
-                        mailbox.post(MessageKind::Loaded, seq, encoded.len() as u32);
+                        reply(&mut mailbox, MessageKind::Loaded, seq, &info.encode());
                     }
-                    Err(text) => {
-                        let len = text.len().min(area.len());
-                        area[..len].copy_from_slice(&text.as_bytes()[..len]);
-                        mailbox.post(MessageKind::LoadFailed, seq, len as u32);
-                    }
+                    Err(text) => reply(&mut mailbox, MessageKind::LoadFailed, seq, text.as_bytes()),
                 }
             }
             Some(RequestKind::Invoke) => {
@@ -68,34 +61,27 @@ pub fn serve(mut mailbox: Mailbox, info: &GuestInfo) -> ! {
                     error(&mut mailbox, seq, "malformed invoke request");
                     continue;
                 };
-                let invoked = function.invoke(params, event, area);
-                if invoked.prepare {
-                    mailbox.post(MessageKind::OutcomePreparing, seq, invoked.len as u32);
+                let len = function.invoke(params, event, area) as u32;
+                if function.ready() {
+                    mailbox.post(MessageKind::Outcome, seq, len);
+                } else {
+                    mailbox.post(MessageKind::OutcomePreparing, seq, len);
                     function.finish();
                     // A request that came while preparing is served at
                     // once; otherwise wait for one in the `idle` exit.
                     if mailbox.request().seq == seq {
                         mailbox.post(MessageKind::Idle, seq, 0);
                     }
-                } else {
-                    mailbox.post(MessageKind::Outcome, seq, invoked.len as u32);
                 }
             }
             Some(RequestKind::Stats) => {
-                let stats = function
-                    .as_ref()
-                    .map(Function::stats)
-                    .unwrap_or_else(|| {
-                        let (used, total) = crate::heap::usage();
-                        ember_abi::function::GuestStats {
-                            heap_used: used,
-                            heap_total: total,
-                            ..Default::default()
-                        }
-                    })
-                    .encode();
-                mailbox.response_area()[..stats.len()].copy_from_slice(&stats);
-                mailbox.post(MessageKind::Stats, seq, stats.len() as u32);
+                let (heap_used, heap_total) = crate::heap::usage();
+                let stats = GuestStats {
+                    heap_used,
+                    heap_total,
+                    ..function.as_ref().map(Function::stats).unwrap_or_default()
+                };
+                reply(&mut mailbox, MessageKind::Stats, seq, &stats.encode());
             }
             Some(RequestKind::Shutdown) => {
                 mailbox.post(MessageKind::ShutdownAck, seq, 0);
@@ -135,8 +121,13 @@ pub fn crash() -> ! {
 
 /// Answers request `seq` with an error message.
 fn error(mailbox: &mut Mailbox, seq: u64, text: &str) {
+    reply(mailbox, MessageKind::Error, seq, text.as_bytes());
+}
+
+/// Posts a message of `kind` carrying `payload` (cut to the response area).
+fn reply(mailbox: &mut Mailbox, kind: MessageKind, seq: u64, payload: &[u8]) {
     let area = mailbox.response_area();
-    let len = text.len().min(area.len());
-    area[..len].copy_from_slice(&text.as_bytes()[..len]);
-    mailbox.post(MessageKind::Error, seq, len as u32);
+    let len = payload.len().min(area.len());
+    area[..len].copy_from_slice(&payload[..len]);
+    mailbox.post(kind, seq, len as u32);
 }

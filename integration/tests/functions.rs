@@ -30,6 +30,10 @@ fn main() {
         ),
         ("datafile_reads_var_task", datafile),
         ("wasi_args_env_clock_random_files", wasi_info),
+        (
+            "wasi_calls_with_hostile_arguments_get_errnos",
+            hostile_arguments,
+        ),
         ("traps_are_reported_and_the_next_invocation_works", traps),
         ("reactor_is_rebuilt_after_a_trap", reactor_trap),
         ("infinite_loop_times_out_not_before_its_limit", timeout),
@@ -402,6 +406,32 @@ fn wasi_info() -> TestResult {
     check(random(&first) != vec![0; 16], || {
         "random bytes are all zero".into()
     })?;
+    shutdown(&mut vmm, &mut client)
+}
+
+/// Arguments a runtime must not trust: far too many poll subscriptions
+/// (the runtime would allocate for each), a record that does not fit in
+/// memory, an iovec array larger than memory. Each gets an errno (28
+/// EINVAL, 21 EFAULT, 21), printed as three bytes.
+const HOSTILE_ARGS: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_fdstat_get" (func $fdstat (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (i32.store8 (i32.const 100) (call $poll (i32.const 0) (i32.const 0) (i32.const 5000) (i32.const 0)))
+    (i32.store8 (i32.const 101) (call $fdstat (i32.const 1) (i32.const 0xfffffff8)))
+    (i32.store8 (i32.const 102) (call $write (i32.const 1) (i32.const 0) (i32.const 0x10000000) (i32.const 16)))
+    (i32.store (i32.const 0) (i32.const 100))
+    (i32.store (i32.const 4) (i32.const 3))
+    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))))
+"#;
+
+fn hostile_arguments() -> TestResult {
+    let module = write_wat(&scratch()?, "hostile", HOSTILE_ARGS)?;
+    let (mut vmm, mut client, _) = with_function(&module, json!({}))?;
+    same(&invoke_ok(&mut client, b"")?, &[28, 21, 21])?;
     shutdown(&mut vmm, &mut client)
 }
 

@@ -5,7 +5,7 @@
 
 use alloc::vec::Vec;
 
-use ember_abi::function::TASK_DIR;
+use ember_abi::function::{MAX_RESULT_BYTES, TASK_DIR};
 use wasmi::{Error, Linker};
 
 use super::memory::Guest;
@@ -106,7 +106,7 @@ impl FdTable {
             return Ok((free + 4) as u32);
         }
         if self.slots.len() >= MAX_FDS {
-            return Err(33); // EMFILE
+            return Err(errno::MFILE);
         }
         self.slots.push(Some(fd));
         Ok((self.slots.len() - 1) as u32)
@@ -156,6 +156,8 @@ fn write_filestat(
     ino: u64,
     size: u64,
 ) -> Result<(), i32> {
+    // Checked whole: the field offsets cannot wrap.
+    g.check(at, 64)?;
     g.write_u64(at, 1)?; // dev
     g.write_u64(at + 8, ino)?;
     g.write_u8(at + 16, filetype)?;
@@ -167,19 +169,12 @@ fn write_filestat(
     Ok(())
 }
 
-/// Gathers what the iovecs at `iovs` point to.
-fn gather(g: &Guest<'_>, iovs: u32, count: u32) -> Result<Vec<u8>, i32> {
-    let mut out = Vec::new();
-    for (buf, len) in g.iovecs(iovs, count)? {
-        out.extend_from_slice(g.slice(buf, len)?);
-    }
-    Ok(out)
-}
-
 /// Scatters `data` into the iovecs at `iovs`; returns the bytes written.
 fn scatter(g: &mut Guest<'_>, iovs: u32, count: u32, data: &[u8]) -> Result<u32, i32> {
     let mut done = 0usize;
-    for (buf, len) in g.iovecs(iovs, count)? {
+    g.check_iovecs(iovs, count)?;
+    for i in 0..count {
+        let (buf, len) = g.iovec(iovs, i)?;
         if done == data.len() {
             break;
         }
@@ -236,20 +231,37 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
         "fd_write",
         |mut c: Ctx<'_>, fd: u32, iovs: u32, count: u32, nwritten: u32| -> i32 {
             with(&mut c, |g, w| {
-                let target = w.fds.get(fd);
-                if !matches!(target, Some(Fd::Stdout | Fd::Stderr)) {
-                    return Err(if target.is_none() {
-                        errno::BADF
-                    } else {
-                        errno::NOTCAPABLE
-                    });
+                let to_stdout = match w.fds.get(fd) {
+                    Some(Fd::Stdout) => true,
+                    Some(Fd::Stderr) => false,
+                    Some(_) => return Err(errno::NOTCAPABLE),
+                    None => return Err(errno::BADF),
+                };
+                // Every buffer checked before any is taken: a bad one
+                // writes nothing.
+                g.check_iovecs(iovs, count)?;
+                let mut total = 0usize;
+                for i in 0..count {
+                    let (buf, len) = g.iovec(iovs, i)?;
+                    g.check(buf, len)?;
+                    total += len as usize;
                 }
-                let data = gather(g, iovs, count)?;
-                match target {
-                    Some(Fd::Stdout) => w.write_stdout(&data),
-                    _ => w.stderr.push(&data),
+                if to_stdout && w.stdout.len() + total > MAX_RESULT_BYTES {
+                    // Past the result limit: the write is dropped, and the
+                    // invocation fails when it ends.
+                    w.stdout_overflow = true;
+                } else {
+                    for i in 0..count {
+                        let (buf, len) = g.iovec(iovs, i)?;
+                        let data = g.slice(buf, len)?;
+                        if to_stdout {
+                            w.stdout.extend_from_slice(data);
+                        } else {
+                            w.stderr.push(data);
+                        }
+                    }
                 }
-                g.write_u32(nwritten, data.len() as u32)?;
+                g.write_u32(nwritten, total as u32)?;
                 Ok(errno::SUCCESS)
             })
         },
@@ -351,6 +363,8 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
                     Some(Fd::File { .. }) => FILETYPE_REGULAR_FILE,
                     None => return Err(errno::BADF),
                 };
+                // An fdstat, 24 bytes, checked whole.
+                g.check(stat, 24)?;
                 g.write_u8(stat, filetype)?;
                 g.write_u8(stat + 1, 0)?;
                 g.write_u16(stat + 2, 0)?;
@@ -364,12 +378,7 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
     linker.func_wrap(
         MODULE,
         "fd_fdstat_set_flags",
-        |mut c: Ctx<'_>, fd: u32, _flags: u32| -> i32 {
-            with(&mut c, |_, w| match w.fds.get(fd) {
-                None => Err(errno::BADF),
-                Some(_) => Err(errno::NOTCAPABLE),
-            })
-        },
+        |mut c: Ctx<'_>, fd: u32, _flags: u32| -> i32 { not_capable(&mut c, fd) },
     )?;
     linker.func_wrap(
         MODULE,
@@ -405,6 +414,7 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
                 if fd != DIR_FD {
                     return Err(errno::BADF);
                 }
+                g.check(prestat, 8)?;
                 g.write_u32(prestat, 0)?; // tag: directory
                 g.write_u32(prestat + 4, TASK_DIR.len() as u32)?;
                 Ok(errno::SUCCESS)
@@ -431,13 +441,7 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
         "fd_readdir",
         |mut c: Ctx<'_>, fd: u32, buf: u32, len: u32, cookie: u64, used: u32| -> i32 {
             with(&mut c, |g, w| {
-                if w.fds.get(fd) != Some(Fd::Dir) {
-                    return Err(if w.fds.get(fd).is_none() {
-                        errno::BADF
-                    } else {
-                        errno::NOTDIR
-                    });
-                }
+                w.fds.dir(fd)?;
                 // Entries: ".", "..", then the files; a dirent is 24 bytes and
                 // the name; an entry cut at the end of the buffer is partial,
                 // as the interface allows.
@@ -482,18 +486,18 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
          -> i32 {
             with(&mut c, |g, w| {
                 w.fds.dir(dirfd)?;
-                let name = g.slice(path, path_len)?.to_vec();
+                let found = lookup(&w.config.files, g.slice(path, path_len)?);
                 if oflags & (OFLAGS_CREAT | OFLAGS_EXCL | OFLAGS_TRUNC) != 0
                     || rights & WRITE_RIGHTS != 0
                     || fdflags & FDFLAGS_APPEND != 0
                 {
                     // /var/task is read-only.
-                    return Err(match lookup(&w.config.files, &name) {
+                    return Err(match found {
                         Err(errno::NOENT) if oflags & OFLAGS_CREAT == 0 => errno::NOENT,
                         _ => errno::NOTCAPABLE,
                     });
                 }
-                let fd = match lookup(&w.config.files, &name)? {
+                let fd = match found? {
                     Lookup::Dir => Fd::Dir,
                     Lookup::File(_) if oflags & OFLAGS_DIRECTORY != 0 => return Err(errno::NOTDIR),
                     Lookup::File(index) => Fd::File { index, pos: 0 },
@@ -510,8 +514,8 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
         |mut c: Ctx<'_>, dirfd: u32, _flags: u32, path: u32, path_len: u32, stat: u32| -> i32 {
             with(&mut c, |g, w| {
                 w.fds.dir(dirfd)?;
-                let name = g.slice(path, path_len)?.to_vec();
-                match lookup(&w.config.files, &name)? {
+                let found = lookup(&w.config.files, g.slice(path, path_len)?)?;
+                match found {
                     Lookup::Dir => write_filestat(g, stat, FILETYPE_DIRECTORY, 1, 0)?,
                     Lookup::File(index) => {
                         let size = w.config.files[index].contents.len() as u64;
@@ -537,8 +541,7 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
                 if w.fds.get(dirfd) != Some(Fd::Dir) {
                     return Err(errno::BADF);
                 }
-                let name = g.slice(path, path_len)?.to_vec();
-                lookup(&w.config.files, &name)?;
+                lookup(&w.config.files, g.slice(path, path_len)?)?;
                 Err(errno::INVAL) // Nothing here is a symbolic link.
             })
         },

@@ -32,6 +32,13 @@ impl<'a> Guest<'a> {
         Ok(start..end)
     }
 
+    /// Checks that `len` bytes at `at` lie in memory. A record checked
+    /// whole can then be written field by field: `at + offset` within it
+    /// cannot wrap.
+    pub fn check(&self, at: u32, len: u32) -> Result<(), MemoryError> {
+        self.range(at, len).map(|_| ())
+    }
+
     /// `len` bytes at `at`.
     pub fn slice(&self, at: u32, len: u32) -> Result<&[u8], MemoryError> {
         let range = self.range(at, len)?;
@@ -97,12 +104,15 @@ impl<'a> Guest<'a> {
         self.write_bytes(at, &value.to_le_bytes())
     }
 
-    /// The (buffer, length) pairs of an iovec array of `count` entries at `at`.
-    pub fn iovecs(&self, at: u32, count: u32) -> Result<alloc::vec::Vec<(u32, u32)>, MemoryError> {
-        // Each entry is 8 bytes; check the whole array before allocating.
-        self.slice(at, count.checked_mul(8).ok_or(MemoryError)?)?;
-        (0..count)
-            .map(|i| Ok((self.read_u32(at + 8 * i)?, self.read_u32(at + 8 * i + 4)?)))
-            .collect()
+    /// Checks an iovec array of `count` entries (8 bytes each) at `at`;
+    /// then [`Guest::iovec`] reads its entries without wrapping.
+    pub fn check_iovecs(&self, at: u32, count: u32) -> Result<(), MemoryError> {
+        self.check(at, count.checked_mul(8).ok_or(MemoryError)?)
+    }
+
+    /// Entry `i` of an iovec array checked by [`Guest::check_iovecs`]: the
+    /// buffer's address and length.
+    pub fn iovec(&self, at: u32, i: u32) -> Result<(u32, u32), MemoryError> {
+        Ok((self.read_u32(at + 8 * i)?, self.read_u32(at + 8 * i + 4)?))
     }
 }

@@ -19,7 +19,7 @@ mod memory;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-use ember_abi::function::{LOG_TAIL_BYTES, MAX_RESULT_BYTES};
+use ember_abi::function::LOG_TAIL_BYTES;
 use wasmi::{Caller, Error, Linker};
 
 use self::fs::{Fd, FdTable, TaskFile};
@@ -91,6 +91,8 @@ pub mod errno {
     pub const INVAL: i32 = 28;
     /// Is a directory.
     pub const ISDIR: i32 = 31;
+    /// Too many open files.
+    pub const MFILE: i32 = 33;
     /// No such file or directory.
     pub const NOENT: i32 = 44;
     /// Function not supported.
@@ -126,7 +128,10 @@ pub struct LogTail {
 
 impl LogTail {
     fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        // Only the end of a long write can stay.
+        let skip = bytes.len().saturating_sub(LOG_TAIL_BYTES);
+        self.dropped += skip as u64;
+        self.buf.extend_from_slice(&bytes[skip..]);
         if self.buf.len() > LOG_TAIL_BYTES {
             let excess = self.buf.len() - LOG_TAIL_BYTES;
             self.buf.drain(..excess);
@@ -197,14 +202,24 @@ impl wasmi::ResourceLimiter for Limits {
     }
 }
 
+/// The stdin and stdout buffers, handed from one invocation to the next
+/// so they are not allocated (and grown) anew each time.
+#[derive(Debug, Default)]
+pub struct Buffers {
+    stdin: Vec<u8>,
+    stdout: Vec<u8>,
+}
+
 /// A store's host state: the configuration and one invocation's I/O.
 pub struct Wasi {
     config: Arc<Config>,
+    /// The instance's exported memory, once instantiated.
+    pub memory: Option<wasmi::Memory>,
     stdin: Vec<u8>,
     stdin_pos: usize,
     /// What the function wrote to stdout.
     pub stdout: Vec<u8>,
-    /// It tried to write more than [`MAX_RESULT_BYTES`].
+    /// It tried to write more than [`ember_abi::function::MAX_RESULT_BYTES`].
     pub stdout_overflow: bool,
     /// What it wrote to stderr.
     pub stderr: LogTail,
@@ -222,6 +237,7 @@ impl Wasi {
     pub fn new(config: Arc<Config>, memory_limit: usize) -> Wasi {
         Wasi {
             config,
+            memory: None,
             stdin: Vec::new(),
             stdin_pos: 0,
             stdout: Vec::new(),
@@ -237,11 +253,14 @@ impl Wasi {
         }
     }
 
-    /// Starts an invocation: `event` on stdin, empty outputs, `deadline_tsc`.
-    pub fn begin(&mut self, event: &[u8], deadline_tsc: u64) {
+    /// Starts an invocation: `event` on stdin, empty outputs (in `buffers`),
+    /// `deadline_tsc`.
+    pub fn begin(&mut self, event: &[u8], deadline_tsc: u64, buffers: Buffers) {
+        self.stdin = buffers.stdin;
         self.stdin.clear();
         self.stdin.extend_from_slice(event);
         self.stdin_pos = 0;
+        self.stdout = buffers.stdout;
         self.stdout.clear();
         self.stdout_overflow = false;
         self.stderr.clear();
@@ -250,21 +269,16 @@ impl Wasi {
         self.limits.refused = false;
     }
 
-    /// Frees the invocation's buffers (kept between invocations otherwise).
-    pub fn release_buffers(&mut self) {
-        self.stdin = Vec::new();
-        self.stdout = Vec::new();
-    }
-
-    fn write_stdout(&mut self, bytes: &[u8]) {
-        if self.stdout.len() + bytes.len() > MAX_RESULT_BYTES {
-            self.stdout_overflow = true;
-            return;
+    /// Ends an invocation: hands back its buffers (stdout read first).
+    pub fn take_buffers(&mut self) -> Buffers {
+        Buffers {
+            stdin: core::mem::take(&mut self.stdin),
+            stdout: core::mem::take(&mut self.stdout),
         }
-        self.stdout.extend_from_slice(bytes);
     }
 
-    fn past_deadline(&mut self) -> bool {
+    /// Whether the deadline has passed (remembered as a timeout).
+    pub(crate) fn past_deadline(&mut self) -> bool {
         if clock::rdtsc() >= self.deadline_tsc {
             self.timed_out = true;
         }
@@ -272,8 +286,8 @@ impl Wasi {
     }
 }
 
-/// The host error that stops a function at its deadline inside a host call.
-fn deadline_error() -> Error {
+/// The host error that stops a function at its deadline.
+pub(crate) fn deadline_error() -> Error {
     Error::new("the function ran past its time limit")
 }
 
@@ -285,7 +299,14 @@ fn with<F>(caller: &mut Ctx<'_>, f: F) -> i32
 where
     F: FnOnce(&mut Guest<'_>, &mut Wasi) -> Result<i32, i32>,
 {
-    let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+    // Looked up by name only while the instance is being created (a
+    // start function calling WASI); afterwards the handle is kept.
+    let memory = caller.data().memory.or_else(|| {
+        caller
+            .get_export("memory")
+            .and_then(|export| export.into_memory())
+    });
+    let Some(memory) = memory else {
         return errno::INVAL;
     };
     let (bytes, wasi) = memory.data_and_store_mut(caller);
@@ -295,6 +316,10 @@ where
 
 /// Writes a list of byte strings the way `args_get` and `environ_get` do.
 fn put_strings(guest: &mut Guest<'_>, list: &[Vec<u8>], ptrs: u32, buf: u32) -> Result<i32, i32> {
+    // Both arrays checked whole first: the offsets within cannot wrap.
+    let (count, bytes) = sizes(list);
+    guest.check(ptrs, count.checked_mul(4).ok_or(errno::FAULT)?)?;
+    guest.check(buf, bytes)?;
     let mut at = buf;
     for (i, item) in list.iter().enumerate() {
         guest.write_u32(ptrs + 4 * i as u32, at)?;
@@ -344,9 +369,7 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
         "clock_res_get",
         |mut c: Ctx<'_>, id: u32, res: u32| -> i32 {
             with(&mut c, |g, _| {
-                if id > 3 {
-                    return Err(errno::INVAL);
-                }
+                clock::now_ns(id).ok_or(errno::INVAL)?;
                 g.write_u64(res, 1)?;
                 Ok(errno::SUCCESS)
             })
@@ -357,13 +380,7 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
         "clock_time_get",
         |mut c: Ctx<'_>, id: u32, _precision: u64, time: u32| -> i32 {
             with(&mut c, |g, _| {
-                let now = match id {
-                    0 => clock::realtime_ns(),
-                    // Monotonic, and the process and thread CPU clocks (the
-                    // function owns its vCPU while it runs).
-                    1..=3 => clock::monotonic_ns(),
-                    _ => return Err(errno::INVAL),
-                };
+                let now = clock::now_ns(id).ok_or(errno::INVAL)?;
                 g.write_u64(time, now)?;
                 Ok(errno::SUCCESS)
             })
@@ -419,6 +436,8 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
 
 /// Subscription and event layouts of `poll_oneoff`.
 const SUBSCRIPTION_SIZE: u32 = 48;
+/// Most subscriptions one `poll_oneoff` takes.
+const MAX_SUBSCRIPTIONS: u32 = 1024;
 const EVENT_SIZE: u32 = 32;
 const EVENTTYPE_CLOCK: u8 = 0;
 const EVENTTYPE_FD_READ: u8 = 1;
@@ -441,17 +460,21 @@ fn poll_oneoff(
         fd: u32,
         deadline_tsc: u64,
     }
-    if count == 0 {
+    // The list is allocated from the runtime's own heap: bounded.
+    if count == 0 || count > MAX_SUBSCRIPTIONS {
         return Ok(errno::INVAL);
     }
-    // Read the subscriptions.
+    // Read the subscriptions (the array checked whole: offsets within it
+    // cannot wrap).
     let mut list = Vec::new();
     let mut bad_clock = false;
     let read = with(c, |g, _| {
+        g.check(
+            subs,
+            count.checked_mul(SUBSCRIPTION_SIZE).ok_or(errno::FAULT)?,
+        )?;
         for i in 0..count {
-            let at = subs
-                .checked_add(i.checked_mul(SUBSCRIPTION_SIZE).ok_or(errno::FAULT)?)
-                .ok_or(errno::FAULT)?;
+            let at = subs + i * SUBSCRIPTION_SIZE;
             let userdata = g.read_u64(at)?;
             let tag = g.read_u8(at + 8)?;
             let (fd, deadline_tsc) = match tag {
@@ -459,14 +482,10 @@ fn poll_oneoff(
                     let id = g.read_u32(at + 16)?;
                     let timeout = g.read_u64(at + 24)?;
                     let flags = g.read_u16(at + 40)?;
-                    let now_ns = match id {
-                        0 => clock::realtime_ns(),
-                        1..=3 => clock::monotonic_ns(),
-                        _ => {
-                            bad_clock = true;
-                            0
-                        }
-                    };
+                    let now_ns = clock::now_ns(id).unwrap_or_else(|| {
+                        bad_clock = true;
+                        0
+                    });
                     let wait_ns = if flags & SUBCLOCKFLAGS_ABSTIME != 0 {
                         timeout.saturating_sub(now_ns)
                     } else {
@@ -521,7 +540,11 @@ fn poll_oneoff(
             if !ready {
                 continue;
             }
-            let at = events + written * EVENT_SIZE;
+            // Each event checked whole: offsets within it cannot wrap.
+            let at = events
+                .checked_add(written * EVENT_SIZE)
+                .ok_or(errno::FAULT)?;
+            g.check(at, EVENT_SIZE)?;
             let (error, nbytes) = match sub.tag {
                 EVENTTYPE_CLOCK => (errno::SUCCESS, 0),
                 _ => match w.fds.get(sub.fd) {
