@@ -88,6 +88,13 @@ impl Response {
 
     /// The response as bytes on the wire.
     pub fn encode(&self, close: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(close, &mut out);
+        out
+    }
+
+    /// Appends the response, as bytes on the wire, to `out`.
+    pub fn encode_into(&self, close: bool, out: &mut Vec<u8>) {
         let mut head = format!(
             "HTTP/1.1 {} {}\r\nServer: ember-vmm\r\n",
             self.status,
@@ -106,11 +113,10 @@ impl Response {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
         head.push_str("\r\n");
-        let mut out = head.into_bytes();
+        out.extend_from_slice(head.as_bytes());
         if self.status != 204 {
             out.extend_from_slice(&self.body);
         }
-        out
     }
 }
 
@@ -145,28 +151,62 @@ pub enum Parsed {
 /// Parses the first request in `buf`. `continue_sent` tells whether the
 /// `100 Continue` for it has already gone out.
 pub fn parse_request(buf: &[u8], continue_sent: bool) -> Parsed {
+    match parse_head(buf, continue_sent) {
+        Ok(head) => Parsed::Request(
+            Request {
+                method: head.method,
+                path: head.path,
+                body: buf[head.len..head.total].to_vec(),
+                close: head.close,
+            },
+            head.total,
+        ),
+        Err(parsed) => parsed,
+    }
+}
+
+/// Whether `buf` holds something to answer: a whole request, or one to
+/// refuse (without copying a body to find out).
+pub fn has_request(buf: &[u8], continue_sent: bool) -> bool {
+    !matches!(parse_head(buf, continue_sent), Err(Parsed::Incomplete))
+}
+
+/// A whole request's head: what it asks, and where its body ends.
+struct Head {
+    method: String,
+    path: String,
+    close: bool,
+    /// Bytes of head.
+    len: usize,
+    /// Bytes of head and body.
+    total: usize,
+}
+
+/// The head of the first request in `buf` once the whole request is
+/// there; otherwise what `parse_request` answers.
+fn parse_head(buf: &[u8], continue_sent: bool) -> Result<Head, Parsed> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let head_len = match request.parse(buf) {
         Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
-            return Parsed::Invalid(Response::fault(
+            return Err(Parsed::Invalid(Response::fault(
                 431,
                 &format!("request head exceeds {MAX_HEAD} bytes"),
-            ));
+            )));
         }
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Parsed::Invalid(Response::fault(
+            return Err(Parsed::Invalid(Response::fault(
                 431,
                 &format!("request head exceeds {MAX_HEAD} bytes"),
-            ));
+            )));
         }
-        Ok(httparse::Status::Partial) => return Parsed::Incomplete,
+        Ok(httparse::Status::Partial) => return Err(Parsed::Incomplete),
         Err(e) => {
-            return Parsed::Invalid(Response::fault(
+            return Err(Parsed::Invalid(Response::fault(
                 400,
                 &format!("malformed HTTP request: {e}"),
-            ))
+            )))
         }
     };
     let method = request.method.unwrap_or_default().to_string();
@@ -181,20 +221,23 @@ pub fn parse_request(buf: &[u8], continue_sent: bool) -> Parsed {
         let value = value.trim();
         if header.name.eq_ignore_ascii_case("content-length") {
             let Ok(len) = value.parse::<usize>() else {
-                return Parsed::Invalid(Response::fault(
+                return Err(Parsed::Invalid(Response::fault(
                     400,
                     &format!("bad Content-Length: {value:?}"),
-                ));
+                )));
             };
             if content_length.is_some_and(|l| l != len) {
-                return Parsed::Invalid(Response::fault(400, "conflicting Content-Length headers"));
+                return Err(Parsed::Invalid(Response::fault(
+                    400,
+                    "conflicting Content-Length headers",
+                )));
             }
             content_length = Some(len);
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Parsed::Invalid(Response::fault(
+            return Err(Parsed::Invalid(Response::fault(
                 400,
                 "Transfer-Encoding is not supported: send the body with Content-Length",
-            ));
+            )));
         } else if header.name.eq_ignore_ascii_case("expect") {
             expects_continue = value.eq_ignore_ascii_case("100-continue");
         } else if header.name.eq_ignore_ascii_case("connection") {
@@ -203,27 +246,25 @@ pub fn parse_request(buf: &[u8], continue_sent: bool) -> Parsed {
     }
     let body_len = content_length.unwrap_or(0);
     if body_len > MAX_BODY {
-        return Parsed::Invalid(Response::fault(
+        return Err(Parsed::Invalid(Response::fault(
             413,
             &format!("request body of {body_len} bytes exceeds the API limit of {MAX_BODY} bytes"),
-        ));
+        )));
     }
     let total = head_len + body_len;
     if buf.len() < total {
         if expects_continue && !continue_sent && buf.len() == head_len {
-            return Parsed::ExpectsContinue;
+            return Err(Parsed::ExpectsContinue);
         }
-        return Parsed::Incomplete;
+        return Err(Parsed::Incomplete);
     }
-    Parsed::Request(
-        Request {
-            method,
-            path,
-            body: buf[head_len..total].to_vec(),
-            close,
-        },
+    Ok(Head {
+        method,
+        path,
+        close,
+        len: head_len,
         total,
-    )
+    })
 }
 
 /// The interim response to `Expect: 100-continue`.

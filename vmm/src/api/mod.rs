@@ -62,7 +62,9 @@ type ConnId = u32;
 struct Connection {
     stream: UnixStream,
     input: Vec<u8>,
+    /// Responses to write; the first `written` bytes are out.
     output: Vec<u8>,
+    written: usize,
     continue_sent: bool,
     /// Close once the output is written (the client asked, or it sent
     /// something unparseable).
@@ -73,6 +75,49 @@ struct Connection {
     broken: bool,
     /// The events epoll reports for it now.
     interest: EventSet,
+}
+
+impl Connection {
+    /// Whether everything queued has been written.
+    fn drained(&self) -> bool {
+        self.written == self.output.len()
+    }
+
+    /// Queues `bytes` and writes what the socket takes.
+    fn send(&mut self, bytes: &[u8]) {
+        self.output.extend_from_slice(bytes);
+        self.flush();
+    }
+
+    /// Queues a response and writes what the socket takes.
+    fn send_response(&mut self, response: &http::Response, close: bool) {
+        response.encode_into(close, &mut self.output);
+        self.close_after_output |= close;
+        self.flush();
+    }
+
+    /// Writes as much queued output as the socket takes; a failed write
+    /// breaks the connection. (The written part is dropped once all is
+    /// out, not after each write: a large response is not moved around.)
+    fn flush(&mut self) {
+        while !self.drained() {
+            match self.stream.write(&self.output[self.written..]) {
+                Ok(0) => {
+                    self.broken = true;
+                    return;
+                }
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.broken = true;
+                    return;
+                }
+            }
+        }
+        self.output.clear();
+        self.written = 0;
+    }
 }
 
 /// The control socket's listener and connections.
@@ -147,8 +192,8 @@ impl ApiServer {
             conn.peer_closed = true;
             conn.broken = true;
         }
-        if set.contains(EventSet::OUT) && flush(conn).is_err() {
-            conn.broken = true;
+        if set.contains(EventSet::OUT) {
+            conn.flush();
         }
     }
 
@@ -166,40 +211,25 @@ impl ApiServer {
             };
             // A client that does not read its responses is served no more
             // until it does.
-            while !conn.close_after_output && !conn.broken && conn.output.is_empty() {
+            while !conn.close_after_output && !conn.broken && conn.drained() {
                 match parse_request(&conn.input, conn.continue_sent) {
                     Parsed::Incomplete => break,
                     Parsed::ExpectsContinue => {
-                        conn.output.extend_from_slice(CONTINUE);
+                        conn.send(CONTINUE);
                         conn.continue_sent = true;
-                        if flush(conn).is_err() {
-                            conn.broken = true;
-                        }
                         break;
                     }
-                    Parsed::Invalid(response) => {
-                        conn.output.extend_from_slice(&response.encode(true));
-                        conn.close_after_output = true;
-                        if flush(conn).is_err() {
-                            conn.broken = true;
-                        }
-                    }
+                    Parsed::Invalid(response) => conn.send_response(&response, true),
                     Parsed::Request(request, used) => {
                         conn.input.drain(..used);
                         conn.continue_sent = false;
-                        match parsed_request::parse(&request) {
+                        let close = request.close;
+                        match parsed_request::parse(request) {
                             Ok(action) => {
-                                self.in_flight = Some((id, request.close));
+                                self.in_flight = Some((id, close));
                                 return Some(action);
                             }
-                            Err(response) => {
-                                conn.output
-                                    .extend_from_slice(&response.encode(request.close));
-                                conn.close_after_output |= request.close;
-                                if flush(conn).is_err() {
-                                    conn.broken = true;
-                                }
-                            }
+                            Err(response) => conn.send_response(&response, close),
                         }
                     }
                 }
@@ -218,14 +248,8 @@ impl ApiServer {
         let Some(conn) = self.connections.get_mut(&id) else {
             return;
         };
-        if conn.broken {
-            return;
-        }
-        let response = parsed_request::response(answer);
-        conn.output.extend_from_slice(&response.encode(close));
-        conn.close_after_output |= close;
-        if flush(conn).is_err() {
-            conn.broken = true;
+        if !conn.broken {
+            conn.send_response(&parsed_request::response(answer), close);
         }
     }
 
@@ -235,18 +259,13 @@ impl ApiServer {
         let in_flight = self.in_flight.map(|(id, _)| id);
         let mut done = Vec::new();
         for (&id, conn) in &mut self.connections {
-            let drained = conn.output.is_empty();
+            let drained = conn.drained();
             // The connection whose request is being served stays, even if
             // its client went, until the answer comes.
             let serving = in_flight == Some(id);
             // A client that sent its request and then hung up (or shut
             // down its writing side) is still served.
-            let has_request = || {
-                !matches!(
-                    parse_request(&conn.input, conn.continue_sent),
-                    Parsed::Incomplete
-                )
-            };
+            let has_request = || http::has_request(&conn.input, conn.continue_sent);
             let finished = !serving
                 && (conn.broken
                     || (drained && conn.close_after_output)
@@ -316,12 +335,12 @@ impl ApiServer {
     /// for slow readers.
     pub fn finish(&mut self) {
         for conn in self.connections.values_mut() {
-            if conn.output.is_empty() || conn.broken {
+            if conn.drained() || conn.broken {
                 continue;
             }
             let _ = conn.stream.set_nonblocking(false);
             let _ = conn.stream.set_write_timeout(Some(FINAL_WRITE_TIMEOUT));
-            let _ = conn.stream.write_all(&conn.output);
+            let _ = conn.stream.write_all(&conn.output[conn.written..]);
         }
     }
 
@@ -350,6 +369,7 @@ impl ApiServer {
                             stream,
                             input: Vec::new(),
                             output: Vec::new(),
+                            written: 0,
                             continue_sent: false,
                             close_after_output: false,
                             peer_closed: false,
@@ -438,20 +458,4 @@ fn read_available(conn: &mut Connection) {
             }
         }
     }
-}
-
-/// Writes as much pending output as the socket takes.
-fn flush(conn: &mut Connection) -> std::io::Result<()> {
-    while !conn.output.is_empty() {
-        match conn.stream.write(&conn.output) {
-            Ok(0) => return Err(ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                conn.output.drain(..n);
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }

@@ -37,16 +37,16 @@ struct VmStateBody {
 }
 
 /// The action a request asks for, or the response refusing it.
-pub fn parse(request: &Request) -> Result<VmmAction, Response> {
+pub fn parse(request: Request) -> Result<VmmAction, Response> {
     let method = request.method.as_str();
     let path = request.path.as_str();
     let action = match (method, path) {
         ("GET", "/") => VmmAction::GetInstanceInfo,
-        ("PUT", "/boot-source") => VmmAction::PutBootSource(json_body(request)?),
-        ("PUT", "/machine-config") => VmmAction::PutMachineConfig(json_body(request)?),
+        ("PUT", "/boot-source") => VmmAction::PutBootSource(json_body(&request)?),
+        ("PUT", "/machine-config") => VmmAction::PutMachineConfig(json_body(&request)?),
         ("GET", "/machine-config") => VmmAction::GetMachineConfig,
         ("PUT", "/actions") => {
-            let body: ActionBody = json_body(request)?;
+            let body: ActionBody = json_body(&request)?;
             match body.action_type.as_str() {
                 "InstanceStart" => VmmAction::InstanceStart,
                 "SendCtrlAltDel" => VmmAction::SendCtrlAltDel,
@@ -59,7 +59,7 @@ pub fn parse(request: &Request) -> Result<VmmAction, Response> {
             }
         }
         ("PATCH", "/vm") => {
-            let body: VmStateBody = json_body(request)?;
+            let body: VmStateBody = json_body(&request)?;
             match body.state.as_str() {
                 "Paused" => VmmAction::Pause,
                 "Resumed" => VmmAction::Resume,
@@ -73,15 +73,16 @@ pub fn parse(request: &Request) -> Result<VmmAction, Response> {
         }
         ("GET", "/ember/status") => VmmAction::GetEmberStatus,
         ("POST", "/ember/ping") => VmmAction::Ping,
-        ("POST", "/ember/echo") => VmmAction::Echo(request.body.clone()),
+        // The body moves into the action: an event is not copied here.
+        ("POST", "/ember/echo") => VmmAction::Echo(request.body),
         ("PUT", "/ember/function") => {
-            let config: FunctionConfig = json_body(request)?;
+            let config: FunctionConfig = json_body(&request)?;
             let bundle = config
                 .read(entropy()?)
                 .map_err(|e| Response::fault(400, &format!("Cannot load the function: {e}")))?;
             VmmAction::LoadFunction(Box::new(bundle))
         }
-        ("POST", "/ember/invoke") => VmmAction::Invoke(request.body.clone()),
+        ("POST", "/ember/invoke") => VmmAction::Invoke(request.body),
         ("GET", "/ember/stats") => VmmAction::GetGuestStats,
         ("POST", "/ember/test/crash") => VmmAction::TestGuest(GuestTest::Crash),
         ("POST", "/ember/test/reset") => VmmAction::TestGuest(GuestTest::Reset),
@@ -197,11 +198,11 @@ mod tests {
     #[test]
     fn routes_firecracker_paths() {
         assert_eq!(
-            parse(&request("GET", "/", "")),
+            parse(request("GET", "/", "")),
             Ok(VmmAction::GetInstanceInfo)
         );
         assert_eq!(
-            parse(&request(
+            parse(request(
                 "PUT",
                 "/actions",
                 r#"{"action_type": "InstanceStart"}"#
@@ -209,7 +210,7 @@ mod tests {
             Ok(VmmAction::InstanceStart)
         );
         assert_eq!(
-            parse(&request(
+            parse(request(
                 "PUT",
                 "/actions",
                 r#"{"action_type": "SendCtrlAltDel"}"#
@@ -217,15 +218,15 @@ mod tests {
             Ok(VmmAction::SendCtrlAltDel)
         );
         assert_eq!(
-            parse(&request("PATCH", "/vm", r#"{"state": "Paused"}"#)),
+            parse(request("PATCH", "/vm", r#"{"state": "Paused"}"#)),
             Ok(VmmAction::Pause)
         );
         assert_eq!(
-            parse(&request("PATCH", "/vm", r#"{"state": "Resumed"}"#)),
+            parse(request("PATCH", "/vm", r#"{"state": "Resumed"}"#)),
             Ok(VmmAction::Resume)
         );
         assert!(matches!(
-            parse(&request(
+            parse(request(
                 "PUT",
                 "/boot-source",
                 r#"{"kernel_image_path": "/k", "boot_args": "x"}"#
@@ -233,23 +234,23 @@ mod tests {
             Ok(VmmAction::PutBootSource(_))
         ));
         assert_eq!(
-            parse(&request("POST", "/ember/echo", "abc")),
+            parse(request("POST", "/ember/echo", "abc")),
             Ok(VmmAction::Echo(b"abc".to_vec()))
         );
     }
 
     #[test]
     fn refuses_unknown_paths_and_bad_bodies_by_name() {
-        let (status, text) = fault(parse(&request("GET", "/nope", "")).unwrap_err());
+        let (status, text) = fault(parse(request("GET", "/nope", "")).unwrap_err());
         assert_eq!(status, 400);
         assert_eq!(text, "Invalid request method and/or path: GET /nope");
 
-        let (status, text) = fault(parse(&request("DELETE", "/", "")).unwrap_err());
+        let (status, text) = fault(parse(request("DELETE", "/", "")).unwrap_err());
         assert_eq!(status, 400);
         assert!(text.contains("DELETE /"), "{text}");
 
         let (status, text) =
-            fault(parse(&request("PUT", "/machine-config", "{vcpu_count: 1")).unwrap_err());
+            fault(parse(request("PUT", "/machine-config", "{vcpu_count: 1")).unwrap_err());
         assert_eq!(status, 400);
         assert!(
             text.starts_with("Cannot parse the body of PUT /machine-config"),
@@ -257,7 +258,7 @@ mod tests {
         );
 
         let (_, text) = fault(
-            parse(&request(
+            parse(request(
                 "PUT",
                 "/actions",
                 r#"{"action_type": "FlushMetrics"}"#,
@@ -267,7 +268,7 @@ mod tests {
         assert!(text.contains("FlushMetrics"), "{text}");
 
         let (_, text) =
-            fault(parse(&request("PATCH", "/vm", r#"{"state": "Sleeping"}"#)).unwrap_err());
+            fault(parse(request("PATCH", "/vm", r#"{"state": "Sleeping"}"#)).unwrap_err());
         assert!(text.contains("Sleeping"), "{text}");
     }
 
