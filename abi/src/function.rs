@@ -86,10 +86,25 @@ pub struct LoadSpec<'a> {
 }
 
 impl<'a> LoadSpec<'a> {
+    /// The length of [`LoadSpec::encode`]'s output, without encoding.
+    pub fn encoded_len(&self) -> usize {
+        let strings = |list: &[&[u8]]| 4 + list.iter().map(|s| 4 + s.len()).sum::<usize>();
+        let files: usize = self.files.iter().map(|(n, c)| 8 + n.len() + c.len()).sum();
+        8 + 8
+            + 32
+            + 4
+            + self.name.len()
+            + strings(&self.args)
+            + strings(&self.env)
+            + 4
+            + files
+            + 4
+            + self.module.len()
+    }
+
     /// Encodes the spec.
     pub fn encode(&self) -> Vec<u8> {
-        let files: usize = self.files.iter().map(|(n, c)| n.len() + c.len() + 8).sum();
-        let mut w = Writer::with_capacity(self.module.len() + files + 256);
+        let mut w = Writer::with_capacity(self.encoded_len());
         w.u64(self.memory_limit)
             .u64(self.tsc_khz)
             .raw(&self.seed)
@@ -432,6 +447,7 @@ mod tests {
     fn load_spec_round_trips() {
         let spec = spec();
         let bytes = spec.encode();
+        assert_eq!(bytes.len(), spec.encoded_len());
         assert_eq!(LoadSpec::decode(&bytes), Ok(spec));
     }
 

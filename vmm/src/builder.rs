@@ -134,8 +134,10 @@ pub fn build_microvm_for_boot(
     let mem_size = (machine.mem_size_mib as u64) << 20;
 
     let mem = create_guest_memory(mem_size as usize)?;
+    // The mailbox, if any, takes the top of guest memory; RAM ends below it.
+    let mailbox_gpa = mem_size - DEFAULT_SIZE;
     let ram_end = if options.mailbox {
-        mem_size - DEFAULT_SIZE
+        mailbox_gpa
     } else {
         mem_size
     };
@@ -167,7 +169,7 @@ pub fn build_microvm_for_boot(
         let mailbox = if options.mailbox {
             let mailbox = Mailbox::new(
                 mem.clone(),
-                mem_size - DEFAULT_SIZE,
+                mailbox_gpa,
                 DEFAULT_SIZE,
                 DEFAULT_DOORBELL_PORT,
             )?;

@@ -136,6 +136,19 @@ pub struct Invocation {
     pub round_trip_us: u64,
 }
 
+impl Invocation {
+    /// A failure the host reports (the guest crashed, or never answered):
+    /// no log, and the time is the host's.
+    pub fn failed(kind: ErrorKind, message: String, elapsed_us: u64) -> Invocation {
+        Invocation {
+            result: Err((kind, message)),
+            log: Vec::new(),
+            duration_us: elapsed_us,
+            round_trip_us: elapsed_us,
+        }
+    }
+}
+
 /// The guest's counters, for JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StatsInfo {
@@ -286,6 +299,8 @@ pub struct EmberStatus {
     pub console_lost_bytes: u64,
     /// Console input (stdin) bytes handed to the guest's UART.
     pub console_input_bytes: u64,
+    /// Console input bytes dropped because the UART's receive FIFO was full.
+    pub console_input_dropped_bytes: u64,
     /// With `--count-ring0`: instructions the boot path ran in ring 0.
     pub ring0_instructions: Option<u64>,
 }

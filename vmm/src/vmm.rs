@@ -23,7 +23,9 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ember_abi::function::{ErrorKind, GuestStats, InvokeParams, LoadedInfo, Outcome};
+use ember_abi::function::{
+    ErrorKind, GuestStats, InvokeParams, LoadedInfo, Outcome, OutcomeHeader, MAX_EVENT_BYTES,
+};
 use ember_abi::mailbox::{CrashReport, GuestInfo, MessageKind, RequestKind};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
@@ -40,7 +42,7 @@ use crate::rpc_interface::{
     VmmAction, VmmActionError, VmmData, VmmResponse,
 };
 use crate::seccomp::{self, ThreadKind};
-use crate::vmm_config::function::{FunctionBundle, MAX_EVENT};
+use crate::vmm_config::function::FunctionBundle;
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::vcpu::{VcpuCommand, VcpuEvent, VcpuEventSender, VcpuStop};
 use crate::{ExitCode, VMM_VERSION};
@@ -98,15 +100,47 @@ enum GuestState {
     /// instance); it posts `idle` when done, unless a request came
     /// meanwhile, which it then serves without exiting.
     Preparing(u64),
+    /// Serving request `seq`, written while it prepared after answering
+    /// `answered`: an `idle` for `answered` means it looked before the
+    /// request was there, and it is let go on to find it.
+    BusyAfterPreparing {
+        answered: u64,
+        seq: u64,
+    },
     /// Ended; the text says how.
     Stopped(String),
+}
+
+/// What a request to the guest carries: a small head (an invocation's
+/// parameters) and a body (an event, a module, echo bytes), written into
+/// the mailbox one after the other so that the body is not copied to join
+/// them.
+#[derive(Debug, Default)]
+struct Payload {
+    head: Vec<u8>,
+    body: Vec<u8>,
+}
+
+impl Payload {
+    fn body(body: Vec<u8>) -> Payload {
+        Payload {
+            head: Vec::new(),
+            body,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
 }
 
 /// The request to the guest that an API call waits on.
 struct Pending {
     kind: RequestKind,
     /// Emptied once written to the mailbox.
-    payload: Vec<u8>,
+    payload: Payload,
+    /// A load: the function's time limit, the VM's once it is loaded.
+    function_timeout_ms: Option<u64>,
     /// Set once written to the mailbox.
     seq: Option<u64>,
     sent_at: Option<Instant>,
@@ -156,7 +190,6 @@ pub struct Vmm {
     /// The loaded function's time limit per invocation, ms.
     function_timeout_ms: Option<u64>,
     /// The time limit of the function being loaded.
-    loading_timeout_ms: Option<u64>,
     transition: Option<Transition>,
     next_seq: u64,
     started_at: Option<Instant>,
@@ -167,9 +200,6 @@ pub struct Vmm {
     /// Messages taken from guest memory before their doorbell exit was
     /// reported: that many doorbells bring nothing new.
     early_messages: u32,
-    /// A request was delivered while the guest prepared after answering
-    /// request `n`: if it posts `idle` for `n`, it is continued to find it.
-    delivered_while_preparing: Option<u64>,
     /// Counters for `GET /ember/status`.
     answers_from_memory: u64,
     deliveries_while_preparing: u64,
@@ -227,7 +257,6 @@ impl Vmm {
             guest: GuestState::NotStarted,
             pending: None,
             function_timeout_ms: None,
-            loading_timeout_ms: None,
             transition: None,
             next_seq: 1,
             started_at: None,
@@ -236,7 +265,6 @@ impl Vmm {
             requests: 0,
             protocol_errors: 0,
             early_messages: 0,
-            delivered_while_preparing: None,
             answers_from_memory: 0,
             deliveries_while_preparing: 0,
             ring0_instructions: None,
@@ -331,30 +359,17 @@ impl Vmm {
             VmmAction::Pause => return self.begin_transition(InstanceState::Paused),
             VmmAction::Resume => return self.begin_transition(InstanceState::Running),
             VmmAction::GetEmberStatus => Ok(VmmData::Status(Box::new(self.status()))),
-            VmmAction::SendCtrlAltDel => {
-                return self.request_guest(
-                    RequestKind::Shutdown,
-                    Vec::new(),
-                    self.options.mailbox_timeout,
-                )
-            }
-            VmmAction::Ping => {
-                return self.request_guest(
-                    RequestKind::Ping,
-                    Vec::new(),
-                    self.options.mailbox_timeout,
-                )
-            }
+            VmmAction::SendCtrlAltDel => return self.ask(RequestKind::Shutdown),
+            VmmAction::Ping => return self.ask(RequestKind::Ping),
             VmmAction::Echo(payload) => {
-                return self.request_guest(RequestKind::Echo, payload, self.options.mailbox_timeout)
-            }
-            VmmAction::GetGuestStats => {
                 return self.request_guest(
-                    RequestKind::Stats,
-                    Vec::new(),
+                    RequestKind::Echo,
+                    Payload::body(payload),
                     self.options.mailbox_timeout,
+                    None,
                 )
             }
+            VmmAction::GetGuestStats => return self.ask(RequestKind::Stats),
             VmmAction::LoadFunction(bundle) => return self.load_function(&bundle),
             VmmAction::Invoke(event) => return self.invoke(event),
             VmmAction::TestGuest(_) | VmmAction::TestForbiddenSyscall
@@ -369,19 +384,26 @@ impl Vmm {
                     GuestTest::BadLength => RequestKind::TestBadLength,
                     GuestTest::Hang => RequestKind::TestHang,
                 };
-                return self.request_guest(kind, Vec::new(), self.options.mailbox_timeout);
+                return self.ask(kind);
             }
             VmmAction::TestForbiddenSyscall => Err(forbidden_syscall()),
         })
     }
 
+    /// A request without payload, with the usual time to answer.
+    fn ask(&mut self, kind: RequestKind) -> Option<VmmResponse> {
+        self.request_guest(kind, Payload::default(), self.options.mailbox_timeout, None)
+    }
+
     /// Queues a request for the guest; it is delivered now if the guest
-    /// waits, or when it becomes ready.
+    /// waits (or prepares, and will look), or when it becomes ready. A
+    /// load carries the function's time limit.
     fn request_guest(
         &mut self,
         kind: RequestKind,
-        payload: Vec<u8>,
+        payload: Payload,
         timeout: Duration,
+        function_timeout_ms: Option<u64>,
     ) -> Option<VmmResponse> {
         let refuse = |e| Some(Err(e));
         let Some(microvm) = &self.microvm else {
@@ -408,15 +430,21 @@ impl Vmm {
                 .into(),
             );
         }
+        // Preparing may rebuild a reactor, `_initialize` and all: the
+        // request's own time starts after that.
+        let timeout = match self.guest {
+            GuestState::Preparing(_) => timeout + INITIALIZE_ALLOWANCE + BACKSTOP_GRACE,
+            _ => timeout,
+        };
         let asked_at = Instant::now();
-        let deadline = asked_at + timeout;
         self.pending = Some(Pending {
             asked_at,
             kind,
             payload,
+            function_timeout_ms,
             seq: None,
             sent_at: None,
-            deadline,
+            deadline: asked_at + timeout,
         });
         self.arm_timer(timeout);
         if matches!(self.guest, GuestState::Idle | GuestState::Preparing(_)) {
@@ -427,24 +455,19 @@ impl Vmm {
 
     /// Sends the function to the guest to compile, instantiate and initialise.
     fn load_function(&mut self, bundle: &FunctionBundle) -> Option<VmmResponse> {
-        if self.function_timeout_ms.is_some() || self.loading_timeout_ms.is_some() {
+        // (Requests are served one at a time: no other load is pending.)
+        if self.function_timeout_ms.is_some() {
             return Some(Err(VmmActionError::FunctionAlreadyLoaded));
         }
         let tsc_khz = self.microvm.as_ref().map_or(0, |m| m.tsc_khz);
-        // Set before the request goes: the answer may be taken at once.
-        self.loading_timeout_ms = Some(bundle.timeout_ms);
         // Compiling gets the usual time to answer, `_initialize` its own
         // limit on top (the guest stops it then and answers).
-        let answer = self.request_guest(
+        self.request_guest(
             RequestKind::Load,
-            bundle.encode(tsc_khz),
+            Payload::body(bundle.encode(tsc_khz)),
             self.options.mailbox_timeout + INITIALIZE_ALLOWANCE + BACKSTOP_GRACE,
-        );
-        if answer.is_some() {
-            // Refused before it reached the guest.
-            self.loading_timeout_ms = None;
-        }
-        answer
+            Some(bundle.timeout_ms),
+        )
     }
 
     /// Sends an invocation: the event, the time limit and the wall clock.
@@ -454,10 +477,10 @@ impl Vmm {
         let Some(timeout_ms) = self.function_timeout_ms else {
             return Some(Err(VmmActionError::NoFunction));
         };
-        if event.len() > MAX_EVENT {
+        if event.len() > MAX_EVENT_BYTES {
             return Some(Err(VmmActionError::EventTooLarge {
                 len: event.len(),
-                max: MAX_EVENT,
+                max: MAX_EVENT_BYTES,
             }));
         }
         let params = InvokeParams {
@@ -466,11 +489,12 @@ impl Vmm {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
         };
-        let mut payload = Vec::with_capacity(InvokeParams::SIZE + event.len());
-        payload.extend_from_slice(&params.encode());
-        payload.extend_from_slice(&event);
+        let payload = Payload {
+            head: params.encode().to_vec(),
+            body: event,
+        };
         let backstop = Duration::from_millis(timeout_ms) + BACKSTOP_GRACE;
-        self.request_guest(RequestKind::Invoke, payload, backstop)
+        self.request_guest(RequestKind::Invoke, payload, backstop, None)
     }
 
     /// Writes the pending request into the mailbox and lets vCPU 0 go on;
@@ -484,11 +508,11 @@ impl Vmm {
             let Some(mailbox) = &microvm.mailbox else {
                 return;
             };
-            mailbox.write_request(seq, pending.kind, &pending.payload)
+            let payload = &pending.payload;
+            mailbox.write_request(seq, pending.kind, &[&payload.head, &payload.body])
         };
         if let Err(e) = written {
             self.pending = None;
-            self.loading_timeout_ms = None;
             self.disarm_timer();
             self.respond(Err(e.into()));
             return;
@@ -497,24 +521,20 @@ impl Vmm {
         if let Some(pending) = &mut self.pending {
             pending.seq = Some(seq);
             pending.sent_at = Some(Instant::now());
-            pending.payload = Vec::new();
+            pending.payload = Payload::default();
         }
-        if let GuestState::Preparing(answered) = self.guest {
+        self.guest = match self.guest {
             // The vCPU runs: it reads the request after preparing, or
-            // posts `idle` first and is continued then (see on_idle).
-            self.delivered_while_preparing = Some(answered);
-            self.deliveries_while_preparing += 1;
-            // Preparing may rebuild a reactor, `_initialize` and all: the
-            // request's time starts after that.
-            if let Some(pending) = &mut self.pending {
-                pending.deadline += INITIALIZE_ALLOWANCE + BACKSTOP_GRACE;
-                let left = pending.deadline.saturating_duration_since(Instant::now());
-                self.arm_timer(left);
+            // posts `idle` first and is let go on then (see on_idle).
+            GuestState::Preparing(answered) => {
+                self.deliveries_while_preparing += 1;
+                GuestState::BusyAfterPreparing { answered, seq }
             }
-        } else if let Some(microvm) = &self.microvm {
-            microvm.vcpus[0].send(VcpuCommand::Continue);
-        }
-        self.guest = GuestState::Busy(seq);
+            _ => {
+                self.continue_vcpu();
+                GuestState::Busy(seq)
+            }
+        };
         self.watch_for_answer(seq);
     }
 
@@ -553,11 +573,11 @@ impl Vmm {
                 // Delivered while it prepared, but it looked too early and
                 // is posting `idle` (same seq as the answer before it, a new
                 // kind): let it go on to the request now.
-                if let Some(answered) = self.delivered_while_preparing {
+                if let GuestState::BusyAfterPreparing { answered, .. } = self.guest {
                     if seen == Some(answered)
                         && mailbox.response_kind().ok() == Some(MessageKind::Idle as u32)
                     {
-                        self.delivered_while_preparing = None;
+                        self.guest = GuestState::Busy(seq);
                         self.early_messages += 1;
                         self.continue_vcpu();
                     }
@@ -609,15 +629,18 @@ impl Vmm {
 
     /// The guest finished its work after an outcome and waits.
     fn on_idle(&mut self, seq: u64) {
-        if self.delivered_while_preparing == Some(seq) {
-            // It missed the request delivered while it prepared: it is in
-            // the exit now, and reads the request when it goes on.
-            self.delivered_while_preparing = None;
-            self.continue_vcpu();
-            if let Some(request) = self.pending.as_ref().and_then(|p| p.seq) {
-                self.watch_for_answer(request);
+        if let GuestState::BusyAfterPreparing {
+            answered,
+            seq: request,
+        } = self.guest
+        {
+            if answered == seq {
+                // It missed the request delivered while it prepared: it is
+                // in the exit now, and reads the request when it goes on.
+                self.guest = GuestState::Busy(request);
+                self.continue_vcpu();
+                return self.watch_for_answer(request);
             }
-            return;
         }
         let waiting_after_outcome = matches!(self.guest, GuestState::Busy(s) | GuestState::Preparing(s) if s == seq)
             && self.pending.as_ref().is_none_or(|p| p.seq.is_none());
@@ -677,14 +700,9 @@ impl Vmm {
         self.disarm_timer();
         self.requests += 1;
         self.guest = GuestState::Idle;
-        // An answer to a request delivered while the guest prepared: it
-        // found the request without posting `idle`.
-        self.delivered_while_preparing = None;
         let round_trip_us = pending
             .sent_at
             .map_or(0, |t| t.elapsed().as_micros() as u64);
-        // Whatever the answer, the load is over.
-        let loaded_timeout_ms = self.loading_timeout_ms.take();
         let expected: &[MessageKind] = match pending.kind {
             RequestKind::Ping => &[MessageKind::Pong],
             RequestKind::Echo => &[MessageKind::EchoReply],
@@ -723,7 +741,7 @@ impl Vmm {
             }
             MessageKind::Loaded => match LoadedInfo::decode(&message.payload) {
                 Ok(info) => {
-                    self.function_timeout_ms = loaded_timeout_ms;
+                    self.function_timeout_ms = pending.function_timeout_ms;
                     log::info!(
                         "function loaded: {:?} in {} us",
                         info.model,
@@ -747,15 +765,28 @@ impl Vmm {
                     self.continue_vcpu();
                 }
                 match Outcome::decode(&message.payload) {
-                    Ok(outcome) => Ok(VmmData::Invoked(Box::new(Invocation {
-                        result: outcome
-                            .result
-                            .map(<[u8]>::to_vec)
-                            .map_err(|(kind, text)| (kind, String::from_utf8_lossy(text).into())),
-                        log: outcome.log.to_vec(),
-                        duration_us: outcome.header.duration_ns / 1000,
-                        round_trip_us,
-                    }))),
+                    Ok(outcome) => {
+                        let log = outcome.log.to_vec();
+                        let duration_us = outcome.header.duration_ns / 1000;
+                        let result = match outcome.result {
+                            // The result stays where it was copied out of
+                            // guest memory: trimmed in place, not copied.
+                            Ok(body) => {
+                                let len = body.len();
+                                let mut payload = message.payload;
+                                payload.truncate(OutcomeHeader::SIZE + len);
+                                payload.drain(..OutcomeHeader::SIZE);
+                                Ok(payload)
+                            }
+                            Err((kind, text)) => Err((kind, String::from_utf8_lossy(text).into())),
+                        };
+                        Ok(VmmData::Invoked(Box::new(Invocation {
+                            result,
+                            log,
+                            duration_us,
+                            round_trip_us,
+                        })))
+                    }
                     Err(e) => {
                         self.protocol_errors += 1;
                         Err(unexpected(format!("guest's outcome is malformed: {e}")))
@@ -807,15 +838,11 @@ impl Vmm {
                 (RequestKind::TestCrash, Some(info)) => {
                     Ok(VmmData::GuestEnded(GuestEnd::Crash(info)))
                 }
-                (RequestKind::Invoke, _) => Ok(VmmData::Invoked(Box::new(Invocation {
-                    result: Err((
-                        ErrorKind::Crash,
-                        format!("the guest crashed while running the function: {description}"),
-                    )),
-                    log: Vec::new(),
-                    duration_us: since_sent_us,
-                    round_trip_us: since_sent_us,
-                }))),
+                (RequestKind::Invoke, _) => Ok(VmmData::Invoked(Box::new(Invocation::failed(
+                    ErrorKind::Crash,
+                    format!("the guest crashed while running the function: {description}"),
+                    since_sent_us,
+                )))),
                 _ => Err(VmmActionError::GuestCrashed(description.clone())),
             };
             self.respond(response);
@@ -830,14 +857,15 @@ impl Vmm {
         log::warn!("{error}");
         if matches!(
             self.guest,
-            GuestState::Booting | GuestState::Busy(_) | GuestState::Preparing(_)
+            GuestState::Booting
+                | GuestState::Busy(_)
+                | GuestState::Preparing(_)
+                | GuestState::BusyAfterPreparing { .. }
         ) {
             self.guest = GuestState::Idle;
         }
         if self.pending.as_ref().is_some_and(|p| p.seq.is_some()) {
             self.pending = None;
-            self.loading_timeout_ms = None;
-            self.delivered_while_preparing = None;
             self.disarm_timer();
             self.respond(Err(error));
         }
@@ -939,11 +967,12 @@ impl Vmm {
     /// A request's deadline passed: the guest did not answer in time. It is
     /// not trusted again: the VM is stopped and ember-vmm exits (code 13).
     fn on_timer(&mut self) {
-        let Some(pending) = &self.pending else { return };
-        let now = Instant::now();
-        if now < pending.deadline {
-            self.arm_timer(pending.deadline - now);
+        let Some(deadline) = self.pending.as_ref().map(|p| p.deadline) else {
             return;
+        };
+        let now = Instant::now();
+        if now < deadline {
+            return self.arm_timer(deadline - now);
         }
         let Some(pending) = self.pending.take() else {
             return;
@@ -957,12 +986,11 @@ impl Vmm {
             "the guest did not answer within {waited} ms; the VM was stopped and will not be reused"
         );
         let response = match pending.kind {
-            RequestKind::Invoke => Ok(VmmData::Invoked(Box::new(Invocation {
-                result: Err((ErrorKind::Timeout, message)),
-                log: Vec::new(),
-                duration_us: waited * 1000,
-                round_trip_us: waited * 1000,
-            }))),
+            RequestKind::Invoke => Ok(VmmData::Invoked(Box::new(Invocation::failed(
+                ErrorKind::Timeout,
+                message,
+                waited * 1000,
+            )))),
             _ => Err(VmmActionError::GuestTimeout(waited)),
         };
         self.respond(response);
@@ -1043,7 +1071,9 @@ impl Vmm {
             GuestState::NotStarted => "not started".to_string(),
             GuestState::Booting => "booting".to_string(),
             GuestState::Idle => "ready".to_string(),
-            GuestState::Busy(_) | GuestState::Preparing(_) => "busy".to_string(),
+            GuestState::Busy(_)
+            | GuestState::Preparing(_)
+            | GuestState::BusyAfterPreparing { .. } => "busy".to_string(),
             GuestState::Stopped(how) => format!("stopped: {how}"),
         };
         let micros = |from: Option<Instant>| match (from, self.ready_at) {
@@ -1081,6 +1111,7 @@ impl Vmm {
             delivered_while_preparing: self.deliveries_while_preparing,
             console_lost_bytes: serial.map_or(0, |s| s.lost_bytes),
             console_input_bytes: serial.map_or(0, |s| s.input_bytes),
+            console_input_dropped_bytes: serial.map_or(0, |s| s.dropped_input_bytes),
             ring0_instructions: self.ring0_instructions,
         }
     }

@@ -118,7 +118,8 @@ impl Mailbox {
         self.mem.write_slice(&header, GuestAddress(self.gpa))
     }
 
-    /// Posts request `seq` of `kind` with `payload`. The sequence number
+    /// Posts request `seq` of `kind` with a payload made of `parts`, one
+    /// after the other (so a caller need not join them). The sequence number
     /// goes last: a guest that looks before it exits (after preparing an
     /// instance) sees either the whole request or none. Call only while the
     /// guest waits in its doorbell exit or is preparing (not reading the
@@ -127,22 +128,24 @@ impl Mailbox {
         &self,
         seq: u64,
         kind: RequestKind,
-        payload: &[u8],
+        parts: &[&[u8]],
     ) -> Result<(), MailboxError> {
-        if payload.len() as u64 > self.layout.area_size {
+        let len: usize = parts.iter().map(|part| part.len()).sum();
+        if len as u64 > self.layout.area_size {
             return Err(MailboxError::PayloadTooLarge {
-                len: payload.len(),
+                len,
                 max: self.layout.area_size,
             });
         }
-        self.mem.write_slice(
-            payload,
-            GuestAddress(self.gpa + self.layout.request_offset()),
-        )?;
+        let mut at = self.gpa + self.layout.request_offset();
+        for part in parts {
+            self.mem.write_slice(part, GuestAddress(at))?;
+            at += part.len() as u64;
+        }
         let slot = Slot {
             seq,
             kind: kind as u32,
-            len: payload.len() as u32,
+            len: len as u32,
         };
         self.mem.write_slice(
             &slot.encode()[8..],
@@ -254,7 +257,7 @@ mod tests {
     fn request_lands_in_the_request_area() {
         let (mailbox, mem) = mailbox();
         mailbox
-            .write_request(7, RequestKind::Echo, b"hello")
+            .write_request(7, RequestKind::Echo, &[b"hel", b"lo"])
             .unwrap();
         let mut header = [0u8; HEADER_BYTES];
         mem.read_slice(&mut header, GuestAddress(GPA)).unwrap();
@@ -277,14 +280,16 @@ mod tests {
         let (mailbox, _mem) = mailbox();
         let too_big = vec![0u8; mailbox.max_payload() as usize + 1];
         let err = mailbox
-            .write_request(1, RequestKind::Echo, &too_big)
+            .write_request(1, RequestKind::Echo, &[&too_big])
             .unwrap_err();
         assert!(
             err.to_string().contains("exceeds the mailbox maximum"),
             "{err}"
         );
         let fits = vec![0xa5u8; mailbox.max_payload() as usize];
-        mailbox.write_request(1, RequestKind::Echo, &fits).unwrap();
+        mailbox
+            .write_request(1, RequestKind::Echo, &[&fits[..1], &fits[1..]])
+            .unwrap();
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use ember_abi::function::{LoadSpec, MAX_EVENT_BYTES};
+use ember_abi::function::LoadSpec;
 use ember_abi::mailbox::{Layout, DEFAULT_SIZE};
 use serde::Deserialize;
 
@@ -172,7 +172,7 @@ impl FunctionConfig {
             timeout_ms: self.timeout_ms,
             seed,
         };
-        let size = bundle.encode(0).len();
+        let size = bundle.spec(0).encoded_len();
         let max = max_load_bytes();
         if size as u64 > max {
             return Err(FunctionConfigError::TooLarge { size, max });
@@ -215,12 +215,14 @@ pub fn max_load_bytes() -> u64 {
     Layout::new(DEFAULT_SIZE).map_or(0, |l| l.area_size)
 }
 
-/// The largest event an invocation takes.
-pub const MAX_EVENT: usize = MAX_EVENT_BYTES;
-
 impl FunctionBundle {
     /// The `load` payload, with the guest's TSC frequency.
     pub fn encode(&self, tsc_khz: u64) -> Vec<u8> {
+        self.spec(tsc_khz).encode()
+    }
+
+    /// The bundle as the guest ABI describes a load.
+    fn spec(&self, tsc_khz: u64) -> LoadSpec<'_> {
         LoadSpec {
             module: &self.module,
             files: self
@@ -235,7 +237,6 @@ impl FunctionBundle {
             seed: self.seed,
             tsc_khz,
         }
-        .encode()
     }
 }
 
