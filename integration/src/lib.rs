@@ -8,7 +8,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ember_vmm::api::client::{ApiClient, ApiResponse};
@@ -46,7 +46,10 @@ pub fn run_kvm_tests(tests: Vec<Test>) -> ! {
                 .with_ignored_flag(unavailable.is_some())
         })
         .collect();
-    libtest_mimic::run(&args, trials).exit()
+    let conclusion = libtest_mimic::run(&args, trials);
+    // What the tests left in their directories goes with them.
+    let _ = std::fs::remove_dir_all(scratch_root());
+    conclusion.exit()
 }
 
 /// A failure with `message`.
@@ -61,6 +64,23 @@ pub fn check(condition: bool, message: impl FnOnce() -> String) -> TestResult {
     } else {
         Err(fail(message()))
     }
+}
+
+/// `GET path`, expecting 200; its JSON body.
+pub fn get_json(client: &mut ApiClient, path: &str) -> Result<serde_json::Value, String> {
+    Ok(expect_status(client.get(path), 200, &format!("GET {path}"))?.json())
+}
+
+/// `POST /ember/echo` of `payload`, expecting the same bytes back.
+pub fn echo_ok(client: &mut ApiClient, payload: &[u8], what: &str) -> TestResult {
+    let echo = expect_status(client.post("/ember/echo", payload), 200, what)?;
+    check(echo.body == payload, || {
+        format!(
+            "{what}: echo of {} bytes returned {} bytes",
+            payload.len(),
+            echo.body.len()
+        )
+    })
 }
 
 /// The VMM still answers after a refused request.
@@ -99,7 +119,7 @@ pub fn shutdown(vmm: &mut VmmProcess, client: &mut ApiClient) -> TestResult {
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
 /// The repository root.
-pub fn repo_root() -> PathBuf {
+fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("integration/ has a parent")
@@ -108,7 +128,7 @@ pub fn repo_root() -> PathBuf {
 
 /// The ember-vmm binary: `$EMBER_VMM_BIN`, else the one beside this test's
 /// target directory (`cargo build --workspace --bins` puts it there).
-pub fn vmm_binary() -> Result<PathBuf, String> {
+fn vmm_binary() -> Result<PathBuf, String> {
     if let Some(path) = std::env::var_os("EMBER_VMM_BIN") {
         return Ok(PathBuf::from(path));
     }
@@ -132,19 +152,29 @@ pub fn vmm_binary() -> Result<PathBuf, String> {
 
 /// The guest image: `$EMBER_GUEST_IMAGE`, else what `./scripts/guest-image` prints.
 pub fn guest_image() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("EMBER_GUEST_IMAGE") {
-        return Ok(PathBuf::from(path));
-    }
-    last_line_of(&repo_root().join("scripts/guest-image"))
+    static IMAGE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    built(&IMAGE, "EMBER_GUEST_IMAGE", "scripts/guest-image")
 }
 
 /// The example functions: `$EMBER_EXAMPLES_DIR`, else what
 /// `./scripts/examples` prints (it builds them).
 pub fn examples_dir() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("EMBER_EXAMPLES_DIR") {
-        return Ok(PathBuf::from(path));
-    }
-    last_line_of(&repo_root().join("scripts/examples"))
+    static EXAMPLES: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    built(&EXAMPLES, "EMBER_EXAMPLES_DIR", "scripts/examples")
+}
+
+/// `$variable`, else the path `script` prints last — run once per process
+/// (the script hashes its sources each time).
+fn built(
+    cell: &OnceLock<Result<PathBuf, String>>,
+    variable: &str,
+    script: &str,
+) -> Result<PathBuf, String> {
+    cell.get_or_init(|| match std::env::var_os(variable) {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => last_line_of(&repo_root().join(script)),
+    })
+    .clone()
 }
 
 /// Runs a build script and takes the path it prints last.
@@ -166,18 +196,12 @@ fn last_line_of(script: &Path) -> Result<PathBuf, String> {
 
 /// Why KVM tests cannot run here, if they cannot: `/dev/kvm` must open
 /// read-write and answer KVM_GET_API_VERSION with 12.
-pub fn kvm_unavailable() -> Option<String> {
-    const KVM_GET_API_VERSION: libc::c_ulong = 0xae00;
-    let kvm = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+fn kvm_unavailable() -> Option<String> {
+    let kvm = match kvm_ioctls::Kvm::new() {
         Ok(kvm) => kvm,
         Err(e) => return Some(format!("/dev/kvm is not usable: {e}")),
     };
-    // SAFETY: an ioctl without arguments on a descriptor we own.
-    let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
+    let version = kvm.get_api_version();
     (version != 12).then(|| {
         format!("/dev/kvm does not speak the KVM API (KVM_GET_API_VERSION gave {version})")
     })
@@ -187,14 +211,14 @@ pub fn kvm_unavailable() -> Option<String> {
 /// test processes too: two VMs at once on two cores slow each other down
 /// and make failures hard to read. Within a process the lock is shared: a
 /// test may hold two VMs (the second must not wait for the first).
-pub struct KvmLock(());
+struct KvmLock(());
 
 /// The process's lock file (while any [`KvmLock`] lives) and its holders.
 static KVM_LOCK: std::sync::Mutex<(Option<File>, usize)> = std::sync::Mutex::new((None, 0));
 
 impl KvmLock {
     /// Waits for the lock.
-    pub fn acquire() -> KvmLock {
+    fn acquire() -> KvmLock {
         let mut held = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         if held.1 == 0 {
             let path = std::env::temp_dir().join("ember-kvm-tests.lock");
@@ -277,7 +301,7 @@ impl Capture {
     }
 
     /// Waits until the pipe closes (the process exited); returns whether it did.
-    pub fn wait_closed(&self, timeout: Duration) -> bool {
+    fn wait_closed(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let (lock, cond) = &*self.0;
         let mut captured = lock.lock().unwrap();
@@ -398,7 +422,7 @@ impl VmmProcess {
     }
 
     /// Waits for the process to exit; returns its status.
-    pub fn wait_exit(&mut self) -> Result<ExitStatus, String> {
+    fn wait_exit(&mut self) -> Result<ExitStatus, String> {
         if !self.log.wait_closed(PATIENCE) {
             return Err(format!(
                 "ember-vmm did not exit.\nlog:\n{}",
@@ -431,11 +455,16 @@ impl Drop for VmmProcess {
     }
 }
 
-/// A new empty directory under the system temp dir.
-fn fresh_dir() -> Result<PathBuf, String> {
+/// Where this test process keeps its directories; removed when the tests end.
+fn scratch_root() -> PathBuf {
+    std::env::temp_dir().join(format!("ember-it-{}", std::process::id()))
+}
+
+/// A new empty directory for a test's files, removed when the tests end.
+pub fn fresh_dir() -> Result<PathBuf, String> {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("ember-it-{}-{n}", std::process::id()));
+    let dir = scratch_root().join(n.to_string());
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     Ok(dir)
@@ -542,7 +571,7 @@ pub fn expect_fault(
 }
 
 /// The exit code of a finished process (or a description of its signal).
-pub fn exit_code(status: ExitStatus) -> Result<i32, String> {
+fn exit_code(status: ExitStatus) -> Result<i32, String> {
     status
         .code()
         .ok_or_else(|| format!("ember-vmm ended by a signal: {status:?}"))
@@ -576,7 +605,7 @@ impl Rng {
     }
 
     /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
+    fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;

@@ -92,15 +92,13 @@ fn with_function(
     with_function_args(module, config, &[])
 }
 
-/// As [`with_function`], with more ember-vmm arguments.
+/// As [`with_function`], with ember-vmm arguments.
 fn with_function_args(
     module: &Path,
     mut config: serde_json::Value,
     args: &[&str],
 ) -> Result<(VmmProcess, ApiClient, serde_json::Value), String> {
-    let mut all = vec!["--test-commands"];
-    all.extend_from_slice(args);
-    let (vmm, mut client) = boot(1, 128, &all)?;
+    let (vmm, mut client) = boot(1, 128, args)?;
     config["module_path"] = json!(module);
     let loaded = expect_status(
         client.put_json("/ember/function", &config),
@@ -130,16 +128,14 @@ fn invoke_ok(client: &mut ApiClient, event: &[u8]) -> Result<Vec<u8>, String> {
     Ok(response.body)
 }
 
-/// The message of a function error's body.
-fn error_message(response: &ApiResponse) -> String {
-    response.json()["error"]["message"]
-        .as_str()
-        .unwrap_or("")
-        .to_string()
-}
-
-/// Expects a failed invocation of `kind`; returns the response.
-fn invoke_err(client: &mut ApiClient, event: &[u8], kind: &str) -> Result<ApiResponse, String> {
+/// Expects a failed invocation of `kind` whose message contains `text`;
+/// returns the response.
+fn invoke_err(
+    client: &mut ApiClient,
+    event: &[u8],
+    kind: &str,
+    text: &str,
+) -> Result<ApiResponse, String> {
     let response = expect_status(client.post("/ember/invoke", event), 200, "invoke")?;
     let got = response.header(FUNCTION_ERROR_HEADER).unwrap_or("none");
     let body = response.json();
@@ -147,6 +143,12 @@ fn invoke_err(client: &mut ApiClient, event: &[u8], kind: &str) -> Result<ApiRes
         return Err(format!(
             "expected a {kind} error, got {got}: {}",
             String::from_utf8_lossy(&response.body)
+        ));
+    }
+    let message = body["error"]["message"].as_str().unwrap_or("");
+    if !message.contains(text) {
+        return Err(format!(
+            "the {kind} message {message:?} does not say {text:?}"
         ));
     }
     Ok(response)
@@ -221,9 +223,12 @@ fn jsonx() -> TestResult {
 
 fn jsonx_invalid() -> TestResult {
     let (mut vmm, mut client, _) = with_function(&example("jsonx.wasm")?, json!({}))?;
-    let response = invoke_err(&mut client, b"{\"unterminated\": ", "handler_error")?;
-    let message = error_message(&response);
-    check(message.contains("status 1"), || message.clone())?;
+    let response = invoke_err(
+        &mut client,
+        b"{\"unterminated\": ",
+        "handler_error",
+        "status 1",
+    )?;
     let log = log_of(&response);
     check(log.contains("jsonx: invalid JSON"), || {
         format!("log {log:?}")
@@ -255,11 +260,12 @@ fn counter() -> TestResult {
 fn counter_bad_event() -> TestResult {
     let (mut vmm, mut client, _) = with_function(&example("counter.wasm")?, json!({}))?;
     same(&invoke_ok(&mut client, b"")?, b"1\n")?;
-    let response = invoke_err(&mut client, b"abc", "handler_error")?;
-    let message = error_message(&response);
-    check(message.contains("ember_handle returned 2"), || {
-        message.clone()
-    })?;
+    let response = invoke_err(
+        &mut client,
+        b"abc",
+        "handler_error",
+        "ember_handle returned 2",
+    )?;
     check(log_of(&response).contains("not a number"), || {
         log_of(&response)
     })?;
@@ -341,16 +347,8 @@ fn write_wat(dir: &Path, name: &str, wat: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-fn scratch() -> Result<PathBuf, String> {
-    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("ember-fn-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    Ok(dir)
-}
-
 fn wasi_info() -> TestResult {
-    let dir = scratch()?;
+    let dir = fresh_dir()?;
     let module = write_wat(&dir, "info", WASI_INFO)?;
     std::fs::write(dir.join("motd"), b"welcome to /var/task").map_err(|e| fail(e.to_string()))?;
     let (mut vmm, mut client, _) = with_function(
@@ -429,7 +427,7 @@ const HOSTILE_ARGS: &str = r#"
 "#;
 
 fn hostile_arguments() -> TestResult {
-    let module = write_wat(&scratch()?, "hostile", HOSTILE_ARGS)?;
+    let module = write_wat(&fresh_dir()?, "hostile", HOSTILE_ARGS)?;
     let (mut vmm, mut client, _) = with_function(&module, json!({}))?;
     same(&invoke_ok(&mut client, b"")?, &[28, 21, 21])?;
     shutdown(&mut vmm, &mut client)
@@ -478,61 +476,48 @@ const FAULTS: &str = r#"
   (func $recurse (call $recurse)))
 "#;
 
-fn faults(timeout_ms: u64, memory_mib: u32) -> Result<(VmmProcess, ApiClient), String> {
-    let module = write_wat(&scratch()?, "faults", FAULTS)?;
-    let (vmm, client, _) = with_function(
-        &module,
-        json!({ "timeout_ms": timeout_ms, "memory_mib": memory_mib }),
-    )?;
-    Ok((vmm, client))
+/// A VM with [`FAULTS`] loaded with `config`.
+fn faults(config: serde_json::Value) -> Result<(VmmProcess, ApiClient, serde_json::Value), String> {
+    let module = write_wat(&fresh_dir()?, "faults", FAULTS)?;
+    with_function(&module, config)
 }
 
 /// With no `memory_mib` a function may use all the memory the VM leaves;
 /// using all of it, recursing without end or writing too much still gets
 /// a named error, and the runtime — with its own reserve — serves on.
 fn default_memory_limit() -> TestResult {
-    let module = write_wat(&scratch()?, "faults", FAULTS)?;
-    let (mut vmm, mut client, loaded) = with_function(&module, json!({}))?;
+    let (mut vmm, mut client, loaded) = faults(json!({}))?;
     let limit = loaded["memory_limit_mib"].as_u64().unwrap_or(0);
     // A 128 MiB VM: 16 MiB of mailbox, the runtime, a 16 MiB reserve.
     check((64..112).contains(&limit), || format!("loaded {loaded}"))?;
     for _ in 0..2 {
-        let response = invoke_err(&mut client, b"hog", "out_of_memory")?;
-        let message = error_message(&response);
-        check(
-            message.contains(&format!("memory limit of {limit} MiB")),
-            || message.clone(),
-        )?;
+        let text = format!("memory limit of {limit} MiB");
+        invoke_err(&mut client, b"hog", "out_of_memory", &text)?;
         same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
     }
-    let response = invoke_err(&mut client, b"recurse", "trap")?;
-    let message = error_message(&response);
-    check(message.contains("stack"), || message.clone())?;
-    let response = invoke_err(&mut client, b"big", "handler_error")?;
-    let message = error_message(&response);
-    check(message.contains("more than 6291456 bytes"), || {
-        message.clone()
-    })?;
+    invoke_err(&mut client, b"recurse", "trap", "stack")?;
+    invoke_err(
+        &mut client,
+        b"big",
+        "handler_error",
+        "more than 6291456 bytes",
+    )?;
     same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
     shutdown(&mut vmm, &mut client)
 }
 
 fn traps() -> TestResult {
-    let (mut vmm, mut client) = faults(3000, 16)?;
+    let (mut vmm, mut client, _) = faults(json!({ "timeout_ms": 3000, "memory_mib": 16 }))?;
     for (event, text) in [
         (&b"unreachable"[..], "unreachable"),
         (b"div", "divide by zero"),
         (b"oob", "out of bounds"),
     ] {
-        let response = invoke_err(&mut client, event, "trap")?;
-        let message = error_message(&response);
-        check(message.contains(text), || {
-            format!("trap message {message:?} does not say {text:?}")
-        })?;
+        invoke_err(&mut client, event, "trap", text)?;
         // The next invocation in the same VM works.
         same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
     }
-    let stats = expect_status(client.get("/ember/stats"), 200, "stats")?.json();
+    let stats = get_json(&mut client, "/ember/stats")?;
     check(
         stats["errors"]["trap"] == 3 && stats["invocations"] == 6,
         || format!("stats {stats}"),
@@ -558,26 +543,25 @@ const REACTOR_TRAP: &str = r#"
     (i32.store8 (i32.const 100) (i32.add (i32.const 48) (global.get $count)))
     (i32.store (i32.const 32) (i32.const 100))
     (i32.store (i32.const 36) (i32.const 1))
-    (drop (call $fd_write (i32.const 1) (i32.const 32) (i32.const 1) (i32.const 48))))
-  (func $recurse (call $recurse)))
+    (drop (call $fd_write (i32.const 1) (i32.const 32) (i32.const 1) (i32.const 48)))))
 "#;
 
 fn reactor_trap() -> TestResult {
-    let module = write_wat(&scratch()?, "reactor", REACTOR_TRAP)?;
+    let module = write_wat(&fresh_dir()?, "reactor", REACTOR_TRAP)?;
     let (mut vmm, mut client, loaded) = with_function(&module, json!({}))?;
     check(loaded["model"] == "reactor", || format!("loaded {loaded}"))?;
     same(&invoke_ok(&mut client, b"a")?, b"1")?;
     same(&invoke_ok(&mut client, b"a")?, b"2")?;
-    invoke_err(&mut client, b"u", "trap")?;
+    invoke_err(&mut client, b"u", "trap", "unreachable")?;
     // The instance was rebuilt (and _initialize run again): a fresh count.
     same(&invoke_ok(&mut client, b"a")?, b"1")?;
     shutdown(&mut vmm, &mut client)
 }
 
 fn timeout() -> TestResult {
-    let (mut vmm, mut client) = faults(1000, 16)?;
+    let (mut vmm, mut client, _) = faults(json!({ "timeout_ms": 1000, "memory_mib": 16 }))?;
     let started = Instant::now();
-    let response = invoke_err(&mut client, b"spin", "timeout")?;
+    invoke_err(&mut client, b"spin", "timeout", "1000 ms")?;
     let waited = started.elapsed();
     check(waited >= Duration::from_millis(1000), || {
         format!("timed out after only {waited:?}")
@@ -585,40 +569,47 @@ fn timeout() -> TestResult {
     check(waited < Duration::from_millis(2500), || {
         format!("timed out only after {waited:?}")
     })?;
-    let message = error_message(&response);
-    check(message.contains("1000 ms"), || message.clone())?;
     same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
     shutdown(&mut vmm, &mut client)
 }
 
 fn memory_hog() -> TestResult {
-    let (mut vmm, mut client) = faults(3000, 8)?;
-    let response = invoke_err(&mut client, b"hog", "out_of_memory")?;
-    let message = error_message(&response);
-    check(message.contains("memory limit of 8 MiB"), || {
-        message.clone()
-    })?;
+    let (mut vmm, mut client, _) = faults(json!({ "timeout_ms": 3000, "memory_mib": 8 }))?;
+    invoke_err(
+        &mut client,
+        b"hog",
+        "out_of_memory",
+        "memory limit of 8 MiB",
+    )?;
     // The runtime stays healthy: the next invocations work, and the hog's
     // memory was given back.
     for _ in 0..3 {
         same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
     }
-    invoke_err(&mut client, b"hog", "out_of_memory")?;
+    invoke_err(
+        &mut client,
+        b"hog",
+        "out_of_memory",
+        "memory limit of 8 MiB",
+    )?;
     same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
     shutdown(&mut vmm, &mut client)
 }
 
 fn exit_status() -> TestResult {
-    let (mut vmm, mut client) = faults(3000, 16)?;
-    let response = invoke_err(&mut client, b"exit", "handler_error")?;
-    let message = error_message(&response);
-    check(message.contains("exited with status 3"), || message.clone())?;
+    let (mut vmm, mut client, _) = faults(json!({ "timeout_ms": 3000, "memory_mib": 16 }))?;
+    invoke_err(
+        &mut client,
+        b"exit",
+        "handler_error",
+        "exited with status 3",
+    )?;
     same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
     shutdown(&mut vmm, &mut client)
 }
 
 fn load_error(module_bytes: &[u8], text: &str) -> TestResult {
-    let dir = scratch()?;
+    let dir = fresh_dir()?;
     let module = dir.join("module.wasm");
     std::fs::write(&module, module_bytes).map_err(|e| fail(e.to_string()))?;
     let (mut vmm, mut client) = boot(1, 128, &[])?;
@@ -735,7 +726,7 @@ fn prepared_instances() -> TestResult {
             format!("{i}").as_bytes(),
         )?;
     }
-    let stats = expect_status(client.get("/ember/stats"), 200, "stats")?.json();
+    let stats = get_json(&mut client, "/ember/stats")?;
     // One at load, one after each invocation: each invocation found one ready.
     check(
         stats["instances_prepared"] == 6 && stats["invocations"] == 5,
@@ -787,14 +778,19 @@ fn pipelined(poll_us: &str) -> TestResult {
             },
         )?;
     }
-    let stats = expect_status(client.get("/ember/stats"), 200, "stats")?.json();
+    let stats = get_json(&mut client, "/ember/stats")?;
     check(
         stats["invocations"] == COUNT && stats["instances_prepared"] == COUNT + 1,
         || format!("stats {stats}"),
     )?;
-    let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
-    let early = status["answers_from_memory"].as_u64().unwrap_or(u64::MAX);
-    let while_preparing = status["delivered_while_preparing"].as_u64().unwrap_or(0);
+    let status = get_json(&mut client, "/ember/status")?;
+    let counter = |name: &str| {
+        status[name]
+            .as_u64()
+            .ok_or_else(|| format!("no {name} in {status}"))
+    };
+    let early = counter("answers_from_memory")?;
+    let while_preparing = counter("delivered_while_preparing")?;
     check(
         status["protocol_errors"] == 0
             && status["guest"] == "ready"
@@ -812,10 +808,9 @@ fn pipelined(poll_us: &str) -> TestResult {
 /// likely gives the same descriptor number) gets its own answers, never
 /// the orphaned ones.
 fn answer_after_client_left() -> TestResult {
-    let (mut vmm, mut client) = faults(1000, 16)?;
-    let sock = vmm.api_sock.clone().ok_or("no API socket")?;
+    let (mut vmm, mut client, _) = faults(json!({ "timeout_ms": 1000, "memory_mib": 16 }))?;
     {
-        let mut gone = ApiClient::connect(&sock).map_err(|e| e.to_string())?;
+        let mut gone = vmm.client();
         let mut raw =
             b"POST /ember/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n".to_vec();
         raw.resize(raw.len() + (1 << 20), b'e');
@@ -826,9 +821,7 @@ fn answer_after_client_left() -> TestResult {
         gone.send_raw_no_wait(&raw).map_err(|e| e.to_string())?;
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut next = ApiClient::connect(&sock).map_err(|e| e.to_string())?;
-    next.set_timeout(Some(PATIENCE))
-        .map_err(|e| e.to_string())?;
+    let mut next = vmm.client();
     let status = expect_status(next.get("/ember/status"), 200, "status after")?;
     check(
         status.header(FUNCTION_ERROR_HEADER).is_none() && status.json()["guest"].is_string(),

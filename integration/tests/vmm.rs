@@ -99,7 +99,7 @@ fn boot_to_ready_with_one_vcpu() -> TestResult {
     check(pong.json()["round_trip_us"].as_u64().is_some(), || {
         format!("ping said {}", pong.json())
     })?;
-    let status = expect_status(client.get("/ember/status"), 200, "GET /ember/status")?.json();
+    let status = get_json(&mut client, "/ember/status")?;
     check(status["guest"] == "ready", || format!("status {status}"))?;
     check(status["vcpu_count"] == 1, || format!("status {status}"))?;
     let ram = status["guest_ram_bytes"].as_u64().unwrap_or(0);
@@ -116,7 +116,7 @@ fn boot_to_ready_with_one_vcpu() -> TestResult {
 
 fn boot_with_two_vcpus_pause_resume() -> TestResult {
     let (mut vmm, mut client) = boot(2, 256, &[])?;
-    let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+    let status = get_json(&mut client, "/ember/status")?;
     check(status["vcpu_count"] == 2, || format!("status {status}"))?;
     expect_status(set_vm_state(&mut client, "Paused"), 204, "pause")?;
     let info = expect_status(client.get("/"), 200, "GET /")?.json();
@@ -133,20 +133,13 @@ fn boot_with_two_vcpus_pause_resume() -> TestResult {
     check(info["state"] == "Running", || {
         format!("GET / said {info} after resuming")
     })?;
-    let echo = expect_status(
-        client.post("/ember/echo", b"two vcpus"),
-        200,
-        "echo after resume",
-    )?;
-    check(echo.body == b"two vcpus", || {
-        format!("echo returned {:?}", echo.body)
-    })?;
+    echo_ok(&mut client, b"two vcpus", "echo after resume")?;
     shutdown(&mut vmm, &mut client)
 }
 
 fn echo_1000_round_trips() -> TestResult {
     let (mut vmm, mut client) = boot(1, 128, &[])?;
-    let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+    let status = get_json(&mut client, "/ember/status")?;
     let max = status["mailbox"]["max_payload"]
         .as_u64()
         .ok_or_else(|| fail(format!("no max_payload in {status}")))?;
@@ -181,7 +174,7 @@ fn echo_1000_round_trips() -> TestResult {
             "no round-trip header".into()
         })?;
     }
-    let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+    let status = get_json(&mut client, "/ember/status")?;
     check(status["requests"] == 1000, || format!("status {status}"))?;
     check(status["protocol_errors"] == 0, || {
         format!("status {status}")
@@ -197,10 +190,7 @@ fn pause_and_resume_then_echo() -> TestResult {
         expect_status(set_vm_state(&mut client, "Paused"), 204, "pause again")?;
         expect_status(set_vm_state(&mut client, "Resumed"), 204, "resume")?;
         let payload = format!("round {round}");
-        let echo = expect_status(client.post("/ember/echo", payload.as_bytes()), 200, "echo")?;
-        check(echo.body == payload.as_bytes(), || {
-            format!("echo returned {:?}", echo.body)
-        })?;
+        echo_ok(&mut client, payload.as_bytes(), "echo")?;
     }
     shutdown(&mut vmm, &mut client)
 }
@@ -404,7 +394,7 @@ fn bad_input_requests_before_start() -> TestResult {
 
 fn bad_input_echo_above_maximum() -> TestResult {
     let (mut vmm, mut client) = boot(1, 128, &[])?;
-    let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+    let status = get_json(&mut client, "/ember/status")?;
     let max = status["mailbox"]["max_payload"].as_u64().unwrap_or(0) as usize;
     let too_big = vec![0x42u8; max + 1];
     expect_fault(
@@ -416,14 +406,7 @@ fn bad_input_echo_above_maximum() -> TestResult {
         "echo one byte above the maximum",
     )?;
     let fits = vec![0x42u8; max];
-    let echo = expect_status(
-        client.post("/ember/echo", &fits),
-        200,
-        "echo at the maximum",
-    )?;
-    check(echo.body == fits, || {
-        "echo at the maximum came back different".into()
-    })?;
+    echo_ok(&mut client, &fits, "echo at the maximum")?;
     shutdown(&mut vmm, &mut client)
 }
 
@@ -435,16 +418,9 @@ fn hostile_guest_bad_length() -> TestResult {
         "guest posting a length beyond the region",
     )?;
     for _ in 0..3 {
-        let echo = expect_status(
-            client.post("/ember/echo", b"still here"),
-            200,
-            "echo after the bad length",
-        )?;
-        check(echo.body == b"still here", || {
-            format!("echo returned {:?}", echo.body)
-        })?;
+        echo_ok(&mut client, b"still here", "echo after the bad length")?;
     }
-    let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+    let status = get_json(&mut client, "/ember/status")?;
     check(status["protocol_errors"] == 1, || {
         format!("status {status}")
     })?;
@@ -481,10 +457,7 @@ fn api_connections() -> TestResult {
     for round in 0..10 {
         for (i, other) in others.iter_mut().enumerate() {
             let payload = format!("connection {i} round {round}");
-            let echo = expect_status(other.post("/ember/echo", payload.as_bytes()), 200, "echo")?;
-            check(echo.body == payload.as_bytes(), || {
-                format!("echo returned {:?}", echo.body)
-            })?;
+            echo_ok(other, payload.as_bytes(), "echo")?;
         }
     }
     drop(others);
@@ -512,7 +485,7 @@ fn console_input() -> TestResult {
     // only if the input arrived first, so ask until it shows (bounded).
     let deadline = std::time::Instant::now() + PATIENCE;
     loop {
-        let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+        let status = get_json(&mut client, "/ember/status")?;
         if status["console_input_bytes"] == 6 {
             break;
         }
@@ -688,7 +661,7 @@ fn idle_vm_uses_no_cpu() -> TestResult {
 
 fn ring0_boot_path() -> TestResult {
     let (mut vmm, mut client) = boot(1, 128, &["--count-ring0"])?;
-    let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+    let status = get_json(&mut client, "/ember/status")?;
     let count = status["ring0_instructions"]
         .as_u64()
         .ok_or_else(|| fail(format!("no ring-0 count in {status}\n{}", vmm.transcript())))?;
