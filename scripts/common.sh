@@ -11,6 +11,8 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 # The Rust toolchain, components and targets rust-toolchain.toml names;
 # asks rustup (a network round trip) only when something is missing.
 ensure_rust() {
+    # Host builds need a C linker; rustup's installer needs curl.
+    ensure_packages cc:gcc curl:curl
     if ! command -v rustup >/dev/null 2>&1; then
         say "installing rustup"
         curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --default-toolchain none >&2
@@ -40,12 +42,17 @@ ensure_packages() {
         command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
     done
     if [ "${#missing[@]}" -gt 0 ]; then
-        say "installing ${missing[*]}"
-        local sudo=""
-        [ "$(id -u)" -eq 0 ] || sudo="sudo"
-        $sudo apt-get update -qq >&2
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
+        apt_install "${missing[@]}"
     fi
+}
+
+# Installs Debian packages (as root, or through sudo).
+apt_install() {
+    say "installing $*"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >&2
 }
 
 # Debian's clang, lld, wasi-libc and compiler-rt for wasm32: C to wasm32-wasi.
@@ -55,11 +62,7 @@ ensure_wasm_c() {
         && ls /usr/lib/llvm-*/lib/clang/*/lib/wasi/libclang_rt.builtins-wasm32.a >/dev/null 2>&1; then
         return
     fi
-    say "installing clang, lld, wasi-libc and compiler-rt for wasm32"
-    local sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq clang lld wasi-libc libclang-rt-dev-wasm32 >&2
+    apt_install clang lld wasi-libc libclang-rt-dev-wasm32
 }
 
 # /dev/kvm must be usable for the demo and the KVM tests.

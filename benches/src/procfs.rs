@@ -1,9 +1,7 @@
 //! What /proc says about a process.
 
-use serde::Serialize;
-
 /// Resident and proportional memory of a process, guest memory excluded.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy)]
 pub struct Footprint {
     /// Resident set, KiB.
     pub rss_kib: u64,
