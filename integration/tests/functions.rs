@@ -340,6 +340,16 @@ const WASI_INFO: &str = r#"
     (call $out (i32.const 5200) (i32.const 1))))
 "#;
 
+/// Boots a VM and loads the module `wat` describes, with `config`.
+fn with_wat(
+    name: &str,
+    wat: &str,
+    config: serde_json::Value,
+) -> Result<(VmmProcess, ApiClient, serde_json::Value), String> {
+    let module = write_wat(&fresh_dir()?, name, wat)?;
+    with_function(&module, config)
+}
+
 fn write_wat(dir: &Path, name: &str, wat: &str) -> Result<PathBuf, String> {
     let bytes = wat::parse_str(wat).map_err(|e| format!("{name}: {e}"))?;
     let path = dir.join(format!("{name}.wasm"));
@@ -427,8 +437,7 @@ const HOSTILE_ARGS: &str = r#"
 "#;
 
 fn hostile_arguments() -> TestResult {
-    let module = write_wat(&fresh_dir()?, "hostile", HOSTILE_ARGS)?;
-    let (mut vmm, mut client, _) = with_function(&module, json!({}))?;
+    let (mut vmm, mut client, _) = with_wat("hostile", HOSTILE_ARGS, json!({}))?;
     same(&invoke_ok(&mut client, b"")?, &[28, 21, 21])?;
     shutdown(&mut vmm, &mut client)
 }
@@ -478,8 +487,7 @@ const FAULTS: &str = r#"
 
 /// A VM with [`FAULTS`] loaded with `config`.
 fn faults(config: serde_json::Value) -> Result<(VmmProcess, ApiClient, serde_json::Value), String> {
-    let module = write_wat(&fresh_dir()?, "faults", FAULTS)?;
-    with_function(&module, config)
+    with_wat("faults", FAULTS, config)
 }
 
 /// With no `memory_mib` a function may use all the memory the VM leaves;
@@ -547,8 +555,7 @@ const REACTOR_TRAP: &str = r#"
 "#;
 
 fn reactor_trap() -> TestResult {
-    let module = write_wat(&fresh_dir()?, "reactor", REACTOR_TRAP)?;
-    let (mut vmm, mut client, loaded) = with_function(&module, json!({}))?;
+    let (mut vmm, mut client, loaded) = with_wat("reactor", REACTOR_TRAP, json!({}))?;
     check(loaded["model"] == "reactor", || format!("loaded {loaded}"))?;
     same(&invoke_ok(&mut client, b"a")?, b"1")?;
     same(&invoke_ok(&mut client, b"a")?, b"2")?;
