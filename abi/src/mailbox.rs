@@ -25,13 +25,16 @@
 pub const MAGIC: u32 = u32::from_le_bytes(*b"EMBX");
 
 /// Version of the mailbox protocol described here.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Size of the header page at the start of the region.
 pub const HEADER_SIZE: u64 = 4096;
 
 /// Bytes of the header that carry fields (the rest of the page is reserved).
-pub const HEADER_BYTES: usize = 48;
+pub const HEADER_BYTES: usize = 96;
+
+/// Bytes of fresh entropy the host gives the guest after a restore.
+pub const RESTORE_ENTROPY_BYTES: usize = 32;
 
 /// The doorbell port ember-vmm announces unless told otherwise.
 pub const DEFAULT_DOORBELL_PORT: u16 = 0x0ee0;
@@ -64,6 +67,16 @@ pub mod offsets {
     pub const RESPONSE_KIND: usize = 40;
     /// `u32`: bytes of message payload in the response area.
     pub const RESPONSE_LEN: usize = 44;
+    /// `u64`: the restore generation (host → guest): 0 from boot, a new
+    /// value after every restore, written by the host before the vCPUs
+    /// resume and after the two fields below. A guest that sees it change
+    /// reseeds its random generator from the entropy and resets its wall
+    /// clock, before it serves the request at hand.
+    pub const GENERATION: usize = 48;
+    /// `u64`: the host's wall-clock time at the restore, ns since the Unix epoch.
+    pub const RESTORE_REALTIME_NS: usize = 56;
+    /// [`super::RESTORE_ENTROPY_BYTES`] bytes of fresh entropy.
+    pub const RESTORE_ENTROPY: usize = 64;
 }
 
 /// Geometry of a mailbox region.

@@ -18,7 +18,18 @@ pub fn serve(mut mailbox: Mailbox, info: &GuestInfo) -> ! {
     reply(&mut mailbox, MessageKind::Ready, 0, &info.encode());
 
     let mut function: Option<Function> = None;
+    let mut generation = mailbox.generation();
     loop {
+        // Restored from a snapshot since the last request: other copies of
+        // this guest run on from the same state, so reseed and take the
+        // time before serving anything.
+        let now = mailbox.generation();
+        if now != generation {
+            generation = now;
+            let (realtime_ns, entropy) = mailbox.restore_info();
+            crate::rng::reseed(entropy);
+            crate::clock::set_wall_clock(realtime_ns);
+        }
         let request = mailbox.request();
         let seq = request.seq;
         if u64::from(request.len) > mailbox.layout().area_size {

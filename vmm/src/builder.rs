@@ -10,15 +10,22 @@
 //!
 //! The caller then installs the VMM thread's filter and starts the vCPUs,
 //! so no guest instruction runs before every filter is in place.
+//!
+//! A restore shares the first half ([`build_microvm_for_restore`], also
+//! what `--prepare` runs ahead of the request): VM → placeholder memory
+//! registered → irqchip → vCPUs → devices → vCPU threads, waiting. The
+//! snapshot's memory, VM, vCPU and device state go in later
+//! ([`crate::vmm`]'s snapshot load), in STYLE.md's order.
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use ember_abi::mailbox::{DEFAULT_DOORBELL_PORT, DEFAULT_SIZE};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::elf::Elf;
 use linux_loader::loader::{load_cmdline, KernelLoader};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
@@ -28,6 +35,7 @@ use crate::devices::legacy::serial::{ConsoleOutput, SerialDevice};
 use crate::devices::mailbox::{Mailbox, MailboxError};
 use crate::devices::{EventFdTrigger, PioDevices};
 use crate::resources::VmResources;
+use crate::snapshot::memory::{Backing, HostMemory, MemoryLayer};
 use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuEventSender, VcpuHandle};
@@ -114,6 +122,186 @@ pub struct Microvm {
     pub mailbox: Option<Mailbox>,
     /// The guest's TSC frequency (KVM_GET_TSC_KHZ), 0 if KVM does not say.
     pub tsc_khz: u64,
+    /// KVM's supported CPUID (a restore checks a snapshot against it).
+    pub supported_cpuid: kvm_bindings::CpuId,
+    /// The MSRs a snapshot saves, TSC deadline after TSC.
+    pub msr_list: Arc<Vec<u32>>,
+    /// COM1's interrupt line (a restored UART gets a handle on it).
+    pub serial_irq: EventFd,
+    /// Whether guest memory is anonymous or mapped from snapshot files.
+    pub backing: Backing,
+    /// The memory files the guest's memory equals as of the last snapshot
+    /// taken or restored (oldest first; empty before the first): the parent
+    /// of a Diff snapshot.
+    pub layers: Vec<MemoryLayer>,
+}
+
+impl Microvm {
+    /// The pages the VMM itself wrote into guest memory since the bitmap
+    /// was last reset (KVM's dirty log misses them).
+    pub fn vmm_writes(&self) -> &vm_memory::bitmap::AtomicBitmap {
+        use vm_memory::GuestMemoryBackend;
+        let region = self.mem.iter().next().expect("guest memory has one region");
+        vm_memory::mmap::MmapRegion::bitmap(region)
+    }
+
+    /// Guest memory as the host maps it.
+    pub fn host_memory(&self) -> HostMemory {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let region = self.mem.iter().next().expect("guest memory has one region");
+        HostMemory {
+            addr: region.as_ptr() as usize,
+            len: region.len(),
+        }
+    }
+}
+
+/// The parts of the microVM a restore needs before any state goes in.
+struct Skeleton {
+    vm: Vm,
+    vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
+    devices: PioDevices,
+    serial_irq: EventFd,
+    msr_list: Arc<Vec<u32>>,
+    tsc_khz: u64,
+}
+
+/// MSR_IA32_TSC and MSR_IA32_TSC_DEADLINE.
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// The MSRs KVM lists as saveable, the TSC deadline moved after the TSC
+/// (restoring the deadline before the TSC would fire it at once).
+fn msr_list(kvm: &kvm_ioctls::Kvm) -> Vec<u32> {
+    let mut list = match kvm.get_msr_index_list() {
+        Ok(list) => list.as_slice().to_vec(),
+        Err(e) => {
+            log::warn!("KVM does not list its MSRs ({e}); snapshots save none");
+            Vec::new()
+        }
+    };
+    if let Some(at) = list.iter().position(|&m| m == MSR_IA32_TSC_DEADLINE) {
+        list.remove(at);
+        let after_tsc = list
+            .iter()
+            .position(|&m| m == MSR_IA32_TSC)
+            .map_or(list.len(), |i| i + 1);
+        list.insert(after_tsc, MSR_IA32_TSC_DEADLINE);
+    }
+    list
+}
+
+/// VM (memory registered before the irqchip), vCPU fds, devices.
+fn build_skeleton(
+    kvm: &kvm_ioctls::Kvm,
+    vm_fd: kvm_ioctls::VmFd,
+    mem: &GuestMemoryMmap,
+    vcpu_count: u8,
+    track_dirty_pages: bool,
+    console: ConsoleOutput,
+    reset_evt: &EventFd,
+    mailbox_port: Option<u16>,
+) -> Result<Skeleton, StartMicrovmError> {
+    let vm = Vm::new(vm_fd, mem, track_dirty_pages)?;
+    let vcpu_fds = (0..vcpu_count)
+        .map(|index| vm.create_vcpu(index))
+        .collect::<Result<Vec<_>, _>>()?;
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(StartMicrovmError::EventFd)?;
+    vm.register_irqfd(&serial_irq, SERIAL_GSI)?;
+    let reset = reset_evt.try_clone().map_err(StartMicrovmError::EventFd)?;
+    let devices = PioDevices {
+        serial: Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger(serial_irq.try_clone().map_err(StartMicrovmError::EventFd)?),
+            console,
+        ))),
+        i8042: Arc::new(Mutex::new(i8042::new(reset))),
+        doorbell_port: mailbox_port,
+    };
+    let tsc_khz = vcpu_fds.first().map_or(0, |fd| match fd.get_tsc_khz() {
+        Ok(khz) => u64::from(khz),
+        Err(e) => {
+            log::warn!("KVM does not tell the TSC frequency ({e}); guest clocks will read 0");
+            0
+        }
+    });
+    Ok(Skeleton {
+        vm,
+        vcpu_fds,
+        devices,
+        serial_irq,
+        msr_list: Arc::new(msr_list(kvm)),
+        tsc_khz,
+    })
+}
+
+/// Builds a microVM of `vcpu_count` vCPUs and `mem_size_mib` of
+/// placeholder memory for a snapshot to be restored into: its vCPU threads
+/// run (under their filters) and wait for their state.
+#[allow(clippy::too_many_arguments)]
+pub fn build_microvm_for_restore(
+    vcpu_count: u8,
+    mem_size_mib: usize,
+    track_dirty_pages: bool,
+    options: &BuildOptions,
+    kvm: KvmContext,
+    console: ConsoleOutput,
+    reset_evt: &EventFd,
+    vcpu_events: &VcpuEventSender,
+) -> Result<Microvm, StartMicrovmError> {
+    let mem_size = (mem_size_mib as u64) << 20;
+    let mem = create_guest_memory(mem_size as usize)?;
+    let (kvm, vm_fd, supported_cpuid) = kvm.into_parts()?;
+    let port = options.mailbox.then_some(DEFAULT_DOORBELL_PORT);
+    let skeleton = build_skeleton(
+        &kvm,
+        vm_fd,
+        &mem,
+        vcpu_count,
+        track_dirty_pages,
+        console,
+        reset_evt,
+        port,
+    )?;
+    let mailbox = if options.mailbox {
+        Some(Mailbox::new(
+            mem.clone(),
+            mem_size - DEFAULT_SIZE,
+            DEFAULT_SIZE,
+            DEFAULT_DOORBELL_PORT,
+        )?)
+    } else {
+        None
+    };
+    let vcpus = skeleton
+        .vcpu_fds
+        .into_iter()
+        .enumerate()
+        .map(|(index, fd)| {
+            Vcpu::new(
+                index as u8,
+                fd,
+                skeleton.devices.clone(),
+                vcpu_events.clone(),
+                false,
+            )
+            .start_thread(options.seccomp)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(StartMicrovmError::VcpuThread)?;
+    Ok(Microvm {
+        kvm,
+        vm: skeleton.vm,
+        mem,
+        vcpus,
+        devices: skeleton.devices,
+        mailbox,
+        tsc_khz: skeleton.tsc_khz,
+        supported_cpuid,
+        msr_list: skeleton.msr_list,
+        serial_irq: skeleton.serial_irq,
+        backing: Backing::Files,
+        layers: Vec::new(),
+    })
 }
 
 /// Builds the microVM `resources` describe. `reset_evt` is signalled by the
@@ -161,10 +349,25 @@ pub fn build_microvm_for_boot(
             })
             .map_err(StartMicrovmError::LoaderThread)?;
         let (kvm, vm_fd, supported_cpuid) = kvm.into_parts()?;
-        let vm = Vm::new(vm_fd, &mem, machine.track_dirty_pages)?;
-        let vcpu_fds = (0..machine.vcpu_count)
-            .map(|index| vm.create_vcpu(index))
-            .collect::<Result<Vec<_>, _>>()?;
+        let port = options.mailbox.then_some(DEFAULT_DOORBELL_PORT);
+        let skeleton = build_skeleton(
+            &kvm,
+            vm_fd,
+            &mem,
+            machine.vcpu_count,
+            machine.track_dirty_pages,
+            console,
+            reset_evt,
+            port,
+        )?;
+        let Skeleton {
+            vm,
+            vcpu_fds,
+            devices,
+            serial_irq,
+            msr_list,
+            tsc_khz,
+        } = skeleton;
 
         let mailbox = if options.mailbox {
             let mailbox = Mailbox::new(
@@ -205,25 +408,6 @@ pub fn build_microvm_for_boot(
         boot_params::write_boot_params(&mem, &e820, cmdline_size)?;
         regs::write_boot_tables(&mem)?;
 
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(StartMicrovmError::EventFd)?;
-        vm.register_irqfd(&serial_irq, SERIAL_GSI)?;
-        let reset = reset_evt.try_clone().map_err(StartMicrovmError::EventFd)?;
-        let devices = PioDevices {
-            serial: Arc::new(Mutex::new(SerialDevice::new(
-                EventFdTrigger(serial_irq),
-                console,
-            ))),
-            i8042: Arc::new(Mutex::new(i8042::new(reset))),
-            doorbell_port: mailbox.as_ref().map(Mailbox::port),
-        };
-
-        let tsc_khz = vcpu_fds.first().map_or(0, |fd| match fd.get_tsc_khz() {
-            Ok(khz) => u64::from(khz),
-            Err(e) => {
-                log::warn!("KVM does not tell the TSC frequency ({e}); guest clocks will read 0");
-                0
-            }
-        });
         let entry = image
             .join()
             .map_err(|_| StartMicrovmError::LoaderPanicked)??;
@@ -269,6 +453,11 @@ pub fn build_microvm_for_boot(
             devices,
             mailbox,
             tsc_khz,
+            supported_cpuid,
+            msr_list,
+            serial_irq,
+            backing: Backing::Anonymous,
+            layers: Vec::new(),
         })
     })
 }

@@ -51,6 +51,20 @@ struct Args {
     /// Single-step the boot vCPU through ring 0 and log the instruction count.
     #[arg(long)]
     count_ring0: bool,
+    /// Build a VM for a snapshot restore now (memory slots, irqchip,
+    /// vCPUs, their threads, seccomp) and wait: PUT /snapshot/load then
+    /// only sets state. Needs --api-sock.
+    #[arg(long, requires = "api_sock", conflicts_with_all = ["config_file", "count_ring0"])]
+    prepare: bool,
+    /// With --prepare: guest memory of the snapshots to come, MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 128, requires = "prepare")]
+    mem_size_mib: usize,
+    /// With --prepare: vCPUs of the snapshots to come.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "prepare")]
+    vcpus: u8,
+    /// With --prepare: log dirty pages (for Diff snapshots of the restored VM).
+    #[arg(long, requires = "prepare")]
+    track_dirty_pages: bool,
 }
 
 fn main() {
@@ -208,6 +222,19 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
         }
     };
     manager.add_subscriber(vmm.clone());
+    if args.prepare {
+        let shape = ember_vmm::vmm_config::machine_config::MachineConfig {
+            vcpu_count: args.vcpus,
+            mem_size_mib: args.mem_size_mib,
+            ..Default::default()
+        };
+        if let Err(e) = shape.validate(usize::MAX) {
+            return fail(ExitCode::ArgParsing, e);
+        }
+        if let Err(e) = lock(&vmm).prepare(args.vcpus, args.mem_size_mib, args.track_dirty_pages) {
+            return fail(ExitCode::GenericError, format!("cannot prepare: {e}"));
+        }
+    }
     if args.config_file.is_some() {
         if let Err(e) = lock(&vmm).start_microvm() {
             return fail(ExitCode::BadConfiguration, e);

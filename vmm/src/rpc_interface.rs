@@ -10,6 +10,7 @@ use crate::resources::ResourcesError;
 use crate::vmm_config::boot_source::BootSourceConfig;
 use crate::vmm_config::function::FunctionBundle;
 use crate::vmm_config::machine_config::MachineConfig;
+use crate::vmm_config::snapshot::{CreateSnapshotParams, LoadSnapshotParams};
 
 /// What a request asks of the VMM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +31,10 @@ pub enum VmmAction {
     Pause,
     /// `PATCH /vm` Resumed.
     Resume,
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(CreateSnapshotParams),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(LoadSnapshotParams),
     /// `GET /ember/status`.
     GetEmberStatus,
     /// `POST /ember/ping`.
@@ -93,6 +98,56 @@ pub enum VmmData {
     Invoked(Box<Invocation>),
     /// `GET /ember/stats`.
     GuestStats(StatsInfo),
+    /// `PUT /snapshot/create`: written.
+    SnapshotCreated(SnapshotCreated),
+    /// `PUT /snapshot/load`: restored.
+    SnapshotLoaded(SnapshotLoaded),
+}
+
+/// What `PUT /snapshot/create` did, for JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotCreated {
+    /// "Full" or "Diff".
+    pub snapshot_type: &'static str,
+    /// Request to state file synced, µs.
+    pub duration_us: u64,
+    /// Guest pages written into the memory file (or layer).
+    pub memory_pages: u64,
+    /// Runs in the memory file (Diff: each is one mmap at restore).
+    pub memory_runs: u64,
+    /// The memory file's length (holes included), bytes.
+    pub memory_file_bytes: u64,
+    /// The state file's length, bytes.
+    pub state_bytes: u64,
+    /// Memory files a restore maps (this one and its parents).
+    pub layers: usize,
+    /// Mappings a restore makes, over all layers.
+    pub restore_runs: usize,
+}
+
+/// What `PUT /snapshot/load` did, for JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotLoaded {
+    /// Request to guest ready to run (resumed, or paused when not asked
+    /// to resume), µs; from process start for a process that was not
+    /// prepared.
+    pub restore_us: u64,
+    /// Since this process started, µs.
+    pub since_process_start_us: u64,
+    /// Whether the process was prepared (`--prepare`) for this restore.
+    pub prepared: bool,
+    /// Memory mappings made.
+    pub memory_runs: usize,
+    /// "prefetched", "recording" (on the first invocation), or "off".
+    pub working_set: &'static str,
+    /// Pages populated for reading, and for writing.
+    pub prefetched_read_pages: u64,
+    /// Pages populated for writing.
+    pub prefetched_write_pages: u64,
+    /// Time spent populating, µs.
+    pub prefetch_us: u64,
+    /// The restore generation given to the guest.
+    pub generation: u64,
 }
 
 /// A loaded function, for JSON.
@@ -301,6 +356,12 @@ pub struct EmberStatus {
     pub console_input_bytes: u64,
     /// Console input bytes dropped because the UART's receive FIFO was full.
     pub console_input_dropped_bytes: u64,
+    /// Times this VM was restored into a process (0: booted here).
+    pub generation: u64,
+    /// Snapshots taken by this process.
+    pub snapshots_created: u64,
+    /// Whether dirty pages are logged (Diff snapshots possible).
+    pub track_dirty_pages: bool,
     /// With `--count-ring0`: instructions the boot path ran in ring 0.
     pub ring0_instructions: Option<u64>,
 }
@@ -370,6 +431,12 @@ pub enum VmmActionError {
     Internal(String),
     /// ember-vmm is exiting; the request was not served.
     Exiting,
+    /// Cannot create the snapshot: {0}
+    CreateSnapshot(String),
+    /// Cannot load the snapshot: {0}
+    LoadSnapshot(String),
+    /// The snapshot was partly restored and failed ({0}); this ember-vmm process is exiting: start a fresh one
+    RestoreFailed(String),
 }
 
 impl VmmActionError {
@@ -380,6 +447,7 @@ impl VmmActionError {
             VmmActionError::Exiting => 503,
             VmmActionError::GuestError(_)
             | VmmActionError::GuestCrashed(_)
+            | VmmActionError::RestoreFailed(_)
             | VmmActionError::Internal(_) => 500,
             // Like Firecracker: every refused request is a 400.
             _ => 400,

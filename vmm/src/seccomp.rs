@@ -201,6 +201,94 @@ mod tests {
         }
     }
 
+    /// The KVM ioctl numbers written into the policy, recomputed from the
+    /// structures' sizes in kvm-bindings.
+    #[test]
+    fn kvm_ioctl_numbers_in_the_policy_match_the_structs() {
+        use kvm_bindings::*;
+        use std::mem::size_of;
+        const NONE: u64 = 0;
+        const W: u64 = 1;
+        const R: u64 = 2;
+        const RW: u64 = 3;
+        let ioc =
+            |dir: u64, nr: u64, size: usize| (dir << 30) | ((size as u64) << 16) | (0xae << 8) | nr;
+        let expected = [
+            ("KVM_RUN", ioc(NONE, 0x80, 0)),
+            ("KVM_GET_REGS", ioc(R, 0x81, size_of::<kvm_regs>())),
+            ("KVM_SET_REGS", ioc(W, 0x82, size_of::<kvm_regs>())),
+            ("KVM_GET_SREGS", ioc(R, 0x83, size_of::<kvm_sregs>())),
+            ("KVM_SET_SREGS", ioc(W, 0x84, size_of::<kvm_sregs>())),
+            ("KVM_GET_MSRS", ioc(RW, 0x88, size_of::<kvm_msrs>())),
+            ("KVM_SET_MSRS", ioc(W, 0x89, size_of::<kvm_msrs>())),
+            ("KVM_GET_LAPIC", ioc(R, 0x8e, size_of::<kvm_lapic_state>())),
+            ("KVM_SET_LAPIC", ioc(W, 0x8f, size_of::<kvm_lapic_state>())),
+            ("KVM_SET_CPUID2", ioc(W, 0x90, size_of::<kvm_cpuid2>())),
+            ("KVM_GET_CPUID2", ioc(RW, 0x91, size_of::<kvm_cpuid2>())),
+            ("KVM_GET_MP_STATE", ioc(R, 0x98, size_of::<kvm_mp_state>())),
+            ("KVM_SET_MP_STATE", ioc(W, 0x99, size_of::<kvm_mp_state>())),
+            (
+                "KVM_SET_GUEST_DEBUG",
+                ioc(W, 0x9b, size_of::<kvm_guest_debug>()),
+            ),
+            (
+                "KVM_GET_VCPU_EVENTS",
+                ioc(R, 0x9f, size_of::<kvm_vcpu_events>()),
+            ),
+            (
+                "KVM_SET_VCPU_EVENTS",
+                ioc(W, 0xa0, size_of::<kvm_vcpu_events>()),
+            ),
+            (
+                "KVM_GET_DEBUGREGS",
+                ioc(R, 0xa1, size_of::<kvm_debugregs>()),
+            ),
+            (
+                "KVM_SET_DEBUGREGS",
+                ioc(W, 0xa2, size_of::<kvm_debugregs>()),
+            ),
+            ("KVM_GET_XSAVE", ioc(R, 0xa4, size_of::<kvm_xsave>())),
+            ("KVM_SET_XSAVE", ioc(W, 0xa5, size_of::<kvm_xsave>())),
+            ("KVM_GET_XCRS", ioc(R, 0xa6, size_of::<kvm_xcrs>())),
+            ("KVM_SET_XCRS", ioc(W, 0xa7, size_of::<kvm_xcrs>())),
+            ("KVM_SET_TSC_KHZ", ioc(NONE, 0xa2, 0)),
+            ("KVM_GET_TSC_KHZ", ioc(NONE, 0xa3, 0)),
+            ("KVM_GET_IRQCHIP", ioc(RW, 0x62, size_of::<kvm_irqchip>())),
+            ("KVM_SET_IRQCHIP", ioc(R, 0x63, size_of::<kvm_irqchip>())),
+            (
+                "KVM_GET_DIRTY_LOG",
+                ioc(W, 0x42, size_of::<kvm_dirty_log>()),
+            ),
+            (
+                "KVM_SET_USER_MEMORY_REGION",
+                ioc(W, 0x46, size_of::<kvm_userspace_memory_region>()),
+            ),
+            ("KVM_SET_CLOCK", ioc(W, 0x7b, size_of::<kvm_clock_data>())),
+            ("KVM_GET_CLOCK", ioc(R, 0x7c, size_of::<kvm_clock_data>())),
+        ];
+        let policy: serde_json::Value =
+            serde_json::from_str(include_str!("../seccomp/x86_64.json")).unwrap();
+        let mut seen = 0;
+        for kind in ["vmm", "vcpu"] {
+            for rule in policy[kind]["filter"].as_array().unwrap() {
+                if rule["syscall"] != "ioctl" {
+                    continue;
+                }
+                let arg = &rule["args"][0];
+                let name = arg["comment"].as_str().unwrap();
+                if let Some((_, value)) = expected.iter().find(|(n, _)| *n == name) {
+                    assert_eq!(arg["val"].as_u64().unwrap(), *value, "{kind}: {name}");
+                    seen += 1;
+                }
+            }
+        }
+        assert_eq!(
+            seen,
+            expected.len(),
+            "every KVM ioctl named above is in the policy once"
+        );
+    }
+
     #[test]
     fn filters_differ_per_thread_kind() {
         assert_ne!(ThreadKind::Vmm.bpf_bytes(), ThreadKind::Vcpu.bpf_bytes());

@@ -19,6 +19,8 @@
 //! before use; a message that breaks the protocol is refused with an error
 //! to the caller, and the guest is left parked, so the VMM keeps serving.
 
+mod snapshot;
+
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -205,6 +207,16 @@ pub struct Vmm {
     deliveries_while_preparing: u64,
     ring0_instructions: Option<u64>,
     exit_code: Option<ExitCode>,
+    /// Times this VM was restored (written into the guest's restore block).
+    generation: u64,
+    snapshots_created: u64,
+    /// The working set to record after the first invocation of a restored VM.
+    working_set: Option<snapshot::WorkingSetRecording>,
+    /// A pause asked while the guest prepared its next instance: it pauses
+    /// once the guest is idle (the mailbox quiet).
+    pause_when_idle: bool,
+    /// Built by `--prepare`, waiting for a snapshot load.
+    prepared: bool,
 }
 
 /// Errors setting up the VMM thread.
@@ -269,6 +281,11 @@ impl Vmm {
             deliveries_while_preparing: 0,
             ring0_instructions: None,
             exit_code: None,
+            generation: 0,
+            snapshots_created: 0,
+            working_set: None,
+            pause_when_idle: false,
+            prepared: false,
         })
     }
 
@@ -280,7 +297,7 @@ impl Vmm {
     /// Builds and starts the microVM (InstanceStart). The VMM thread's
     /// seccomp filter is installed here, before any vCPU runs guest code.
     pub fn start_microvm(&mut self) -> Result<(), VmmActionError> {
-        if self.state != InstanceState::NotStarted {
+        if self.state != InstanceState::NotStarted || self.microvm.is_some() {
             return Err(VmmActionError::AlreadyStarted);
         }
         if self.resources.boot_source.is_none() {
@@ -339,7 +356,9 @@ impl Vmm {
                 vmm_version: VMM_VERSION,
                 app_name: "ember-vmm",
             })),
-            VmmAction::PutBootSource(_) | VmmAction::PutMachineConfig(_) if started => {
+            VmmAction::PutBootSource(_) | VmmAction::PutMachineConfig(_)
+                if started || self.microvm.is_some() =>
+            {
                 Err(VmmActionError::OperationNotSupportedPostBoot)
             }
             VmmAction::PutBootSource(config) => self
@@ -358,6 +377,8 @@ impl Vmm {
             VmmAction::InstanceStart => self.start_microvm().map(|()| VmmData::Empty),
             VmmAction::Pause => return self.begin_transition(InstanceState::Paused),
             VmmAction::Resume => return self.begin_transition(InstanceState::Running),
+            VmmAction::CreateSnapshot(params) => self.create_snapshot(&params),
+            VmmAction::LoadSnapshot(params) => self.load_snapshot(&params),
             VmmAction::GetEmberStatus => Ok(VmmData::Status(Box::new(self.status()))),
             VmmAction::SendCtrlAltDel => return self.ask(RequestKind::Shutdown),
             VmmAction::Ping => return self.ask(RequestKind::Ping),
@@ -651,6 +672,13 @@ impl Vmm {
             )));
         }
         self.guest = GuestState::Idle;
+        if self.pause_when_idle {
+            self.pause_when_idle = false;
+            if let Some(Err(e)) = self.begin_transition(InstanceState::Paused) {
+                self.respond(Err(e));
+            }
+            return;
+        }
         self.deliver_if_waiting();
     }
 
@@ -780,6 +808,9 @@ impl Vmm {
                             }
                             Err((kind, text)) => Err((kind, String::from_utf8_lossy(text).into())),
                         };
+                        if let Some(recording) = &mut self.working_set {
+                            recording.due = true;
+                        }
                         Ok(VmmData::Invoked(Box::new(Invocation {
                             result,
                             log,
@@ -915,19 +946,32 @@ impl Vmm {
         let Some(microvm) = &self.microvm else {
             return Some(Err(VmmActionError::NotRunning(self.state.name())));
         };
-        if self.transition.is_some() {
+        if self.state == InstanceState::NotStarted {
+            return Some(Err(VmmActionError::NotRunning(self.state.name())));
+        }
+        if self.transition.is_some() || self.pause_when_idle {
             return Some(Err(VmmActionError::TransitionInProgress));
         }
         if self.state == target {
             return Some(Ok(VmmData::Empty));
         }
-        let command = if target == InstanceState::Paused {
-            VcpuCommand::Pause
-        } else {
-            VcpuCommand::Resume
-        };
+        if target == InstanceState::Paused
+            && matches!(
+                self.guest,
+                GuestState::Preparing(_) | GuestState::BusyAfterPreparing { .. }
+            )
+        {
+            // The guest answered and prepares its next instance: pause once
+            // it says it is idle, so the mailbox is quiet in a paused VM.
+            self.pause_when_idle = true;
+            return None;
+        }
         for vcpu in &microvm.vcpus {
-            vcpu.send(command);
+            vcpu.send(if target == InstanceState::Paused {
+                VcpuCommand::Pause
+            } else {
+                VcpuCommand::Resume
+            });
         }
         self.transition = Some(Transition {
             target,
@@ -1112,6 +1156,9 @@ impl Vmm {
             console_lost_bytes: serial.map_or(0, |s| s.lost_bytes),
             console_input_bytes: serial.map_or(0, |s| s.input_bytes),
             console_input_dropped_bytes: serial.map_or(0, |s| s.dropped_input_bytes),
+            generation: self.generation,
+            snapshots_created: self.snapshots_created,
+            track_dirty_pages: self.microvm.as_ref().is_some_and(|m| m.vm.dirty_logging()),
             ring0_instructions: self.ring0_instructions,
         }
     }
@@ -1184,6 +1231,9 @@ impl MutEventSubscriber for Vmm {
             other => log::warn!("event for unknown token {other}"),
         }
         self.serve_api(ops);
+        // After the answer is on its way: the first invocation of a
+        // restored VM leaves its working set to record.
+        self.record_working_set();
     }
 
     fn init(&mut self, ops: &mut EventOps) {

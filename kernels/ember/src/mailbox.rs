@@ -11,7 +11,9 @@
 use core::ptr;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use ember_abi::mailbox::{offsets, Layout, MessageKind, Slot, MAGIC, VERSION};
+use ember_abi::mailbox::{
+    offsets, Layout, MessageKind, Slot, MAGIC, RESTORE_ENTROPY_BYTES, VERSION,
+};
 use ember_abi::MailboxParam;
 
 use crate::io::doorbell;
@@ -73,6 +75,23 @@ impl Mailbox {
             kind: self.read_u32(offsets::REQUEST_KIND),
             len: self.read_u32(offsets::REQUEST_LEN),
         }
+    }
+
+    /// The restore generation the host wrote (0 until the first restore).
+    pub fn generation(&self) -> u64 {
+        let generation = self.read_u64(offsets::GENERATION);
+        core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
+        generation
+    }
+
+    /// What the host wrote with the current generation: its wall-clock
+    /// time (ns since the Unix epoch) and fresh entropy.
+    pub fn restore_info(&self) -> (u64, [u8; RESTORE_ENTROPY_BYTES]) {
+        let mut entropy = [0u8; RESTORE_ENTROPY_BYTES];
+        for (i, chunk) in entropy.chunks_exact_mut(8).enumerate() {
+            chunk.copy_from_slice(&self.read_u64(offsets::RESTORE_ENTROPY + 8 * i).to_le_bytes());
+        }
+        (self.read_u64(offsets::RESTORE_REALTIME_NS), entropy)
     }
 
     /// The first `len` bytes of the request area, clamped to its capacity.

@@ -71,6 +71,17 @@ pub fn parse(request: Request) -> Result<VmmAction, Response> {
                 }
             }
         }
+        ("PUT", "/snapshot/create") => VmmAction::CreateSnapshot(json_body(&request)?),
+        ("PUT", "/snapshot/load") => {
+            let params: crate::vmm_config::snapshot::LoadSnapshotParams = json_body(&request)?;
+            if let Err(e) = params.memory_path() {
+                return Err(Response::fault(
+                    400,
+                    &format!("Cannot load the snapshot: {e}"),
+                ));
+            }
+            VmmAction::LoadSnapshot(params)
+        }
         ("GET", "/ember/status") => VmmAction::GetEmberStatus,
         ("POST", "/ember/ping") => VmmAction::Ping,
         // The body moves into the action: an event is not copied here.
@@ -148,6 +159,8 @@ pub fn response(answer: VmmResponse) -> Response {
         }
         Ok(VmmData::FunctionLoaded(info)) => Response::json(200, &info),
         Ok(VmmData::GuestStats(stats)) => Response::json(200, &stats),
+        Ok(VmmData::SnapshotCreated(created)) => Response::json(200, &created),
+        Ok(VmmData::SnapshotLoaded(loaded)) => Response::json(200, &loaded),
         Ok(VmmData::Invoked(invocation)) => {
             let log = &invocation.log[invocation.log.len().saturating_sub(LOG_HEADER_BYTES)..];
             let response = match invocation.result {

@@ -5,10 +5,12 @@
 //! area), then copying exactly that many payload bytes. Nothing is read
 //! through a pointer into guest memory, and nothing beyond the region.
 
+use crate::vstate::memory::GuestMemoryMmap;
 use ember_abi::mailbox::{
-    offsets, Layout, MessageKind, RequestKind, Slot, HEADER_BYTES, MAGIC, VERSION,
+    offsets, Layout, MessageKind, RequestKind, Slot, HEADER_BYTES, MAGIC, RESTORE_ENTROPY_BYTES,
+    VERSION,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 /// A message the guest posted, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +55,37 @@ pub enum MailboxError {
     },
     /// cannot write the mailbox in guest memory: {0}
     Memory(#[from] GuestMemoryError),
+}
+
+/// Where the mailbox is: all a snapshot needs (its contents are in guest
+/// memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MailboxState {
+    /// Guest-physical address of the region.
+    pub gpa: u64,
+    /// Its size.
+    pub size: u64,
+    /// The doorbell port.
+    pub port: u16,
+}
+
+impl<'a> crate::snapshot::Persist<'a> for Mailbox {
+    type State = MailboxState;
+    /// Guest memory.
+    type ConstructorArgs = GuestMemoryMmap;
+    type Error = MailboxError;
+
+    fn save(&self) -> MailboxState {
+        MailboxState {
+            gpa: self.gpa,
+            size: self.layout.size,
+            port: self.port,
+        }
+    }
+
+    fn restore(mem: GuestMemoryMmap, state: &MailboxState) -> Result<Self, MailboxError> {
+        Mailbox::new(mem, state.gpa, state.size, state.port)
+    }
 }
 
 /// The mailbox region in guest memory and its doorbell port.
@@ -116,6 +149,29 @@ impl Mailbox {
         header[offsets::AREA_SIZE..offsets::AREA_SIZE + 4]
             .copy_from_slice(&(self.layout.area_size as u32).to_le_bytes());
         self.mem.write_slice(&header, GuestAddress(self.gpa))
+    }
+
+    /// Tells the guest it was restored: generation `generation`, the host's
+    /// wall-clock time and fresh entropy, generation last. Call before the
+    /// vCPUs resume.
+    pub fn write_restore_block(
+        &self,
+        generation: u64,
+        realtime_ns: u64,
+        entropy: &[u8; RESTORE_ENTROPY_BYTES],
+    ) -> Result<(), GuestMemoryError> {
+        let mut block = [0u8; 8 + RESTORE_ENTROPY_BYTES];
+        block[..8].copy_from_slice(&realtime_ns.to_le_bytes());
+        block[8..].copy_from_slice(entropy);
+        self.mem.write_slice(
+            &block,
+            GuestAddress(self.gpa + offsets::RESTORE_REALTIME_NS as u64),
+        )?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        self.mem.write_obj(
+            generation.to_le(),
+            GuestAddress(self.gpa + offsets::GENERATION as u64),
+        )
     }
 
     /// Posts request `seq` of `kind` with a payload made of `parts`, one
@@ -217,7 +273,7 @@ mod tests {
     const GPA: u64 = 6 << 20;
 
     fn mailbox() -> (Mailbox, GuestMemoryMmap) {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
         let mailbox = Mailbox::new(mem.clone(), GPA, DEFAULT_SIZE, 0xee0).unwrap();
         mailbox.init_header().unwrap();
         (mailbox, mem)
@@ -378,7 +434,7 @@ mod tests {
 
     #[test]
     fn region_beyond_memory_is_an_error_not_a_read() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
         // The response area would lie past the end of guest memory.
         let mailbox = Mailbox::new(mem, (8 << 20) - 8192, DEFAULT_SIZE, 0xee0).unwrap();
         assert!(matches!(

@@ -4,3 +4,4 @@
 pub mod boot_source;
 pub mod function;
 pub mod machine_config;
+pub mod snapshot;

@@ -4,7 +4,14 @@
 //! /proc/PID/smaps shows it apart from the VMM's own memory; ember-bench
 //! reports the VMM's footprint without it.
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// Guest memory as ember-vmm maps it. Every write the VMM itself makes
+/// (boot structures, mailbox requests, a module's bytes) marks its pages in
+/// the region's bitmap: KVM's dirty log sees only the guest's writes, and a
+/// Diff snapshot needs both.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 /// The name guest memory carries in /proc/PID/maps: `[anon:ember-guest-ram]`.
 pub const GUEST_RAM_NAME: &str = "ember-guest-ram";
@@ -24,7 +31,7 @@ pub enum MemoryError {
 /// Maps `size` bytes of guest memory at guest-physical 0 (untouched pages
 /// cost nothing) and names the mapping.
 pub fn create_guest_memory(size: usize) -> Result<GuestMemoryMmap, MemoryError> {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
         .map_err(|source| MemoryError::Map { size, source })?;
     for region in mem.iter() {
         name_mapping(region.as_ptr() as usize, region.len() as usize);

@@ -24,8 +24,13 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use kvm_bindings::{kvm_guest_debug, kvm_run, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_guest_debug, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
@@ -33,7 +38,6 @@ use crate::devices::{PioAction, PioDevices};
 use crate::seccomp::{self, ThreadKind};
 
 /// What the VMM thread tells a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VcpuCommand {
     /// Enter the guest for the first time (sent once the VMM thread's own
     /// seccomp filter is installed).
@@ -44,6 +48,74 @@ pub enum VcpuCommand {
     Resume,
     /// Leave the doorbell exit: a request has been posted.
     Continue,
+    /// Save the vCPU's state (it must be paused or not yet started):
+    /// complete a pending `out` first, then read the MSRs in `msrs` and
+    /// the rest.
+    Save {
+        /// The MSRs to save, TSC deadline after TSC.
+        msrs: Arc<Vec<u32>>,
+        /// Where the state (or why not) goes.
+        reply: Sender<Result<Box<VcpuState>, String>>,
+    },
+    /// Set the vCPU's state from a snapshot (only before it ever ran), and
+    /// wait paused (or run, if `paused` is false).
+    Restore {
+        /// The state.
+        state: Box<VcpuState>,
+        /// Stay paused until [`VcpuCommand::Resume`].
+        paused: bool,
+        /// Done, or why not.
+        reply: Sender<Result<(), String>>,
+    },
+}
+
+impl std::fmt::Debug for VcpuCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VcpuCommand::Start => "Start",
+            VcpuCommand::Pause => "Pause",
+            VcpuCommand::Resume => "Resume",
+            VcpuCommand::Continue => "Continue",
+            VcpuCommand::Save { .. } => "Save",
+            VcpuCommand::Restore { .. } => "Restore",
+        })
+    }
+}
+
+/// Everything KVM keeps for one vCPU, as a snapshot saves it. Saved in
+/// this order (KVM_GET_MP_STATE may change LAPIC state, and the vCPU events
+/// go last) and restored in Firecracker's order: CPUID, TSC frequency, MP
+/// state, registers, special registers, XSAVE, XCRs, debug registers,
+/// LAPIC, MSRs (TSC deadline after TSC), vCPU events.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    /// CPUID as the vCPU had it.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// Guest TSC frequency, if KVM told it.
+    pub tsc_khz: Option<u32>,
+    /// Multiprocessing state (running, halted, waiting for SIPI).
+    pub mp_state: kvm_mp_state,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers.
+    pub sregs: kvm_sregs,
+    /// FPU, SSE and AVX state.
+    pub xsave: kvm_xsave,
+    /// Extended control registers (XCR0).
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debug_regs: kvm_debugregs,
+    /// Local APIC registers.
+    pub lapic: kvm_lapic_state,
+    /// Model-specific registers KVM could read.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending exceptions, interrupts and NMIs.
+    pub vcpu_events: kvm_vcpu_events,
+    /// The vCPU had entered the guest.
+    pub started: bool,
+    /// Parked in the doorbell exit (its `out` completed): it waits for a
+    /// request when resumed.
+    pub parked: bool,
 }
 
 /// Why a vCPU stopped running the guest for good.
@@ -110,6 +182,9 @@ impl VcpuEventSender {
     }
 }
 
+/// MSRs per KVM_GET_MSRS / KVM_SET_MSRS (the wrapper holds at most 256).
+const MSR_CHUNK: usize = 128;
+
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of KVM_RUN
 /// (the offset Firecracker uses).
 const KICK_SIGNAL_OFFSET: libc::c_int = 0;
@@ -169,11 +244,12 @@ pub struct VcpuHandle {
 impl VcpuHandle {
     /// Sends `command`; a pause also kicks the thread out of KVM_RUN.
     pub fn send(&self, command: VcpuCommand) {
+        let pause = matches!(command, VcpuCommand::Pause);
         if self.tx.send(command).is_err() {
             // The thread is gone, which happens only when the process exits.
             return;
         }
-        if command == VcpuCommand::Pause {
+        if pause {
             if let Err(e) = self.thread.kill(kick_signal()) {
                 log::error!("cannot kick vCPU {}: {e}", self.index);
             }
@@ -281,6 +357,30 @@ impl Vcpu {
                     }
                     VcpuCommand::Continue if state == RunState::Parked => state = RunState::Running,
                     VcpuCommand::Continue if state == RunState::Running => early_continues += 1,
+                    VcpuCommand::Save { msrs, reply } => {
+                        let _ = reply.send(self.save_state(&msrs, state).map(Box::new));
+                    }
+                    VcpuCommand::Restore {
+                        state: saved,
+                        paused: stay_paused,
+                        reply,
+                    } => {
+                        let result = if state == RunState::NotStarted {
+                            self.restore_state(&saved)
+                        } else {
+                            Err("a vCPU that has run cannot be restored onto".into())
+                        };
+                        if result.is_ok() {
+                            ring0 = None;
+                            paused = stay_paused;
+                            state = match (saved.started, saved.parked) {
+                                (false, _) => RunState::NotStarted,
+                                (true, true) => RunState::Parked,
+                                (true, false) => RunState::Running,
+                            };
+                        }
+                        let _ = reply.send(result);
+                    }
                     other => log::warn!("vCPU {} ignored {other:?} while {state:?}", self.index),
                 }
                 continue;
@@ -293,6 +393,12 @@ impl Vcpu {
                     continue;
                 }
                 Ok(VcpuCommand::Continue) => early_continues += 1,
+                Ok(VcpuCommand::Save { reply, .. }) => {
+                    let _ = reply.send(Err("the vCPU is running: pause it first".into()));
+                }
+                Ok(VcpuCommand::Restore { reply, .. }) => {
+                    let _ = reply.send(Err("a running vCPU cannot be restored onto".into()));
+                }
                 Ok(other) => log::warn!("vCPU {} ignored {other:?} while running", self.index),
                 Err(TryRecvError::Empty) => {}
                 Err(TryRecvError::Disconnected) => return park_forever(),
@@ -380,6 +486,136 @@ impl Vcpu {
             }
             Err(e) => Outcome::Stop(VcpuStop::RunFailed(e.to_string())),
         }
+    }
+
+    /// Completes an `out` or `in` KVM has not finished (KVM moves RIP past
+    /// it, or stores an `in`'s result, only on the next KVM_RUN): one
+    /// KVM_RUN under `immediate_exit` does that and returns at once, as
+    /// KVM's documentation asks before the state is saved.
+    fn complete_pending_io(&mut self) -> Result<(), String> {
+        self.fd.set_kvm_immediate_exit(1);
+        let outcome = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) => Err(format!("KVM_RUN to complete pending I/O: {e}")),
+            Ok(exit) => Err(format!(
+                "the vCPU exited ({exit:?}) while completing its pending I/O"
+            )),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        outcome
+    }
+
+    /// The vCPU's state; it is paused (or never ran).
+    fn save_state(&mut self, msr_list: &[u32], state: RunState) -> Result<VcpuState, String> {
+        let started = state != RunState::NotStarted;
+        if started {
+            self.complete_pending_io()?;
+        }
+        let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
+        let fd = &self.fd;
+        let mp_state = fd.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?;
+        let regs = fd.get_regs().map_err(e("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(e("KVM_GET_SREGS"))?;
+        let xsave = fd.get_xsave().map_err(e("KVM_GET_XSAVE"))?;
+        let xcrs = fd.get_xcrs().map_err(e("KVM_GET_XCRS"))?;
+        let debug_regs = fd.get_debug_regs().map_err(e("KVM_GET_DEBUGREGS"))?;
+        let lapic = fd.get_lapic().map_err(e("KVM_GET_LAPIC"))?;
+        let tsc_khz = fd.get_tsc_khz().ok();
+        let cpuid = fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(e("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec();
+        let msrs = self.get_msrs(msr_list)?;
+        let vcpu_events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(e("KVM_GET_VCPU_EVENTS"))?;
+        Ok(VcpuState {
+            cpuid,
+            tsc_khz,
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debug_regs,
+            lapic,
+            msrs,
+            vcpu_events,
+            started,
+            parked: state == RunState::Parked,
+        })
+    }
+
+    /// Reads the MSRs of `list` that KVM can read: KVM_GET_MSRS stops at
+    /// the first it cannot, which is skipped.
+    fn get_msrs(&self, list: &[u32]) -> Result<Vec<kvm_msr_entry>, String> {
+        let mut saved = Vec::with_capacity(list.len());
+        let mut next = 0;
+        while next < list.len() {
+            let chunk = &list[next..(next + MSR_CHUNK).min(list.len())];
+            let entries: Vec<kvm_msr_entry> = chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
+            let read = self
+                .fd
+                .get_msrs(&mut msrs)
+                .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+            saved.extend_from_slice(&msrs.as_slice()[..read]);
+            next += read;
+            if read < chunk.len() {
+                log::debug!(
+                    "vCPU {}: MSR {:#x} cannot be read; not saved",
+                    self.index,
+                    list[next]
+                );
+                next += 1;
+            }
+        }
+        Ok(saved)
+    }
+
+    /// Sets the state of a vCPU that never ran.
+    fn restore_state(&mut self, state: &VcpuState) -> Result<(), String> {
+        let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
+        let fd = &self.fd;
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|err| format!("CPUID: {err:?}"))?;
+        fd.set_cpuid2(&cpuid).map_err(e("KVM_SET_CPUID2"))?;
+        if let Some(khz) = state.tsc_khz {
+            if fd.get_tsc_khz().ok() != Some(khz) {
+                fd.set_tsc_khz(khz).map_err(e("KVM_SET_TSC_KHZ"))?;
+            }
+        }
+        fd.set_mp_state(state.mp_state)
+            .map_err(e("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&state.regs).map_err(e("KVM_SET_REGS"))?;
+        fd.set_sregs(&state.sregs).map_err(e("KVM_SET_SREGS"))?;
+        // SAFETY: a legacy 4 KiB kvm_xsave, the size KVM_GET_XSAVE wrote;
+        // ember-vmm never enables the dynamic XSAVE features that need more.
+        unsafe { fd.set_xsave(&state.xsave) }.map_err(e("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&state.xcrs).map_err(e("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&state.debug_regs)
+            .map_err(e("KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&state.lapic).map_err(e("KVM_SET_LAPIC"))?;
+        for chunk in state.msrs.chunks(MSR_CHUNK) {
+            let msrs = Msrs::from_entries(chunk).map_err(|err| format!("MSR list: {err:?}"))?;
+            let set = fd.set_msrs(&msrs).map_err(e("KVM_SET_MSRS"))?;
+            if set < chunk.len() {
+                return Err(format!(
+                    "KVM_SET_MSRS: this host refused MSR {:#x}",
+                    chunk[set].index
+                ));
+            }
+        }
+        fd.set_vcpu_events(&state.vcpu_events)
+            .map_err(e("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
     }
 
     /// One single-step exit while counting ring-0 instructions.

@@ -1,8 +1,9 @@
 //! The boot parameters ("zero page") of the Linux x86-64 boot protocol:
 //! the e820 memory map and where the command line is.
 
+use crate::vstate::memory::GuestMemoryMmap;
 use linux_loader::loader::bootparam::boot_params;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{CMDLINE_START, EBDA_START, HIMEM_START, ZERO_PAGE_START};
 
@@ -108,7 +109,7 @@ mod tests {
 
     #[test]
     fn zero_page_holds_map_and_cmdline() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let map = e820_map(16 << 20, None);
         write_boot_params(&mem, &map, 42).unwrap();
         let read: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();

@@ -2,8 +2,9 @@
 //! Firecracker implements it: long mode, a flat GDT, the first 1 GiB
 //! identity-mapped with 2 MiB pages, RSI = the zero page.
 
+use crate::vstate::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
@@ -136,7 +137,7 @@ mod tests {
 
     #[test]
     fn boot_tables_identity_map_1_gib() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_boot_tables(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
         assert_eq!(pml4, 0xa003);

@@ -132,3 +132,133 @@ impl SerialDevice {
         self.uart.read(offset)
     }
 }
+
+/// The UART's registers and receive FIFO, and the console counters.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialDeviceState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Received bytes the guest has not read.
+    pub in_buffer: Vec<u8>,
+}
+
+/// Why a serial state could not be restored.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum SerialRestoreError {
+    /// the saved UART receive FIFO holds {0} bytes, more than a UART has
+    FifoTooLong(usize),
+}
+
+impl<'a> crate::snapshot::Persist<'a> for SerialDevice {
+    type State = SerialDeviceState;
+    /// The interrupt line and the console, which are not in the file.
+    type ConstructorArgs = (EventFdTrigger, ConsoleOutput);
+    type Error = SerialRestoreError;
+
+    fn save(&self) -> SerialDeviceState {
+        let s = self.uart.state();
+        SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    fn restore(
+        (interrupt, output): (EventFdTrigger, ConsoleOutput),
+        state: &SerialDeviceState,
+    ) -> Result<Self, SerialRestoreError> {
+        let uart_state = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&uart_state, interrupt, NoEvents, output)
+            .map_err(|_| SerialRestoreError::FifoTooLong(state.in_buffer.len()))?;
+        Ok(SerialDevice {
+            uart,
+            lost_bytes: 0,
+            input_bytes: 0,
+            dropped_input_bytes: 0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::Persist;
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn device() -> SerialDevice {
+        SerialDevice::new(
+            EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+            ConsoleOutput::new(ConsoleSink::File(
+                std::fs::File::create("/dev/null").unwrap(),
+            )),
+        )
+    }
+
+    #[test]
+    fn serial_state_round_trips_through_postcard() {
+        let mut uart = device();
+        uart.write(3, 0x83); // DLAB on
+        uart.write(0, 0x0c); // divisor low
+        uart.write(3, 0x03); // 8N1, DLAB off
+        uart.write(7, 0x5a); // scratch
+        uart.receive(b"hi");
+        let state = uart.save();
+        let bytes = postcard::to_allocvec(&state).unwrap();
+        let decoded: SerialDeviceState = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(decoded, state);
+        let args = (
+            EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+            ConsoleOutput::new(ConsoleSink::File(
+                std::fs::File::create("/dev/null").unwrap(),
+            )),
+        );
+        let mut restored = SerialDevice::restore(args, &decoded).unwrap();
+        assert_eq!(restored.save(), state);
+        assert_eq!(restored.read(7), 0x5a);
+        assert_eq!(restored.read(0), b'h');
+        let mut too_long = state.clone();
+        too_long.in_buffer = vec![0; 65];
+        let args = (
+            EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+            ConsoleOutput::new(ConsoleSink::File(
+                std::fs::File::create("/dev/null").unwrap(),
+            )),
+        );
+        assert!(SerialDevice::restore(args, &too_long).is_err());
+    }
+}

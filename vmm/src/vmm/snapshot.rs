@@ -1,0 +1,548 @@
+//! Snapshot create and load on the VMM thread, and `--prepare`.
+//!
+//! Create (the VM paused, the guest idle in its doorbell exit, no request
+//! in flight): vCPU states (each vCPU thread completes its pending `out`
+//! and saves), VM state, devices, the memory file (Full: sparse; Diff: the
+//! pages KVM logged plus those the VMM wrote, as a layer), then the state
+//! file, synced and renamed into place.
+//!
+//! Load, into a process that has run no VM: the state file is read and
+//! checked, the VM built to its shape (or the one `--prepare` built is
+//! checked against it), the memory files checked (sizes, trailers) and the
+//! CPUID compared with this host's, all before anything is touched; then
+//! memory mapped over the registered slot, VM state, vCPU states (on their
+//! threads), devices, the restore block for the guest (generation, wall
+//! clock, entropy), the working set populated, and the vCPUs let go.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::channel;
+use std::time::{Duration, Instant};
+
+use ember_abi::mailbox::{GuestInfo, RESTORE_ENTROPY_BYTES};
+
+use super::{GuestState, InstanceState, Vmm};
+use crate::builder::{build_microvm_for_restore, BuildOptions};
+use crate::devices::legacy::serial::{ConsoleOutput, SerialDevice};
+use crate::devices::mailbox::Mailbox;
+use crate::devices::EventFdTrigger;
+use crate::persist::{
+    getrandom_into, random_id, DevicesState, GuestSessionState, MicrovmState, SnapshotType,
+};
+use crate::rpc_interface::{SnapshotCreated, SnapshotLoaded, VmmActionError, VmmData, VmmResponse};
+use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::memory::{
+    self, check_layers, dirty_runs, map_layers, working_set_path, Backing, MemoryLayer, SnapshotId,
+    WorkingSet,
+};
+use crate::snapshot::{Persist, WORKING_SET_MAGIC};
+use crate::vmm_config::snapshot::{CreateSnapshotParams, LoadSnapshotParams};
+use crate::vstate::kvm::KvmContext;
+use crate::vstate::vcpu::VcpuCommand;
+use crate::ExitCode;
+
+/// How long a vCPU thread may take to save or set its state.
+const VCPU_STATE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A working set to record after the first invocation of a restored VM.
+pub(super) struct WorkingSetRecording {
+    path: PathBuf,
+    snapshot_id: SnapshotId,
+    /// Set once the first invocation has been answered.
+    pub(super) due: bool,
+}
+
+fn create_error(text: impl std::fmt::Display) -> VmmActionError {
+    VmmActionError::CreateSnapshot(text.to_string())
+}
+
+fn load_error(text: impl std::fmt::Display) -> VmmActionError {
+    VmmActionError::LoadSnapshot(text.to_string())
+}
+
+/// `path` made absolute against the current directory (a parent layer is
+/// found by the path recorded in its child's state).
+fn absolute(path: &Path) -> std::io::Result<PathBuf> {
+    if path.is_absolute() {
+        Ok(path.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(path))
+    }
+}
+
+fn micros(since: Instant) -> u64 {
+    since.elapsed().as_micros() as u64
+}
+
+impl Vmm {
+    /// `--prepare`: builds a VM of this shape with placeholder memory, its
+    /// vCPU threads waiting for state, and installs the VMM thread's
+    /// filter, so that a snapshot load has only state to set.
+    pub fn prepare(
+        &mut self,
+        vcpu_count: u8,
+        mem_size_mib: usize,
+        track_dirty_pages: bool,
+    ) -> Result<(), VmmActionError> {
+        self.build_for_restore(vcpu_count, mem_size_mib, track_dirty_pages)?;
+        self.prepared = true;
+        log::info!(
+            "prepared for a restore: {vcpu_count} vCPU(s), {mem_size_mib} MiB, {} us after process start",
+            self.process_start.elapsed().as_micros()
+        );
+        Ok(())
+    }
+
+    fn build_for_restore(
+        &mut self,
+        vcpu_count: u8,
+        mem_size_mib: usize,
+        track_dirty_pages: bool,
+    ) -> Result<(), VmmActionError> {
+        if self.microvm.is_some() || self.state != InstanceState::NotStarted {
+            return Err(VmmActionError::AlreadyStarted);
+        }
+        let console = self
+            .console
+            .try_clone()
+            .map(ConsoleOutput::new)
+            .map_err(|e| VmmActionError::Internal(format!("cannot reopen the console: {e}")))?;
+        let kvm = match self.kvm.take() {
+            Some(kvm) => kvm,
+            None => KvmContext::open().map_err(crate::builder::StartMicrovmError::Kvm)?,
+        };
+        let options = BuildOptions {
+            mailbox: self.options.mailbox,
+            seccomp: self.options.seccomp,
+            count_ring0: false,
+        };
+        let microvm = build_microvm_for_restore(
+            vcpu_count,
+            mem_size_mib,
+            track_dirty_pages,
+            &options,
+            kvm,
+            console,
+            &self.reset_evt,
+            &self.vcpu_event_sender,
+        )?;
+        self.microvm = Some(microvm);
+        self.resources.machine_config.vcpu_count = vcpu_count;
+        self.resources.machine_config.mem_size_mib = mem_size_mib;
+        self.resources.machine_config.track_dirty_pages = track_dirty_pages;
+        seccomp::apply(ThreadKind::Vmm, "vmm", self.options.seccomp)
+            .map_err(|e| VmmActionError::Internal(e.to_string()))
+    }
+
+    /// `PUT /snapshot/create`.
+    pub(super) fn create_snapshot(&mut self, params: &CreateSnapshotParams) -> VmmResponse {
+        let started = Instant::now();
+        let Some(microvm) = &self.microvm else {
+            return Err(VmmActionError::NotRunning(self.state.name()));
+        };
+        if self.state != InstanceState::Paused || self.transition.is_some() {
+            return Err(create_error(
+                "the microVM is not paused: PATCH /vm {\"state\": \"Paused\"} first",
+            ));
+        }
+        match &self.guest {
+            GuestState::Idle if self.pending.is_none() => {}
+            GuestState::Stopped(how) => {
+                return Err(create_error(format!("the guest has stopped ({how})")))
+            }
+            GuestState::Booting => {
+                return Err(create_error(
+                    "the guest has not finished booting (no `ready` yet): resume it and wait",
+                ))
+            }
+            other => {
+                return Err(create_error(format!(
+                    "the guest is busy ({other:?}): resume it and let it answer first"
+                )))
+            }
+        }
+        let diff = params.snapshot_type == SnapshotType::Diff;
+        if diff && !microvm.vm.dirty_logging() {
+            return Err(create_error(
+                "a Diff snapshot needs dirty-page tracking: set track_dirty_pages in machine-config (or in the snapshot load request)",
+            ));
+        }
+        if diff && microvm.layers.is_empty() {
+            return Err(create_error(
+                "a Diff snapshot needs a parent: take a Full snapshot of this VM first (or restore one)",
+            ));
+        }
+        let snapshot_path = absolute(&params.snapshot_path).map_err(create_error)?;
+        let mem_path = absolute(&params.mem_file_path).map_err(create_error)?;
+        let id = random_id().map_err(|e| create_error(format!("no entropy for an id: {e}")))?;
+
+        // vCPU state first: each thread completes its pending `out`.
+        let mut vcpus = Vec::with_capacity(microvm.vcpus.len());
+        for vcpu in &microvm.vcpus {
+            let (reply, answer) = channel();
+            vcpu.send(VcpuCommand::Save {
+                msrs: microvm.msr_list.clone(),
+                reply,
+            });
+            let state = answer
+                .recv_timeout(VCPU_STATE_TIMEOUT)
+                .map_err(|_| create_error(format!("vCPU {} did not save its state", vcpu.index)))?
+                .map_err(|e| create_error(format!("vCPU {}: {e}", vcpu.index)))?;
+            vcpus.push(*state);
+        }
+        let vm = microvm.vm.save_state().map_err(create_error)?;
+        let devices = DevicesState {
+            serial: crate::devices::lock(&microvm.devices.serial).save(),
+            i8042: crate::devices::lock(&microvm.devices.i8042).save(),
+            mailbox: microvm.mailbox.as_ref().map(Persist::save),
+        };
+
+        // Memory: what changed since the last snapshot (the guest's writes
+        // from KVM's log, the VMM's from the bitmap), read and cleared now.
+        let host = microvm.host_memory();
+        let bitmap = microvm.vmm_writes();
+        let mut dirty = microvm.vm.take_dirty_log().map_err(create_error)?;
+        let vmm_writes = bitmap.get_and_reset();
+        dirty.resize(dirty.len().max(vmm_writes.len()), 0);
+        for (d, v) in dirty.iter_mut().zip(vmm_writes) {
+            *d |= v;
+        }
+        let written = if diff {
+            let runs = dirty_runs(&dirty, host.len / memory::PAGE);
+            memory::write_diff(host, &runs, &mem_path, &id).map(|stats| (stats, Some(runs)))
+        } else {
+            memory::write_full(host, microvm.backing, &mem_path, &id).map(|stats| (stats, None))
+        };
+        let (stats, runs) = match written {
+            Ok(done) => done,
+            Err(e) => {
+                // Not lost: the next Diff still sees these pages.
+                for (word_index, word) in dirty.iter().enumerate() {
+                    for bit in 0..64 {
+                        if word & (1 << bit) != 0 {
+                            bitmap.set_bit(word_index * 64 + bit);
+                        }
+                    }
+                }
+                return Err(create_error(e));
+            }
+        };
+        let this_layer = MemoryLayer {
+            path: mem_path,
+            id,
+            file_len: stats.file_len,
+            runs,
+        };
+        let mut layers = if diff {
+            microvm.layers.clone()
+        } else {
+            Vec::new()
+        };
+        layers.push(this_layer);
+
+        let state = MicrovmState {
+            vmm_version: crate::VMM_VERSION.to_string(),
+            id,
+            snapshot_type: params.snapshot_type,
+            vcpu_count: microvm.vcpus.len() as u8,
+            mem_size_mib: self.resources.machine_config.mem_size_mib,
+            host_cpuid: microvm.supported_cpuid.as_slice().to_vec(),
+            memory: layers,
+            vm,
+            vcpus,
+            devices,
+            guest: GuestSessionState {
+                next_seq: self.next_seq,
+                function_timeout_ms: self.function_timeout_ms,
+                guest_info: self.guest_info.map(|info| info.encode().to_vec()),
+                generation: self.generation,
+                requests: self.requests,
+            },
+        };
+        let bytes = state.encode().map_err(create_error)?;
+        crate::snapshot::write_file_atomic(&snapshot_path, &bytes).map_err(create_error)?;
+        let restore_runs = state.restore_runs();
+        let layer_count = state.memory.len();
+        if let Some(microvm) = &mut self.microvm {
+            microvm.layers = state.memory;
+        }
+        self.snapshots_created += 1;
+        let created = SnapshotCreated {
+            snapshot_type: match params.snapshot_type {
+                SnapshotType::Full => "Full",
+                SnapshotType::Diff => "Diff",
+            },
+            duration_us: micros(started),
+            memory_pages: stats.pages,
+            memory_runs: stats.runs,
+            memory_file_bytes: stats.file_len,
+            state_bytes: bytes.len() as u64,
+            layers: layer_count,
+            restore_runs,
+        };
+        log::info!("snapshot created: {created:?}");
+        Ok(VmmData::SnapshotCreated(created))
+    }
+
+    /// `PUT /snapshot/load`.
+    pub(super) fn load_snapshot(&mut self, params: &LoadSnapshotParams) -> VmmResponse {
+        let started = Instant::now();
+        if self.state != InstanceState::NotStarted || (self.microvm.is_some() && !self.prepared) {
+            return Err(load_error(
+                "this ember-vmm already runs a microVM: a snapshot loads into a fresh process (or one started with --prepare)",
+            ));
+        }
+        let top_path = params.memory_path().map_err(load_error)?;
+        let state = MicrovmState::read(&params.snapshot_path).map_err(load_error)?;
+        let tracking = params.dirty_tracking();
+        if self.microvm.is_none() {
+            // Not prepared: build the VM to the snapshot's shape now. If a
+            // later check fails, this process stays prepared for it.
+            self.build_for_restore(state.vcpu_count, state.mem_size_mib, tracking)?;
+        }
+        let Some(microvm) = &mut self.microvm else {
+            return Err(VmmActionError::Internal("no VM after building one".into()));
+        };
+        let machine = &self.resources.machine_config;
+        if usize::from(state.vcpu_count) != microvm.vcpus.len()
+            || state.mem_size_mib != machine.mem_size_mib
+        {
+            return Err(load_error(format!(
+                "the snapshot is of a VM with {} vCPU(s) and {} MiB; this ember-vmm was prepared for {} vCPU(s) and {} MiB",
+                state.vcpu_count,
+                state.mem_size_mib,
+                microvm.vcpus.len(),
+                machine.mem_size_mib
+            )));
+        }
+        match (&state.devices.mailbox, &microvm.mailbox) {
+            (Some(saved), Some(here)) if saved.gpa == here.gpa() && saved.size == here.layout().size => {}
+            (None, None) => {}
+            _ => {
+                return Err(load_error(
+                    "the snapshot's mailbox differs from this ember-vmm's (--no-mailbox on one side only?)",
+                ))
+            }
+        }
+        crate::arch::x86_64::cpuid::check_compatible(&state.host_cpuid, &microvm.supported_cpuid)
+            .map_err(load_error)?;
+        let host = microvm.host_memory();
+        let layers =
+            check_layers(&state.memory, top_path.as_deref(), host.len).map_err(load_error)?;
+
+        // Checked: from here on, a failure leaves a VM half restored, and
+        // the process ends after answering.
+        let result = (|| -> Result<_, String> {
+            let runs = map_layers(host, &layers).map_err(|e| e.to_string())?;
+            drop(layers);
+            microvm
+                .vm
+                .set_dirty_logging(tracking)
+                .map_err(|e| e.to_string())?;
+            let _ = microvm.vm.take_dirty_log();
+            microvm.vmm_writes().reset();
+            microvm
+                .vm
+                .restore_state(&state.vm)
+                .map_err(|e| e.to_string())?;
+            Ok(runs)
+        })();
+        let runs = match result {
+            Ok(runs) => runs,
+            Err(e) => return Err(self.restore_failed(e)),
+        };
+        let paused = !params.resume_vm;
+        let mut replies = Vec::with_capacity(state.vcpus.len());
+        let mut vcpu_states = state.vcpus.into_iter();
+        if let Some(microvm) = &self.microvm {
+            for vcpu in &microvm.vcpus {
+                let Some(vcpu_state) = vcpu_states.next() else {
+                    break;
+                };
+                let (reply, answer) = channel();
+                vcpu.send(VcpuCommand::Restore {
+                    state: Box::new(vcpu_state),
+                    paused,
+                    reply,
+                });
+                replies.push((vcpu.index, answer));
+            }
+        }
+        // Devices while the vCPU threads set their state.
+        if let Err(e) = self.restore_devices(&state.devices) {
+            return Err(self.restore_failed(e));
+        }
+        for (index, answer) in replies {
+            match answer.recv_timeout(VCPU_STATE_TIMEOUT) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(self.restore_failed(format!("vCPU {index}: {e}"))),
+                Err(_) => {
+                    return Err(self.restore_failed(format!("vCPU {index} did not set its state")))
+                }
+            }
+        }
+        // The guest's session, and what it needs to know it was restored.
+        let session = state.guest;
+        self.generation = session.generation + 1;
+        let mut entropy = [0u8; RESTORE_ENTROPY_BYTES];
+        if let Err(e) = getrandom_into(&mut entropy) {
+            return Err(self.restore_failed(format!("no entropy for the guest: {e}")));
+        }
+        let realtime_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let block = self
+            .microvm
+            .as_ref()
+            .and_then(|m| m.mailbox.as_ref())
+            .map(|mailbox| mailbox.write_restore_block(self.generation, realtime_ns, &entropy));
+        if let Some(Err(e)) = block {
+            return Err(self.restore_failed(format!("cannot write the restore block: {e}")));
+        }
+        self.next_seq = session.next_seq;
+        self.function_timeout_ms = session.function_timeout_ms;
+        self.requests = session.requests;
+        self.guest_info = session.guest_info.as_deref().and_then(GuestInfo::decode);
+
+        // The working set: populate it if recorded, else record it.
+        let ws_path = working_set_path(&params.snapshot_path);
+        let mut loaded = SnapshotLoaded {
+            restore_us: 0,
+            since_process_start_us: 0,
+            prepared: self.prepared,
+            memory_runs: runs,
+            working_set: "off",
+            prefetched_read_pages: 0,
+            prefetched_write_pages: 0,
+            prefetch_us: 0,
+            generation: self.generation,
+        };
+        if params.ember_prefetch {
+            match read_working_set(&ws_path, &state.id) {
+                Some(set) => {
+                    let prefetch_started = Instant::now();
+                    let (read, write) = set.prefetch(host);
+                    loaded.working_set = "prefetched";
+                    loaded.prefetched_read_pages = read;
+                    loaded.prefetched_write_pages = write;
+                    loaded.prefetch_us = micros(prefetch_started);
+                }
+                None => {
+                    loaded.working_set = "recording";
+                    self.working_set = Some(WorkingSetRecording {
+                        path: ws_path,
+                        snapshot_id: state.id,
+                        due: false,
+                    });
+                }
+            }
+        }
+        let mut memory_layers = state.memory;
+        if let (Some(top), Some(last)) = (top_path, memory_layers.last_mut()) {
+            last.path = absolute(&top).unwrap_or(top);
+        }
+        if let Some(microvm) = &mut self.microvm {
+            microvm.layers = memory_layers;
+            microvm.backing = Backing::Files;
+        }
+        let now = Instant::now();
+        self.started_at = Some(started);
+        self.ready_at = Some(now);
+        self.guest = GuestState::Idle;
+        self.state = if paused {
+            InstanceState::Paused
+        } else {
+            InstanceState::Running
+        };
+        self.prepared = false;
+        loaded.restore_us = micros(started);
+        loaded.since_process_start_us = (now - self.process_start).as_micros() as u64;
+        log::info!("snapshot loaded: {loaded:?}");
+        Ok(VmmData::SnapshotLoaded(loaded))
+    }
+
+    /// Serial, i8042 and mailbox from their saved states.
+    fn restore_devices(&mut self, devices: &DevicesState) -> Result<(), String> {
+        let Some(microvm) = &mut self.microvm else {
+            return Err("no VM".into());
+        };
+        let console = self
+            .console
+            .try_clone()
+            .map(ConsoleOutput::new)
+            .map_err(|e| format!("cannot reopen the console: {e}"))?;
+        let irq = microvm
+            .serial_irq
+            .try_clone()
+            .map_err(|e| format!("cannot share the serial interrupt: {e}"))?;
+        let serial = SerialDevice::restore((EventFdTrigger(irq), console), &devices.serial)
+            .map_err(|e| e.to_string())?;
+        *crate::devices::lock(&microvm.devices.serial) = serial;
+        let reset = self
+            .reset_evt
+            .try_clone()
+            .map_err(|e| format!("cannot share the reset line: {e}"))?;
+        let Ok(i8042) =
+            <crate::devices::legacy::i8042::I8042 as Persist>::restore(reset, &devices.i8042);
+        *crate::devices::lock(&microvm.devices.i8042) = i8042;
+        if let Some(saved) = &devices.mailbox {
+            microvm.mailbox =
+                Some(Mailbox::restore(microvm.mem.clone(), saved).map_err(|e| e.to_string())?);
+        }
+        Ok(())
+    }
+
+    /// A restore failed after it began to change the VM: answer, then exit.
+    fn restore_failed(&mut self, what: String) -> VmmActionError {
+        log::error!("restore failed after guest state was changed: {what}");
+        self.guest = GuestState::Stopped(format!("restore failed: {what}"));
+        self.exit_code.get_or_insert(ExitCode::GenericError);
+        VmmActionError::RestoreFailed(what)
+    }
+
+    /// After the first invocation of a restored VM: records which pages it
+    /// touched, beside the snapshot.
+    pub(super) fn record_working_set(&mut self) {
+        if !self.working_set.as_ref().is_some_and(|r| r.due) {
+            return;
+        }
+        let (Some(recording), Some(microvm)) = (self.working_set.take(), &self.microvm) else {
+            return;
+        };
+        let started = Instant::now();
+        let set = match WorkingSet::record(microvm.host_memory(), recording.snapshot_id) {
+            Ok(set) => set,
+            Err(e) => return log::warn!("cannot record the working set: {e}"),
+        };
+        let (read, written) = set.counts();
+        let saved = crate::snapshot::encode(WORKING_SET_MAGIC, &set)
+            .and_then(|bytes| crate::snapshot::write_file_atomic(&recording.path, &bytes));
+        match saved {
+            Ok(()) => log::info!(
+                "working set recorded in {}: {read} pages read, {written} written ({} us)",
+                recording.path.display(),
+                started.elapsed().as_micros()
+            ),
+            Err(e) => log::warn!("cannot save the working set: {e}"),
+        }
+    }
+}
+
+/// The working set beside a snapshot, if there is one for this snapshot.
+fn read_working_set(path: &Path, id: &SnapshotId) -> Option<WorkingSet> {
+    let bytes = crate::snapshot::read_file(path, "working-set file").ok()?;
+    match crate::snapshot::decode::<WorkingSet>(WORKING_SET_MAGIC, "working-set file", path, &bytes)
+    {
+        Ok(set) if &set.snapshot_id == id => Some(set),
+        Ok(_) => {
+            log::info!(
+                "{} is from another snapshot; recording anew",
+                path.display()
+            );
+            None
+        }
+        Err(e) => {
+            log::warn!("ignoring the working set: {e}");
+            None
+        }
+    }
+}
