@@ -217,6 +217,8 @@ pub struct Vmm {
     pause_when_idle: bool,
     /// Built by `--prepare`, waiting for a snapshot load.
     prepared: bool,
+    /// Restored paused: the guest learns of the restore when resumed.
+    restore_block_due: bool,
 }
 
 /// Errors setting up the VMM thread.
@@ -286,6 +288,7 @@ impl Vmm {
             working_set: None,
             pause_when_idle: false,
             prepared: false,
+            restore_block_due: false,
         })
     }
 
@@ -943,10 +946,7 @@ impl Vmm {
     }
 
     fn begin_transition(&mut self, target: InstanceState) -> Option<VmmResponse> {
-        let Some(microvm) = &self.microvm else {
-            return Some(Err(VmmActionError::NotRunning(self.state.name())));
-        };
-        if self.state == InstanceState::NotStarted {
+        if self.state == InstanceState::NotStarted || self.microvm.is_none() {
             return Some(Err(VmmActionError::NotRunning(self.state.name())));
         }
         if self.transition.is_some() || self.pause_when_idle {
@@ -966,6 +966,14 @@ impl Vmm {
             self.pause_when_idle = true;
             return None;
         }
+        if target == InstanceState::Running {
+            if let Err(e) = self.write_restore_block() {
+                return Some(Err(VmmActionError::Internal(e)));
+            }
+        }
+        let Some(microvm) = &self.microvm else {
+            return Some(Err(VmmActionError::NotRunning(self.state.name())));
+        };
         for vcpu in &microvm.vcpus {
             vcpu.send(if target == InstanceState::Paused {
                 VcpuCommand::Pause

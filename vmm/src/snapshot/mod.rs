@@ -107,6 +107,17 @@ pub enum SnapshotFileError {
         /// [`FORMAT_MINOR`].
         reads_minor: u16,
     },
+    /// {path} is {len} bytes, larger than any {what} can be ({limit}): the wrong file?
+    FileTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// The largest valid file.
+        limit: u64,
+        /// What kind of file.
+        what: &'static str,
+    },
     /// {path} declares a payload of {declared} bytes, over the limit of {limit} (corrupt?)
     TooLarge {
         /// The file.
@@ -252,10 +263,11 @@ pub fn read_file(path: &Path, what: &'static str) -> Result<Vec<u8>, SnapshotFil
     }
     let max = (HEADER_LEN + CHECKSUM_LEN) as u64 + MAX_PAYLOAD;
     if meta.len() > max {
-        return Err(SnapshotFileError::TooLarge {
+        return Err(SnapshotFileError::FileTooLarge {
             path: path.to_path_buf(),
-            declared: meta.len(),
+            len: meta.len(),
             limit: max,
+            what,
         });
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);

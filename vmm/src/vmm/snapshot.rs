@@ -383,20 +383,13 @@ impl Vmm {
         // The guest's session, and what it needs to know it was restored.
         let session = state.guest;
         self.generation = session.generation + 1;
-        let mut entropy = [0u8; RESTORE_ENTROPY_BYTES];
-        if let Err(e) = getrandom_into(&mut entropy) {
-            return Err(self.restore_failed(format!("no entropy for the guest: {e}")));
-        }
-        let realtime_ns = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let block = self
-            .microvm
-            .as_ref()
-            .and_then(|m| m.mailbox.as_ref())
-            .map(|mailbox| mailbox.write_restore_block(self.generation, realtime_ns, &entropy));
-        if let Some(Err(e)) = block {
-            return Err(self.restore_failed(format!("cannot write the restore block: {e}")));
+        // Written when the vCPUs first run, so that a VM restored paused
+        // (and perhaps snapshotted again) still has the snapshot's memory.
+        self.restore_block_due = true;
+        if params.resume_vm {
+            if let Err(e) = self.write_restore_block() {
+                return Err(self.restore_failed(e));
+            }
         }
         self.next_seq = session.next_seq;
         self.function_timeout_ms = session.function_timeout_ms;
@@ -458,6 +451,25 @@ impl Vmm {
         loaded.since_process_start_us = (now - self.process_start).as_micros() as u64;
         log::info!("snapshot loaded: {loaded:?}");
         Ok(VmmData::SnapshotLoaded(loaded))
+    }
+
+    /// Tells a restored guest so in its mailbox: a new generation, the
+    /// wall-clock time and fresh entropy. Before its vCPUs first run.
+    pub(super) fn write_restore_block(&mut self) -> Result<(), String> {
+        if !std::mem::take(&mut self.restore_block_due) {
+            return Ok(());
+        }
+        let mut entropy = [0u8; RESTORE_ENTROPY_BYTES];
+        getrandom_into(&mut entropy).map_err(|e| format!("no entropy for the guest: {e}"))?;
+        let realtime_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        match self.microvm.as_ref().and_then(|m| m.mailbox.as_ref()) {
+            Some(mailbox) => mailbox
+                .write_restore_block(self.generation, realtime_ns, &entropy)
+                .map_err(|e| format!("cannot write the restore block: {e}")),
+            None => Ok(()),
+        }
     }
 
     /// Serial, i8042 and mailbox from their saved states.
