@@ -191,17 +191,27 @@ fn msr_list(kvm: &kvm_ioctls::Kvm) -> Vec<u32> {
     list
 }
 
+/// What a skeleton is built to, besides its memory.
+struct Shape {
+    vcpu_count: u8,
+    track_dirty_pages: bool,
+    mailbox_port: Option<u16>,
+}
+
 /// VM (memory registered before the irqchip), vCPU fds, devices.
 fn build_skeleton(
     kvm: &kvm_ioctls::Kvm,
     vm_fd: kvm_ioctls::VmFd,
     mem: &GuestMemoryMmap,
-    vcpu_count: u8,
-    track_dirty_pages: bool,
+    shape: Shape,
     console: ConsoleOutput,
     reset_evt: &EventFd,
-    mailbox_port: Option<u16>,
 ) -> Result<Skeleton, StartMicrovmError> {
+    let Shape {
+        vcpu_count,
+        track_dirty_pages,
+        mailbox_port,
+    } = shape;
     let vm = Vm::new(vm_fd, mem, track_dirty_pages)?;
     let vcpu_fds = (0..vcpu_count)
         .map(|index| vm.create_vcpu(index))
@@ -251,17 +261,12 @@ pub fn build_microvm_for_restore(
     let mem_size = (mem_size_mib as u64) << 20;
     let mem = create_guest_memory(mem_size as usize)?;
     let (kvm, vm_fd, supported_cpuid) = kvm.into_parts()?;
-    let port = options.mailbox.then_some(DEFAULT_DOORBELL_PORT);
-    let skeleton = build_skeleton(
-        &kvm,
-        vm_fd,
-        &mem,
+    let shape = Shape {
         vcpu_count,
         track_dirty_pages,
-        console,
-        reset_evt,
-        port,
-    )?;
+        mailbox_port: options.mailbox.then_some(DEFAULT_DOORBELL_PORT),
+    };
+    let skeleton = build_skeleton(&kvm, vm_fd, &mem, shape, console, reset_evt)?;
     let mailbox = if options.mailbox {
         Some(Mailbox::new(
             mem.clone(),
@@ -349,17 +354,12 @@ pub fn build_microvm_for_boot(
             })
             .map_err(StartMicrovmError::LoaderThread)?;
         let (kvm, vm_fd, supported_cpuid) = kvm.into_parts()?;
-        let port = options.mailbox.then_some(DEFAULT_DOORBELL_PORT);
-        let skeleton = build_skeleton(
-            &kvm,
-            vm_fd,
-            &mem,
-            machine.vcpu_count,
-            machine.track_dirty_pages,
-            console,
-            reset_evt,
-            port,
-        )?;
+        let shape = Shape {
+            vcpu_count: machine.vcpu_count,
+            track_dirty_pages: machine.track_dirty_pages,
+            mailbox_port: options.mailbox.then_some(DEFAULT_DOORBELL_PORT),
+        };
+        let skeleton = build_skeleton(&kvm, vm_fd, &mem, shape, console, reset_evt)?;
         let Skeleton {
             vm,
             vcpu_fds,

@@ -1,0 +1,541 @@
+//! Snapshots end to end: real guests paused, written to files, and restored
+//! into fresh ember-vmm processes (prepared with `--prepare` or not). Without
+//! /dev/kvm every test is reported as ignored, never passed.
+
+use std::path::{Path, PathBuf};
+
+use ember_integration::*;
+use ember_vmm::api::client::ApiClient;
+use ember_vmm::api::parsed_request::FUNCTION_ERROR_HEADER;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+fn main() {
+    let tests: Vec<Test> = vec![
+        ("counter_state_continues_after_restore", counter_continues),
+        (
+            "diff_after_a_module_load_restores_byte_identical_to_a_full",
+            diff_equals_full,
+        ),
+        (
+            "snapshot_taken_in_the_doorbell_exit_resumes_and_answers",
+            doorbell_snapshot,
+        ),
+        (
+            "twenty_restores_get_different_random_bytes_and_the_right_time",
+            twenty_restores,
+        ),
+        (
+            "corrupt_and_mismatched_snapshots_fail_each_with_its_own_error",
+            corrupt_snapshots,
+        ),
+        (
+            "snapshot_with_an_invocation_in_flight_waits_for_it",
+            in_flight,
+        ),
+        ("working_set_is_recorded_then_prefetched", working_set),
+        ("diff_needs_tracking_and_a_parent", diff_refusals),
+    ];
+    run_kvm_tests(tests);
+}
+
+/// Guest memory of every VM here, MiB.
+const MEM_MIB: usize = 128;
+
+fn example(name: &str) -> Result<PathBuf, String> {
+    let path = examples_dir()?.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("example {} is missing", path.display()))
+    }
+}
+
+/// Boots a 1-vCPU VM (logging dirty pages when `track`).
+fn boot_vm(track: bool) -> Result<(VmmProcess, ApiClient), String> {
+    let vmm = VmmProcess::start(Launch {
+        api: true,
+        ..Launch::default()
+    })?;
+    let mut client = vmm.client();
+    expect_status(
+        client.put_json("/boot-source", &boot_source(&guest_image()?)),
+        204,
+        "PUT /boot-source",
+    )?;
+    let mut machine = machine_config(1, MEM_MIB);
+    machine["track_dirty_pages"] = json!(track);
+    expect_status(
+        client.put_json("/machine-config", &machine),
+        204,
+        "PUT /machine-config",
+    )?;
+    expect_status(action(&mut client, "InstanceStart"), 204, "InstanceStart")?;
+    vmm.wait_ready()?;
+    Ok((vmm, client))
+}
+
+fn load(client: &mut ApiClient, module: &Path) -> TestResult {
+    expect_status(
+        client.put_json("/ember/function", &json!({ "module_path": module })),
+        200,
+        "PUT /ember/function",
+    )?;
+    Ok(())
+}
+
+fn invoke_ok(client: &mut ApiClient, event: &[u8]) -> Result<Vec<u8>, String> {
+    let response = expect_status(client.post("/ember/invoke", event), 200, "invoke")?;
+    if let Some(kind) = response.header(FUNCTION_ERROR_HEADER) {
+        return Err(format!(
+            "the invocation failed ({kind}): {}",
+            String::from_utf8_lossy(&response.body)
+        ));
+    }
+    Ok(response.body)
+}
+
+fn same(got: &[u8], want: &[u8]) -> TestResult {
+    check(got == want, || {
+        format!(
+            "got {:?}, want {:?}",
+            String::from_utf8_lossy(got),
+            String::from_utf8_lossy(want)
+        )
+    })
+}
+
+/// A snapshot's two files.
+#[derive(Clone)]
+struct Files {
+    state: PathBuf,
+    mem: PathBuf,
+}
+
+/// Pauses (if running), snapshots into `dir`/`name`.*; returns the files and
+/// the response.
+fn snapshot(
+    client: &mut ApiClient,
+    kind: &str,
+    dir: &Path,
+    name: &str,
+) -> Result<(Files, serde_json::Value), String> {
+    expect_status(set_vm_state(client, "Paused"), 204, "pause")?;
+    let files = Files {
+        state: dir.join(format!("{name}.state")),
+        mem: dir.join(format!("{name}.mem")),
+    };
+    let created = expect_status(
+        client.put_json(
+            "/snapshot/create",
+            &json!({
+                "snapshot_type": kind,
+                "snapshot_path": files.state,
+                "mem_file_path": files.mem,
+            }),
+        ),
+        200,
+        &format!("{kind} snapshot {name}"),
+    )?
+    .json();
+    Ok((files, created))
+}
+
+fn load_body(files: &Files, resume: bool) -> serde_json::Value {
+    json!({
+        "snapshot_path": files.state,
+        "mem_backend": { "backend_type": "File", "backend_path": files.mem },
+        "resume_vm": resume,
+    })
+}
+
+/// A fresh ember-vmm, prepared (`--prepare`) or not.
+fn fresh_vmm(prepared: bool) -> Result<(VmmProcess, ApiClient), String> {
+    let extra_args = if prepared {
+        ["--prepare", "--mem-size-mib", "128", "--vcpus", "1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let vmm = VmmProcess::start(Launch {
+        api: true,
+        extra_args,
+        ..Launch::default()
+    })?;
+    let client = vmm.client();
+    Ok((vmm, client))
+}
+
+/// Restores `files` into a fresh process; returns it and the load response.
+fn restore(
+    files: &Files,
+    prepared: bool,
+    resume: bool,
+) -> Result<(VmmProcess, ApiClient, serde_json::Value), String> {
+    let (vmm, mut client) = fresh_vmm(prepared)?;
+    let loaded = expect_status(
+        client.put_json("/snapshot/load", &load_body(files, resume)),
+        200,
+        "PUT /snapshot/load",
+    )
+    .map_err(|e| format!("{e}\n{}", vmm.transcript()))?
+    .json();
+    Ok((vmm, client, loaded))
+}
+
+/// Boot → counter → 1, 2, 3 → snapshot → restored copies (one prepared,
+/// one not) both go on with 4; each copy has its own state after that.
+fn counter_continues() -> TestResult {
+    let dir = fresh_dir()?;
+    let (mut vmm, mut client) = boot_vm(false)?;
+    load(&mut client, &example("counter.wasm")?)?;
+    for want in ["1\n", "2\n", "3\n"] {
+        same(&invoke_ok(&mut client, b"")?, want.as_bytes())?;
+    }
+    let (files, _) = snapshot(&mut client, "Full", &dir, "counter")?;
+    // The original goes on from where it was.
+    expect_status(set_vm_state(&mut client, "Resumed"), 204, "resume")?;
+    same(&invoke_ok(&mut client, b"")?, b"4\n")?;
+    same(&invoke_ok(&mut client, b"")?, b"5\n")?;
+    shutdown(&mut vmm, &mut client)?;
+
+    let (_a, mut a, loaded) = restore(&files, true, true)?;
+    check(
+        loaded["prepared"] == true && loaded["generation"] == 1,
+        || format!("load answered {loaded}"),
+    )?;
+    let (_b, mut b, loaded) = restore(&files, false, true)?;
+    check(loaded["prepared"] == false, || {
+        format!("load answered {loaded}")
+    })?;
+    same(&invoke_ok(&mut a, b"")?, b"4\n")?;
+    same(&invoke_ok(&mut b, b"")?, b"4\n")?;
+    same(&invoke_ok(&mut a, b"10")?, b"14\n")?;
+    same(&invoke_ok(&mut b, b"")?, b"5\n")?;
+    let status = get_json(&mut a, "/ember/status")?;
+    check(
+        status["generation"] == 1 && status["guest"] == "ready",
+        || format!("status {status}"),
+    )?;
+    Ok(())
+}
+
+/// Base Full → module load → Diff and Full at the same point. Each is
+/// restored paused and written out again as a Full: both hold exactly the
+/// guest memory of the Full taken at that point. The Diff's restore then
+/// runs the function.
+fn diff_equals_full() -> TestResult {
+    let dir = fresh_dir()?;
+    let (_vmm, mut client) = boot_vm(true)?;
+    let (_base, _) = snapshot(&mut client, "Full", &dir, "base")?;
+    expect_status(set_vm_state(&mut client, "Resumed"), 204, "resume")?;
+    load(&mut client, &example("wordcount.wasm")?)?;
+    let (diff, created) = snapshot(&mut client, "Diff", &dir, "diff")?;
+    check(
+        created["layers"] == 2 && created["memory_runs"].as_u64().unwrap_or(0) >= 1,
+        || format!("Diff answered {created}"),
+    )?;
+    let diff_bytes = std::fs::metadata(&diff.mem)
+        .map_err(|e| fail(e.to_string()))?
+        .len();
+    let (full, _) = snapshot(&mut client, "Full", &dir, "full")?;
+    check(diff_bytes < (MEM_MIB as u64) << 20, || {
+        format!("the Diff layer is {diff_bytes} bytes, as big as memory")
+    })?;
+
+    let mem_len = (MEM_MIB as u64) << 20;
+    let read_mem = |path: &Path| -> Result<Vec<u8>, String> {
+        let mut bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        bytes.truncate(mem_len as usize);
+        Ok(bytes)
+    };
+    let want = read_mem(&full.mem)?;
+    for (name, files) in [("diff", &diff), ("full", &full)] {
+        let (_vmm, mut client, _) = restore(files, true, false)?;
+        let (again, _) = snapshot(&mut client, "Full", &dir, &format!("{name}-again"))?;
+        let got = read_mem(&again.mem)?;
+        let differing = got
+            .chunks(4096)
+            .zip(want.chunks(4096))
+            .filter(|(a, b)| a != b)
+            .count();
+        check(differing == 0, || {
+            format!("memory restored from the {name} snapshot differs in {differing} pages")
+        })?;
+    }
+    let (_vmm, mut client, loaded) = restore(&diff, false, true)?;
+    check(loaded["memory_runs"].as_u64().unwrap_or(0) >= 2, || {
+        format!("load answered {loaded}")
+    })?;
+    same(&invoke_ok(&mut client, b"one two three")?, b"0 3 13\n")?;
+    Ok(())
+}
+
+/// An idle guest waits inside its doorbell exit; a snapshot taken there
+/// (the pending `out` completed first) resumes and answers requests, over
+/// and over.
+fn doorbell_snapshot() -> TestResult {
+    let dir = fresh_dir()?;
+    let (_vmm, mut client) = boot_vm(false)?;
+    echo_ok(&mut client, b"before", "echo before the snapshot")?;
+    let (files, _) = snapshot(&mut client, "Full", &dir, "idle")?;
+    let (vmm, mut client, _) = restore(&files, true, true)?;
+    for i in 0..50 {
+        echo_ok(
+            &mut client,
+            format!("after {i}").as_bytes(),
+            "echo after restore",
+        )?;
+    }
+    let status = get_json(&mut client, "/ember/status")?;
+    check(status["protocol_errors"] == 0, || {
+        format!("status {status}\n{}", vmm.transcript())
+    })?;
+    // Paused, then resumed, a restored VM answers too.
+    expect_status(set_vm_state(&mut client, "Paused"), 204, "pause")?;
+    expect_status(set_vm_state(&mut client, "Resumed"), 204, "resume")?;
+    echo_ok(&mut client, b"again", "echo after pause and resume")
+}
+
+/// Writes the wall clock (8 bytes) and 16 random bytes.
+const RANDOM_CLOCK: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "clock_time_get"
+    (func $clock (param i32 i64 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "random_get"
+    (func $random (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (drop (call $clock (i32.const 0) (i64.const 1000) (i32.const 0)))
+    (drop (call $random (i32.const 8) (i32.const 16)))
+    (i32.store (i32.const 64) (i32.const 0))
+    (i32.store (i32.const 68) (i32.const 24))
+    (drop (call $write (i32.const 1) (i32.const 64) (i32.const 1) (i32.const 72)))))
+"#;
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// 20 restores of one snapshot: each copy's random bytes are its own, and
+/// its wall clock is the host's to within 50 ms.
+fn twenty_restores() -> TestResult {
+    let dir = fresh_dir()?;
+    let module = dir.join("random_clock.wasm");
+    let wasm = wat::parse_str(RANDOM_CLOCK).map_err(|e| fail(e.to_string()))?;
+    std::fs::write(&module, wasm).map_err(|e| fail(e.to_string()))?;
+    let (_vmm, mut client) = boot_vm(false)?;
+    load(&mut client, &module)?;
+    invoke_ok(&mut client, b"")?;
+    let (files, _) = snapshot(&mut client, "Full", &dir, "random")?;
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..20 {
+        let (_copy, mut copy, _) = restore(&files, i % 2 == 0, true)?;
+        let before = unix_ns();
+        let out = invoke_ok(&mut copy, b"")?;
+        let after = unix_ns();
+        check(out.len() == 24, || format!("copy {i} wrote {out:?}"))?;
+        let realtime = u64::from_le_bytes(out[..8].try_into().unwrap());
+        let slack = 50_000_000;
+        check(
+            realtime + slack >= before && realtime <= after + slack,
+            || format!("copy {i}: guest realtime {realtime}, host between {before} and {after}"),
+        )?;
+        check(seen.insert(out[8..].to_vec()), || {
+            format!("copy {i} returned random bytes another copy returned")
+        })?;
+    }
+    Ok(())
+}
+
+/// Truncated, bit-flipped, wrong-version and wrong-size snapshots, and a
+/// snapshot of another shape than the process was prepared for: each is
+/// refused with its own error, and the same process then restores the
+/// good snapshot.
+fn corrupt_snapshots() -> TestResult {
+    let dir = fresh_dir()?;
+    let (_vmm, mut client) = boot_vm(false)?;
+    let (good, _) = snapshot(&mut client, "Full", &dir, "good")?;
+    let state = std::fs::read(&good.state).map_err(|e| fail(e.to_string()))?;
+    let variant = |name: &str, bytes: &[u8]| -> Result<Files, String> {
+        let path = dir.join(format!("{name}.state"));
+        std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
+        Ok(Files {
+            state: path,
+            mem: good.mem.clone(),
+        })
+    };
+    let truncated = variant("truncated", &state[..state.len() / 2])?;
+    let mut flipped_bytes = state.clone();
+    flipped_bytes[state.len() / 2] ^= 0x04;
+    let flipped = variant("flipped", &flipped_bytes)?;
+    let mut version_bytes = state.clone();
+    version_bytes[8] = 2;
+    let wrong_version = variant("version", &version_bytes)?;
+    let not_a_snapshot = variant("garbage", b"this is not a snapshot state file at all")?;
+    let short_mem = dir.join("short.mem");
+    std::fs::copy(&good.mem, &short_mem).map_err(|e| fail(e.to_string()))?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&short_mem)
+        .map_err(|e| fail(e.to_string()))?;
+    file.set_len(64 << 20).map_err(|e| fail(e.to_string()))?;
+    let wrong_size = Files {
+        state: good.state.clone(),
+        mem: short_mem,
+    };
+
+    let (vmm, mut client) = fresh_vmm(true)?;
+    for (files, text) in [
+        (&truncated, "declares a payload"),
+        (&flipped, "checksum"),
+        (&wrong_version, "format version 2.0"),
+        (&not_a_snapshot, "not an Ember snapshot state file"),
+        (&wrong_size, "the snapshot expects"),
+    ] {
+        expect_fault(
+            client.put_json("/snapshot/load", &load_body(files, true)),
+            text,
+            &format!("load of {}", files.state.display()),
+        )
+        .map_err(|e| format!("{e}\n{}", vmm.transcript()))?;
+    }
+    // Still usable: the good snapshot loads into the same process.
+    expect_status(
+        client.put_json("/snapshot/load", &load_body(&good, true)),
+        200,
+        "load of the good snapshot after the refusals",
+    )?;
+    echo_ok(&mut client, b"fine", "echo after restore")?;
+    // A restored process takes no second snapshot.
+    expect_fault(
+        client.put_json("/snapshot/load", &load_body(&good, true)),
+        "fresh process",
+        "second load",
+    )?;
+
+    // A process prepared for another shape says so.
+    let other = VmmProcess::start(Launch {
+        api: true,
+        extra_args: ["--prepare", "--mem-size-mib", "256", "--vcpus", "1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ..Launch::default()
+    })?;
+    let mut other_client = other.client();
+    expect_fault(
+        other_client.put_json("/snapshot/load", &load_body(&good, true)),
+        "prepared for 1 vCPU(s) and 256 MiB",
+        "load into a process prepared for 256 MiB",
+    )?;
+    Ok(())
+}
+
+/// A snapshot asked for while an invocation runs waits for it (requests
+/// are served in order): the invocation's answer is whole, and the
+/// snapshot restores to a VM that serves.
+fn in_flight() -> TestResult {
+    let dir = fresh_dir()?;
+    let (vmm, mut client) = boot_vm(false)?;
+    load(&mut client, &example("sha256.wasm")?)?;
+    // Not paused: refused, with what to do.
+    expect_fault(
+        client.put_json(
+            "/snapshot/create",
+            &json!({ "snapshot_path": dir.join("x.state"), "mem_file_path": dir.join("x.mem") }),
+        ),
+        "not paused",
+        "snapshot of a running VM",
+    )?;
+    let event = vec![b'e'; 4 << 20];
+    let want = format!("{:x}\n", Sha256::digest(&event));
+    let mut runner = vmm.client();
+    let worker = std::thread::spawn(move || invoke_ok(&mut runner, &event));
+    // Give the invocation time to be delivered (it runs for ~0.3 s).
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let (files, _) = snapshot(&mut client, "Full", &dir, "inflight")?;
+    let result = worker
+        .join()
+        .map_err(|_| fail("the invoking thread panicked"))??;
+    same(&result, want.as_bytes())?;
+    let (_copy, mut copy, _) = restore(&files, true, true)?;
+    same(
+        &invoke_ok(&mut copy, b"abc")?,
+        format!("{:x}\n", Sha256::digest(b"abc")).as_bytes(),
+    )
+}
+
+/// The first restore records the pages the first invocation touched
+/// beside the snapshot; later restores populate them and still answer.
+fn working_set() -> TestResult {
+    let dir = fresh_dir()?;
+    let (_vmm, mut client) = boot_vm(false)?;
+    load(&mut client, &example("echo.wasm")?)?;
+    let (files, _) = snapshot(&mut client, "Full", &dir, "ws")?;
+    let ws = PathBuf::from(format!("{}.ws", files.state.display()));
+
+    let (vmm, mut first, loaded) = restore(&files, true, true)?;
+    check(loaded["working_set"] == "recording", || {
+        format!("load answered {loaded}")
+    })?;
+    same(&invoke_ok(&mut first, b"hello")?, b"hello")?;
+    // Recorded after the answer went out: wait for the log line.
+    check(vmm.log.wait_for("working set recorded", PATIENCE), || {
+        format!("no working set recorded\n{}", vmm.transcript())
+    })?;
+    check(ws.is_file(), || format!("{} was not written", ws.display()))?;
+
+    let (_vmm, mut second, loaded) = restore(&files, true, true)?;
+    check(
+        loaded["working_set"] == "prefetched"
+            && loaded["prefetched_read_pages"].as_u64().unwrap_or(0) > 0
+            && loaded["prefetched_write_pages"].as_u64().unwrap_or(0) > 0,
+        || format!("load answered {loaded}"),
+    )?;
+    same(&invoke_ok(&mut second, b"again")?, b"again")?;
+
+    // Turned off, it neither populates nor records.
+    let (_vmm, mut third) = fresh_vmm(true)?;
+    let mut body = load_body(&files, true);
+    body["ember_prefetch"] = json!(false);
+    let loaded = expect_status(third.put_json("/snapshot/load", &body), 200, "load")?.json();
+    check(loaded["working_set"] == "off", || {
+        format!("load answered {loaded}")
+    })?;
+    same(&invoke_ok(&mut third, b"x")?, b"x")
+}
+
+/// A Diff needs dirty-page tracking and a parent snapshot; each refusal
+/// says which.
+fn diff_refusals() -> TestResult {
+    let dir = fresh_dir()?;
+    let (_vmm, mut client) = boot_vm(false)?;
+    expect_status(set_vm_state(&mut client, "Paused"), 204, "pause")?;
+    expect_fault(
+        client.put_json(
+            "/snapshot/create",
+            &json!({ "snapshot_type": "Diff", "snapshot_path": dir.join("a.state"), "mem_file_path": dir.join("a.mem") }),
+        ),
+        "dirty-page tracking",
+        "Diff without tracking",
+    )?;
+    let (_vmm, mut client) = boot_vm(true)?;
+    expect_status(set_vm_state(&mut client, "Paused"), 204, "pause")?;
+    expect_fault(
+        client.put_json(
+            "/snapshot/create",
+            &json!({ "snapshot_type": "Diff", "snapshot_path": dir.join("b.state"), "mem_file_path": dir.join("b.mem") }),
+        ),
+        "needs a parent",
+        "Diff without a parent",
+    )?;
+    Ok(())
+}
