@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 /// The thread kinds src/seccomp.rs expects, one filter each.
-const THREAD_KINDS: [&str; 2] = ["vmm", "vcpu"];
+const THREAD_KINDS: [&str; 3] = ["vmm", "vcpu", "prefetch"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));

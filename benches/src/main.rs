@@ -8,6 +8,7 @@
 mod functions;
 mod launch;
 mod procfs;
+mod restore;
 mod stats;
 
 use std::path::PathBuf;
@@ -96,6 +97,23 @@ enum Bench {
     /// The ring-0 instructions of the guest's boot path, counted by
     /// single-stepping (deterministic: one boot suffices).
     Ring0,
+    /// Snapshot create and restore: create times, file sizes, restore
+    /// latency (prepared and from process start), restore → first response
+    /// with and without prefetch, PSS with many copies, restores/s.
+    Restore {
+        /// Samples per restore figure.
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 128)]
+        mem_mib: usize,
+        /// Live copies to measure PSS with (repeatable).
+        #[arg(long = "copies", default_values = ["1", "10", "50"])]
+        copies: Vec<usize>,
+        /// A Firecracker binary to drive with the same guest and calls.
+        #[arg(long, value_name = "PATH")]
+        firecracker: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -136,6 +154,20 @@ fn main() {
                 functions::bench_sha256(&binaries, runs, bytes, args.pin)
             }
             Bench::Ring0 => bench_ring0(&binaries),
+            Bench::Restore {
+                runs,
+                mem_mib,
+                ref copies,
+                ref firecracker,
+            } => restore::bench_restore(
+                &binaries,
+                &restore::Options {
+                    runs,
+                    mem_mib,
+                    copies: copies.clone(),
+                    firecracker: firecracker.clone(),
+                },
+            ),
         });
     let mut report = match result {
         Ok(report) => report,

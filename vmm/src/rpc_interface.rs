@@ -138,13 +138,16 @@ pub struct SnapshotLoaded {
     pub prepared: bool,
     /// Memory mappings made.
     pub memory_runs: usize,
-    /// "prefetched", "recording" (on the first invocation), or "off".
+    /// "prefetching" (on a helper thread), "prefetched" (before the
+    /// answer, with `ember_prefetch_sync`), "recording" (on the first
+    /// invocation), or "off".
     pub working_set: &'static str,
     /// Pages populated for reading, and for writing.
     pub prefetched_read_pages: u64,
     /// Pages populated for writing.
     pub prefetched_write_pages: u64,
-    /// Time spent populating, µs.
+    /// Time spent populating before the answer, µs (0 when a helper
+    /// thread populates).
     pub prefetch_us: u64,
     /// The restore generation given to the guest.
     pub generation: u64,

@@ -24,6 +24,8 @@ pub enum ThreadKind {
     Vmm,
     /// A vCPU thread.
     Vcpu,
+    /// The thread that populates a restored VM's working set.
+    Prefetch,
 }
 
 impl ThreadKind {
@@ -32,6 +34,7 @@ impl ThreadKind {
         match self {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Prefetch => "prefetch",
         }
     }
 
@@ -39,6 +42,9 @@ impl ThreadKind {
         match self {
             ThreadKind::Vmm => include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_vmm.bpf")),
             ThreadKind::Vcpu => include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_vcpu.bpf")),
+            ThreadKind::Prefetch => {
+                include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_prefetch.bpf"))
+            }
         }
     }
 
@@ -176,7 +182,7 @@ mod tests {
 
     #[test]
     fn every_filter_is_embedded_and_well_formed() {
-        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu] {
+        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Prefetch] {
             let bytes = kind.bpf_bytes();
             assert_eq!(
                 bytes.len() % 8,
@@ -292,5 +298,9 @@ mod tests {
     #[test]
     fn filters_differ_per_thread_kind() {
         assert_ne!(ThreadKind::Vmm.bpf_bytes(), ThreadKind::Vcpu.bpf_bytes());
+        assert_ne!(
+            ThreadKind::Vcpu.bpf_bytes(),
+            ThreadKind::Prefetch.bpf_bytes()
+        );
     }
 }

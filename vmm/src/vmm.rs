@@ -219,6 +219,8 @@ pub struct Vmm {
     prepared: bool,
     /// Restored paused: the guest learns of the restore when resumed.
     restore_block_due: bool,
+    /// Populates working sets off the restore path.
+    prefetcher: Option<crate::snapshot::memory::Prefetcher>,
 }
 
 /// Errors setting up the VMM thread.
@@ -289,6 +291,7 @@ impl Vmm {
             pause_when_idle: false,
             prepared: false,
             restore_block_due: false,
+            prefetcher: None,
         })
     }
 

@@ -560,10 +560,11 @@ impl WorkingSet {
         (sum(&self.read), sum(&self.written))
     }
 
-    /// Populates the host mapping: the read set for reading (it stays
-    /// shared with the file), the write set for writing (private copies
-    /// made now rather than in the guest's page faults). Ranges outside
-    /// `mem` are skipped. Returns the pages populated.
+    /// Populates the host mapping: the write set for writing (private
+    /// copies made now rather than in the guest's page faults: the dear
+    /// part, 7–10 µs a page here), then the read set for reading (it stays
+    /// shared with the file). Ranges outside `mem` are skipped. Returns the
+    /// pages populated (read, written).
     pub fn prefetch(&self, mem: HostMemory) -> (u64, u64) {
         const MADV_POPULATE_READ: libc::c_int = 22;
         const MADV_POPULATE_WRITE: libc::c_int = 23;
@@ -591,10 +592,49 @@ impl WorkingSet {
             }
             done
         };
-        (
-            populate(&self.read, MADV_POPULATE_READ),
-            populate(&self.written, MADV_POPULATE_WRITE),
-        )
+        let written = populate(&self.written, MADV_POPULATE_WRITE);
+        (populate(&self.read, MADV_POPULATE_READ), written)
+    }
+}
+
+/// A thread that populates working sets while the VMM thread answers the
+/// load and the guest starts: populating is a page fault per page either
+/// way, but on another CPU it leaves the restore's path. Started before
+/// the VMM thread's seccomp filter, under its own.
+pub struct Prefetcher {
+    tx: std::sync::mpsc::Sender<(HostMemory, WorkingSet)>,
+}
+
+impl Prefetcher {
+    /// Starts the thread (it installs the `prefetch` filter unless
+    /// `seccomp` is false).
+    pub fn start(seccomp: bool) -> std::io::Result<Prefetcher> {
+        let (tx, rx) = std::sync::mpsc::channel::<(HostMemory, WorkingSet)>();
+        std::thread::Builder::new()
+            .name("ember_prefetch".into())
+            .spawn(move || {
+                if let Err(e) =
+                    crate::seccomp::apply(crate::seccomp::ThreadKind::Prefetch, "prefetch", seccomp)
+                {
+                    log::error!("the prefetch thread runs without work: {e}");
+                    return;
+                }
+                while let Ok((mem, set)) = rx.recv() {
+                    let started = std::time::Instant::now();
+                    let (read, written) = set.prefetch(mem);
+                    log::info!(
+                        "working set populated: {read} pages for reading, {written} for writing, in {} us",
+                        started.elapsed().as_micros()
+                    );
+                }
+            })?;
+        Ok(Prefetcher { tx })
+    }
+
+    /// Populates `set` in `mem` on the thread. `mem` must stay mapped for
+    /// the life of the process (guest memory does).
+    pub fn submit(&self, mem: HostMemory, set: WorkingSet) -> bool {
+        self.tx.send((mem, set)).is_ok()
     }
 }
 

@@ -115,6 +115,12 @@ impl Vmm {
             seccomp: self.options.seccomp,
             count_ring0: false,
         };
+        // Before the VMM thread's filter, which allows no new threads.
+        if self.prefetcher.is_none() {
+            self.prefetcher = Some(memory::Prefetcher::start(self.options.seccomp).map_err(
+                |e| VmmActionError::Internal(format!("cannot start the prefetch thread: {e}")),
+            )?);
+        }
         let microvm = build_microvm_for_restore(
             vcpu_count,
             mem_size_mib,
@@ -412,12 +418,24 @@ impl Vmm {
         if params.ember_prefetch {
             match read_working_set(&ws_path, &state.id) {
                 Some(set) => {
-                    let prefetch_started = Instant::now();
-                    let (read, write) = set.prefetch(host);
-                    loaded.working_set = "prefetched";
+                    let (read, write) = set.counts();
                     loaded.prefetched_read_pages = read;
                     loaded.prefetched_write_pages = write;
-                    loaded.prefetch_us = micros(prefetch_started);
+                    let helper = self
+                        .prefetcher
+                        .as_ref()
+                        .filter(|_| !params.ember_prefetch_sync);
+                    match helper {
+                        Some(prefetcher) if prefetcher.submit(host, set.clone()) => {
+                            loaded.working_set = "prefetching";
+                        }
+                        _ => {
+                            let prefetch_started = Instant::now();
+                            set.prefetch(host);
+                            loaded.prefetch_us = micros(prefetch_started);
+                            loaded.working_set = "prefetched";
+                        }
+                    }
                 }
                 None => {
                     loaded.working_set = "recording";

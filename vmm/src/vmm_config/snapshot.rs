@@ -56,6 +56,11 @@ pub struct LoadSnapshotParams {
     /// yet (default true).
     #[serde(default = "yes")]
     pub ember_prefetch: bool,
+    /// Populate the working set before answering (for measurements; by
+    /// default a helper thread populates it while the answer goes out and
+    /// the guest starts).
+    #[serde(default)]
+    pub ember_prefetch_sync: bool,
 }
 
 fn yes() -> bool {

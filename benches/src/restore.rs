@@ -1,0 +1,826 @@
+//! `restore`: snapshot create and restore — the performance core.
+//!
+//! Builds its snapshots first (a booted guest's Full, and per function a
+//! Diff layer over it, as emberd's templates are built), then measures:
+//! create times and file sizes; restore latency (load request → resumed)
+//! in a prepared process and from process start; restore → first response
+//! of echo and sha256 with and without working-set prefetch (interleaved,
+//! same run); PSS per VM with many copies of one snapshot alive; restores
+//! per second, one and two at a time. With `--firecracker PATH`, the same
+//! API calls drive Firecracker with the same guest image, side by side.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ember_vmm::api::client::ApiClient;
+use serde_json::{json, Value};
+
+use crate::launch::{examples_dir, Binaries};
+use crate::stats::{header, Summary};
+
+/// What `ember-bench restore` is asked to do.
+pub struct Options {
+    /// Samples per measurement.
+    pub runs: usize,
+    /// Guest memory, MiB.
+    pub mem_mib: usize,
+    /// Numbers of live copies to measure PSS with.
+    pub copies: Vec<usize>,
+    /// A Firecracker binary to compare with.
+    pub firecracker: Option<PathBuf>,
+}
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A VMM process with its output (stdout and stderr) collected.
+struct Child {
+    child: std::process::Child,
+    pipes: Vec<std::process::ChildStdout>,
+    errs: Vec<std::process::ChildStderr>,
+    output: Vec<u8>,
+    sock: PathBuf,
+    spawned_at: Instant,
+}
+
+impl Child {
+    /// Starts `binary --api-sock <dir>/<name>.sock args...`.
+    fn spawn(binary: &Path, args: &[&str], dir: &Path, name: &str) -> Result<Child, String> {
+        let sock = dir.join(format!("{name}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let spawned_at = Instant::now();
+        let mut child = Command::new(binary)
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        Ok(Child {
+            pipes: vec![child.stdout.take().expect("piped")],
+            errs: vec![child.stderr.take().expect("piped")],
+            child,
+            output: Vec::new(),
+            sock,
+            spawned_at,
+        })
+    }
+
+    /// Waits until the output contains `needle`; returns when it was read.
+    fn wait_for(&mut self, needle: &str) -> Result<Instant, String> {
+        let deadline = Instant::now() + PATIENCE;
+        let mut searched: usize = 0;
+        loop {
+            if find(
+                &self.output[searched.saturating_sub(needle.len())..],
+                needle,
+            )
+            .is_some()
+            {
+                return Ok(Instant::now());
+            }
+            searched = self.output.len();
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "no {needle:?} within {PATIENCE:?}:\n{}",
+                    String::from_utf8_lossy(&self.output)
+                ));
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.pipes[0].as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.errs[0].as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let wait_ms = (deadline - now).as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: `fds` is a valid array of two pollfd for the call.
+            let ret = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait_ms) };
+            if ret < 0 {
+                return Err(format!("poll: {}", std::io::Error::last_os_error()));
+            }
+            let mut chunk = [0u8; 4096];
+            for (i, fd) in fds.iter().enumerate() {
+                if fd.revents == 0 {
+                    continue;
+                }
+                let n = if i == 0 {
+                    self.pipes[0].read(&mut chunk)
+                } else {
+                    self.errs[0].read(&mut chunk)
+                }
+                .map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err(format!(
+                        "the VMM exited before {needle:?}:\n{}",
+                        String::from_utf8_lossy(&self.output)
+                    ));
+                }
+                self.output.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+
+    /// Waits until the API socket accepts a connection (for a VMM that
+    /// does not log when it listens).
+    fn wait_socket(&self) -> Result<ApiClient, String> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(client) = ApiClient::connect(&self.sock) {
+                return Ok(client);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("{} never accepted", self.sock.display()));
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    fn client(&self) -> Result<ApiClient, String> {
+        let client = ApiClient::connect(&self.sock)
+            .map_err(|e| format!("connect {}: {e}", self.sock.display()))?;
+        client
+            .set_timeout(Some(PATIENCE))
+            .map_err(|e| e.to_string())?;
+        Ok(client)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+fn find(haystack: &[u8], needle: &str) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+}
+
+/// Sends a request that must succeed (2xx); returns its JSON (or null) and
+/// the client-side time in µs.
+fn call(
+    client: &mut ApiClient,
+    method: &str,
+    path: &str,
+    body: &Value,
+) -> Result<(Value, f64), String> {
+    let started = Instant::now();
+    let response = match method {
+        "PUT" => client.put_json(path, body),
+        "PATCH" => client.patch_json(path, body),
+        _ => client.get(path),
+    }
+    .map_err(|e| format!("{method} {path}: {e}"))?;
+    let us = started.elapsed().as_secs_f64() * 1e6;
+    if !(200..300).contains(&response.status) {
+        return Err(format!(
+            "{method} {path} answered {}: {}",
+            response.status,
+            String::from_utf8_lossy(&response.body)
+        ));
+    }
+    let value = if response.body.is_empty() {
+        Value::Null
+    } else {
+        response.json()
+    };
+    Ok((value, us))
+}
+
+fn invoke(client: &mut ApiClient, event: &[u8]) -> Result<(Vec<u8>, f64), String> {
+    let started = Instant::now();
+    let response = client
+        .post("/ember/invoke", event)
+        .map_err(|e| e.to_string())?;
+    let us = started.elapsed().as_secs_f64() * 1e6;
+    if response.status != 200
+        || response
+            .header(ember_vmm::api::parsed_request::FUNCTION_ERROR_HEADER)
+            .is_some()
+    {
+        return Err(format!(
+            "invoke answered {}: {}",
+            response.status,
+            String::from_utf8_lossy(&response.body)
+        ));
+    }
+    Ok((response.body, us))
+}
+
+/// A snapshot's files.
+#[derive(Debug, Clone)]
+struct Snapshot {
+    state: PathBuf,
+    mem: PathBuf,
+}
+
+impl Snapshot {
+    fn at(dir: &Path, name: &str) -> Snapshot {
+        Snapshot {
+            state: dir.join(format!("{name}.state")),
+            mem: dir.join(format!("{name}.mem")),
+        }
+    }
+
+    fn create_body(&self, kind: &str) -> Value {
+        json!({ "snapshot_type": kind, "snapshot_path": self.state, "mem_file_path": self.mem })
+    }
+
+    fn load_body(&self, prefetch: bool, track: bool) -> Value {
+        json!({
+            "snapshot_path": self.state,
+            "mem_backend": { "backend_type": "File", "backend_path": self.mem },
+            "resume_vm": true,
+            "track_dirty_pages": track,
+            "ember_prefetch": prefetch,
+        })
+    }
+
+    fn load_body_sync(&self) -> Value {
+        let mut body = self.load_body(true, false);
+        body["ember_prefetch_sync"] = json!(true);
+        body
+    }
+
+    /// Apparent and allocated sizes of the memory and state files.
+    fn sizes(&self) -> Value {
+        use std::os::unix::fs::MetadataExt;
+        let size = |path: &Path| {
+            std::fs::metadata(path).map_or(
+                json!(null),
+                |m| json!({ "apparent_bytes": m.len(), "allocated_bytes": m.blocks() * 512 }),
+            )
+        };
+        json!({ "memory_file": size(&self.mem), "state_file": size(&self.state) })
+    }
+}
+
+/// The bench's working directory and binaries.
+struct Bench<'a> {
+    binaries: &'a Binaries,
+    dir: PathBuf,
+    mem_mib: usize,
+    next: std::sync::atomic::AtomicU32,
+}
+
+impl Bench<'_> {
+    fn name(&self, what: &str) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{what}{n}")
+    }
+
+    /// An ember-vmm prepared for this bench's snapshots, once prepared.
+    fn prepared(&self, track: bool) -> Result<Child, String> {
+        let mem = self.mem_mib.to_string();
+        let mut args = vec![
+            "--prepare",
+            "--mem-size-mib",
+            &mem,
+            "--vcpus",
+            "1",
+            "--log-level",
+            "info",
+        ];
+        if track {
+            args.push("--track-dirty-pages");
+        }
+        let mut child = Child::spawn(&self.binaries.vmm, &args, &self.dir, &self.name("p"))?;
+        child.wait_for("prepared for a restore")?;
+        Ok(child)
+    }
+
+    /// An ember-vmm that is not prepared, once it listens.
+    fn fresh(&self) -> Result<Child, String> {
+        let mut child = Child::spawn(
+            &self.binaries.vmm,
+            &["--log-level", "info"],
+            &self.dir,
+            &self.name("f"),
+        )?;
+        child.wait_for("API server listening")?;
+        Ok(child)
+    }
+
+    /// Boots a guest (dirty pages logged) and waits for `ready`.
+    fn booted(&self) -> Result<(Child, ApiClient), String> {
+        let mut child = self.fresh()?;
+        let mut client = child.client()?;
+        call(
+            &mut client,
+            "PUT",
+            "/boot-source",
+            &json!({ "kernel_image_path": self.binaries.guest_image }),
+        )?;
+        call(
+            &mut client,
+            "PUT",
+            "/machine-config",
+            &json!({ "vcpu_count": 1, "mem_size_mib": self.mem_mib, "track_dirty_pages": true }),
+        )?;
+        call(
+            &mut client,
+            "PUT",
+            "/actions",
+            &json!({ "action_type": "InstanceStart" }),
+        )?;
+        child.wait_for("guest ready")?;
+        Ok((child, client))
+    }
+}
+
+/// `ember-bench restore`.
+pub fn bench_restore(binaries: &Binaries, options: &Options) -> Result<Value, String> {
+    if options.runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
+    let dir = std::env::temp_dir().join(format!("ember-bench-restore-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let bench = Bench {
+        binaries,
+        dir: dir.clone(),
+        mem_mib: options.mem_mib,
+        next: std::sync::atomic::AtomicU32::new(0),
+    };
+    let result = run(&bench, options);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn summary_row(name: &str, samples: &[f64], unit: &str, decimals: usize) -> Summary {
+    let summary = Summary::of(samples);
+    println!("{}", summary.row(name, unit, decimals));
+    summary
+}
+
+fn ms(us: &[f64]) -> Vec<f64> {
+    us.iter().map(|us| us / 1000.0).collect()
+}
+
+fn run(bench: &Bench, options: &Options) -> Result<Value, String> {
+    let runs = options.runs;
+    let create_runs = runs.clamp(1, 10);
+    let examples = examples_dir()?;
+    println!(
+        "snapshots of a {} MiB, 1-vCPU guest; {runs} samples per restore figure, {create_runs} per create figure",
+        bench.mem_mib
+    );
+
+    // --- Create: Full of the booted guest, then per function a Diff over it.
+    let base = Snapshot::at(&bench.dir, "base");
+    let (mut full_ms, mut full_pages) = (Vec::new(), 0u64);
+    {
+        let (_vm, mut client) = bench.booted()?;
+        call(&mut client, "PATCH", "/vm", &json!({ "state": "Paused" }))?;
+        for i in 0..create_runs {
+            let target = if i == 0 {
+                base.clone()
+            } else {
+                Snapshot::at(&bench.dir, "base-again")
+            };
+            let (created, _) = call(
+                &mut client,
+                "PUT",
+                "/snapshot/create",
+                &target.create_body("Full"),
+            )?;
+            full_ms.push(created["duration_us"].as_f64().unwrap_or(0.0) / 1000.0);
+            full_pages = created["memory_pages"].as_u64().unwrap_or(0);
+        }
+    }
+    let template = |module: &str, name: &str| -> Result<(Snapshot, f64, Value), String> {
+        let snapshot = Snapshot::at(&bench.dir, name);
+        let child = bench.prepared(true)?;
+        let mut client = child.client()?;
+        call(
+            &mut client,
+            "PUT",
+            "/snapshot/load",
+            &base.load_body(false, true),
+        )?;
+        call(
+            &mut client,
+            "PUT",
+            "/ember/function",
+            &json!({ "module_path": examples.join(module), "timeout_ms": 60000 }),
+        )?;
+        call(&mut client, "PATCH", "/vm", &json!({ "state": "Paused" }))?;
+        let (created, _) = call(
+            &mut client,
+            "PUT",
+            "/snapshot/create",
+            &snapshot.create_body("Diff"),
+        )?;
+        let ms = created["duration_us"].as_f64().unwrap_or(0.0) / 1000.0;
+        Ok((snapshot, ms, created))
+    };
+    let mut diff_ms = Vec::new();
+    let mut echo = None;
+    for i in 0..create_runs {
+        let (snapshot, ms, created) = template("echo.wasm", &format!("echo{i}"))?;
+        diff_ms.push(ms);
+        if i == 0 {
+            echo = Some((snapshot, created));
+        }
+    }
+    let (echo, echo_created) = echo.expect("at least one run");
+    let (sha, _, _) = template("sha256.wasm", "sha256")?;
+    println!("\ncreate (inside ember-vmm: request → state file synced)");
+    println!("{}", header());
+    let full_summary = summary_row(
+        &format!("Full, booted guest ({full_pages} pages)"),
+        &full_ms,
+        "ms",
+        2,
+    );
+    let diff_summary = summary_row(
+        &format!(
+            "Diff after echo load ({} pages, {} runs)",
+            echo_created["memory_pages"], echo_created["memory_runs"]
+        ),
+        &diff_ms,
+        "ms",
+        2,
+    );
+    let sizes =
+        json!({ "base_full": base.sizes(), "echo_diff": echo.sizes(), "sha256_diff": sha.sizes() });
+    println!("files: {sizes}");
+
+    // --- Restore latency: load request → resumed.
+    let mut prepared_us = Vec::new();
+    let mut prepared_inside_us = Vec::new();
+    let mut start_us = Vec::new();
+    let mut start_inside_us = Vec::new();
+    for _ in 0..runs {
+        let child = bench.prepared(false)?;
+        let mut client = child.client()?;
+        let (loaded, us) = call(
+            &mut client,
+            "PUT",
+            "/snapshot/load",
+            &echo.load_body(false, false),
+        )?;
+        prepared_us.push(us);
+        prepared_inside_us.push(loaded["restore_us"].as_f64().unwrap_or(0.0));
+        drop(child);
+
+        let child = Child::spawn(&bench.binaries.vmm, &[], &bench.dir, &bench.name("s"))?;
+        let mut client = child.wait_socket()?;
+        client
+            .set_timeout(Some(PATIENCE))
+            .map_err(|e| e.to_string())?;
+        let (loaded, _) = call(
+            &mut client,
+            "PUT",
+            "/snapshot/load",
+            &echo.load_body(false, false),
+        )?;
+        start_us.push(child.spawned_at.elapsed().as_secs_f64() * 1e6);
+        start_inside_us.push(loaded["since_process_start_us"].as_f64().unwrap_or(0.0));
+    }
+    println!("\nrestore (echo template: Full + Diff layer, resume, no prefetch)");
+    println!("{}", header());
+    let prepared_summary = summary_row(
+        "prepared: load request → resumed",
+        &ms(&prepared_us),
+        "ms",
+        3,
+    );
+    let prepared_inside = summary_row("  inside ember-vmm", &ms(&prepared_inside_us), "ms", 3);
+    let start_summary = summary_row(
+        "process start → resumed (spawn→answer)",
+        &ms(&start_us),
+        "ms",
+        3,
+    );
+    let start_inside = summary_row(
+        "  ember-vmm's own clock (main → ready)",
+        &ms(&start_inside_us),
+        "ms",
+        3,
+    );
+
+    // --- Restore → first response, with and without prefetch (A/B).
+    let mut first_response = Vec::new();
+    for (name, snapshot, event) in [
+        ("echo", &echo, vec![b'x'; 64]),
+        ("sha256", &sha, vec![b's'; 64 << 10]),
+    ] {
+        // Record the working set once.
+        {
+            let mut child = bench.prepared(false)?;
+            let mut client = child.client()?;
+            call(
+                &mut client,
+                "PUT",
+                "/snapshot/load",
+                &snapshot.load_body(true, false),
+            )?;
+            invoke(&mut client, &event)?;
+            child.wait_for("working set recorded")?;
+        }
+        // Interleaved: no prefetch, prefetch on the helper thread, and
+        // prefetch before the load answers.
+        let modes = [
+            "without prefetch",
+            "prefetch (helper thread)",
+            "prefetch before answering",
+        ];
+        let mut totals: Vec<Vec<f64>> = vec![Vec::new(); 3];
+        let mut loads: Vec<Vec<f64>> = vec![Vec::new(); 3];
+        let mut pages = json!(null);
+        for i in 0..runs * modes.len() {
+            let mode = i % modes.len();
+            let child = bench.prepared(false)?;
+            let mut client = child.client()?;
+            let body = match mode {
+                0 => snapshot.load_body(false, false),
+                1 => snapshot.load_body(true, false),
+                _ => snapshot.load_body_sync(),
+            };
+            let started = Instant::now();
+            let (loaded, load_us) = call(&mut client, "PUT", "/snapshot/load", &body)?;
+            invoke(&mut client, &event)?;
+            let total = started.elapsed().as_secs_f64() * 1e6;
+            if mode > 0 {
+                if !matches!(
+                    loaded["working_set"].as_str(),
+                    Some("prefetching" | "prefetched")
+                ) {
+                    return Err(format!("no working set was prefetched: {loaded}"));
+                }
+                pages = json!({ "read": loaded["prefetched_read_pages"], "write": loaded["prefetched_write_pages"] });
+            }
+            totals[mode].push(total);
+            loads[mode].push(load_us);
+        }
+        println!("\nrestore → first {name} response (prepared process; working set {pages})");
+        println!("{}", header());
+        let mut figures = serde_json::Map::new();
+        for (mode, label) in modes.iter().enumerate() {
+            let total = summary_row(label, &ms(&totals[mode]), "ms", 3);
+            let load = summary_row("  of which the load", &ms(&loads[mode]), "ms", 3);
+            figures.insert(
+                label.to_string(),
+                json!({ "total_ms": total, "load_ms": load }),
+            );
+        }
+        first_response.push(json!({
+            "function": name,
+            "event_bytes": event.len(),
+            "working_set_pages": pages,
+            "modes": figures,
+        }));
+    }
+
+    // --- PSS per VM with many live copies of one snapshot.
+    let mut pss = Vec::new();
+    for &copies in &options.copies {
+        let mut children = Vec::with_capacity(copies);
+        for _ in 0..copies {
+            let child = Child::spawn(
+                &bench.binaries.vmm,
+                &["--log-level", "warn"],
+                &bench.dir,
+                &bench.name("c"),
+            )?;
+            let mut client = child.wait_socket()?;
+            client
+                .set_timeout(Some(PATIENCE))
+                .map_err(|e| e.to_string())?;
+            call(
+                &mut client,
+                "PUT",
+                "/snapshot/load",
+                &echo.load_body(false, false),
+            )?;
+            invoke(&mut client, b"hello")?;
+            children.push(child);
+        }
+        let files = [base.mem.clone(), echo.mem.clone()];
+        let mut totals = Vec::new();
+        let mut dirtied = Vec::new();
+        let mut beyond = Vec::new();
+        for child in &children {
+            let (total, guest_private) = pss_of(child.pid(), &files)?;
+            totals.push(total as f64 / 1024.0);
+            dirtied.push(guest_private as f64 / 1024.0);
+            beyond.push((total - guest_private) as f64 / 1024.0);
+        }
+        drop(children);
+        println!("\n{copies} live copies of the echo template (each restored and invoked once)");
+        println!("{}", header());
+        let t = summary_row("PSS per VM", &totals, "MiB", 2);
+        let d = summary_row("  guest pages it dirtied (private)", &dirtied, "MiB", 2);
+        let b = summary_row("  PSS beyond what it dirtied", &beyond, "MiB", 2);
+        pss.push(
+            json!({ "copies": copies, "pss_mib": t, "dirtied_mib": d, "beyond_dirtied_mib": b }),
+        );
+    }
+
+    // --- Restores per second.
+    let count = runs.max(10);
+    let sequential = restores_per_second(bench, &echo, count, 1)?;
+    let parallel = restores_per_second(bench, &echo, count, 2)?;
+    println!("\nrestores per second (from process start to resumed, {count} restores)");
+    println!("  one at a time: {sequential:.0}/s; two at a time: {parallel:.0}/s");
+
+    let firecracker = match &options.firecracker {
+        None => {
+            println!(
+                "\nFirecracker: skipped (give --firecracker PATH to drive it with the same guest and API calls)"
+            );
+            json!({ "skipped": "no --firecracker PATH given" })
+        }
+        Some(binary) => firecracker(bench, binary, runs)?,
+    };
+
+    Ok(json!({
+        "bench": "restore",
+        "mem_mib": bench.mem_mib,
+        "runs": runs,
+        "create": {
+            "full_booted_ms": full_summary,
+            "full_booted_pages": full_pages,
+            "diff_after_echo_load_ms": diff_summary,
+            "diff_after_echo_load": echo_created,
+        },
+        "files": sizes,
+        "restore": {
+            "prepared_ms": prepared_summary,
+            "prepared_inside_ms": prepared_inside,
+            "process_start_ms": start_summary,
+            "process_start_inside_ms": start_inside,
+        },
+        "first_response": first_response,
+        "pss": pss,
+        "restores_per_second": { "one_at_a_time": sequential, "two_at_a_time": parallel },
+        "firecracker": firecracker,
+    }))
+}
+
+/// PSS of a process, and the private (dirtied) part of its mappings of
+/// `files` (guest memory), in KiB.
+fn pss_of(pid: u32, files: &[PathBuf]) -> Result<(u64, u64), String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .map_err(|e| format!("/proc/{pid}/smaps: {e}"))?;
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let (mut total, mut guest_private, mut in_guest) = (0, 0, false);
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if first.contains('-') && !first.ends_with(':') {
+            let path = fields.nth(4).unwrap_or("");
+            in_guest = names.iter().any(|n| n == path);
+            continue;
+        }
+        let value: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        match first {
+            "Pss:" => total += value,
+            "Private_Dirty:" | "Private_Clean:" if in_guest => guest_private += value,
+            _ => {}
+        }
+    }
+    Ok((total, guest_private))
+}
+
+/// Restores (process start → resumed) per second, `parallel` at a time.
+fn restores_per_second(
+    bench: &Bench,
+    snapshot: &Snapshot,
+    count: usize,
+    parallel: usize,
+) -> Result<f64, String> {
+    let started = Instant::now();
+    let results: Vec<Result<Vec<Child>, String>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..parallel)
+            .map(|_| {
+                scope.spawn(|| -> Result<Vec<Child>, String> {
+                    let mut alive = Vec::new();
+                    for _ in 0..count / parallel {
+                        let child = Child::spawn(
+                            &bench.binaries.vmm,
+                            &["--log-level", "warn"],
+                            &bench.dir,
+                            &bench.name("t"),
+                        )?;
+                        let mut client = child.wait_socket()?;
+                        client
+                            .set_timeout(Some(PATIENCE))
+                            .map_err(|e| e.to_string())?;
+                        call(
+                            &mut client,
+                            "PUT",
+                            "/snapshot/load",
+                            &snapshot.load_body(false, false),
+                        )?;
+                        // Teardown stays off the measured path.
+                        alive.push(child);
+                    }
+                    Ok(alive)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|_| Err("a worker panicked".into())))
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut done = 0;
+    for result in results {
+        done += result?.len();
+    }
+    Ok(done as f64 / elapsed)
+}
+
+/// The same calls against Firecracker: boot the same guest image, Full
+/// snapshot, then restore into fresh processes.
+fn firecracker(bench: &Bench, binary: &Path, runs: usize) -> Result<Value, String> {
+    let snapshot = Snapshot::at(&bench.dir, "firecracker");
+    let create_ms;
+    {
+        let child = Child::spawn(binary, &[], &bench.dir, &bench.name("fc"))?;
+        let mut client = child.wait_socket()?;
+        client
+            .set_timeout(Some(PATIENCE))
+            .map_err(|e| e.to_string())?;
+        call(
+            &mut client,
+            "PUT",
+            "/boot-source",
+            &json!({ "kernel_image_path": bench.binaries.guest_image }),
+        )?;
+        call(
+            &mut client,
+            "PUT",
+            "/machine-config",
+            &json!({ "vcpu_count": 1, "mem_size_mib": bench.mem_mib }),
+        )?;
+        call(
+            &mut client,
+            "PUT",
+            "/actions",
+            &json!({ "action_type": "InstanceStart" }),
+        )?;
+        let mut child = child;
+        child.wait_for(ember_abi::READY_MARKER)?;
+        call(&mut client, "PATCH", "/vm", &json!({ "state": "Paused" }))?;
+        let (_, us) = call(
+            &mut client,
+            "PUT",
+            "/snapshot/create",
+            &snapshot.create_body("Full"),
+        )?;
+        create_ms = us / 1000.0;
+    }
+    let body = json!({
+        "snapshot_path": snapshot.state,
+        "mem_backend": { "backend_type": "File", "backend_path": snapshot.mem },
+        "resume_vm": true,
+    });
+    let (mut load_us, mut start_us) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let child = Child::spawn(binary, &[], &bench.dir, &bench.name("fr"))?;
+        let mut client = child.wait_socket()?;
+        client
+            .set_timeout(Some(PATIENCE))
+            .map_err(|e| e.to_string())?;
+        let (_, us) = call(&mut client, "PUT", "/snapshot/load", &body)?;
+        load_us.push(us);
+        start_us.push(child.spawned_at.elapsed().as_secs_f64() * 1e6);
+    }
+    println!(
+        "\nFirecracker ({}), same guest, same calls",
+        binary.display()
+    );
+    println!("{}", header());
+    let load = summary_row("PUT /snapshot/load", &ms(&load_us), "ms", 3);
+    let start = summary_row("process start → resumed", &ms(&start_us), "ms", 3);
+    println!("Full snapshot create: {create_ms:.1} ms");
+    Ok(json!({
+        "binary": binary,
+        "load_ms": load,
+        "process_start_ms": start,
+        "full_create_ms": create_ms,
+        "files": snapshot.sizes(),
+    }))
+}
