@@ -89,7 +89,11 @@ impl Mailbox {
     pub fn restore_info(&self) -> (u64, [u8; RESTORE_ENTROPY_BYTES]) {
         let mut entropy = [0u8; RESTORE_ENTROPY_BYTES];
         for (i, chunk) in entropy.chunks_exact_mut(8).enumerate() {
-            chunk.copy_from_slice(&self.read_u64(offsets::RESTORE_ENTROPY + 8 * i).to_le_bytes());
+            chunk.copy_from_slice(
+                &self
+                    .read_u64(offsets::RESTORE_ENTROPY + 8 * i)
+                    .to_le_bytes(),
+            );
         }
         (self.read_u64(offsets::RESTORE_REALTIME_NS), entropy)
     }
