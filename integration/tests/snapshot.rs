@@ -493,14 +493,27 @@ fn working_set() -> TestResult {
     })?;
     check(ws.is_file(), || format!("{} was not written", ws.display()))?;
 
-    let (_vmm, mut second, loaded) = restore(&files, true, true)?;
+    // Populated by the helper thread while the load is answered...
+    let (vmm, mut second, loaded) = restore(&files, true, true)?;
     check(
-        loaded["working_set"] == "prefetched"
+        loaded["working_set"] == "prefetching"
             && loaded["prefetched_read_pages"].as_u64().unwrap_or(0) > 0
             && loaded["prefetched_write_pages"].as_u64().unwrap_or(0) > 0,
         || format!("load answered {loaded}"),
     )?;
     same(&invoke_ok(&mut second, b"again")?, b"again")?;
+    check(vmm.log.wait_for("working set populated", PATIENCE), || {
+        format!("the helper thread did not populate\n{}", vmm.transcript())
+    })?;
+    // ... or before it, when asked.
+    let (_vmm, mut sync) = fresh_vmm(false)?;
+    let mut body = load_body(&files, true);
+    body["ember_prefetch_sync"] = json!(true);
+    let loaded = expect_status(sync.put_json("/snapshot/load", &body), 200, "load")?.json();
+    check(loaded["working_set"] == "prefetched", || {
+        format!("load answered {loaded}")
+    })?;
+    same(&invoke_ok(&mut sync, b"sync")?, b"sync")?;
 
     // Turned off, it neither populates nor records.
     let (_vmm, mut third) = fresh_vmm(true)?;
