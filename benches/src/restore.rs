@@ -35,6 +35,20 @@ pub struct Options {
 
 const PATIENCE: Duration = Duration::from_secs(20);
 
+/// A command function that writes one byte into every page of 80 MiB of
+/// fresh linear memory.
+const DIRTY_80_MIB: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (local $at i32)
+    (if (i32.eq (memory.grow (i32.const 1280)) (i32.const -1)) (then unreachable))
+    (loop $page
+      (i32.store8 (local.get $at) (i32.const 1))
+      (local.set $at (i32.add (local.get $at) (i32.const 4096)))
+      (br_if $page (i32.lt_u (local.get $at) (i32.const 83886080))))))
+"#;
+
 /// A VMM process with its output (stdout and stderr) collected.
 struct Child {
     child: std::process::Child,
@@ -394,7 +408,7 @@ fn run(bench: &Bench, options: &Options) -> Result<Value, String> {
             let target = if i == 0 {
                 base.clone()
             } else {
-                Snapshot::at(&bench.dir, "base-again")
+                Snapshot::at(&bench.dir, &format!("base{i}"))
             };
             let (created, _) = call(
                 &mut client,
@@ -404,6 +418,40 @@ fn run(bench: &Bench, options: &Options) -> Result<Value, String> {
             )?;
             full_ms.push(created["duration_us"].as_f64().unwrap_or(0.0) / 1000.0);
             full_pages = created["memory_pages"].as_u64().unwrap_or(0);
+        }
+    }
+    // A Full of a guest that wrote most of its memory: the worst case.
+    let (mut dirty_ms, mut dirty_nosync_ms) = (Vec::new(), Vec::new());
+    let mut dirty_pages = 0u64;
+    {
+        let module = bench.dir.join("dirty.wasm");
+        let wasm = wat::parse_str(DIRTY_80_MIB).map_err(|e| e.to_string())?;
+        std::fs::write(&module, wasm).map_err(|e| e.to_string())?;
+        let (_vm, mut client) = bench.booted()?;
+        call(
+            &mut client,
+            "PUT",
+            "/ember/function",
+            &json!({ "module_path": module }),
+        )?;
+        invoke(&mut client, b"")?;
+        call(&mut client, "PATCH", "/vm", &json!({ "state": "Paused" }))?;
+        for i in 0..create_runs * 2 {
+            // A new file each time, as a snapshot is; removed after.
+            // Synced and not, interleaved.
+            let target = Snapshot::at(&bench.dir, &format!("dirty{i}"));
+            let mut body = target.create_body("Full");
+            let sync = i % 2 == 0;
+            body["ember_sync"] = json!(sync);
+            let (created, _) = call(&mut client, "PUT", "/snapshot/create", &body)?;
+            let ms = created["duration_us"].as_f64().unwrap_or(0.0) / 1000.0;
+            if sync {
+                dirty_ms.push(ms);
+            } else {
+                dirty_nosync_ms.push(ms);
+            }
+            dirty_pages = created["memory_pages"].as_u64().unwrap_or(0);
+            let _ = std::fs::remove_file(&target.mem);
         }
     }
     let template = |module: &str, name: &str| -> Result<(Snapshot, f64, Value), String> {
@@ -446,14 +494,21 @@ fn run(bench: &Bench, options: &Options) -> Result<Value, String> {
     println!("\ncreate (inside ember-vmm: request → state file synced)");
     println!("{}", header());
     let full_summary = summary_row(
-        &format!("Full, booted guest ({full_pages} pages)"),
+        &format!("Full, booted ({full_pages} pages)"),
         &full_ms,
         "ms",
         2,
     );
+    let dirty_summary = summary_row(
+        &format!("Full, 80 MiB written ({dirty_pages} p.)"),
+        &dirty_ms,
+        "ms",
+        1,
+    );
+    let dirty_nosync_summary = summary_row("  the same, not synced", &dirty_nosync_ms, "ms", 1);
     let diff_summary = summary_row(
         &format!(
-            "Diff after echo load ({} pages, {} runs)",
+            "Diff, echo loaded ({} p., {} runs)",
             echo_created["memory_pages"], echo_created["memory_runs"]
         ),
         &diff_ms,
@@ -660,6 +715,9 @@ fn run(bench: &Bench, options: &Options) -> Result<Value, String> {
         "create": {
             "full_booted_ms": full_summary,
             "full_booted_pages": full_pages,
+            "full_80mib_written_ms": dirty_summary,
+            "full_80mib_written_pages": dirty_pages,
+            "full_80mib_written_not_synced_ms": dirty_nosync_summary,
             "diff_after_echo_load_ms": diff_summary,
             "diff_after_echo_load": echo_created,
         },

@@ -227,6 +227,7 @@ pub fn write_full(
     backing: Backing,
     path: &Path,
     id: &SnapshotId,
+    sync: bool,
 ) -> Result<WriteStats, MemoryFileError> {
     let write_err = |source| MemoryFileError::Write {
         path: path.to_path_buf(),
@@ -271,7 +272,9 @@ pub fn write_full(
     }
     file.write_all_at(&trailer(id, mem.len, mem.len), mem.len)
         .map_err(write_err)?;
-    file.sync_all().map_err(write_err)?;
+    if sync {
+        file.sync_all().map_err(write_err)?;
+    }
     stats.file_len = mem.len + PAGE;
     Ok(stats)
 }
@@ -316,6 +319,7 @@ pub fn write_diff(
     runs: &[Run],
     path: &Path,
     id: &SnapshotId,
+    sync: bool,
 ) -> Result<WriteStats, MemoryFileError> {
     let write_err = |source| MemoryFileError::Write {
         path: path.to_path_buf(),
@@ -346,7 +350,9 @@ pub fn write_diff(
     let data_len = stats.pages * PAGE;
     file.write_all_at(&trailer(id, data_len, mem.len), data_len)
         .map_err(write_err)?;
-    file.sync_all().map_err(write_err)?;
+    if sync {
+        file.sync_all().map_err(write_err)?;
+    }
     stats.file_len = data_len + PAGE;
     Ok(stats)
 }
@@ -707,12 +713,12 @@ mod tests {
             len,
         };
         let full = dir.join("full.mem");
-        write_full(mem, Backing::Files, &full, &[1; 16]).unwrap();
+        write_full(mem, Backing::Files, &full, &[1; 16], true).unwrap();
         assert_eq!(std::fs::metadata(&full).unwrap().len(), len + PAGE);
         base[40 * 4096] = 3;
         let runs = dirty_runs(&bitmap(&[40]), 64);
         let diff = dir.join("diff.mem");
-        let stats = write_diff(mem, &runs, &diff, &[2; 16]).unwrap();
+        let stats = write_diff(mem, &runs, &diff, &[2; 16], false).unwrap();
         let layers = vec![
             MemoryLayer {
                 path: full.clone(),

@@ -214,9 +214,11 @@ impl Vmm {
         }
         let written = if diff {
             let runs = dirty_runs(&dirty, host.len / memory::PAGE);
-            memory::write_diff(host, &runs, &mem_path, &id).map(|stats| (stats, Some(runs)))
+            memory::write_diff(host, &runs, &mem_path, &id, params.ember_sync)
+                .map(|stats| (stats, Some(runs)))
         } else {
-            memory::write_full(host, microvm.backing, &mem_path, &id).map(|stats| (stats, None))
+            memory::write_full(host, microvm.backing, &mem_path, &id, params.ember_sync)
+                .map(|stats| (stats, None))
         };
         let (stats, runs) = match written {
             Ok(done) => done,
