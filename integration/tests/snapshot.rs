@@ -35,6 +35,18 @@ fn main() {
         ),
         ("working_set_is_recorded_then_prefetched", working_set),
         ("diff_needs_tracking_and_a_parent", diff_refusals),
+        (
+            "diff_chains_restore_and_a_moved_parent_is_named",
+            diff_chains,
+        ),
+        (
+            "pause_right_after_a_command_answer_waits_for_idle",
+            pause_while_preparing,
+        ),
+        (
+            "rewriting_a_memory_file_leaves_vms_restored_from_it_intact",
+            rewrite_in_use,
+        ),
     ];
     run_kvm_tests(tests);
 }
@@ -241,6 +253,16 @@ fn diff_equals_full() -> TestResult {
         .map_err(|e| fail(e.to_string()))?
         .len();
     let (full, _) = snapshot(&mut client, "Full", &dir, "full")?;
+    let allocated = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&full.mem)
+            .map_err(|e| fail(e.to_string()))?
+            .blocks()
+            * 512
+    };
+    check(allocated < 16 << 20, || {
+        format!("the Full memory file takes {allocated} bytes on disk: not sparse")
+    })?;
     check(diff_bytes < (MEM_MIB as u64) << 20, || {
         format!("the Diff layer is {diff_bytes} bytes, as big as memory")
     })?;
@@ -335,9 +357,17 @@ fn twenty_restores() -> TestResult {
     load(&mut client, &module)?;
     invoke_ok(&mut client, b"")?;
     let (files, _) = snapshot(&mut client, "Full", &dir, "random")?;
+    // Long enough that a clock running on from the snapshot is caught.
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let mut seen = std::collections::HashSet::new();
     for i in 0..20 {
-        let (_copy, mut copy, _) = restore(&files, i % 2 == 0, true)?;
+        // Every third copy is restored paused and resumed after: the guest
+        // hears of the restore when it first runs.
+        let paused = i % 3 == 2;
+        let (_copy, mut copy, _) = restore(&files, i % 2 == 0, !paused)?;
+        if paused {
+            expect_status(set_vm_state(&mut copy, "Resumed"), 204, "resume")?;
+        }
         let before = unix_ns();
         let out = invoke_ok(&mut copy, b"")?;
         let after = unix_ns();
@@ -421,6 +451,22 @@ fn corrupt_snapshots() -> TestResult {
         "second load",
     )?;
 
+    // A process that was not prepared builds the VM for the snapshot, and
+    // after a refused memory file it still takes the right one.
+    let (vmm, mut client) = fresh_vmm(false)?;
+    expect_fault(
+        client.put_json("/snapshot/load", &load_body(&wrong_size, true)),
+        "the snapshot expects",
+        "load of a short memory file into a fresh process",
+    )
+    .map_err(|e| format!("{e}\n{}", vmm.transcript()))?;
+    expect_status(
+        client.put_json("/snapshot/load", &load_body(&good, true)),
+        200,
+        "load of the good snapshot into the same fresh process",
+    )?;
+    echo_ok(&mut client, b"fine", "echo after restore")?;
+
     // A process prepared for another shape says so.
     let other = VmmProcess::start(Launch {
         api: true,
@@ -461,7 +507,13 @@ fn in_flight() -> TestResult {
     let worker = std::thread::spawn(move || invoke_ok(&mut runner, &event));
     // Give the invocation time to be delivered (it runs for ~0.3 s).
     std::thread::sleep(std::time::Duration::from_millis(50));
+    check(!worker.is_finished(), || {
+        "the invocation ended before the pause: nothing was in flight".into()
+    })?;
     let (files, _) = snapshot(&mut client, "Full", &dir, "inflight")?;
+    check(worker.is_finished(), || {
+        "the pause and snapshot were answered before the invocation".into()
+    })?;
     let result = worker
         .join()
         .map_err(|_| fail("the invoking thread panicked"))??;
@@ -505,13 +557,24 @@ fn working_set() -> TestResult {
     check(vmm.log.wait_for("working set populated", PATIENCE), || {
         format!("the helper thread did not populate\n{}", vmm.transcript())
     })?;
-    // ... or before it, when asked.
-    let (_vmm, mut sync) = fresh_vmm(false)?;
+    // ... or before it, when asked: then the read set is mapped shared
+    // with the file and only the write set was copied.
+    let (sync_vmm, mut sync) = fresh_vmm(false)?;
     let mut body = load_body(&files, true);
     body["ember_prefetch_sync"] = json!(true);
     let loaded = expect_status(sync.put_json("/snapshot/load", &body), 200, "load")?.json();
     check(loaded["working_set"] == "prefetched", || {
         format!("load answered {loaded}")
+    })?;
+    let read = loaded["prefetched_read_pages"].as_u64().unwrap_or(0);
+    let written = loaded["prefetched_write_pages"].as_u64().unwrap_or(0);
+    let (rss_kib, copied_kib) = guest_memory_kib(sync_vmm.pid(), &files.mem)?;
+    check(rss_kib >= (read + written) * 4, || {
+        format!("{rss_kib} KiB of guest memory mapped after populating {read} + {written} pages")
+    })?;
+    // The restore block and nothing else beyond the write set.
+    check(copied_kib <= (written + 4) * 4, || {
+        format!("{copied_kib} KiB of guest memory copied, for a write set of {written} pages")
     })?;
     same(&invoke_ok(&mut sync, b"sync")?, b"sync")?;
 
@@ -524,6 +587,29 @@ fn working_set() -> TestResult {
         format!("load answered {loaded}")
     })?;
     same(&invoke_ok(&mut third, b"x")?, b"x")
+}
+
+/// Resident and copied (written, so private) KiB of a VMM's mappings of
+/// `mem_file`, from its smaps.
+fn guest_memory_kib(pid: u32, mem_file: &Path) -> Result<(u64, u64), String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|e| e.to_string())?;
+    let name = mem_file.display().to_string();
+    let (mut rss, mut anon, mut inside) = (0, 0, false);
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if first.contains('-') && !first.ends_with(':') {
+            inside = fields.nth(4) == Some(name.as_str());
+            continue;
+        }
+        let value: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        match first {
+            "Rss:" if inside => rss += value,
+            "Anonymous:" if inside => anon += value,
+            _ => {}
+        }
+    }
+    Ok((rss, anon))
 }
 
 /// A Diff needs dirty-page tracking and a parent snapshot; each refusal
@@ -550,5 +636,129 @@ fn diff_refusals() -> TestResult {
         "needs a parent",
         "Diff without a parent",
     )?;
+    Ok(())
+}
+
+/// Full → Diff → Diff (of a VM restored with tracking) restores with all
+/// three layers; the newest layer may move (the load names it), a parent
+/// may not, and a Diff may not be written over its own parent.
+fn diff_chains() -> TestResult {
+    let dir = fresh_dir()?;
+    let (_vmm, mut client) = boot_vm(true)?;
+    let (_base, _) = snapshot(&mut client, "Full", &dir, "base")?;
+    expect_status(set_vm_state(&mut client, "Resumed"), 204, "resume")?;
+    load(&mut client, &example("counter.wasm")?)?;
+    same(&invoke_ok(&mut client, b"")?, b"1\n")?;
+    let (first, _) = snapshot(&mut client, "Diff", &dir, "first")?;
+
+    // Restored with tracking, it takes a Diff over its own chain.
+    let (_a, mut a) = fresh_vmm(false)?;
+    let mut body = load_body(&first, true);
+    body["track_dirty_pages"] = json!(true);
+    expect_status(
+        a.put_json("/snapshot/load", &body),
+        200,
+        "load with tracking",
+    )?;
+    same(&invoke_ok(&mut a, b"")?, b"2\n")?;
+    expect_status(set_vm_state(&mut a, "Paused"), 204, "pause")?;
+    expect_fault(
+        a.put_json(
+            "/snapshot/create",
+            &json!({ "snapshot_type": "Diff", "snapshot_path": dir.join("x.state"), "mem_file_path": first.mem }),
+        ),
+        "is a parent of this Diff",
+        "Diff over its own parent's file",
+    )?;
+    let (second, created) = snapshot(&mut a, "Diff", &dir, "second")?;
+    check(created["layers"] == 3, || {
+        format!("Diff answered {created}")
+    })?;
+
+    // The newest layer moved: the load names it.
+    let moved = Files {
+        state: second.state.clone(),
+        mem: dir.join("moved.mem"),
+    };
+    std::fs::rename(&second.mem, &moved.mem).map_err(|e| fail(e.to_string()))?;
+    let (_b, mut b, loaded) = restore(&moved, true, true)?;
+    check(loaded["memory_runs"].as_u64().unwrap_or(0) >= 3, || {
+        format!("load answered {loaded}")
+    })?;
+    same(&invoke_ok(&mut b, b"")?, b"3\n")?;
+
+    // A parent moved: named, and the process takes another load.
+    let parent = dir.join("first.mem");
+    let hidden = dir.join("first.hidden");
+    std::fs::rename(&parent, &hidden).map_err(|e| fail(e.to_string()))?;
+    let (_c, mut c) = fresh_vmm(true)?;
+    expect_fault(
+        c.put_json("/snapshot/load", &load_body(&moved, true)),
+        "first.mem",
+        "load with a parent layer missing",
+    )?;
+    std::fs::rename(&hidden, &parent).map_err(|e| fail(e.to_string()))?;
+    expect_status(
+        c.put_json("/snapshot/load", &load_body(&moved, true)),
+        200,
+        "load once the parent is back",
+    )?;
+    same(&invoke_ok(&mut c, b"")?, b"3\n")?;
+    Ok(())
+}
+
+/// A command function prepares its next instance after it answers; a
+/// pause asked for right then waits for the guest to be idle, and the
+/// snapshot restores to a VM that serves.
+fn pause_while_preparing() -> TestResult {
+    let dir = fresh_dir()?;
+    let (_vmm, mut client) = boot_vm(false)?;
+    load(&mut client, &example("echo.wasm")?)?;
+    // The window is ~20 µs after each answer: try until a few pauses
+    // landed in it (each attempt is a complete pause and snapshot).
+    let mut last = None;
+    let mut deferred = 0;
+    for i in 0..200 {
+        same(&invoke_ok(&mut client, b"x")?, b"x")?;
+        let (files, _) = snapshot(&mut client, "Full", &dir, &format!("p{}", i % 2))?;
+        expect_status(set_vm_state(&mut client, "Resumed"), 204, "resume")?;
+        last = Some(files);
+        deferred = get_json(&mut client, "/ember/status")?["pauses_deferred"]
+            .as_u64()
+            .unwrap_or(0);
+        if deferred >= 3 {
+            break;
+        }
+    }
+    check(deferred > 0, || {
+        "no pause landed while the guest prepared (pauses_deferred 0 in 200 tries)".into()
+    })?;
+    let files = last.expect("at least one snapshot");
+    let (_copy, mut copy, _) = restore(&files, true, true)?;
+    same(&invoke_ok(&mut copy, b"after")?, b"after")?;
+    same(&invoke_ok(&mut copy, b"again")?, b"again")?;
+    Ok(())
+}
+
+/// A Full written to the path a live VM was restored from replaces the
+/// file, not its contents: the restored VM keeps its memory.
+fn rewrite_in_use() -> TestResult {
+    let dir = fresh_dir()?;
+    let (_vmm, mut client) = boot_vm(false)?;
+    load(&mut client, &example("counter.wasm")?)?;
+    same(&invoke_ok(&mut client, b"")?, b"1\n")?;
+    let (files, _) = snapshot(&mut client, "Full", &dir, "shared")?;
+    let (_copy, mut copy, _) = restore(&files, true, true)?;
+    same(&invoke_ok(&mut copy, b"")?, b"2\n")?;
+    // The original moves on and writes its snapshot over the same files.
+    expect_status(set_vm_state(&mut client, "Resumed"), 204, "resume")?;
+    same(&invoke_ok(&mut client, b"100")?, b"101\n")?;
+    snapshot(&mut client, "Full", &dir, "shared")?;
+    // The copy still runs on its own memory (the counter, the runtime).
+    same(&invoke_ok(&mut copy, b"")?, b"3\n")?;
+    same(&invoke_ok(&mut copy, b"")?, b"4\n")?;
+    // And the new snapshot holds the original's state.
+    let (_again, mut again, _) = restore(&files, true, true)?;
+    same(&invoke_ok(&mut again, b"")?, b"102\n")?;
     Ok(())
 }

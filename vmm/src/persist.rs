@@ -14,6 +14,7 @@ use crate::devices::legacy::serial::SerialDeviceState;
 use crate::devices::mailbox::MailboxState;
 use crate::snapshot::memory::{MemoryLayer, SnapshotId};
 use crate::snapshot::{self, SnapshotFileError, STATE_MAGIC};
+use crate::vmm_config::machine_config::{MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm::VmState;
 
@@ -96,7 +97,18 @@ pub enum StateError {
 }
 
 /// Guest memory sizes ember-vmm accepts, MiB (as machine-config does).
-const MEM_MIB: std::ops::RangeInclusive<usize> = 32..=3072;
+const MEM_MIB: std::ops::RangeInclusive<usize> = MIN_MEM_MIB..=MAX_MEM_MIB;
+
+/// CPUID entries a vCPU may carry (KVM_MAX_CPUID_ENTRIES).
+const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+
+/// MSRs a vCPU state may carry (KVM lists a few hundred at most).
+const MAX_MSRS: usize = 2048;
+
+/// Mappings a restore may make: far below the kernel's default
+/// vm.max_map_count (65530), and far above what a sane chain of Diffs
+/// needs.
+pub const MAX_RESTORE_RUNS: usize = 8192;
 
 impl MicrovmState {
     /// Reads and checks the state file at `path`: container (magic,
@@ -116,7 +128,10 @@ impl MicrovmState {
 
     fn check(&self) -> Result<(), StateError> {
         let bad = |text: String| Err(StateError::Inconsistent(text));
-        if self.vcpu_count == 0 || self.vcpus.len() != usize::from(self.vcpu_count) {
+        if self.vcpu_count == 0
+            || self.vcpu_count > MAX_VCPUS
+            || self.vcpus.len() != usize::from(self.vcpu_count)
+        {
             return bad(format!(
                 "{} vCPU states for a VM of {} vCPUs",
                 self.vcpus.len(),
@@ -134,6 +149,24 @@ impl MicrovmState {
         match self.memory.first() {
             Some(first) if first.runs.is_none() => {}
             _ => return bad("its memory does not start with a Full memory file".into()),
+        }
+        if self.memory.iter().skip(1).any(|layer| layer.runs.is_none()) {
+            return bad("a Full memory file is layered over another".into());
+        }
+        if self.restore_runs() > MAX_RESTORE_RUNS {
+            return bad(format!(
+                "its memory is {} mappings, over the limit of {MAX_RESTORE_RUNS}: take a Full snapshot",
+                self.restore_runs()
+            ));
+        }
+        for (index, vcpu) in self.vcpus.iter().enumerate() {
+            if vcpu.cpuid.len() > MAX_CPUID_ENTRIES || vcpu.msrs.len() > MAX_MSRS {
+                return bad(format!(
+                    "vCPU {index} carries {} CPUID entries and {} MSRs (at most {MAX_CPUID_ENTRIES} and {MAX_MSRS})",
+                    vcpu.cpuid.len(),
+                    vcpu.msrs.len()
+                ));
+            }
         }
         if let Some(mailbox) = &self.devices.mailbox {
             let mem = (self.mem_size_mib as u64) << 20;
@@ -153,7 +186,9 @@ impl MicrovmState {
 
     /// Mapped runs a restore of this snapshot makes.
     pub fn restore_runs(&self) -> usize {
-        self.memory.iter().map(MemoryLayer::run_count).sum()
+        self.memory
+            .iter()
+            .fold(0usize, |n, layer| n.saturating_add(layer.run_count()))
     }
 }
 
@@ -172,4 +207,174 @@ pub fn getrandom_into(buf: &mut [u8]) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::legacy::serial::SerialDeviceState;
+    use crate::snapshot::memory::Run;
+    use std::path::PathBuf;
+
+    fn vcpu() -> VcpuState {
+        VcpuState {
+            cpuid: vec![kvm_bindings::kvm_cpuid_entry2 {
+                function: 1,
+                ecx: 0x8000_0001,
+                ..Default::default()
+            }],
+            tsc_khz: Some(2_000_000),
+            mp_state: Default::default(),
+            regs: kvm_bindings::kvm_regs {
+                rip: 0x1234,
+                rax: 7,
+                ..Default::default()
+            },
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            debug_regs: Default::default(),
+            lapic: Default::default(),
+            msrs: vec![kvm_bindings::kvm_msr_entry {
+                index: 0x10,
+                data: 99,
+                ..Default::default()
+            }],
+            vcpu_events: Default::default(),
+            started: true,
+            parked: true,
+        }
+    }
+
+    fn state() -> MicrovmState {
+        MicrovmState {
+            vmm_version: "test".into(),
+            id: [7; 16],
+            snapshot_type: SnapshotType::Diff,
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            host_cpuid: vec![Default::default()],
+            memory: vec![
+                MemoryLayer {
+                    path: PathBuf::from("/s/base.mem"),
+                    id: [1; 16],
+                    file_len: (128 << 20) + 4096,
+                    runs: None,
+                },
+                MemoryLayer {
+                    path: PathBuf::from("/s/diff.mem"),
+                    id: [7; 16],
+                    file_len: 3 * 4096,
+                    runs: Some(vec![Run {
+                        guest_page: 5,
+                        file_page: 0,
+                        pages: 2,
+                    }]),
+                },
+            ],
+            vm: VmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                clock: kvm_bindings::kvm_clock_data {
+                    clock: 42,
+                    ..Default::default()
+                },
+            },
+            vcpus: vec![vcpu()],
+            devices: DevicesState {
+                serial: SerialDeviceState {
+                    baud_divisor_low: 12,
+                    baud_divisor_high: 0,
+                    interrupt_enable: 0,
+                    interrupt_identification: 1,
+                    line_control: 3,
+                    line_status: 0x60,
+                    modem_control: 8,
+                    modem_status: 0xb0,
+                    scratch: 0,
+                    in_buffer: vec![1, 2],
+                },
+                i8042: I8042State {},
+                mailbox: Some(MailboxState {
+                    gpa: 112 << 20,
+                    size: 16 << 20,
+                    port: 0xee0,
+                }),
+            },
+            guest: GuestSessionState {
+                next_seq: 9,
+                function_timeout_ms: Some(3000),
+                guest_info: Some(vec![1, 2, 3]),
+                generation: 2,
+                requests: 8,
+            },
+        }
+    }
+
+    /// save → encode → decode → compare, through the container.
+    #[test]
+    fn microvm_state_round_trips() {
+        let original = state();
+        let bytes = original.encode().unwrap();
+        let decoded: MicrovmState =
+            snapshot::decode(STATE_MAGIC, "state", Path::new("s"), &bytes).unwrap();
+        decoded.check().unwrap();
+        assert_eq!(decoded.id, original.id);
+        assert_eq!(decoded.memory, original.memory);
+        assert_eq!(decoded.guest, original.guest);
+        assert_eq!(decoded.devices.serial, original.devices.serial);
+        assert_eq!(decoded.devices.mailbox, original.devices.mailbox);
+        assert_eq!(decoded.vm.clock.clock, 42);
+        let (v, w) = (&decoded.vcpus[0], &original.vcpus[0]);
+        assert_eq!(v.regs.rip, w.regs.rip);
+        assert_eq!(v.regs.rax, w.regs.rax);
+        assert_eq!(v.msrs[0].data, 99);
+        assert_eq!(v.cpuid[0].ecx, 0x8000_0001);
+        assert_eq!(v.tsc_khz, w.tsc_khz);
+        assert!(v.parked && v.started);
+        assert_eq!(decoded.restore_runs(), 2);
+    }
+
+    #[test]
+    fn inconsistent_states_are_refused_with_the_reason() {
+        let refused = |change: fn(&mut MicrovmState), text: &str| {
+            let mut s = state();
+            change(&mut s);
+            let err = s.check().unwrap_err().to_string();
+            assert!(err.contains(text), "{err:?} should name {text:?}");
+        };
+        refused(|s| s.vcpu_count = 2, "vCPU states");
+        refused(|s| s.vcpu_count = 0, "vCPU states");
+        refused(|s| s.mem_size_mib = 16, "16 MiB");
+        refused(
+            |s| s.memory.remove(0).runs.map_or((), drop),
+            "Full memory file",
+        );
+        refused(
+            |s| s.memory[1].runs = None,
+            "a Full memory file is layered over another",
+        );
+        refused(
+            |s| {
+                s.memory[1].runs = Some(vec![
+                    Run {
+                        guest_page: 0,
+                        file_page: 0,
+                        pages: 1
+                    };
+                    MAX_RESTORE_RUNS + 1
+                ])
+            },
+            "mappings",
+        );
+        refused(
+            |s| s.devices.mailbox.as_mut().unwrap().gpa = 127 << 20,
+            "outside",
+        );
+        refused(
+            |s| s.vcpus[0].cpuid = vec![Default::default(); MAX_CPUID_ENTRIES + 1],
+            "CPUID entries",
+        );
+    }
 }

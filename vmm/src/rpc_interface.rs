@@ -363,6 +363,9 @@ pub struct EmberStatus {
     pub generation: u64,
     /// Snapshots taken by this process.
     pub snapshots_created: u64,
+    /// Pauses that waited for the mailbox to be quiet (the guest
+    /// preparing, or on its way to the exit behind an answer).
+    pub pauses_deferred: u64,
     /// Whether dirty pages are logged (Diff snapshots possible).
     pub track_dirty_pages: bool,
     /// With `--count-ring0`: instructions the boot path ran in ring 0.

@@ -219,6 +219,9 @@ pub struct Vmm {
     prepared: bool,
     /// Restored paused: the guest learns of the restore when resumed.
     restore_block_due: bool,
+    /// When a deferred pause gives up on the guest.
+    pause_deadline: Option<Instant>,
+    pauses_deferred: u64,
     /// Populates working sets off the restore path.
     prefetcher: Option<crate::snapshot::memory::Prefetcher>,
 }
@@ -291,6 +294,8 @@ impl Vmm {
             pause_when_idle: false,
             prepared: false,
             restore_block_due: false,
+            pause_deadline: None,
+            pauses_deferred: 0,
             prefetcher: None,
         })
     }
@@ -626,6 +631,7 @@ impl Vmm {
         if self.early_messages > 0 {
             // The exit behind a message already taken from memory.
             self.early_messages -= 1;
+            self.pause_if_quiet();
             return;
         }
         let Some(mailbox) = self.microvm.as_ref().and_then(|m| m.mailbox.as_ref()) else {
@@ -678,14 +684,26 @@ impl Vmm {
             )));
         }
         self.guest = GuestState::Idle;
-        if self.pause_when_idle {
-            self.pause_when_idle = false;
-            if let Some(Err(e)) = self.begin_transition(InstanceState::Paused) {
-                self.respond(Err(e));
-            }
+        self.pause_if_quiet();
+        self.deliver_if_waiting();
+    }
+
+    /// A deferred pause goes ahead once the mailbox is quiet: the guest
+    /// idle in its doorbell exit, no request pending, and no answer taken
+    /// from memory whose exit is still to come (a vCPU paused on its way
+    /// to that `out` would be saved outside the exit).
+    fn pause_if_quiet(&mut self) {
+        let quiet =
+            self.guest == GuestState::Idle && self.early_messages == 0 && self.pending.is_none();
+        if !(self.pause_when_idle && quiet) {
             return;
         }
-        self.deliver_if_waiting();
+        self.pause_when_idle = false;
+        self.pause_deadline = None;
+        self.disarm_timer();
+        if let Some(Err(e)) = self.begin_transition(InstanceState::Paused) {
+            self.respond(Err(e));
+        }
     }
 
     fn on_ready(&mut self, message: &GuestMessage) {
@@ -959,14 +977,21 @@ impl Vmm {
             return Some(Ok(VmmData::Empty));
         }
         if target == InstanceState::Paused
-            && matches!(
-                self.guest,
-                GuestState::Preparing(_) | GuestState::BusyAfterPreparing { .. }
-            )
+            && (self.early_messages > 0
+                || matches!(
+                    self.guest,
+                    GuestState::Preparing(_) | GuestState::BusyAfterPreparing { .. }
+                ))
         {
-            // The guest answered and prepares its next instance: pause once
-            // it says it is idle, so the mailbox is quiet in a paused VM.
+            // The guest answered and prepares its next instance, or is on
+            // its way to the exit behind an answer already taken: pause
+            // once the mailbox is quiet (see `pause_if_quiet`), or give up
+            // on the guest if it never is.
             self.pause_when_idle = true;
+            self.pauses_deferred += 1;
+            let wait = self.options.mailbox_timeout + INITIALIZE_ALLOWANCE + BACKSTOP_GRACE;
+            self.pause_deadline = Some(Instant::now() + wait);
+            self.arm_timer(wait);
             return None;
         }
         if target == InstanceState::Running {
@@ -1022,6 +1047,20 @@ impl Vmm {
     /// A request's deadline passed: the guest did not answer in time. It is
     /// not trusted again: the VM is stopped and ember-vmm exits (code 13).
     fn on_timer(&mut self) {
+        if let Some(deadline) = self.pause_deadline.filter(|_| self.pending.is_none()) {
+            let now = Instant::now();
+            if now < deadline {
+                return self.arm_timer(deadline - now);
+            }
+            log::error!("the guest did not become idle for a pause in time; stopping the VM");
+            self.pause_when_idle = false;
+            self.pause_deadline = None;
+            self.respond(Err(VmmActionError::GuestTimeout(
+                (self.options.mailbox_timeout + INITIALIZE_ALLOWANCE + BACKSTOP_GRACE).as_millis()
+                    as u64,
+            )));
+            return self.end_guest("unresponsive".into(), ExitCode::GuestUnresponsive);
+        }
         let Some(deadline) = self.pending.as_ref().map(|p| p.deadline) else {
             return;
         };
@@ -1169,6 +1208,7 @@ impl Vmm {
             console_input_dropped_bytes: serial.map_or(0, |s| s.dropped_input_bytes),
             generation: self.generation,
             snapshots_created: self.snapshots_created,
+            pauses_deferred: self.pauses_deferred,
             track_dirty_pages: self.microvm.as_ref().is_some_and(|m| m.vm.dirty_logging()),
             ring0_instructions: self.ring0_instructions,
         }

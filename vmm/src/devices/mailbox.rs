@@ -442,4 +442,39 @@ mod tests {
             Err(ProtocolError::Memory(_)) | Err(ProtocolError::UnknownKind(_))
         ));
     }
+
+    #[test]
+    fn mailbox_state_round_trips() {
+        use crate::snapshot::Persist;
+        let (mailbox, mem) = mailbox();
+        let state = mailbox.save();
+        let bytes = postcard::to_allocvec(&state).unwrap();
+        let decoded: MailboxState = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(decoded, state);
+        let restored = Mailbox::restore(mem, &decoded).unwrap();
+        assert_eq!(restored.save(), state);
+        assert_eq!(restored.layout(), mailbox.layout());
+        let bad = MailboxState {
+            size: 4097,
+            ..state
+        };
+        assert!(Mailbox::restore(restored.mem.clone(), &bad).is_err());
+    }
+
+    #[test]
+    fn restore_block_is_written_generation_last() {
+        let (mailbox, mem) = mailbox();
+        mailbox
+            .write_restore_block(3, 1_700_000_000, &[9; 32])
+            .unwrap();
+        let at = |offset: usize| mailbox.gpa() + offset as u64;
+        let generation: u64 = mem.read_obj(GuestAddress(at(offsets::GENERATION))).unwrap();
+        let realtime: u64 = mem
+            .read_obj(GuestAddress(at(offsets::RESTORE_REALTIME_NS)))
+            .unwrap();
+        let mut entropy = [0u8; RESTORE_ENTROPY_BYTES];
+        mem.read_slice(&mut entropy, GuestAddress(at(offsets::RESTORE_ENTROPY)))
+            .unwrap();
+        assert_eq!((generation, realtime, entropy), (3, 1_700_000_000, [9; 32]));
+    }
 }

@@ -237,7 +237,7 @@ pub fn write_full(
         Backing::Anonymous => Some(Pagemap::read(mem)?),
         Backing::Files => None,
     };
-    let file = std::fs::File::create(path).map_err(write_err)?;
+    let (file, tmp) = create_beside(path).map_err(write_err)?;
     file.set_len(mem.len).map_err(write_err)?;
     let mut stats = WriteStats::default();
     let mut run_start: Option<u64> = None;
@@ -272,11 +272,52 @@ pub fn write_full(
     }
     file.write_all_at(&trailer(id, mem.len, mem.len), mem.len)
         .map_err(write_err)?;
-    if sync {
-        file.sync_all().map_err(write_err)?;
-    }
+    finish_beside(file, tmp, path, sync).map_err(write_err)?;
     stats.file_len = mem.len + PAGE;
     Ok(stats)
+}
+
+/// A temporary file beside a memory file's name, removed unless
+/// [`finish_beside`] renamed it into place.
+struct Beside {
+    tmp: PathBuf,
+    done: bool,
+}
+
+impl Drop for Beside {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Creates a temporary file beside `path`. Memory files are never
+/// rewritten in place: VMs restored from the file at `path` map it, and
+/// truncating it would change (or zero) their memory under them; a new
+/// file renamed over the name leaves their mappings on the old one.
+fn create_beside(path: &Path) -> std::io::Result<(std::fs::File, Beside)> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let file = std::fs::File::create(&tmp)?;
+    Ok((file, Beside { tmp, done: false }))
+}
+
+/// Syncs (if asked) and renames the temporary file into place.
+fn finish_beside(
+    file: std::fs::File,
+    mut beside: Beside,
+    path: &Path,
+    sync: bool,
+) -> std::io::Result<()> {
+    if sync {
+        file.sync_all()?;
+    }
+    drop(file);
+    std::fs::rename(&beside.tmp, path)?;
+    beside.done = true;
+    Ok(())
 }
 
 /// The runs to store for a dirty bitmap (one bit per page, 64 per word):
@@ -325,7 +366,7 @@ pub fn write_diff(
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::create(path).map_err(write_err)?;
+    let (file, tmp) = create_beside(path).map_err(write_err)?;
     let mut stats = WriteStats::default();
     for run in runs {
         if run.guest_page + run.pages > mem.pages() {
@@ -350,9 +391,7 @@ pub fn write_diff(
     let data_len = stats.pages * PAGE;
     file.write_all_at(&trailer(id, data_len, mem.len), data_len)
         .map_err(write_err)?;
-    if sync {
-        file.sync_all().map_err(write_err)?;
-    }
+    finish_beside(file, tmp, path, sync).map_err(write_err)?;
     stats.file_len = data_len + PAGE;
     Ok(stats)
 }
@@ -381,7 +420,7 @@ pub fn check_layers(
                 Some(path) if i == last => path.to_path_buf(),
                 _ => layer.path.clone(),
             };
-            let file = std::fs::File::open(&path).map_err(|source| MemoryFileError::Open {
+            let file = open_regular(&path).map_err(|source| MemoryFileError::Open {
                 path: path.clone(),
                 source,
             })?;
@@ -392,7 +431,7 @@ pub fn check_layers(
                     source,
                 })?
                 .len();
-            if actual != layer.file_len {
+            if actual != layer.file_len || actual < PAGE || !actual.is_multiple_of(PAGE) {
                 return Err(MemoryFileError::Size {
                     path,
                     actual,
@@ -422,10 +461,11 @@ pub fn check_layers(
                 }
                 Some(runs) => {
                     for run in runs {
-                        let inside = run
-                            .guest_page
-                            .checked_add(run.pages)
-                            .is_some_and(|end| end <= mem_len / PAGE)
+                        let inside = run.pages > 0
+                            && run
+                                .guest_page
+                                .checked_add(run.pages)
+                                .is_some_and(|end| end <= mem_len / PAGE)
                             && run
                                 .file_page
                                 .checked_add(run.pages)
@@ -447,6 +487,23 @@ pub fn check_layers(
             })
         })
         .collect()
+}
+
+/// Opens `path` for reading without blocking on a FIFO or a device, and
+/// only if it is a regular file.
+pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
 }
 
 /// Maps checked layers over guest memory, oldest first, copy-on-write.
@@ -562,7 +619,7 @@ impl WorkingSet {
 
     /// Pages in each set.
     pub fn counts(&self) -> (u64, u64) {
-        let sum = |v: &[PageRange]| v.iter().map(|r| r.pages).sum();
+        let sum = |v: &[PageRange]| v.iter().fold(0u64, |n, r| n.saturating_add(r.pages));
         (sum(&self.read), sum(&self.written))
     }
 
@@ -632,6 +689,11 @@ impl Prefetcher {
                         "working set populated: {read} pages for reading, {written} for writing, in {} us",
                         started.elapsed().as_micros()
                     );
+                }
+                // The VMM side is gone (the process is ending): a thread's
+                // exit path makes calls its filter does not allow.
+                loop {
+                    std::thread::park();
                 }
             })?;
         Ok(Prefetcher { tx })
@@ -767,6 +829,59 @@ mod tests {
         assert!(matches!(
             check_layers(&foreign, None, len).err().unwrap(),
             MemoryFileError::Foreign { .. }
+        ));
+        // A file of the right length without a trailer.
+        let plain = dir.join("plain.mem");
+        std::fs::write(&plain, vec![0u8; (stats.file_len) as usize]).unwrap();
+        let mut no_trailer = layers.clone();
+        no_trailer[1].path = plain.clone();
+        assert!(matches!(
+            check_layers(&no_trailer, None, len).err().unwrap(),
+            MemoryFileError::NoTrailer { .. }
+        ));
+        // Runs of no pages, or past memory or the file, are refused.
+        for bad_run in [
+            Run {
+                guest_page: 1,
+                file_page: 0,
+                pages: 0,
+            },
+            Run {
+                guest_page: 63,
+                file_page: 0,
+                pages: 2,
+            },
+            Run {
+                guest_page: 0,
+                file_page: 1,
+                pages: 1,
+            },
+            Run {
+                guest_page: u64::MAX,
+                file_page: 0,
+                pages: 2,
+            },
+        ] {
+            let mut bad = layers.clone();
+            bad[1].runs = Some(vec![bad_run]);
+            assert!(
+                matches!(
+                    check_layers(&bad, None, len).err(),
+                    Some(MemoryFileError::BadRun { .. })
+                ),
+                "{bad_run:?}"
+            );
+        }
+        // A length below one page (no room for a trailer) is refused, not
+        // an underflow.
+        let tiny = dir.join("tiny.mem");
+        std::fs::write(&tiny, b"x").unwrap();
+        let mut short = layers.clone();
+        short[1].path = tiny;
+        short[1].file_len = 1;
+        assert!(matches!(
+            check_layers(&short, None, len).err().unwrap(),
+            MemoryFileError::Size { .. }
         ));
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -254,7 +254,15 @@ pub fn read_file(path: &Path, what: &'static str) -> Result<Vec<u8>, SnapshotFil
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(read)?;
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Not blocking on a FIFO: it is refused just below.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(read)?
+    };
     let meta = file.metadata().map_err(read)?;
     if !meta.is_file() {
         return Err(SnapshotFileError::NotAFile {
@@ -366,6 +374,40 @@ mod tests {
             decode_sample(&bytes).unwrap_err(),
             SnapshotFileError::Version { .. }
         ));
+    }
+
+    #[test]
+    fn a_payload_of_another_shape_is_a_decode_error() {
+        // A valid container whose payload is not a `Sample`.
+        let bytes = encode(STATE_MAGIC, &(1u8,)).unwrap();
+        let err = decode_sample(&bytes).unwrap_err();
+        assert!(matches!(err, SnapshotFileError::Decode { .. }), "{err}");
+    }
+
+    #[test]
+    fn read_file_refuses_what_is_no_container() {
+        let dir = std::env::temp_dir().join(format!("ember-readfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(matches!(
+            read_file(&empty, "state").unwrap_err(),
+            SnapshotFileError::TooShort { .. }
+        ));
+        let big = dir.join("big");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_PAYLOAD + 64)
+            .unwrap();
+        assert!(matches!(
+            read_file(&big, "state").unwrap_err(),
+            SnapshotFileError::FileTooLarge { .. }
+        ));
+        assert!(matches!(
+            read_file(&dir, "state").unwrap_err(),
+            SnapshotFileError::NotAFile { .. }
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

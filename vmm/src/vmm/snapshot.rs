@@ -69,6 +69,18 @@ fn absolute(path: &Path) -> std::io::Result<PathBuf> {
     }
 }
 
+/// Whether `a` and `b` are the same file (same path, or the same inode).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if a == b {
+        return true;
+    }
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 fn micros(since: Instant) -> u64 {
     since.elapsed().as_micros() as u64
 }
@@ -151,7 +163,7 @@ impl Vmm {
             ));
         }
         match &self.guest {
-            GuestState::Idle if self.pending.is_none() => {}
+            GuestState::Idle if self.pending.is_none() && self.early_messages == 0 => {}
             GuestState::Stopped(how) => {
                 return Err(create_error(format!("the guest has stopped ({how})")))
             }
@@ -179,6 +191,23 @@ impl Vmm {
         }
         let snapshot_path = absolute(&params.snapshot_path).map_err(create_error)?;
         let mem_path = absolute(&params.mem_file_path).map_err(create_error)?;
+        if snapshot_path == mem_path {
+            return Err(create_error(
+                "snapshot_path and mem_file_path name the same file",
+            ));
+        }
+        if diff {
+            if let Some(parent) = microvm
+                .layers
+                .iter()
+                .find(|l| same_file(&l.path, &mem_path))
+            {
+                return Err(create_error(format!(
+                    "mem_file_path {} is a parent of this Diff (the chain needs it as it is): write the layer elsewhere",
+                    parent.path.display()
+                )));
+            }
+        }
         let id = random_id().map_err(|e| create_error(format!("no entropy for an id: {e}")))?;
 
         // vCPU state first: each thread completes its pending `out`.
@@ -212,18 +241,57 @@ impl Vmm {
         for (d, v) in dirty.iter_mut().zip(vmm_writes) {
             *d |= v;
         }
-        let written = if diff {
-            let runs = dirty_runs(&dirty, host.len / memory::PAGE);
-            memory::write_diff(host, &runs, &mem_path, &id, params.ember_sync)
-                .map(|stats| (stats, Some(runs)))
-        } else {
-            memory::write_full(host, microvm.backing, &mem_path, &id, params.ember_sync)
-                .map(|stats| (stats, None))
-        };
-        let (stats, runs) = match written {
+        // Everything from here writes files; on any failure the pages go
+        // back into the bitmap, so that the next Diff still has them.
+        let outcome = (|| -> Result<_, VmmActionError> {
+            let (stats, runs) = if diff {
+                let runs = dirty_runs(&dirty, host.len / memory::PAGE);
+                let stats = memory::write_diff(host, &runs, &mem_path, &id, params.ember_sync)
+                    .map_err(create_error)?;
+                (stats, Some(runs))
+            } else {
+                let stats =
+                    memory::write_full(host, microvm.backing, &mem_path, &id, params.ember_sync)
+                        .map_err(create_error)?;
+                (stats, None)
+            };
+            let mut layers = if diff {
+                microvm.layers.clone()
+            } else {
+                Vec::new()
+            };
+            layers.push(MemoryLayer {
+                path: mem_path.clone(),
+                id,
+                file_len: stats.file_len,
+                runs,
+            });
+            let state = MicrovmState {
+                vmm_version: crate::VMM_VERSION.to_string(),
+                id,
+                snapshot_type: params.snapshot_type,
+                vcpu_count: microvm.vcpus.len() as u8,
+                mem_size_mib: self.resources.machine_config.mem_size_mib,
+                host_cpuid: microvm.supported_cpuid.as_slice().to_vec(),
+                memory: layers,
+                vm,
+                vcpus,
+                devices,
+                guest: GuestSessionState {
+                    next_seq: self.next_seq,
+                    function_timeout_ms: self.function_timeout_ms,
+                    guest_info: self.guest_info.map(|info| info.encode().to_vec()),
+                    generation: self.generation,
+                    requests: self.requests,
+                },
+            };
+            let bytes = state.encode().map_err(create_error)?;
+            crate::snapshot::write_file_atomic(&snapshot_path, &bytes).map_err(create_error)?;
+            Ok((state, stats, bytes.len()))
+        })();
+        let (state, stats, state_bytes) = match outcome {
             Ok(done) => done,
             Err(e) => {
-                // Not lost: the next Diff still sees these pages.
                 for (word_index, word) in dirty.iter().enumerate() {
                     for bit in 0..64 {
                         if word & (1 << bit) != 0 {
@@ -231,43 +299,9 @@ impl Vmm {
                         }
                     }
                 }
-                return Err(create_error(e));
+                return Err(e);
             }
         };
-        let this_layer = MemoryLayer {
-            path: mem_path,
-            id,
-            file_len: stats.file_len,
-            runs,
-        };
-        let mut layers = if diff {
-            microvm.layers.clone()
-        } else {
-            Vec::new()
-        };
-        layers.push(this_layer);
-
-        let state = MicrovmState {
-            vmm_version: crate::VMM_VERSION.to_string(),
-            id,
-            snapshot_type: params.snapshot_type,
-            vcpu_count: microvm.vcpus.len() as u8,
-            mem_size_mib: self.resources.machine_config.mem_size_mib,
-            host_cpuid: microvm.supported_cpuid.as_slice().to_vec(),
-            memory: layers,
-            vm,
-            vcpus,
-            devices,
-            guest: GuestSessionState {
-                next_seq: self.next_seq,
-                function_timeout_ms: self.function_timeout_ms,
-                guest_info: self.guest_info.map(|info| info.encode().to_vec()),
-                generation: self.generation,
-                requests: self.requests,
-            },
-        };
-        let bytes = state.encode().map_err(create_error)?;
-        crate::snapshot::write_file_atomic(&snapshot_path, &bytes).map_err(create_error)?;
         let restore_runs = state.restore_runs();
         let layer_count = state.memory.len();
         if let Some(microvm) = &mut self.microvm {
@@ -283,7 +317,7 @@ impl Vmm {
             memory_pages: stats.pages,
             memory_runs: stats.runs,
             memory_file_bytes: stats.file_len,
-            state_bytes: bytes.len() as u64,
+            state_bytes: state_bytes as u64,
             layers: layer_count,
             restore_runs,
         };
@@ -301,12 +335,20 @@ impl Vmm {
         }
         let top_path = params.memory_path().map_err(load_error)?;
         let state = MicrovmState::read(&params.snapshot_path).map_err(load_error)?;
-        let tracking = params.dirty_tracking();
+        let was_prepared = self.prepared;
         if self.microvm.is_none() {
             // Not prepared: build the VM to the snapshot's shape now. If a
             // later check fails, this process stays prepared for it.
-            self.build_for_restore(state.vcpu_count, state.mem_size_mib, tracking)?;
+            self.build_for_restore(
+                state.vcpu_count,
+                state.mem_size_mib,
+                params.dirty_tracking(),
+            )?;
+            self.prepared = true;
         }
+        // `--prepare --track-dirty-pages` or the request: either turns it on.
+        let tracking = params.dirty_tracking() || self.resources.machine_config.track_dirty_pages;
+        self.resources.machine_config.track_dirty_pages = tracking;
         let Some(microvm) = &mut self.microvm else {
             return Err(VmmActionError::Internal("no VM after building one".into()));
         };
@@ -323,7 +365,10 @@ impl Vmm {
             )));
         }
         match (&state.devices.mailbox, &microvm.mailbox) {
-            (Some(saved), Some(here)) if saved.gpa == here.gpa() && saved.size == here.layout().size => {}
+            (Some(saved), Some(here))
+                if saved.gpa == here.gpa()
+                    && saved.size == here.layout().size
+                    && saved.port == here.port() => {}
             (None, None) => {}
             _ => {
                 return Err(load_error(
@@ -348,17 +393,14 @@ impl Vmm {
                 .map_err(|e| e.to_string())?;
             let _ = microvm.vm.take_dirty_log();
             microvm.vmm_writes().reset();
-            microvm
-                .vm
-                .restore_state(&state.vm)
-                .map_err(|e| e.to_string())?;
             Ok(runs)
         })();
         let runs = match result {
             Ok(runs) => runs,
             Err(e) => return Err(self.restore_failed(e)),
         };
-        let paused = !params.resume_vm;
+        // vCPUs restored paused, whatever was asked: nothing runs before
+        // the VM state, the devices and the restore block are in place.
         let mut replies = Vec::with_capacity(state.vcpus.len());
         let mut vcpu_states = state.vcpus.into_iter();
         if let Some(microvm) = &self.microvm {
@@ -369,7 +411,7 @@ impl Vmm {
                 let (reply, answer) = channel();
                 vcpu.send(VcpuCommand::Restore {
                     state: Box::new(vcpu_state),
-                    paused,
+                    paused: true,
                     reply,
                 });
                 replies.push((vcpu.index, answer));
@@ -388,6 +430,11 @@ impl Vmm {
                 }
             }
         }
+        // VM state after the vCPUs' (LAPICs, TSC), as Firecracker orders it.
+        let vm_restored = self.microvm.as_ref().map(|m| m.vm.restore_state(&state.vm));
+        if let Some(Err(e)) = vm_restored {
+            return Err(self.restore_failed(e.to_string()));
+        }
         // The guest's session, and what it needs to know it was restored.
         let session = state.guest;
         self.generation = session.generation + 1;
@@ -399,7 +446,7 @@ impl Vmm {
                 return Err(self.restore_failed(e));
             }
         }
-        self.next_seq = session.next_seq;
+        self.next_seq = session.next_seq.max(1);
         self.function_timeout_ms = session.function_timeout_ms;
         self.requests = session.requests;
         self.guest_info = session.guest_info.as_deref().and_then(GuestInfo::decode);
@@ -409,7 +456,7 @@ impl Vmm {
         let mut loaded = SnapshotLoaded {
             restore_us: 0,
             since_process_start_us: 0,
-            prepared: self.prepared,
+            prepared: was_prepared,
             memory_runs: runs,
             working_set: "off",
             prefetched_read_pages: 0,
@@ -461,12 +508,16 @@ impl Vmm {
         self.started_at = Some(started);
         self.ready_at = Some(now);
         self.guest = GuestState::Idle;
-        self.state = if paused {
-            InstanceState::Paused
-        } else {
-            InstanceState::Running
-        };
         self.prepared = false;
+        self.state = InstanceState::Paused;
+        if params.resume_vm {
+            if let Some(microvm) = &self.microvm {
+                for vcpu in &microvm.vcpus {
+                    vcpu.send(VcpuCommand::Resume);
+                }
+            }
+            self.state = InstanceState::Running;
+        }
         loaded.restore_us = micros(started);
         loaded.since_process_start_us = (now - self.process_start).as_micros() as u64;
         log::info!("snapshot loaded: {loaded:?}");
@@ -476,7 +527,7 @@ impl Vmm {
     /// Tells a restored guest so in its mailbox: a new generation, the
     /// wall-clock time and fresh entropy. Before its vCPUs first run.
     pub(super) fn write_restore_block(&mut self) -> Result<(), String> {
-        if !std::mem::take(&mut self.restore_block_due) {
+        if !self.restore_block_due {
             return Ok(());
         }
         let mut entropy = [0u8; RESTORE_ENTROPY_BYTES];
@@ -484,12 +535,13 @@ impl Vmm {
         let realtime_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        match self.microvm.as_ref().and_then(|m| m.mailbox.as_ref()) {
-            Some(mailbox) => mailbox
+        if let Some(mailbox) = self.microvm.as_ref().and_then(|m| m.mailbox.as_ref()) {
+            mailbox
                 .write_restore_block(self.generation, realtime_ns, &entropy)
-                .map_err(|e| format!("cannot write the restore block: {e}")),
-            None => Ok(()),
+                .map_err(|e| format!("cannot write the restore block: {e}"))?;
         }
+        self.restore_block_due = false;
+        Ok(())
     }
 
     /// Serial, i8042 and mailbox from their saved states.
