@@ -188,12 +188,7 @@ impl Launched {
                     revents: 0,
                 },
             ];
-            let wait_ms = (deadline - now).as_millis().min(i32::MAX as u128) as i32;
-            // SAFETY: `fds` is a valid array of two pollfd for the call.
-            let ret = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait_ms) };
-            if ret < 0 {
-                return Err(format!("poll: {}", std::io::Error::last_os_error()));
-            }
+            poll_until(&mut fds, deadline)?;
             if fds[0].revents != 0 {
                 let at = read_some(&mut self.stdout, &mut self.console, &self.log)?;
                 if marker.is_none() && contains(&self.console, ember_abi::READY_MARKER) {
@@ -245,6 +240,22 @@ impl Drop for Launched {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Waits (poll(2)) until one of `fds` is readable or `deadline` passes;
+/// a negative fd is ignored.
+pub fn poll_until(fds: &mut [libc::pollfd], deadline: Instant) -> Result<(), String> {
+    let wait_ms = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis()
+        .min(i32::MAX as u128) as i32;
+    // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd of the
+    // length passed.
+    let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
+    if ret < 0 {
+        return Err(format!("poll: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Makes the child run on `cpu` only (inherited by all its threads).

@@ -135,13 +135,7 @@ impl Child {
                     revents: 0,
                 },
             ];
-            let wait_ms = (deadline - now).as_millis().min(i32::MAX as u128) as i32;
-            // SAFETY: `fds` is a valid array of two pollfd for the call (a
-            // negative fd is ignored by poll).
-            let ret = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait_ms) };
-            if ret < 0 {
-                return Err(format!("poll: {}", std::io::Error::last_os_error()));
-            }
+            crate::launch::poll_until(&mut fds, deadline)?;
             let mut chunk = [0u8; 4096];
             for (i, fd) in fds.iter().enumerate() {
                 if fd.revents == 0 {
@@ -165,11 +159,15 @@ impl Child {
     }
 
     /// Waits until the API socket accepts a connection (for a VMM that
-    /// does not log when it listens).
+    /// does not log when it listens); the client waits at most PATIENCE
+    /// for an answer.
     fn wait_socket(&self) -> Result<ApiClient, String> {
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Ok(client) = ApiClient::connect(&self.sock) {
+                client
+                    .set_timeout(Some(PATIENCE))
+                    .map_err(|e| e.to_string())?;
                 return Ok(client);
             }
             if Instant::now() >= deadline {
@@ -338,6 +336,21 @@ impl Bench<'_> {
         let mut child = Child::spawn(&self.binaries.vmm, &args, &self.dir, &self.name("p"))?;
         child.wait_for("prepared for a restore")?;
         Ok(child)
+    }
+
+    /// Spawns `binary` (not prepared) with `args`, and sends it `load`
+    /// as soon as its socket accepts: the child, its client, the load's
+    /// answer and the load's time (µs).
+    fn restore_fresh(
+        &self,
+        binary: &Path,
+        args: &[&str],
+        load: &Value,
+    ) -> Result<(Child, ApiClient, Value, f64), String> {
+        let child = Child::spawn(binary, args, &self.dir, &self.name("r"))?;
+        let mut client = child.wait_socket()?;
+        let (loaded, us) = call(&mut client, "PUT", "/snapshot/load", load)?;
+        Ok((child, client, loaded, us))
     }
 
     /// An ember-vmm that is not prepared, once it listens.
@@ -556,20 +569,9 @@ fn run(bench: &Bench, options: &Options) -> Result<Value, String> {
         prepared_inside_us.push(loaded["restore_us"].as_f64().unwrap_or(0.0));
         drop(child);
 
-        let child = Child::spawn(
+        let (child, _, loaded, _) = bench.restore_fresh(
             &bench.binaries.vmm,
             &["--log-level", "info"],
-            &bench.dir,
-            &bench.name("s"),
-        )?;
-        let mut client = child.wait_socket()?;
-        client
-            .set_timeout(Some(PATIENCE))
-            .map_err(|e| e.to_string())?;
-        let (loaded, _) = call(
-            &mut client,
-            "PUT",
-            "/snapshot/load",
             &echo.load_body(false, false),
         )?;
         start_us.push(child.spawned_at.elapsed().as_secs_f64() * 1e6);
@@ -678,20 +680,9 @@ fn run(bench: &Bench, options: &Options) -> Result<Value, String> {
     for &copies in &options.copies {
         let mut children = Vec::with_capacity(copies);
         for _ in 0..copies {
-            let child = Child::spawn(
+            let (child, mut client, _, _) = bench.restore_fresh(
                 &bench.binaries.vmm,
                 &["--log-level", "warn"],
-                &bench.dir,
-                &bench.name("c"),
-            )?;
-            let mut client = child.wait_socket()?;
-            client
-                .set_timeout(Some(PATIENCE))
-                .map_err(|e| e.to_string())?;
-            call(
-                &mut client,
-                "PUT",
-                "/snapshot/load",
                 &echo.load_body(false, false),
             )?;
             invoke(&mut client, b"hello")?;
@@ -814,20 +805,9 @@ fn restores_per_second(
                 scope.spawn(|| -> Result<Vec<Child>, String> {
                     let mut alive = Vec::new();
                     for _ in 0..count / parallel {
-                        let child = Child::spawn(
+                        let (child, _, _, _) = bench.restore_fresh(
                             &bench.binaries.vmm,
                             &["--log-level", "warn"],
-                            &bench.dir,
-                            &bench.name("t"),
-                        )?;
-                        let mut client = child.wait_socket()?;
-                        client
-                            .set_timeout(Some(PATIENCE))
-                            .map_err(|e| e.to_string())?;
-                        call(
-                            &mut client,
-                            "PUT",
-                            "/snapshot/load",
                             &snapshot.load_body(false, false),
                         )?;
                         // Teardown stays off the measured path.
@@ -872,9 +852,6 @@ fn firecracker(
         let args: &[&str] = if ember { &["--log-level", "info"] } else { &[] };
         let mut child = Child::spawn_with(binary, args, &bench.dir, name, true)?;
         let mut client = child.wait_socket()?;
-        client
-            .set_timeout(Some(PATIENCE))
-            .map_err(|e| e.to_string())?;
         call(
             &mut client,
             "PUT",
@@ -904,20 +881,14 @@ fn firecracker(
         let (_fc, mut fc) = boot(binary, &bench.name("fc"))?;
         let (_em, mut em) = boot(&bench.binaries.vmm, &bench.name("em"))?;
         for _ in 0..3 {
-            let (_, us) = call(
-                &mut fc,
-                "PUT",
-                "/snapshot/create",
-                &fc_snapshot.create_body("Full"),
-            )?;
-            fc_create.push(us / 1000.0);
-            let (_, us) = call(
-                &mut em,
-                "PUT",
-                "/snapshot/create",
-                &ember_copy.create_body("Full"),
-            )?;
-            ember_create.push(us / 1000.0);
+            for (client, snapshot, times) in [
+                (&mut fc, &fc_snapshot, &mut fc_create),
+                (&mut em, &ember_copy, &mut ember_create),
+            ] {
+                let body = snapshot.create_body("Full");
+                let (_, us) = call(client, "PUT", "/snapshot/create", &body)?;
+                times.push(us / 1000.0);
+            }
         }
     }
     let load_body = |snapshot: &Snapshot| {
@@ -928,12 +899,7 @@ fn firecracker(
         })
     };
     let restore = |binary: &Path, snapshot: &Snapshot| -> Result<(f64, f64), String> {
-        let child = Child::spawn(binary, &[], &bench.dir, &bench.name("r"))?;
-        let mut client = child.wait_socket()?;
-        client
-            .set_timeout(Some(PATIENCE))
-            .map_err(|e| e.to_string())?;
-        let (_, us) = call(&mut client, "PUT", "/snapshot/load", &load_body(snapshot))?;
+        let (child, _, _, us) = bench.restore_fresh(binary, &[], &load_body(snapshot))?;
         Ok((us, child.spawned_at.elapsed().as_secs_f64() * 1e6))
     };
     let (mut fc_load, mut fc_start, mut em_load, mut em_start) =

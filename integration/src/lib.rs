@@ -514,6 +514,14 @@ pub fn boot_with(
     mem_mib: usize,
     launch: Launch,
 ) -> Result<(VmmProcess, ApiClient), String> {
+    boot_machine(machine_config(vcpus, mem_mib), launch)
+}
+
+/// As [`boot`], with `machine` as the body of `PUT /machine-config`.
+pub fn boot_machine(
+    machine: serde_json::Value,
+    launch: Launch,
+) -> Result<(VmmProcess, ApiClient), String> {
     let image = guest_image()?;
     let vmm = VmmProcess::start(launch)?;
     let mut client = vmm.client();
@@ -523,13 +531,55 @@ pub fn boot_with(
         "PUT /boot-source",
     )?;
     expect_status(
-        client.put_json("/machine-config", &machine_config(vcpus, mem_mib)),
+        client.put_json("/machine-config", &machine),
         204,
         "PUT /machine-config",
     )?;
     expect_status(action(&mut client, "InstanceStart"), 204, "InstanceStart")?;
     vmm.wait_ready()?;
     Ok((vmm, client))
+}
+
+/// The built example function `name` (e.g. `echo.wasm`).
+pub fn example(name: &str) -> Result<PathBuf, String> {
+    let path = examples_dir()?.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("example {} is missing", path.display()))
+    }
+}
+
+/// Expects a successful invocation (with its duration header); returns
+/// its result.
+pub fn invoke_ok(client: &mut ApiClient, event: &[u8]) -> Result<Vec<u8>, String> {
+    use ember_vmm::api::parsed_request::{DURATION_HEADER, FUNCTION_ERROR_HEADER};
+    let response = expect_status(client.post("/ember/invoke", event), 200, "invoke")?;
+    if let Some(kind) = response.header(FUNCTION_ERROR_HEADER) {
+        return Err(format!(
+            "the invocation failed ({kind}): {}",
+            String::from_utf8_lossy(&response.body)
+        ));
+    }
+    if response
+        .header(DURATION_HEADER)
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_none()
+    {
+        return Err("no duration header".into());
+    }
+    Ok(response.body)
+}
+
+/// Fails unless `got` is `want`, showing both as text.
+pub fn same(got: &[u8], want: &[u8]) -> TestResult {
+    check(got == want, || {
+        format!(
+            "got {:?}, want {:?}",
+            String::from_utf8_lossy(got),
+            String::from_utf8_lossy(want)
+        )
+    })
 }
 
 /// Checks a response's status; returns the response.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use ember_integration::*;
 use ember_vmm::api::client::{ApiClient, ApiResponse};
-use ember_vmm::api::parsed_request::{DURATION_HEADER, FUNCTION_ERROR_HEADER, LOG_HEADER};
+use ember_vmm::api::parsed_request::{FUNCTION_ERROR_HEADER, LOG_HEADER};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -75,15 +75,6 @@ fn main() {
     run_kvm_tests(tests);
 }
 
-fn example(name: &str) -> Result<PathBuf, String> {
-    let path = examples_dir()?.join(name);
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(format!("example {} is missing", path.display()))
-    }
-}
-
 /// Boots a VM and loads `config` (its `module_path` set to `module`).
 fn with_function(
     module: &Path,
@@ -107,25 +98,6 @@ fn with_function_args(
     )?
     .json();
     Ok((vmm, client, loaded))
-}
-
-/// Expects a successful invocation; returns its result.
-fn invoke_ok(client: &mut ApiClient, event: &[u8]) -> Result<Vec<u8>, String> {
-    let response = expect_status(client.post("/ember/invoke", event), 200, "invoke")?;
-    if let Some(kind) = response.header(FUNCTION_ERROR_HEADER) {
-        return Err(format!(
-            "the invocation failed ({kind}): {}",
-            String::from_utf8_lossy(&response.body)
-        ));
-    }
-    if response
-        .header(DURATION_HEADER)
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_none()
-    {
-        return Err("no duration header".into());
-    }
-    Ok(response.body)
 }
 
 /// Expects a failed invocation of `kind` whose message contains `text`;
@@ -160,16 +132,6 @@ fn log_of(response: &ApiResponse) -> String {
         .decode(encoded)
         .unwrap_or_default();
     String::from_utf8_lossy(&bytes).into_owned()
-}
-
-fn same(got: &[u8], want: &[u8]) -> TestResult {
-    check(got == want, || {
-        format!(
-            "got {:?}, want {:?}",
-            String::from_utf8_lossy(got),
-            String::from_utf8_lossy(want)
-        )
-    })
 }
 
 fn echo() -> TestResult {

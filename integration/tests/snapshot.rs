@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use ember_integration::*;
 use ember_vmm::api::client::ApiClient;
-use ember_vmm::api::parsed_request::FUNCTION_ERROR_HEADER;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -54,37 +53,17 @@ fn main() {
 /// Guest memory of every VM here, MiB.
 const MEM_MIB: usize = 128;
 
-fn example(name: &str) -> Result<PathBuf, String> {
-    let path = examples_dir()?.join(name);
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(format!("example {} is missing", path.display()))
-    }
-}
-
 /// Boots a 1-vCPU VM (logging dirty pages when `track`).
 fn boot_vm(track: bool) -> Result<(VmmProcess, ApiClient), String> {
-    let vmm = VmmProcess::start(Launch {
-        api: true,
-        ..Launch::default()
-    })?;
-    let mut client = vmm.client();
-    expect_status(
-        client.put_json("/boot-source", &boot_source(&guest_image()?)),
-        204,
-        "PUT /boot-source",
-    )?;
     let mut machine = machine_config(1, MEM_MIB);
     machine["track_dirty_pages"] = json!(track);
-    expect_status(
-        client.put_json("/machine-config", &machine),
-        204,
-        "PUT /machine-config",
-    )?;
-    expect_status(action(&mut client, "InstanceStart"), 204, "InstanceStart")?;
-    vmm.wait_ready()?;
-    Ok((vmm, client))
+    boot_machine(
+        machine,
+        Launch {
+            api: true,
+            ..Launch::default()
+        },
+    )
 }
 
 fn load(client: &mut ApiClient, module: &Path) -> TestResult {
@@ -94,27 +73,6 @@ fn load(client: &mut ApiClient, module: &Path) -> TestResult {
         "PUT /ember/function",
     )?;
     Ok(())
-}
-
-fn invoke_ok(client: &mut ApiClient, event: &[u8]) -> Result<Vec<u8>, String> {
-    let response = expect_status(client.post("/ember/invoke", event), 200, "invoke")?;
-    if let Some(kind) = response.header(FUNCTION_ERROR_HEADER) {
-        return Err(format!(
-            "the invocation failed ({kind}): {}",
-            String::from_utf8_lossy(&response.body)
-        ));
-    }
-    Ok(response.body)
-}
-
-fn same(got: &[u8], want: &[u8]) -> TestResult {
-    check(got == want, || {
-        format!(
-            "got {:?}, want {:?}",
-            String::from_utf8_lossy(got),
-            String::from_utf8_lossy(want)
-        )
-    })
 }
 
 /// A snapshot's two files.

@@ -198,6 +198,16 @@ struct Shape {
     mailbox_port: Option<u16>,
 }
 
+impl Shape {
+    fn new(vcpu_count: u8, track_dirty_pages: bool, options: &BuildOptions) -> Shape {
+        Shape {
+            vcpu_count,
+            track_dirty_pages,
+            mailbox_port: options.mailbox.then_some(DEFAULT_DOORBELL_PORT),
+        }
+    }
+}
+
 /// VM (memory registered before the irqchip), vCPU fds, devices.
 fn build_skeleton(
     kvm: &kvm_ioctls::Kvm,
@@ -261,11 +271,7 @@ pub fn build_microvm_for_restore(
     let mem_size = (mem_size_mib as u64) << 20;
     let mem = create_guest_memory(mem_size as usize)?;
     let (kvm, vm_fd, supported_cpuid) = kvm.into_parts()?;
-    let shape = Shape {
-        vcpu_count,
-        track_dirty_pages,
-        mailbox_port: options.mailbox.then_some(DEFAULT_DOORBELL_PORT),
-    };
+    let shape = Shape::new(vcpu_count, track_dirty_pages, options);
     let skeleton = build_skeleton(&kvm, vm_fd, &mem, shape, console, reset_evt)?;
     let mailbox = if options.mailbox {
         Some(Mailbox::new(
@@ -354,11 +360,7 @@ pub fn build_microvm_for_boot(
             })
             .map_err(StartMicrovmError::LoaderThread)?;
         let (kvm, vm_fd, supported_cpuid) = kvm.into_parts()?;
-        let shape = Shape {
-            vcpu_count: machine.vcpu_count,
-            track_dirty_pages: machine.track_dirty_pages,
-            mailbox_port: options.mailbox.then_some(DEFAULT_DOORBELL_PORT),
-        };
+        let shape = Shape::new(machine.vcpu_count, machine.track_dirty_pages, options);
         let skeleton = build_skeleton(&kvm, vm_fd, &mem, shape, console, reset_evt)?;
         let Skeleton {
             vm,

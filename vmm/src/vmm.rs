@@ -316,15 +316,7 @@ impl Vmm {
         }
         // A failed start leaves nothing half-used: the console is a fresh
         // handle each time, and the VM prepared at process start is replaced.
-        let console = self
-            .console
-            .try_clone()
-            .map(ConsoleOutput::new)
-            .map_err(|e| VmmActionError::Internal(format!("cannot reopen the console: {e}")))?;
-        let kvm = match self.kvm.take() {
-            Some(kvm) => kvm,
-            None => KvmContext::open().map_err(StartMicrovmError::Kvm)?,
-        };
+        let (console, kvm) = self.console_and_kvm()?;
         let build = BuildOptions {
             mailbox: self.options.mailbox,
             seccomp: self.options.seccomp,
@@ -355,6 +347,21 @@ impl Vmm {
         self.state = InstanceState::Running;
         self.guest = GuestState::Booting;
         Ok(())
+    }
+
+    /// A fresh handle on the console, and the KVM context made at process
+    /// start (or a new one, after a failed start used it).
+    fn console_and_kvm(&mut self) -> Result<(ConsoleOutput, KvmContext), VmmActionError> {
+        let console = self
+            .console
+            .try_clone()
+            .map(ConsoleOutput::new)
+            .map_err(|e| VmmActionError::Internal(format!("cannot reopen the console: {e}")))?;
+        let kvm = match self.kvm.take() {
+            Some(kvm) => kvm,
+            None => KvmContext::open().map_err(StartMicrovmError::Kvm)?,
+        };
+        Ok((console, kvm))
     }
 
     /// Runs one API action; `None` when the answer comes later (from the guest).

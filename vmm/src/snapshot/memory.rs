@@ -229,10 +229,7 @@ pub fn write_full(
     id: &SnapshotId,
     sync: bool,
 ) -> Result<WriteStats, MemoryFileError> {
-    let write_err = |source| MemoryFileError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
+    let write_err = write_error(path);
     let pagemap = match backing {
         Backing::Anonymous => Some(Pagemap::read(mem)?),
         Backing::Files => None,
@@ -275,6 +272,14 @@ pub fn write_full(
     finish_beside(file, tmp, path, sync).map_err(write_err)?;
     stats.file_len = mem.len + PAGE;
     Ok(stats)
+}
+
+/// Wraps an I/O error writing the memory file `path`.
+fn write_error(path: &Path) -> impl Fn(std::io::Error) -> MemoryFileError + Copy + '_ {
+    move |source| MemoryFileError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A temporary file beside a memory file's name, removed unless
@@ -362,10 +367,7 @@ pub fn write_diff(
     id: &SnapshotId,
     sync: bool,
 ) -> Result<WriteStats, MemoryFileError> {
-    let write_err = |source| MemoryFileError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
+    let write_err = write_error(path);
     let (file, tmp) = create_beside(path).map_err(write_err)?;
     let mut stats = WriteStats::default();
     for run in runs {

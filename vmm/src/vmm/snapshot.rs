@@ -36,7 +36,6 @@ use crate::snapshot::memory::{
 };
 use crate::snapshot::{Persist, WORKING_SET_MAGIC};
 use crate::vmm_config::snapshot::{CreateSnapshotParams, LoadSnapshotParams};
-use crate::vstate::kvm::KvmContext;
 use crate::vstate::vcpu::VcpuCommand;
 use crate::ExitCode;
 
@@ -113,15 +112,7 @@ impl Vmm {
         if self.microvm.is_some() || self.state != InstanceState::NotStarted {
             return Err(VmmActionError::AlreadyStarted);
         }
-        let console = self
-            .console
-            .try_clone()
-            .map(ConsoleOutput::new)
-            .map_err(|e| VmmActionError::Internal(format!("cannot reopen the console: {e}")))?;
-        let kvm = match self.kvm.take() {
-            Some(kvm) => kvm,
-            None => KvmContext::open().map_err(crate::builder::StartMicrovmError::Kvm)?,
-        };
+        let (console, kvm) = self.console_and_kvm()?;
         let options = BuildOptions {
             mailbox: self.options.mailbox,
             seccomp: self.options.seccomp,
