@@ -46,6 +46,10 @@ fn main() {
             "rewriting_a_memory_file_leaves_vms_restored_from_it_intact",
             rewrite_in_use,
         ),
+        (
+            "a_restore_failing_after_memory_was_mapped_answers_500_and_exits",
+            late_failure,
+        ),
     ];
     run_kvm_tests(tests);
 }
@@ -719,4 +723,36 @@ fn rewrite_in_use() -> TestResult {
     let (_again, mut again, _) = restore(&files, true, true)?;
     same(&invoke_ok(&mut again, b"")?, b"102\n")?;
     Ok(())
+}
+
+/// A state that passes every check but that KVM refuses part of (CR0 with
+/// paging on and protection off, which KVM_SET_SREGS always refuses) fails
+/// after guest memory was mapped: the caller gets a 500 naming the problem
+/// and ember-vmm exits with code 1 — a half-restored VM is never served.
+fn late_failure() -> TestResult {
+    let dir = fresh_dir()?;
+    let (_vmm, mut client) = boot_vm(false)?;
+    let (good, _) = snapshot(&mut client, "Full", &dir, "good")?;
+    let mut state =
+        ember_vmm::persist::MicrovmState::read(&good.state).map_err(|e| fail(e.to_string()))?;
+    state.vcpus[0].sregs.cr0 = 0x8000_0000;
+    let bad = Files {
+        state: dir.join("bad.state"),
+        mem: good.mem.clone(),
+    };
+    let bytes = state.encode().map_err(|e| fail(e.to_string()))?;
+    std::fs::write(&bad.state, bytes).map_err(|e| fail(e.to_string()))?;
+
+    let (mut vmm, mut client) = fresh_vmm(true)?;
+    let response = expect_status(
+        client.put_json("/snapshot/load", &load_body(&bad, true)),
+        500,
+        "load of a state KVM refuses",
+    )?;
+    let message = response.fault_message().unwrap_or_default();
+    check(
+        message.contains("KVM_SET_SREGS") && message.contains("exiting"),
+        || format!("fault_message {message:?}"),
+    )?;
+    expect_exit(&mut vmm, 1, "a restore that failed after changing the VM")
 }
