@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use ember_integration::*;
 use ember_vmm::api::client::ApiClient;
+use ember_vmm::api::parsed_request::FUNCTION_ERROR_HEADER;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -39,7 +40,7 @@ fn main() {
             diff_chains,
         ),
         (
-            "pause_right_after_a_command_answer_waits_for_idle",
+            "pause_while_the_guest_prepares_waits_for_idle",
             pause_while_preparing,
         ),
         (
@@ -206,6 +207,21 @@ fn diff_equals_full() -> TestResult {
     let (_base, _) = snapshot(&mut client, "Full", &dir, "base")?;
     expect_status(set_vm_state(&mut client, "Resumed"), 204, "resume")?;
     load(&mut client, &example("wordcount.wasm")?)?;
+    // A Diff that cannot be written loses nothing: the next one still
+    // holds every page written since the base (checked below).
+    expect_status(set_vm_state(&mut client, "Paused"), 204, "pause")?;
+    expect_fault(
+        client.put_json(
+            "/snapshot/create",
+            &json!({
+                "snapshot_type": "Diff",
+                "snapshot_path": dir.join("missing/diff.state"),
+                "mem_file_path": dir.join("missing/diff.mem"),
+            }),
+        ),
+        "missing/diff.mem",
+        "Diff into a missing directory",
+    )?;
     let (diff, created) = snapshot(&mut client, "Diff", &dir, "diff")?;
     check(
         created["layers"] == 2 && created["memory_runs"].as_u64().unwrap_or(0) >= 1,
@@ -473,8 +489,12 @@ fn in_flight() -> TestResult {
         "the invocation ended before the pause: nothing was in flight".into()
     })?;
     let (files, _) = snapshot(&mut client, "Full", &dir, "inflight")?;
-    check(worker.is_finished(), || {
-        "the pause and snapshot were answered before the invocation".into()
+    // The pause waited for the answer (requests are served one at a time):
+    // the VMM had counted it before it paused. Had the pause gone first,
+    // the invocation would have been refused (the VM paused).
+    let status = get_json(&mut client, "/ember/status")?;
+    check(status["requests"] == 2, || {
+        format!("answers counted when paused: {status}")
     })?;
     let result = worker
         .join()
@@ -637,6 +657,35 @@ fn diff_chains() -> TestResult {
         format!("Diff answered {created}")
     })?;
 
+    // A process prepared with --track-dirty-pages logs them even when the
+    // load does not ask.
+    let tracked = VmmProcess::start(Launch {
+        api: true,
+        extra_args: [
+            "--prepare",
+            "--mem-size-mib",
+            "128",
+            "--vcpus",
+            "1",
+            "--track-dirty-pages",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        ..Launch::default()
+    })?;
+    let mut t = tracked.client();
+    expect_status(
+        t.put_json("/snapshot/load", &load_body(&first, true)),
+        200,
+        "load into a process prepared with tracking",
+    )?;
+    same(&invoke_ok(&mut t, b"")?, b"2\n")?;
+    let (_, created) = snapshot(&mut t, "Diff", &dir, "tracked")?;
+    check(created["layers"] == 3, || {
+        format!("Diff answered {created}")
+    })?;
+
     // The newest layer moved: the load names it.
     let moved = Files {
         state: second.state.clone(),
@@ -669,36 +718,52 @@ fn diff_chains() -> TestResult {
     Ok(())
 }
 
-/// A command function prepares its next instance after it answers; a
-/// pause asked for right then waits for the guest to be idle, and the
-/// snapshot restores to a VM that serves.
+/// A reactor whose `_initialize` takes a while (~100 ms of wasm) and whose
+/// handler traps: after each trap the guest rebuilds the instance, running
+/// `_initialize` again, after it has answered.
+const SLOW_REBUILD: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (func (export "_initialize")
+    (local $i i32)
+    (loop $spin
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $spin (i32.lt_u (local.get $i) (i32.const 3000000)))))
+  (func (export "ember_handle") (result i32) unreachable))
+"#;
+
+/// A guest prepares its next instance after it answers (here: a reactor
+/// rebuilt after a trap); a pause asked for meanwhile waits until it is
+/// idle, and the snapshot restores to a VM that serves.
 fn pause_while_preparing() -> TestResult {
     let dir = fresh_dir()?;
+    let module = dir.join("slow_rebuild.wasm");
+    let wasm = wat::parse_str(SLOW_REBUILD).map_err(|e| fail(e.to_string()))?;
+    std::fs::write(&module, wasm).map_err(|e| fail(e.to_string()))?;
     let (_vmm, mut client) = boot_vm(false)?;
-    load(&mut client, &example("echo.wasm")?)?;
-    // The window is ~20 µs after each answer: try until a few pauses
-    // landed in it (each attempt is a complete pause and snapshot).
-    let mut last = None;
-    let mut deferred = 0;
-    for i in 0..200 {
-        same(&invoke_ok(&mut client, b"x")?, b"x")?;
-        let (files, _) = snapshot(&mut client, "Full", &dir, &format!("p{}", i % 2))?;
-        expect_status(set_vm_state(&mut client, "Resumed"), 204, "resume")?;
-        last = Some(files);
-        deferred = get_json(&mut client, "/ember/status")?["pauses_deferred"]
-            .as_u64()
-            .unwrap_or(0);
-        if deferred >= 3 {
-            break;
-        }
-    }
-    check(deferred > 0, || {
-        "no pause landed while the guest prepared (pauses_deferred 0 in 200 tries)".into()
+    load(&mut client, &module)?;
+    let trapped = |client: &mut ApiClient| -> TestResult {
+        let response = expect_status(client.post("/ember/invoke", b""), 200, "invoke")?;
+        check(
+            response.header(FUNCTION_ERROR_HEADER) == Some("trap"),
+            || {
+                format!(
+                    "expected a trap: {}",
+                    String::from_utf8_lossy(&response.body)
+                )
+            },
+        )
+    };
+    trapped(&mut client)?;
+    // The guest now runs `_initialize` again: the pause waits for it.
+    let (files, _) = snapshot(&mut client, "Full", &dir, "preparing")?;
+    let status = get_json(&mut client, "/ember/status")?;
+    check(status["pauses_deferred"] == 1, || {
+        format!("the pause did not wait for the rebuild: {status}")
     })?;
-    let files = last.expect("at least one snapshot");
     let (_copy, mut copy, _) = restore(&files, true, true)?;
-    same(&invoke_ok(&mut copy, b"after")?, b"after")?;
-    same(&invoke_ok(&mut copy, b"again")?, b"again")?;
+    trapped(&mut copy)?;
+    trapped(&mut copy)?;
     Ok(())
 }
 
@@ -710,12 +775,19 @@ fn rewrite_in_use() -> TestResult {
     load(&mut client, &example("counter.wasm")?)?;
     same(&invoke_ok(&mut client, b"")?, b"1\n")?;
     let (files, _) = snapshot(&mut client, "Full", &dir, "shared")?;
-    let (_copy, mut copy, _) = restore(&files, true, true)?;
+    let (copy_vmm, mut copy, _) = restore(&files, true, true)?;
     same(&invoke_ok(&mut copy, b"")?, b"2\n")?;
     // The original moves on and writes its snapshot over the same files.
     expect_status(set_vm_state(&mut client, "Resumed"), 204, "resume")?;
     same(&invoke_ok(&mut client, b"100")?, b"101\n")?;
     snapshot(&mut client, "Full", &dir, "shared")?;
+    // A new file took the name; the copy maps the old one, now unlinked.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", copy_vmm.pid()))
+        .map_err(|e| fail(e.to_string()))?;
+    let old_mapping = format!("{} (deleted)", files.mem.display());
+    check(maps.contains(&old_mapping), || {
+        format!("the copy does not map the replaced file:\n{maps}")
+    })?;
     // The copy still runs on its own memory (the counter, the runtime).
     same(&invoke_ok(&mut copy, b"")?, b"3\n")?;
     same(&invoke_ok(&mut copy, b"")?, b"4\n")?;
@@ -725,8 +797,8 @@ fn rewrite_in_use() -> TestResult {
     Ok(())
 }
 
-/// A state that passes every check but that KVM refuses part of (CR0 with
-/// paging on and protection off, which KVM_SET_SREGS always refuses) fails
+/// A state that passes every check but that KVM refuses part of (long
+/// mode without PAE, which KVM_SET_SREGS refuses) fails
 /// after guest memory was mapped: the caller gets a 500 naming the problem
 /// and ember-vmm exits with code 1 — a half-restored VM is never served.
 fn late_failure() -> TestResult {
@@ -735,7 +807,7 @@ fn late_failure() -> TestResult {
     let (good, _) = snapshot(&mut client, "Full", &dir, "good")?;
     let mut state =
         ember_vmm::persist::MicrovmState::read(&good.state).map_err(|e| fail(e.to_string()))?;
-    state.vcpus[0].sregs.cr0 = 0x8000_0000;
+    state.vcpus[0].sregs.cr4 &= !(1 << 5);
     let bad = Files {
         state: dir.join("bad.state"),
         mem: good.mem.clone(),

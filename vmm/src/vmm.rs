@@ -221,6 +221,12 @@ pub struct Vmm {
     restore_block_due: bool,
     /// When a deferred pause gives up on the guest.
     pause_deadline: Option<Instant>,
+    /// Pause/resume acknowledgements still to come for commands no
+    /// transition waits for (a load's resume): they must not complete the
+    /// next transition.
+    unclaimed_acks: usize,
+    /// `--prepare --track-dirty-pages`.
+    prepared_tracking: bool,
     pauses_deferred: u64,
     /// Populates working sets off the restore path.
     prefetcher: Option<crate::snapshot::memory::Prefetcher>,
@@ -295,6 +301,8 @@ impl Vmm {
             prepared: false,
             restore_block_due: false,
             pause_deadline: None,
+            unclaimed_acks: 0,
+            prepared_tracking: false,
             pauses_deferred: 0,
             prefetcher: None,
         })
@@ -931,6 +939,7 @@ impl Vmm {
             self.disarm_timer();
             self.respond(Err(error));
         }
+        self.pause_if_quiet();
         self.deliver_if_waiting();
     }
 
@@ -1024,6 +1033,11 @@ impl Vmm {
     }
 
     fn on_transition_ack(&mut self) {
+        if self.unclaimed_acks > 0 {
+            // The answer to a resume no transition waits for (a load's).
+            self.unclaimed_acks -= 1;
+            return;
+        }
         let Some(transition) = &mut self.transition else {
             return;
         };

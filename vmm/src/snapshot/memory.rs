@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::PendingFile;
+
 /// Guest page size.
 pub const PAGE: u64 = 4096;
 
@@ -228,13 +230,13 @@ pub fn write_full(
     path: &Path,
     id: &SnapshotId,
     sync: bool,
-) -> Result<WriteStats, MemoryFileError> {
+) -> Result<(WriteStats, PendingFile), MemoryFileError> {
     let write_err = write_error(path);
     let pagemap = match backing {
         Backing::Anonymous => Some(Pagemap::read(mem)?),
         Backing::Files => None,
     };
-    let (file, tmp) = create_beside(path).map_err(write_err)?;
+    let (file, pending) = PendingFile::create(path).map_err(write_err)?;
     file.set_len(mem.len).map_err(write_err)?;
     let mut stats = WriteStats::default();
     let mut run_start: Option<u64> = None;
@@ -269,9 +271,9 @@ pub fn write_full(
     }
     file.write_all_at(&trailer(id, mem.len, mem.len), mem.len)
         .map_err(write_err)?;
-    finish_beside(file, tmp, path, sync).map_err(write_err)?;
+    finish(file, sync).map_err(write_err)?;
     stats.file_len = mem.len + PAGE;
-    Ok(stats)
+    Ok((stats, pending))
 }
 
 /// Wraps an I/O error writing the memory file `path`.
@@ -282,52 +284,41 @@ fn write_error(path: &Path) -> impl Fn(std::io::Error) -> MemoryFileError + Copy
     }
 }
 
-/// A temporary file beside a memory file's name, removed unless
-/// [`finish_beside`] renamed it into place.
-struct Beside {
-    tmp: PathBuf,
-    done: bool,
-}
-
-impl Drop for Beside {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-/// Creates a temporary file beside `path`. Memory files are never
-/// rewritten in place: VMs restored from the file at `path` map it, and
-/// truncating it would change (or zero) their memory under them; a new
-/// file renamed over the name leaves their mappings on the old one.
-fn create_beside(path: &Path) -> std::io::Result<(std::fs::File, Beside)> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let file = std::fs::File::create(&tmp)?;
-    Ok((file, Beside { tmp, done: false }))
-}
-
-/// Syncs (if asked) and renames the temporary file into place.
-fn finish_beside(
-    file: std::fs::File,
-    mut beside: Beside,
-    path: &Path,
-    sync: bool,
-) -> std::io::Result<()> {
+/// Syncs the memory file if asked; it is renamed into place later, with
+/// the state file (memory files are never rewritten in place: VMs restored
+/// from the file at the name map it, and truncating it would change or
+/// zero their memory under them).
+fn finish(file: std::fs::File, sync: bool) -> std::io::Result<()> {
     if sync {
         file.sync_all()?;
     }
-    drop(file);
-    std::fs::rename(&beside.tmp, path)?;
-    beside.done = true;
     Ok(())
 }
 
 /// The runs to store for a dirty bitmap (one bit per page, 64 per word):
 /// dirty pages grouped, runs less than [`RUN_MERGE_GAP_PAGES`] apart merged.
 pub fn dirty_runs(dirty: &[u64], pages: u64) -> Vec<Run> {
+    runs_with_gap(dirty, pages, RUN_MERGE_GAP_PAGES)
+}
+
+/// As [`dirty_runs`], but at most `budget` runs: the merge gap doubles
+/// until they fit (storing more pages, never fewer). `None` only for a
+/// budget of 0 with pages to store.
+pub fn dirty_runs_within(dirty: &[u64], pages: u64, budget: usize) -> Option<Vec<Run>> {
+    let mut gap = RUN_MERGE_GAP_PAGES;
+    loop {
+        let runs = runs_with_gap(dirty, pages, gap);
+        if runs.len() <= budget {
+            return Some(runs);
+        }
+        if budget == 0 || gap >= pages {
+            return None;
+        }
+        gap = gap.saturating_mul(2);
+    }
+}
+
+fn runs_with_gap(dirty: &[u64], pages: u64, gap: u64) -> Vec<Run> {
     let mut runs: Vec<Run> = Vec::new();
     let mut file_page = 0;
     for (word_index, &word) in dirty.iter().enumerate() {
@@ -340,7 +331,7 @@ pub fn dirty_runs(dirty: &[u64], pages: u64) -> Vec<Run> {
                 break;
             }
             match runs.last_mut() {
-                Some(run) if page < run.guest_page + run.pages + RUN_MERGE_GAP_PAGES => {
+                Some(run) if page < run.guest_page + run.pages + gap => {
                     let grow = page + 1 - (run.guest_page + run.pages);
                     run.pages += grow;
                     file_page += grow;
@@ -366,9 +357,9 @@ pub fn write_diff(
     path: &Path,
     id: &SnapshotId,
     sync: bool,
-) -> Result<WriteStats, MemoryFileError> {
+) -> Result<(WriteStats, PendingFile), MemoryFileError> {
     let write_err = write_error(path);
-    let (file, tmp) = create_beside(path).map_err(write_err)?;
+    let (file, pending) = PendingFile::create(path).map_err(write_err)?;
     let mut stats = WriteStats::default();
     for run in runs {
         if run.guest_page + run.pages > mem.pages() {
@@ -393,9 +384,9 @@ pub fn write_diff(
     let data_len = stats.pages * PAGE;
     file.write_all_at(&trailer(id, data_len, mem.len), data_len)
         .map_err(write_err)?;
-    finish_beside(file, tmp, path, sync).map_err(write_err)?;
+    finish(file, sync).map_err(write_err)?;
     stats.file_len = data_len + PAGE;
-    Ok(stats)
+    Ok((stats, pending))
 }
 
 /// A memory file opened and checked against the state: its length and its
@@ -753,6 +744,25 @@ mod tests {
     }
 
     #[test]
+    fn runs_are_merged_further_to_fit_a_budget() {
+        // Pages 0, 100, 200, ..., 500: six runs at the usual gap.
+        let pages: Vec<u64> = (0..6).map(|i| i * 100).collect();
+        let dirty = bitmap(&pages);
+        assert_eq!(dirty_runs(&dirty, 512).len(), 6);
+        let two = dirty_runs_within(&dirty, 512, 2).unwrap();
+        assert!(two.len() <= 2, "{two:?}");
+        // Every dirty page is still stored.
+        for page in pages {
+            assert!(two
+                .iter()
+                .any(|r| (r.guest_page..r.guest_page + r.pages).contains(&page)));
+        }
+        assert_eq!(dirty_runs_within(&dirty, 512, 6).unwrap().len(), 6);
+        assert!(dirty_runs_within(&dirty, 512, 0).is_none());
+        assert_eq!(dirty_runs_within(&bitmap(&[]), 512, 0), Some(vec![]));
+    }
+
+    #[test]
     fn zero_pages_are_recognised() {
         let mut page = vec![0u8; 4096];
         assert!(is_zero(&page));
@@ -777,12 +787,15 @@ mod tests {
             len,
         };
         let full = dir.join("full.mem");
-        write_full(mem, Backing::Files, &full, &[1; 16], true).unwrap();
+        let (_, pending) = write_full(mem, Backing::Files, &full, &[1; 16], true).unwrap();
+        assert!(!full.exists(), "nothing under the final name before commit");
+        pending.commit().unwrap();
         assert_eq!(std::fs::metadata(&full).unwrap().len(), len + PAGE);
         base[40 * 4096] = 3;
         let runs = dirty_runs(&bitmap(&[40]), 64);
         let diff = dir.join("diff.mem");
-        let stats = write_diff(mem, &runs, &diff, &[2; 16], false).unwrap();
+        let (stats, pending) = write_diff(mem, &runs, &diff, &[2; 16], false).unwrap();
+        pending.commit().unwrap();
         let layers = vec![
             MemoryLayer {
                 path: full.clone(),

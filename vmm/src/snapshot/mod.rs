@@ -291,27 +291,76 @@ pub fn read_file(path: &Path, what: &'static str) -> Result<Vec<u8>, SnapshotFil
     Ok(bytes)
 }
 
-/// Writes `bytes` to `path` durably: into a temporary file beside it,
-/// synced, then renamed over `path`, so that a crash never leaves a
-/// half-written file under the final name.
-pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotFileError> {
+/// A file written beside its final name and renamed into place by
+/// [`PendingFile::commit`]; removed if dropped before that. A snapshot's
+/// files are all written first and renamed last, so a failure on the way
+/// changes no file under its final name — and a file that VMs map is
+/// replaced, never rewritten under them.
+pub struct PendingFile {
+    tmp: PathBuf,
+    path: PathBuf,
+    committed: bool,
+}
+
+impl PendingFile {
+    /// Creates the temporary file for `path`: `<path>.tmp<pid>`.
+    pub fn create(path: &Path) -> std::io::Result<(std::fs::File, PendingFile)> {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let file = std::fs::File::create(&tmp)?;
+        Ok((
+            file,
+            PendingFile {
+                tmp,
+                path: path.to_path_buf(),
+                committed: false,
+            },
+        ))
+    }
+
+    /// The final name.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Renames the file into place.
+    pub fn commit(mut self) -> std::io::Result<()> {
+        std::fs::rename(&self.tmp, &self.path)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes `bytes` beside `path` and syncs them; [`PendingFile::commit`]
+/// puts them in place.
+pub fn write_pending(path: &Path, bytes: &[u8]) -> Result<PendingFile, SnapshotFileError> {
     let write = |source| SnapshotFileError::Write {
         path: path.to_path_buf(),
         source,
     };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(write)
+    let (mut file, pending) = PendingFile::create(path).map_err(write)?;
+    file.write_all(bytes).map_err(write)?;
+    file.sync_all().map_err(write)?;
+    Ok(pending)
+}
+
+/// Writes `bytes` to `path` durably: beside it, synced, renamed into place.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotFileError> {
+    write_pending(path, bytes)?
+        .commit()
+        .map_err(|source| SnapshotFileError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -27,12 +27,13 @@ use crate::devices::mailbox::Mailbox;
 use crate::devices::EventFdTrigger;
 use crate::persist::{
     getrandom_into, random_id, DevicesState, GuestSessionState, MicrovmState, SnapshotType,
+    MAX_RESTORE_RUNS,
 };
 use crate::rpc_interface::{SnapshotCreated, SnapshotLoaded, VmmActionError, VmmData, VmmResponse};
 use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::memory::{
-    self, check_layers, dirty_runs, map_layers, working_set_path, Backing, MemoryLayer, SnapshotId,
-    WorkingSet,
+    self, check_layers, dirty_runs_within, map_layers, working_set_path, Backing, MemoryLayer,
+    SnapshotId, WorkingSet,
 };
 use crate::snapshot::{Persist, WORKING_SET_MAGIC};
 use crate::vmm_config::snapshot::{CreateSnapshotParams, LoadSnapshotParams};
@@ -96,6 +97,7 @@ impl Vmm {
     ) -> Result<(), VmmActionError> {
         self.build_for_restore(vcpu_count, mem_size_mib, track_dirty_pages)?;
         self.prepared = true;
+        self.prepared_tracking = track_dirty_pages;
         log::info!(
             "prepared for a restore: {vcpu_count} vCPU(s), {mem_size_mib} MiB, {} us after process start",
             self.process_start.elapsed().as_micros()
@@ -235,16 +237,26 @@ impl Vmm {
         // Everything from here writes files; on any failure the pages go
         // back into the bitmap, so that the next Diff still has them.
         let outcome = (|| -> Result<_, VmmActionError> {
-            let (stats, runs) = if diff {
-                let runs = dirty_runs(&dirty, host.len / memory::PAGE);
-                let stats = memory::write_diff(host, &runs, &mem_path, &id, params.ember_sync)
-                    .map_err(create_error)?;
-                (stats, Some(runs))
+            let (stats, runs, mem_file) = if diff {
+                // Every run is an mmap at each restore: keep the chain's
+                // total under the limit a load accepts.
+                let parents: usize = microvm.layers.iter().map(MemoryLayer::run_count).sum();
+                let budget = MAX_RESTORE_RUNS.saturating_sub(parents);
+                let runs = dirty_runs_within(&dirty, host.len / memory::PAGE, budget)
+                    .ok_or_else(|| {
+                        create_error(format!(
+                            "this VM's chain of Diffs already maps {parents} runs, the most a restore takes is {MAX_RESTORE_RUNS}: take a Full snapshot"
+                        ))
+                    })?;
+                let (stats, file) =
+                    memory::write_diff(host, &runs, &mem_path, &id, params.ember_sync)
+                        .map_err(create_error)?;
+                (stats, Some(runs), file)
             } else {
-                let stats =
+                let (stats, file) =
                     memory::write_full(host, microvm.backing, &mem_path, &id, params.ember_sync)
                         .map_err(create_error)?;
-                (stats, None)
+                (stats, None, file)
             };
             let mut layers = if diff {
                 microvm.layers.clone()
@@ -277,7 +289,18 @@ impl Vmm {
                 },
             };
             let bytes = state.encode().map_err(create_error)?;
-            crate::snapshot::write_file_atomic(&snapshot_path, &bytes).map_err(create_error)?;
+            let state_file =
+                crate::snapshot::write_pending(&snapshot_path, &bytes).map_err(create_error)?;
+            // Both written and synced: now under their names, memory first,
+            // so that a state file never names a memory file not in place.
+            let renamed = |file: crate::snapshot::PendingFile| {
+                let path = file.path().to_path_buf();
+                file.commit().map_err(|e| {
+                    create_error(format!("cannot rename into {}: {e}", path.display()))
+                })
+            };
+            renamed(mem_file)?;
+            renamed(state_file)?;
             Ok((state, stats, bytes.len()))
         })();
         let (state, stats, state_bytes) = match outcome {
@@ -337,9 +360,9 @@ impl Vmm {
             )?;
             self.prepared = true;
         }
-        // `--prepare --track-dirty-pages` or the request: either turns it on.
-        let tracking = params.dirty_tracking() || self.resources.machine_config.track_dirty_pages;
-        self.resources.machine_config.track_dirty_pages = tracking;
+        // `--prepare --track-dirty-pages` or the request: either turns it
+        // on (recorded in the configuration once the restore succeeded).
+        let tracking = params.dirty_tracking() || self.prepared_tracking;
         let Some(microvm) = &mut self.microvm else {
             return Err(VmmActionError::Internal("no VM after building one".into()));
         };
@@ -500,12 +523,15 @@ impl Vmm {
         self.ready_at = Some(now);
         self.guest = GuestState::Idle;
         self.prepared = false;
+        self.resources.machine_config.track_dirty_pages = tracking;
         self.state = InstanceState::Paused;
         if params.resume_vm {
             if let Some(microvm) = &self.microvm {
                 for vcpu in &microvm.vcpus {
                     vcpu.send(VcpuCommand::Resume);
                 }
+                // Their acks come later; no transition waits for them.
+                self.unclaimed_acks += microvm.vcpus.len();
             }
             self.state = InstanceState::Running;
         }
