@@ -1,6 +1,9 @@
-//! The Ember host agent: `emberd` and the `ember` CLI.
-//!
-//! Not built yet: functions, snapshots, pools, routing, the journal,
-//! pre-warming and metaevents arrive with issue 5 (see shared/DESIGN.md).
-//! The crate exists so the workspace has its final shape.
+//! The Ember host agent: `emberd` and the `ember` CLI (docs/agent.md).
 #![deny(missing_docs)]
+
+pub mod api;
+pub mod functions;
+pub mod host;
+pub mod pool;
+pub mod snapshots;
+pub mod supervisor;

@@ -89,9 +89,23 @@ impl ApiClient {
         path: &str,
         body: Option<&[u8]>,
     ) -> io::Result<ApiResponse> {
+        self.request_with_headers(method, path, &[], body)
+    }
+
+    /// Sends one request with extra `headers` and reads its response.
+    pub fn request_with_headers(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> io::Result<ApiResponse> {
         let body = body.unwrap_or_default();
         let mut message =
             format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n").into_bytes();
+        for (name, value) in headers {
+            message.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
         if !body.is_empty() || method != "GET" {
             message.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
         }

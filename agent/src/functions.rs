@@ -1,0 +1,336 @@
+//! Functions and their versions, stored under `<state>/functions/<name>/`:
+//! each version in `v<N>/` (the module, its files, its configuration, its
+//! template snapshot), and `current` naming the version invocations run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::snapshots::SnapshotFiles;
+
+/// A function's settings (the `config` part of a deploy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionConfig {
+    /// Linear-memory limit, MiB (default: what the VM leaves).
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Time limit per invocation, ms.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Instances (VMs) at most.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: u32,
+    /// How long an idle instance is kept, s.
+    #[serde(default = "default_keep_alive_s")]
+    pub keep_alive_s: u64,
+    /// Environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Arguments after argv[0].
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+fn default_timeout_ms() -> u64 {
+    3000
+}
+fn default_max_concurrency() -> u32 {
+    10
+}
+fn default_keep_alive_s() -> u64 {
+    600
+}
+
+impl Default for FunctionConfig {
+    fn default() -> Self {
+        FunctionConfig {
+            memory_mib: None,
+            timeout_ms: default_timeout_ms(),
+            max_concurrency: default_max_concurrency(),
+            keep_alive_s: default_keep_alive_s(),
+            env: BTreeMap::new(),
+            args: Vec::new(),
+        }
+    }
+}
+
+/// One version of a function, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionVersion {
+    /// The function's name.
+    pub name: String,
+    /// Its version (1, 2, ...).
+    pub version: u64,
+    /// Its settings.
+    pub config: FunctionConfig,
+    /// The bundled files' names (in `/var/task`).
+    pub files: Vec<String>,
+    /// The module's size, bytes.
+    pub module_bytes: u64,
+    /// The module's SHA-256.
+    pub module_sha256: String,
+    /// Seconds since the Unix epoch when deployed.
+    pub deployed_at: u64,
+}
+
+/// Why a function cannot be stored or found.
+#[derive(Debug, thiserror::Error)]
+pub enum FunctionError {
+    /// Bad name.
+    #[error("function name {0:?} is not valid: 1 to 64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit")]
+    BadName(String),
+    /// Bad file name.
+    #[error(
+        "file name {0:?} is not valid: a plain name of 1 to 255 bytes (no '/', not '.' or '..')"
+    )]
+    BadFileName(String),
+    /// Not found.
+    #[error("no function named {0:?}")]
+    NotFound(String),
+    /// The store failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Checks a function name.
+pub fn check_name(name: &str) -> Result<(), FunctionError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(FunctionError::BadName(name.into()))
+    }
+}
+
+/// Checks a bundled file's name.
+pub fn check_file_name(name: &str) -> Result<(), FunctionError> {
+    if name.is_empty() || name.len() > 255 || name.contains('/') || name == "." || name == ".." {
+        return Err(FunctionError::BadFileName(name.into()));
+    }
+    Ok(())
+}
+
+/// The store of functions under `<state>/functions`.
+#[derive(Debug, Clone)]
+pub struct FunctionStore {
+    root: PathBuf,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> FunctionError {
+    let what = what.into();
+    move |source| FunctionError::Io { what, source }
+}
+
+impl FunctionStore {
+    /// The store at `root` (created if need be).
+    pub fn open(root: PathBuf) -> Result<FunctionStore, FunctionError> {
+        std::fs::create_dir_all(&root).map_err(io(format!("cannot create {}", root.display())))?;
+        Ok(FunctionStore { root })
+    }
+
+    fn function_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// The directory of a version.
+    pub fn version_dir(&self, name: &str, version: u64) -> PathBuf {
+        self.function_dir(name).join(format!("v{version}"))
+    }
+
+    /// The module of a version.
+    pub fn module_path(&self, name: &str, version: u64) -> PathBuf {
+        self.version_dir(name, version).join("module.wasm")
+    }
+
+    /// A bundled file of a version.
+    pub fn file_path(&self, name: &str, version: u64, file: &str) -> PathBuf {
+        self.version_dir(name, version).join("files").join(file)
+    }
+
+    /// The template snapshot of a version.
+    pub fn template(&self, name: &str, version: u64) -> SnapshotFiles {
+        SnapshotFiles::in_dir(&self.version_dir(name, version), "template")
+    }
+
+    /// Stores a new version (not yet current): the next number after the
+    /// highest stored.
+    pub fn add_version(
+        &self,
+        name: &str,
+        config: FunctionConfig,
+        module: &[u8],
+        files: &[(String, Vec<u8>)],
+    ) -> Result<FunctionVersion, FunctionError> {
+        check_name(name)?;
+        for (file, _) in files {
+            check_file_name(file)?;
+        }
+        let dir = self.function_dir(name);
+        std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
+        let version = self.versions(name).into_iter().max().unwrap_or(0) + 1;
+        let vdir = self.version_dir(name, version);
+        std::fs::create_dir_all(vdir.join("files"))
+            .map_err(io(format!("cannot create {}", vdir.display())))?;
+        std::fs::write(self.module_path(name, version), module)
+            .map_err(io("cannot store the module"))?;
+        for (file, bytes) in files {
+            std::fs::write(self.file_path(name, version, file), bytes)
+                .map_err(io(format!("cannot store file {file}")))?;
+        }
+        use sha2::Digest;
+        let meta = FunctionVersion {
+            name: name.into(),
+            version,
+            config,
+            files: files.iter().map(|(n, _)| n.clone()).collect(),
+            module_bytes: module.len() as u64,
+            module_sha256: sha2::Sha256::digest(module)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            deployed_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        write_json(&vdir.join("version.json"), &meta)?;
+        Ok(meta)
+    }
+
+    /// Makes `version` the one invocations run.
+    pub fn set_current(&self, name: &str, version: u64) -> Result<(), FunctionError> {
+        let path = self.function_dir(name).join("current");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, version.to_string()).map_err(io("cannot write current"))?;
+        std::fs::rename(&tmp, &path).map_err(io("cannot write current"))
+    }
+
+    /// The current version of `name`.
+    pub fn current(&self, name: &str) -> Result<FunctionVersion, FunctionError> {
+        check_name(name).map_err(|_| FunctionError::NotFound(name.into()))?;
+        let text = std::fs::read_to_string(self.function_dir(name).join("current"))
+            .map_err(|_| FunctionError::NotFound(name.into()))?;
+        let version: u64 = text
+            .trim()
+            .parse()
+            .map_err(|_| FunctionError::NotFound(name.into()))?;
+        self.version(name, version)
+    }
+
+    /// A stored version.
+    pub fn version(&self, name: &str, version: u64) -> Result<FunctionVersion, FunctionError> {
+        let path = self.version_dir(name, version).join("version.json");
+        let text = std::fs::read(&path).map_err(|_| FunctionError::NotFound(name.into()))?;
+        serde_json::from_slice(&text).map_err(|e| FunctionError::Io {
+            what: format!("{} is corrupt", path.display()),
+            source: std::io::Error::other(e),
+        })
+    }
+
+    /// The stored version numbers of `name`.
+    pub fn versions(&self, name: &str) -> Vec<u64> {
+        let Ok(entries) = std::fs::read_dir(self.function_dir(name)) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix('v')?.parse().ok())
+            .collect()
+    }
+
+    /// Every function with a current version.
+    pub fn list(&self) -> Vec<FunctionVersion> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut out: Vec<FunctionVersion> = entries
+            .flatten()
+            .filter_map(|e| self.current(e.file_name().to_str()?).ok())
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Removes a function and all its versions.
+    pub fn delete(&self, name: &str) -> Result<(), FunctionError> {
+        self.current(name)?;
+        let dir = self.function_dir(name);
+        std::fs::remove_dir_all(&dir).map_err(io(format!("cannot remove {}", dir.display())))
+    }
+
+    /// Removes a version that never became current (a failed deploy).
+    pub fn discard(&self, name: &str, version: u64) {
+        let _ = std::fs::remove_dir_all(self.version_dir(name, version));
+        if self.versions(name).is_empty() {
+            let _ = std::fs::remove_dir_all(self.function_dir(name));
+        }
+    }
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), FunctionError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| FunctionError::Io {
+        what: "cannot encode".into(),
+        source: std::io::Error::other(e),
+    })?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(io(format!("cannot write {}", path.display())))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("cannot write {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("echo").is_ok());
+        assert!(check_name("a-b_9").is_ok());
+        for bad in ["", "-x", "Echo", "a/b", "a.b", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_file_name("data.txt").is_ok());
+        for bad in ["", ".", "..", "a/b"] {
+            assert!(check_file_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn versions_are_stored_and_survive_a_new_store() {
+        let root = std::env::temp_dir().join(format!("ember-fnstore-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let store = FunctionStore::open(root.clone()).unwrap();
+        let v1 = store
+            .add_version(
+                "echo",
+                FunctionConfig::default(),
+                b"\0asm",
+                &[("a.txt".into(), b"hi".to_vec())],
+            )
+            .unwrap();
+        assert_eq!(v1.version, 1);
+        assert!(store.current("echo").is_err(), "not current before set");
+        store.set_current("echo", 1).unwrap();
+        let v2 = store
+            .add_version("echo", FunctionConfig::default(), b"\0asm2", &[])
+            .unwrap();
+        assert_eq!(v2.version, 2);
+        store.set_current("echo", 2).unwrap();
+        let again = FunctionStore::open(root.clone()).unwrap();
+        assert_eq!(again.current("echo").unwrap(), v2);
+        assert_eq!(again.list().len(), 1);
+        again.delete("echo").unwrap();
+        assert!(again.current("echo").is_err());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -1,0 +1,751 @@
+//! The agent's state and its operations: deploy, invoke, list, remove;
+//! the base snapshot, the prepared-VMM pool, instances, and the reaper.
+//! Everything that talks to a VMM runs on a blocking thread.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::functions::{FunctionConfig, FunctionError, FunctionStore, FunctionVersion};
+use crate::pool::{Affinity, Instance, Pools, Route, Start, AFFINITY_WAIT};
+use crate::snapshots::{self, SnapshotError, SnapshotFiles, TemplateSpec};
+use crate::supervisor::{Supervisor, Vmm, VmmError};
+
+/// The largest event, as in Lambda (and ember-vmm).
+pub const MAX_EVENT_BYTES: usize = ember_abi::function::MAX_EVENT_BYTES;
+
+/// How long an invocation waits for an instance when its function is at
+/// its limit before it gets a 429.
+pub const QUEUE_WAIT: Duration = Duration::from_secs(5);
+
+/// Settings of the agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// The ember-vmm binary.
+    pub vmm: PathBuf,
+    /// The guest image.
+    pub guest_image: PathBuf,
+    /// Guest memory of every VM (the base snapshot's), MiB.
+    pub base_mem_mib: usize,
+    /// Prepared ember-vmm processes kept ready.
+    pub prepared: usize,
+    /// Memory the instances may claim in all, MiB (each claims its
+    /// function's memory_mib, or 128).
+    pub memory_budget_mib: u64,
+}
+
+/// An error the API reports: status, kind, message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// Machine-readable kind.
+    pub kind: &'static str,
+    /// What went wrong.
+    pub message: String,
+    /// Seconds to wait, for a 429.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    /// An error of `status` and `kind`.
+    pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl From<FunctionError> for ApiError {
+    fn from(e: FunctionError) -> Self {
+        match e {
+            FunctionError::NotFound(_) => ApiError::new(404, "not_found", e.to_string()),
+            FunctionError::BadName(_) | FunctionError::BadFileName(_) => {
+                ApiError::new(400, "bad_request", e.to_string())
+            }
+            FunctionError::Io { .. } => ApiError::new(500, "internal", e.to_string()),
+        }
+    }
+}
+
+impl From<SnapshotError> for ApiError {
+    fn from(e: SnapshotError) -> Self {
+        match &e {
+            // The VMM refused the module: the deploy's fault.
+            SnapshotError::Vmm(VmmError::Refused { path, message, .. })
+                if path == "/ember/function" =>
+            {
+                ApiError::new(400, "invalid_function", message.clone())
+            }
+            _ => ApiError::new(500, "internal", e.to_string()),
+        }
+    }
+}
+
+impl From<VmmError> for ApiError {
+    fn from(e: VmmError) -> Self {
+        ApiError::new(500, "internal", e.to_string())
+    }
+}
+
+/// Counters for `GET /metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    /// Invocations answered.
+    pub invocations: AtomicU64,
+    /// Warm starts.
+    pub warm: AtomicU64,
+    /// Restored starts.
+    pub restored: AtomicU64,
+    /// Function errors by kind.
+    pub errors: Mutex<BTreeMap<String, u64>>,
+    /// Invocation latency histogram (µs upper bounds → count).
+    pub latency: Mutex<Histogram>,
+    /// Restore latency histogram.
+    pub restore_latency: Mutex<Histogram>,
+}
+
+/// A latency histogram with fixed buckets.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    /// Bucket upper bounds, seconds.
+    pub bounds: Vec<f64>,
+    /// Counts per bucket (cumulative when rendered).
+    pub counts: Vec<u64>,
+    /// Sum of observations, seconds.
+    pub sum: f64,
+    /// Observations.
+    pub count: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        let bounds = vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0,
+        ];
+        Histogram {
+            counts: vec![0; bounds.len()],
+            bounds,
+            sum: 0.0,
+            count: 0,
+        }
+    }
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&mut self, seconds: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| seconds <= *b) {
+            self.counts[i] += 1;
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+}
+
+/// The agent.
+pub struct Agent {
+    /// Its settings.
+    pub config: AgentConfig,
+    supervisor: Supervisor,
+    /// The functions.
+    pub store: FunctionStore,
+    /// The base snapshot.
+    pub base: SnapshotFiles,
+    /// Instances and affinity.
+    pub pools: Mutex<Pools>,
+    prepared: Mutex<Vec<Vmm>>,
+    next_vmm: AtomicU64,
+    /// Signalled whenever an instance becomes idle or goes away.
+    pub changed: Notify,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Invocations in flight.
+    pub in_flight: AtomicU64,
+    /// Draining for shutdown: new invocations are refused.
+    pub draining: AtomicBool,
+    deploying: Mutex<()>,
+}
+
+/// A served invocation, for the API to turn into a response.
+pub struct Served {
+    /// The VMM's answer.
+    pub response: ember_vmm::api::client::ApiResponse,
+    /// The instance.
+    pub instance: String,
+    /// The version.
+    pub version: u64,
+    /// Warm or restored.
+    pub start: Start,
+    /// Affinity, when asked for.
+    pub affinity: Option<Affinity>,
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> ApiError {
+    move |e| ApiError::new(500, "internal", format!("{what}: {e}"))
+}
+
+impl Agent {
+    /// Opens the state directory, cleans up after a crashed predecessor,
+    /// and makes sure the base snapshot exists (building it if need be).
+    pub fn start(config: AgentConfig) -> Result<Arc<Agent>, ApiError> {
+        let run_dir = config.state_dir.join("vms");
+        let snap_dir = config.state_dir.join("snapshots");
+        for dir in [&run_dir, &snap_dir] {
+            std::fs::create_dir_all(dir)
+                .map_err(io_err(format!("cannot create {}", dir.display())))?;
+        }
+        let supervisor = Supervisor {
+            vmm: config.vmm.clone(),
+            run_dir,
+        };
+        let stale = supervisor.reap_stale();
+        if stale > 0 {
+            tracing::warn!("killed {stale} ember-vmm processes a previous emberd left running");
+        }
+        let store = FunctionStore::open(config.state_dir.join("functions"))?;
+        let key = snapshots::base_key(&config.guest_image, config.base_mem_mib)?;
+        let base_dir = snap_dir.join(format!("base-{key}"));
+        std::fs::create_dir_all(&base_dir)
+            .map_err(io_err(format!("cannot create {}", base_dir.display())))?;
+        let base = SnapshotFiles::in_dir(&base_dir, "base");
+        if !valid_snapshot(&base, config.base_mem_mib) {
+            tracing::info!("building the base snapshot in {}", base_dir.display());
+            let stages = snapshots::build_base(
+                &supervisor,
+                &config.guest_image,
+                config.base_mem_mib,
+                &base,
+            )?;
+            tracing::info!("base snapshot built: {:?}", stages.0);
+        }
+        // Bases of other keys (another image, format or host) are stale.
+        if let Ok(entries) = std::fs::read_dir(&snap_dir) {
+            for entry in entries.flatten() {
+                if entry.path() != base_dir {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let agent = Arc::new(Agent {
+            config,
+            supervisor,
+            store,
+            base,
+            pools: Mutex::new(Pools::default()),
+            prepared: Mutex::new(Vec::new()),
+            next_vmm: AtomicU64::new(0),
+            changed: Notify::new(),
+            metrics: Metrics::default(),
+            in_flight: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            deploying: Mutex::new(()),
+        });
+        agent.refill_prepared();
+        Ok(agent)
+    }
+
+    fn vmm_id(&self, what: &str) -> String {
+        format!("{what}{}", self.next_vmm.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// A prepared ember-vmm of the base's shape (from the pool, else new).
+    fn take_prepared(&self) -> Result<Vmm, VmmError> {
+        loop {
+            let ready = lock(&self.prepared).pop();
+            match ready {
+                Some(mut vmm) => {
+                    if !vmm.exited() {
+                        return Ok(vmm);
+                    }
+                }
+                None => return self.spawn_prepared(),
+            }
+        }
+    }
+
+    fn spawn_prepared(&self) -> Result<Vmm, VmmError> {
+        let mem = self.config.base_mem_mib.to_string();
+        self.supervisor.spawn(
+            &self.vmm_id("p"),
+            &["--prepare", "--mem-size-mib", &mem, "--vcpus", "1"],
+        )
+    }
+
+    /// Tops the prepared pool up (blocking; call on a blocking thread).
+    pub fn refill_prepared(&self) {
+        while lock(&self.prepared).len() < self.config.prepared {
+            match self.spawn_prepared() {
+                Ok(vmm) => lock(&self.prepared).push(vmm),
+                Err(e) => {
+                    tracing::error!("cannot prepare an ember-vmm: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Deploys a new version: stores it, builds its template, makes it
+    /// current. Returns its description and the stages' times.
+    pub fn deploy(
+        &self,
+        name: &str,
+        config: FunctionConfig,
+        module: &[u8],
+        files: &[(String, Vec<u8>)],
+    ) -> Result<serde_json::Value, ApiError> {
+        let _one_at_a_time = lock(&self.deploying);
+        let started = Instant::now();
+        if config.timeout_ms == 0 || config.timeout_ms > 900_000 {
+            return Err(ApiError::new(
+                400,
+                "bad_request",
+                "timeout_ms must be between 1 and 900000",
+            ));
+        }
+        if config.max_concurrency == 0 {
+            return Err(ApiError::new(
+                400,
+                "bad_request",
+                "max_concurrency must be at least 1",
+            ));
+        }
+        if let Some(mib) = config.memory_mib {
+            if mib as usize >= self.config.base_mem_mib {
+                return Err(ApiError::new(
+                    400,
+                    "bad_request",
+                    format!(
+                        "memory_mib {mib} does not fit this host's VMs of {} MiB (the runtime and mailbox need room too)",
+                        self.config.base_mem_mib
+                    ),
+                ));
+            }
+        }
+        let version = self
+            .store
+            .add_version(name, config.clone(), module, files)?;
+        let result = self.build_template(&version);
+        match result {
+            Ok((stages, loaded)) => {
+                self.store.set_current(name, version.version)?;
+                // Idle instances of older versions go now; busy ones after
+                // their invocation.
+                self.reap(false);
+                Ok(json!({
+                    "name": name,
+                    "version": version.version,
+                    "function": loaded,
+                    "stages": stages.0,
+                    "total_us": started.elapsed().as_micros() as u64,
+                }))
+            }
+            Err(e) => {
+                self.store.discard(name, version.version);
+                Err(e)
+            }
+        }
+    }
+
+    fn function_body(&self, v: &FunctionVersion) -> serde_json::Value {
+        let files: Vec<serde_json::Value> = v
+            .files
+            .iter()
+            .map(|f| json!({ "name": f, "host_path": self.store.file_path(&v.name, v.version, f) }))
+            .collect();
+        let mut body = json!({
+            "module_path": self.store.module_path(&v.name, v.version),
+            "files": files,
+            "args": v.config.args,
+            "env": v.config.env,
+            "timeout_ms": v.config.timeout_ms,
+        });
+        if let Some(mib) = v.config.memory_mib {
+            body["memory_mib"] = json!(mib);
+        }
+        body
+    }
+
+    fn build_template(
+        &self,
+        v: &FunctionVersion,
+    ) -> Result<(snapshots::Stages, serde_json::Value), ApiError> {
+        let mut vmm = self.take_prepared()?;
+        let spec = TemplateSpec {
+            function: self.function_body(v),
+        };
+        let files = self.store.template(&v.name, v.version);
+        let built = snapshots::build_template(&mut vmm, &self.base, &spec, &files);
+        drop(vmm);
+        Ok(built?)
+    }
+
+    /// The template of the current version of `function`, rebuilt if it
+    /// is missing or corrupt.
+    fn template(&self, v: &FunctionVersion) -> Result<SnapshotFiles, ApiError> {
+        let files = self.store.template(&v.name, v.version);
+        if !valid_snapshot(&files, self.config.base_mem_mib) {
+            tracing::warn!(
+                "template of {} v{} is missing or corrupt: rebuilding",
+                v.name,
+                v.version
+            );
+            self.build_template(v)?;
+        }
+        Ok(files)
+    }
+
+    /// Serves one invocation (blocking; call on a blocking thread).
+    pub fn invoke(
+        &self,
+        name: &str,
+        event: &[u8],
+        instance: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<Served, ApiError> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(ApiError::new(
+                503,
+                "shutting_down",
+                "emberd is shutting down",
+            ));
+        }
+        if event.len() > MAX_EVENT_BYTES {
+            return Err(ApiError::new(
+                413,
+                "payload_too_large",
+                format!(
+                    "the event is {} bytes; the limit is {MAX_EVENT_BYTES}",
+                    event.len()
+                ),
+            ));
+        }
+        let v = self.store.current(name)?;
+        let max = v.config.max_concurrency as usize;
+        let mut waited = false;
+        let deadline = Instant::now() + QUEUE_WAIT;
+        let (id, mut vmm, start, affinity) = loop {
+            let route = {
+                let mut pools = lock(&self.pools);
+                let route = pools.route(name, v.version, max, instance, key, waited);
+                if let Route::Instance { id, .. } = &route {
+                    let taken = pools.instances.get_mut(id).and_then(|i| i.vmm.take());
+                    if let Some(vmm) = taken {
+                        if let Some(key) = key {
+                            pools.bind(name, key, id);
+                        }
+                        let affinity = match &route {
+                            Route::Instance { affinity, .. } => *affinity,
+                            _ => None,
+                        };
+                        break (id.clone(), vmm, Start::Warm, affinity);
+                    }
+                }
+                route
+            };
+            match route {
+                Route::NoSuchInstance(id) => {
+                    return Err(ApiError::new(404, "not_found", format!("no instance {id}")))
+                }
+                Route::Wait => {
+                    wait_for_change(&self.changed, AFFINITY_WAIT);
+                    waited = true;
+                }
+                Route::Full if self.over_budget(&v) || Instant::now() >= deadline => {
+                    let mut e = ApiError::new(
+                        429,
+                        "too_many_requests",
+                        format!("{name} is at its limit of {max} busy instances (or the host is full); retry"),
+                    );
+                    e.retry_after = Some(1);
+                    return Err(e);
+                }
+                Route::Full => wait_for_change(&self.changed, Duration::from_millis(50)),
+                Route::Restore { affinity } => {
+                    if self.over_budget(&v) {
+                        let mut e = ApiError::new(
+                            429,
+                            "too_many_requests",
+                            "the host's memory budget is spent; retry",
+                        );
+                        e.retry_after = Some(1);
+                        return Err(e);
+                    }
+                    let (id, vmm) = self.restore(&v, key)?;
+                    break (id, vmm, Start::Restored, affinity);
+                }
+                Route::Instance { .. } => {}
+            }
+        };
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = vmm.raw("POST", "/ember/invoke", Some(event));
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let counter = match start {
+            Start::Warm => &self.metrics.warm,
+            Start::Restored => &self.metrics.restored,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let (response, keep) = match result {
+            Ok(response) => {
+                let error = response
+                    .header(ember_vmm::api::parsed_request::FUNCTION_ERROR_HEADER)
+                    .map(str::to_string);
+                // A timed-out or crashed instance is never reused.
+                let keep = response.status == 200
+                    && !matches!(error.as_deref(), Some("timeout" | "crash"))
+                    && !vmm.exited();
+                (response, keep)
+            }
+            Err(e) => {
+                tracing::warn!("instance {id} failed: {e}");
+                let body = json!({ "error": { "kind": "crash", "message": format!("the instance stopped while serving: {e}") } });
+                let response = ember_vmm::api::client::ApiResponse {
+                    status: 200,
+                    headers: vec![(
+                        ember_vmm::api::parsed_request::FUNCTION_ERROR_HEADER.to_ascii_lowercase(),
+                        "crash".into(),
+                    )],
+                    body: body.to_string().into_bytes(),
+                };
+                (response, false)
+            }
+        };
+        self.finish(&id, vmm, keep, v.version);
+        Ok(Served {
+            response,
+            instance: id,
+            version: v.version,
+            start,
+            affinity,
+        })
+    }
+
+    fn over_budget(&self, v: &FunctionVersion) -> bool {
+        let pools = lock(&self.pools);
+        let claimed: u64 = pools
+            .instances
+            .values()
+            .map(|i| {
+                self.store
+                    .version(&i.function, i.version)
+                    .ok()
+                    .and_then(|v| v.config.memory_mib)
+                    .unwrap_or(128)
+            })
+            .sum();
+        claimed + v.config.memory_mib.unwrap_or(128) > self.config.memory_budget_mib
+    }
+
+    /// Restores a new instance of `v` from its template.
+    fn restore(&self, v: &FunctionVersion, key: Option<&str>) -> Result<(String, Vmm), ApiError> {
+        let template = self.template(v)?;
+        let started = Instant::now();
+        let mut vmm = self.take_prepared()?;
+        vmm.call("PUT", "/snapshot/load", Some(&template.load_body(false)))?;
+        lock(&self.metrics.restore_latency).observe(started.elapsed().as_secs_f64());
+        let id = {
+            let mut pools = lock(&self.pools);
+            let id = pools.new_id(&v.name);
+            pools.instances.insert(
+                id.clone(),
+                Instance {
+                    id: id.clone(),
+                    function: v.name.clone(),
+                    version: v.version,
+                    vmm: None,
+                    last_used: Instant::now(),
+                    served: 0,
+                    created: Instant::now(),
+                },
+            );
+            if let Some(key) = key {
+                pools.bind(&v.name, key, &id);
+            }
+            id
+        };
+        Ok((id, vmm))
+    }
+
+    /// Puts an instance back after an invocation, or destroys it.
+    fn finish(&self, id: &str, vmm: Vmm, keep: bool, version: u64) {
+        let current = self
+            .store
+            .current(id.rsplit_once('-').map_or(id, |(f, _)| f))
+            .map(|v| v.version)
+            .ok();
+        let doomed = {
+            let mut pools = lock(&self.pools);
+            match pools.instances.get_mut(id) {
+                Some(instance) if keep && current == Some(version) => {
+                    instance.vmm = Some(vmm);
+                    instance.last_used = Instant::now();
+                    instance.served += 1;
+                    None
+                }
+                _ => {
+                    pools.remove(id);
+                    Some(vmm)
+                }
+            }
+        };
+        drop(doomed);
+        self.changed.notify_waiters();
+    }
+
+    /// Removes idle instances past their keep-alive (or of an old version,
+    /// or all idle ones with `all`); returns how many.
+    pub fn reap(&self, all: bool) -> usize {
+        let now = Instant::now();
+        let doomed: Vec<Instance> = {
+            let mut pools = lock(&self.pools);
+            let ids: Vec<String> = pools
+                .instances
+                .values()
+                .filter(|i| i.vmm.is_some())
+                .filter(|i| {
+                    let current = self.store.current(&i.function).ok();
+                    let keep_alive = current.as_ref().map_or(0, |v| v.config.keep_alive_s);
+                    all || current.as_ref().map(|v| v.version) != Some(i.version)
+                        || now.duration_since(i.last_used) > Duration::from_secs(keep_alive)
+                })
+                .map(|i| i.id.clone())
+                .collect();
+            ids.iter().filter_map(|id| pools.remove(id)).collect()
+        };
+        let n = doomed.len();
+        drop(doomed);
+        if n > 0 {
+            self.changed.notify_waiters();
+        }
+        n
+    }
+
+    /// Removes instance `id` (killing its VMM if idle; a busy one is
+    /// destroyed when its invocation ends).
+    pub fn delete_instance(&self, id: &str) -> Result<(), ApiError> {
+        let removed = lock(&self.pools).remove(id);
+        match removed {
+            Some(instance) => {
+                drop(instance);
+                self.changed.notify_waiters();
+                Ok(())
+            }
+            None => Err(ApiError::new(404, "not_found", format!("no instance {id}"))),
+        }
+    }
+
+    /// Deletes a function, its versions and its instances.
+    pub fn delete_function(&self, name: &str) -> Result<(), ApiError> {
+        self.store.delete(name)?;
+        let doomed: Vec<Instance> = {
+            let mut pools = lock(&self.pools);
+            let ids: Vec<String> = pools
+                .instances
+                .values()
+                .filter(|i| i.function == name)
+                .map(|i| i.id.clone())
+                .collect();
+            ids.iter().filter_map(|id| pools.remove(id)).collect()
+        };
+        drop(doomed);
+        Ok(())
+    }
+
+    /// The instances, for `GET /instances`.
+    pub fn instances(&self) -> serde_json::Value {
+        let pools = lock(&self.pools);
+        let now = Instant::now();
+        let mut list: Vec<serde_json::Value> = pools
+            .instances
+            .values()
+            .map(|i| {
+                let keys: Vec<&str> = pools
+                    .affinity
+                    .iter()
+                    .filter(|(_, id)| **id == i.id)
+                    .map(|((_, k), _)| k.as_str())
+                    .collect();
+                json!({
+                    "id": i.id,
+                    "function": i.function,
+                    "version": i.version,
+                    "state": if i.vmm.is_some() { "idle" } else { "busy" },
+                    "pid": i.vmm.as_ref().map(Vmm::pid),
+                    "invocations": i.served,
+                    "idle_s": now.duration_since(i.last_used).as_secs(),
+                    "age_s": now.duration_since(i.created).as_secs(),
+                    "affinity_keys": keys,
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+        json!(list)
+    }
+
+    /// Stops every VM (shutdown).
+    pub fn stop_all(&self) {
+        let all: Vec<Instance> = {
+            let mut pools = lock(&self.pools);
+            let ids: Vec<String> = pools.instances.keys().cloned().collect();
+            ids.iter().filter_map(|id| pools.remove(id)).collect()
+        };
+        drop(all);
+        lock(&self.prepared).clear();
+    }
+
+    /// Prepared VMMs ready.
+    pub fn prepared_count(&self) -> usize {
+        lock(&self.prepared).len()
+    }
+}
+
+/// Whether a snapshot's files exist and pass the checks a load makes
+/// before touching anything (container, consistency, memory files).
+fn valid_snapshot(files: &SnapshotFiles, mem_mib: usize) -> bool {
+    if !files.exist() {
+        return false;
+    }
+    match ember_vmm::persist::MicrovmState::read(&files.state) {
+        Ok(state) => {
+            state.mem_size_mib == mem_mib
+                && ember_vmm::snapshot::memory::check_layers(
+                    &state.memory,
+                    Some(&files.mem),
+                    (mem_mib as u64) << 20,
+                )
+                .is_ok()
+        }
+        Err(e) => {
+            tracing::warn!("snapshot {} is unusable: {e}", files.state.display());
+            false
+        }
+    }
+}
+
+fn wait_for_change(changed: &Notify, at_most: Duration) {
+    let notified = changed.notified();
+    // A blocking thread: wait with a small runtime-free park.
+    let handle = tokio::runtime::Handle::try_current();
+    match handle {
+        Ok(handle) => {
+            let _ = handle.block_on(async { tokio::time::timeout(at_most, notified).await });
+        }
+        Err(_) => std::thread::sleep(at_most.min(Duration::from_millis(10))),
+    }
+}
+
+/// Locks, recovering from a poisoned lock (the data stays usable).
+pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,289 @@
+//! Instances (VMs restored from a function's template) per function, the
+//! router that picks one per invocation, and the pool of prepared
+//! ember-vmm processes that restores draw from.
+//!
+//! One invocation at a time per instance, as Lambda does. Routing, per
+//! invocation: an instance the caller names (`X-Ember-Instance`), else the
+//! instance an affinity key (`X-Ember-Affinity`) was bound to; if that one
+//! is busy, wait up to [`AFFINITY_WAIT`] for it, then serve elsewhere; if it
+//! is gone, serve elsewhere. A key seen for the first time takes an idle
+//! instance bound to no other key, else a new restore. Without either: the
+//! most recently used idle instance, else a restore.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use crate::supervisor::Vmm;
+
+/// How long a request for a busy, named or affine instance waits for it.
+pub const AFFINITY_WAIT: Duration = Duration::from_millis(200);
+
+/// How an invocation found its instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// An instance that had served before.
+    Warm,
+    /// Restored from the template for this request.
+    Restored,
+}
+
+impl Start {
+    /// Its header value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Start::Warm => "warm",
+            Start::Restored => "restored",
+        }
+    }
+}
+
+/// What became of an affinity key or named instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Affinity {
+    /// The instance asked for served.
+    Hit,
+    /// It was gone or stayed busy: another served.
+    Miss,
+    /// A key seen for the first time.
+    New,
+}
+
+impl Affinity {
+    /// Its header value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Affinity::Hit => "hit",
+            Affinity::Miss => "miss",
+            Affinity::New => "new",
+        }
+    }
+}
+
+/// An instance of a function version.
+pub struct Instance {
+    /// Its id (also the VMM's).
+    pub id: String,
+    /// The function.
+    pub function: String,
+    /// The version it runs.
+    pub version: u64,
+    /// The VMM, while idle (taken out while it serves).
+    pub vmm: Option<Vmm>,
+    /// When it last finished serving.
+    pub last_used: Instant,
+    /// Invocations served.
+    pub served: u64,
+    /// When it was restored.
+    pub created: Instant,
+}
+
+/// What the router decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Serve on this idle instance.
+    Instance {
+        /// Its id.
+        id: String,
+        /// Hit/miss/new, when asked for an instance or key.
+        affinity: Option<Affinity>,
+    },
+    /// The instance asked for is busy: wait, then ask again.
+    Wait,
+    /// Restore a new instance (and bind the key to it, if any).
+    Restore {
+        /// Hit/miss/new, when asked for an instance or key.
+        affinity: Option<Affinity>,
+    },
+    /// The function is at its instance limit and all are busy.
+    Full,
+    /// The caller named an instance that does not exist.
+    NoSuchInstance(String),
+}
+
+/// Every instance, and the affinity bindings.
+#[derive(Default)]
+pub struct Pools {
+    /// By id.
+    pub instances: HashMap<String, Instance>,
+    /// (function, key) → instance id.
+    pub affinity: HashMap<(String, String), String>,
+    next: u64,
+}
+
+impl Pools {
+    /// A new instance id.
+    pub fn new_id(&mut self, function: &str) -> String {
+        self.next += 1;
+        format!("{function}-{}", self.next)
+    }
+
+    fn keys_of(&self, id: &str) -> HashSet<&str> {
+        self.affinity
+            .iter()
+            .filter(|(_, i)| i.as_str() == id)
+            .map(|((_, k), _)| k.as_str())
+            .collect()
+    }
+
+    /// Routes a request for `function` (current `version`, at most
+    /// `max_instances`). `waited` says the caller already waited for a
+    /// busy instance it asked for.
+    pub fn route(
+        &self,
+        function: &str,
+        version: u64,
+        max_instances: usize,
+        instance: Option<&str>,
+        key: Option<&str>,
+        waited: bool,
+    ) -> Route {
+        let current = |i: &&Instance| i.function == function && i.version == version;
+        let idle = |i: &&Instance| current(i) && i.vmm.is_some();
+        let count = self.instances.values().filter(current).count();
+        let restore_or_full = |affinity| {
+            if count < max_instances {
+                Route::Restore { affinity }
+            } else {
+                Route::Full
+            }
+        };
+        // Asked for an instance, or for a key bound to one.
+        let wanted = match (instance, key) {
+            (Some(id), _) => {
+                if !self.instances.contains_key(id) {
+                    return Route::NoSuchInstance(id.to_string());
+                }
+                Some(id.to_string())
+            }
+            (None, Some(key)) => self
+                .affinity
+                .get(&(function.to_string(), key.to_string()))
+                .cloned(),
+            (None, None) => None,
+        };
+        let asked = instance.is_some() || key.is_some();
+        if let Some(id) = &wanted {
+            match self.instances.get(id) {
+                Some(i) if current(&i) && i.vmm.is_some() => {
+                    return Route::Instance {
+                        id: id.clone(),
+                        affinity: Some(Affinity::Hit),
+                    }
+                }
+                Some(i) if current(&i) && !waited => return Route::Wait,
+                _ => {}
+            }
+        }
+        let affinity = asked.then(|| {
+            if wanted.is_some() || instance.is_some() {
+                Affinity::Miss
+            } else {
+                Affinity::New
+            }
+        });
+        // Another idle instance: for a key, one bound to no other key.
+        let mut candidates: Vec<&Instance> = self
+            .instances
+            .values()
+            .filter(idle)
+            .filter(|i| key.is_none() || self.keys_of(&i.id).is_empty())
+            .collect();
+        candidates.sort_by_key(|i| std::cmp::Reverse(i.last_used));
+        match candidates.first() {
+            Some(i) => Route::Instance {
+                id: i.id.clone(),
+                affinity,
+            },
+            None => restore_or_full(affinity),
+        }
+    }
+
+    /// Binds `key` of `function` to instance `id`.
+    pub fn bind(&mut self, function: &str, key: &str, id: &str) {
+        self.affinity
+            .insert((function.to_string(), key.to_string()), id.to_string());
+    }
+
+    /// Forgets an instance (and its bindings); returns its VMM to drop.
+    pub fn remove(&mut self, id: &str) -> Option<Instance> {
+        self.affinity.retain(|_, i| i != id);
+        self.instances.remove(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pools_with(ids: &[(&str, bool)]) -> Pools {
+        let mut pools = Pools::default();
+        for (i, (id, idle)) in ids.iter().enumerate() {
+            pools.instances.insert(
+                id.to_string(),
+                Instance {
+                    id: id.to_string(),
+                    function: "f".into(),
+                    version: 1,
+                    vmm: None,
+                    last_used: Instant::now() + Duration::from_millis(i as u64),
+                    served: 0,
+                    created: Instant::now(),
+                },
+            );
+            // `vmm` stays None in unit tests: mark idleness another way.
+            let _ = idle;
+        }
+        pools
+    }
+
+    #[test]
+    fn restores_when_nothing_is_idle_and_stops_at_the_limit() {
+        let pools = pools_with(&[("a", false)]);
+        assert_eq!(
+            pools.route("f", 1, 2, None, None, false),
+            Route::Restore { affinity: None }
+        );
+        assert_eq!(pools.route("f", 1, 1, None, None, false), Route::Full);
+        assert_eq!(
+            pools.route("f", 1, 2, None, Some("k"), false),
+            Route::Restore {
+                affinity: Some(Affinity::New)
+            }
+        );
+    }
+
+    #[test]
+    fn a_busy_affine_instance_is_waited_for_once_then_missed() {
+        let mut pools = pools_with(&[("a", false)]);
+        pools.bind("f", "k", "a");
+        assert_eq!(pools.route("f", 1, 2, None, Some("k"), false), Route::Wait);
+        assert_eq!(
+            pools.route("f", 1, 2, None, Some("k"), true),
+            Route::Restore {
+                affinity: Some(Affinity::Miss)
+            }
+        );
+        assert_eq!(
+            pools.route("f", 1, 2, Some("zz"), None, false),
+            Route::NoSuchInstance("zz".into())
+        );
+        // Removing the instance drops its binding: the key is new again.
+        pools.remove("a");
+        assert_eq!(
+            pools.route("f", 1, 2, None, Some("k"), false),
+            Route::Restore {
+                affinity: Some(Affinity::New)
+            }
+        );
+    }
+
+    #[test]
+    fn old_versions_do_not_count_or_serve() {
+        let pools = pools_with(&[("a", false)]);
+        // "a" runs version 1; version 2 has no instance.
+        assert_eq!(
+            pools.route("f", 2, 1, None, None, false),
+            Route::Restore { affinity: None }
+        );
+    }
+}

@@ -1,0 +1,204 @@
+//! Snapshots emberd keeps: one base snapshot of the booted guest, and per
+//! function version a template (the base restored, the module loaded and
+//! initialised, a Diff layer over the base).
+//!
+//! The base lives in `<state>/snapshots/base-<key>/`, where the key hashes
+//! the guest image, the snapshot format version, the guest memory size and
+//! this host's KVM CPUID: a different image, format or host never reuses
+//! it. A base or template that is missing, fails its checks (the VMM's
+//! load refuses it) or is of another key is rebuilt, never used.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::supervisor::{Supervisor, Vmm, VmmError};
+
+/// Errors building snapshots.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A VMM failed.
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    /// A file could not be read or written.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
+/// A snapshot's two files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFiles {
+    /// The state file.
+    pub state: PathBuf,
+    /// The memory file (the newest layer).
+    pub mem: PathBuf,
+}
+
+impl SnapshotFiles {
+    /// `dir/name.state` and `dir/name.mem`.
+    pub fn in_dir(dir: &Path, name: &str) -> SnapshotFiles {
+        SnapshotFiles {
+            state: dir.join(format!("{name}.state")),
+            mem: dir.join(format!("{name}.mem")),
+        }
+    }
+
+    /// Whether both files exist.
+    pub fn exist(&self) -> bool {
+        self.state.is_file() && self.mem.is_file()
+    }
+
+    /// The body of `PUT /snapshot/load`.
+    pub fn load_body(&self, track_dirty_pages: bool) -> serde_json::Value {
+        json!({
+            "snapshot_path": self.state,
+            "mem_backend": { "backend_type": "File", "backend_path": self.mem },
+            "resume_vm": true,
+            "track_dirty_pages": track_dirty_pages,
+        })
+    }
+
+    /// The body of `PUT /snapshot/create`.
+    pub fn create_body(&self, kind: &str) -> serde_json::Value {
+        json!({ "snapshot_type": kind, "snapshot_path": self.state, "mem_file_path": self.mem })
+    }
+}
+
+/// One stage of building a snapshot and how long it took.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stage {
+    /// What was done.
+    pub stage: &'static str,
+    /// How long, µs.
+    pub us: u64,
+}
+
+/// Stages, timed.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Stages(pub Vec<Stage>);
+
+impl Stages {
+    fn time<T>(&mut self, stage: &'static str, f: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let out = f();
+        self.0.push(Stage {
+            stage,
+            us: started.elapsed().as_micros() as u64,
+        });
+        out
+    }
+}
+
+/// What identifies a base snapshot: the guest image, the snapshot format,
+/// the memory size and this host's CPUID (hex SHA-256, 16 digits).
+pub fn base_key(image: &Path, mem_mib: usize) -> Result<String, SnapshotError> {
+    let bytes = std::fs::read(image).map_err(|source| SnapshotError::Io {
+        what: format!("cannot read the guest image {}", image.display()),
+        source,
+    })?;
+    let mut hash = Sha256::new();
+    hash.update(&bytes);
+    hash.update(ember_vmm::snapshot::FORMAT_MAJOR.to_le_bytes());
+    hash.update(ember_vmm::snapshot::FORMAT_MINOR.to_le_bytes());
+    hash.update((mem_mib as u64).to_le_bytes());
+    hash.update(host_cpuid_digest());
+    let digest = hash.finalize();
+    Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A digest of KVM's supported CPUID on this host (empty without KVM).
+fn host_cpuid_digest() -> Vec<u8> {
+    let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+        return Vec::new();
+    };
+    let Ok(cpuid) = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES) else {
+        return Vec::new();
+    };
+    let mut hash = Sha256::new();
+    for e in cpuid.as_slice() {
+        for word in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
+            hash.update(word.to_le_bytes());
+        }
+    }
+    hash.finalize().to_vec()
+}
+
+/// Boots the guest image in a fresh VMM (dirty pages logged, so that
+/// templates can be Diffs over it) and takes the base Full snapshot.
+pub fn build_base(
+    supervisor: &Supervisor,
+    image: &Path,
+    mem_mib: usize,
+    files: &SnapshotFiles,
+) -> Result<Stages, SnapshotError> {
+    let mut stages = Stages::default();
+    let mut vmm: Vmm = stages.time("start ember-vmm", || supervisor.spawn("base-build", &[]))?;
+    stages.time("boot the guest", || -> Result<(), VmmError> {
+        vmm.call(
+            "PUT",
+            "/boot-source",
+            Some(&json!({ "kernel_image_path": image })),
+        )?;
+        vmm.call(
+            "PUT",
+            "/machine-config",
+            Some(&json!({ "vcpu_count": 1, "mem_size_mib": mem_mib, "track_dirty_pages": true })),
+        )?;
+        vmm.call(
+            "PUT",
+            "/actions",
+            Some(&json!({ "action_type": "InstanceStart" })),
+        )?;
+        vmm.wait_ready()
+    })?;
+    stages.time(
+        "snapshot the booted guest (Full)",
+        || -> Result<(), VmmError> {
+            vmm.call("PATCH", "/vm", Some(&json!({ "state": "Paused" })))?;
+            vmm.call("PUT", "/snapshot/create", Some(&files.create_body("Full")))?;
+            Ok(())
+        },
+    )?;
+    Ok(stages)
+}
+
+/// What a template is made from: the module and its settings.
+#[derive(Debug, Clone)]
+pub struct TemplateSpec {
+    /// The body of `PUT /ember/function` (module path, files, env, args,
+    /// memory and time limits).
+    pub function: serde_json::Value,
+}
+
+/// Restores the base into `vmm` (prepared for the base's shape, with
+/// dirty logging), loads the function, and takes the template Diff.
+pub fn build_template(
+    vmm: &mut Vmm,
+    base: &SnapshotFiles,
+    spec: &TemplateSpec,
+    files: &SnapshotFiles,
+) -> Result<(Stages, serde_json::Value), SnapshotError> {
+    let mut stages = Stages::default();
+    stages.time("restore the base snapshot", || {
+        vmm.call("PUT", "/snapshot/load", Some(&base.load_body(true)))
+    })?;
+    let loaded = stages.time("load and initialise the module", || {
+        vmm.call("PUT", "/ember/function", Some(&spec.function))
+    })?;
+    stages.time(
+        "snapshot the template (Diff)",
+        || -> Result<(), VmmError> {
+            vmm.call("PATCH", "/vm", Some(&json!({ "state": "Paused" })))?;
+            vmm.call("PUT", "/snapshot/create", Some(&files.create_body("Diff")))?;
+            Ok(())
+        },
+    )?;
+    Ok((stages, loaded.json()))
+}
