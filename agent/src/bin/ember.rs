@@ -1,0 +1,426 @@
+//! `ember`: the command line for emberd.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use ember_vmm::api::client::{ApiClient, ApiResponse};
+
+/// Talks to emberd: deploy and invoke functions, list and remove them,
+/// look at instances.
+#[derive(Debug, Parser)]
+#[command(name = "ember", version)]
+struct Cli {
+    /// emberd's socket (default: $EMBER_SOCKET, else /run/ember/ember.sock).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Deploy a new version of a function.
+    Deploy {
+        /// The function's name.
+        name: String,
+        /// The module (.wasm).
+        module: PathBuf,
+        /// Linear-memory limit, MiB.
+        #[arg(long, value_name = "MIB")]
+        memory: Option<u64>,
+        /// Time limit: milliseconds, or with a unit (250ms, 30s, 2m).
+        #[arg(long, value_name = "TIME", value_parser = parse_duration_ms)]
+        timeout: Option<u64>,
+        /// Environment variable (repeatable).
+        #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// A file for /var/task (repeatable).
+        #[arg(long = "file", value_name = "PATH")]
+        files: Vec<PathBuf>,
+        /// Instances at most.
+        #[arg(long, value_name = "N")]
+        max_concurrency: Option<u32>,
+        /// Idle instances kept this long, seconds.
+        #[arg(long, value_name = "S")]
+        keep_alive: Option<u64>,
+    },
+    /// Invoke a function: the event from --data, --file or stdin.
+    Invoke {
+        /// The function's name.
+        name: String,
+        /// The event.
+        #[arg(long, conflicts_with = "file")]
+        data: Option<String>,
+        /// The event, from a file.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Route by this affinity key.
+        #[arg(long)]
+        affinity: Option<String>,
+        /// Serve on this instance.
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// List functions.
+    Ls,
+    /// Remove a function.
+    Rm {
+        /// The function's name.
+        name: String,
+    },
+    /// List instances.
+    Instances,
+    /// emberd's health.
+    Status,
+    /// Print shell completions.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (text, 1)
+    };
+    number
+        .trim()
+        .parse::<u64>()
+        .map(|n| n * scale)
+        .map_err(|_| format!("{text:?} is not a time: give milliseconds, or 250ms, 30s, 2m"))
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{text:?} is not K=V"))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("ember: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn socket(cli: &Cli) -> PathBuf {
+    cli.socket
+        .clone()
+        .or_else(|| std::env::var_os("EMBER_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/run/ember/ember.sock"))
+}
+
+fn connect(cli: &Cli) -> Result<ApiClient, String> {
+    let path = socket(cli);
+    ApiClient::connect(&path).map_err(|e| {
+        format!(
+            "cannot reach emberd at {}: {e} (start emberd, or give --socket / EMBER_SOCKET)",
+            path.display()
+        )
+    })
+}
+
+/// The error emberd answered, or the response.
+fn ok(response: ApiResponse) -> Result<ApiResponse, String> {
+    if (200..300).contains(&response.status) {
+        return Ok(response);
+    }
+    let body = response.json();
+    Err(match body["error"]["message"].as_str() {
+        Some(message) => format!(
+            "{} ({})",
+            message,
+            body["error"]["kind"].as_str().unwrap_or("?")
+        ),
+        None => format!("emberd answered {}", response.status),
+    })
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "ember", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Deploy {
+            name,
+            module,
+            memory,
+            timeout,
+            env,
+            files,
+            max_concurrency,
+            keep_alive,
+        } => {
+            let mut config = serde_json::json!({});
+            if let Some(m) = memory {
+                config["memory_mib"] = (*m).into();
+            }
+            if let Some(t) = timeout {
+                config["timeout_ms"] = (*t).into();
+            }
+            if let Some(n) = max_concurrency {
+                config["max_concurrency"] = (*n).into();
+            }
+            if let Some(k) = keep_alive {
+                config["keep_alive_s"] = (*k).into();
+            }
+            if !env.is_empty() {
+                config["env"] = env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
+            }
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+            };
+            let mut parts: Vec<(String, Option<String>, &str, Vec<u8>)> = vec![
+                (
+                    "config".into(),
+                    None,
+                    "application/json",
+                    config.to_string().into_bytes(),
+                ),
+                (
+                    "module".into(),
+                    Some("module.wasm".into()),
+                    "application/wasm",
+                    read(module)?,
+                ),
+            ];
+            for file in files {
+                let file_name = file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .ok_or_else(|| format!("{} has no usable file name", file.display()))?;
+                parts.push((
+                    "file".into(),
+                    Some(file_name.into()),
+                    "application/octet-stream",
+                    read(file)?,
+                ));
+            }
+            let boundary = format!("ember-{:x}", std::process::id() as u64 * 0x9e37_79b9);
+            let mut body = Vec::new();
+            for (name, file_name, content_type, bytes) in &parts {
+                write!(
+                    body,
+                    "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\""
+                )
+                .ok();
+                if let Some(f) = file_name {
+                    write!(body, "; filename=\"{f}\"").ok();
+                }
+                write!(body, "\r\nContent-Type: {content_type}\r\n\r\n").ok();
+                body.extend_from_slice(bytes);
+                body.extend_from_slice(b"\r\n");
+            }
+            write!(body, "--{boundary}--\r\n").ok();
+            let mut client = connect(&cli)?;
+            eprintln!("deploying {name}: storing, restoring the base, loading the module, snapshotting the template...");
+            let content_type = format!("multipart/form-data; boundary={boundary}");
+            let response = client
+                .request_with_headers(
+                    "PUT",
+                    &format!("/functions/{name}"),
+                    &[("Content-Type", &content_type)],
+                    Some(&body),
+                )
+                .map_err(|e| e.to_string())?;
+            let deployed = ok(response)?.json();
+            if cli.json {
+                println!("{deployed}");
+            } else {
+                for stage in deployed["stages"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {:<36} {:>8.1} ms",
+                        stage["stage"].as_str().unwrap_or("?"),
+                        stage["us"].as_f64().unwrap_or(0.0) / 1000.0
+                    );
+                }
+                println!(
+                    "{} version {} ready ({} model) in {:.1} ms",
+                    name,
+                    deployed["version"],
+                    deployed["function"]["model"].as_str().unwrap_or("?"),
+                    deployed["total_us"].as_f64().unwrap_or(0.0) / 1000.0
+                );
+            }
+            Ok(())
+        }
+        Command::Invoke {
+            name,
+            data,
+            file,
+            affinity,
+            instance,
+        } => {
+            let event = match (data, file) {
+                (Some(d), _) => d.clone().into_bytes(),
+                (None, Some(f)) => {
+                    std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?
+                }
+                (None, None) => {
+                    let mut buf = Vec::new();
+                    if !std::io::stdin().is_terminal() {
+                        std::io::stdin()
+                            .read_to_end(&mut buf)
+                            .map_err(|e| e.to_string())?;
+                    }
+                    buf
+                }
+            };
+            let mut headers = Vec::new();
+            if let Some(a) = affinity {
+                headers.push(("X-Ember-Affinity", a.as_str()));
+            }
+            if let Some(i) = instance {
+                headers.push(("X-Ember-Instance", i.as_str()));
+            }
+            let mut client = connect(&cli)?;
+            let response = client
+                .request_with_headers(
+                    "POST",
+                    &format!("/functions/{name}/invoke"),
+                    &headers,
+                    Some(&event),
+                )
+                .map_err(|e| e.to_string())?;
+            let response = ok(response)?;
+            let h = |n: &str| response.header(n).unwrap_or("").to_string();
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "result": String::from_utf8_lossy(&response.body),
+                        "instance": h("x-ember-instance"),
+                        "start": h("x-ember-start"),
+                        "version": h("x-ember-version"),
+                        "affinity": h("x-ember-affinity"),
+                        "duration_us": h("x-ember-duration-us"),
+                        "error": h("x-ember-function-error"),
+                    })
+                );
+            } else {
+                std::io::stdout()
+                    .write_all(&response.body)
+                    .map_err(|e| e.to_string())?;
+                eprintln!(
+                    "[{} {} v{}{}, {} us in the function{}]",
+                    h("x-ember-instance"),
+                    h("x-ember-start"),
+                    h("x-ember-version"),
+                    if h("x-ember-affinity").is_empty() {
+                        String::new()
+                    } else {
+                        format!(", affinity {}", h("x-ember-affinity"))
+                    },
+                    h("x-ember-duration-us"),
+                    if h("x-ember-function-error").is_empty() {
+                        String::new()
+                    } else {
+                        format!(", function error: {}", h("x-ember-function-error"))
+                    },
+                );
+            }
+            if !h("x-ember-function-error").is_empty() {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
+        Command::Ls => {
+            let list = ok(connect(&cli)?
+                .get("/functions")
+                .map_err(|e| e.to_string())?)?
+            .json();
+            if cli.json {
+                println!("{list}");
+            } else {
+                println!(
+                    "{:<24} {:>7} {:>9} {:>10} {:>10}",
+                    "NAME", "VERSION", "MEMORY", "TIMEOUT", "MODULE"
+                );
+                for f in list.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {:>7} {:>9} {:>8}ms {:>9}K",
+                        f["name"].as_str().unwrap_or("?"),
+                        f["version"].to_string(),
+                        f["config"]["memory_mib"]
+                            .as_u64()
+                            .map_or("auto".into(), |m| format!("{m}MiB")),
+                        f["config"]["timeout_ms"].to_string(),
+                        f["module_bytes"].as_u64().unwrap_or(0) / 1024
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Rm { name } => {
+            let response = connect(&cli)?
+                .request("DELETE", &format!("/functions/{name}"), None)
+                .map_err(|e| e.to_string())?;
+            ok(response)?;
+            if !cli.json {
+                println!("{name} removed");
+            }
+            Ok(())
+        }
+        Command::Instances => {
+            let list = ok(connect(&cli)?
+                .get("/instances")
+                .map_err(|e| e.to_string())?)?
+            .json();
+            if cli.json {
+                println!("{list}");
+            } else {
+                println!(
+                    "{:<24} {:<16} {:>7} {:<6} {:>11} {:>7} KEYS",
+                    "ID", "FUNCTION", "VERSION", "STATE", "INVOCATIONS", "IDLE_S"
+                );
+                for i in list.as_array().into_iter().flatten() {
+                    let keys: Vec<&str> = i["affinity_keys"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|k| k.as_str())
+                        .collect();
+                    println!(
+                        "{:<24} {:<16} {:>7} {:<6} {:>11} {:>7} {}",
+                        i["id"].as_str().unwrap_or("?"),
+                        i["function"].as_str().unwrap_or("?"),
+                        i["version"].to_string(),
+                        i["state"].as_str().unwrap_or("?"),
+                        i["invocations"].to_string(),
+                        i["idle_s"].to_string(),
+                        keys.join(",")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Status => {
+            let health = ok(connect(&cli)?.get("/health").map_err(|e| e.to_string())?)?.json();
+            if cli.json {
+                println!("{health}");
+            } else {
+                for (k, v) in health.as_object().into_iter().flatten() {
+                    println!("{k:<16} {v}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
