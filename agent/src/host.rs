@@ -441,6 +441,19 @@ impl Agent {
                 let route = pools.route(name, v.version, max, instance, key, waited);
                 if let Route::Instance { id, .. } = &route {
                     let taken = pools.instances.get_mut(id).and_then(|i| i.vmm.take());
+                    // An idle instance whose VMM died (killed, crashed)
+                    // is dropped, and the request routed again.
+                    let taken = match taken {
+                        Some(mut vmm) => {
+                            if vmm.exited() {
+                                pools.remove(id);
+                                drop(vmm);
+                                continue;
+                            }
+                            Some(vmm)
+                        }
+                        None => None,
+                    };
                     if let Some(vmm) = taken {
                         if let Some(key) = key {
                             pools.bind(name, key, id);

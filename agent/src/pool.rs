@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use crate::supervisor::Vmm;
 
+/// Affinity bindings kept before those to gone instances are dropped.
+pub const MAX_STALE_BINDINGS: usize = 100_000;
+
 /// How long a request for a busy, named or affine instance waits for it.
 pub const AFFINITY_WAIT: Duration = Duration::from_millis(200);
 
@@ -204,10 +207,16 @@ impl Pools {
             .insert((function.to_string(), key.to_string()), id.to_string());
     }
 
-    /// Forgets an instance (and its bindings); returns its VMM to drop.
+    /// Forgets an instance; returns it (its VMM to drop). Keys bound to
+    /// it stay bound to the gone id, so that their next request says
+    /// `miss` (and binds them anew), up to [`MAX_STALE_BINDINGS`].
     pub fn remove(&mut self, id: &str) -> Option<Instance> {
-        self.affinity.retain(|_, i| i != id);
-        self.instances.remove(id)
+        let removed = self.instances.remove(id);
+        if self.affinity.len() > MAX_STALE_BINDINGS {
+            let live = &self.instances;
+            self.affinity.retain(|_, i| live.contains_key(i));
+        }
+        removed
     }
 }
 
@@ -267,12 +276,12 @@ mod tests {
             pools.route("f", 1, 2, Some("zz"), None, false),
             Route::NoSuchInstance("zz".into())
         );
-        // Removing the instance drops its binding: the key is new again.
+        // The instance gone, its key misses (and is bound anew).
         pools.remove("a");
         assert_eq!(
             pools.route("f", 1, 2, None, Some("k"), false),
             Route::Restore {
-                affinity: Some(Affinity::New)
+                affinity: Some(Affinity::Miss)
             }
         );
     }

@@ -113,7 +113,10 @@ pub fn base_key(image: &Path, mem_mib: usize) -> Result<String, SnapshotError> {
     Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// A digest of KVM's supported CPUID on this host (empty without KVM).
+/// A digest of the CPU features KVM supports on this host (empty without
+/// KVM): the vendor and the feature leaves only — other leaves carry the
+/// APIC ID of whichever host CPU asked, and would make the key differ from
+/// one start to the next.
 fn host_cpuid_digest() -> Vec<u8> {
     let Ok(kvm) = kvm_ioctls::Kvm::new() else {
         return Vec::new();
@@ -123,7 +126,16 @@ fn host_cpuid_digest() -> Vec<u8> {
     };
     let mut hash = Sha256::new();
     for e in cpuid.as_slice() {
-        for word in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
+        let words = match e.function {
+            0x0 | 0x7 | 0xd | 0x8000_0001 | 0x8000_0008 => [e.eax, e.ebx, e.ecx, e.edx],
+            // Leaf 1: EAX (family, model) and the feature words; EBX holds
+            // the APIC ID.
+            0x1 => [e.eax, 0, e.ecx, e.edx],
+            _ => continue,
+        };
+        hash.update(e.function.to_le_bytes());
+        hash.update(e.index.to_le_bytes());
+        for word in words {
             hash.update(word.to_le_bytes());
         }
     }
@@ -201,4 +213,33 @@ pub fn build_template(
         },
     )?;
     Ok((stages, loaded.json()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The digest is the same on every host CPU (the base snapshot's key
+    /// must not change with the CPU emberd started on).
+    #[test]
+    fn cpuid_digest_is_the_same_on_every_cpu() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let on_cpu = |cpu: usize| {
+            // SAFETY: sched_setaffinity(2) on this thread with a local set.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+            host_cpuid_digest()
+        };
+        let first = std::thread::spawn(move || on_cpu(0)).join().unwrap();
+        for cpu in 1..cpus {
+            assert_eq!(
+                std::thread::spawn(move || on_cpu(cpu)).join().unwrap(),
+                first,
+                "CPU {cpu}"
+            );
+        }
+    }
 }

@@ -455,6 +455,98 @@ impl Drop for VmmProcess {
     }
 }
 
+/// A binary built beside ember-vmm (`emberd`, `ember`).
+pub fn sibling_binary(name: &str) -> Result<PathBuf, String> {
+    let path = vmm_binary()?.with_file_name(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "no {name} at {}: run `cargo build --workspace --bins` first",
+            path.display()
+        ))
+    }
+}
+
+/// A running emberd on a state dir, with its log captured.
+pub struct Emberd {
+    child: Child,
+    /// Its socket.
+    pub socket: PathBuf,
+    /// Its state dir.
+    pub state_dir: PathBuf,
+    /// Its log (stderr).
+    pub log: Capture,
+    _lock: KvmLock,
+}
+
+impl Emberd {
+    /// Starts emberd on `state_dir` (its socket inside) with 128 MiB VMs,
+    /// one prepared VMM, and `extra` arguments; returns once it listens.
+    pub fn start(state_dir: &Path, extra: &[&str]) -> Result<Emberd, String> {
+        let lock = KvmLock::acquire();
+        let socket = state_dir.join("emberd.sock");
+        let mut child = Command::new(sibling_binary("emberd")?)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(state_dir.join("state"))
+            .arg("--vmm")
+            .arg(vmm_binary()?)
+            .arg("--guest-image")
+            .arg(guest_image()?)
+            .args(["--vm-mem-mib", "128", "--prepared", "1"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start emberd: {e}"))?;
+        let log = Capture::start(child.stderr.take().expect("piped stderr"));
+        let emberd = Emberd {
+            child,
+            socket,
+            state_dir: state_dir.to_path_buf(),
+            log,
+            _lock: lock,
+        };
+        if !emberd.log.wait_for("emberd listening", PATIENCE) {
+            return Err(format!("emberd did not start:\n{}", emberd.log.text()));
+        }
+        Ok(emberd)
+    }
+
+    /// A new connection.
+    pub fn client(&self) -> ApiClient {
+        let client = ApiClient::connect(&self.socket)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.socket.display()));
+        client
+            .set_timeout(Some(PATIENCE))
+            .expect("set a read timeout");
+        client
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, and waits for the exit; returns its exit code.
+    pub fn terminate(mut self) -> Result<i32, String> {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let status = self.child.wait().map_err(|e| e.to_string())?;
+        exit_code(status)
+    }
+}
+
+impl Drop for Emberd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Where this test process keeps its directories; removed when the tests end.
 fn scratch_root() -> PathBuf {
     std::env::temp_dir().join(format!("ember-it-{}", std::process::id()))

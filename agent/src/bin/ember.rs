@@ -187,51 +187,18 @@ fn run(cli: Cli) -> Result<(), String> {
             let read = |p: &PathBuf| {
                 std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
             };
-            let mut parts: Vec<(String, Option<String>, &str, Vec<u8>)> = vec![
-                (
-                    "config".into(),
-                    None,
-                    "application/json",
-                    config.to_string().into_bytes(),
-                ),
-                (
-                    "module".into(),
-                    Some("module.wasm".into()),
-                    "application/wasm",
-                    read(module)?,
-                ),
-            ];
+            let mut bundle = Vec::new();
             for file in files {
                 let file_name = file
                     .file_name()
                     .and_then(|n| n.to_str())
                     .ok_or_else(|| format!("{} has no usable file name", file.display()))?;
-                parts.push((
-                    "file".into(),
-                    Some(file_name.into()),
-                    "application/octet-stream",
-                    read(file)?,
-                ));
+                bundle.push((file_name.to_string(), read(file)?));
             }
-            let boundary = format!("ember-{:x}", std::process::id() as u64 * 0x9e37_79b9);
-            let mut body = Vec::new();
-            for (name, file_name, content_type, bytes) in &parts {
-                write!(
-                    body,
-                    "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\""
-                )
-                .ok();
-                if let Some(f) = file_name {
-                    write!(body, "; filename=\"{f}\"").ok();
-                }
-                write!(body, "\r\nContent-Type: {content_type}\r\n\r\n").ok();
-                body.extend_from_slice(bytes);
-                body.extend_from_slice(b"\r\n");
-            }
-            write!(body, "--{boundary}--\r\n").ok();
+            let (content_type, body) =
+                ember_agent::client::deploy_body(&config, &read(module)?, &bundle);
             let mut client = connect(&cli)?;
             eprintln!("deploying {name}: storing, restoring the base, loading the module, snapshotting the template...");
-            let content_type = format!("multipart/form-data; boundary={boundary}");
             let response = client
                 .request_with_headers(
                     "PUT",

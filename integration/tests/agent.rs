@@ -1,0 +1,588 @@
+//! emberd end to end: functions deployed and invoked through its socket,
+//! on real microVMs restored from template snapshots. Without /dev/kvm
+//! every test is reported as ignored, never passed.
+
+use std::path::Path;
+
+use ember_integration::*;
+use ember_vmm::api::client::{ApiClient, ApiResponse};
+use serde_json::json;
+
+fn main() {
+    let tests: Vec<Test> = vec![
+        ("every_example_deploys_and_invokes", every_example),
+        ("affinity_keys_stick_to_their_instances", affinity),
+        (
+            "a_killed_instance_sends_its_key_elsewhere_as_a_miss",
+            killed_instance,
+        ),
+        ("a_redeploy_serves_the_new_version", redeploy),
+        ("concurrent_invocations_use_several_instances", concurrent),
+        ("a_timeout_recycles_the_instance", timeout_recycles),
+        ("a_restart_keeps_functions_and_snapshots", restart),
+        (
+            "kill_9_of_a_vmm_mid_invocation_is_a_crash_and_emberd_serves_on",
+            kill_mid_invocation,
+        ),
+        ("bad_inputs_get_their_own_4xx", bad_inputs),
+        (
+            "a_second_emberd_on_the_same_state_dir_is_refused",
+            second_daemon,
+        ),
+    ];
+    run_kvm_tests(tests);
+}
+
+fn started() -> Result<Emberd, String> {
+    Emberd::start(&fresh_dir()?, &[])
+}
+
+fn deploy(
+    client: &mut ApiClient,
+    name: &str,
+    module: &Path,
+    config: serde_json::Value,
+    files: &[(String, Vec<u8>)],
+) -> Result<serde_json::Value, String> {
+    let module = std::fs::read(module).map_err(|e| e.to_string())?;
+    let (content_type, body) = ember_agent::client::deploy_body(&config, &module, files);
+    let response = client
+        .request_with_headers(
+            "PUT",
+            &format!("/functions/{name}"),
+            &[("Content-Type", &content_type)],
+            Some(&body),
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(expect_status(Ok(response), 200, &format!("deploy {name}"))?.json())
+}
+
+fn invoke(
+    client: &mut ApiClient,
+    name: &str,
+    event: &[u8],
+    headers: &[(&str, &str)],
+) -> std::io::Result<ApiResponse> {
+    client.request_with_headers(
+        "POST",
+        &format!("/functions/{name}/invoke"),
+        headers,
+        Some(event),
+    )
+}
+
+/// A successful invocation: its result and response.
+fn invoke_ok_via(
+    client: &mut ApiClient,
+    name: &str,
+    event: &[u8],
+    headers: &[(&str, &str)],
+) -> Result<ApiResponse, String> {
+    let response = expect_status(invoke(client, name, event, headers), 200, "invoke")?;
+    if let Some(kind) = response.header("x-ember-function-error") {
+        return Err(format!(
+            "{name} failed ({kind}): {}",
+            String::from_utf8_lossy(&response.body)
+        ));
+    }
+    Ok(response)
+}
+
+fn error_kind(response: &ApiResponse) -> String {
+    response.json()["error"]["kind"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Every example function, deployed and invoked with an exact answer.
+fn every_example() -> TestResult {
+    let emberd = started()?;
+    let mut client = emberd.client();
+    let data = std::fs::read(example("data.txt")?).map_err(|e| fail(e.to_string()))?;
+    type Case<'a> = (&'a str, Vec<(String, Vec<u8>)>, &'a [u8], &'a [u8]);
+    let cases: Vec<Case> = vec![
+        ("echo", vec![], b"hello", b"hello"),
+        ("wordcount", vec![], b"one two three", b"0 3 13\n"),
+        ("counter", vec![], b"", b"1\n"),
+        (
+            "sha256",
+            vec![],
+            b"abc",
+            b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n",
+        ),
+        (
+            "jsonx",
+            vec![],
+            br#"{"b":1,"a":[true,null]}"#,
+            br#"{"a":[true,null],"b":1}"#,
+        ),
+        ("datafile", vec![("data.txt".to_string(), data)], b"", b""),
+    ];
+    for (name, files, event, want) in cases {
+        let deployed = deploy(
+            &mut client,
+            name,
+            &example(&format!("{name}.wasm"))?,
+            json!({}),
+            &files,
+        )?;
+        check(deployed["version"] == 1, || format!("deployed {deployed}"))?;
+        let response = invoke_ok_via(&mut client, name, event, &[])?;
+        check(response.header("x-ember-start") == Some("restored"), || {
+            format!("{name}: first start {:?}", response.header("x-ember-start"))
+        })?;
+        if name == "datafile" {
+            check(response.body.ends_with(b"5 of 5 lines\n"), || {
+                format!(
+                    "datafile answered {:?}",
+                    String::from_utf8_lossy(&response.body)
+                )
+            })?;
+        } else if name == "jsonx" {
+            check(!response.body.is_empty(), || {
+                "jsonx answered nothing".into()
+            })?;
+        } else {
+            same(&response.body, want)?;
+        }
+        let again = invoke_ok_via(&mut client, name, event, &[])?;
+        check(again.header("x-ember-start") == Some("warm"), || {
+            format!("{name}: second start {:?}", again.header("x-ember-start"))
+        })?;
+    }
+    let list = get_json(&mut client, "/functions")?;
+    check(list.as_array().map_or(0, Vec::len) == 6, || {
+        format!("functions: {list}")
+    })?;
+    Ok(())
+}
+
+/// 20 invocations with key A land on one instance, key B on another.
+fn affinity() -> TestResult {
+    let emberd = started()?;
+    let mut client = emberd.client();
+    deploy(&mut client, "echo", &example("echo.wasm")?, json!({}), &[])?;
+    let mut seen = std::collections::HashMap::<&str, std::collections::HashSet<String>>::new();
+    for i in 0..20 {
+        for key in ["A", "B"] {
+            let response = invoke_ok_via(&mut client, "echo", b"x", &[("X-Ember-Affinity", key)])?;
+            let expected = if i == 0 { "new" } else { "hit" };
+            check(
+                response.header("x-ember-affinity") == Some(expected),
+                || {
+                    format!(
+                        "key {key}, request {i}: affinity {:?}",
+                        response.header("x-ember-affinity")
+                    )
+                },
+            )?;
+            seen.entry(key).or_default().insert(
+                response
+                    .header("x-ember-instance")
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
+    }
+    check(
+        seen["A"].len() == 1 && seen["B"].len() == 1 && seen["A"] != seen["B"],
+        || format!("instances per key: {seen:?}"),
+    )?;
+    // An instance named by the caller serves.
+    let a = seen["A"].iter().next().cloned().unwrap_or_default();
+    let response = invoke_ok_via(&mut client, "echo", b"x", &[("X-Ember-Instance", &a)])?;
+    check(
+        response.header("x-ember-instance") == Some(a.as_str()),
+        || {
+            format!(
+                "asked for {a}, got {:?}",
+                response.header("x-ember-instance")
+            )
+        },
+    )?;
+    Ok(())
+}
+
+fn instance_of(response: &ApiResponse) -> String {
+    response
+        .header("x-ember-instance")
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Deleting the instance a key is bound to sends the key's next request
+/// elsewhere, with `X-Ember-Affinity: miss`; then it sticks there.
+fn killed_instance() -> TestResult {
+    let emberd = started()?;
+    let mut client = emberd.client();
+    deploy(&mut client, "echo", &example("echo.wasm")?, json!({}), &[])?;
+    let first = instance_of(&invoke_ok_via(
+        &mut client,
+        "echo",
+        b"x",
+        &[("X-Ember-Affinity", "A")],
+    )?);
+    let deleted = client
+        .request("DELETE", &format!("/instances/{first}"), None)
+        .map_err(|e| fail(e.to_string()))?;
+    expect_status(Ok(deleted), 204, "DELETE /instances")?;
+    let response = invoke_ok_via(&mut client, "echo", b"x", &[("X-Ember-Affinity", "A")])?;
+    check(
+        response.header("x-ember-affinity") == Some("miss") && instance_of(&response) != first,
+        || format!("after deleting {first}: {:?}", response.headers),
+    )?;
+    let second = instance_of(&response);
+    let response = invoke_ok_via(&mut client, "echo", b"x", &[("X-Ember-Affinity", "A")])?;
+    check(
+        response.header("x-ember-affinity") == Some("hit") && instance_of(&response) == second,
+        || format!("then: {:?}", response.headers),
+    )?;
+    Ok(())
+}
+
+/// A redeploy makes the next invocation run the new version.
+fn redeploy() -> TestResult {
+    let emberd = started()?;
+    let mut client = emberd.client();
+    deploy(&mut client, "f", &example("echo.wasm")?, json!({}), &[])?;
+    same(
+        &invoke_ok_via(&mut client, "f", b"one two", &[])?.body,
+        b"one two",
+    )?;
+    let deployed = deploy(
+        &mut client,
+        "f",
+        &example("wordcount.wasm")?,
+        json!({}),
+        &[],
+    )?;
+    check(deployed["version"] == 2, || format!("deployed {deployed}"))?;
+    let response = invoke_ok_via(&mut client, "f", b"one two", &[])?;
+    same(&response.body, b"0 2 7\n")?;
+    check(response.header("x-ember-version") == Some("2"), || {
+        format!("version {:?}", response.header("x-ember-version"))
+    })?;
+    let instances = get_json(&mut client, "/instances")?;
+    check(
+        instances
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|i| i["version"] == 2),
+        || format!("old instances still there: {instances}"),
+    )?;
+    Ok(())
+}
+
+/// 10 concurrent invocations of one function all succeed, on several
+/// instances.
+fn concurrent() -> TestResult {
+    let emberd = started()?;
+    let mut client = emberd.client();
+    // sha256 of 1 MiB takes ~85 ms: long enough to overlap.
+    deploy(
+        &mut client,
+        "sha",
+        &example("sha256.wasm")?,
+        json!({ "max_concurrency": 10 }),
+        &[],
+    )?;
+    let event = vec![7u8; 1 << 20];
+    let workers: Vec<_> = (0..10)
+        .map(|_| {
+            let mut client = emberd.client();
+            let event = event.clone();
+            std::thread::spawn(move || {
+                invoke_ok_via(&mut client, "sha", &event, &[]).map(|r| (instance_of(&r), r.body))
+            })
+        })
+        .collect();
+    let mut instances = std::collections::HashSet::new();
+    let mut bodies = std::collections::HashSet::new();
+    for worker in workers {
+        let (instance, body) = worker.join().map_err(|_| fail("a worker panicked"))??;
+        instances.insert(instance);
+        bodies.insert(body);
+    }
+    check(instances.len() > 1 && bodies.len() == 1, || {
+        format!(
+            "{} instances, {} distinct results",
+            instances.len(),
+            bodies.len()
+        )
+    })?;
+    Ok(())
+}
+
+const SPIN: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (func (export "_start") (loop $forever (br $forever))))
+"#;
+
+/// A function that times out is answered with `timeout`, and its
+/// instance is destroyed: the next invocation restores a new one.
+fn timeout_recycles() -> TestResult {
+    let dir = fresh_dir()?;
+    let module = dir.join("spin.wasm");
+    std::fs::write(
+        &module,
+        wat::parse_str(SPIN).map_err(|e| fail(e.to_string()))?,
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    let emberd = Emberd::start(&dir, &[])?;
+    let mut client = emberd.client();
+    deploy(
+        &mut client,
+        "spin",
+        &module,
+        json!({ "timeout_ms": 200 }),
+        &[],
+    )?;
+    let response = expect_status(invoke(&mut client, "spin", b"", &[]), 200, "invoke")?;
+    check(
+        response.header("x-ember-function-error") == Some("timeout"),
+        || format!("expected a timeout: {:?}", response.headers),
+    )?;
+    let first = instance_of(&response);
+    let instances = get_json(&mut client, "/instances")?;
+    check(instances.as_array().is_some_and(Vec::is_empty), || {
+        format!("the timed-out instance is still listed: {instances}")
+    })?;
+    let response = expect_status(invoke(&mut client, "spin", b"", &[]), 200, "invoke")?;
+    check(
+        instance_of(&response) != first && response.header("x-ember-start") == Some("restored"),
+        || format!("after a timeout: {:?}", response.headers),
+    )?;
+    Ok(())
+}
+
+/// SIGTERM, then a new emberd on the same state dir: the functions are
+/// there, the base snapshot is not rebuilt, invocations work.
+fn restart() -> TestResult {
+    let dir = fresh_dir()?;
+    let emberd = Emberd::start(&dir, &[])?;
+    let mut client = emberd.client();
+    deploy(
+        &mut client,
+        "counter",
+        &example("counter.wasm")?,
+        json!({}),
+        &[],
+    )?;
+    same(
+        &invoke_ok_via(&mut client, "counter", b"", &[])?.body,
+        b"1\n",
+    )?;
+    drop(client);
+    let code = emberd.terminate()?;
+    check(code == 0, || {
+        format!("emberd exited with {code} on SIGTERM")
+    })?;
+    let emberd = Emberd::start(&dir, &[])?;
+    check(
+        !emberd.log.text().contains("building the base snapshot"),
+        || format!("the base snapshot was rebuilt:\n{}", emberd.log.text()),
+    )?;
+    let mut client = emberd.client();
+    let list = get_json(&mut client, "/functions")?;
+    check(list[0]["name"] == "counter", || {
+        format!("functions: {list}")
+    })?;
+    // A fresh instance from the template: the counter starts over.
+    same(
+        &invoke_ok_via(&mut client, "counter", b"", &[])?.body,
+        b"1\n",
+    )?;
+    Ok(())
+}
+
+/// kill -9 of the VMM serving an invocation: the caller gets a `crash`
+/// error; emberd serves the next request on a new instance.
+fn kill_mid_invocation() -> TestResult {
+    let emberd = started()?;
+    let mut client = emberd.client();
+    deploy(
+        &mut client,
+        "sha",
+        &example("sha256.wasm")?,
+        json!({ "timeout_ms": 60000 }),
+        &[],
+    )?;
+    invoke_ok_via(&mut client, "sha", b"warm", &[])?;
+    let instances = get_json(&mut client, "/instances")?;
+    let pid = instances[0]["pid"].as_u64().unwrap_or(0) as i32;
+    check(pid > 0, || format!("instances: {instances}"))?;
+    let mut runner = emberd.client();
+    let worker = std::thread::spawn(move || invoke(&mut runner, "sha", &vec![1u8; 6 << 20], &[]));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // SAFETY: kill(2) of the VMM process emberd reported.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let response = worker.join().map_err(|_| fail("the worker panicked"))??;
+    check(
+        response.status == 200 && response.header("x-ember-function-error") == Some("crash"),
+        || format!("after kill -9: {} {:?}", response.status, response.headers),
+    )?;
+    same(
+        &invoke_ok_via(&mut client, "sha", b"abc", &[])?.body,
+        b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n",
+    )?;
+    let health = get_json(&mut client, "/health")?;
+    check(health["status"] == "ok", || format!("health {health}"))?;
+    Ok(())
+}
+
+/// Unknown function 404, invalid wasm 400, event over 6 MiB 413,
+/// malformed config JSON 400, unknown instance 404 — each with its kind.
+fn bad_inputs() -> TestResult {
+    let emberd = started()?;
+    let mut client = emberd.client();
+    let response = invoke(&mut client, "nope", b"x", &[])?;
+    check(
+        response.status == 404 && error_kind(&response) == "not_found",
+        || {
+            format!(
+                "unknown function: {} {}",
+                response.status,
+                String::from_utf8_lossy(&response.body)
+            )
+        },
+    )?;
+    let (content_type, body) = ember_agent::client::deploy_body(&json!({}), b"not wasm", &[]);
+    let response = client
+        .request_with_headers(
+            "PUT",
+            "/functions/bad",
+            &[("Content-Type", &content_type)],
+            Some(&body),
+        )
+        .map_err(|e| fail(e.to_string()))?;
+    check(
+        response.status == 400 && error_kind(&response) == "invalid_function",
+        || {
+            format!(
+                "invalid wasm: {} {}",
+                response.status,
+                String::from_utf8_lossy(&response.body)
+            )
+        },
+    )?;
+    // Valid wasm the guest refuses (no entry point): also a 400.
+    let (content_type, body) = ember_agent::client::deploy_body(
+        &json!({}),
+        &wat::parse_str("(module)").map_err(|e| fail(e.to_string()))?,
+        &[],
+    );
+    let response = client
+        .request_with_headers(
+            "PUT",
+            "/functions/empty",
+            &[("Content-Type", &content_type)],
+            Some(&body),
+        )
+        .map_err(|e| fail(e.to_string()))?;
+    check(
+        response.status == 400 && error_kind(&response) == "invalid_function",
+        || {
+            format!(
+                "module without entry: {} {}",
+                response.status,
+                String::from_utf8_lossy(&response.body)
+            )
+        },
+    )?;
+    let parts = [
+        ember_agent::client::Part {
+            name: "config",
+            file_name: None,
+            content_type: "application/json",
+            bytes: b"{not json",
+        },
+        ember_agent::client::Part {
+            name: "module",
+            file_name: Some("m.wasm"),
+            content_type: "application/wasm",
+            bytes: b"\0asm\x01\0\0\0",
+        },
+    ];
+    let (content_type, body) = ember_agent::client::multipart(&parts);
+    let response = client
+        .request_with_headers(
+            "PUT",
+            "/functions/x",
+            &[("Content-Type", &content_type)],
+            Some(&body),
+        )
+        .map_err(|e| fail(e.to_string()))?;
+    check(
+        response.status == 400 && error_kind(&response) == "bad_request",
+        || {
+            format!(
+                "malformed config: {} {}",
+                response.status,
+                String::from_utf8_lossy(&response.body)
+            )
+        },
+    )?;
+    deploy(&mut client, "echo", &example("echo.wasm")?, json!({}), &[])?;
+    let response = invoke(&mut client, "echo", &vec![0u8; (6 << 20) + 1], &[])?;
+    check(
+        response.status == 413 && error_kind(&response) == "payload_too_large",
+        || {
+            format!(
+                "big event: {} {}",
+                response.status,
+                String::from_utf8_lossy(&response.body)
+            )
+        },
+    )?;
+    let response = invoke(
+        &mut client,
+        "echo",
+        b"x",
+        &[("X-Ember-Instance", "echo-999")],
+    )?;
+    check(
+        response.status == 404 && error_kind(&response) == "not_found",
+        || {
+            format!(
+                "unknown instance: {} {}",
+                response.status,
+                String::from_utf8_lossy(&response.body)
+            )
+        },
+    )?;
+    let response = client
+        .request("DELETE", "/instances/echo-999", None)
+        .map_err(|e| fail(e.to_string()))?;
+    check(response.status == 404, || {
+        format!("DELETE unknown instance: {}", response.status)
+    })?;
+    let list = get_json(&mut client, "/functions")?;
+    check(list.as_array().map_or(0, Vec::len) == 1, || {
+        format!("failed deploys left functions behind: {list}")
+    })?;
+    Ok(())
+}
+
+/// Two daemons never share a state dir.
+fn second_daemon() -> TestResult {
+    let dir = fresh_dir()?;
+    let _first = Emberd::start(&dir, &[])?;
+    let second = std::process::Command::new(sibling_binary("emberd")?)
+        .arg("--socket")
+        .arg(dir.join("other.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--guest-image")
+        .arg(guest_image()?)
+        .output()
+        .map_err(|e| fail(e.to_string()))?;
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    check(
+        !second.status.success() && stderr.contains("another emberd uses the state dir"),
+        || format!("second emberd: {:?} {stderr}", second.status),
+    )?;
+    Ok(())
+}
