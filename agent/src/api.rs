@@ -83,7 +83,7 @@ async fn health(State(agent): State<Arc<Agent>>) -> Json<serde_json::Value> {
     let instances = lock(&agent.pools).instances.len();
     Json(json!({
         "status": if agent.draining.load(Ordering::Relaxed) { "draining" } else { "ok" },
-        "functions": agent.store.list().len(),
+        "functions": agent.functions().len(),
         "instances": instances,
         "prepared_vmms": agent.prepared_count(),
         "in_flight": agent.in_flight.load(Ordering::Relaxed),
@@ -91,14 +91,14 @@ async fn health(State(agent): State<Arc<Agent>>) -> Json<serde_json::Value> {
 }
 
 async fn list_functions(State(agent): State<Arc<Agent>>) -> Json<serde_json::Value> {
-    Json(json!(agent.store.list()))
+    Json(json!(agent.functions()))
 }
 
 async fn get_function(
     State(agent): State<Arc<Agent>>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let v = agent.store.current(&name)?;
+    let v = agent.current(&name)?;
     let instances = lock(&agent.pools)
         .instances
         .values()

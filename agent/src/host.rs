@@ -2,7 +2,7 @@
 //! the base snapshot, the prepared-VMM pool, instances, and the reaper.
 //! Everything that talks to a VMM runs on a blocking thread.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -169,6 +169,8 @@ pub struct Agent {
     next_vmm: AtomicU64,
     /// Signalled whenever an instance becomes idle or goes away.
     pub changed: Notify,
+    /// Signalled when a prepared VMM was taken: the pool wants a refill.
+    pub refill_wanted: Notify,
     /// Counters.
     pub metrics: Metrics,
     /// Invocations in flight.
@@ -176,6 +178,11 @@ pub struct Agent {
     /// Draining for shutdown: new invocations are refused.
     pub draining: AtomicBool,
     deploying: Mutex<()>,
+    /// The current version of every function (the store's, in memory:
+    /// invocations do not read the disk).
+    current: Mutex<HashMap<String, FunctionVersion>>,
+    /// Templates checked since start (checked once, not per restore).
+    validated: Mutex<HashSet<(String, u64)>>,
 }
 
 /// A served invocation, for the API to turn into a response.
@@ -247,11 +254,20 @@ impl Agent {
             prepared: Mutex::new(Vec::new()),
             next_vmm: AtomicU64::new(0),
             changed: Notify::new(),
+            refill_wanted: Notify::new(),
             metrics: Metrics::default(),
             in_flight: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             deploying: Mutex::new(()),
+            current: Mutex::new(HashMap::new()),
+            validated: Mutex::new(HashSet::new()),
         });
+        {
+            let mut current = lock(&agent.current);
+            for v in agent.store.list() {
+                current.insert(v.name.clone(), v);
+            }
+        }
         agent.refill_prepared();
         Ok(agent)
     }
@@ -262,6 +278,7 @@ impl Agent {
 
     /// A prepared ember-vmm of the base's shape (from the pool, else new).
     fn take_prepared(&self) -> Result<Vmm, VmmError> {
+        self.refill_wanted.notify_one();
         loop {
             let ready = lock(&self.prepared).pop();
             match ready {
@@ -340,6 +357,8 @@ impl Agent {
         match result {
             Ok((stages, loaded)) => {
                 self.store.set_current(name, version.version)?;
+                lock(&self.validated).insert((name.to_string(), version.version));
+                lock(&self.current).insert(name.to_string(), version.clone());
                 // Idle instances of older versions go now; busy ones after
                 // their invocation.
                 self.reap(false);
@@ -356,6 +375,21 @@ impl Agent {
                 Err(e)
             }
         }
+    }
+
+    /// The current version of `name`.
+    pub fn current(&self, name: &str) -> Result<FunctionVersion, ApiError> {
+        lock(&self.current)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| FunctionError::NotFound(name.into()).into())
+    }
+
+    /// Every function's current version, by name.
+    pub fn functions(&self) -> Vec<FunctionVersion> {
+        let mut list: Vec<FunctionVersion> = lock(&self.current).values().cloned().collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
     }
 
     fn function_body(&self, v: &FunctionVersion) -> serde_json::Value {
@@ -395,6 +429,10 @@ impl Agent {
     /// is missing or corrupt.
     fn template(&self, v: &FunctionVersion) -> Result<SnapshotFiles, ApiError> {
         let files = self.store.template(&v.name, v.version);
+        let key = (v.name.clone(), v.version);
+        if lock(&self.validated).contains(&key) {
+            return Ok(files);
+        }
         if !valid_snapshot(&files, self.config.base_mem_mib) {
             tracing::warn!(
                 "template of {} v{} is missing or corrupt: rebuilding",
@@ -403,6 +441,7 @@ impl Agent {
             );
             self.build_template(v)?;
         }
+        lock(&self.validated).insert(key);
         Ok(files)
     }
 
@@ -431,7 +470,7 @@ impl Agent {
                 ),
             ));
         }
-        let v = self.store.current(name)?;
+        let v = self.current(name)?;
         let max = v.config.max_concurrency as usize;
         let mut waited = false;
         let deadline = Instant::now() + QUEUE_WAIT;
@@ -546,17 +585,7 @@ impl Agent {
 
     fn over_budget(&self, v: &FunctionVersion) -> bool {
         let pools = lock(&self.pools);
-        let claimed: u64 = pools
-            .instances
-            .values()
-            .map(|i| {
-                self.store
-                    .version(&i.function, i.version)
-                    .ok()
-                    .and_then(|v| v.config.memory_mib)
-                    .unwrap_or(128)
-            })
-            .sum();
+        let claimed: u64 = pools.instances.values().map(|i| i.memory_mib).sum();
         claimed + v.config.memory_mib.unwrap_or(128) > self.config.memory_budget_mib
     }
 
@@ -565,7 +594,19 @@ impl Agent {
         let template = self.template(v)?;
         let started = Instant::now();
         let mut vmm = self.take_prepared()?;
-        vmm.call("PUT", "/snapshot/load", Some(&template.load_body(false)))?;
+        if let Err(e) = vmm.call("PUT", "/snapshot/load", Some(&template.load_body(false))) {
+            // The template went bad since it was checked: rebuild it once.
+            tracing::warn!(
+                "restoring {} v{} failed ({e}); rebuilding its template",
+                v.name,
+                v.version
+            );
+            lock(&self.validated).remove(&(v.name.clone(), v.version));
+            drop(vmm);
+            self.build_template(v)?;
+            vmm = self.take_prepared()?;
+            vmm.call("PUT", "/snapshot/load", Some(&template.load_body(false)))?;
+        }
         lock(&self.metrics.restore_latency).observe(started.elapsed().as_secs_f64());
         let id = {
             let mut pools = lock(&self.pools);
@@ -580,6 +621,7 @@ impl Agent {
                     last_used: Instant::now(),
                     served: 0,
                     created: Instant::now(),
+                    memory_mib: v.config.memory_mib.unwrap_or(128),
                 },
             );
             if let Some(key) = key {
@@ -592,13 +634,12 @@ impl Agent {
 
     /// Puts an instance back after an invocation, or destroys it.
     fn finish(&self, id: &str, vmm: Vmm, keep: bool, version: u64) {
-        let current = self
-            .store
-            .current(id.rsplit_once('-').map_or(id, |(f, _)| f))
-            .map(|v| v.version)
-            .ok();
         let doomed = {
             let mut pools = lock(&self.pools);
+            let current = pools
+                .instances
+                .get(id)
+                .and_then(|i| lock(&self.current).get(&i.function).map(|v| v.version));
             match pools.instances.get_mut(id) {
                 Some(instance) if keep && current == Some(version) => {
                     instance.vmm = Some(vmm);
@@ -627,7 +668,7 @@ impl Agent {
                 .values()
                 .filter(|i| i.vmm.is_some())
                 .filter(|i| {
-                    let current = self.store.current(&i.function).ok();
+                    let current = lock(&self.current).get(&i.function).cloned();
                     let keep_alive = current.as_ref().map_or(0, |v| v.config.keep_alive_s);
                     all || current.as_ref().map(|v| v.version) != Some(i.version)
                         || now.duration_since(i.last_used) > Duration::from_secs(keep_alive)
@@ -661,6 +702,7 @@ impl Agent {
     /// Deletes a function, its versions and its instances.
     pub fn delete_function(&self, name: &str) -> Result<(), ApiError> {
         self.store.delete(name)?;
+        lock(&self.current).remove(name);
         let doomed: Vec<Instance> = {
             let mut pools = lock(&self.pools);
             let ids: Vec<String> = pools

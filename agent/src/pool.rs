@@ -78,6 +78,8 @@ pub struct Instance {
     pub served: u64,
     /// When it was restored.
     pub created: Instant,
+    /// Memory it claims of the host's budget, MiB.
+    pub memory_mib: u64,
 }
 
 /// What the router decided.
@@ -237,6 +239,7 @@ mod tests {
                     last_used: Instant::now() + Duration::from_millis(i as u64),
                     served: 0,
                     created: Instant::now(),
+                    memory_mib: 128,
                 },
             );
             // `vmm` stays None in unit tests: mark idleness another way.

@@ -5,6 +5,7 @@
 //! warns when the load average says otherwise. docs/BENCHMARKS.md records
 //! the figures and the commands that made them.
 
+mod agent;
 mod functions;
 mod launch;
 mod procfs;
@@ -97,6 +98,18 @@ enum Bench {
     /// The ring-0 instructions of the guest's boot path, counted by
     /// single-stepping (deterministic: one boot suffices).
     Ring0,
+    /// Invocations through emberd: warm, restored, 4 clients; deploy time.
+    Invoke {
+        /// Warm invocations.
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// Restored invocations.
+        #[arg(long, default_value_t = 50)]
+        restores: usize,
+        /// Seconds of the 4-client throughput run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Snapshot create and restore: create times, file sizes, restore
     /// latency (prepared and from process start), restore → first response
     /// with and without prefetch, PSS with many copies, restores/s.
@@ -154,6 +167,11 @@ fn main() {
                 functions::bench_sha256(&binaries, runs, bytes, args.pin)
             }
             Bench::Ring0 => bench_ring0(&binaries),
+            Bench::Invoke {
+                count,
+                restores,
+                seconds,
+            } => agent::bench_invoke(&binaries, count, restores, seconds),
             Bench::Restore {
                 runs,
                 mem_mib,

@@ -133,12 +133,21 @@ async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
     let listener = bind(&socket)?;
     tracing::info!("emberd listening on {}", socket.display());
 
-    // The reaper: idle instances past their keep-alive, old versions.
+    // The reaper (idle instances past their keep-alive, old versions) and
+    // the prepared pool's refill: every second, and whenever a prepared
+    // VMM was taken.
     let reaper = agent.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = reaper.refill_wanted.notified() => {
+                    // Not on top of the restore that took it: spawning a
+                    // process beside it would slow the restore down.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             let agent = reaper.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 agent.reap(false);
