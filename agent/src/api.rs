@@ -374,3 +374,33 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
     let _ = writeln!(out, "ember_prepared_vmms {}", agent.prepared_count());
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    /// docs/api.yaml describes every path the router serves, and no other.
+    #[test]
+    fn the_openapi_description_names_every_route() {
+        let spec = include_str!("../../docs/api.yaml");
+        let source = include_str!("api.rs");
+        let source = &source[..source.find("#[cfg(test)]").unwrap()];
+        let routed: Vec<&str> = source
+            .match_indices(".route(")
+            .filter_map(|(at, m)| {
+                let rest = source[at + m.len()..].trim_start();
+                let rest = rest.strip_prefix('"')?;
+                Some(&rest[..rest.find('"')?])
+            })
+            .collect();
+        assert!(routed.len() >= 6, "{routed:?}");
+        let described: Vec<&str> = spec
+            .lines()
+            .filter(|l| l.starts_with("  /") && l.ends_with(':'))
+            .map(|l| l.trim().trim_end_matches(':'))
+            .collect();
+        let mut a = routed.clone();
+        let mut b = described.clone();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "routes in api.rs vs paths in docs/api.yaml");
+    }
+}
