@@ -29,6 +29,11 @@ fn main() {
             "a_second_emberd_on_the_same_state_dir_is_refused",
             second_daemon,
         ),
+        ("a_full_host_answers_429_with_retry_after", host_full),
+        (
+            "vmms_die_with_a_killed_emberd_and_its_successor_serves",
+            emberd_killed,
+        ),
     ];
     run_kvm_tests(tests);
 }
@@ -584,5 +589,90 @@ fn second_daemon() -> TestResult {
         !second.status.success() && stderr.contains("another emberd uses the state dir"),
         || format!("second emberd: {:?} {stderr}", second.status),
     )?;
+    Ok(())
+}
+
+/// The host's memory budget spent (one instance of a function claiming
+/// 100 MiB of 150, busy): a request that needs another instance gets a
+/// 429 with Retry-After, at once.
+fn host_full() -> TestResult {
+    let emberd = Emberd::start(&fresh_dir()?, &["--memory-budget-mib", "150"])?;
+    let mut client = emberd.client();
+    deploy(
+        &mut client,
+        "sha",
+        &example("sha256.wasm")?,
+        json!({ "memory_mib": 64, "timeout_ms": 60000 }),
+        &[],
+    )?;
+    // memory_mib 64 claims 64: two instances fit 150, a third does not.
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = emberd.client();
+            std::thread::spawn(move || invoke(&mut c, "sha", &vec![3u8; 6 << 20], &[]))
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let started = std::time::Instant::now();
+    let response = invoke(&mut client, "sha", b"x", &[])?;
+    check(
+        response.status == 429
+            && error_kind(&response) == "too_many_requests"
+            && response.header("retry-after").is_some(),
+        || {
+            format!(
+                "third concurrent: {} {:?}",
+                response.status, response.headers
+            )
+        },
+    )?;
+    check(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        || format!("the 429 took {:?}", started.elapsed()),
+    )?;
+    for worker in workers {
+        let response = worker.join().map_err(|_| fail("a worker panicked"))??;
+        check(response.status == 200, || {
+            format!("a busy one: {}", response.status)
+        })?;
+    }
+    Ok(())
+}
+
+/// kill -9 of emberd: its VMMs die with it (PR_SET_PDEATHSIG); a new
+/// emberd on the same state dir takes the lock, cleans up, and serves.
+fn emberd_killed() -> TestResult {
+    let dir = fresh_dir()?;
+    let emberd = Emberd::start(&dir, &[])?;
+    let mut client = emberd.client();
+    deploy(&mut client, "echo", &example("echo.wasm")?, json!({}), &[])?;
+    invoke_ok_via(&mut client, "echo", b"x", &[])?;
+    let pid = get_json(&mut client, "/instances")?[0]["pid"]
+        .as_u64()
+        .unwrap_or(0);
+    check(pid > 0, || "no instance pid".into())?;
+    drop(client);
+    drop(emberd); // SIGKILL
+    let gone = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    });
+    check(gone, || format!("ember-vmm {pid} outlived its emberd"))?;
+    let emberd = Emberd::start(&dir, &[])?;
+    let mut client = emberd.client();
+    same(
+        &invoke_ok_via(&mut client, "echo", b"again", &[])?.body,
+        b"again",
+    )?;
+    let leftovers: Vec<String> = std::fs::read_dir(dir.join("state/vms"))
+        .map_err(|e| fail(e.to_string()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".pid"))
+        .collect();
+    // The new daemon's own VMMs only: its prepared one and the instance.
+    check(leftovers.len() <= 3, || format!("pidfiles: {leftovers:?}"))?;
     Ok(())
 }
