@@ -1,7 +1,27 @@
 //! Client helpers shared by the `ember` CLI, the tests and the benchmark:
-//! the multipart body of a deploy.
+//! a deploy and its multipart body.
 
 use std::io::Write;
+
+use ember_vmm::api::client::{ApiClient, ApiResponse};
+
+/// `PUT /functions/{name}`: deploys `module` with `config` and `files`;
+/// returns emberd's answer, whatever its status.
+pub fn deploy(
+    client: &mut ApiClient,
+    name: &str,
+    config: &serde_json::Value,
+    module: &[u8],
+    files: &[(String, Vec<u8>)],
+) -> std::io::Result<ApiResponse> {
+    let (content_type, body) = deploy_body(config, module, files);
+    client.request_with_headers(
+        "PUT",
+        &format!("/functions/{name}"),
+        &[("Content-Type", &content_type)],
+        Some(&body),
+    )
+}
 
 /// One part of a deploy: its name, file name, content type, bytes.
 pub struct Part<'a> {

@@ -71,15 +71,8 @@ impl Emberd {
 
 fn deploy(client: &mut ApiClient, name: &str, module: &Path, config: Value) -> Result<f64, String> {
     let module = std::fs::read(module).map_err(|e| e.to_string())?;
-    let (content_type, body) = ember_agent::client::deploy_body(&config, &module, &[]);
     let started = Instant::now();
-    let response = client
-        .request_with_headers(
-            "PUT",
-            &format!("/functions/{name}"),
-            &[("Content-Type", &content_type)],
-            Some(&body),
-        )
+    let response = ember_agent::client::deploy(client, name, &config, &module, &[])
         .map_err(|e| e.to_string())?;
     let us = started.elapsed().as_secs_f64() * 1e6;
     if response.status != 200 {

@@ -42,6 +42,18 @@ fn started() -> Result<Emberd, String> {
     Emberd::start(&fresh_dir()?, &[])
 }
 
+/// A fresh emberd with example `module` deployed as `name`.
+fn with_function(
+    name: &str,
+    module: &str,
+    config: serde_json::Value,
+) -> Result<(Emberd, ApiClient), String> {
+    let emberd = started()?;
+    let mut client = emberd.client();
+    deploy(&mut client, name, &example(module)?, config, &[])?;
+    Ok((emberd, client))
+}
+
 fn deploy(
     client: &mut ApiClient,
     name: &str,
@@ -50,16 +62,8 @@ fn deploy(
     files: &[(String, Vec<u8>)],
 ) -> Result<serde_json::Value, String> {
     let module = std::fs::read(module).map_err(|e| e.to_string())?;
-    let (content_type, body) = ember_agent::client::deploy_body(&config, &module, files);
-    let response = client
-        .request_with_headers(
-            "PUT",
-            &format!("/functions/{name}"),
-            &[("Content-Type", &content_type)],
-            Some(&body),
-        )
-        .map_err(|e| e.to_string())?;
-    Ok(expect_status(Ok(response), 200, &format!("deploy {name}"))?.json())
+    let response = ember_agent::client::deploy(client, name, &config, &module, files);
+    Ok(expect_status(response, 200, &format!("deploy {name}"))?.json())
 }
 
 fn invoke(
@@ -91,6 +95,20 @@ fn invoke_ok_via(
         ));
     }
     Ok(response)
+}
+
+/// Fails unless `response` is `status` with error `kind`.
+fn expect_error(response: &ApiResponse, status: u16, kind: &str, what: &str) -> TestResult {
+    check(
+        response.status == status && error_kind(response) == kind,
+        || {
+            format!(
+                "{what}: expected {status} {kind}, got {} {}",
+                response.status,
+                String::from_utf8_lossy(&response.body)
+            )
+        },
+    )
 }
 
 fn error_kind(response: &ApiResponse) -> String {
@@ -165,9 +183,7 @@ fn every_example() -> TestResult {
 
 /// 20 invocations with key A land on one instance, key B on another.
 fn affinity() -> TestResult {
-    let emberd = started()?;
-    let mut client = emberd.client();
-    deploy(&mut client, "echo", &example("echo.wasm")?, json!({}), &[])?;
+    let (_emberd, mut client) = with_function("echo", "echo.wasm", json!({}))?;
     let mut seen = std::collections::HashMap::<&str, std::collections::HashSet<String>>::new();
     for i in 0..20 {
         for key in ["A", "B"] {
@@ -219,9 +235,7 @@ fn instance_of(response: &ApiResponse) -> String {
 /// Deleting the instance a key is bound to sends the key's next request
 /// elsewhere, with `X-Ember-Affinity: miss`; then it sticks there.
 fn killed_instance() -> TestResult {
-    let emberd = started()?;
-    let mut client = emberd.client();
-    deploy(&mut client, "echo", &example("echo.wasm")?, json!({}), &[])?;
+    let (_emberd, mut client) = with_function("echo", "echo.wasm", json!({}))?;
     let first = instance_of(&invoke_ok_via(
         &mut client,
         "echo",
@@ -248,9 +262,7 @@ fn killed_instance() -> TestResult {
 
 /// A redeploy makes the next invocation run the new version.
 fn redeploy() -> TestResult {
-    let emberd = started()?;
-    let mut client = emberd.client();
-    deploy(&mut client, "f", &example("echo.wasm")?, json!({}), &[])?;
+    let (_emberd, mut client) = with_function("f", "echo.wasm", json!({}))?;
     same(
         &invoke_ok_via(&mut client, "f", b"one two", &[])?.body,
         b"one two",
@@ -283,16 +295,8 @@ fn redeploy() -> TestResult {
 /// 10 concurrent invocations of one function all succeed, on several
 /// instances.
 fn concurrent() -> TestResult {
-    let emberd = started()?;
-    let mut client = emberd.client();
     // sha256 of 1 MiB takes ~85 ms: long enough to overlap.
-    deploy(
-        &mut client,
-        "sha",
-        &example("sha256.wasm")?,
-        json!({ "max_concurrency": 10 }),
-        &[],
-    )?;
+    let (emberd, _client) = with_function("sha", "sha256.wasm", json!({ "max_concurrency": 10 }))?;
     let event = vec![7u8; 1 << 20];
     let workers: Vec<_> = (0..10)
         .map(|_| {
@@ -406,15 +410,7 @@ fn restart() -> TestResult {
 /// kill -9 of the VMM serving an invocation: the caller gets a `crash`
 /// error; emberd serves the next request on a new instance.
 fn kill_mid_invocation() -> TestResult {
-    let emberd = started()?;
-    let mut client = emberd.client();
-    deploy(
-        &mut client,
-        "sha",
-        &example("sha256.wasm")?,
-        json!({ "timeout_ms": 60000 }),
-        &[],
-    )?;
+    let (emberd, mut client) = with_function("sha", "sha256.wasm", json!({ "timeout_ms": 60000 }))?;
     invoke_ok_via(&mut client, "sha", b"warm", &[])?;
     let instances = get_json(&mut client, "/instances")?;
     let pid = instances[0]["pid"].as_u64().unwrap_or(0) as i32;
@@ -444,59 +440,16 @@ fn bad_inputs() -> TestResult {
     let emberd = started()?;
     let mut client = emberd.client();
     let response = invoke(&mut client, "nope", b"x", &[])?;
-    check(
-        response.status == 404 && error_kind(&response) == "not_found",
-        || {
-            format!(
-                "unknown function: {} {}",
-                response.status,
-                String::from_utf8_lossy(&response.body)
-            )
-        },
-    )?;
-    let (content_type, body) = ember_agent::client::deploy_body(&json!({}), b"not wasm", &[]);
-    let response = client
-        .request_with_headers(
-            "PUT",
-            "/functions/bad",
-            &[("Content-Type", &content_type)],
-            Some(&body),
-        )
-        .map_err(|e| fail(e.to_string()))?;
-    check(
-        response.status == 400 && error_kind(&response) == "invalid_function",
-        || {
-            format!(
-                "invalid wasm: {} {}",
-                response.status,
-                String::from_utf8_lossy(&response.body)
-            )
-        },
-    )?;
+    expect_error(&response, 404, "not_found", "unknown function")?;
+    let deploy_raw = |client: &mut ApiClient, name: &str, module: &[u8]| {
+        ember_agent::client::deploy(client, name, &json!({}), module, &[])
+    };
+    let response = deploy_raw(&mut client, "bad", b"not wasm")?;
+    expect_error(&response, 400, "invalid_function", "invalid wasm")?;
     // Valid wasm the guest refuses (no entry point): also a 400.
-    let (content_type, body) = ember_agent::client::deploy_body(
-        &json!({}),
-        &wat::parse_str("(module)").map_err(|e| fail(e.to_string()))?,
-        &[],
-    );
-    let response = client
-        .request_with_headers(
-            "PUT",
-            "/functions/empty",
-            &[("Content-Type", &content_type)],
-            Some(&body),
-        )
-        .map_err(|e| fail(e.to_string()))?;
-    check(
-        response.status == 400 && error_kind(&response) == "invalid_function",
-        || {
-            format!(
-                "module without entry: {} {}",
-                response.status,
-                String::from_utf8_lossy(&response.body)
-            )
-        },
-    )?;
+    let empty = wat::parse_str("(module)").map_err(|e| fail(e.to_string()))?;
+    let response = deploy_raw(&mut client, "empty", &empty)?;
+    expect_error(&response, 400, "invalid_function", "module without entry")?;
     let parts = [
         ember_agent::client::Part {
             name: "config",
@@ -512,58 +465,25 @@ fn bad_inputs() -> TestResult {
         },
     ];
     let (content_type, body) = ember_agent::client::multipart(&parts);
-    let response = client
-        .request_with_headers(
-            "PUT",
-            "/functions/x",
-            &[("Content-Type", &content_type)],
-            Some(&body),
-        )
-        .map_err(|e| fail(e.to_string()))?;
-    check(
-        response.status == 400 && error_kind(&response) == "bad_request",
-        || {
-            format!(
-                "malformed config: {} {}",
-                response.status,
-                String::from_utf8_lossy(&response.body)
-            )
-        },
+    let response = client.request_with_headers(
+        "PUT",
+        "/functions/x",
+        &[("Content-Type", &content_type)],
+        Some(&body),
     )?;
+    expect_error(&response, 400, "bad_request", "malformed config")?;
     deploy(&mut client, "echo", &example("echo.wasm")?, json!({}), &[])?;
     let response = invoke(&mut client, "echo", &vec![0u8; (6 << 20) + 1], &[])?;
-    check(
-        response.status == 413 && error_kind(&response) == "payload_too_large",
-        || {
-            format!(
-                "big event: {} {}",
-                response.status,
-                String::from_utf8_lossy(&response.body)
-            )
-        },
-    )?;
+    expect_error(&response, 413, "payload_too_large", "an event over 6 MiB")?;
     let response = invoke(
         &mut client,
         "echo",
         b"x",
         &[("X-Ember-Instance", "echo-999")],
     )?;
-    check(
-        response.status == 404 && error_kind(&response) == "not_found",
-        || {
-            format!(
-                "unknown instance: {} {}",
-                response.status,
-                String::from_utf8_lossy(&response.body)
-            )
-        },
-    )?;
-    let response = client
-        .request("DELETE", "/instances/echo-999", None)
-        .map_err(|e| fail(e.to_string()))?;
-    check(response.status == 404, || {
-        format!("DELETE unknown instance: {}", response.status)
-    })?;
+    expect_error(&response, 404, "not_found", "an unknown instance")?;
+    let response = client.request("DELETE", "/instances/echo-999", None)?;
+    expect_error(&response, 404, "not_found", "DELETE of an unknown instance")?;
     let list = get_json(&mut client, "/functions")?;
     check(list.as_array().map_or(0, Vec::len) == 1, || {
         format!("failed deploys left functions behind: {list}")

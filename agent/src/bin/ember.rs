@@ -195,18 +195,12 @@ fn run(cli: Cli) -> Result<(), String> {
                     .ok_or_else(|| format!("{} has no usable file name", file.display()))?;
                 bundle.push((file_name.to_string(), read(file)?));
             }
-            let (content_type, body) =
-                ember_agent::client::deploy_body(&config, &read(module)?, &bundle);
+            let module = read(module)?;
             let mut client = connect(&cli)?;
             eprintln!("deploying {name}: storing, restoring the base, loading the module, snapshotting the template...");
-            let response = client
-                .request_with_headers(
-                    "PUT",
-                    &format!("/functions/{name}"),
-                    &[("Content-Type", &content_type)],
-                    Some(&body),
-                )
-                .map_err(|e| e.to_string())?;
+            let response =
+                ember_agent::client::deploy(&mut client, name, &config, &module, &bundle)
+                    .map_err(|e| e.to_string())?;
             let deployed = ok(response)?.json();
             if cli.json {
                 println!("{deployed}");
