@@ -148,6 +148,12 @@ fn ok(response: ApiResponse) -> Result<ApiResponse, String> {
     })
 }
 
+/// `GET path`, as JSON (an error answer becomes the error).
+fn get_json(cli: &Cli, path: &str) -> Result<serde_json::Value, String> {
+    let response = connect(cli)?.get(path).map_err(|e| e.to_string())?;
+    Ok(ok(response)?.json())
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match &cli.command {
         Command::Completions { shell } => {
@@ -303,10 +309,7 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Ls => {
-            let list = ok(connect(&cli)?
-                .get("/functions")
-                .map_err(|e| e.to_string())?)?
-            .json();
+            let list = get_json(&cli, "/functions")?;
             if cli.json {
                 println!("{list}");
             } else {
@@ -340,10 +343,7 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Instances => {
-            let list = ok(connect(&cli)?
-                .get("/instances")
-                .map_err(|e| e.to_string())?)?
-            .json();
+            let list = get_json(&cli, "/instances")?;
             if cli.json {
                 println!("{list}");
             } else {
@@ -373,7 +373,7 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Status => {
-            let health = ok(connect(&cli)?.get("/health").map_err(|e| e.to_string())?)?.json();
+            let health = get_json(&cli, "/health")?;
             if cli.json {
                 println!("{health}");
             } else {
