@@ -43,6 +43,22 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Files a deploy may bundle.
+const MAX_FILES: usize = 1000;
+
+/// A multipart error as the API reports it (413 for a body over the limit).
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            413,
+            "payload_too_large",
+            format!("the deploy is larger than the limit of {MAX_DEPLOY_BYTES} bytes"),
+        )
+    } else {
+        bad(format!("malformed multipart body: {e}"))
+    }
+}
+
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::new(400, "bad_request", message)
 }
@@ -64,6 +80,13 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/instances", get(instances))
         .route("/instances/{id}", axum::routing::delete(delete_instance))
         .fallback(|| async { ApiError::new(404, "not_found", "no such path") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                405,
+                "method_not_allowed",
+                "this path does not take that method",
+            )
+        })
         .with_state(agent)
 }
 
@@ -120,9 +143,13 @@ async fn delete_function(
 async fn deploy(
     State(agent): State<Arc<Agent>>,
     Path(name): Path<String>,
-    mut multipart: Multipart,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    crate::functions::check_name(&name)?;
+    let mut multipart = multipart.map_err(|e| {
+        bad(format!(
+            "the body must be multipart/form-data with a boundary: {e}"
+        ))
+    })?;
     let mut config: Option<FunctionConfig> = None;
     let mut module: Option<Bytes> = None;
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
@@ -134,7 +161,7 @@ async fn deploy(
             Ok(Some(field)) => field,
             Ok(None) => break,
             Err(e) => {
-                problem.get_or_insert(bad(format!("malformed multipart body: {e}")));
+                problem.get_or_insert(multipart_error(e));
                 break;
             }
         };
@@ -143,7 +170,7 @@ async fn deploy(
         let bytes = match field.bytes().await {
             Ok(bytes) => bytes,
             Err(e) => {
-                problem.get_or_insert(bad(format!("cannot read part {part:?}: {e}")));
+                problem.get_or_insert(multipart_error(e));
                 break;
             }
         };
@@ -162,7 +189,7 @@ async fn deploy(
                 "file" => {
                     let name = file_name.ok_or_else(|| bad("a file part needs a file name"))?;
                     check_file_name(&name)?;
-                    if files.iter().any(|(n, _)| *n == name) {
+                    if files.len() <= MAX_FILES && files.iter().any(|(n, _)| *n == name) {
                         return Err(bad(format!("file {name:?} is given twice")));
                     }
                     files.push((name, bytes.to_vec()));
@@ -181,6 +208,10 @@ async fn deploy(
     }
     if let Some(problem) = problem {
         return Err(problem);
+    }
+    crate::functions::check_name(&name)?;
+    if files.len() > MAX_FILES {
+        return Err(bad(format!("{} files; at most {MAX_FILES}", files.len())));
     }
     let module = module.ok_or_else(|| bad("no module part"))?;
     if !module.starts_with(b"\0asm") {

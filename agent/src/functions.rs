@@ -73,6 +73,10 @@ pub struct FunctionVersion {
     pub module_sha256: String,
     /// Seconds since the Unix epoch when deployed.
     pub deployed_at: u64,
+    /// A random id of this deploy: version numbers start over after a
+    /// function is deleted, this never repeats.
+    #[serde(default)]
+    pub uid: u64,
 }
 
 /// Why a function cannot be stored or found.
@@ -116,7 +120,12 @@ pub fn check_name(name: &str) -> Result<(), FunctionError> {
 
 /// Checks a bundled file's name.
 pub fn check_file_name(name: &str) -> Result<(), FunctionError> {
-    if name.is_empty() || name.len() > 255 || name.contains('/') || name == "." || name == ".." {
+    if name.is_empty()
+        || name.len() > 255
+        || name.contains(['/', '\0'])
+        || name == "."
+        || name == ".."
+    {
         return Err(FunctionError::BadFileName(name.into()));
     }
     Ok(())
@@ -203,6 +212,7 @@ impl FunctionStore {
             deployed_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            uid: random_u64(),
         };
         write_json(&vdir.join("version.json"), &meta)?;
         Ok(meta)
@@ -269,6 +279,32 @@ impl FunctionStore {
         std::fs::remove_dir_all(&dir).map_err(io(format!("cannot remove {}", dir.display())))
     }
 
+    /// Removes what interrupted deploys left: versions that are not
+    /// current, functions without a current version, temporary files.
+    /// Returns how many directories went.
+    pub fn clean(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let current = self.current(&name).ok().map(|v| v.version);
+            for version in self.versions(&name) {
+                if Some(version) != current {
+                    let _ = std::fs::remove_dir_all(self.version_dir(&name, version));
+                    removed += 1;
+                }
+            }
+            if current.is_none() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        removed
+    }
+
     /// Removes a version that never became current (a failed deploy).
     pub fn discard(&self, name: &str, version: u64) {
         let _ = std::fs::remove_dir_all(self.version_dir(name, version));
@@ -276,6 +312,20 @@ impl FunctionStore {
             let _ = std::fs::remove_dir_all(self.function_dir(name));
         }
     }
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom(2) into a local buffer of the length passed.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if got != 8 {
+        // Unique enough for telling deploys apart: time and pid.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        return now ^ u64::from(std::process::id()).rotate_left(32);
+    }
+    u64::from_le_bytes(bytes)
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), FunctionError> {
@@ -300,7 +350,7 @@ mod tests {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
         assert!(check_file_name("data.txt").is_ok());
-        for bad in ["", ".", "..", "a/b"] {
+        for bad in ["", ".", "..", "a/b", "a\0b"] {
             assert!(check_file_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -183,6 +183,10 @@ pub struct Agent {
     current: Mutex<HashMap<String, FunctionVersion>>,
     /// Templates checked since start (checked once, not per restore).
     validated: Mutex<HashSet<(String, u64)>>,
+    /// One template check or build at a time.
+    templates: Mutex<()>,
+    /// Invocations waiting for an instance.
+    queued: AtomicU64,
 }
 
 /// A served invocation, for the API to turn into a response.
@@ -213,20 +217,29 @@ impl Agent {
             std::fs::create_dir_all(dir)
                 .map_err(io_err(format!("cannot create {}", dir.display())))?;
         }
-        let supervisor = Supervisor {
-            vmm: config.vmm.clone(),
-            run_dir,
-        };
+        let supervisor = Supervisor::new(config.vmm.clone(), run_dir);
         let stale = supervisor.reap_stale();
         if stale > 0 {
             tracing::warn!("killed {stale} ember-vmm processes a previous emberd left running");
         }
         let store = FunctionStore::open(config.state_dir.join("functions"))?;
+        let cleaned = store.clean();
+        if cleaned > 0 {
+            tracing::warn!("removed {cleaned} versions that interrupted deploys left behind");
+        }
         let key = snapshots::base_key(&config.guest_image, config.base_mem_mib)?;
         let base_dir = snap_dir.join(format!("base-{key}"));
         std::fs::create_dir_all(&base_dir)
             .map_err(io_err(format!("cannot create {}", base_dir.display())))?;
         let base = SnapshotFiles::in_dir(&base_dir, "base");
+        // Temporary files of a base build that was interrupted.
+        if let Ok(entries) = std::fs::read_dir(&base_dir) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().contains(".tmp") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         if !valid_snapshot(&base, config.base_mem_mib) {
             tracing::info!("building the base snapshot in {}", base_dir.display());
             let stages = snapshots::build_base(
@@ -261,6 +274,8 @@ impl Agent {
             deploying: Mutex::new(()),
             current: Mutex::new(HashMap::new()),
             validated: Mutex::new(HashSet::new()),
+            templates: Mutex::new(()),
+            queued: AtomicU64::new(0),
         });
         {
             let mut current = lock(&agent.current);
@@ -433,6 +448,11 @@ impl Agent {
         if lock(&self.validated).contains(&key) {
             return Ok(files);
         }
+        // One check or rebuild at a time; another may have done it.
+        let _one = lock(&self.templates);
+        if lock(&self.validated).contains(&key) {
+            return Ok(files);
+        }
         if !valid_snapshot(&files, self.config.base_mem_mib) {
             tracing::warn!(
                 "template of {} v{} is missing or corrupt: rebuilding",
@@ -453,12 +473,9 @@ impl Agent {
         instance: Option<&str>,
         key: Option<&str>,
     ) -> Result<Served, ApiError> {
+        let shutting_down = || ApiError::new(503, "shutting_down", "emberd is shutting down");
         if self.draining.load(Ordering::Relaxed) {
-            return Err(ApiError::new(
-                503,
-                "shutting_down",
-                "emberd is shutting down",
-            ));
+            return Err(shutting_down());
         }
         if event.len() > MAX_EVENT_BYTES {
             return Err(ApiError::new(
@@ -472,75 +489,121 @@ impl Agent {
         }
         let v = self.current(name)?;
         let max = v.config.max_concurrency as usize;
-        let mut waited = false;
+        let _queued = Queued::enter(&self.queued)?;
+        let too_many = |message: String| {
+            let mut e = ApiError::new(429, "too_many_requests", message);
+            e.retry_after = Some(1);
+            e
+        };
         let deadline = Instant::now() + QUEUE_WAIT;
+        let mut affinity_deadline: Option<Instant> = None;
+        let mut waited = false;
         let (id, mut vmm, start, affinity) = loop {
-            let route = {
+            if self.draining.load(Ordering::Relaxed) {
+                return Err(shutting_down());
+            }
+            // Decided under the lock; a Notified made there sees every
+            // change after the decision.
+            let (step, notified, dead) = {
                 let mut pools = lock(&self.pools);
-                let route = pools.route(name, v.version, max, instance, key, waited);
-                if let Route::Instance { id, .. } = &route {
-                    let taken = pools.instances.get_mut(id).and_then(|i| i.vmm.take());
-                    // An idle instance whose VMM died (killed, crashed)
-                    // is dropped, and the request routed again.
-                    let taken = match taken {
-                        Some(mut vmm) => {
-                            if vmm.exited() {
-                                pools.remove(id);
-                                drop(vmm);
-                                continue;
+                let notified = self.changed.notified();
+                match pools.route(name, v.uid, max, instance, key, waited) {
+                    Route::Instance { id, affinity } => {
+                        match pools.instances.get_mut(&id).and_then(|i| i.vmm.take()) {
+                            Some(mut vmm) => {
+                                if vmm.exited() {
+                                    // Its VMM died while idle: forget it,
+                                    // route again (a key bound to it misses).
+                                    pools.remove(&id);
+                                    (Step::Again, notified, Some(vmm))
+                                } else {
+                                    if let Some(key) = key {
+                                        pools.bind(name, key, &id);
+                                    }
+                                    break (id, vmm, Start::Warm, affinity);
+                                }
                             }
-                            Some(vmm)
+                            None => (Step::Again, notified, None),
                         }
-                        None => None,
-                    };
-                    if let Some(vmm) = taken {
-                        if let Some(key) = key {
-                            pools.bind(name, key, id);
-                        }
-                        let affinity = match &route {
-                            Route::Instance { affinity, .. } => *affinity,
-                            _ => None,
-                        };
-                        break (id.clone(), vmm, Start::Warm, affinity);
                     }
-                }
-                route
-            };
-            match route {
-                Route::NoSuchInstance(id) => {
-                    return Err(ApiError::new(404, "not_found", format!("no instance {id}")))
-                }
-                Route::Wait => {
-                    wait_for_change(&self.changed, AFFINITY_WAIT);
-                    waited = true;
-                }
-                Route::Full if self.over_budget(&v) || Instant::now() >= deadline => {
-                    let mut e = ApiError::new(
-                        429,
-                        "too_many_requests",
-                        format!("{name} is at its limit of {max} busy instances (or the host is full); retry"),
-                    );
-                    e.retry_after = Some(1);
-                    return Err(e);
-                }
-                Route::Full => wait_for_change(&self.changed, Duration::from_millis(50)),
-                Route::Restore { affinity } => {
-                    if self.over_budget(&v) {
-                        let mut e = ApiError::new(
-                            429,
-                            "too_many_requests",
-                            "the host's memory budget is spent; retry",
+                    Route::Restore { affinity } => {
+                        let need = v.config.memory_mib.unwrap_or(DEFAULT_CLAIM_MIB);
+                        let claimed: u64 = pools.instances.values().map(|i| i.memory_mib).sum();
+                        if claimed + need > self.config.memory_budget_mib {
+                            return Err(too_many(format!(
+                                "the host's memory budget ({} MiB) is spent; retry",
+                                self.config.memory_budget_mib
+                            )));
+                        }
+                        // Counted from now on, so that concurrent restores
+                        // respect the limits too.
+                        let id = pools.new_id(name);
+                        pools.instances.insert(
+                            id.clone(),
+                            Instance {
+                                id: id.clone(),
+                                function: name.to_string(),
+                                version: v.version,
+                                uid: v.uid,
+                                restoring: true,
+                                vmm: None,
+                                last_used: Instant::now(),
+                                served: 0,
+                                created: Instant::now(),
+                                memory_mib: need,
+                            },
                         );
-                        e.retry_after = Some(1);
+                        if let Some(key) = key {
+                            pools.bind(name, key, &id);
+                        }
+                        (Step::Restore { id, affinity }, notified, None)
+                    }
+                    Route::NoSuchInstance(message) => {
+                        return Err(ApiError::new(404, "not_found", message))
+                    }
+                    Route::Wait => (Step::Wait, notified, None),
+                    Route::Full => (Step::Full, notified, None),
+                }
+            };
+            drop(dead);
+            match step {
+                Step::Again => {}
+                Step::Restore { id, affinity } => match self.restore(&v) {
+                    Ok(vmm) => {
+                        if let Some(i) = lock(&self.pools).instances.get_mut(&id) {
+                            i.restoring = false;
+                        }
+                        break (id, vmm, Start::Restored, affinity);
+                    }
+                    Err(e) => {
+                        lock(&self.pools).remove(&id);
+                        self.changed.notify_waiters();
                         return Err(e);
                     }
-                    let (id, vmm) = self.restore(&v, key)?;
-                    break (id, vmm, Start::Restored, affinity);
+                },
+                Step::Wait => {
+                    let until = *affinity_deadline.get_or_insert(Instant::now() + AFFINITY_WAIT);
+                    match until.checked_duration_since(Instant::now()) {
+                        Some(left) if !left.is_zero() => wait_for(notified, left),
+                        _ => waited = true,
+                    }
                 }
-                Route::Instance { .. } => {}
+                Step::Full => match deadline.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => wait_for(notified, left),
+                    _ => {
+                        return Err(too_many(format!(
+                            "{name} is at its limit of {max} busy instances; retry"
+                        )))
+                    }
+                },
             }
         };
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        // ember-vmm answers by the time limit plus its grace (and a
+        // reactor's rebuild allowance): wait that long, and a margin.
+        vmm.set_timeout(
+            Duration::from_millis(v.config.timeout_ms) + Duration::from_secs(12 + 2 + 5),
+        );
         let result = vmm.raw("POST", "/ember/invoke", Some(event));
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let counter = match start {
@@ -573,7 +636,7 @@ impl Agent {
                 (response, false)
             }
         };
-        self.finish(&id, vmm, keep, v.version);
+        self.finish(&id, vmm, keep);
         Ok(Served {
             response,
             instance: id,
@@ -583,14 +646,8 @@ impl Agent {
         })
     }
 
-    fn over_budget(&self, v: &FunctionVersion) -> bool {
-        let pools = lock(&self.pools);
-        let claimed: u64 = pools.instances.values().map(|i| i.memory_mib).sum();
-        claimed + v.config.memory_mib.unwrap_or(128) > self.config.memory_budget_mib
-    }
-
-    /// Restores a new instance of `v` from its template.
-    fn restore(&self, v: &FunctionVersion, key: Option<&str>) -> Result<(String, Vmm), ApiError> {
+    /// Restores a new instance of `v` from its template into a prepared VMM.
+    fn restore(&self, v: &FunctionVersion) -> Result<Vmm, ApiError> {
         let template = self.template(v)?;
         let started = Instant::now();
         let mut vmm = self.take_prepared()?;
@@ -603,45 +660,25 @@ impl Agent {
             );
             lock(&self.validated).remove(&(v.name.clone(), v.version));
             drop(vmm);
-            self.build_template(v)?;
+            self.template(v)?;
             vmm = self.take_prepared()?;
             vmm.call("PUT", "/snapshot/load", Some(&template.load_body(false)))?;
         }
         lock(&self.metrics.restore_latency).observe(started.elapsed().as_secs_f64());
-        let id = {
-            let mut pools = lock(&self.pools);
-            let id = pools.new_id(&v.name);
-            pools.instances.insert(
-                id.clone(),
-                Instance {
-                    id: id.clone(),
-                    function: v.name.clone(),
-                    version: v.version,
-                    vmm: None,
-                    last_used: Instant::now(),
-                    served: 0,
-                    created: Instant::now(),
-                    memory_mib: v.config.memory_mib.unwrap_or(128),
-                },
-            );
-            if let Some(key) = key {
-                pools.bind(&v.name, key, &id);
-            }
-            id
-        };
-        Ok((id, vmm))
+        Ok(vmm)
     }
 
-    /// Puts an instance back after an invocation, or destroys it.
-    fn finish(&self, id: &str, vmm: Vmm, keep: bool, version: u64) {
+    /// Puts an instance back after an invocation, or destroys it (it
+    /// failed, was deleted meanwhile, or its function was redeployed).
+    fn finish(&self, id: &str, vmm: Vmm, keep: bool) {
         let doomed = {
             let mut pools = lock(&self.pools);
             let current = pools
                 .instances
                 .get(id)
-                .and_then(|i| lock(&self.current).get(&i.function).map(|v| v.version));
+                .and_then(|i| lock(&self.current).get(&i.function).map(|v| v.uid));
             match pools.instances.get_mut(id) {
-                Some(instance) if keep && current == Some(version) => {
+                Some(instance) if keep && current == Some(instance.uid) => {
                     instance.vmm = Some(vmm);
                     instance.last_used = Instant::now();
                     instance.served += 1;
@@ -670,7 +707,7 @@ impl Agent {
                 .filter(|i| {
                     let current = lock(&self.current).get(&i.function).cloned();
                     let keep_alive = current.as_ref().map_or(0, |v| v.config.keep_alive_s);
-                    all || current.as_ref().map(|v| v.version) != Some(i.version)
+                    all || current.as_ref().map(|v| v.uid) != Some(i.uid)
                         || now.duration_since(i.last_used) > Duration::from_secs(keep_alive)
                 })
                 .map(|i| i.id.clone())
@@ -701,6 +738,7 @@ impl Agent {
 
     /// Deletes a function, its versions and its instances.
     pub fn delete_function(&self, name: &str) -> Result<(), ApiError> {
+        let _not_while_deploying = lock(&self.deploying);
         self.store.delete(name)?;
         lock(&self.current).remove(name);
         let doomed: Vec<Instance> = {
@@ -735,7 +773,7 @@ impl Agent {
                     "id": i.id,
                     "function": i.function,
                     "version": i.version,
-                    "state": if i.vmm.is_some() { "idle" } else { "busy" },
+                    "state": if i.vmm.is_some() { "idle" } else if i.restoring { "restoring" } else { "busy" },
                     "pid": i.vmm.as_ref().map(Vmm::pid),
                     "invocations": i.served,
                     "idle_s": now.duration_since(i.last_used).as_secs(),
@@ -765,6 +803,63 @@ impl Agent {
     }
 }
 
+/// What the invoke loop does next, once the pools are unlocked.
+enum Step {
+    /// Route again at once.
+    Again,
+    /// Restore into the placeholder instance `id`.
+    Restore {
+        id: String,
+        affinity: Option<Affinity>,
+    },
+    /// Wait for the busy instance asked for.
+    Wait,
+    /// Wait for any instance of the function to be idle.
+    Full,
+}
+
+/// The memory an instance claims of the host's budget when its function
+/// sets no `memory_mib`, MiB.
+pub const DEFAULT_CLAIM_MIB: u64 = 128;
+
+/// Invocations that may wait for an instance at once; more get a 429.
+pub const MAX_QUEUED: u64 = 1024;
+
+/// An invocation in the queue (counted while it lives).
+struct Queued<'a>(&'a AtomicU64);
+
+impl<'a> Queued<'a> {
+    fn enter(count: &'a AtomicU64) -> Result<Queued<'a>, ApiError> {
+        if count.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED {
+            count.fetch_sub(1, Ordering::Relaxed);
+            let mut e = ApiError::new(
+                429,
+                "too_many_requests",
+                format!("{MAX_QUEUED} invocations are already waiting; retry"),
+            );
+            e.retry_after = Some(1);
+            return Err(e);
+        }
+        Ok(Queued(count))
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits (on a blocking thread) until `notified` fires or `at_most` passed.
+fn wait_for(notified: tokio::sync::futures::Notified<'_>, at_most: Duration) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            let _ = handle.block_on(async { tokio::time::timeout(at_most, notified).await });
+        }
+        Err(_) => std::thread::sleep(at_most.min(Duration::from_millis(10))),
+    }
+}
+
 /// Whether a snapshot's files exist and pass the checks a load makes
 /// before touching anything (container, consistency, memory files).
 fn valid_snapshot(files: &SnapshotFiles, mem_mib: usize) -> bool {
@@ -785,18 +880,6 @@ fn valid_snapshot(files: &SnapshotFiles, mem_mib: usize) -> bool {
             tracing::warn!("snapshot {} is unusable: {e}", files.state.display());
             false
         }
-    }
-}
-
-fn wait_for_change(changed: &Notify, at_most: Duration) {
-    let notified = changed.notified();
-    // A blocking thread: wait with a small runtime-free park.
-    let handle = tokio::runtime::Handle::try_current();
-    match handle {
-        Ok(handle) => {
-            let _ = handle.block_on(async { tokio::time::timeout(at_most, notified).await });
-        }
-        Err(_) => std::thread::sleep(at_most.min(Duration::from_millis(10))),
     }
 }
 

@@ -70,6 +70,10 @@ pub struct Instance {
     pub function: String,
     /// The version it runs.
     pub version: u64,
+    /// That version's deploy id.
+    pub uid: u64,
+    /// Being restored (counted, not yet serving).
+    pub restoring: bool,
     /// The VMM, while idle (taken out while it serves).
     pub vmm: Option<Vmm>,
     /// When it last finished serving.
@@ -101,7 +105,8 @@ pub enum Route {
     },
     /// The function is at its instance limit and all are busy.
     Full,
-    /// The caller named an instance that does not exist.
+    /// The caller named an instance that does not exist (or serves
+    /// another function): the message says which.
     NoSuchInstance(String),
 }
 
@@ -130,36 +135,44 @@ impl Pools {
             .collect()
     }
 
-    /// Routes a request for `function` (current `version`, at most
+    /// Whether `id` names an instance of `function` this agent started
+    /// (and that may be gone since).
+    fn was_issued(&self, function: &str, id: &str) -> bool {
+        id.strip_prefix(function)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n >= 1 && n <= self.next)
+    }
+
+    /// Routes a request for `function` (current deploy `uid`, at most
     /// `max_instances`). `waited` says the caller already waited for a
     /// busy instance it asked for.
     pub fn route(
         &self,
         function: &str,
-        version: u64,
+        uid: u64,
         max_instances: usize,
         instance: Option<&str>,
         key: Option<&str>,
         waited: bool,
     ) -> Route {
-        let current = |i: &&Instance| i.function == function && i.version == version;
+        let current = |i: &&Instance| i.function == function && i.uid == uid;
         let idle = |i: &&Instance| current(i) && i.vmm.is_some();
         let count = self.instances.values().filter(current).count();
-        let restore_or_full = |affinity| {
-            if count < max_instances {
-                Route::Restore { affinity }
-            } else {
-                Route::Full
-            }
-        };
         // Asked for an instance, or for a key bound to one.
         let wanted = match (instance, key) {
-            (Some(id), _) => {
-                if !self.instances.contains_key(id) {
-                    return Route::NoSuchInstance(id.to_string());
+            (Some(id), _) => match self.instances.get(id) {
+                Some(i) if i.function != function => {
+                    return Route::NoSuchInstance(format!(
+                        "instance {id} serves function {}, not {function}",
+                        i.function
+                    ))
                 }
-                Some(id.to_string())
-            }
+                Some(_) => Some(id.to_string()),
+                // Gone (it lived once): served elsewhere, as a miss.
+                None if self.was_issued(function, id) => Some(id.to_string()),
+                None => return Route::NoSuchInstance(format!("no instance {id}")),
+            },
             (None, Some(key)) => self
                 .affinity
                 .get(&(function.to_string(), key.to_string()))
@@ -180,7 +193,7 @@ impl Pools {
             }
         }
         let affinity = asked.then(|| {
-            if wanted.is_some() || instance.is_some() {
+            if wanted.is_some() {
                 Affinity::Miss
             } else {
                 Affinity::New
@@ -194,12 +207,28 @@ impl Pools {
             .filter(|i| key.is_none() || self.keys_of(&i.id).is_empty())
             .collect();
         candidates.sort_by_key(|i| std::cmp::Reverse(i.last_used));
-        match candidates.first() {
+        if let Some(i) = candidates.first() {
+            return Route::Instance {
+                id: i.id.clone(),
+                affinity,
+            };
+        }
+        if count < max_instances {
+            return Route::Restore { affinity };
+        }
+        // At the limit: rather than make a key wait while instances idle,
+        // take the least recently used idle one (its keys move along).
+        match self
+            .instances
+            .values()
+            .filter(idle)
+            .min_by_key(|i| i.last_used)
+        {
             Some(i) => Route::Instance {
                 id: i.id.clone(),
                 affinity,
             },
-            None => restore_or_full(affinity),
+            None => Route::Full,
         }
     }
 
@@ -235,6 +264,8 @@ mod tests {
                     id: id.to_string(),
                     function: "f".into(),
                     version: 1,
+                    uid: 1,
+                    restoring: false,
                     vmm: None,
                     last_used: Instant::now() + Duration::from_millis(i as u64),
                     served: 0,
@@ -277,7 +308,7 @@ mod tests {
         );
         assert_eq!(
             pools.route("f", 1, 2, Some("zz"), None, false),
-            Route::NoSuchInstance("zz".into())
+            Route::NoSuchInstance("no instance zz".into())
         );
         // The instance gone, its key misses (and is bound anew).
         pools.remove("a");
@@ -292,7 +323,7 @@ mod tests {
     #[test]
     fn old_versions_do_not_count_or_serve() {
         let pools = pools_with(&[("a", false)]);
-        // "a" runs version 1; version 2 has no instance.
+        // "a" runs deploy 1; deploy 2 has no instance.
         assert_eq!(
             pools.route("f", 2, 1, None, None, false),
             Route::Restore { affinity: None }

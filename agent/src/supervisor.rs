@@ -73,13 +73,59 @@ pub enum VmmError {
     },
 }
 
-/// Where VMM processes live: the binary and the run directory.
-#[derive(Debug, Clone)]
+/// Where VMM processes live: the binary and the run directory, and the
+/// thread that starts them.
+#[derive(Clone)]
 pub struct Supervisor {
     /// The ember-vmm binary.
     pub vmm: PathBuf,
     /// `<state>/vms`: sockets, pidfiles, logs, consoles.
     pub run_dir: PathBuf,
+    spawner: Spawner,
+}
+
+/// A request to the spawner thread: the command, and where its child goes.
+type SpawnRequest = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+
+/// The one thread that forks every VMM. PR_SET_PDEATHSIG fires when the
+/// *thread* that forked a child exits, not the process: children forked on
+/// tokio's blocking threads (which retire after 10 s idle) would be killed
+/// with them. This thread lives as long as emberd.
+#[derive(Clone)]
+struct Spawner(std::sync::mpsc::Sender<SpawnRequest>);
+
+impl Spawner {
+    fn start() -> Spawner {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("ember_spawner".into())
+            .spawn(move || {
+                while let Ok((mut command, reply)) = rx.recv() {
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("a thread to spawn VMMs on");
+        Spawner(tx)
+    }
+
+    fn spawn(&self, command: Command) -> std::io::Result<Child> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.0
+            .send((command, reply))
+            .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+        answer
+            .recv()
+            .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+    }
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("vmm", &self.vmm)
+            .field("run_dir", &self.run_dir)
+            .finish()
+    }
 }
 
 /// A running ember-vmm and a connection to it. Dropping it kills the
@@ -94,6 +140,15 @@ pub struct Vmm {
 }
 
 impl Supervisor {
+    /// A supervisor of `vmm` processes with their files in `run_dir`.
+    pub fn new(vmm: PathBuf, run_dir: PathBuf) -> Supervisor {
+        Supervisor {
+            vmm,
+            run_dir,
+            spawner: Spawner::start(),
+        }
+    }
+
     /// Spawns `ember-vmm --api-sock <run>/<id>.sock --id <id> args...` and
     /// returns once its socket accepts.
     pub fn spawn(&self, id: &str, args: &[&str]) -> Result<Vmm, VmmError> {
@@ -116,37 +171,56 @@ impl Supervisor {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        let parent = std::process::id() as libc::pid_t;
         // SAFETY: the closure runs between fork and exec and only calls
-        // prctl(2), which is async-signal-safe.
+        // prctl(2) and getppid(2), which are async-signal-safe.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // emberd died between the fork and the prctl: no signal
+                // will come.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("emberd is gone"));
                 }
                 Ok(())
             });
         }
-        let mut child = command.spawn().map_err(|source| VmmError::Spawn {
-            binary: self.vmm.clone(),
-            source,
-        })?;
-        write_pidfile(&self.run_dir, id, child.id(), &self.vmm)?;
+        let mut child = self
+            .spawner
+            .spawn(command)
+            .map_err(|source| VmmError::Spawn {
+                binary: self.vmm.clone(),
+                source,
+            })?;
+        let cleanup = |child: &mut Child| {
+            let _ = child.kill();
+            let _ = child.wait();
+            for ext in ["pid", "sock", "log", "console"] {
+                let _ = std::fs::remove_file(self.run_dir.join(format!("{id}.{ext}")));
+            }
+        };
+        if let Err(e) = write_pidfile(&self.run_dir, id, child.id(), &self.vmm) {
+            cleanup(&mut child);
+            return Err(e);
+        }
         let deadline = Instant::now() + PATIENCE;
         let client = loop {
             if let Ok(client) = ApiClient::connect(&sock) {
                 break client;
             }
             if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(self.run_dir.join(format!("{id}.log")))
+                    .unwrap_or_default();
+                cleanup(&mut child);
                 return Err(VmmError::NotListening {
                     id: id.into(),
-                    why: format!(
-                        "it exited ({status}): see {}",
-                        self.run_dir.join(format!("{id}.log")).display()
-                    ),
+                    why: format!("it exited ({status}): {}", log.trim()),
                 });
             }
             if Instant::now() >= deadline {
-                let _ = child.kill();
+                cleanup(&mut child);
                 return Err(VmmError::NotListening {
                     id: id.into(),
                     why: format!("no socket within {PATIENCE:?}"),
@@ -197,6 +271,11 @@ impl Vmm {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Bounds how long a request may wait for its answer.
+    pub fn set_timeout(&self, timeout: Duration) {
+        let _ = self.client.set_timeout(Some(timeout));
     }
 
     /// Whether the process has exited.

@@ -31,6 +31,10 @@ fn main() {
         ),
         ("a_full_host_answers_429_with_retry_after", host_full),
         (
+            "instances_outlive_the_threads_that_restored_them",
+            instances_outlive_threads,
+        ),
+        (
             "vmms_die_with_a_killed_emberd_and_its_successor_serves",
             emberd_killed,
         ),
@@ -95,6 +99,27 @@ fn invoke_ok_via(
         ));
     }
     Ok(response)
+}
+
+/// Waits until `n` instances are busy (serving); returns them.
+fn busy_instances(client: &mut ApiClient, n: usize) -> Result<serde_json::Value, String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let instances = get_json(client, "/instances")?;
+        let busy = instances
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["state"] == "busy")
+            .count();
+        if busy >= n {
+            return Ok(instances);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("never {n} busy instances: {instances}"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// Fails unless `response` is `status` with error `kind`.
@@ -257,6 +282,24 @@ fn killed_instance() -> TestResult {
         response.header("x-ember-affinity") == Some("hit") && instance_of(&response) == second,
         || format!("then: {:?}", response.headers),
     )?;
+    // The same when its VMM is killed rather than deleted.
+    let instances = get_json(&mut client, "/instances")?;
+    let pid = instances
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["id"] == second.as_str())
+        .and_then(|i| i["pid"].as_i64())
+        .unwrap_or(0) as i32;
+    check(pid > 0, || format!("instances: {instances}"))?;
+    // SAFETY: kill(2) of the VMM process emberd reported.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let response = invoke_ok_via(&mut client, "echo", b"x", &[("X-Ember-Affinity", "A")])?;
+    check(
+        response.header("x-ember-affinity") == Some("miss") && instance_of(&response) != second,
+        || format!("after kill -9 of {second}: {:?}", response.headers),
+    )?;
     Ok(())
 }
 
@@ -296,7 +339,15 @@ fn redeploy() -> TestResult {
 /// instances.
 fn concurrent() -> TestResult {
     // sha256 of 1 MiB takes ~85 ms: long enough to overlap.
-    let (emberd, _client) = with_function("sha", "sha256.wasm", json!({ "max_concurrency": 10 }))?;
+    let emberd = Emberd::start(&fresh_dir()?, &["--memory-budget-mib", "4096"])?;
+    let mut client = emberd.client();
+    deploy(
+        &mut client,
+        "sha",
+        &example("sha256.wasm")?,
+        json!({ "max_concurrency": 10 }),
+        &[],
+    )?;
     let event = vec![7u8; 1 << 20];
     let workers: Vec<_> = (0..10)
         .map(|_| {
@@ -417,7 +468,7 @@ fn kill_mid_invocation() -> TestResult {
     check(pid > 0, || format!("instances: {instances}"))?;
     let mut runner = emberd.client();
     let worker = std::thread::spawn(move || invoke(&mut runner, "sha", &vec![1u8; 6 << 20], &[]));
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    busy_instances(&mut client, 1)?;
     // SAFETY: kill(2) of the VMM process emberd reported.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let response = worker.join().map_err(|_| fail("the worker panicked"))??;
@@ -532,7 +583,7 @@ fn host_full() -> TestResult {
             std::thread::spawn(move || invoke(&mut c, "sha", &vec![3u8; 6 << 20], &[]))
         })
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(150));
+    busy_instances(&mut client, 2)?;
     let started = std::time::Instant::now();
     let response = invoke(&mut client, "sha", b"x", &[])?;
     check(
@@ -594,5 +645,50 @@ fn emberd_killed() -> TestResult {
         .collect();
     // The new daemon's own VMMs only: its prepared one and the instance.
     check(leftovers.len() <= 3, || format!("pidfiles: {leftovers:?}"))?;
+    Ok(())
+}
+
+/// Instances restored on many threads at once outlive those threads
+/// (tokio retires idle blocking threads after 10 s; a VMM's death signal
+/// must not follow the thread that forked it): 12 s later every instance
+/// is alive and serves warm.
+fn instances_outlive_threads() -> TestResult {
+    let emberd = Emberd::start(&fresh_dir()?, &["--memory-budget-mib", "4096"])?;
+    let mut client = emberd.client();
+    deploy(
+        &mut client,
+        "sha",
+        &example("sha256.wasm")?,
+        json!({ "max_concurrency": 12 }),
+        &[],
+    )?;
+    let workers: Vec<_> = (0..12)
+        .map(|_| {
+            let mut client = emberd.client();
+            std::thread::spawn(move || invoke_ok_via(&mut client, "sha", &vec![1u8; 1 << 20], &[]))
+        })
+        .collect();
+    for worker in workers {
+        worker.join().map_err(|_| fail("a worker panicked"))??;
+    }
+    let before = get_json(&mut client, "/instances")?;
+    let pids: Vec<i64> = before
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["pid"].as_i64())
+        .collect();
+    check(pids.len() >= 2, || format!("instances: {before}"))?;
+    std::thread::sleep(std::time::Duration::from_secs(12));
+    for pid in &pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        check(!stat.is_empty() && !stat.contains(") Z "), || {
+            format!("ember-vmm {pid} died after 12 s:\n{}", emberd.log.text())
+        })?;
+    }
+    let response = invoke_ok_via(&mut client, "sha", b"abc", &[])?;
+    check(response.header("x-ember-start") == Some("warm"), || {
+        format!("after 12 s: {:?}", response.headers)
+    })?;
     Ok(())
 }

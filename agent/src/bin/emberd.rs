@@ -148,6 +148,9 @@ async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
+            if reaper.draining.load(Ordering::Relaxed) {
+                return;
+            }
             let agent = reaper.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 agent.reap(false);
@@ -167,6 +170,15 @@ async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
         }
         tracing::info!("shutting down: draining invocations in flight");
         shutdown_agent.draining.store(true, Ordering::Relaxed);
+        // A client that never finishes its request must not hold the
+        // shutdown forever.
+        let watchdog = shutdown_agent.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(35)).await;
+            tracing::warn!("shutdown took 35 s: stopping the VMs and exiting");
+            let _ = tokio::task::spawn_blocking(move || watchdog.stop_all()).await;
+            std::process::exit(0);
+        });
     };
     axum::serve(listener, ember_agent::api::router(agent.clone()))
         .with_graceful_shutdown(shutdown)
