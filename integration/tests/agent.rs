@@ -30,6 +30,7 @@ fn main() {
             second_daemon,
         ),
         ("a_full_host_answers_429_with_retry_after", host_full),
+        ("the_ember_cli_deploys_invokes_lists_and_removes", cli),
         (
             "instances_outlive_the_threads_that_restored_them",
             instances_outlive_threads,
@@ -690,5 +691,98 @@ fn instances_outlive_threads() -> TestResult {
     check(response.header("x-ember-start") == Some("warm"), || {
         format!("after 12 s: {:?}", response.headers)
     })?;
+    Ok(())
+}
+
+/// The `ember` CLI against a real emberd: the socket from `--socket`
+/// (after the command) or `EMBER_SOCKET`, tables and JSON, exit codes.
+fn cli() -> TestResult {
+    let emberd = started()?;
+    let ember = sibling_binary("ember")?;
+    let run = |args: &[&str], stdin: &[u8]| -> Result<std::process::Output, String> {
+        use std::io::Write;
+        let mut child = std::process::Command::new(&ember)
+            .args(args)
+            .env("EMBER_SOCKET", &emberd.socket)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(stdin)
+            .map_err(|e| e.to_string())?;
+        child.wait_with_output().map_err(|e| e.to_string())
+    };
+    let wc = example("wordcount.wasm")?;
+    let out = run(
+        &[
+            "deploy",
+            "wc",
+            wc.to_str().unwrap_or_default(),
+            "--timeout",
+            "2s",
+            "--env",
+            "A=b",
+        ],
+        b"",
+    )?;
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    check(
+        out.status.success() && text.contains("wc version 1 ready"),
+        || format!("deploy: {text}"),
+    )?;
+    let out = run(&["invoke", "wc"], b"one two three")?;
+    check(out.status.success() && out.stdout == b"0 3 13\n", || {
+        format!(
+            "invoke from stdin: {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+    let socket = emberd.socket.to_str().unwrap_or_default().to_string();
+    let out = run(
+        &[
+            "invoke",
+            "wc",
+            "--data",
+            "x y",
+            "--affinity",
+            "k",
+            "--json",
+            "--socket",
+            &socket,
+        ],
+        b"",
+    )?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    check(
+        out.status.success() && json["result"] == "0 2 3\n" && json["affinity"] == "new",
+        || format!("invoke --json: {}", String::from_utf8_lossy(&out.stdout)),
+    )?;
+    let out = run(&["ls"], b"")?;
+    check(String::from_utf8_lossy(&out.stdout).contains("wc"), || {
+        "ls lists no wc".into()
+    })?;
+    let out = run(&["--json", "instances"], b"")?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    check(json.as_array().map_or(0, Vec::len) >= 1, || {
+        format!("instances: {json}")
+    })?;
+    let out = run(&["invoke", "nope", "--data", "x"], b"")?;
+    check(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not_found"),
+        || format!("unknown function: {}", String::from_utf8_lossy(&out.stderr)),
+    )?;
+    let out = run(&["rm", "wc"], b"")?;
+    check(out.status.success(), || "rm failed".into())?;
+    let out = run(&["completions", "bash"], b"")?;
+    check(
+        String::from_utf8_lossy(&out.stdout).contains("_ember"),
+        || "no completions".into(),
+    )?;
     Ok(())
 }
