@@ -514,8 +514,9 @@ impl Agent {
                                 if vmm.exited() {
                                     // Its VMM died while idle: forget it,
                                     // route again (a key bound to it misses).
-                                    pools.remove(&id);
-                                    (Step::Again, notified, Some(vmm))
+                                    let gone = pools.remove(&id).into_iter().collect();
+                                    drop(vmm);
+                                    (Step::Again, notified, Some(gone))
                                 } else {
                                     if let Some(key) = key {
                                         pools.bind(name, key, &id);
@@ -528,12 +529,36 @@ impl Agent {
                     }
                     Route::Restore { affinity } => {
                         let need = v.config.memory_mib.unwrap_or(DEFAULT_CLAIM_MIB);
-                        let claimed: u64 = pools.instances.values().map(|i| i.memory_mib).sum();
-                        if claimed + need > self.config.memory_budget_mib {
+                        let budget = self.config.memory_budget_mib;
+                        let mut claimed: u64 = pools.instances.values().map(|i| i.memory_mib).sum();
+                        // Over budget: idle instances (of any function)
+                        // make room, least recently used first.
+                        let mut evicted = Vec::new();
+                        while claimed + need > budget {
+                            let lru = pools
+                                .instances
+                                .values()
+                                .filter(|i| i.vmm.is_some())
+                                .min_by_key(|i| i.last_used)
+                                .map(|i| i.id.clone());
+                            let Some(lru) = lru else { break };
+                            if let Some(gone) = pools.remove(&lru) {
+                                claimed -= gone.memory_mib;
+                                evicted.push(gone);
+                            }
+                        }
+                        if claimed + need > budget {
+                            drop(pools);
+                            drop(evicted);
                             return Err(too_many(format!(
-                                "the host's memory budget ({} MiB) is spent; retry",
-                                self.config.memory_budget_mib
+                                "the host's memory budget ({budget} MiB) is spent by busy instances; retry"
                             )));
+                        }
+                        if !evicted.is_empty() {
+                            tracing::info!(
+                                "evicted {} idle instances to make room for {name}",
+                                evicted.len()
+                            );
                         }
                         // Counted from now on, so that concurrent restores
                         // respect the limits too.
@@ -556,7 +581,7 @@ impl Agent {
                         if let Some(key) = key {
                             pools.bind(name, key, &id);
                         }
-                        (Step::Restore { id, affinity }, notified, None)
+                        (Step::Restore { id, affinity }, notified, Some(evicted))
                     }
                     Route::NoSuchInstance(message) => {
                         return Err(ApiError::new(404, "not_found", message))

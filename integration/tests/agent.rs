@@ -32,6 +32,11 @@ fn main() {
         ("a_full_host_answers_429_with_retry_after", host_full),
         ("the_ember_cli_deploys_invokes_lists_and_removes", cli),
         (
+            "idle_instances_make_room_and_expire_after_their_keep_alive",
+            eviction_and_keep_alive,
+        ),
+        ("a_corrupt_template_is_rebuilt_not_used", corrupt_template),
+        (
             "instances_outlive_the_threads_that_restored_them",
             instances_outlive_threads,
         ),
@@ -784,5 +789,78 @@ fn cli() -> TestResult {
         String::from_utf8_lossy(&out.stdout).contains("_ember"),
         || "no completions".into(),
     )?;
+    Ok(())
+}
+
+/// With the host's memory budget spent by an idle instance of one
+/// function, a restore of another evicts it; an idle instance past its
+/// function's keep-alive is reaped.
+fn eviction_and_keep_alive() -> TestResult {
+    let emberd = Emberd::start(&fresh_dir()?, &["--memory-budget-mib", "140"])?;
+    let mut client = emberd.client();
+    deploy(
+        &mut client,
+        "a",
+        &example("echo.wasm")?,
+        json!({ "memory_mib": 64 }),
+        &[],
+    )?;
+    deploy(
+        &mut client,
+        "b",
+        &example("echo.wasm")?,
+        json!({ "memory_mib": 80, "keep_alive_s": 1 }),
+        &[],
+    )?;
+    let a = instance_of(&invoke_ok_via(&mut client, "a", b"x", &[])?);
+    let b = invoke_ok_via(&mut client, "b", b"y", &[])?;
+    check(b.header("x-ember-start") == Some("restored"), || {
+        format!("b: {:?}", b.headers)
+    })?;
+    let instances = get_json(&mut client, "/instances")?;
+    check(
+        instances
+            .as_array()
+            .is_some_and(|l| l.len() == 1 && l[0]["function"] == "b"),
+        || format!("{a} was not evicted for b: {instances}"),
+    )?;
+    // b's keep-alive is 1 s; the reaper runs every second.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let instances = get_json(&mut client, "/instances")?;
+    check(instances.as_array().is_some_and(Vec::is_empty), || {
+        format!("an instance outlived its keep-alive: {instances}")
+    })?;
+    Ok(())
+}
+
+/// A template damaged on disk is found at the next start (the load's own
+/// checks), rebuilt, and the function serves.
+fn corrupt_template() -> TestResult {
+    let dir = fresh_dir()?;
+    let emberd = Emberd::start(&dir, &[])?;
+    let mut client = emberd.client();
+    deploy(
+        &mut client,
+        "wc",
+        &example("wordcount.wasm")?,
+        json!({}),
+        &[],
+    )?;
+    drop(client);
+    emberd.terminate()?;
+    let state = dir.join("state/functions/wc/v1/template.state");
+    let mut bytes = std::fs::read(&state).map_err(|e| fail(e.to_string()))?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&state, bytes).map_err(|e| fail(e.to_string()))?;
+    let emberd = Emberd::start(&dir, &[])?;
+    let mut client = emberd.client();
+    same(
+        &invoke_ok_via(&mut client, "wc", b"a b", &[])?.body,
+        b"0 2 3\n",
+    )?;
+    check(emberd.log.text().contains("rebuilding"), || {
+        format!("no rebuild logged:\n{}", emberd.log.text())
+    })?;
     Ok(())
 }
