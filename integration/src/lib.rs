@@ -531,10 +531,15 @@ impl Emberd {
         self.child.id()
     }
 
-    /// SIGTERM, and waits for the exit; returns its exit code.
-    pub fn terminate(mut self) -> Result<i32, String> {
+    /// Sends SIGTERM.
+    pub fn signal_term(&self) {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+
+    /// SIGTERM, and waits for the exit; returns its exit code.
+    pub fn terminate(mut self) -> Result<i32, String> {
+        self.signal_term();
         let status = self.child.wait().map_err(|e| e.to_string())?;
         exit_code(status)
     }

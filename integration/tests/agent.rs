@@ -37,6 +37,10 @@ fn main() {
         ),
         ("a_corrupt_template_is_rebuilt_not_used", corrupt_template),
         (
+            "sigterm_lets_the_invocation_in_flight_finish",
+            drain_on_sigterm,
+        ),
+        (
             "instances_outlive_the_threads_that_restored_them",
             instances_outlive_threads,
         ),
@@ -862,5 +866,31 @@ fn corrupt_template() -> TestResult {
     check(emberd.log.text().contains("rebuilding"), || {
         format!("no rebuild logged:\n{}", emberd.log.text())
     })?;
+    Ok(())
+}
+
+/// SIGTERM while an invocation runs: it finishes and is answered, new
+/// work is refused meanwhile, and emberd exits 0.
+fn drain_on_sigterm() -> TestResult {
+    let (emberd, mut client) = with_function("sha", "sha256.wasm", json!({ "timeout_ms": 60000 }))?;
+    invoke_ok_via(&mut client, "sha", b"warm", &[])?;
+    let event = vec![5u8; 4 << 20];
+    let mut runner = emberd.client();
+    let worker = std::thread::spawn(move || invoke(&mut runner, "sha", &event, &[]));
+    busy_instances(&mut client, 1)?;
+    emberd.signal_term();
+    let response = worker.join().map_err(|_| fail("the worker panicked"))??;
+    check(
+        response.status == 200 && response.header("x-ember-function-error").is_none(),
+        || {
+            format!(
+                "the invocation in flight: {} {:?}",
+                response.status, response.headers
+            )
+        },
+    )?;
+    same(&response.body[response.body.len() - 1..], b"\n")?;
+    let code = emberd.terminate()?;
+    check(code == 0, || format!("emberd exited with {code}"))?;
     Ok(())
 }
