@@ -62,7 +62,17 @@ fn with_function(
     module: &str,
     config: serde_json::Value,
 ) -> Result<(Emberd, ApiClient), String> {
-    let emberd = started()?;
+    with_function_args(&[], name, module, config)
+}
+
+/// As [`with_function`], emberd started with `args`.
+fn with_function_args(
+    args: &[&str],
+    name: &str,
+    module: &str,
+    config: serde_json::Value,
+) -> Result<(Emberd, ApiClient), String> {
+    let emberd = Emberd::start(&fresh_dir()?, args)?;
     let mut client = emberd.client();
     deploy(&mut client, name, &example(module)?, config, &[])?;
     Ok((emberd, client))
@@ -349,14 +359,11 @@ fn redeploy() -> TestResult {
 /// instances.
 fn concurrent() -> TestResult {
     // sha256 of 1 MiB takes ~85 ms: long enough to overlap.
-    let emberd = Emberd::start(&fresh_dir()?, &["--memory-budget-mib", "4096"])?;
-    let mut client = emberd.client();
-    deploy(
-        &mut client,
+    let (emberd, _client) = with_function_args(
+        &["--memory-budget-mib", "4096"],
         "sha",
-        &example("sha256.wasm")?,
+        "sha256.wasm",
         json!({ "max_concurrency": 10 }),
-        &[],
     )?;
     let event = vec![7u8; 1 << 20];
     let workers: Vec<_> = (0..10)
@@ -577,14 +584,11 @@ fn second_daemon() -> TestResult {
 /// 100 MiB of 150, busy): a request that needs another instance gets a
 /// 429 with Retry-After, at once.
 fn host_full() -> TestResult {
-    let emberd = Emberd::start(&fresh_dir()?, &["--memory-budget-mib", "150"])?;
-    let mut client = emberd.client();
-    deploy(
-        &mut client,
+    let (emberd, mut client) = with_function_args(
+        &["--memory-budget-mib", "150"],
         "sha",
-        &example("sha256.wasm")?,
+        "sha256.wasm",
         json!({ "memory_mib": 64, "timeout_ms": 60000 }),
-        &[],
     )?;
     // memory_mib 64 claims 64: two instances fit 150, a third does not.
     let workers: Vec<_> = (0..2)
@@ -663,14 +667,11 @@ fn emberd_killed() -> TestResult {
 /// must not follow the thread that forked it): 12 s later every instance
 /// is alive and serves warm.
 fn instances_outlive_threads() -> TestResult {
-    let emberd = Emberd::start(&fresh_dir()?, &["--memory-budget-mib", "4096"])?;
-    let mut client = emberd.client();
-    deploy(
-        &mut client,
+    let (emberd, mut client) = with_function_args(
+        &["--memory-budget-mib", "4096"],
         "sha",
-        &example("sha256.wasm")?,
+        "sha256.wasm",
         json!({ "max_concurrency": 12 }),
-        &[],
     )?;
     let workers: Vec<_> = (0..12)
         .map(|_| {
@@ -800,14 +801,11 @@ fn cli() -> TestResult {
 /// function, a restore of another evicts it; an idle instance past its
 /// function's keep-alive is reaped.
 fn eviction_and_keep_alive() -> TestResult {
-    let emberd = Emberd::start(&fresh_dir()?, &["--memory-budget-mib", "140"])?;
-    let mut client = emberd.client();
-    deploy(
-        &mut client,
+    let (_emberd, mut client) = with_function_args(
+        &["--memory-budget-mib", "140"],
         "a",
-        &example("echo.wasm")?,
+        "echo.wasm",
         json!({ "memory_mib": 64 }),
-        &[],
     )?;
     deploy(
         &mut client,
