@@ -74,8 +74,9 @@ pub struct FunctionVersion {
     /// Seconds since the Unix epoch when deployed.
     pub deployed_at: u64,
     /// A random id of this deploy: version numbers start over after a
-    /// function is deleted, this never repeats.
-    #[serde(default)]
+    /// function is deleted, this never repeats. (A string in JSON: 64 bits
+    /// do not survive a JavaScript number.)
+    #[serde(default, with = "uid_text")]
     pub uid: u64,
 }
 
@@ -221,9 +222,7 @@ impl FunctionStore {
     /// Makes `version` the one invocations run.
     pub fn set_current(&self, name: &str, version: u64) -> Result<(), FunctionError> {
         let path = self.function_dir(name).join("current");
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, version.to_string()).map_err(io("cannot write current"))?;
-        std::fs::rename(&tmp, &path).map_err(io("cannot write current"))
+        write_synced(&path, version.to_string().as_bytes()).map_err(io("cannot write current"))
     }
 
     /// The current version of `name`.
@@ -291,16 +290,28 @@ impl FunctionStore {
             let Some(name) = entry.file_name().to_str().map(str::to_string) else {
                 continue;
             };
-            let current = self.current(&name).ok().map(|v| v.version);
+            // Decided from `current` alone: a version.json that cannot be
+            // read must not cost a function its current version.
+            let current = match std::fs::read_to_string(entry.path().join("current")) {
+                Ok(text) => match text.trim().parse::<u64>() {
+                    Ok(n) => n,
+                    Err(_) => continue,
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    // Never deployed to the end.
+                    let _ = std::fs::remove_dir_all(entry.path());
+                    removed += 1;
+                    continue;
+                }
+                Err(_) => continue,
+            };
             for version in self.versions(&name) {
-                if Some(version) != current {
+                if version != current {
                     let _ = std::fs::remove_dir_all(self.version_dir(&name, version));
                     removed += 1;
                 }
             }
-            if current.is_none() {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
+            let _ = std::fs::remove_file(entry.path().join("current.tmp"));
         }
         removed
     }
@@ -311,6 +322,20 @@ impl FunctionStore {
         if self.versions(name).is_empty() {
             let _ = std::fs::remove_dir_all(self.function_dir(name));
         }
+    }
+}
+
+/// A u64 as hex text in JSON.
+mod uid_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(uid: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{uid:016x}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text = String::deserialize(d)?;
+        u64::from_str_radix(&text, 16).map_err(serde::de::Error::custom)
     }
 }
 
@@ -333,9 +358,17 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), FunctionError>
         what: "cannot encode".into(),
         source: std::io::Error::other(e),
     })?;
+    write_synced(path, &bytes).map_err(io(format!("cannot write {}", path.display())))
+}
+
+/// Writes `bytes` beside `path`, syncs, renames into place.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(io(format!("cannot write {}", path.display())))?;
-    std::fs::rename(&tmp, path).map_err(io(format!("cannot write {}", path.display())))
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

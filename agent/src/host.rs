@@ -392,6 +392,12 @@ impl Agent {
         }
     }
 
+    /// Admits an invocation (in the async handler, before it takes a
+    /// blocking thread), or refuses it with a 429.
+    pub fn admit(&self) -> Result<Queued<'_>, ApiError> {
+        Queued::enter(&self.queued)
+    }
+
     /// The current version of `name`.
     pub fn current(&self, name: &str) -> Result<FunctionVersion, ApiError> {
         lock(&self.current)
@@ -487,9 +493,7 @@ impl Agent {
                 ),
             ));
         }
-        let v = self.current(name)?;
-        let max = v.config.max_concurrency as usize;
-        let _queued = Queued::enter(&self.queued)?;
+        let mut v: FunctionVersion;
         let too_many = |message: String| {
             let mut e = ApiError::new(429, "too_many_requests", message);
             e.retry_after = Some(1);
@@ -502,6 +506,10 @@ impl Agent {
             if self.draining.load(Ordering::Relaxed) {
                 return Err(shutting_down());
             }
+            // A deploy or delete while this request waited: route for what
+            // is current now.
+            v = self.current(name)?;
+            let max = v.config.max_concurrency as usize;
             // Decided under the lock; a Notified made there sees every
             // change after the decision.
             let (step, notified, dead) = {
@@ -513,10 +521,13 @@ impl Agent {
                             Some(mut vmm) => {
                                 if vmm.exited() {
                                     // Its VMM died while idle: forget it,
-                                    // route again (a key bound to it misses).
-                                    let gone = pools.remove(&id).into_iter().collect();
-                                    drop(vmm);
-                                    (Step::Again, notified, Some(gone))
+                                    // route again (a key bound to it misses);
+                                    // dropped once the lock is released.
+                                    let mut gone = pools.remove(&id);
+                                    if let Some(instance) = gone.as_mut() {
+                                        instance.vmm = Some(vmm);
+                                    }
+                                    (Step::Again, notified, Some(gone.into_iter().collect()))
                                 } else {
                                     if let Some(key) = key {
                                         pools.bind(name, key, &id);
@@ -617,7 +628,8 @@ impl Agent {
                     Some(left) if !left.is_zero() => wait_for(notified, left),
                     _ => {
                         return Err(too_many(format!(
-                            "{name} is at its limit of {max} busy instances; retry"
+                            "{name} is at its limit of {} busy instances; retry",
+                            v.config.max_concurrency
                         )))
                     }
                 },
@@ -766,6 +778,7 @@ impl Agent {
         let _not_while_deploying = lock(&self.deploying);
         self.store.delete(name)?;
         lock(&self.current).remove(name);
+        lock(&self.validated).retain(|(function, _)| function != name);
         let doomed: Vec<Instance> = {
             let mut pools = lock(&self.pools);
             let ids: Vec<String> = pools
@@ -777,6 +790,7 @@ impl Agent {
             ids.iter().filter_map(|id| pools.remove(id)).collect()
         };
         drop(doomed);
+        self.changed.notify_waiters();
         Ok(())
     }
 
@@ -847,11 +861,13 @@ enum Step {
 /// sets no `memory_mib`, MiB.
 pub const DEFAULT_CLAIM_MIB: u64 = 128;
 
-/// Invocations that may wait for an instance at once; more get a 429.
-pub const MAX_QUEUED: u64 = 1024;
+/// Invocations admitted at once (serving or waiting for an instance),
+/// well below tokio's 512 blocking threads; more get a 429 before they
+/// take a thread.
+pub const MAX_QUEUED: u64 = 256;
 
-/// An invocation in the queue (counted while it lives).
-struct Queued<'a>(&'a AtomicU64);
+/// An invocation admitted (counted while it lives).
+pub struct Queued<'a>(&'a AtomicU64);
 
 impl<'a> Queued<'a> {
     fn enter(count: &'a AtomicU64) -> Result<Queued<'a>, ApiError> {
@@ -860,7 +876,7 @@ impl<'a> Queued<'a> {
             let mut e = ApiError::new(
                 429,
                 "too_many_requests",
-                format!("{MAX_QUEUED} invocations are already waiting; retry"),
+                format!("{MAX_QUEUED} invocations are already in emberd; retry"),
             );
             e.retry_after = Some(1);
             return Err(e);

@@ -118,13 +118,33 @@ pub struct Pools {
     /// (function, key) → instance id.
     pub affinity: HashMap<(String, String), String>,
     next: u64,
+    boot: String,
+    /// The highest instance number given out per function.
+    issued: HashMap<String, u64>,
 }
 
 impl Pools {
-    /// A new instance id.
+    /// A new instance id: `<function>-<boot>-<n>`, where `boot` differs
+    /// from one emberd to the next (an id kept across a restart names no
+    /// instance rather than another one).
     pub fn new_id(&mut self, function: &str) -> String {
         self.next += 1;
-        format!("{function}-{}", self.next)
+        self.issued.insert(function.to_string(), self.next);
+        let n = self.next;
+        format!("{function}-{}-{n}", self.boot())
+    }
+
+    fn boot(&mut self) -> &str {
+        if self.boot.is_empty() {
+            let mut bytes = [0u8; 2];
+            // SAFETY: getrandom(2) into a local buffer of the length passed.
+            unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+            self.boot = format!(
+                "{:04x}",
+                u16::from_le_bytes(bytes) ^ (std::process::id() as u16)
+            );
+        }
+        &self.boot
     }
 
     fn keys_of(&self, id: &str) -> HashSet<&str> {
@@ -138,10 +158,12 @@ impl Pools {
     /// Whether `id` names an instance of `function` this agent started
     /// (and that may be gone since).
     fn was_issued(&self, function: &str, id: &str) -> bool {
-        id.strip_prefix(function)
-            .and_then(|rest| rest.strip_prefix('-'))
-            .and_then(|n| n.parse::<u64>().ok())
-            .is_some_and(|n| n >= 1 && n <= self.next)
+        let prefix = format!("{function}-{}-", self.boot);
+        !self.boot.is_empty()
+            && id
+                .strip_prefix(&prefix)
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n >= 1 && self.issued.get(function).is_some_and(|&max| n <= max))
     }
 
     /// Routes a request for `function` (current deploy `uid`, at most

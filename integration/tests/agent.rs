@@ -559,10 +559,19 @@ fn bad_inputs() -> TestResult {
     Ok(())
 }
 
-/// Two daemons never share a state dir.
+/// Two daemons never share a state dir; the socket is 0600.
 fn second_daemon() -> TestResult {
     let dir = fresh_dir()?;
-    let _first = Emberd::start(&dir, &[])?;
+    let first = Emberd::start(&dir, &[])?;
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(&first.socket)
+            .map_err(|e| fail(e.to_string()))?
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    check(mode == 0o600, || format!("the socket's mode is {mode:o}"))?;
     let second = std::process::Command::new(sibling_binary("emberd")?)
         .arg("--socket")
         .arg(dir.join("other.sock"))

@@ -122,7 +122,11 @@ fn run(args: Args) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    runtime.block_on(serve(config, socket))
+    let result = runtime.block_on(serve(config, socket));
+    // Invocations whose clients left may still run on blocking threads;
+    // their VMMs die with emberd.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
@@ -171,13 +175,12 @@ async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
         tracing::info!("shutting down: draining invocations in flight");
         shutdown_agent.draining.store(true, Ordering::Relaxed);
         // A client that never finishes its request must not hold the
-        // shutdown forever.
-        let watchdog = shutdown_agent.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(35)).await;
-            tracing::warn!("shutdown took 35 s: stopping the VMs and exiting");
-            let _ = tokio::task::spawn_blocking(move || watchdog.stop_all()).await;
-            std::process::exit(0);
+        // shutdown forever: a plain thread (not a task the runtime could
+        // drop or starve) ends the process; the VMMs die with it.
+        std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_secs(35));
+            eprintln!("emberd: shutdown took 35 s; exiting without waiting further");
+            std::process::exit(1);
         });
     };
     axum::serve(listener, ember_agent::api::router(agent.clone()))
@@ -201,18 +204,31 @@ async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
 /// replaced; one somebody listens on is an error.
 fn bind(socket: &Path) -> Result<tokio::net::UnixListener, String> {
     if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| format!("cannot restrict {}: {e}", dir.display()))?;
+        }
     }
-    if socket.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(socket) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(format!("{} exists and is not a socket", socket.display()));
+        }
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             return Err(format!("another daemon listens on {}", socket.display()));
         }
         std::fs::remove_file(socket)
             .map_err(|e| format!("cannot remove {}: {e}", socket.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(socket)
-        .map_err(|e| format!("cannot bind {}: {e}", socket.display()))?;
+    // Created 0600 from the start: no window in which others can connect.
+    // SAFETY: umask(2) only changes this process's file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = tokio::net::UnixListener::bind(socket);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| format!("cannot bind {}: {e}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("cannot restrict {}: {e}", socket.display()))?;
     Ok(listener)
