@@ -13,6 +13,7 @@ pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod devices;
+pub mod files;
 pub mod logger;
 pub mod persist;
 pub mod resources;

@@ -482,15 +482,10 @@ pub fn check_layers(
         .collect()
 }
 
-/// Opens `path` for reading without blocking on a FIFO or a device, and
-/// only if it is a regular file.
-pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    if !file.metadata()?.is_file() {
+/// Opens `path` for reading without blocking, if it is a regular file.
+fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    let (file, meta) = crate::files::open_nonblocking(path)?;
+    if !meta.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "not a regular file",

@@ -254,16 +254,8 @@ pub fn read_file(path: &Path, what: &'static str) -> Result<Vec<u8>, SnapshotFil
         path: path.to_path_buf(),
         source,
     };
-    let file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        // Not blocking on a FIFO: it is refused just below.
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(read)?
-    };
-    let meta = file.metadata().map_err(read)?;
+    // Not blocking on a FIFO: it is refused just below.
+    let (file, meta) = crate::files::open_nonblocking(path).map_err(read)?;
     if !meta.is_file() {
         return Err(SnapshotFileError::NotAFile {
             path: path.to_path_buf(),

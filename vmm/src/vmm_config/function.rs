@@ -186,13 +186,8 @@ impl FunctionConfig {
 /// would otherwise wait for a writer) and checked before it is read.
 fn read_bounded(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
 
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    let meta = file.metadata()?;
+    let (file, meta) = crate::files::open_nonblocking(path)?;
     if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
