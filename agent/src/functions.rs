@@ -341,9 +341,7 @@ mod uid_text {
 
 fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
-    // SAFETY: getrandom(2) into a local buffer of the length passed.
-    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if got != 8 {
+    if ember_vmm::persist::getrandom_into(&mut bytes).is_err() {
         // Unique enough for telling deploys apart: time and pid.
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -136,9 +136,9 @@ impl Pools {
 
     fn boot(&mut self) -> &str {
         if self.boot.is_empty() {
+            // The pid alone if the kernel has no entropy to give.
             let mut bytes = [0u8; 2];
-            // SAFETY: getrandom(2) into a local buffer of the length passed.
-            unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+            let _ = ember_vmm::persist::getrandom_into(&mut bytes);
             self.boot = format!(
                 "{:04x}",
                 u16::from_le_bytes(bytes) ^ (std::process::id() as u16)

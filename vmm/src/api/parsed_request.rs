@@ -113,14 +113,8 @@ pub fn parse(request: Request) -> Result<VmmAction, Response> {
 /// 32 bytes from the kernel's generator, for a function's random numbers.
 fn entropy() -> Result<[u8; 32], Response> {
     let mut seed = [0u8; 32];
-    // SAFETY: getrandom(2) fills the buffer we own, of the length we pass.
-    let got = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
-    if got != seed.len() as isize {
-        return Err(Response::fault(
-            500,
-            &format!("cannot get entropy: {}", std::io::Error::last_os_error()),
-        ));
-    }
+    crate::persist::getrandom_into(&mut seed)
+        .map_err(|e| Response::fault(500, &format!("cannot get entropy: {e}")))?;
     Ok(seed)
 }
 
