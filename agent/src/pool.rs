@@ -277,9 +277,9 @@ impl Pools {
 mod tests {
     use super::*;
 
-    fn pools_with(ids: &[(&str, bool)]) -> Pools {
+    fn pools_with(ids: &[&str]) -> Pools {
         let mut pools = Pools::default();
-        for (i, (id, idle)) in ids.iter().enumerate() {
+        for (i, id) in ids.iter().enumerate() {
             pools.instances.insert(
                 id.to_string(),
                 Instance {
@@ -295,15 +295,13 @@ mod tests {
                     memory_mib: 128,
                 },
             );
-            // `vmm` stays None in unit tests: mark idleness another way.
-            let _ = idle;
         }
         pools
     }
 
     #[test]
     fn restores_when_nothing_is_idle_and_stops_at_the_limit() {
-        let pools = pools_with(&[("a", false)]);
+        let pools = pools_with(&["a"]);
         assert_eq!(
             pools.route("f", 1, 2, None, None, false),
             Route::Restore { affinity: None }
@@ -319,7 +317,7 @@ mod tests {
 
     #[test]
     fn a_busy_affine_instance_is_waited_for_once_then_missed() {
-        let mut pools = pools_with(&[("a", false)]);
+        let mut pools = pools_with(&["a"]);
         pools.bind("f", "k", "a");
         assert_eq!(pools.route("f", 1, 2, None, Some("k"), false), Route::Wait);
         assert_eq!(
@@ -344,7 +342,7 @@ mod tests {
 
     #[test]
     fn old_versions_do_not_count_or_serve() {
-        let pools = pools_with(&[("a", false)]);
+        let pools = pools_with(&["a"]);
         // "a" runs deploy 1; deploy 2 has no instance.
         assert_eq!(
             pools.route("f", 2, 1, None, None, false),

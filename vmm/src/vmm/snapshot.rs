@@ -425,7 +425,6 @@ impl Vmm {
                 let (reply, answer) = channel();
                 vcpu.send(VcpuCommand::Restore {
                     state: Box::new(vcpu_state),
-                    paused: true,
                     reply,
                 });
                 replies.push((vcpu.index, answer));

@@ -58,12 +58,11 @@ pub enum VcpuCommand {
         reply: Sender<Result<Box<VcpuState>, String>>,
     },
     /// Set the vCPU's state from a snapshot (only before it ever ran), and
-    /// wait paused (or run, if `paused` is false).
+    /// wait paused until [`VcpuCommand::Resume`] (nothing runs before the
+    /// VM's own state is restored too).
     Restore {
         /// The state.
         state: Box<VcpuState>,
-        /// Stay paused until [`VcpuCommand::Resume`].
-        paused: bool,
         /// Done, or why not.
         reply: Sender<Result<(), String>>,
     },
@@ -362,7 +361,6 @@ impl Vcpu {
                     }
                     VcpuCommand::Restore {
                         state: saved,
-                        paused: stay_paused,
                         reply,
                     } => {
                         let result = if state == RunState::NotStarted {
@@ -372,7 +370,7 @@ impl Vcpu {
                         };
                         if result.is_ok() {
                             ring0 = None;
-                            paused = stay_paused;
+                            paused = true;
                             state = match (saved.started, saved.parked) {
                                 (false, _) => RunState::NotStarted,
                                 (true, true) => RunState::Parked,
