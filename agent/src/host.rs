@@ -180,7 +180,7 @@ pub struct Agent {
     deploying: Mutex<()>,
     /// The current version of every function (the store's, in memory:
     /// invocations do not read the disk).
-    current: Mutex<HashMap<String, FunctionVersion>>,
+    current: Mutex<HashMap<String, Arc<FunctionVersion>>>,
     /// Templates checked since start (checked once, not per restore).
     validated: Mutex<HashSet<(String, u64)>>,
     /// One template check or build at a time.
@@ -280,7 +280,7 @@ impl Agent {
         {
             let mut current = lock(&agent.current);
             for v in agent.store.list() {
-                current.insert(v.name.clone(), v);
+                current.insert(v.name.clone(), Arc::new(v));
             }
         }
         agent.refill_prepared();
@@ -373,7 +373,7 @@ impl Agent {
             Ok((stages, loaded)) => {
                 self.store.set_current(name, version.version)?;
                 lock(&self.validated).insert((name.to_string(), version.version));
-                lock(&self.current).insert(name.to_string(), version.clone());
+                lock(&self.current).insert(name.to_string(), Arc::new(version.clone()));
                 // Idle instances of older versions go now; busy ones after
                 // their invocation.
                 self.reap(false);
@@ -399,7 +399,7 @@ impl Agent {
     }
 
     /// The current version of `name`.
-    pub fn current(&self, name: &str) -> Result<FunctionVersion, ApiError> {
+    pub fn current(&self, name: &str) -> Result<Arc<FunctionVersion>, ApiError> {
         lock(&self.current)
             .get(name)
             .cloned()
@@ -408,7 +408,10 @@ impl Agent {
 
     /// Every function's current version, by name.
     pub fn functions(&self) -> Vec<FunctionVersion> {
-        let mut list: Vec<FunctionVersion> = lock(&self.current).values().cloned().collect();
+        let mut list: Vec<FunctionVersion> = lock(&self.current)
+            .values()
+            .map(|v| (**v).clone())
+            .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
     }
@@ -493,7 +496,7 @@ impl Agent {
                 ),
             ));
         }
-        let mut v: FunctionVersion;
+        let mut v: Arc<FunctionVersion>;
         let too_many = |message: String| {
             let mut e = ApiError::new(429, "too_many_requests", message);
             e.retry_after = Some(1);

@@ -6,6 +6,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+/// Bodies up to this size are copied behind the head and sent in one write.
+const SMALL_BODY: usize = 64 << 10;
+
 /// A response from ember-vmm.
 #[derive(Debug, Clone)]
 pub struct ApiResponse {
@@ -110,8 +113,15 @@ impl ApiClient {
             message.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
         }
         message.extend_from_slice(b"\r\n");
-        message.extend_from_slice(body);
-        self.stream.write_all(&message)?;
+        // A small body rides with the head in one write; a large one (an
+        // event of up to 6 MiB) is written from where it is, not copied.
+        if body.len() <= SMALL_BODY {
+            message.extend_from_slice(body);
+            self.stream.write_all(&message)?;
+        } else {
+            self.stream.write_all(&message)?;
+            self.stream.write_all(body)?;
+        }
         self.read_response()
     }
 
