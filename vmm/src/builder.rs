@@ -273,16 +273,10 @@ pub fn build_microvm_for_restore(
     let (kvm, vm_fd, supported_cpuid) = kvm.into_parts()?;
     let shape = Shape::new(vcpu_count, track_dirty_pages, options);
     let skeleton = build_skeleton(&kvm, vm_fd, &mem, shape, console, reset_evt)?;
-    let mailbox = if options.mailbox {
-        Some(Mailbox::new(
-            mem.clone(),
-            mem_size - DEFAULT_SIZE,
-            DEFAULT_SIZE,
-            DEFAULT_DOORBELL_PORT,
-        )?)
-    } else {
-        None
-    };
+    let mailbox = options
+        .mailbox
+        .then(|| default_mailbox(&mem, mem_size))
+        .transpose()?;
     let vcpus = skeleton
         .vcpu_fds
         .into_iter()
@@ -334,9 +328,8 @@ pub fn build_microvm_for_boot(
 
     let mem = create_guest_memory(mem_size as usize)?;
     // The mailbox, if any, takes the top of guest memory; RAM ends below it.
-    let mailbox_gpa = mem_size - DEFAULT_SIZE;
     let ram_end = if options.mailbox {
-        mailbox_gpa
+        mem_size - DEFAULT_SIZE
     } else {
         mem_size
     };
@@ -372,12 +365,7 @@ pub fn build_microvm_for_boot(
         } = skeleton;
 
         let mailbox = if options.mailbox {
-            let mailbox = Mailbox::new(
-                mem.clone(),
-                mailbox_gpa,
-                DEFAULT_SIZE,
-                DEFAULT_DOORBELL_PORT,
-            )?;
+            let mailbox = default_mailbox(&mem, mem_size)?;
             mailbox.init_header()?;
             Some(mailbox)
         } else {
@@ -462,6 +450,17 @@ pub fn build_microvm_for_boot(
             layers: Vec::new(),
         })
     })
+}
+
+/// The mailbox ember-vmm gives a guest: [`DEFAULT_SIZE`] at the top of its
+/// `mem_size` bytes of memory, doorbell on [`DEFAULT_DOORBELL_PORT`].
+fn default_mailbox(mem: &GuestMemoryMmap, mem_size: u64) -> Result<Mailbox, MailboxError> {
+    Mailbox::new(
+        mem.clone(),
+        mem_size - DEFAULT_SIZE,
+        DEFAULT_SIZE,
+        DEFAULT_DOORBELL_PORT,
+    )
 }
 
 /// Loads the ELF image at its physical addresses; returns its entry point.
