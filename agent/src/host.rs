@@ -639,11 +639,6 @@ impl Agent {
             }
         };
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        // ember-vmm answers by the time limit plus its grace (and a
-        // reactor's rebuild allowance): wait that long, and a margin.
-        vmm.set_timeout(
-            Duration::from_millis(v.config.timeout_ms) + Duration::from_secs(12 + 2 + 5),
-        );
         let result = vmm.raw("POST", "/ember/invoke", Some(event));
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let counter = match start {
@@ -705,6 +700,12 @@ impl Agent {
             vmm.call("PUT", "/snapshot/load", Some(&template.load_body(false)))?;
         }
         lock(&self.metrics.restore_latency).observe(started.elapsed().as_secs_f64());
+        // Set once for the instance's life: ember-vmm answers an invocation
+        // by the time limit plus its grace (and a reactor's rebuild
+        // allowance); wait that long, and a margin.
+        vmm.set_timeout(
+            Duration::from_millis(v.config.timeout_ms) + Duration::from_secs(12 + 2 + 5),
+        );
         Ok(vmm)
     }
 
