@@ -22,6 +22,8 @@ pub const AFFINITY_HEADER: &str = "x-ember-affinity";
 pub const START_HEADER: &str = "x-ember-start";
 /// Header: the version that served.
 pub const VERSION_HEADER: &str = "x-ember-version";
+/// Header: the invocation's id (also in emberd's log lines about it).
+pub const INVOCATION_ID_HEADER: &str = "x-ember-invocation-id";
 
 /// The largest deploy (module plus files).
 const MAX_DEPLOY_BYTES: usize = 64 << 20;
@@ -242,11 +244,47 @@ fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// `POST /functions/{name}/invoke`: every answer, an error too, carries
+/// the invocation's id; every log line about it, in its span.
 async fn invoke(
     State(agent): State<Arc<Agent>>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: axum::body::Body,
+) -> Response {
+    let id = agent.new_invocation_id();
+    let span = tracing::info_span!(
+        "invoke",
+        function = %name,
+        invocation = %id,
+        instance = tracing::field::Empty,
+        version = tracing::field::Empty,
+    );
+    let mut response = serve_invocation(agent, name, headers, body, span.clone())
+        .await
+        .unwrap_or_else(|e| {
+            let _in = span.enter();
+            if e.status >= 500 {
+                tracing::warn!(kind = e.kind, "{}", e.message);
+            } else {
+                tracing::debug!(kind = e.kind, status = e.status, "{}", e.message);
+            }
+            e.into_response()
+        });
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(INVOCATION_ID_HEADER), value);
+    }
+    response
+}
+
+async fn serve_invocation(
+    agent: Arc<Agent>,
+    name: String,
+    headers: HeaderMap,
+    body: axum::body::Body,
+    span: tracing::Span,
 ) -> Result<Response, ApiError> {
     let body = axum::body::to_bytes(body, MAX_EVENT_BYTES)
         .await
@@ -261,8 +299,14 @@ async fn invoke(
     let key = header(&headers, AFFINITY_HEADER)?;
     let started = std::time::Instant::now();
     let metrics_agent = agent.clone();
-    let served =
-        blocking(move || agent.invoke(&name, &body, instance.as_deref(), key.as_deref())).await?;
+    // Counted from here until the response is built: beyond the limit a
+    // 429 comes before the request takes a blocking thread.
+    let _admitted = metrics_agent.admit()?;
+    let served = blocking(move || {
+        let _in = span.enter();
+        agent.invoke(&name, &body, instance.as_deref(), key.as_deref())
+    })
+    .await?;
     let m = &metrics_agent.metrics;
     m.invocations.fetch_add(1, Ordering::Relaxed);
     lock(&m.latency).observe(started.elapsed().as_secs_f64());

@@ -339,7 +339,8 @@ mod uid_text {
     }
 }
 
-fn random_u64() -> u64 {
+/// 64 random bits (from time and pid if the kernel has no entropy to give).
+pub fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
     if ember_vmm::persist::getrandom_into(&mut bytes).is_err() {
         // Unique enough for telling deploys apart: time and pid.

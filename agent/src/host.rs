@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::sync::Notify;
 
-use crate::functions::{FunctionConfig, FunctionError, FunctionStore, FunctionVersion};
+use crate::functions::{random_u64, FunctionConfig, FunctionError, FunctionStore, FunctionVersion};
 use crate::pool::{Affinity, Instance, Pools, Route, Start, AFFINITY_WAIT};
 use crate::snapshots::{self, SnapshotError, SnapshotFiles, TemplateSpec};
 use crate::supervisor::{Supervisor, Vmm, VmmError};
@@ -39,6 +39,8 @@ pub struct AgentConfig {
     /// Memory the instances may claim in all, MiB (each claims its
     /// function's memory_mib, or 128).
     pub memory_budget_mib: u64,
+    /// ember-vmm's log level (its lines are forwarded into emberd's log).
+    pub vmm_log_level: String,
 }
 
 /// An error the API reports: status, kind, message.
@@ -187,6 +189,8 @@ pub struct Agent {
     templates: Mutex<()>,
     /// Invocations waiting for an instance.
     queued: AtomicU64,
+    /// Invocation ids: a random part drawn at start, then a counter.
+    invocation_ids: (u64, AtomicU64),
 }
 
 /// A served invocation, for the API to turn into a response.
@@ -217,7 +221,8 @@ impl Agent {
             std::fs::create_dir_all(dir)
                 .map_err(io_err(format!("cannot create {}", dir.display())))?;
         }
-        let supervisor = Supervisor::new(config.vmm.clone(), run_dir);
+        let supervisor = Supervisor::new(config.vmm.clone(), run_dir, &config.vmm_log_level)
+            .map_err(io_err("cannot start the VMM log thread".into()))?;
         let stale = supervisor.reap_stale();
         if stale > 0 {
             tracing::warn!("killed {stale} ember-vmm processes a previous emberd left running");
@@ -276,6 +281,7 @@ impl Agent {
             validated: Mutex::new(HashSet::new()),
             templates: Mutex::new(()),
             queued: AtomicU64::new(0),
+            invocation_ids: (random_u64(), AtomicU64::new(0)),
         });
         {
             let mut current = lock(&agent.current);
@@ -285,6 +291,16 @@ impl Agent {
         }
         agent.refill_prepared();
         Ok(agent)
+    }
+
+    /// A new invocation id: 32 hex digits, unique across emberd's restarts
+    /// (a random half drawn at start, a counter).
+    pub fn new_invocation_id(&self) -> String {
+        let (boot, next) = &self.invocation_ids;
+        format!(
+            "{boot:016x}{:016x}",
+            next.fetch_add(1, Ordering::Relaxed) + 1
+        )
     }
 
     fn vmm_id(&self, what: &str) -> String {
@@ -372,6 +388,12 @@ impl Agent {
         match result {
             Ok((stages, loaded)) => {
                 self.store.set_current(name, version.version)?;
+                tracing::info!(
+                    function = name,
+                    version = version.version,
+                    "deployed in {:.1} ms",
+                    started.elapsed().as_secs_f64() * 1e3
+                );
                 lock(&self.validated).insert((name.to_string(), version.version));
                 lock(&self.current).insert(name.to_string(), Arc::new(version.clone()));
                 // Idle instances of older versions go now; busy ones after
@@ -386,6 +408,12 @@ impl Agent {
                 }))
             }
             Err(e) => {
+                tracing::warn!(
+                    function = name,
+                    version = version.version,
+                    "deploy refused: {}",
+                    e.message
+                );
                 self.store.discard(name, version.version);
                 Err(e)
             }
@@ -440,6 +468,7 @@ impl Agent {
         v: &FunctionVersion,
     ) -> Result<(snapshots::Stages, serde_json::Value), ApiError> {
         let mut vmm = self.take_prepared()?;
+        vmm.build_template_of(&v.name, v.version);
         let spec = TemplateSpec {
             function: self.function_body(v),
         };
@@ -450,8 +479,9 @@ impl Agent {
     }
 
     /// The template of the current version of `function`, rebuilt if it
-    /// is missing or corrupt.
-    fn template(&self, v: &FunctionVersion) -> Result<SnapshotFiles, ApiError> {
+    /// is missing or corrupt (or, with `rebuild`, in any case: a restore
+    /// refused it).
+    fn template(&self, v: &FunctionVersion, rebuild: bool) -> Result<SnapshotFiles, ApiError> {
         let files = self.store.template(&v.name, v.version);
         let key = (v.name.clone(), v.version);
         if lock(&self.validated).contains(&key) {
@@ -462,7 +492,9 @@ impl Agent {
         if lock(&self.validated).contains(&key) {
             return Ok(files);
         }
-        if !valid_snapshot(&files, self.config.base_mem_mib) {
+        if rebuild {
+            self.build_template(v)?;
+        } else if !valid_snapshot(&files, self.config.base_mem_mib) {
             tracing::warn!(
                 "template of {} v{} is missing or corrupt: rebuilding",
                 v.name,
@@ -590,6 +622,7 @@ impl Agent {
                                 served: 0,
                                 created: Instant::now(),
                                 memory_mib: need,
+                                vmm_id: None,
                             },
                         );
                         if let Some(key) = key {
@@ -607,10 +640,11 @@ impl Agent {
             drop(dead);
             match step {
                 Step::Again => {}
-                Step::Restore { id, affinity } => match self.restore(&v) {
+                Step::Restore { id, affinity } => match self.restore(&id, &v) {
                     Ok(vmm) => {
                         if let Some(i) = lock(&self.pools).instances.get_mut(&id) {
                             i.restoring = false;
+                            i.vmm_id = Some(vmm.id.clone());
                         }
                         break (id, vmm, Start::Restored, affinity);
                     }
@@ -638,6 +672,9 @@ impl Agent {
                 },
             }
         };
+        let span = tracing::Span::current();
+        span.record("instance", id.as_str());
+        span.record("version", v.version);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let result = vmm.raw("POST", "/ember/invoke", Some(event));
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -655,10 +692,23 @@ impl Agent {
                 let keep = response.status == 200
                     && !matches!(error.as_deref(), Some("timeout" | "crash"))
                     && !vmm.exited();
+                match error.as_deref() {
+                    Some(kind) if !keep => tracing::warn!(
+                        kind,
+                        "function error; the instance is destroyed, never reused"
+                    ),
+                    Some(kind) => tracing::info!(kind, "function error"),
+                    None if !keep => tracing::warn!(
+                        status = response.status,
+                        "ember-vmm answered {}; the instance is destroyed",
+                        response.status
+                    ),
+                    None => tracing::debug!("served"),
+                }
                 (response, keep)
             }
             Err(e) => {
-                tracing::warn!("instance {id} failed: {e}");
+                tracing::warn!("the instance stopped while serving ({e}); it is destroyed");
                 let body = json!({ "error": { "kind": "crash", "message": format!("the instance stopped while serving: {e}") } });
                 let response = ember_vmm::api::client::ApiResponse {
                     status: 200,
@@ -681,11 +731,13 @@ impl Agent {
         })
     }
 
-    /// Restores a new instance of `v` from its template into a prepared VMM.
-    fn restore(&self, v: &FunctionVersion) -> Result<Vmm, ApiError> {
-        let template = self.template(v)?;
+    /// Restores instance `id` of `v` from its template into a prepared VMM.
+    fn restore(&self, id: &str, v: &FunctionVersion) -> Result<Vmm, ApiError> {
+        let template = self.template(v, false)?;
         let started = Instant::now();
         let mut vmm = self.take_prepared()?;
+        // Tagged before the load: what ember-vmm says of it is the instance's.
+        vmm.serve_instance(id, &v.name, v.version);
         if let Err(e) = vmm.call("PUT", "/snapshot/load", Some(&template.load_body(false))) {
             // The template went bad since it was checked: rebuild it once.
             tracing::warn!(
@@ -695,11 +747,21 @@ impl Agent {
             );
             lock(&self.validated).remove(&(v.name.clone(), v.version));
             drop(vmm);
-            self.template(v)?;
+            self.template(v, true)?;
             vmm = self.take_prepared()?;
+            vmm.serve_instance(id, &v.name, v.version);
             vmm.call("PUT", "/snapshot/load", Some(&template.load_body(false)))?;
         }
         lock(&self.metrics.restore_latency).observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            instance = id,
+            version = v.version,
+            vmm = %vmm.id,
+            pid = vmm.pid(),
+            "restored into ember-vmm {} in {} us",
+            vmm.id,
+            started.elapsed().as_micros()
+        );
         // Set once for the instance's life: ember-vmm answers an invocation
         // by the time limit plus its grace (and a reactor's rebuild
         // allowance); wait that long, and a margin.
@@ -818,6 +880,7 @@ impl Agent {
                     "version": i.version,
                     "state": if i.vmm.is_some() { "idle" } else if i.restoring { "restoring" } else { "busy" },
                     "pid": i.vmm.as_ref().map(Vmm::pid),
+                    "vmm": i.vmm_id,
                     "invocations": i.served,
                     "idle_s": now.duration_since(i.last_used).as_secs(),
                     "age_s": now.duration_since(i.created).as_secs(),
@@ -931,4 +994,23 @@ fn valid_snapshot(files: &SnapshotFiles, mem_mib: usize) -> bool {
 /// Locks, recovering from a poisoned lock (the data stays usable).
 pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_refuses_beyond_the_limit_and_frees_on_drop() {
+        let count = AtomicU64::new(0);
+        let admitted: Vec<Queued<'_>> = (0..MAX_QUEUED)
+            .map(|_| Queued::enter(&count).expect("below the limit"))
+            .collect();
+        let refused = Queued::enter(&count).err().expect("at the limit");
+        assert_eq!((refused.status, refused.retry_after), (429, Some(1)));
+        assert_eq!(count.load(Ordering::Relaxed), MAX_QUEUED);
+        drop(admitted);
+        assert_eq!(count.load(Ordering::Relaxed), 0);
+        assert!(Queued::enter(&count).is_ok());
+    }
 }

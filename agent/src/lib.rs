@@ -5,6 +5,7 @@ pub mod api;
 pub mod client;
 pub mod functions;
 pub mod host;
+pub mod logging;
 pub mod pool;
 pub mod snapshots;
 pub mod supervisor;

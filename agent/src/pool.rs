@@ -64,8 +64,11 @@ impl Affinity {
 
 /// An instance of a function version.
 pub struct Instance {
-    /// Its id (also the VMM's).
+    /// Its id.
     pub id: String,
+    /// The id of the ember-vmm it runs in (its files in the run directory,
+    /// its lines in the log), once restored.
+    pub vmm_id: Option<String>,
     /// The function.
     pub function: String,
     /// The version it runs.
@@ -293,6 +296,7 @@ mod tests {
                     served: 0,
                     created: Instant::now(),
                     memory_mib: 128,
+                    vmm_id: None,
                 },
             );
         }

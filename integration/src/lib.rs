@@ -12,7 +12,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ember_vmm::api::client::{ApiClient, ApiResponse};
-use libtest_mimic::{Arguments, Failed, Trial};
+pub use libtest_mimic::Trial;
+use libtest_mimic::{Arguments, Failed};
 use serde_json::json;
 
 /// What a KVM test returns.
@@ -24,6 +25,13 @@ pub type Test = (&'static str, fn() -> TestResult);
 /// Runs `tests`, one at a time; without a usable /dev/kvm each is reported
 /// as ignored (never passed), under a banner saying why.
 pub fn run_kvm_tests(tests: Vec<Test>) -> ! {
+    run_tests(tests, Vec::new())
+}
+
+/// Runs `tests` as [`run_kvm_tests`] does, and `others` — tests that need
+/// no KVM, each marked ignored (by its maker, with its own banner) where
+/// what it needs is missing.
+pub fn run_tests(tests: Vec<Test>, others: Vec<Trial>) -> ! {
     let mut args = Arguments::from_args();
     args.test_threads = Some(1);
     let unavailable = kvm_unavailable();
@@ -45,6 +53,7 @@ pub fn run_kvm_tests(tests: Vec<Test>) -> ! {
                 .with_kind("kvm")
                 .with_ignored_flag(unavailable.is_some())
         })
+        .chain(others)
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
     // What the tests left in their directories goes with them.
@@ -119,7 +128,7 @@ pub fn shutdown(vmm: &mut VmmProcess, client: &mut ApiClient) -> TestResult {
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
 /// The repository root.
-fn repo_root() -> PathBuf {
+pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("integration/ has a parent")
@@ -196,7 +205,7 @@ fn last_line_of(script: &Path) -> Result<PathBuf, String> {
 
 /// Why KVM tests cannot run here, if they cannot: `/dev/kvm` must open
 /// read-write and answer KVM_GET_API_VERSION with 12.
-fn kvm_unavailable() -> Option<String> {
+pub fn kvm_unavailable() -> Option<String> {
     let kvm = match kvm_ioctls::Kvm::new() {
         Ok(kvm) => kvm,
         Err(e) => return Some(format!("/dev/kvm is not usable: {e}")),
@@ -484,9 +493,9 @@ impl Emberd {
     /// Starts emberd on `state_dir` (its socket inside) with 128 MiB VMs,
     /// one prepared VMM, and `extra` arguments; returns once it listens.
     pub fn start(state_dir: &Path, extra: &[&str]) -> Result<Emberd, String> {
-        let lock = KvmLock::acquire();
         let socket = state_dir.join("emberd.sock");
-        let mut child = Command::new(sibling_binary("emberd")?)
+        let mut command = Command::new(sibling_binary("emberd")?);
+        command
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
@@ -496,7 +505,19 @@ impl Emberd {
             .arg("--guest-image")
             .arg(guest_image()?)
             .args(["--vm-mem-mib", "128", "--prepared", "1"])
-            .args(extra)
+            .args(extra);
+        Emberd::spawn(command, socket, state_dir)
+    }
+
+    /// Starts emberd as `command` says (its stdio is set here), serving on
+    /// `socket`, its files in `state_dir`; returns once it listens.
+    pub fn spawn(
+        mut command: Command,
+        socket: PathBuf,
+        state_dir: &Path,
+    ) -> Result<Emberd, String> {
+        let lock = KvmLock::acquire();
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -510,7 +531,7 @@ impl Emberd {
             log,
             _lock: lock,
         };
-        if !emberd.log.wait_for("emberd listening", PATIENCE) {
+        if !emberd.log.wait_for("emberd listening on", PATIENCE) {
             return Err(format!("emberd did not start:\n{}", emberd.log.text()));
         }
         Ok(emberd)

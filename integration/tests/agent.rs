@@ -48,6 +48,14 @@ fn main() {
             "vmms_die_with_a_killed_emberd_and_its_successor_serves",
             emberd_killed,
         ),
+        (
+            "json_logs_tie_invocations_instances_and_vmm_lines_together",
+            json_logs,
+        ),
+        (
+            "a_vmm_that_cannot_start_is_reported_in_its_own_words",
+            vmm_cannot_start,
+        ),
     ];
     run_kvm_tests(tests);
 }
@@ -900,4 +908,121 @@ fn drain_on_sigterm() -> TestResult {
     let code = emberd.terminate()?;
     check(code == 0, || format!("emberd exited with {code}"))?;
     Ok(())
+}
+
+/// With `--log-format json` every line emberd writes is one JSON object.
+/// An invocation's id (`X-Ember-Invocation-Id`, on errors too) is in the
+/// lines about it, with its function, version and instance; the lines
+/// ember-vmm wrote while restoring that instance are in emberd's log too,
+/// tagged with the instance and the VMM id that `GET /instances` names.
+fn json_logs() -> TestResult {
+    let (emberd, mut client) = with_function_args(
+        &["--log-format", "json", "--vmm-log-level", "info"],
+        "echo",
+        "echo.wasm",
+        json!({}),
+    )?;
+    let response = invoke_ok_via(&mut client, "echo", b"hi", &[])?;
+    let id = response
+        .header("x-ember-invocation-id")
+        .ok_or_else(|| fail(format!("no invocation id: {:?}", response.headers)))?
+        .to_string();
+    check(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        || format!("invocation id {id:?}"),
+    )?;
+    let instance = instance_of(&response);
+    let instances = get_json(&mut client, "/instances")?;
+    let vmm = instances
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["id"] == instance.as_str())
+        .and_then(|i| i["vmm"].as_str())
+        .ok_or_else(|| fail(format!("no vmm for {instance} in {instances}")))?
+        .to_string();
+    // Refused requests are invocations too: an id of their own.
+    let missing = invoke(&mut client, "nope", b"", &[])?;
+    let other = missing.header("x-ember-invocation-id").unwrap_or_default();
+    check(
+        missing.status == 404 && other.len() == 32 && other != id,
+        || format!("404: {} {:?}", missing.status, missing.headers),
+    )?;
+    check(emberd.log.wait_for("snapshot loaded", PATIENCE), || {
+        format!(
+            "ember-vmm's restore line never came:\n{}",
+            emberd.log.text()
+        )
+    })?;
+
+    let text = emberd.log.text();
+    let mut lines = Vec::new();
+    for line in text.lines() {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| fail(format!("not a JSON line ({e}): {line}")))?;
+        check(
+            value["timestamp"].is_string() && value["level"].is_string(),
+            || format!("no timestamp or level: {line}"),
+        )?;
+        lines.push(value);
+    }
+    let restored = lines.iter().find(|l| {
+        l["invocation"] == id.as_str()
+            && l["function"] == "echo"
+            && l["instance"] == instance.as_str()
+            && l["version"] == 1
+            && l["vmm"] == vmm.as_str()
+    });
+    check(restored.is_some(), || {
+        format!("no line of invocation {id} naming echo v1, {instance} and {vmm}:\n{text}")
+    })?;
+    let forwarded = lines.iter().find(|l| {
+        l["target"] == "ember_vmm"
+            && l["vmm"] == vmm.as_str()
+            && l["instance"] == instance.as_str()
+            && l["function"] == "echo"
+            && l["pid"].is_u64()
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("snapshot loaded"))
+    });
+    check(forwarded.is_some(), || {
+        format!("no ember-vmm line of {vmm} tagged {instance}:\n{text}")
+    })
+}
+
+/// An ember-vmm that dies at start (here a stand-in that says why and
+/// exits 3): emberd's error carries what it said, and emberd exits 1.
+fn vmm_cannot_start() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = fresh_dir()?;
+    let fake = dir.join("ember-vmm");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'ember-vmm[x]     0.100ms ERROR no KVM here, sorry' >&2\nexit 3\n",
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| fail(e.to_string()))?;
+    let output = std::process::Command::new(sibling_binary("emberd")?)
+        .arg("--socket")
+        .arg(dir.join("emberd.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--vmm")
+        .arg(&fake)
+        .arg("--guest-image")
+        .arg(guest_image()?)
+        .output()
+        .map_err(|e| fail(e.to_string()))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    check(output.status.code() == Some(1), || {
+        format!("emberd: {}\n{stderr}", output.status)
+    })?;
+    check(
+        stderr.contains("did not start: it exited")
+            && stderr.contains("exit status: 3")
+            && stderr.contains("no KVM here, sorry"),
+        || format!("emberd did not say why the VMM failed:\n{stderr}"),
+    )
 }

@@ -7,16 +7,20 @@ use std::time::Duration;
 
 use clap::Parser;
 use ember_agent::host::{Agent, AgentConfig};
+use ember_agent::logging::LogFormat;
+use sd_notify::NotifyState;
 
 /// The Ember host agent: functions, template snapshots, warm pools and
 /// affinity routing, served as HTTP + JSON on a Unix socket.
 #[derive(Debug, Parser)]
 #[command(name = "emberd", version)]
 struct Args {
-    /// The API socket (mode 0600).
+    /// The API socket, mode 0600 (default: $RUNTIME_DIRECTORY/ember.sock
+    /// under systemd, else /run/ember/ember.sock).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Where functions, snapshots and VM files live.
+    /// Where functions, snapshots and VM files live (default:
+    /// $STATE_DIRECTORY under systemd, else /var/lib/ember).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// A JSON file that may set any of the options (the command line wins).
@@ -25,8 +29,9 @@ struct Args {
     /// The ember-vmm binary (default: the one beside emberd).
     #[arg(long, value_name = "PATH")]
     vmm: Option<PathBuf>,
-    /// The guest image (default: $EMBER_GUEST_IMAGE, else what
-    /// ./scripts/guest-image prints).
+    /// The guest image (default: $EMBER_GUEST_IMAGE, else the installed
+    /// one, ../share/ember/ember-guest from emberd's directory, else what
+    /// ./scripts/guest-image prints in a source tree).
     #[arg(long, value_name = "PATH")]
     guest_image: Option<PathBuf>,
     /// Guest memory of every VM, MiB (untouched memory costs nothing).
@@ -38,6 +43,14 @@ struct Args {
     /// Memory all instances may claim, MiB (default: half the host's).
     #[arg(long, value_name = "MIB")]
     memory_budget_mib: Option<u64>,
+    /// Log lines as `text` or `json` (one object per line). The level
+    /// comes from $EMBER_LOG (default info).
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+    /// What ember-vmm logs (error, warn, info, debug); its lines go into
+    /// emberd's log, tagged with the VMM and its instance.
+    #[arg(long, value_name = "LEVEL")]
+    vmm_log_level: Option<String>,
 }
 
 /// The config file: the same options.
@@ -51,39 +64,73 @@ struct ConfigFile {
     vm_mem_mib: Option<usize>,
     prepared: Option<usize>,
     memory_budget_mib: Option<u64>,
+    log_format: Option<LogFormat>,
+    vmm_log_level: Option<String>,
 }
 
+/// The levels ember-vmm's `--log-level` takes.
+const VMM_LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = run(Args::parse()) {
-        eprintln!("emberd: {e}");
+    let args = Args::parse();
+    let file = match read_config(args.config.as_deref()) {
+        Ok(file) => file,
+        Err(e) => {
+            eprintln!("emberd: {e}");
+            std::process::exit(1);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    ember_agent::logging::init(
+        args.log_format.or(file.log_format).unwrap_or_default(),
+        filter,
+    );
+    if let Err(e) = run(args, file) {
+        tracing::error!("{e}");
+        let _ = sd_notify::notify(&[NotifyState::Status(&format!("failed: {e}"))]);
         std::process::exit(1);
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
-    let file: ConfigFile = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
-        }
-        None => ConfigFile::default(),
+fn read_config(path: Option<&Path>) -> Result<ConfigFile, String> {
+    let Some(path) = path else {
+        return Ok(ConfigFile::default());
     };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The first directory of a systemd `*_DIRECTORY` variable (it lists one
+/// per configured directory, separated by colons).
+fn systemd_directory(variable: &str) -> Option<PathBuf> {
+    let value = std::env::var_os(variable)?;
+    let first = value.to_str()?.split(':').next()?;
+    (!first.is_empty()).then(|| PathBuf::from(first))
+}
+
+fn run(args: Args, file: ConfigFile) -> Result<(), String> {
     let socket = args
         .socket
         .or(file.socket)
+        .or_else(|| systemd_directory("RUNTIME_DIRECTORY").map(|d| d.join("ember.sock")))
         .unwrap_or_else(|| PathBuf::from("/run/ember/ember.sock"));
     let state_dir = args
         .state_dir
         .or(file.state_dir)
+        .or_else(|| systemd_directory("STATE_DIRECTORY"))
         .unwrap_or_else(|| PathBuf::from("/var/lib/ember"));
+    let vmm_log_level = args
+        .vmm_log_level
+        .or(file.vmm_log_level)
+        .unwrap_or_else(|| "warn".into());
+    if !VMM_LOG_LEVELS.contains(&vmm_log_level.as_str()) {
+        return Err(format!(
+            "--vmm-log-level {vmm_log_level:?}: give one of {}",
+            VMM_LOG_LEVELS.join(", ")
+        ));
+    }
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| format!("cannot create {}: {e}", state_dir.display()))?;
     let _lock = lock_state_dir(&state_dir)?;
@@ -100,7 +147,10 @@ fn run(args: Args) -> Result<(), String> {
         Some(path) => path,
         None => match std::env::var_os("EMBER_GUEST_IMAGE") {
             Some(path) => PathBuf::from(path),
-            None => guest_image_from_script()?,
+            None => match installed_guest_image() {
+                Some(path) => path,
+                None => guest_image_from_script()?,
+            },
         },
     };
     if !guest_image.is_file() {
@@ -116,7 +166,15 @@ fn run(args: Args) -> Result<(), String> {
             .memory_budget_mib
             .or(file.memory_budget_mib)
             .unwrap_or_else(|| host_memory_mib() / 2),
+        vmm_log_level,
     };
+    tracing::info!(
+        state_dir = %config.state_dir.display(),
+        vmm = %config.vmm.display(),
+        guest_image = %config.guest_image.display(),
+        "emberd {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -130,12 +188,21 @@ fn run(args: Args) -> Result<(), String> {
 }
 
 async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
+    let _ = sd_notify::notify(&[NotifyState::Status(
+        "starting: checking the state dir and the base snapshot",
+    )]);
     let agent = tokio::task::spawn_blocking(move || Agent::start(config))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.message)?;
     let listener = bind(&socket)?;
     tracing::info!("emberd listening on {}", socket.display());
+    // The socket accepts from here on (connections queue until served).
+    let status = format!("serving on {}", socket.display());
+    let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        tokio::spawn(watchdog(agent.clone(), period));
+    }
 
     // The reaper (idle instances past their keep-alive, old versions) and
     // the prepared pool's refill: every second, and whenever a prepared
@@ -173,6 +240,10 @@ async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
             _ = tokio::signal::ctrl_c() => {}
         }
         tracing::info!("shutting down: draining invocations in flight");
+        let _ = sd_notify::notify(&[
+            NotifyState::Stopping,
+            NotifyState::Status("draining invocations in flight"),
+        ]);
         shutdown_agent.draining.store(true, Ordering::Relaxed);
         // A client that never finishes its request must not hold the
         // shutdown forever: a plain thread (not a task the runtime could
@@ -198,6 +269,26 @@ async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
     let _ = std::fs::remove_file(&socket);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Tells systemd's watchdog emberd is alive, twice per period, as long as
+/// a blocking thread can take the agent's locks (a deadlocked or starved
+/// emberd stops pinging and is restarted).
+async fn watchdog(agent: std::sync::Arc<Agent>, period: Duration) {
+    let mut tick = tokio::time::interval(period / 2);
+    loop {
+        tick.tick().await;
+        let agent = agent.clone();
+        let alive = tokio::task::spawn_blocking(move || {
+            let _ = ember_agent::host::lock(&agent.pools).instances.len();
+            agent.prepared_count()
+        })
+        .await
+        .is_ok();
+        if alive {
+            let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+        }
+    }
 }
 
 /// Binds the socket (mode 0600). A leftover socket nobody listens on is
@@ -254,6 +345,14 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, String> {
         ));
     }
     Ok(file)
+}
+
+/// The guest image `scripts/install` put beside the binaries:
+/// `<prefix>/share/ember/ember-guest` for `<prefix>/bin/emberd`.
+fn installed_guest_image() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let image = exe.parent()?.parent()?.join("share/ember/ember-guest");
+    image.is_file().then_some(image)
 }
 
 fn guest_image_from_script() -> Result<PathBuf, String> {

@@ -1,5 +1,8 @@
 //! Spawning and talking to ember-vmm processes.
 //!
+//! Each VMM's stderr is forwarded into emberd's log, tagged with the VMM
+//! and the instance it serves ([`log`]).
+//!
 //! Every VMM emberd starts has a pidfile in `<state>/vms/` naming its pid,
 //! its start time (from /proc/PID/stat) and its executable, and dies with
 //! emberd (PR_SET_PDEATHSIG). On start, emberd finds the VMMs a crashed
@@ -11,9 +14,14 @@ use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ember_vmm::api::client::{ApiClient, ApiResponse};
+
+pub mod log;
+
+use log::{InstanceTag, VmmLog, VmmLogs};
 
 /// How long a VMM may take to listen, and a request to be answered.
 pub const PATIENCE: Duration = Duration::from_secs(30);
@@ -79,9 +87,12 @@ pub enum VmmError {
 pub struct Supervisor {
     /// The ember-vmm binary.
     pub vmm: PathBuf,
-    /// `<state>/vms`: sockets, pidfiles, logs, consoles.
+    /// `<state>/vms`: sockets, pidfiles, consoles.
     pub run_dir: PathBuf,
+    /// ember-vmm's `--log-level`.
+    pub log_level: String,
     spawner: Spawner,
+    logs: VmmLogs,
 }
 
 /// A request to the spawner thread: the command, and where its child goes.
@@ -134,19 +145,24 @@ impl std::fmt::Debug for Supervisor {
 pub struct Vmm {
     /// Its id (also its file names in the run directory).
     pub id: String,
+    /// Its log, forwarded into emberd's.
+    pub log: Arc<VmmLog>,
     child: Child,
     client: ApiClient,
     run_dir: PathBuf,
 }
 
 impl Supervisor {
-    /// A supervisor of `vmm` processes with their files in `run_dir`.
-    pub fn new(vmm: PathBuf, run_dir: PathBuf) -> Supervisor {
-        Supervisor {
+    /// A supervisor of `vmm` processes with their files in `run_dir`,
+    /// logging at `log_level` into emberd's log.
+    pub fn new(vmm: PathBuf, run_dir: PathBuf, log_level: &str) -> std::io::Result<Supervisor> {
+        Ok(Supervisor {
             vmm,
             run_dir,
+            log_level: log_level.to_string(),
             spawner: Spawner::start(),
-        }
+            logs: VmmLogs::start()?,
+        })
     }
 
     /// Spawns `ember-vmm --api-sock <run>/<id>.sock --id <id> args...` and
@@ -154,23 +170,23 @@ impl Supervisor {
     pub fn spawn(&self, id: &str, args: &[&str]) -> Result<Vmm, VmmError> {
         let sock = self.run_dir.join(format!("{id}.sock"));
         let _ = std::fs::remove_file(&sock);
-        let log =
-            std::fs::File::create(self.run_dir.join(format!("{id}.log"))).map_err(|source| {
-                VmmError::Spawn {
-                    binary: self.vmm.clone(),
-                    source,
-                }
-            })?;
+        let (stderr, log) = self.logs.pipe(id).map_err(|source| VmmError::Spawn {
+            binary: self.vmm.clone(),
+            source,
+        })?;
         let mut command = Command::new(&self.vmm);
         command
             .arg("--api-sock")
             .arg(&sock)
-            .args(["--id", id, "--log-level", "info", "--serial-out"])
+            .args(["--id", id, "--log-level", &self.log_level, "--serial-out"])
             .arg(self.run_dir.join(format!("{id}.console")))
             .args(args)
+            // Nothing of emberd's environment (NOTIFY_SOCKET, say) is the
+            // VMM's business.
+            .env_clear()
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log);
+            .stderr(stderr);
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: the closure runs between fork and exec and only calls
         // prctl(2) and getppid(2), which are async-signal-safe.
@@ -197,10 +213,11 @@ impl Supervisor {
         let cleanup = |child: &mut Child| {
             let _ = child.kill();
             let _ = child.wait();
-            for ext in ["pid", "sock", "log", "console"] {
+            for ext in ["pid", "sock", "console"] {
                 let _ = std::fs::remove_file(self.run_dir.join(format!("{id}.{ext}")));
             }
         };
+        log.set_pid(child.id());
         if let Err(e) = write_pidfile(&self.run_dir, id, child.id(), &self.vmm) {
             cleanup(&mut child);
             return Err(e);
@@ -211,12 +228,12 @@ impl Supervisor {
                 break client;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(self.run_dir.join(format!("{id}.log")))
-                    .unwrap_or_default();
                 cleanup(&mut child);
+                // It exited: its last lines are in the pipe, or read.
+                let tail = log.tail(Duration::from_secs(1));
                 return Err(VmmError::NotListening {
                     id: id.into(),
-                    why: format!("it exited ({status}): {}", log.trim()),
+                    why: format!("it exited ({status}): {}", tail.join(" / ")),
                 });
             }
             if Instant::now() >= deadline {
@@ -231,6 +248,7 @@ impl Supervisor {
         let _ = client.set_timeout(Some(PATIENCE));
         Ok(Vmm {
             id: id.to_string(),
+            log,
             child,
             client,
             run_dir: self.run_dir.clone(),
@@ -259,6 +277,7 @@ impl Supervisor {
                 }
             }
             let stem = path.with_extension("");
+            // `log`: the files of emberd versions that logged VMMs to files.
             for ext in ["pid", "sock", "log", "console"] {
                 let _ = std::fs::remove_file(stem.with_extension(ext));
             }
@@ -271,6 +290,25 @@ impl Vmm {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Tags this VMM's log lines with the instance it now serves.
+    pub fn serve_instance(&self, instance: &str, function: &str, version: u64) {
+        self.log.set_instance(InstanceTag {
+            instance: Some(instance.to_string()),
+            function: function.to_string(),
+            version,
+        });
+    }
+
+    /// Tags this VMM's log lines with the function version whose template
+    /// it builds.
+    pub fn build_template_of(&self, function: &str, version: u64) {
+        self.log.set_instance(InstanceTag {
+            instance: None,
+            function: function.to_string(),
+            version,
+        });
     }
 
     /// Bounds how long a request may wait for its answer.
@@ -361,7 +399,7 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        for ext in ["pid", "sock", "log", "console"] {
+        for ext in ["pid", "sock", "console"] {
             let _ = std::fs::remove_file(self.run_dir.join(format!("{}.{ext}", self.id)));
         }
     }

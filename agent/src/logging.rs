@@ -1,0 +1,220 @@
+//! emberd's log: `tracing` to stderr, as text or as JSON lines.
+//!
+//! Text is for people (`journalctl -u emberd`, a terminal): one line per
+//! event, the context in front (`invoke{function=echo invocation=…}`).
+//! Under systemd's journal (`JOURNAL_STREAM` set) the timestamp is left to
+//! the journal. JSON is for log pipelines: one flat object per line —
+//! `timestamp`, `level`, `target`, `message`, and every field of the event
+//! and of the spans it happened in (`function`, `version`, `instance`,
+//! `invocation`, `vmm`, `pid`, …) at the top level, so
+//! `jq 'select(.instance == "…")'` finds all there is about an instance,
+//! its ember-vmm's own lines included.
+
+use std::io::IsTerminal;
+
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormattedFields, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line of text per event.
+    #[default]
+    Text,
+    /// One JSON object per line, context fields at the top level.
+    Json,
+}
+
+/// Installs the global subscriber: `filter` (e.g. from `EMBER_LOG`), in
+/// `format`, to stderr.
+pub fn init(format: LogFormat, filter: EnvFilter) {
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let ansi = std::io::stderr().is_terminal();
+    match format {
+        LogFormat::Text => {
+            let builder = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi);
+            if under_journal {
+                builder.without_time().init();
+            } else {
+                builder.init();
+            }
+        }
+        LogFormat::Json => json_subscriber(filter, std::io::stderr).init(),
+    }
+}
+
+/// A subscriber writing flat JSON lines to `writer`.
+pub fn json_subscriber<W>(filter: EnvFilter, writer: W) -> impl Subscriber + Send + Sync
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .fmt_fields(JsonFields::new())
+        .event_format(FlatJson)
+        .finish()
+}
+
+/// The JSON line format: the event's fields and its spans' fields merged
+/// into one object (an event's own field wins over a span's of the same
+/// name; an inner span's over an outer one's).
+struct FlatJson;
+
+impl<S> FormatEvent<S, JsonFields> for FlatJson
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, JsonFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let mut line = Map::new();
+        let mut timestamp = String::new();
+        SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+        line.insert("timestamp".into(), Value::String(timestamp));
+        let meta = event.metadata();
+        line.insert("level".into(), Value::String(meta.level().to_string()));
+        line.insert("target".into(), Value::String(meta.target().to_string()));
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let extensions = span.extensions();
+                let Some(fields) = extensions.get::<FormattedFields<JsonFields>>() else {
+                    continue;
+                };
+                if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(fields) {
+                    line.extend(fields);
+                }
+            }
+        }
+        event.record(&mut FieldsInto(&mut line));
+        writeln!(writer, "{}", Value::Object(line))
+    }
+}
+
+/// Records an event's fields into a JSON object.
+struct FieldsInto<'a>(&'a mut Map<String, Value>);
+
+impl Visit for FieldsInto<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), Value::from(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), Value::from(value));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), Value::from(value));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().into(), Value::from(value));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), Value::from(value));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().into(), Value::from(format!("{value:?}")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'w> MakeWriter<'w> for Buffer {
+        type Writer = Buffer;
+        fn make_writer(&'w self) -> Buffer {
+            self.clone()
+        }
+    }
+
+    fn lines(buffer: &Buffer) -> Vec<Value> {
+        String::from_utf8(buffer.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+            .collect()
+    }
+
+    #[test]
+    fn json_lines_carry_the_span_fields_at_the_top_level() {
+        let buffer = Buffer::default();
+        let subscriber = json_subscriber(EnvFilter::new("debug"), buffer.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "invoke",
+                function = "echo",
+                invocation = "00ff",
+                instance = tracing::field::Empty,
+                version = tracing::field::Empty,
+            );
+            let _in = span.enter();
+            tracing::info!("routed");
+            span.record("instance", "echo-ab12-1");
+            span.record("version", 3u64);
+            tracing::warn!(kind = "timeout", "function error \"quoted\"\nnext");
+            tracing::info!(target: "ember_vmm", vmm = "p3", pid = 42u64, "from the VMM");
+        });
+        let lines = lines(&buffer);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        for line in &lines {
+            assert_eq!(line["function"], "echo", "{line}");
+            assert_eq!(line["invocation"], "00ff", "{line}");
+            assert!(line["timestamp"].as_str().is_some_and(|t| t.contains('T')));
+        }
+        assert_eq!(lines[0]["message"], "routed");
+        assert_eq!(lines[0]["level"], "INFO");
+        assert!(lines[0].get("instance").is_none(), "{}", lines[0]);
+        assert_eq!(lines[1]["instance"], "echo-ab12-1");
+        assert_eq!(lines[1]["version"], 3);
+        assert_eq!(lines[1]["kind"], "timeout");
+        assert_eq!(lines[1]["level"], "WARN");
+        assert_eq!(lines[1]["message"], "function error \"quoted\"\nnext");
+        assert_eq!(lines[2]["target"], "ember_vmm");
+        assert_eq!(
+            (&lines[2]["vmm"], &lines[2]["pid"]),
+            (&"p3".into(), &42.into())
+        );
+    }
+
+    #[test]
+    fn the_filter_applies() {
+        let buffer = Buffer::default();
+        let subscriber = json_subscriber(EnvFilter::new("warn"), buffer.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("quiet");
+            tracing::warn!("loud");
+        });
+        let lines = lines(&buffer);
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["message"], "loud");
+    }
+}
