@@ -12,8 +12,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ember_vmm::api::client::{ApiClient, ApiResponse};
-pub use libtest_mimic::Trial;
-use libtest_mimic::{Arguments, Failed};
+use libtest_mimic::Arguments;
+pub use libtest_mimic::{Failed, Trial};
 use serde_json::json;
 
 /// What a KVM test returns.

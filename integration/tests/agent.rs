@@ -56,6 +56,10 @@ fn main() {
             "a_vmm_that_cannot_start_is_reported_in_its_own_words",
             vmm_cannot_start,
         ),
+        (
+            "an_upgraded_guest_image_rebuilds_the_snapshots_and_keeps_the_functions",
+            upgraded_image,
+        ),
     ];
     run_kvm_tests(tests);
 }
@@ -1024,5 +1028,95 @@ fn vmm_cannot_start() -> TestResult {
             && stderr.contains("exit status: 3")
             && stderr.contains("no KVM here, sorry"),
         || format!("emberd did not say why the VMM failed:\n{stderr}"),
+    )
+}
+
+/// emberd on `dir` (as [`Emberd::start`] does) with another guest image.
+fn start_with_image(dir: &Path, image: &Path) -> Result<Emberd, String> {
+    let socket = dir.join("emberd.sock");
+    let mut command = std::process::Command::new(sibling_binary("emberd")?);
+    command
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--vmm")
+        .arg(sibling_binary("ember-vmm")?)
+        .arg("--guest-image")
+        .arg(image)
+        .args(["--vm-mem-mib", "128", "--prepared", "1"]);
+    Emberd::spawn(command, socket, dir)
+}
+
+/// An upgrade that brings another guest image (here: the same image with
+/// bytes appended, which changes its hash and nothing else): the functions
+/// stay, the base snapshot of the old image is replaced by one of the new,
+/// and each template — a layer over the old base — is rebuilt on first
+/// use, never restored onto the new base.
+fn upgraded_image() -> TestResult {
+    let dir = fresh_dir()?;
+    let old_image = guest_image()?;
+    let emberd = start_with_image(&dir, &old_image)?;
+    let mut client = emberd.client();
+    deploy(
+        &mut client,
+        "counter",
+        &example("counter.wasm")?,
+        json!({}),
+        &[],
+    )?;
+    same(
+        &invoke_ok_via(&mut client, "counter", b"", &[])?.body,
+        b"1\n",
+    )?;
+    drop(client);
+    let code = emberd.terminate()?;
+    check(code == 0, || {
+        format!("emberd exited with {code} on SIGTERM")
+    })?;
+    let bases = |dir: &Path| -> Result<Vec<String>, Failed> {
+        let snapshots = dir.join("state/snapshots");
+        Ok(std::fs::read_dir(&snapshots)
+            .map_err(|e| fail(format!("{}: {e}", snapshots.display())))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect())
+    };
+    let before = bases(&dir)?;
+
+    let mut bytes = std::fs::read(&old_image).map_err(|e| fail(e.to_string()))?;
+    bytes.extend_from_slice(b"a newer build");
+    let new_image = dir.join("ember-guest-new");
+    std::fs::write(&new_image, bytes).map_err(|e| fail(e.to_string()))?;
+    let emberd = start_with_image(&dir, &new_image)?;
+    check(
+        emberd.log.text().contains("building the base snapshot"),
+        || format!("no new base for the new image:\n{}", emberd.log.text()),
+    )?;
+    let after = bases(&dir)?;
+    check(
+        after.len() == 1 && before.len() == 1 && after != before,
+        || format!("bases before {before:?}, after {after:?}"),
+    )?;
+    let mut client = emberd.client();
+    let list = get_json(&mut client, "/functions")?;
+    check(
+        list[0]["name"] == "counter" && list[0]["version"] == 1,
+        || format!("functions: {list}"),
+    )?;
+    same(
+        &invoke_ok_via(&mut client, "counter", b"", &[])?.body,
+        b"1\n",
+    )?;
+    same(
+        &invoke_ok_via(&mut client, "counter", b"", &[])?.body,
+        b"2\n",
+    )?;
+    check(
+        emberd
+            .log
+            .text()
+            .contains("template of counter v1 is missing or corrupt: rebuilding"),
+        || format!("the template was not rebuilt:\n{}", emberd.log.text()),
     )
 }

@@ -279,6 +279,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         "affinity": h("x-ember-affinity"),
                         "duration_us": h("x-ember-duration-us"),
                         "error": h("x-ember-function-error"),
+                        "invocation_id": h("x-ember-invocation-id"),
                     })
                 );
             } else {
@@ -286,7 +287,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     .write_all(&response.body)
                     .map_err(|e| e.to_string())?;
                 eprintln!(
-                    "[{} {} v{}{}, {} us in the function{}]",
+                    "[{} {} v{}{}, {} us in the function{}; invocation {}]",
                     h("x-ember-instance"),
                     h("x-ember-start"),
                     h("x-ember-version"),
@@ -301,6 +302,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     } else {
                         format!(", function error: {}", h("x-ember-function-error"))
                     },
+                    h("x-ember-invocation-id"),
                 );
             }
             if !h("x-ember-function-error").is_empty() {
@@ -348,8 +350,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 println!("{list}");
             } else {
                 println!(
-                    "{:<24} {:<16} {:>7} {:<6} {:>11} {:>7} KEYS",
-                    "ID", "FUNCTION", "VERSION", "STATE", "INVOCATIONS", "IDLE_S"
+                    "{:<24} {:<16} {:>7} {:<9} {:<6} {:>11} {:>7} KEYS",
+                    "ID", "FUNCTION", "VERSION", "STATE", "VMM", "INVOCATIONS", "IDLE_S"
                 );
                 for i in list.as_array().into_iter().flatten() {
                     let keys: Vec<&str> = i["affinity_keys"]
@@ -359,11 +361,12 @@ fn run(cli: Cli) -> Result<(), String> {
                         .filter_map(|k| k.as_str())
                         .collect();
                     println!(
-                        "{:<24} {:<16} {:>7} {:<6} {:>11} {:>7} {}",
+                        "{:<24} {:<16} {:>7} {:<9} {:<6} {:>11} {:>7} {}",
                         i["id"].as_str().unwrap_or("?"),
                         i["function"].as_str().unwrap_or("?"),
                         i["version"].to_string(),
                         i["state"].as_str().unwrap_or("?"),
+                        i["vmm"].as_str().unwrap_or("-"),
                         i["invocations"].to_string(),
                         i["idle_s"].to_string(),
                         keys.join(",")
