@@ -111,7 +111,13 @@ ember_gdt_descriptor:
 );
 
 // The TSS, pinned at TSS_BASE by the linker script: RSP0 for exceptions from
-// ring 3, IST1 for NMI / #DF / #MC, no I/O bitmap (IOPL 3 allows all ports).
+// ring 3, IST1 for NMI / #DF / #MC, then an I/O permission bitmap with every
+// port allowed (all bits clear, and the 0xff byte the CPU may read past the
+// last one). IOPL 3 alone is not enough here: our KVM checks ring-3 port
+// I/O against the bitmap whatever the IOPL (tools/probes/ring3_exception
+// shows `out` from ring 3 faulting with IOPL 3 and no bitmap; a bitmap of
+// all ones stops this guest at its first console write). Without its own
+// bitmap the TSS would borrow whatever bytes follow it.
 global_asm!(
     r#"
     .section .ember.tss, "aw"
@@ -127,7 +133,10 @@ ember_tss:
     .quad 0
     .word 0
     .word 104
+    .fill {io_bitmap_bytes}, 1, 0
+    .byte 0xff
     "#,
+    io_bitmap_bytes = const IO_BITMAP_BYTES,
     rsp0 = const RING0_STACK_TOP,
     ist1 = const IST1_STACK_TOP,
 );

@@ -26,8 +26,11 @@ pub const ISR_STRIDE: u64 = 16;
 /// gate: on our KVM `int n` from ring 3 raises #UD instead.)
 pub const IDT_ENTRIES: u64 = 32;
 
-/// The 64-bit TSS (104 bytes).
+/// The 64-bit TSS (104 bytes), followed by its I/O permission bitmap.
 pub const TSS_BASE: u64 = 0x10_2000;
+
+/// The I/O permission bitmap after the TSS: one bit per port, 65,536 ports.
+pub const IO_BITMAP_BYTES: u64 = 65_536 / 8;
 
 /// Top of the ring-0 stack the CPU switches to on an exception from ring 3 (TSS.RSP0).
 pub const RING0_STACK_TOP: u64 = 0x9_c000;
@@ -53,7 +56,8 @@ pub const USER_CS: u16 = 0x20 | 3;
 /// GDT selector of the TSS.
 pub const TSS_SELECTOR: u16 = 0x28;
 
-/// RFLAGS on entry to ring 3: IOPL 3 (port I/O allowed), interrupts off.
+/// RFLAGS on entry to ring 3: IOPL 3 (port I/O allowed; our KVM also asks
+/// the TSS's I/O bitmap, which allows every port), interrupts off.
 pub const RING3_RFLAGS: u64 = 0x3002;
 
 /// The low 64 bits of the TSS descriptor: base [`TSS_BASE`], page-granular
