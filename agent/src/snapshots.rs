@@ -5,8 +5,10 @@
 //! The base lives in `<state>/snapshots/base-<key>/`, where the key hashes
 //! the guest image, the snapshot format version, the guest memory size and
 //! this host's KVM CPUID: a different image, format or host never reuses
-//! it. A base or template that is missing, fails its checks (the VMM's
-//! load refuses it) or is of another key is rebuilt, never used.
+//! it. A base or template that is missing, fails the checks a VMM's load
+//! makes (emberd runs them on the base at start and on a template before
+//! its first use) or is of another key is rebuilt, never used; so is a
+//! template a restore refuses.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -1,6 +1,7 @@
 //! The Ember guest runtime: everything the guest does after ring-0 setup,
 //! in ring 3 (IOPL 3). It prints the ready marker on the console, then
-//! serves the host mailbox. Functions (WebAssembly) come in a later issue.
+//! serves the host mailbox: it loads and invokes functions (WebAssembly on
+//! wasmi, with WASI preview 1; docs/functions.md).
 #![no_std]
 #![no_main]
 

@@ -1,10 +1,12 @@
 //! Building a microVM for boot: the one place that orders setup.
 //!
 //! ```text
-//! /dev/kvm → VM → guest memory registered as slot 0 → irqchip   (slots before irqchip:
-//!   → vCPUs → image (linux-loader ELF) → command line              5–8 ms saved here)
-//!   → zero page (e820) → boot GDT + page tables → mailbox header
-//!   → devices (serial + irqfd, i8042) → per-vCPU CPUID, BSP regs/sregs
+//! (at process start: /dev/kvm → VM, the supported CPUID on a helper thread)
+//! guest memory → image (linux-loader ELF, on the `ember_load` thread, meanwhile:)
+//!   slot 0 registered → irqchip                  (slots before irqchip: 5–8 ms saved)
+//!   → vCPUs → devices (serial + irqfd, i8042) → mailbox header → command line
+//!   → zero page (e820) → boot GDT + page tables → (the image loaded)
+//!   → per-vCPU CPUID, BSP regs/sregs
 //!   → vCPU threads (each installs its seccomp filter and waits)
 //! ```
 //!
@@ -12,10 +14,11 @@
 //! so no guest instruction runs before every filter is in place.
 //!
 //! A restore shares the first half ([`build_microvm_for_restore`], also
-//! what `--prepare` runs ahead of the request): VM → placeholder memory
+//! what `--prepare` runs ahead of the request): placeholder memory → slot 0
 //! registered → irqchip → vCPUs → devices → vCPU threads, waiting. The
-//! snapshot's memory, VM, vCPU and device state go in later
-//! ([`crate::vmm`]'s snapshot load), in STYLE.md's order.
+//! snapshot's state goes in later ([`crate::vmm`]'s snapshot load): its
+//! memory, then the vCPUs' state with the devices', then the VM's
+//! (docs/vmm.md).
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};

@@ -1,10 +1,13 @@
 //! ember-vmm: a minimal virtual machine monitor on KVM for the Ember guest.
 //!
-//! One process runs one microVM. Two kinds of thread, each under its own
+//! One process runs one microVM. Three kinds of thread, each under its own
 //! seccomp filter: the VMM thread (this crate's [`vmm::Vmm`], an
 //! event-manager epoll loop that owns the VM, the host side of the mailbox
-//! and the Firecracker-compatible control socket, [`api`]) and one thread
-//! per vCPU ([`vstate::vcpu`]).
+//! and the Firecracker-compatible control socket, [`api`]), one thread per
+//! vCPU ([`vstate::vcpu`]) and, for a restore, the thread that populates
+//! the working set ([`snapshot::memory::Prefetcher`]). Two short-lived
+//! helpers (reading the supported CPUID, loading the guest image) end
+//! before any guest code runs and need none.
 //!
 //! How a process ends is its exit code ([`ExitCode`], docs/vmm.md).
 #![deny(missing_docs)]

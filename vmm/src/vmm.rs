@@ -191,7 +191,7 @@ pub struct Vmm {
     pending: Option<Pending>,
     /// The loaded function's time limit per invocation, ms.
     function_timeout_ms: Option<u64>,
-    /// The time limit of the function being loaded.
+    /// The pause or resume waiting for every vCPU's acknowledgement.
     transition: Option<Transition>,
     next_seq: u64,
     started_at: Option<Instant>,

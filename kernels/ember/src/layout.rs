@@ -61,8 +61,10 @@ pub const TSS_SELECTOR: u16 = 0x28;
 pub const RING3_RFLAGS: u64 = 0x3002;
 
 /// The low 64 bits of the TSS descriptor: base [`TSS_BASE`], page-granular
-/// limit 0xfffff (G=1, as Firecracker sets it: a byte-granular 104-byte TSS
-/// triple-faults on our KVM), type 0x9 (available 64-bit TSS), present.
+/// limit 0xfffff (G=1, as Firecracker sets it; the limit must cover the I/O
+/// bitmap after the TSS: a byte-granular 104-byte TSS has none, and on our
+/// KVM ring 3's first `out` then faults), type 0x9 (available 64-bit TSS),
+/// present.
 pub const TSS_DESCRIPTOR_LOW: u64 = 0xffff
     | ((TSS_BASE & 0xff_ffff) << 16)
     | (0x89 << 40)

@@ -1,8 +1,8 @@
 //! The Ember guest kernel.
 //!
 //! A few dozen instructions of ring-0 setup ([`boot`]), then everything runs
-//! in ring 3 with IOPL 3: our KVM emulates ring-0 code ~3,000× slower than it
-//! runs ring-3 code (shared/PLATFORM.md). Ring 0 is entered again only to
+//! in ring 3 with IOPL 3: our KVM emulates ring-0 code thousands of times slower than it
+//! runs ring-3 code (docs/platform.md). Ring 0 is entered again only to
 //! report an exception ([`exceptions`]) or to park the vCPU.
 //!
 //! No timer, no scheduler, no interrupts, no page-table changes after boot.

@@ -8,11 +8,15 @@
 //!
 //! Load, into a process that has run no VM: the state file is read and
 //! checked, the VM built to its shape (or the one `--prepare` built is
-//! checked against it), the memory files checked (sizes, trailers) and the
-//! CPUID compared with this host's, all before anything is touched; then
-//! memory mapped over the registered slot, VM state, vCPU states (on their
-//! threads), devices, the restore block for the guest (generation, wall
-//! clock, entropy), the working set populated, and the vCPUs let go.
+//! checked against it), the mailbox compared, the CPUID compared with this
+//! host's and the memory files checked (sizes, trailers), all before
+//! anything is touched; then memory mapped over the registered slot and
+//! dirty logging set, vCPU states (on their threads) while the devices are
+//! restored, then VM state (after the vCPUs', as Firecracker orders it),
+//! the guest session, the restore block for the guest (generation, wall
+//! clock, entropy; written just before the vCPUs first run), the working set
+//! populated or its recording begun, and the vCPUs let go (unless the load
+//! asks for the VM paused).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::channel;

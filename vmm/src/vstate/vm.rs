@@ -2,7 +2,8 @@
 //!
 //! Order matters on our KVM: registering a memory slot *after*
 //! KVM_CREATE_IRQCHIP waits 5–8 ms, registering slots first and creating
-//! the irqchip after costs ~0.4 ms for the whole setup (shared/PLATFORM.md).
+//! the irqchip after costs ~0.4 ms for the whole setup (docs/platform.md;
+//! `./scripts/probes irqchip_order` measures it).
 //! [`Vm::new`] therefore takes the memory and registers it before the
 //! irqchip exists.
 
