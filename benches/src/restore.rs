@@ -934,8 +934,16 @@ fn firecracker(
         "ms",
         3,
     );
+    // Its version, not its path: the JSON is kept in the repository.
+    let version = std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|t| t.lines().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
     Ok(json!({
-        "binary": binary,
+        "version": version,
         "firecracker": { "full_create_ms": fc_c, "load_ms": fc_l, "process_start_ms": fc_s, "files": fc_snapshot.sizes() },
         "ember_vmm": { "full_create_ms": em_c, "load_ms": em_l, "process_start_ms": em_s, "files": ember_copy.sizes() },
     }))
