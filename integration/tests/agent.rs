@@ -30,6 +30,10 @@ fn main() {
             second_daemon,
         ),
         ("a_full_host_answers_429_with_retry_after", host_full),
+        (
+            "beyond_256_invocations_in_emberd_the_rest_get_429_at_once",
+            admission_limit,
+        ),
         ("the_ember_cli_deploys_invokes_lists_and_removes", cli),
         (
             "idle_instances_make_room_and_expire_after_their_keep_alive",
@@ -447,11 +451,9 @@ fn timeout_recycles() -> TestResult {
     Ok(())
 }
 
-/// SIGTERM, then a new emberd on the same state dir: the functions are
-/// there, the base snapshot is not rebuilt, invocations work.
-fn restart() -> TestResult {
-    let dir = fresh_dir()?;
-    let emberd = Emberd::start(&dir, &[])?;
+/// Deploys the counter example on `emberd`, checks its first answer, then
+/// stops emberd with SIGTERM, which must end it with exit code 0.
+fn deploy_counter_and_stop(emberd: Emberd) -> TestResult {
     let mut client = emberd.client();
     deploy(
         &mut client,
@@ -468,7 +470,15 @@ fn restart() -> TestResult {
     let code = emberd.terminate()?;
     check(code == 0, || {
         format!("emberd exited with {code} on SIGTERM")
-    })?;
+    })
+}
+
+/// SIGTERM, then a new emberd on the same state dir: the functions are
+/// there, the base snapshot is not rebuilt, invocations work.
+fn restart() -> TestResult {
+    let dir = fresh_dir()?;
+    let emberd = Emberd::start(&dir, &[])?;
+    deploy_counter_and_stop(emberd)?;
     let emberd = Emberd::start(&dir, &[])?;
     check(
         !emberd.log.text().contains("building the base snapshot"),
@@ -599,6 +609,71 @@ fn second_daemon() -> TestResult {
         || format!("second emberd: {:?} {stderr}", second.status),
     )?;
     Ok(())
+}
+
+/// 300 invocations at once of a function with one instance, kept busy:
+/// 256 are admitted (one serving, the rest waiting for it), and the others
+/// get a 429 with Retry-After at once, before they take a thread.
+fn admission_limit() -> TestResult {
+    let (emberd, mut client) = with_function(
+        "sha",
+        "sha256.wasm",
+        json!({ "timeout_ms": 60000, "max_concurrency": 1 }),
+    )?;
+    let mut runner = emberd.client();
+    let busy = std::thread::spawn(move || invoke(&mut runner, "sha", &vec![1u8; 6 << 20], &[]));
+    busy_instances(&mut client, 1)?;
+    let socket = emberd.socket.clone();
+    let started = std::time::Instant::now();
+    let callers: Vec<_> = (0..300)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(
+                move || -> std::io::Result<(ApiResponse, std::time::Duration)> {
+                    let mut c = ApiClient::connect(&socket)?;
+                    c.set_timeout(Some(PATIENCE))?;
+                    let response = invoke(&mut c, "sha", b"x", &[])?;
+                    Ok((response, started.elapsed()))
+                },
+            )
+        })
+        .collect();
+    let mut refused = 0;
+    for caller in callers {
+        let (response, after) = caller.join().map_err(|_| fail("a caller panicked"))??;
+        match response.status {
+            200 => {}
+            429 if String::from_utf8_lossy(&response.body)
+                .contains("invocations are already in emberd") =>
+            {
+                check(response.header("retry-after").is_some(), || {
+                    format!("a 429 without Retry-After: {:?}", response.headers)
+                })?;
+                check(after < std::time::Duration::from_secs(2), || {
+                    format!("an admission 429 came after {after:?}")
+                })?;
+                refused += 1;
+            }
+            // Waited its 5 s for the busy instance.
+            429 => {}
+            other => {
+                return Err(fail(format!(
+                    "status {other}: {}",
+                    String::from_utf8_lossy(&response.body)
+                )))
+            }
+        }
+    }
+    let response = busy
+        .join()
+        .map_err(|_| fail("the busy caller panicked"))??;
+    check(response.status == 200, || {
+        format!("the busy one: {}", response.status)
+    })?;
+    // 300 callers + the busy one, 256 admitted.
+    check(refused >= 300 + 1 - 256, || {
+        format!("{refused} callers were refused admission; expected at least 45")
+    })
 }
 
 /// The host's memory budget spent (one instance of a function claiming
@@ -1057,23 +1132,7 @@ fn upgraded_image() -> TestResult {
     let dir = fresh_dir()?;
     let old_image = guest_image()?;
     let emberd = start_with_image(&dir, &old_image)?;
-    let mut client = emberd.client();
-    deploy(
-        &mut client,
-        "counter",
-        &example("counter.wasm")?,
-        json!({}),
-        &[],
-    )?;
-    same(
-        &invoke_ok_via(&mut client, "counter", b"", &[])?.body,
-        b"1\n",
-    )?;
-    drop(client);
-    let code = emberd.terminate()?;
-    check(code == 0, || {
-        format!("emberd exited with {code} on SIGTERM")
-    })?;
+    deploy_counter_and_stop(emberd)?;
     let bases = |dir: &Path| -> Result<Vec<String>, Failed> {
         let snapshots = dir.join("state/snapshots");
         Ok(std::fs::read_dir(&snapshots)
