@@ -286,6 +286,11 @@ async fn serve_invocation(
     body: axum::body::Body,
     span: tracing::Span,
 ) -> Result<Response, ApiError> {
+    // Counted from before the body is read until the blocking work ends
+    // (the guard moves onto the blocking thread: a client that hangs up
+    // drops this future, not the work). Beyond the limit, a 429 before the
+    // body is buffered or a thread taken.
+    let admitted = agent.admit()?;
     let body = axum::body::to_bytes(body, MAX_EVENT_BYTES)
         .await
         .map_err(|_| {
@@ -299,10 +304,8 @@ async fn serve_invocation(
     let key = header(&headers, AFFINITY_HEADER)?;
     let started = std::time::Instant::now();
     let metrics_agent = agent.clone();
-    // Counted from here until the response is built: beyond the limit a
-    // 429 comes before the request takes a blocking thread.
-    let _admitted = metrics_agent.admit()?;
     let served = blocking(move || {
+        let _admitted = admitted;
         let _in = span.enter();
         agent.invoke(&name, &body, instance.as_deref(), key.as_deref())
     })

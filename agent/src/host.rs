@@ -188,7 +188,7 @@ pub struct Agent {
     /// One template check or build at a time.
     templates: Mutex<()>,
     /// Invocations waiting for an instance.
-    queued: AtomicU64,
+    queued: Arc<AtomicU64>,
     /// Invocation ids: a random part drawn at start, then a counter.
     invocation_ids: (u64, AtomicU64),
 }
@@ -280,7 +280,7 @@ impl Agent {
             current: Mutex::new(HashMap::new()),
             validated: Mutex::new(HashSet::new()),
             templates: Mutex::new(()),
-            queued: AtomicU64::new(0),
+            queued: Arc::new(AtomicU64::new(0)),
             invocation_ids: (random_u64(), AtomicU64::new(0)),
         });
         {
@@ -408,11 +408,12 @@ impl Agent {
                 }))
             }
             Err(e) => {
+                // The message may quote the guest: one line, escaped.
                 tracing::warn!(
                     function = name,
                     version = version.version,
                     "deploy refused: {}",
-                    e.message
+                    e.message.escape_debug()
                 );
                 self.store.discard(name, version.version);
                 Err(e)
@@ -422,7 +423,7 @@ impl Agent {
 
     /// Admits an invocation (in the async handler, before it takes a
     /// blocking thread), or refuses it with a 429.
-    pub fn admit(&self) -> Result<Queued<'_>, ApiError> {
+    pub fn admit(&self) -> Result<Queued, ApiError> {
         Queued::enter(&self.queued)
     }
 
@@ -739,15 +740,23 @@ impl Agent {
         // Tagged before the load: what ember-vmm says of it is the instance's.
         vmm.serve_instance(id, &v.name, v.version);
         if let Err(e) = vmm.call("PUT", "/snapshot/load", Some(&template.load_body(false))) {
-            // The template went bad since it was checked: rebuild it once.
+            // ember-vmm refused the template (it went bad since it was
+            // checked, or this ember-vmm reads it otherwise): rebuild it,
+            // once. Any other failure (the VMM died): check it, retry.
+            let refused = matches!(e, VmmError::Refused { .. });
             tracing::warn!(
-                "restoring {} v{} failed ({e}); rebuilding its template",
+                "restoring {} v{} failed ({e}); {}",
                 v.name,
-                v.version
+                v.version,
+                if refused {
+                    "rebuilding its template"
+                } else {
+                    "retrying in another VMM"
+                }
             );
             lock(&self.validated).remove(&(v.name.clone(), v.version));
             drop(vmm);
-            self.template(v, true)?;
+            self.template(v, refused)?;
             vmm = self.take_prepared()?;
             vmm.serve_instance(id, &v.name, v.version);
             vmm.call("PUT", "/snapshot/load", Some(&template.load_body(false)))?;
@@ -933,11 +942,13 @@ pub const DEFAULT_CLAIM_MIB: u64 = 128;
 /// take a thread.
 pub const MAX_QUEUED: u64 = 256;
 
-/// An invocation admitted (counted while it lives).
-pub struct Queued<'a>(&'a AtomicU64);
+/// An invocation admitted (counted while it lives). It owns its count, so
+/// that it can move onto the blocking thread that serves the invocation and
+/// keep counting it after a client that hung up has dropped the handler.
+pub struct Queued(Arc<AtomicU64>);
 
-impl<'a> Queued<'a> {
-    fn enter(count: &'a AtomicU64) -> Result<Queued<'a>, ApiError> {
+impl Queued {
+    fn enter(count: &Arc<AtomicU64>) -> Result<Queued, ApiError> {
         if count.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED {
             count.fetch_sub(1, Ordering::Relaxed);
             let mut e = ApiError::new(
@@ -948,11 +959,11 @@ impl<'a> Queued<'a> {
             e.retry_after = Some(1);
             return Err(e);
         }
-        Ok(Queued(count))
+        Ok(Queued(count.clone()))
     }
 }
 
-impl Drop for Queued<'_> {
+impl Drop for Queued {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -1002,8 +1013,8 @@ mod tests {
 
     #[test]
     fn admission_refuses_beyond_the_limit_and_frees_on_drop() {
-        let count = AtomicU64::new(0);
-        let admitted: Vec<Queued<'_>> = (0..MAX_QUEUED)
+        let count = Arc::new(AtomicU64::new(0));
+        let admitted: Vec<Queued> = (0..MAX_QUEUED)
             .map(|_| Queued::enter(&count).expect("below the limit"))
             .collect();
         let refused = Queued::enter(&count).err().expect("at the limit");

@@ -2,20 +2,28 @@
 //!
 //! Text is for people (`journalctl -u emberd`, a terminal): one line per
 //! event, the context in front (`invoke{function=echo invocation=…}`).
-//! Under systemd's journal (`JOURNAL_STREAM` set) the timestamp is left to
+//! When stderr is systemd's journal (`JOURNAL_STREAM` names it), each line
+//! starts with its syslog priority (`<4>` for a warning), which the journal
+//! takes as the entry's priority and strips, and the timestamp is left to
 //! the journal. JSON is for log pipelines: one flat object per line —
 //! `timestamp`, `level`, `target`, `message`, and every field of the event
 //! and of the spans it happened in (`function`, `version`, `instance`,
 //! `invocation`, `vmm`, `pid`, …) at the top level, so
 //! `jq 'select(.instance == "…")'` finds all there is about an instance,
 //! its ember-vmm's own lines included.
+//!
+//! Lines are written by a thread of their own through a bounded queue
+//! (tracing-appender, lossy): a stalled journal never blocks emberd, nor —
+//! through the VMM log thread — the VMMs; what does not fit is dropped.
 
 use std::io::IsTerminal;
+use std::os::fd::AsRawFd;
 
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
+use tracing::Level;
 use tracing::{Event, Subscriber};
-use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::format::{FormatFields, JsonFields, Writer};
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormattedFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
@@ -33,24 +41,95 @@ pub enum LogFormat {
     Json,
 }
 
+/// Lines queued for the writer thread before new ones are dropped.
+const QUEUED_LINES: usize = 64 * 1024;
+
+/// Keeps the writer thread; dropping it writes out what is queued. Drop it
+/// before `std::process::exit`, which runs no destructors.
+pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
+
 /// Installs the global subscriber: `filter` (e.g. from `EMBER_LOG`), in
-/// `format`, to stderr.
-pub fn init(format: LogFormat, filter: EnvFilter) {
-    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let ansi = std::io::stderr().is_terminal();
-    match format {
-        LogFormat::Text => {
-            let builder = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_writer(std::io::stderr)
-                .with_ansi(ansi);
-            if under_journal {
-                builder.without_time().init();
-            } else {
-                builder.init();
-            }
-        }
-        LogFormat::Json => json_subscriber(filter, std::io::stderr).init(),
+/// `format`, to stderr through the writer thread.
+pub fn init(format: LogFormat, filter: EnvFilter) -> LogGuard {
+    let journal = stderr_is_journal();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("ember_log")
+        .finish(std::io::stderr());
+    match (format, journal) {
+        (LogFormat::Text, false) => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init(),
+        (LogFormat::Text, true) => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer)
+            .event_format(Prioritized(
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_ansi(false),
+            ))
+            .init(),
+        (LogFormat::Json, false) => json_subscriber(filter, writer).init(),
+        (LogFormat::Json, true) => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer)
+            .fmt_fields(JsonFields::new())
+            .event_format(Prioritized(FlatJson))
+            .init(),
+    }
+    guard
+}
+
+/// Whether stderr is the journal's stream: `JOURNAL_STREAM` (`dev:inode`)
+/// names the stream systemd connected, and is inherited by everything
+/// started from it, so it counts only if stderr is that very socket.
+fn stderr_is_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat(2) fills the stat buffer we own for a descriptor we hold.
+    if unsafe { libc::fstat(std::io::stderr().as_raw_fd(), stat.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstat succeeded, so the buffer is initialised.
+    let stat = unsafe { stat.assume_init() };
+    stat.st_dev == dev && stat.st_ino == ino
+}
+
+/// A line format behind the syslog priority of its event (`<3>` error,
+/// `<4>` warning, `<6>` info, `<7>` debug), for the journal.
+struct Prioritized<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for Prioritized<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            Level::ERROR => 3,
+            Level::WARN => 4,
+            Level::INFO => 6,
+            Level::DEBUG | Level::TRACE => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
     }
 }
 
@@ -83,12 +162,6 @@ where
         event: &Event<'_>,
     ) -> std::fmt::Result {
         let mut line = Map::new();
-        let mut timestamp = String::new();
-        SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
-        line.insert("timestamp".into(), Value::String(timestamp));
-        let meta = event.metadata();
-        line.insert("level".into(), Value::String(meta.level().to_string()));
-        line.insert("target".into(), Value::String(meta.target().to_string()));
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
                 let extensions = span.extensions();
@@ -101,6 +174,13 @@ where
             }
         }
         event.record(&mut FieldsInto(&mut line));
+        // Last, so that no field can take their names.
+        let mut timestamp = String::new();
+        SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+        line.insert("timestamp".into(), Value::String(timestamp));
+        let meta = event.metadata();
+        line.insert("level".into(), Value::String(meta.level().to_string()));
+        line.insert("target".into(), Value::String(meta.target().to_string()));
         writeln!(writer, "{}", Value::Object(line))
     }
 }
@@ -203,6 +283,48 @@ mod tests {
             (&lines[2]["vmm"], &lines[2]["pid"]),
             (&"p3".into(), &42.into())
         );
+    }
+
+    #[test]
+    fn journal_lines_start_with_their_priority() {
+        let buffer = Buffer::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::new("debug"))
+            .with_writer(buffer.clone())
+            .fmt_fields(JsonFields::new())
+            .event_format(Prioritized(FlatJson))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!("e");
+            tracing::warn!("w");
+            tracing::info!("i");
+            tracing::debug!("d");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let priorities: Vec<&str> = text.lines().map(|l| &l[..3]).collect();
+        assert_eq!(priorities, ["<3>", "<4>", "<6>", "<7>"]);
+        for line in text.lines() {
+            let value: Value = serde_json::from_str(&line[3..]).unwrap();
+            assert!(value["message"].is_string());
+        }
+    }
+
+    #[test]
+    fn journal_stream_counts_only_when_it_names_stderr() {
+        let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat(2) into a buffer we own.
+        assert_eq!(unsafe { libc::fstat(2, stat.as_mut_ptr()) }, 0);
+        // SAFETY: fstat succeeded.
+        let stat = unsafe { stat.assume_init() };
+        std::env::set_var("JOURNAL_STREAM", format!("{}:{}", stat.st_dev, stat.st_ino));
+        assert!(stderr_is_journal());
+        // Whatever stderr is here, it is not a made-up inode.
+        std::env::set_var("JOURNAL_STREAM", "1:1");
+        assert!(!stderr_is_journal());
+        std::env::set_var("JOURNAL_STREAM", "garbage");
+        assert!(!stderr_is_journal());
+        std::env::remove_var("JOURNAL_STREAM");
+        assert!(!stderr_is_journal());
     }
 
     #[test]

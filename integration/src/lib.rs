@@ -291,6 +291,24 @@ impl Capture {
         String::from_utf8_lossy(&self.0 .0.lock().unwrap().bytes).into_owned()
     }
 
+    /// Waits until `holds` is true of the output so far, or the pipe
+    /// closes, or `timeout` passes; returns whether it came true.
+    pub fn wait_until(&self, timeout: Duration, holds: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (lock, cond) = &*self.0;
+        let mut captured = lock.lock().unwrap();
+        loop {
+            if holds(&String::from_utf8_lossy(&captured.bytes)) {
+                return true;
+            }
+            let now = Instant::now();
+            if captured.closed || now >= deadline {
+                return false;
+            }
+            captured = cond.wait_timeout(captured, deadline - now).unwrap().0;
+        }
+    }
+
     /// Waits until the output contains `needle`, or the pipe closes, or
     /// `timeout` passes; returns whether it appeared.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {

@@ -222,7 +222,8 @@ fn installed_service() -> TestResult {
     for pidfile in &pidfiles {
         let text = std::fs::read_to_string(pidfile).map_err(|e| fail(e.to_string()))?;
         let pid = text.split_whitespace().next().unwrap_or_default();
-        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let environ = std::fs::read(format!("/proc/{pid}/environ"))
+            .map_err(|e| fail(format!("cannot read ember-vmm {pid}'s environment: {e}")))?;
         check(environ.is_empty(), || {
             format!(
                 "ember-vmm {pid} inherited an environment: {}",

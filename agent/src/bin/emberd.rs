@@ -80,15 +80,25 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    ember_agent::logging::init(
+    let (filter, bad_filter) = match tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG") {
+        Ok(filter) => (filter, None),
+        Err(e) => (
+            tracing_subscriber::EnvFilter::new("info"),
+            std::env::var_os("EMBER_LOG").map(|_| e),
+        ),
+    };
+    let log = ember_agent::logging::init(
         args.log_format.or(file.log_format).unwrap_or_default(),
         filter,
     );
+    if let Some(e) = bad_filter {
+        tracing::warn!("EMBER_LOG is not a log filter ({e}); logging at info");
+    }
     if let Err(e) = run(args, file) {
         tracing::error!("{e}");
         let _ = sd_notify::notify(&[NotifyState::Status(&format!("failed: {e}"))]);
+        // Written out before the exit, which runs no destructors.
+        drop(log);
         std::process::exit(1);
     }
 }
@@ -196,12 +206,17 @@ async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .map_err(|e| e.message)?;
     let listener = bind(&socket)?;
+    // Before READY=1: a stop that follows it at once must drain, not kill.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| format!("cannot handle SIGINT: {e}"))?;
     tracing::info!("emberd listening on {}", socket.display());
     // The socket accepts from here on (connections queue until served).
     let status = format!("serving on {}", socket.display());
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     if let Some(period) = sd_notify::watchdog_enabled() {
-        tokio::spawn(watchdog(agent.clone(), period));
+        start_watchdog(agent.clone(), period);
     }
 
     // The reaper (idle instances past their keep-alive, old versions) and
@@ -233,11 +248,9 @@ async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
 
     let shutdown_agent = agent.clone();
     let shutdown = async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("a SIGTERM handler");
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
         }
         tracing::info!("shutting down: draining invocations in flight");
         let _ = sd_notify::notify(&[
@@ -272,22 +285,31 @@ async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
 }
 
 /// Tells systemd's watchdog emberd is alive, twice per period, as long as
-/// a blocking thread can take the agent's locks (a deadlocked or starved
-/// emberd stops pinging and is restarted).
-async fn watchdog(agent: std::sync::Arc<Agent>, period: Duration) {
-    let mut tick = tokio::time::interval(period / 2);
-    loop {
-        tick.tick().await;
-        let agent = agent.clone();
-        let alive = tokio::task::spawn_blocking(move || {
-            let _ = ember_agent::host::lock(&agent.pools).instances.len();
-            agent.prepared_count()
-        })
-        .await
-        .is_ok();
-        if alive {
-            let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+/// the async runtime ticks and the agent's locks can be taken: a task on
+/// the runtime sends a tick, a thread of its own (not the blocking pool,
+/// which a flood of slow invocations may fill) takes the locks and pings.
+/// A hung or deadlocked emberd stops pinging and is restarted.
+fn start_watchdog(agent: std::sync::Arc<Agent>, period: Duration) {
+    let every = (period / 2).max(Duration::from_millis(100));
+    let (tick, ticks) = std::sync::mpsc::sync_channel::<()>(1);
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        loop {
+            interval.tick().await;
+            let _ = tick.try_send(());
         }
+    });
+    let spawned = std::thread::Builder::new()
+        .name("ember_watchdog".into())
+        .spawn(move || {
+            while ticks.recv().is_ok() {
+                let _ = ember_agent::host::lock(&agent.pools).instances.len();
+                let _ = agent.prepared_count();
+                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the watchdog thread ({e}): systemd will restart emberd");
     }
 }
 
@@ -355,16 +377,26 @@ fn installed_guest_image() -> Option<PathBuf> {
     image.is_file().then_some(image)
 }
 
+/// In a source tree only — emberd run from cargo's target directory
+/// (`…/debug/emberd`, `…/release/emberd`) — the image the tree's
+/// `scripts/guest-image` builds. Never a script found from the current
+/// directory.
 fn guest_image_from_script() -> Result<PathBuf, String> {
-    let candidates = [
-        PathBuf::from("./scripts/guest-image"),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest-image"),
-    ];
-    let script = candidates
-        .iter()
-        .find(|p| p.is_file())
-        .ok_or("no guest image: give --guest-image or EMBER_GUEST_IMAGE")?;
-    let output = std::process::Command::new(script)
+    let none =
+        "no guest image: give --guest-image or EMBER_GUEST_IMAGE, or install one (scripts/install)";
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|n| n.to_str());
+    if !matches!(profile_dir, Some("debug" | "release")) {
+        return Err(none.into());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest-image");
+    if !script.is_file() {
+        return Err(none.into());
+    }
+    let output = std::process::Command::new(&script)
         .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(|e| format!("cannot run {}: {e}", script.display()))?;

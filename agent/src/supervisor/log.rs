@@ -9,8 +9,16 @@
 //!
 //! A VMM's lines may carry what a guest wrote (a hostile guest can make its
 //! VMM warn on every request): control characters are escaped, lines are
-//! cut at [`MAX_LINE`] bytes, and each VMM may log [`RATE_PER_S`] lines a
-//! second (bursts of [`BURST`]); what is dropped is counted and said.
+//! cut at [`MAX_LINE`] bytes, each VMM may log [`RATE_PER_S`] lines a second
+//! (bursts of [`BURST`]) and all of them together [`TOTAL_RATE_PER_S`]
+//! (bursts of [`TOTAL_BURST`]) — well under the journal's own limit, which
+//! would otherwise drop emberd's lines too; what is dropped is counted and
+//! said, per VMM.
+//!
+//! The thread never waits for its output (emberd's log is written through
+//! a bounded, lossy queue: `crate::logging`), so a VMM never waits for its
+//! stderr longer than the thread takes to read a pipe. Should the thread
+//! die, no new VMM is started: [`VmmLogs::pipe`] fails and says why.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -31,8 +39,15 @@ pub const MAX_LINE: usize = 2048;
 pub const RATE_PER_S: f64 = 50.0;
 /// Lines a VMM may log at once, after being quiet.
 pub const BURST: f64 = 200.0;
+/// Lines all VMMs together may log per second, sustained.
+pub const TOTAL_RATE_PER_S: f64 = 200.0;
+/// Lines all VMMs together may log at once.
+pub const TOTAL_BURST: f64 = 1000.0;
 /// Lines of a VMM kept for error messages (a VMM that did not start).
 pub const TAIL_LINES: usize = 20;
+/// Bytes read from one pipe per wake-up, so that one talkative VMM cannot
+/// keep the thread from the others (epoll reports the rest again).
+const READ_PER_WAKEUP: usize = 64 << 10;
 
 /// What a VMM's lines are tagged with once it works for a function: the
 /// instance it serves, or none while it builds the function's template.
@@ -179,9 +194,11 @@ pub fn sanitize(bytes: &[u8]) -> String {
     out
 }
 
-/// A token bucket: [`RATE_PER_S`] lines a second, [`BURST`] at most.
+/// A token bucket: `rate` lines a second, `burst` at most.
 #[derive(Debug, Clone)]
 pub struct RateLimit {
+    rate: f64,
+    burst: f64,
     tokens: f64,
     last: Instant,
     /// Lines refused since the last one let through.
@@ -190,9 +207,11 @@ pub struct RateLimit {
 
 impl RateLimit {
     /// A full bucket at `now`.
-    pub fn new(now: Instant) -> RateLimit {
+    pub fn new(rate: f64, burst: f64, now: Instant) -> RateLimit {
         RateLimit {
-            tokens: BURST,
+            rate,
+            burst,
+            tokens: burst,
             last: now,
             suppressed: 0,
         }
@@ -201,7 +220,7 @@ impl RateLimit {
     /// Whether a line at `now` may go out; a refused one is counted.
     pub fn allow(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * RATE_PER_S).min(BURST);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -224,34 +243,40 @@ struct Source {
 }
 
 impl Source {
-    /// Reads what the pipe holds; true once it is closed (the VMM exited).
-    fn drain(&mut self) -> bool {
+    /// Reads what the pipe holds, up to [`READ_PER_WAKEUP`]; true once it
+    /// is closed (the VMM exited).
+    fn drain(&mut self, total: &mut RateLimit) -> bool {
         let mut buf = [0u8; 16 << 10];
-        loop {
+        let mut read = 0;
+        while read < READ_PER_WAKEUP {
             match self.pipe.read(&mut buf) {
                 Ok(0) => {
                     if !self.partial.is_empty() {
                         let line = std::mem::take(&mut self.partial);
-                        self.line(&line);
+                        self.line(&line, total);
                     }
                     return true;
                 }
-                Ok(n) => self.feed(&buf[..n]),
+                Ok(n) => {
+                    read += n;
+                    self.feed(&buf[..n], total);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
                 Err(_) => return true,
             }
         }
+        false
     }
 
-    fn feed(&mut self, mut bytes: &[u8]) {
+    fn feed(&mut self, mut bytes: &[u8], total: &mut RateLimit) {
         while let Some(at) = bytes.iter().position(|&b| b == b'\n') {
             if self.discarding {
                 self.discarding = false;
             } else {
                 self.partial.extend_from_slice(&bytes[..at]);
                 let line = std::mem::take(&mut self.partial);
-                self.line(&line);
+                self.line(&line, total);
             }
             bytes = &bytes[at + 1..];
         }
@@ -262,22 +287,30 @@ impl Source {
         if self.partial.len() > MAX_LINE {
             // Said now, cut; the rest up to the newline is dropped.
             let line = std::mem::take(&mut self.partial);
-            self.line(&line);
+            self.line(&line, total);
             self.discarding = true;
         }
     }
 
-    fn line(&mut self, bytes: &[u8]) {
+    fn line(&mut self, bytes: &[u8], total: &mut RateLimit) {
         let text = sanitize(bytes);
         self.log.keep(&text);
-        if !self.limit.allow(Instant::now()) {
+        let now = Instant::now();
+        if !self.limit.allow(now) {
+            return;
+        }
+        if !total.allow(now) {
+            // Counted as this VMM's: it says so when its lines flow again.
+            self.limit.suppressed += 1;
             return;
         }
         if self.limit.suppressed > 0 {
             let n = std::mem::take(&mut self.limit.suppressed);
             self.log.emit(
                 Level::WARN,
-                &format!("{n} lines of this VMM's log were dropped (over {RATE_PER_S} lines/s)"),
+                &format!(
+                    "{n} lines of this VMM's log were dropped (over {RATE_PER_S} lines/s, or all VMMs over {TOTAL_RATE_PER_S})"
+                ),
             );
         }
         let (level, message) = parse_line(&text);
@@ -289,7 +322,7 @@ impl Source {
             self.log.emit(
                 Level::WARN,
                 &format!(
-                    "{} lines of this VMM's log were dropped (over {RATE_PER_S} lines/s)",
+                    "{} lines of this VMM's log were dropped (over {RATE_PER_S} lines/s, or all VMMs over {TOTAL_RATE_PER_S})",
                     self.limit.suppressed
                 ),
             );
@@ -309,7 +342,12 @@ struct Inner {
     /// Registered, not yet taken by the thread (pushed before the pipe is
     /// added to epoll, so an event always finds its source).
     pending: Mutex<Vec<(u64, Source)>>,
+    /// Sources whose pipe could not be added to epoll after the thread may
+    /// already have taken them: the thread drops them.
+    cancelled: Mutex<Vec<u64>>,
     next: AtomicU64,
+    /// Cleared when the thread ends (it should not).
+    alive: std::sync::atomic::AtomicBool,
 }
 
 impl VmmLogs {
@@ -318,12 +356,25 @@ impl VmmLogs {
         let inner = Arc::new(Inner {
             epoll: Epoll::new()?,
             pending: Mutex::new(Vec::new()),
+            cancelled: Mutex::new(Vec::new()),
             next: AtomicU64::new(0),
+            alive: std::sync::atomic::AtomicBool::new(true),
         });
         let thread = inner.clone();
         std::thread::Builder::new()
             .name("ember_vmm_log".into())
-            .spawn(move || thread.run())?;
+            .spawn(move || {
+                let result =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| thread.run()));
+                thread.alive.store(false, Ordering::SeqCst);
+                let why = match result {
+                    Ok(e) => e.to_string(),
+                    Err(_) => "it panicked".into(),
+                };
+                tracing::error!("the VMM log thread stopped ({why}): no new VMM can start");
+                // Pipes registered meanwhile are read by nobody: close them.
+                lock(&thread.pending).clear();
+            })?;
         Ok(VmmLogs { inner })
     }
 
@@ -331,6 +382,11 @@ impl VmmLogs {
     /// and its log. Lines are forwarded until every copy of the write end
     /// is closed.
     pub fn pipe(&self, vmm: &str) -> std::io::Result<(OwnedFd, Arc<VmmLog>)> {
+        if !self.inner.alive.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other(
+                "the VMM log thread has stopped (see emberd's log)",
+            ));
+        }
         let mut fds = [0; 2];
         // SAFETY: pipe2(2) fills the two descriptors of the array we own.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
@@ -352,36 +408,45 @@ impl VmmLogs {
                 log: log.clone(),
                 partial: Vec::new(),
                 discarding: false,
-                limit: RateLimit::new(Instant::now()),
+                limit: RateLimit::new(RATE_PER_S, BURST, Instant::now()),
             },
         ));
-        self.inner
-            .epoll
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN | EventSet::HANG_UP, token),
-            )
-            .inspect_err(|_| {
-                lock(&self.inner.pending).retain(|(t, _)| *t != token);
-            })?;
+        if let Err(e) = self.inner.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN | EventSet::HANG_UP, token),
+        ) {
+            let mut pending = lock(&self.inner.pending);
+            let before = pending.len();
+            pending.retain(|(t, _)| *t != token);
+            if pending.len() == before {
+                // The thread took it already: it drops it when it wakes.
+                lock(&self.inner.cancelled).push(token);
+            }
+            log.close();
+            return Err(e);
+        }
         Ok((write, log))
     }
 }
 
 impl Inner {
-    fn run(&self) {
+    /// Forwards lines until epoll fails (it does not: the error is returned).
+    fn run(&self) -> std::io::Error {
         let mut sources: HashMap<u64, Source> = HashMap::new();
         let mut events = vec![EpollEvent::default(); 64];
+        let mut total = RateLimit::new(TOTAL_RATE_PER_S, TOTAL_BURST, Instant::now());
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("the VMM log thread stops: epoll_wait failed: {e}");
-                    return;
-                }
+                Err(e) => return e,
             };
+            for token in lock(&self.cancelled).drain(..) {
+                if let Some(source) = sources.remove(&token) {
+                    source.log.close();
+                }
+            }
             for event in &events[..n] {
                 let token = event.data();
                 if !sources.contains_key(&token) {
@@ -390,7 +455,7 @@ impl Inner {
                 let Some(source) = sources.get_mut(&token) else {
                     continue;
                 };
-                if source.drain() {
+                if source.drain(&mut total) {
                     if let Some(source) = sources.remove(&token) {
                         let _ = self.epoll.ctl(
                             ControlOperation::Delete,
@@ -447,7 +512,7 @@ mod tests {
     #[test]
     fn the_rate_limit_allows_a_burst_then_the_rate() {
         let start = Instant::now();
-        let mut limit = RateLimit::new(start);
+        let mut limit = RateLimit::new(RATE_PER_S, BURST, start);
         let burst = (0..1000).filter(|_| limit.allow(start)).count();
         assert_eq!(burst, BURST as usize);
         assert_eq!(limit.suppressed, 1000 - BURST as u64);

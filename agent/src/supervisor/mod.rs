@@ -238,9 +238,13 @@ impl Supervisor {
             }
             if Instant::now() >= deadline {
                 cleanup(&mut child);
+                let tail = log.tail(Duration::from_secs(1));
                 return Err(VmmError::NotListening {
                     id: id.into(),
-                    why: format!("no socket within {PATIENCE:?}"),
+                    why: format!(
+                        "no socket within {PATIENCE:?}; its last lines: {}",
+                        tail.join(" / ")
+                    ),
                 });
             }
             std::thread::sleep(Duration::from_micros(200));
