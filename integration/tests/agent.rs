@@ -414,9 +414,8 @@ const SPIN: &str = r#"
   (func (export "_start") (loop $forever (br $forever))))
 "#;
 
-/// A function that times out is answered with `timeout`, and its
-/// instance is destroyed: the next invocation restores a new one.
-fn timeout_recycles() -> TestResult {
+/// A fresh emberd with [`SPIN`] deployed as `spin` with `config`.
+fn with_spin(config: serde_json::Value) -> Result<(Emberd, ApiClient), Failed> {
     let dir = fresh_dir()?;
     let module = dir.join("spin.wasm");
     std::fs::write(
@@ -426,13 +425,14 @@ fn timeout_recycles() -> TestResult {
     .map_err(|e| fail(e.to_string()))?;
     let emberd = Emberd::start(&dir, &[])?;
     let mut client = emberd.client();
-    deploy(
-        &mut client,
-        "spin",
-        &module,
-        json!({ "timeout_ms": 200 }),
-        &[],
-    )?;
+    deploy(&mut client, "spin", &module, config, &[])?;
+    Ok((emberd, client))
+}
+
+/// A function that times out is answered with `timeout`, and its
+/// instance is destroyed: the next invocation restores a new one.
+fn timeout_recycles() -> TestResult {
+    let (_emberd, mut client) = with_spin(json!({ "timeout_ms": 200 }))?;
     let response = expect_status(invoke(&mut client, "spin", b"", &[]), 200, "invoke")?;
     check(
         response.header("x-ember-function-error") == Some("timeout"),
@@ -616,22 +616,7 @@ fn second_daemon() -> TestResult {
 /// rest waiting for it), and the others get a 429 with Retry-After at
 /// once, before they take a thread.
 fn admission_limit() -> TestResult {
-    let dir = fresh_dir()?;
-    let module = dir.join("spin.wasm");
-    std::fs::write(
-        &module,
-        wat::parse_str(SPIN).map_err(|e| fail(e.to_string()))?,
-    )
-    .map_err(|e| fail(e.to_string()))?;
-    let emberd = Emberd::start(&dir, &[])?;
-    let mut client = emberd.client();
-    deploy(
-        &mut client,
-        "spin",
-        &module,
-        json!({ "timeout_ms": 3000, "max_concurrency": 1 }),
-        &[],
-    )?;
+    let (emberd, mut client) = with_spin(json!({ "timeout_ms": 3000, "max_concurrency": 1 }))?;
     let mut runner = emberd.client();
     let busy = std::thread::spawn(move || invoke(&mut runner, "spin", b"", &[]));
     busy_instances(&mut client, 1)?;
