@@ -65,6 +65,25 @@ ensure_wasm_c() {
     apt_install clang lld wasi-libc libclang-rt-dev-wasm32
 }
 
+# build_release CARGO_ARGS...: a release build of the host workspace that
+# remembers the executables cargo reports it made (fresh or rebuilt), so a
+# script runs only what this build made: never a stale binary that another
+# build left in the target directory.
+build_release() {
+    ensure_packages jq:jq
+    EMBER_BUILT="$(cargo build --release --locked "$@" --message-format=json-render-diagnostics \
+        | jq -r 'select(.reason == "compiler-artifact" and .executable != null) | .executable')"
+}
+
+# built_binary NAME: the path of NAME made by the last build_release; fails,
+# saying so, if it made none.
+built_binary() {
+    local path
+    path="$(grep "/$1\$" <<<"${EMBER_BUILT:-}" || true)"
+    [ -n "$path" ] || { echo "$(basename "$0"): the build did not produce $1" >&2; return 1; }
+    echo "$path"
+}
+
 # /dev/kvm must be usable for the demo and the KVM tests.
 kvm_usable() {
     [ -r /dev/kvm ] && [ -w /dev/kvm ]
