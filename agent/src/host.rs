@@ -408,12 +408,13 @@ impl Agent {
                 }))
             }
             Err(e) => {
-                // The message may quote the guest: one line, escaped.
+                // The message may quote the guest: escaped and cut as the
+                // VMMs' own lines are.
                 tracing::warn!(
                     function = name,
                     version = version.version,
                     "deploy refused: {}",
-                    e.message.escape_debug()
+                    crate::supervisor::log::sanitize(e.message.as_bytes())
                 );
                 self.store.discard(name, version.version);
                 Err(e)

@@ -63,22 +63,18 @@ pub fn init(format: LogFormat, filter: EnvFilter) -> LogGuard {
             .with_writer(writer)
             .with_ansi(std::io::stderr().is_terminal())
             .init(),
+        // The journal keeps its own time.
         (LogFormat::Text, true) => tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(writer)
-            .event_format(Prioritized(
-                tracing_subscriber::fmt::format()
+            .event_format(Prioritized {
+                journal: true,
+                inner: tracing_subscriber::fmt::format()
                     .without_time()
                     .with_ansi(false),
-            ))
+            })
             .init(),
-        (LogFormat::Json, false) => json_subscriber(filter, writer).init(),
-        (LogFormat::Json, true) => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(writer)
-            .fmt_fields(JsonFields::new())
-            .event_format(Prioritized(FlatJson))
-            .init(),
+        (LogFormat::Json, journal) => json_subscriber(filter, writer, journal).init(),
     }
     guard
 }
@@ -106,9 +102,12 @@ fn stderr_is_journal() -> bool {
     stat.st_dev == dev && stat.st_ino == ino
 }
 
-/// A line format behind the syslog priority of its event (`<3>` error,
-/// `<4>` warning, `<6>` info, `<7>` debug), for the journal.
-struct Prioritized<F>(F);
+/// A line format, behind the syslog priority of its event (`<3>` error,
+/// `<4>` warning, `<6>` info, `<7>` debug) when the line goes to the journal.
+struct Prioritized<F> {
+    journal: bool,
+    inner: F,
+}
 
 impl<S, N, F> FormatEvent<S, N> for Prioritized<F>
 where
@@ -122,19 +121,26 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        let priority = match *event.metadata().level() {
-            Level::ERROR => 3,
-            Level::WARN => 4,
-            Level::INFO => 6,
-            Level::DEBUG | Level::TRACE => 7,
-        };
-        write!(writer, "<{priority}>")?;
-        self.0.format_event(ctx, writer, event)
+        if self.journal {
+            let priority = match *event.metadata().level() {
+                Level::ERROR => 3,
+                Level::WARN => 4,
+                Level::INFO => 6,
+                Level::DEBUG | Level::TRACE => 7,
+            };
+            write!(writer, "<{priority}>")?;
+        }
+        self.inner.format_event(ctx, writer, event)
     }
 }
 
-/// A subscriber writing flat JSON lines to `writer`.
-pub fn json_subscriber<W>(filter: EnvFilter, writer: W) -> impl Subscriber + Send + Sync
+/// A subscriber writing flat JSON lines to `writer`, each behind its
+/// priority when `journal`.
+pub fn json_subscriber<W>(
+    filter: EnvFilter,
+    writer: W,
+    journal: bool,
+) -> impl Subscriber + Send + Sync
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
@@ -142,7 +148,10 @@ where
         .with_env_filter(filter)
         .with_writer(writer)
         .fmt_fields(JsonFields::new())
-        .event_format(FlatJson)
+        .event_format(Prioritized {
+            journal,
+            inner: FlatJson,
+        })
         .finish()
 }
 
@@ -247,7 +256,7 @@ mod tests {
     #[test]
     fn json_lines_carry_the_span_fields_at_the_top_level() {
         let buffer = Buffer::default();
-        let subscriber = json_subscriber(EnvFilter::new("debug"), buffer.clone());
+        let subscriber = json_subscriber(EnvFilter::new("debug"), buffer.clone(), false);
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!(
                 "invoke",
@@ -288,12 +297,7 @@ mod tests {
     #[test]
     fn journal_lines_start_with_their_priority() {
         let buffer = Buffer::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(EnvFilter::new("debug"))
-            .with_writer(buffer.clone())
-            .fmt_fields(JsonFields::new())
-            .event_format(Prioritized(FlatJson))
-            .finish();
+        let subscriber = json_subscriber(EnvFilter::new("debug"), buffer.clone(), true);
         tracing::subscriber::with_default(subscriber, || {
             tracing::error!("e");
             tracing::warn!("w");
@@ -330,7 +334,7 @@ mod tests {
     #[test]
     fn the_filter_applies() {
         let buffer = Buffer::default();
-        let subscriber = json_subscriber(EnvFilter::new("warn"), buffer.clone());
+        let subscriber = json_subscriber(EnvFilter::new("warn"), buffer.clone(), false);
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!("quiet");
             tracing::warn!("loud");

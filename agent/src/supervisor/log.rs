@@ -304,8 +304,15 @@ impl Source {
             self.limit.suppressed += 1;
             return;
         }
-        if self.limit.suppressed > 0 {
-            let n = std::mem::take(&mut self.limit.suppressed);
+        self.report_dropped();
+        let (level, message) = parse_line(&text);
+        self.log.emit(level, message);
+    }
+
+    /// Says how many lines were dropped since the last one let through.
+    fn report_dropped(&mut self) {
+        let n = std::mem::take(&mut self.limit.suppressed);
+        if n > 0 {
             self.log.emit(
                 Level::WARN,
                 &format!(
@@ -313,20 +320,10 @@ impl Source {
                 ),
             );
         }
-        let (level, message) = parse_line(&text);
-        self.log.emit(level, message);
     }
 
-    fn finish(self) {
-        if self.limit.suppressed > 0 {
-            self.log.emit(
-                Level::WARN,
-                &format!(
-                    "{} lines of this VMM's log were dropped (over {RATE_PER_S} lines/s, or all VMMs over {TOTAL_RATE_PER_S})",
-                    self.limit.suppressed
-                ),
-            );
-        }
+    fn finish(mut self) {
+        self.report_dropped();
         self.log.close();
     }
 }
