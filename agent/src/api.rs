@@ -4,15 +4,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::events::store_error;
 use crate::functions::{check_file_name, FunctionConfig};
 use crate::host::{lock, Agent, ApiError, MAX_EVENT_BYTES};
+use crate::journal::{self, Accepted, NewEvent, RecordFilter};
 
 /// Header naming the instance that served (and that a caller may ask for).
 pub const INSTANCE_HEADER: &str = "x-ember-instance";
@@ -24,6 +26,10 @@ pub const START_HEADER: &str = "x-ember-start";
 pub const VERSION_HEADER: &str = "x-ember-version";
 /// Header: the invocation's id (also in emberd's log lines about it).
 pub const INVOCATION_ID_HEADER: &str = "x-ember-invocation-id";
+/// Header: `Event` (async) or `RequestResponse` (sync, the default).
+pub const INVOCATION_TYPE_HEADER: &str = "x-ember-invocation-type";
+/// Header: an async event's idempotency key (24 h, per function).
+pub const IDEMPOTENCY_HEADER: &str = "x-ember-idempotency-key";
 
 /// The largest deploy (module plus files).
 const MAX_DEPLOY_BYTES: usize = 64 << 20;
@@ -79,6 +85,13 @@ pub fn router(agent: Arc<Agent>) -> Router {
                 .layer(DefaultBodyLimit::max(MAX_DEPLOY_BYTES)),
         )
         .route("/functions/{name}/invoke", post(invoke))
+        .route("/invocations", get(list_invocations))
+        .route("/invocations/{id}", get(get_invocation))
+        .route("/journal", get(list_journal))
+        .route("/journal/replay", post(replay_many))
+        .route("/journal/{id}", get(get_record).delete(delete_record))
+        .route("/journal/{id}/event", get(record_event))
+        .route("/journal/{id}/replay", post(replay_one))
         .route("/instances", get(instances))
         .route("/instances/{id}", axum::routing::delete(delete_instance))
         .fallback(|| async { ApiError::new(404, "not_found", "no such path") })
@@ -131,6 +144,14 @@ async fn get_function(
         .count();
     let mut value = json!(*v);
     value["instances"] = json!(instances);
+    value["template_generation"] = json!(agent.template_generation(&v));
+    value["broken"] = json!(agent.is_broken(&v));
+    value["queued"] = json!(agent
+        .events
+        .depths()
+        .into_iter()
+        .find(|(f, _, _)| *f == name)
+        .map_or(0, |(_, n, _)| n));
     Ok(Json(value))
 }
 
@@ -260,28 +281,102 @@ async fn invoke(
         instance = tracing::field::Empty,
         version = tracing::field::Empty,
     );
-    let mut response = serve_invocation(agent, name, headers, body, span.clone())
+    let served = match header(&headers, INVOCATION_TYPE_HEADER) {
+        Ok(None) => serve_invocation(agent, name, id.clone(), headers, body, span.clone()).await,
+        Ok(Some(t)) if t == "RequestResponse" => {
+            serve_invocation(agent, name, id.clone(), headers, body, span.clone()).await
+        }
+        Ok(Some(t)) if t == "Event" => accept_event(agent, name, &id, headers, body).await,
+        Ok(Some(t)) => Err(bad(format!(
+            "{INVOCATION_TYPE_HEADER} is {t:?}: give Event (async) or RequestResponse (sync)"
+        ))),
+        Err(e) => Err(e),
+    };
+    let mut response = served.unwrap_or_else(|e| {
+        let _in = span.enter();
+        if e.status >= 500 {
+            tracing::warn!(kind = e.kind, "{}", e.message);
+        } else {
+            tracing::debug!(kind = e.kind, status = e.status, "{}", e.message);
+        }
+        e.into_response()
+    });
+    if !response.headers().contains_key(INVOCATION_ID_HEADER) {
+        if let Ok(value) = HeaderValue::from_str(&id) {
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(INVOCATION_ID_HEADER), value);
+        }
+    }
+    response
+}
+
+async fn read_event(body: axum::body::Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_EVENT_BYTES)
         .await
-        .unwrap_or_else(|e| {
-            let _in = span.enter();
-            if e.status >= 500 {
-                tracing::warn!(kind = e.kind, "{}", e.message);
-            } else {
-                tracing::debug!(kind = e.kind, status = e.status, "{}", e.message);
-            }
-            e.into_response()
-        });
+        .map_err(|_| {
+            ApiError::new(
+                413,
+                "payload_too_large",
+                format!("the event is larger than the limit of {MAX_EVENT_BYTES} bytes"),
+            )
+        })
+}
+
+/// An async invocation: `202 {"id"}` once the event is on disk.
+async fn accept_event(
+    agent: Arc<Agent>,
+    name: String,
+    id: &str,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    if agent.draining.load(Ordering::Relaxed) {
+        return Err(ApiError::new(
+            503,
+            "shutting_down",
+            "emberd is shutting down",
+        ));
+    }
+    let v = agent.current(&name)?;
+    let body = read_event(body).await?;
+    let affinity = header(&headers, AFFINITY_HEADER)?;
+    let idempotency_key = header(&headers, IDEMPOTENCY_HEADER)?;
+    if header(&headers, INSTANCE_HEADER)?.is_some() {
+        return Err(bad(format!(
+            "{INSTANCE_HEADER} is for synchronous invocations; an async one may carry {AFFINITY_HEADER}"
+        )));
+    }
+    let reservation = agent.events.reserve(&name, v.config.max_queued)?;
+    let now = journal::now_ms();
+    let ev = NewEvent {
+        id: id.to_string(),
+        function: name,
+        origin: "invoke",
+        source_id: None,
+        affinity,
+        idempotency_key,
+        event: body.to_vec(),
+        accepted_ms: now,
+        due_ms: now,
+    };
+    let (status, id) = match agent.events.accept(reservation, ev).await? {
+        Accepted::New(_) => (StatusCode::ACCEPTED, id.to_string()),
+        Accepted::Existing(first) => (StatusCode::OK, first),
+    };
+    let mut response = (status, Json(json!({ "id": id }))).into_response();
     if let Ok(value) = HeaderValue::from_str(&id) {
         response
             .headers_mut()
             .insert(HeaderName::from_static(INVOCATION_ID_HEADER), value);
     }
-    response
+    Ok(response)
 }
 
 async fn serve_invocation(
     agent: Arc<Agent>,
     name: String,
+    id: String,
     headers: HeaderMap,
     body: axum::body::Body,
     span: tracing::Span,
@@ -291,15 +386,7 @@ async fn serve_invocation(
     // drops this future, not the work). Beyond the limit, a 429 before the
     // body is buffered or a thread taken.
     let admitted = agent.admit()?;
-    let body = axum::body::to_bytes(body, MAX_EVENT_BYTES)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                413,
-                "payload_too_large",
-                format!("the event is larger than the limit of {MAX_EVENT_BYTES} bytes"),
-            )
-        })?;
+    let body = read_event(body).await?;
     let instance = header(&headers, INSTANCE_HEADER)?;
     let key = header(&headers, AFFINITY_HEADER)?;
     let started = std::time::Instant::now();
@@ -307,7 +394,9 @@ async fn serve_invocation(
     let served = blocking(move || {
         let _admitted = admitted;
         let _in = span.enter();
-        agent.invoke(&name, &body, instance.as_deref(), key.as_deref())
+        let served = agent.invoke(&name, &body, instance.as_deref(), key.as_deref());
+        sync_failure(&agent, &name, &id, &body, &served);
+        served
     })
     .await?;
     let m = &metrics_agent.metrics;
@@ -363,6 +452,395 @@ async fn serve_invocation(
     Ok(response)
 }
 
+/// A failed synchronous invocation: its error goes to the function's
+/// `on_error` control, and with `journal_sync_failures` into the journal
+/// (durably, before the answer).
+fn sync_failure(
+    agent: &Agent,
+    name: &str,
+    id: &str,
+    event: &[u8],
+    served: &Result<crate::host::Served, ApiError>,
+) {
+    let (kind, message, version) = match served {
+        Ok(served) => {
+            let r = &served.response;
+            match (r.status, r.header("x-ember-function-error")) {
+                (200, None) => return,
+                (200, Some(kind)) => (
+                    kind.to_string(),
+                    serde_json::from_slice::<serde_json::Value>(&r.body)
+                        .ok()
+                        .and_then(|b| b["error"]["message"].as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                    Some(served.version),
+                ),
+                (status, _) => (
+                    "host_error".to_string(),
+                    format!("the instance answered {status}"),
+                    Some(served.version),
+                ),
+            }
+        }
+        Err(e) if e.status >= 500 && e.kind != "shutting_down" => {
+            (e.kind.to_string(), e.message.clone(), None)
+        }
+        Err(_) => return,
+    };
+    let Ok(v) = agent.current(name) else { return };
+    let mut journal_id = None;
+    if v.config.journal_sync_failures {
+        let record = journal::NewRecord {
+            id: agent.new_invocation_id(),
+            kind: "sync_failure",
+            function: name.to_string(),
+            version: version.or(Some(v.version)),
+            invocation_id: Some(id.to_string()),
+            error_kind: Some(kind.clone()),
+            error_message: Some(message.clone()),
+            event: Some(event.to_vec()),
+            accepted_ms: Some(journal::now_ms()),
+            ..Default::default()
+        };
+        let record_id = record.id.clone();
+        let now = journal::now_ms();
+        match agent.events.journal.write_blocking(true, move |conn| {
+            journal::insert_record_tx(conn, &record, now)
+        }) {
+            Ok(()) => journal_id = Some(record_id),
+            Err(e) => tracing::error!("cannot journal a failed invocation: {e}"),
+        }
+    }
+    agent.report_error(crate::events::ErrorReport {
+        kind: "error",
+        function: name.to_string(),
+        version: version.or(Some(v.version)),
+        invocation_id: Some(id.to_string()),
+        error_kind: kind,
+        message,
+        journal_id,
+        detail: None,
+    });
+}
+
+/// Query of the list endpoints.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    function: Option<String>,
+    kind: Option<String>,
+    state: Option<String>,
+    /// Created at or after, ms since the Unix epoch.
+    since: Option<i64>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+impl ListQuery {
+    fn parse(
+        query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    ) -> Result<ListQuery, ApiError> {
+        query
+            .map(|Query(q)| q)
+            .map_err(|e| bad(format!("bad query: {}", e.body_text())))
+    }
+
+    fn limit(&self, default: u32, max: u32) -> Result<u32, ApiError> {
+        match self.limit {
+            None => Ok(default),
+            Some(n) if (1..=max).contains(&n) => Ok(n),
+            Some(n) => Err(bad(format!("limit must be between 1 and {max} (got {n})"))),
+        }
+    }
+
+    fn cursor(&self) -> Result<Option<i64>, ApiError> {
+        self.cursor
+            .as_deref()
+            .map(|c| {
+                c.parse::<i64>()
+                    .map_err(|_| bad(format!("cursor {c:?} is not one this API gave")))
+            })
+            .transpose()
+    }
+
+    fn filter(&self) -> Result<RecordFilter, ApiError> {
+        Ok(RecordFilter {
+            function: self.function.clone(),
+            kind: self.kind.clone(),
+            since_ms: self.since,
+            before_seq: self.cursor()?,
+            unreplayed: false,
+        })
+    }
+}
+
+/// The page and the cursor of the next one (the last item's seq).
+fn page(key: &str, items: Vec<serde_json::Value>, limit: u32) -> Json<serde_json::Value> {
+    let next = (items.len() as u32 == limit)
+        .then(|| {
+            items
+                .last()
+                .and_then(|i| i["seq"].as_i64())
+                .map(|s| s.to_string())
+        })
+        .flatten();
+    Json(json!({ key: items, "next_cursor": next }))
+}
+
+async fn list_invocations(
+    State(agent): State<Arc<Agent>>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let q = ListQuery::parse(query)?;
+    if let Some(state) = &q.state {
+        if !["queued", "running", "retrying", "succeeded", "failed"].contains(&state.as_str()) {
+            return Err(bad(format!(
+                "state {state:?}: give queued, running, retrying, succeeded or failed"
+            )));
+        }
+    }
+    let limit = q.limit(100, 10_000)?;
+    let cursor = q.cursor()?;
+    let items = blocking(move || {
+        agent
+            .events
+            .journal
+            .read(|conn| {
+                journal::invocations(
+                    conn,
+                    q.function.as_deref(),
+                    q.state.as_deref(),
+                    cursor,
+                    limit,
+                )
+            })
+            .map_err(store_error)
+    })
+    .await?;
+    Ok(page("invocations", items, limit))
+}
+
+async fn get_invocation(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let found = blocking(move || {
+        agent
+            .events
+            .journal
+            .read(|conn| journal::invocation(conn, &id))
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                ApiError::new(
+                    404,
+                    "not_found",
+                    format!("no async invocation {id} (or it is past its retention)"),
+                )
+            })
+    })
+    .await?;
+    Ok(Json(found))
+}
+
+async fn list_journal(
+    State(agent): State<Arc<Agent>>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let q = ListQuery::parse(query)?;
+    let limit = q.limit(100, 10_000)?;
+    let filter = q.filter()?;
+    let items = blocking(move || {
+        agent
+            .events
+            .journal
+            .read(|conn| journal::records(conn, &filter, limit))
+            .map_err(store_error)
+    })
+    .await?;
+    Ok(page("records", items, limit))
+}
+
+fn no_record(id: &str) -> ApiError {
+    ApiError::new(404, "not_found", format!("no journal record {id}"))
+}
+
+async fn get_record(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let found = blocking(move || {
+        agent
+            .events
+            .journal
+            .read(|conn| journal::record(conn, &id))
+            .map_err(store_error)?
+            .ok_or_else(|| no_record(&id))
+    })
+    .await?;
+    Ok(Json(found))
+}
+
+async fn record_event(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let event = blocking(move || {
+        let (_, event) = agent
+            .events
+            .journal
+            .read(|conn| journal::record_event(conn, &id))
+            .map_err(store_error)?
+            .ok_or_else(|| no_record(&id))?;
+        event.ok_or_else(|| {
+            ApiError::new(
+                404,
+                "not_found",
+                format!("journal record {id} holds no event (a control action)"),
+            )
+        })
+    })
+    .await?;
+    Ok(([("content-type", "application/octet-stream")], event).into_response())
+}
+
+async fn delete_record(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    agent
+        .events
+        .journal
+        .write(true, move |conn| journal::delete_record_tx(conn, &id))
+        .await
+        .map_err(store_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /journal/{id}/replay`: a new async invocation of the record's
+/// event, of the function's current version.
+async fn replay_one(
+    State(agent): State<Arc<Agent>>,
+    Path(record_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let reader = agent.clone();
+    let rid = record_id.clone();
+    let (function, _) = blocking(move || {
+        reader
+            .events
+            .journal
+            .read(|conn| journal::record_event(conn, &rid))
+            .map_err(store_error)?
+            .ok_or_else(|| no_record(&rid))
+    })
+    .await?;
+    let v = agent.current(&function)?;
+    let reservation = agent.events.reserve(&function, v.config.max_queued)?;
+    let now = journal::now_ms();
+    let id = agent.new_invocation_id();
+    let ev = NewEvent {
+        id: id.clone(),
+        function,
+        origin: "replay",
+        source_id: Some(record_id.clone()),
+        affinity: None,
+        idempotency_key: None,
+        event: Vec::new(),
+        accepted_ms: now,
+        due_ms: now,
+    };
+    let open = agent
+        .events
+        .journal
+        .write(true, move |conn| {
+            journal::replay_tx(conn, &record_id, ev, now)
+        })
+        .await
+        .map_err(store_error)?;
+    agent.events.keep(reservation, open);
+    let mut response = (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response();
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(INVOCATION_ID_HEADER), value);
+    }
+    Ok(response)
+}
+
+/// `POST /journal/replay`: every record not replayed yet that matches,
+/// spaced at the host's `replay_rate_per_s`.
+async fn replay_many(
+    State(agent): State<Arc<Agent>>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let q = ListQuery::parse(query)?;
+    let limit = q.limit(1000, 10_000)?;
+    let mut filter = q.filter()?;
+    filter.unreplayed = true;
+    let reader = agent.clone();
+    let records = blocking(move || {
+        reader
+            .events
+            .journal
+            .read(|conn| journal::records(conn, &filter, limit))
+            .map_err(store_error)
+    })
+    .await?;
+    let now = journal::now_ms();
+    let rate = i64::from(agent.events.settings.replay_rate_per_s.max(1));
+    let room = agent.events.room();
+    let mut planned = Vec::new();
+    let mut skipped = 0u64;
+    // Oldest first.
+    for record in records.iter().rev() {
+        let function = record["function"].as_str().unwrap_or_default().to_string();
+        let has_event = record["event_bytes"].as_i64().is_some();
+        if !has_event || agent.current(&function).is_err() || planned.len() as u64 >= room {
+            skipped += 1;
+            continue;
+        }
+        let due = now + planned.len() as i64 * 1000 / rate;
+        let record_id = record["id"].as_str().unwrap_or_default().to_string();
+        planned.push((
+            record_id.clone(),
+            NewEvent {
+                id: agent.new_invocation_id(),
+                function,
+                origin: "replay",
+                source_id: Some(record_id),
+                affinity: None,
+                idempotency_key: None,
+                event: Vec::new(),
+                accepted_ms: now,
+                due_ms: due,
+            },
+        ));
+    }
+    let opened = agent
+        .events
+        .journal
+        .write(true, move |conn| {
+            let mut opened = Vec::new();
+            for (record_id, ev) in planned {
+                // A record deleted or replayed meanwhile is passed over.
+                match journal::replay_tx(conn, &record_id, ev, now) {
+                    Ok(open) => opened.push(open),
+                    Err(journal::StoreError::NotFound(_) | journal::StoreError::Conflict(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(opened)
+        })
+        .await
+        .map_err(store_error)?;
+    let queued = opened.len();
+    let ids: Vec<&str> = opened.iter().map(|e| e.id.as_str()).collect();
+    let body = json!({ "queued": queued, "skipped": skipped, "ids": ids });
+    for ev in opened {
+        agent.events.enqueue(ev, true);
+    }
+    Ok(Json(body))
+}
+
 async fn instances(State(agent): State<Arc<Agent>>) -> Json<serde_json::Value> {
     Json(agent.instances())
 }
@@ -377,6 +855,15 @@ async fn delete_instance(
 
 async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
     use std::fmt::Write;
+    let counts = {
+        let agent = agent.clone();
+        tokio::task::spawn_blocking(move || agent.events.journal.read(journal::counts_by_kind))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+    };
+
     let m = &agent.metrics;
     let mut out = String::new();
     let _ = writeln!(out, "# HELP ember_invocations_total Invocations answered.");
@@ -452,6 +939,77 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
     );
     let _ = writeln!(out, "# TYPE ember_prepared_vmms gauge");
     let _ = writeln!(out, "ember_prepared_vmms {}", agent.prepared_count());
+    let e = &agent.events.metrics;
+    for (metric, help, value) in [
+        (
+            "ember_async_accepted_total",
+            "Async events accepted (202).",
+            &e.accepted,
+        ),
+        (
+            "ember_async_retries_total",
+            "Async attempts that failed and were retried.",
+            &e.retries,
+        ),
+        (
+            "ember_async_succeeded_total",
+            "Async events that succeeded.",
+            &e.succeeded,
+        ),
+        (
+            "ember_async_failed_total",
+            "Async events that ended in the journal.",
+            &e.failed,
+        ),
+        (
+            "ember_control_actions_total",
+            "Control actions taken on detected errors.",
+            &e.control_actions,
+        ),
+        (
+            "ember_journal_purged_total",
+            "Journal records purged by retention.",
+            &e.purged_records,
+        ),
+        (
+            "ember_on_error_limited_total",
+            "Error records not sent to an on_error function (over its rate).",
+            &e.on_error_limited,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {metric} {help}");
+        let _ = writeln!(out, "# TYPE {metric} counter");
+        let _ = writeln!(out, "{metric} {}", value.load(Ordering::Relaxed));
+    }
+    let now = journal::now_ms();
+    let depths = agent.events.depths();
+    let _ = writeln!(out, "# HELP ember_async_queue_depth Async events open (queued, retrying, running) per function.");
+    let _ = writeln!(out, "# TYPE ember_async_queue_depth gauge");
+    for (function, depth, _) in &depths {
+        let _ = writeln!(
+            out,
+            "ember_async_queue_depth{{function=\"{function}\"}} {depth}"
+        );
+    }
+    let _ = writeln!(out, "# HELP ember_async_oldest_event_age_seconds Age of the oldest open async event per function.");
+    let _ = writeln!(out, "# TYPE ember_async_oldest_event_age_seconds gauge");
+    for (function, _, oldest) in &depths {
+        if let Some(oldest) = oldest {
+            let age = (now - oldest).max(0) as f64 / 1000.0;
+            let _ = writeln!(
+                out,
+                "ember_async_oldest_event_age_seconds{{function=\"{function}\"}} {age}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ember_journal_records Failure journal records by kind."
+    );
+    let _ = writeln!(out, "# TYPE ember_journal_records gauge");
+    for (kind, n) in counts {
+        let _ = writeln!(out, "ember_journal_records{{kind=\"{kind}\"}} {n}");
+    }
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -31,6 +31,48 @@ pub struct FunctionConfig {
     /// Arguments after argv[0].
     #[serde(default)]
     pub args: Vec<String>,
+    /// Async events waiting or running at most (more get a 429).
+    #[serde(default = "default_max_queued")]
+    pub max_queued: u64,
+    /// Retries of a failed async event (0–10).
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// The first retry's backoff ceiling, ms; doubled per retry, full jitter.
+    #[serde(default = "default_retry_base_ms")]
+    pub retry_base_ms: u64,
+    /// An async event older than this is not attempted again, s (60–21600).
+    #[serde(default = "default_max_event_age_s")]
+    pub max_event_age_s: u64,
+    /// How long a succeeded async event's result is kept, s.
+    #[serde(default = "default_result_retention_s")]
+    pub result_retention_s: u64,
+    /// The function invoked (async) with the record of each event that
+    /// finally failed.
+    #[serde(default)]
+    pub on_failure: Option<String>,
+    /// The function invoked (async) with each detected error and control
+    /// action (rate-limited).
+    #[serde(default)]
+    pub on_error: Option<String>,
+    /// Whether failed synchronous invocations are journaled too.
+    #[serde(default)]
+    pub journal_sync_failures: bool,
+}
+
+fn default_max_queued() -> u64 {
+    10_000
+}
+fn default_max_retries() -> u32 {
+    2
+}
+fn default_retry_base_ms() -> u64 {
+    1000
+}
+fn default_max_event_age_s() -> u64 {
+    21_600
+}
+fn default_result_retention_s() -> u64 {
+    3600
 }
 
 fn default_timeout_ms() -> u64 {
@@ -52,7 +94,46 @@ impl Default for FunctionConfig {
             keep_alive_s: default_keep_alive_s(),
             env: BTreeMap::new(),
             args: Vec::new(),
+            max_queued: default_max_queued(),
+            max_retries: default_max_retries(),
+            retry_base_ms: default_retry_base_ms(),
+            max_event_age_s: default_max_event_age_s(),
+            result_retention_s: default_result_retention_s(),
+            on_failure: None,
+            on_error: None,
+            journal_sync_failures: false,
         }
+    }
+}
+
+impl FunctionConfig {
+    /// Checks the settings' ranges; the message names the one that is off.
+    pub fn check(&self) -> Result<(), String> {
+        let range = |name: &str, value: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&value) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{name} must be between {lo} and {hi} (got {value})"
+                ))
+            }
+        };
+        range("timeout_ms", self.timeout_ms, 1, 900_000)?;
+        range("max_concurrency", self.max_concurrency.into(), 1, 10_000)?;
+        range("max_queued", self.max_queued, 1, 1_000_000)?;
+        range("max_retries", self.max_retries.into(), 0, 10)?;
+        range("retry_base_ms", self.retry_base_ms, 1, 3_600_000)?;
+        range("max_event_age_s", self.max_event_age_s, 60, 21_600)?;
+        range("result_retention_s", self.result_retention_s, 0, 604_800)?;
+        for (what, target) in [
+            ("on_failure", &self.on_failure),
+            ("on_error", &self.on_error),
+        ] {
+            if let Some(target) = target {
+                check_name(target).map_err(|e| format!("{what}: {e}"))?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub memory_budget_mib: u64,
     /// ember-vmm's log level (its lines are forwarded into emberd's log).
     pub vmm_log_level: String,
+    /// Async invocations, the journal, control actions.
+    pub events: crate::events::EventSettings,
 }
 
 /// An error the API reports: status, kind, message.
@@ -191,6 +193,14 @@ pub struct Agent {
     queued: Arc<AtomicU64>,
     /// Invocation ids: a random part drawn at start, then a counter.
     invocation_ids: (u64, AtomicU64),
+    /// Async invocations and the failure journal.
+    pub events: crate::events::Events,
+    /// Itself, for control actions that run on threads of their own.
+    me: Weak<Agent>,
+    /// Versions (their deploy ids) whose template cannot be rebuilt.
+    broken: Mutex<HashSet<u64>>,
+    /// Template rebuilds per version since start (0: the deploy's).
+    generations: Mutex<HashMap<(String, u64), u64>>,
 }
 
 /// A served invocation, for the API to turn into a response.
@@ -227,6 +237,12 @@ impl Agent {
         if stale > 0 {
             tracing::warn!("killed {stale} ember-vmm processes a previous emberd left running");
         }
+        // The journal first: one that cannot be used stops emberd before
+        // anything else is touched.
+        let journal = crate::journal::Journal::open(&config.state_dir.join("journal.db"))
+            .map_err(|e| ApiError::new(500, "journal_unusable", e))?;
+        let events = crate::events::Events::open(journal, config.events.clone())
+            .map_err(|e| ApiError::new(500, "journal_unusable", e))?;
         let store = FunctionStore::open(config.state_dir.join("functions"))?;
         let cleaned = store.clean();
         if cleaned > 0 {
@@ -263,7 +279,11 @@ impl Agent {
                 }
             }
         }
-        let agent = Arc::new(Agent {
+        let agent = Arc::new_cyclic(|me| Agent {
+            me: me.clone(),
+            events,
+            broken: Mutex::new(HashSet::new()),
+            generations: Mutex::new(HashMap::new()),
             config,
             supervisor,
             store,
@@ -355,20 +375,9 @@ impl Agent {
     ) -> Result<serde_json::Value, ApiError> {
         let _one_at_a_time = lock(&self.deploying);
         let started = Instant::now();
-        if config.timeout_ms == 0 || config.timeout_ms > 900_000 {
-            return Err(ApiError::new(
-                400,
-                "bad_request",
-                "timeout_ms must be between 1 and 900000",
-            ));
-        }
-        if config.max_concurrency == 0 {
-            return Err(ApiError::new(
-                400,
-                "bad_request",
-                "max_concurrency must be at least 1",
-            ));
-        }
+        config
+            .check()
+            .map_err(|e| ApiError::new(400, "bad_request", e))?;
         if let Some(mib) = config.memory_mib {
             if mib as usize >= self.config.base_mem_mib {
                 return Err(ApiError::new(
@@ -477,7 +486,122 @@ impl Agent {
         let files = self.store.template(&v.name, v.version);
         let built = snapshots::build_template(&mut vmm, &self.base, &spec, &files);
         drop(vmm);
-        Ok(built?)
+        match built {
+            Err(SnapshotError::Vmm(VmmError::Refused {
+                ref path,
+                ref message,
+                ..
+            })) if path == "/snapshot/load" => {
+                // The base snapshot itself is refused: rebuild it, once.
+                let detected = json!({
+                    "condition": "base_refused",
+                    "message": format!("ember-vmm refused the base snapshot: {message}"),
+                });
+                let rebuilt = snapshots::build_base(
+                    &self.supervisor,
+                    &self.config.guest_image,
+                    self.config.base_mem_mib,
+                    &self.base,
+                );
+                self.record_control_action(
+                    &v.name,
+                    Some(v.version),
+                    detected,
+                    match &rebuilt {
+                        Ok(_) => json!({ "action": "base_rebuilt" }),
+                        Err(e) => {
+                            json!({ "action": "base_rebuild_failed", "error": e.to_string() })
+                        }
+                    },
+                );
+                rebuilt?;
+                let mut vmm = self.take_prepared()?;
+                vmm.build_template_of(&v.name, v.version);
+                let built = snapshots::build_template(&mut vmm, &self.base, &spec, &files);
+                drop(vmm);
+                Ok(built?)
+            }
+            built => Ok(built?),
+        }
+    }
+
+    /// Whether `v` is marked broken.
+    pub fn is_broken(&self, v: &FunctionVersion) -> bool {
+        lock(&self.broken).contains(&v.uid)
+    }
+
+    /// How many times `v`'s template was rebuilt since start.
+    pub fn template_generation(&self, v: &FunctionVersion) -> u64 {
+        lock(&self.generations)
+            .get(&(v.name.clone(), v.version))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn bump_generation(&self, v: &FunctionVersion) -> u64 {
+        let mut generations = lock(&self.generations);
+        let g = generations.entry((v.name.clone(), v.version)).or_insert(0);
+        *g += 1;
+        *g
+    }
+
+    /// Notes a crash of `v` (an instance that died serving or idle); the
+    /// `crash_threshold`-th within the window rebuilds its template and
+    /// replaces its idle instances, on a thread of its own.
+    fn crash_detected(&self, v: &Arc<FunctionVersion>, instance: Option<&str>, message: &str) {
+        if !self.events.crash_loop(&v.name, v.version) {
+            return;
+        }
+        let Some(agent) = self.me.upgrade() else {
+            return;
+        };
+        let v = v.clone();
+        let detected = json!({
+            "condition": "crash_loop",
+            "message": format!(
+                "{} crashes within {} s; the last: {message}",
+                self.events.settings.crash_threshold, self.events.settings.crash_window_s
+            ),
+            "instance": instance,
+        });
+        let spawned = std::thread::Builder::new()
+            .name("ember-repair".into())
+            .spawn(move || agent.rebuild_after_crashes(&v, detected));
+        if let Err(e) = spawned {
+            tracing::error!("cannot start a control action: {e}");
+        }
+    }
+
+    fn rebuild_after_crashes(&self, v: &FunctionVersion, detected: serde_json::Value) {
+        lock(&self.validated).remove(&(v.name.clone(), v.version));
+        let done = match self.template(v, true) {
+            Ok(_) => {
+                let generation = self.bump_generation(v);
+                let doomed: Vec<Instance> = {
+                    let mut pools = lock(&self.pools);
+                    let ids: Vec<String> = pools
+                        .instances
+                        .values()
+                        .filter(|i| i.uid == v.uid && i.vmm.is_some())
+                        .map(|i| i.id.clone())
+                        .collect();
+                    ids.iter().filter_map(|id| pools.remove(id)).collect()
+                };
+                let replaced = doomed.len();
+                drop(doomed);
+                self.changed.notify_waiters();
+                json!({
+                    "action": "template_rebuilt",
+                    "template_generation": generation,
+                    "idle_instances_replaced": replaced,
+                })
+            }
+            Err(e) => {
+                lock(&self.broken).insert(v.uid);
+                json!({ "action": "version_marked_broken", "rebuild_error": e.message })
+            }
+        };
+        self.record_control_action(&v.name, Some(v.version), detected, done);
     }
 
     /// The template of the current version of `function`, rebuilt if it
@@ -546,7 +670,18 @@ impl Agent {
             // A deploy or delete while this request waited: route for what
             // is current now.
             v = self.current(name)?;
+            if self.is_broken(&v) {
+                return Err(ApiError::new(
+                    503,
+                    "broken",
+                    format!(
+                        "{name} v{} is broken: its template failed to restore and could not be rebuilt; deploy a new version",
+                        v.version
+                    ),
+                ));
+            }
             let max = v.config.max_concurrency as usize;
+            let mut idle_died = false;
             // Decided under the lock; a Notified made there sees every
             // change after the decision.
             let (step, notified, dead) = {
@@ -564,6 +699,7 @@ impl Agent {
                                     if let Some(instance) = gone.as_mut() {
                                         instance.vmm = Some(vmm);
                                     }
+                                    idle_died = true;
                                     (Step::Again, notified, Some(gone.into_iter().collect()))
                                 } else {
                                     if let Some(key) = key {
@@ -625,6 +761,7 @@ impl Agent {
                                 created: Instant::now(),
                                 memory_mib: need,
                                 vmm_id: None,
+                                template_generation: self.template_generation(&v),
                             },
                         );
                         if let Some(key) = key {
@@ -640,6 +777,9 @@ impl Agent {
                 }
             };
             drop(dead);
+            if idle_died {
+                self.crash_detected(&v, None, "an idle instance's ember-vmm exited");
+            }
             match step {
                 Step::Again => {}
                 Step::Restore { id, affinity } => match self.restore(&id, &v) {
@@ -685,6 +825,7 @@ impl Agent {
             Start::Restored => &self.metrics.restored,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        let mut crashed = None;
         let (response, keep) = match result {
             Ok(response) => {
                 let error = response
@@ -694,6 +835,9 @@ impl Agent {
                 let keep = response.status == 200
                     && !matches!(error.as_deref(), Some("timeout" | "crash"))
                     && !vmm.exited();
+                if error.as_deref() == Some("crash") {
+                    crashed = Some("the instance crashed while serving".to_string());
+                }
                 match error.as_deref() {
                     Some(kind) if !keep => tracing::warn!(
                         kind,
@@ -711,6 +855,7 @@ impl Agent {
             }
             Err(e) => {
                 tracing::warn!("the instance stopped while serving ({e}); it is destroyed");
+                crashed = Some(format!("the instance stopped while serving: {e}"));
                 let body = json!({ "error": { "kind": "crash", "message": format!("the instance stopped while serving: {e}") } });
                 let response = ember_vmm::api::client::ApiResponse {
                     status: 200,
@@ -724,6 +869,9 @@ impl Agent {
             }
         };
         self.finish(&id, vmm, keep);
+        if let Some(message) = crashed {
+            self.crash_detected(&v, Some(&id), &message);
+        }
         Ok(Served {
             response,
             instance: id,
@@ -734,34 +882,83 @@ impl Agent {
     }
 
     /// Restores instance `id` of `v` from its template into a prepared VMM.
+    /// A template ember-vmm refuses twice is rebuilt (a control action);
+    /// one whose rebuild fails marks the version broken.
     fn restore(&self, id: &str, v: &FunctionVersion) -> Result<Vmm, ApiError> {
-        let template = self.template(v, false)?;
         let started = Instant::now();
-        let mut vmm = self.take_prepared()?;
-        // Tagged before the load: what ember-vmm says of it is the instance's.
-        vmm.serve_instance(id, &v.name, v.version);
-        if let Err(e) = vmm.call("PUT", "/snapshot/load", Some(&template.load_body(false))) {
-            // ember-vmm refused the template (it went bad since it was
-            // checked, or this ember-vmm reads it otherwise): rebuild it,
-            // once. Any other failure (the VMM died): check it, retry.
-            let refused = matches!(e, VmmError::Refused { .. });
-            tracing::warn!(
-                "restoring {} v{} failed ({e}); {}",
-                v.name,
-                v.version,
-                if refused {
-                    "rebuilding its template"
-                } else {
-                    "retrying in another VMM"
-                }
-            );
-            lock(&self.validated).remove(&(v.name.clone(), v.version));
-            drop(vmm);
-            self.template(v, refused)?;
-            vmm = self.take_prepared()?;
+        let mut refusals = 0;
+        let mut other_failures = 0;
+        let mut rebuilt = false;
+        let vmm = loop {
+            let template = self.template(v, false)?;
+            let mut vmm = self.take_prepared()?;
+            // Tagged before the load: what ember-vmm says of it is the instance's.
             vmm.serve_instance(id, &v.name, v.version);
-            vmm.call("PUT", "/snapshot/load", Some(&template.load_body(false)))?;
-        }
+            let e = match vmm.call("PUT", "/snapshot/load", Some(&template.load_body(false))) {
+                Ok(_) => break vmm,
+                Err(e) => e,
+            };
+            drop(vmm);
+            if !matches!(e, VmmError::Refused { .. }) {
+                // The VMM died or did not answer: another one, once.
+                other_failures += 1;
+                tracing::warn!(
+                    "restoring {} v{} failed ({e}); retrying in another VMM",
+                    v.name,
+                    v.version
+                );
+                if other_failures > 1 {
+                    return Err(e.into());
+                }
+                continue;
+            }
+            refusals += 1;
+            tracing::warn!(
+                "ember-vmm refused the template of {} v{} ({e})",
+                v.name,
+                v.version
+            );
+            if refusals == 1 {
+                continue;
+            }
+            if rebuilt {
+                return Err(e.into());
+            }
+            rebuilt = true;
+            let detected = json!({
+                "condition": "template_refused",
+                "message": format!("ember-vmm refused the template twice: {e}"),
+            });
+            lock(&self.validated).remove(&(v.name.clone(), v.version));
+            match self.template(v, true) {
+                Ok(_) => {
+                    let generation = self.bump_generation(v);
+                    self.record_control_action(
+                        &v.name,
+                        Some(v.version),
+                        detected,
+                        json!({ "action": "template_rebuilt", "template_generation": generation }),
+                    );
+                }
+                Err(rebuild) => {
+                    lock(&self.broken).insert(v.uid);
+                    self.record_control_action(
+                        &v.name,
+                        Some(v.version),
+                        detected,
+                        json!({ "action": "version_marked_broken", "rebuild_error": rebuild.message }),
+                    );
+                    return Err(ApiError::new(
+                        503,
+                        "broken",
+                        format!(
+                            "{} v{} is broken: its template was refused and its rebuild failed ({}); deploy a new version",
+                            v.name, v.version, rebuild.message
+                        ),
+                    ));
+                }
+            }
+        };
         lock(&self.metrics.restore_latency).observe(started.elapsed().as_secs_f64());
         tracing::info!(
             instance = id,
@@ -895,6 +1092,7 @@ impl Agent {
                     "idle_s": now.duration_since(i.last_used).as_secs(),
                     "age_s": now.duration_since(i.created).as_secs(),
                     "affinity_keys": keys,
+                    "template_generation": i.template_generation,
                 })
             })
             .collect();

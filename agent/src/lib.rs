@@ -3,8 +3,10 @@
 
 pub mod api;
 pub mod client;
+pub mod events;
 pub mod functions;
 pub mod host;
+pub mod journal;
 pub mod logging;
 pub mod pool;
 pub mod snapshots;

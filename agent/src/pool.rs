@@ -87,6 +87,8 @@ pub struct Instance {
     pub created: Instant,
     /// Memory it claims of the host's budget, MiB.
     pub memory_mib: u64,
+    /// The template rebuild it was restored from (0: the deploy's).
+    pub template_generation: u64,
 }
 
 /// What the router decided.
@@ -296,6 +298,7 @@ mod tests {
                     served: 0,
                     created: Instant::now(),
                     memory_mib: 128,
+                    template_generation: 0,
                     vmm_id: None,
                 },
             );

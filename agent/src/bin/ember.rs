@@ -62,8 +62,27 @@ enum Command {
         #[arg(long)]
         affinity: Option<String>,
         /// Serve on this instance.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "r#async")]
         instance: Option<String>,
+        /// Invoke asynchronously: print the invocation's id once the event
+        /// is on disk (follow it with `ember invocation ID`).
+        #[arg(long = "async")]
+        r#async: bool,
+        /// With --async: a second invoke with this key (24 h) answers the
+        /// first id instead of queueing the event again.
+        #[arg(long, requires = "r#async", value_name = "KEY")]
+        idempotency_key: Option<String>,
+    },
+    /// An async invocation: its state, attempts, and result.
+    Invocation {
+        /// Its id.
+        id: String,
+    },
+    /// The failure journal: async events that did not succeed, failed
+    /// synchronous invocations (if configured), control actions.
+    Journal {
+        #[command(subcommand)]
+        command: JournalCommand,
     },
     /// List functions.
     Ls,
@@ -81,6 +100,99 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum JournalCommand {
+    /// List records, newest first.
+    Ls {
+        #[command(flatten)]
+        filter: JournalFilter,
+        /// Records at most.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// One record, with its attempts.
+    Show {
+        /// The record's id.
+        id: String,
+    },
+    /// A record's event bytes, to stdout.
+    Event {
+        /// The record's id.
+        id: String,
+    },
+    /// Replay a record (or, with --all, every record not yet replayed that
+    /// matches the filters) as a new async invocation.
+    Replay {
+        /// The record's id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every matching record not replayed yet.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        filter: JournalFilter,
+    },
+    /// Delete a record.
+    Rm {
+        /// The record's id.
+        id: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct JournalFilter {
+    /// Of this function.
+    #[arg(long)]
+    function: Option<String>,
+    /// Of this kind (retries_exhausted, expired, function_deleted,
+    /// invalid_event, interrupted, sync_failure, control_action).
+    #[arg(long)]
+    kind: Option<String>,
+    /// Created within this long (250ms, 30s, 2m, or ms).
+    #[arg(long, value_name = "TIME", value_parser = parse_duration_ms)]
+    since: Option<u64>,
+}
+
+impl JournalFilter {
+    fn query(&self) -> String {
+        let mut q = Vec::new();
+        if let Some(f) = &self.function {
+            q.push(format!("function={}", encode(f)));
+        }
+        if let Some(k) = &self.kind {
+            q.push(format!("kind={}", encode(k)));
+        }
+        if let Some(ago) = self.since {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            q.push(format!("since={}", now.saturating_sub(ago)));
+        }
+        q.join("&")
+    }
+}
+
+/// Percent-encodes a query value.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn time_ms(v: &serde_json::Value) -> String {
+    v.as_i64().map_or("-".into(), |ms| {
+        let s = ms / 1000;
+        let (h, m, sec) = ((s / 3600) % 24, (s / 60) % 60, s % 60);
+        format!("{h:02}:{m:02}:{sec:02}.{:03}Z", ms % 1000)
+    })
 }
 
 fn parse_duration_ms(text: &str) -> Result<u64, String> {
@@ -234,6 +346,8 @@ fn run(cli: Cli) -> Result<(), String> {
             file,
             affinity,
             instance,
+            r#async,
+            idempotency_key,
         } => {
             let event = match (data, file) {
                 (Some(d), _) => d.clone().into_bytes(),
@@ -257,6 +371,12 @@ fn run(cli: Cli) -> Result<(), String> {
             if let Some(i) = instance {
                 headers.push(("X-Ember-Instance", i.as_str()));
             }
+            if *r#async {
+                headers.push(("X-Ember-Invocation-Type", "Event"));
+            }
+            if let Some(k) = idempotency_key {
+                headers.push(("X-Ember-Idempotency-Key", k.as_str()));
+            }
             let mut client = connect(&cli)?;
             let response = client
                 .request_with_headers(
@@ -267,6 +387,21 @@ fn run(cli: Cli) -> Result<(), String> {
                 )
                 .map_err(|e| e.to_string())?;
             let response = ok(response)?;
+            if *r#async {
+                let id = response.json()["id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if cli.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "id": id, "new": response.status == 202 })
+                    );
+                } else {
+                    println!("{id}");
+                }
+                return Ok(());
+            }
             let h = |n: &str| response.header(n).unwrap_or("").to_string();
             if cli.json {
                 println!(
@@ -375,6 +510,41 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
+        Command::Invocation { id } => {
+            let v = get_json(&cli, &format!("/invocations/{}", encode(id)))?;
+            if cli.json {
+                println!("{v}");
+                return Ok(());
+            }
+            println!(
+                "{} {} {}",
+                v["id"].as_str().unwrap_or("?"),
+                v["function"].as_str().unwrap_or("?"),
+                v["state"].as_str().unwrap_or("?")
+            );
+            for a in v["attempts"].as_array().into_iter().flatten() {
+                println!(
+                    "  attempt {} {} {} {} {} {}",
+                    a["n"],
+                    time_ms(&a["started_ms"]),
+                    a["outcome"].as_str().unwrap_or("?"),
+                    a["instance"].as_str().unwrap_or("-"),
+                    a["start"].as_str().unwrap_or("-"),
+                    a["error"]["kind"].as_str().unwrap_or(""),
+                );
+            }
+            if let Some(j) = v["journal_id"].as_str() {
+                println!(
+                    "  journal record {j}: {}",
+                    v["error"]["message"].as_str().unwrap_or("")
+                );
+            }
+            if let Some(result) = v["result"].as_str() {
+                println!("{result}");
+            }
+            Ok(())
+        }
+        Command::Journal { command } => journal(&cli, command),
         Command::Status => {
             let health = get_json(&cli, "/health")?;
             if cli.json {
@@ -383,6 +553,88 @@ fn run(cli: Cli) -> Result<(), String> {
                 for (k, v) in health.as_object().into_iter().flatten() {
                     println!("{k:<16} {v}");
                 }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn journal(cli: &Cli, command: &JournalCommand) -> Result<(), String> {
+    match command {
+        JournalCommand::Ls { filter, limit } => {
+            let mut q = filter.query();
+            if !q.is_empty() {
+                q.push('&');
+            }
+            let list = get_json(cli, &format!("/journal?{q}limit={limit}"))?;
+            if cli.json {
+                println!("{list}");
+                return Ok(());
+            }
+            println!(
+                "{:<32} {:<13} {:<17} {:<16} {:>7} {:>8} REPLAYED",
+                "ID", "CREATED", "KIND", "FUNCTION", "VERSION", "ATTEMPTS"
+            );
+            for r in list["records"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<32} {:<13} {:<17} {:<16} {:>7} {:>8} {}",
+                    r["id"].as_str().unwrap_or("?"),
+                    time_ms(&r["created_ms"]),
+                    r["kind"].as_str().unwrap_or("?"),
+                    r["function"].as_str().unwrap_or("?"),
+                    r["version"].to_string(),
+                    r["attempts"].as_array().map_or(0, Vec::len),
+                    r["replayed_as"].as_str().unwrap_or("-"),
+                );
+            }
+            Ok(())
+        }
+        JournalCommand::Show { id } => {
+            let r = get_json(cli, &format!("/journal/{}", encode(id)))?;
+            if cli.json {
+                println!("{r}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            }
+            Ok(())
+        }
+        JournalCommand::Event { id } => {
+            let response = connect(cli)?
+                .get(&format!("/journal/{}/event", encode(id)))
+                .map_err(|e| e.to_string())?;
+            let response = ok(response)?;
+            std::io::stdout()
+                .write_all(&response.body)
+                .map_err(|e| e.to_string())
+        }
+        JournalCommand::Replay { id, all, filter } => {
+            let path = match id {
+                Some(id) if !*all => format!("/journal/{}/replay", encode(id)),
+                _ => format!("/journal/replay?{}", filter.query()),
+            };
+            let response = connect(cli)?
+                .request("POST", &path, None)
+                .map_err(|e| e.to_string())?;
+            let body = ok(response)?.json();
+            if cli.json {
+                println!("{body}");
+            } else if let Some(id) = body["id"].as_str() {
+                println!("{id}");
+            } else {
+                println!(
+                    "{} queued, {} skipped (no event, or their function is gone, or no room)",
+                    body["queued"], body["skipped"]
+                );
+            }
+            Ok(())
+        }
+        JournalCommand::Rm { id } => {
+            let response = connect(cli)?
+                .request("DELETE", &format!("/journal/{}", encode(id)), None)
+                .map_err(|e| e.to_string())?;
+            ok(response)?;
+            if !cli.json {
+                println!("{id} removed");
             }
             Ok(())
         }

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::Parser;
+use ember_agent::events::EventSettings;
 use ember_agent::host::{Agent, AgentConfig};
 use ember_agent::logging::LogFormat;
 use sd_notify::NotifyState;
@@ -66,6 +67,15 @@ struct ConfigFile {
     memory_budget_mib: Option<u64>,
     log_format: Option<LogFormat>,
     vmm_log_level: Option<String>,
+    // Async invocations and the journal (config file only).
+    max_queued_events: Option<u64>,
+    journal_max_records: Option<u64>,
+    journal_max_bytes: Option<u64>,
+    results_max_bytes: Option<u64>,
+    replay_rate_per_s: Option<u32>,
+    crash_threshold: Option<u32>,
+    crash_window_s: Option<u64>,
+    on_error_rate_per_s: Option<u32>,
 }
 
 /// The levels ember-vmm's `--log-level` takes.
@@ -103,6 +113,35 @@ fn main() {
     }
 }
 
+/// The async and journal settings of the config file, checked.
+fn event_settings(file: &ConfigFile) -> Result<EventSettings, String> {
+    let d = EventSettings::default();
+    let s = EventSettings {
+        max_queued_events: file.max_queued_events.unwrap_or(d.max_queued_events),
+        journal_max_records: file.journal_max_records.unwrap_or(d.journal_max_records),
+        journal_max_bytes: file.journal_max_bytes.unwrap_or(d.journal_max_bytes),
+        results_max_bytes: file.results_max_bytes.unwrap_or(d.results_max_bytes),
+        replay_rate_per_s: file.replay_rate_per_s.unwrap_or(d.replay_rate_per_s),
+        crash_threshold: file.crash_threshold.unwrap_or(d.crash_threshold),
+        crash_window_s: file.crash_window_s.unwrap_or(d.crash_window_s),
+        on_error_rate_per_s: file.on_error_rate_per_s.unwrap_or(d.on_error_rate_per_s),
+    };
+    for (name, value) in [
+        ("max_queued_events", s.max_queued_events),
+        ("journal_max_records", s.journal_max_records),
+        ("journal_max_bytes", s.journal_max_bytes),
+        ("replay_rate_per_s", s.replay_rate_per_s.into()),
+        ("crash_threshold", s.crash_threshold.into()),
+        ("crash_window_s", s.crash_window_s),
+        ("on_error_rate_per_s", s.on_error_rate_per_s.into()),
+    ] {
+        if value == 0 {
+            return Err(format!("{name} must be at least 1"));
+        }
+    }
+    Ok(s)
+}
+
 fn read_config(path: Option<&Path>) -> Result<ConfigFile, String> {
     let Some(path) = path else {
         return Ok(ConfigFile::default());
@@ -121,6 +160,7 @@ fn systemd_directory(variable: &str) -> Option<PathBuf> {
 }
 
 fn run(args: Args, file: ConfigFile) -> Result<(), String> {
+    let events = event_settings(&file)?;
     let socket = args
         .socket
         .or(file.socket)
@@ -177,6 +217,7 @@ fn run(args: Args, file: ConfigFile) -> Result<(), String> {
             .or(file.memory_budget_mib)
             .unwrap_or_else(|| host_memory_mib() / 2),
         vmm_log_level,
+        events,
     };
     tracing::info!(
         state_dir = %config.state_dir.display(),
@@ -206,6 +247,7 @@ async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .map_err(|e| e.message)?;
     let listener = bind(&socket)?;
+    ember_agent::events::start(agent.clone());
     // Before READY=1: a stop that follows it at once must drain, not kill.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
