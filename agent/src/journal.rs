@@ -441,7 +441,16 @@ impl Journal {
 /// The writer thread: group commits until the process ends.
 fn writer_loop(path: PathBuf, mut conn: Connection, rx: mpsc::Receiver<Op>) {
     let mut synchronous_full = true;
+    // After a failure the connection is reopened before the next group (not
+    // at once: a state dir still read-only then would give a read-only
+    // connection for good).
+    let mut stale = false;
     while let Ok(first) = rx.recv() {
+        if stale {
+            conn = reopen(&path, conn);
+            synchronous_full = true;
+            stale = conn.is_readonly(c"main").unwrap_or(true);
+        }
         let mut batch = vec![first];
         while batch.len() < 512 {
             match rx.try_recv() {
@@ -462,8 +471,7 @@ fn writer_loop(path: PathBuf, mut conn: Connection, rx: mpsc::Receiver<Op>) {
             for op in batch {
                 op.complete(Err(e.clone()));
             }
-            conn = reopen(&path, conn);
-            synchronous_full = true;
+            stale = true;
             continue;
         }
         let mut unavailable = None;
@@ -495,8 +503,7 @@ fn writer_loop(path: PathBuf, mut conn: Connection, rx: mpsc::Receiver<Op>) {
         }
         if failed {
             // A connection that saw an I/O error is not trusted again.
-            conn = reopen(&path, conn);
-            synchronous_full = true;
+            stale = true;
         }
     }
 }

@@ -16,6 +16,8 @@ struct Emberd {
     child: std::process::Child,
     socket: PathBuf,
     dir: PathBuf,
+    /// Removes its directory when dropped.
+    owns_dir: bool,
 }
 
 impl Drop for Emberd {
@@ -23,16 +25,26 @@ impl Drop for Emberd {
         // SAFETY: kill(2) on our own child: SIGTERM, so it stops its VMs.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.owns_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
 impl Emberd {
     fn start(binaries: &Binaries) -> Result<Emberd, String> {
-        let emberd = binaries.vmm.with_file_name("emberd");
         let dir = std::env::temp_dir().join(format!("ember-bench-emberd-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let mut emberd = Emberd::start_in(binaries, &dir)?;
+        emberd.owns_dir = true;
+        Ok(emberd)
+    }
+
+    /// Starts emberd on `dir` (kept when it stops).
+    fn start_in(binaries: &Binaries, dir: &Path) -> Result<Emberd, String> {
+        let emberd = binaries.vmm.with_file_name("emberd");
+        let dir = dir.to_path_buf();
         let socket = dir.join("emberd.sock");
         let child = Command::new(&emberd)
             .arg("--socket")
@@ -49,7 +61,12 @@ impl Emberd {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", emberd.display()))?;
-        let emberd = Emberd { child, socket, dir };
+        let emberd = Emberd {
+            child,
+            socket,
+            dir,
+            owns_dir: false,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         while ApiClient::connect(&emberd.socket).is_err() {
             if Instant::now() > deadline {
@@ -58,6 +75,13 @@ impl Emberd {
             std::thread::sleep(Duration::from_millis(5));
         }
         Ok(emberd)
+    }
+
+    /// SIGKILL: no chance to finish anything (its directory is kept).
+    fn kill_9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.owns_dir = false;
     }
 
     fn client(&self) -> Result<ApiClient, String> {
@@ -209,5 +233,221 @@ pub fn bench_invoke(
         "restored_ms": r,
         "warm_us": w,
         "throughput_4_clients_per_s": throughput,
+    }))
+}
+
+/// Accepts `event` for `name` asynchronously; its id.
+fn accept(client: &mut ApiClient, name: &str, event: &[u8]) -> Result<String, String> {
+    let response = client
+        .request_with_headers(
+            "POST",
+            &format!("/functions/{name}/invoke"),
+            &[("X-Ember-Invocation-Type", "Event")],
+            Some(event),
+        )
+        .map_err(|e| e.to_string())?;
+    if response.status != 202 {
+        return Err(format!(
+            "async invoke answered {}: {}",
+            response.status,
+            String::from_utf8_lossy(&response.body)
+        ));
+    }
+    Ok(response.json()["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// `clients` clients accept 64-byte events for `name` for `seconds`;
+/// returns accepts/s and every accept's latency, µs.
+fn accept_run(
+    socket: &Path,
+    name: &str,
+    clients: usize,
+    seconds: f64,
+) -> Result<(f64, Vec<f64>), String> {
+    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let socket = socket.to_path_buf();
+            let name = name.to_string();
+            std::thread::spawn(move || -> Result<Vec<f64>, String> {
+                let mut client = ApiClient::connect(&socket).map_err(|e| e.to_string())?;
+                let mut latencies = Vec::new();
+                let event = [b'a'; 64];
+                while Instant::now() < until {
+                    let at = Instant::now();
+                    accept(&mut client, &name, &event)?;
+                    latencies.push(at.elapsed().as_secs_f64() * 1e6);
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for worker in workers {
+        all.extend(
+            worker
+                .join()
+                .map_err(|_| "a client panicked".to_string())??,
+        );
+    }
+    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+    Ok((rate, all))
+}
+
+/// Open async events of `name` (queued, retrying, running).
+fn queued(client: &mut ApiClient, name: &str) -> Result<u64, String> {
+    let f = client
+        .get(&format!("/functions/{name}"))
+        .map_err(|e| e.to_string())?
+        .json();
+    Ok(f["queued"].as_u64().unwrap_or(0))
+}
+
+const SPIN: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (func (export "_start") (loop $forever (br $forever))))
+"#;
+
+/// `ember-bench async`: durable accepts/s and their latency (8 clients);
+/// accept → result recorded for a warm echo; recovery of a queue of
+/// `backlog` events after a kill -9.
+pub fn bench_async(
+    binaries: &Binaries,
+    seconds: f64,
+    count: usize,
+    backlog: u64,
+) -> Result<Value, String> {
+    let echo = examples_dir()?.join("echo.wasm");
+    let emberd = Emberd::start(binaries)?;
+    let mut client = emberd.client()?;
+    println!("async invocations through emberd's socket; every 202 after an fsync of its event");
+    // A function whose one delivery never ends: accepts alone, no
+    // deliveries beside them.
+    let spin = emberd.dir.join("spin.wasm");
+    let module = wat::parse_str(SPIN).map_err(|e| e.to_string())?;
+    std::fs::write(&spin, module).map_err(|e| e.to_string())?;
+    let queue_only =
+        json!({ "max_concurrency": 1, "timeout_ms": 900_000, "max_queued": 1_000_000 });
+    deploy(&mut client, "held", &spin, queue_only)?;
+    deploy(
+        &mut client,
+        "echo",
+        &echo,
+        json!({ "max_concurrency": 4, "max_queued": 1_000_000 }),
+    )?;
+    let clients = 8;
+    let (held_rate, held_us) = accept_run(&emberd.socket, "held", clients, seconds)?;
+    let (echo_rate, echo_us) = accept_run(&emberd.socket, "echo", clients, seconds)?;
+    // Let the echo backlog drain before the latency run.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while queued(&mut client, "echo")? > 0 {
+        if Instant::now() > deadline {
+            return Err("the echo backlog did not drain in 300 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Accept → result recorded: one event at a time, polled until
+    // succeeded.
+    let mut poller = emberd.client()?;
+    let mut to_result_us = Vec::with_capacity(count);
+    for i in 0..count + 20 {
+        let started = Instant::now();
+        let id = accept(&mut client, "echo", b"to the result")?;
+        loop {
+            let v = poller
+                .get(&format!("/invocations/{id}"))
+                .map_err(|e| e.to_string())?
+                .json();
+            if v["state"] == "succeeded" {
+                break;
+            }
+            if v["state"] == "failed" || started.elapsed() > Duration::from_secs(10) {
+                return Err(format!("the event did not succeed: {v}"));
+            }
+        }
+        if i >= 20 {
+            to_result_us.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let dir = emberd.dir.clone();
+    drop(poller);
+    drop(client);
+
+    // Recovery: `backlog` events queued for echo (one delivery at a time),
+    // emberd killed with SIGKILL, started again: the time from its start
+    // to its first delivered event.
+    let mut client = emberd.client()?;
+    deploy(
+        &mut client,
+        "slow",
+        &echo,
+        json!({ "max_concurrency": 1, "max_queued": 1_000_000 }),
+    )?;
+    while queued(&mut client, "slow")? < backlog {
+        accept_run(&emberd.socket, "slow", clients, 0.5)?;
+    }
+    let queued_at_kill = queued(&mut client, "slow")?;
+    drop(client);
+    let recovery_dir = dir.with_extension("recovery");
+    let _ = std::fs::remove_dir_all(&recovery_dir);
+    emberd.kill_9();
+    std::fs::rename(&dir, &recovery_dir).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let restarted = Emberd::start_in(binaries, &recovery_dir);
+    let listening_ms = started.elapsed().as_secs_f64() * 1e3;
+    let mut restarted = restarted?;
+    restarted.owns_dir = true;
+    let mut client = restarted.client()?;
+    let first_ms = loop {
+        let metrics = client.get("/metrics").map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&metrics.body).into_owned();
+        let succeeded = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ember_async_succeeded_total "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if succeeded > 0 {
+            break started.elapsed().as_secs_f64() * 1e3;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err("no event delivered within 60 s of the restart".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+
+    println!("{}", header());
+    let held = Summary::of(&held_us);
+    println!("{}", held.row("accept, 8 clients, no deliveries", "us", 0));
+    let echoed = Summary::of(&echo_us);
+    println!(
+        "{}",
+        echoed.row("accept, 8 clients, echo delivering", "us", 0)
+    );
+    let to_result = Summary::of(&to_result_us);
+    println!(
+        "{}",
+        to_result.row("accept → result recorded (echo)", "us", 0)
+    );
+    println!("accepted/s, 8 clients, no deliveries beside: {held_rate:.0}");
+    println!("accepted/s, 8 clients, echo delivering beside: {echo_rate:.0}");
+    println!(
+        "recovery with {queued_at_kill} events queued: listening after {listening_ms:.0} ms, first event delivered {first_ms:.0} ms after start"
+    );
+    Ok(json!({
+        "bench": "async",
+        "accepted_per_s_no_deliveries": held_rate,
+        "accepted_per_s_echo_delivering": echo_rate,
+        "accept_us_no_deliveries": held,
+        "accept_us_echo_delivering": echoed,
+        "accept_to_result_us": to_result,
+        "recovery_queued": queued_at_kill,
+        "recovery_listening_ms": listening_ms,
+        "recovery_first_delivery_ms": first_ms,
     }))
 }

@@ -110,6 +110,19 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Async invocations through emberd: durable accepts/s and latency (8
+    /// clients), accept → result recorded, recovery of a queue after kill -9.
+    Async {
+        /// Seconds of each 8-client accept run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Events timed from accept to result.
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+        /// Events queued when emberd is killed for the recovery figure.
+        #[arg(long, default_value_t = 10_000)]
+        backlog: u64,
+    },
     /// Snapshot create and restore: create times, file sizes, restore
     /// latency (prepared and from process start), restore → first response
     /// with and without prefetch, PSS with many copies, restores/s.
@@ -172,6 +185,11 @@ fn main() {
                 restores,
                 seconds,
             } => agent::bench_invoke(&binaries, count, restores, seconds),
+            Bench::Async {
+                seconds,
+                count,
+                backlog,
+            } => agent::bench_async(&binaries, seconds, count, backlog),
             Bench::Restore {
                 runs,
                 mem_mib,

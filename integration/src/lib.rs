@@ -817,3 +817,53 @@ impl Rng {
         out
     }
 }
+
+/// `PUT /functions/{name}`, expecting 200; its JSON.
+pub fn deploy(
+    client: &mut ApiClient,
+    name: &str,
+    module: &Path,
+    config: serde_json::Value,
+    files: &[(String, Vec<u8>)],
+) -> Result<serde_json::Value, String> {
+    let module = std::fs::read(module).map_err(|e| e.to_string())?;
+    let response = ember_agent::client::deploy(client, name, &config, &module, files);
+    Ok(expect_status(response, 200, &format!("deploy {name}"))?.json())
+}
+
+/// `POST /functions/{name}/invoke`.
+pub fn invoke(
+    client: &mut ApiClient,
+    name: &str,
+    event: &[u8],
+    headers: &[(&str, &str)],
+) -> std::io::Result<ApiResponse> {
+    client.request_with_headers(
+        "POST",
+        &format!("/functions/{name}/invoke"),
+        headers,
+        Some(event),
+    )
+}
+
+/// Fails unless `response` is `status` with error `kind`.
+pub fn expect_error(response: &ApiResponse, status: u16, kind: &str, what: &str) -> TestResult {
+    check(
+        response.status == status && error_kind(response) == kind,
+        || {
+            format!(
+                "{what}: expected {status} {kind}, got {} {}",
+                response.status,
+                String::from_utf8_lossy(&response.body)
+            )
+        },
+    )
+}
+
+/// The kind of an error answer.
+pub fn error_kind(response: &ApiResponse) -> String {
+    response.json()["error"]["kind"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}

@@ -94,32 +94,6 @@ fn with_function_args(
     Ok((emberd, client))
 }
 
-fn deploy(
-    client: &mut ApiClient,
-    name: &str,
-    module: &Path,
-    config: serde_json::Value,
-    files: &[(String, Vec<u8>)],
-) -> Result<serde_json::Value, String> {
-    let module = std::fs::read(module).map_err(|e| e.to_string())?;
-    let response = ember_agent::client::deploy(client, name, &config, &module, files);
-    Ok(expect_status(response, 200, &format!("deploy {name}"))?.json())
-}
-
-fn invoke(
-    client: &mut ApiClient,
-    name: &str,
-    event: &[u8],
-    headers: &[(&str, &str)],
-) -> std::io::Result<ApiResponse> {
-    client.request_with_headers(
-        "POST",
-        &format!("/functions/{name}/invoke"),
-        headers,
-        Some(event),
-    )
-}
-
 /// A successful invocation: its result and response.
 fn invoke_ok_via(
     client: &mut ApiClient,
@@ -156,27 +130,6 @@ fn busy_instances(client: &mut ApiClient, n: usize) -> Result<serde_json::Value,
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-}
-
-/// Fails unless `response` is `status` with error `kind`.
-fn expect_error(response: &ApiResponse, status: u16, kind: &str, what: &str) -> TestResult {
-    check(
-        response.status == status && error_kind(response) == kind,
-        || {
-            format!(
-                "{what}: expected {status} {kind}, got {} {}",
-                response.status,
-                String::from_utf8_lossy(&response.body)
-            )
-        },
-    )
-}
-
-fn error_kind(response: &ApiResponse) -> String {
-    response.json()["error"]["kind"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// Every example function, deployed and invoked with an exact answer.

@@ -62,7 +62,7 @@ enum Command {
         #[arg(long)]
         affinity: Option<String>,
         /// Serve on this instance.
-        #[arg(long, conflicts_with = "r#async")]
+        #[arg(long, conflicts_with = "async")]
         instance: Option<String>,
         /// Invoke asynchronously: print the invocation's id once the event
         /// is on disk (follow it with `ember invocation ID`).
@@ -70,7 +70,7 @@ enum Command {
         r#async: bool,
         /// With --async: a second invoke with this key (24 h) answers the
         /// first id instead of queueing the event again.
-        #[arg(long, requires = "r#async", value_name = "KEY")]
+        #[arg(long, requires = "async", value_name = "KEY")]
         idempotency_key: Option<String>,
     },
     /// An async invocation: its state, attempts, and result.
@@ -638,5 +638,16 @@ fn journal(cli: &Cli, command: &JournalCommand) -> Result<(), String> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own checks of the definition (names that conflicts_with and
+    /// requires refer to exist, and so on).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }
