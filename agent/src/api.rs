@@ -620,26 +620,61 @@ async fn list_invocations(
     Ok(page("invocations", items, limit))
 }
 
+/// Query of `GET /invocations/{id}`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    /// Wait up to this long for the invocation to be final, ms.
+    wait_ms: Option<u64>,
+}
+
+/// The longest `wait_ms`.
+const MAX_WAIT_MS: u64 = 30_000;
+
 async fn get_invocation(
     State(agent): State<Arc<Agent>>,
     Path(id): Path<String>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let found = blocking(move || {
-        agent
-            .events
-            .journal
-            .read(|conn| journal::invocation(conn, &id))
-            .map_err(store_error)?
-            .ok_or_else(|| {
-                ApiError::new(
-                    404,
-                    "not_found",
-                    format!("no async invocation {id} (or it is past its retention)"),
-                )
-            })
-    })
-    .await?;
-    Ok(Json(found))
+    let wait_ms = query
+        .map_err(|e| bad(format!("bad query: {}", e.body_text())))?
+        .0
+        .wait_ms
+        .unwrap_or(0);
+    if wait_ms > MAX_WAIT_MS {
+        return Err(bad(format!(
+            "wait_ms is at most {MAX_WAIT_MS} (got {wait_ms})"
+        )));
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
+    loop {
+        // Armed before the read: a final state written after it wakes us.
+        let finished = agent.events.finished.notified();
+        tokio::pin!(finished);
+        finished.as_mut().enable();
+        let reader = agent.clone();
+        let wanted = id.clone();
+        let found = blocking(move || {
+            reader
+                .events
+                .journal
+                .read(|conn| journal::invocation(conn, &wanted))
+                .map_err(store_error)?
+                .ok_or_else(|| {
+                    ApiError::new(
+                        404,
+                        "not_found",
+                        format!("no async invocation {wanted} (or it is past its retention)"),
+                    )
+                })
+        })
+        .await?;
+        let is_final = found["state"].as_str().is_some_and(journal::is_final);
+        if is_final || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(found));
+        }
+        let _ = tokio::time::timeout_at(deadline, finished).await;
+    }
 }
 
 async fn list_journal(

@@ -207,6 +207,8 @@ pub struct Events {
     queues: Mutex<Queues>,
     /// Wakes the dispatcher.
     pub wake: Notify,
+    /// Signalled whenever an event becomes final.
+    pub finished: Notify,
     /// Counters.
     pub metrics: EventMetrics,
     on_error_tokens: Mutex<HashMap<String, (f64, Instant)>>,
@@ -259,6 +261,7 @@ impl Events {
             settings,
             queues: Mutex::new(queues),
             wake: Notify::new(),
+            finished: Notify::new(),
             metrics: EventMetrics::default(),
             on_error_tokens: Mutex::new(HashMap::new()),
             crashes: Mutex::new(HashMap::new()),
@@ -650,12 +653,22 @@ impl Agent {
         }
         let n = ev.attempts + 1;
         let (id, version) = (ev.id.clone(), v.version);
-        if let Err(e) = self.events.journal.write_blocking(false, move |conn| {
+        let start = move |conn: &rusqlite::Connection| {
             journal::attempt_start_tx(conn, &id, n, now, version)
-        }) {
-            tracing::error!("cannot record an attempt's start ({e}); delivery paused");
-            ev.due_ms = now + PAUSE_MS;
-            return Some(ev);
+        };
+        if self.events.journal.failing() {
+            // The state dir refused the last write: this one is waited for,
+            // and the attempt runs only once it is recorded.
+            if let Err(e) = self.events.journal.write_blocking(false, start) {
+                tracing::warn!("cannot record an attempt ({e}); delivery paused");
+                ev.due_ms = now + PAUSE_MS;
+                return Some(ev);
+            }
+        } else {
+            // Not waited for: the attempt's end, written after it in the
+            // same order, records the attempt whole if this write was lost;
+            // a crash before either redelivers the event.
+            self.events.journal.write_nowait(false, start);
         }
         ev.attempts = n;
         let event = match self
@@ -676,6 +689,7 @@ impl Agent {
         };
         let served = self.invoke(&ev.function, &event, None, ev.affinity.as_deref());
         let mut end = AttemptEnd {
+            started_ms: now,
             outcome: "failed",
             version: Some(v.version),
             ..Default::default()
@@ -736,6 +750,7 @@ impl Agent {
                             .metrics
                             .succeeded
                             .fetch_add(1, Ordering::Relaxed);
+                        self.events.finished.notify_waiters();
                         None
                     }
                     Err(e) => {
@@ -907,6 +922,7 @@ impl Agent {
                 if let Some(dest) = destination {
                     self.events.enqueue(dest, true);
                 }
+                self.events.finished.notify_waiters();
                 None
             }
             Err(e) => {
@@ -935,16 +951,18 @@ pub fn start(agent: Arc<Agent>) {
             });
             for ev in due {
                 let agent = agent.clone();
-                tokio::spawn(async move {
+                // Straight onto a blocking thread, which gives the event
+                // back to the queue when the attempt is over.
+                tokio::task::spawn_blocking(move || {
                     let function = ev.function.clone();
-                    let worker = agent.clone();
-                    let again = tokio::task::spawn_blocking(move || worker.deliver(ev))
-                        .await
-                        .unwrap_or_else(|e| {
-                            // Left open in the store: delivered after a restart.
-                            tracing::error!("a delivery failed: {e}");
-                            None
-                        });
+                    let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        agent.deliver(ev)
+                    }))
+                    .unwrap_or_else(|_| {
+                        // Left open in the store: delivered after a restart.
+                        tracing::error!("a delivery of {function} panicked");
+                        None
+                    });
                     agent.events.delivered(&function, again);
                 });
             }
@@ -996,6 +1014,7 @@ pub fn start(agent: Arc<Agent>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal::tests::TempDb;
 
     const POLICY: RetryPolicy = RetryPolicy {
         max_retries: 2,
@@ -1089,6 +1108,97 @@ mod tests {
             attempts: 0,
             interrupted: 0,
         }
+    }
+
+    fn events(settings: EventSettings) -> (Events, TempDb) {
+        let db = TempDb::new("events");
+        let journal = Journal::open(&db).unwrap();
+        (Events::open(journal, settings).unwrap(), db)
+    }
+
+    #[test]
+    fn reservations_hold_the_function_and_host_limits_until_released() {
+        let (e, _db) = events(EventSettings {
+            max_queued_events: 3,
+            ..EventSettings::default()
+        });
+        let a = e.reserve("f", 2).unwrap();
+        let b = e.reserve("f", 2).unwrap();
+        let refused = e.reserve("f", 2).err().unwrap();
+        assert_eq!((refused.status, refused.retry_after), (429, Some(1)));
+        assert!(
+            refused.message.contains("max_queued"),
+            "{}",
+            refused.message
+        );
+        let c = e.reserve("g", 10).unwrap();
+        let host = e.reserve("g", 10).err().unwrap();
+        assert!(
+            host.message.contains("max_queued_events"),
+            "{}",
+            host.message
+        );
+        drop(a);
+        assert_eq!(e.room(), 1);
+        let d = e.reserve("f", 2).unwrap();
+        // A kept reservation stays counted until its event is delivered.
+        e.keep(d, open(7, 0));
+        drop((b, c));
+        assert_eq!(e.room(), 2);
+        let (due, _) = e.take_due(0, |_| 1);
+        assert_eq!(due.len(), 1);
+        e.delivered("f", None);
+        assert_eq!(e.room(), 3);
+    }
+
+    #[test]
+    fn deliveries_stay_within_each_functions_concurrency() {
+        let (e, _db) = events(EventSettings::default());
+        let now = journal::now_ms();
+        for seq in 1..=5 {
+            e.enqueue(open(seq, 0), true);
+        }
+        let mut other = open(6, 0);
+        other.function = "g".into();
+        e.enqueue(other, true);
+        let (due, _) = e.take_due(now, |name| if name == "f" { 2 } else { 1 });
+        let mut seqs: Vec<i64> = due.iter().map(|e| e.seq).collect();
+        seqs.sort();
+        assert_eq!(seqs, [1, 2, 6], "the first two of f, and g's");
+        let (more, _) = e.take_due(now, |_| 2);
+        assert!(more.is_empty(), "f is at its concurrency: {more:?}");
+        // One of f's ends and is retried later: the next in order goes.
+        let mut retried = due.into_iter().find(|e| e.seq == 1).unwrap();
+        retried.due_ms = now + 500;
+        e.delivered("f", Some(retried));
+        let (next, at) = e.take_due(now, |_| 2);
+        assert_eq!(next.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
+        assert_eq!(at, now + 500, "woken when the retry is due");
+    }
+
+    #[test]
+    fn crash_loops_need_the_threshold_within_the_window() {
+        let (e, _db) = events(EventSettings {
+            crash_threshold: 3,
+            ..EventSettings::default()
+        });
+        assert!(!e.crash_loop("f", 1));
+        assert!(!e.crash_loop("f", 1));
+        assert!(!e.crash_loop("f", 2), "another version counts apart");
+        assert!(e.crash_loop("f", 1));
+        assert!(!e.crash_loop("f", 1), "the window starts again");
+    }
+
+    #[test]
+    fn on_error_records_are_rate_limited_per_function() {
+        let (e, _db) = events(EventSettings {
+            on_error_rate_per_s: 2,
+            ..EventSettings::default()
+        });
+        assert!(e.on_error_allowed("f"));
+        assert!(e.on_error_allowed("f"));
+        assert!(!e.on_error_allowed("f"));
+        assert!(e.on_error_allowed("g"));
     }
 
     #[test]

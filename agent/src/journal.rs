@@ -27,7 +27,7 @@ pub const SCHEMA_VERSION: i64 = 1;
 /// Forward migrations: entry `i` takes a database from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE events (
-    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq            INTEGER PRIMARY KEY,
     id             TEXT NOT NULL UNIQUE,
     function       TEXT NOT NULL,
     origin         TEXT NOT NULL,
@@ -185,7 +185,10 @@ where
             (_, Err(e)) => Err(e),
             (None, Ok(())) => Err(StoreError::Other("the write was not run".into())),
         };
-        let _ = self.tx.send(answer);
+        if let Err(Err(e)) = self.tx.send(answer) {
+            // Nobody waited (write_nowait): the log is its only reader.
+            tracing::warn!("journal: a write failed: {e}");
+        }
     }
 }
 
@@ -194,6 +197,8 @@ type Op = Box<dyn Work>;
 /// The store.
 pub struct Journal {
     path: PathBuf,
+    /// Whether the last group commit failed for want of a usable state dir.
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     writer: Mutex<mpsc::Sender<Op>>,
     reader: Mutex<Connection>,
 }
@@ -256,6 +261,8 @@ pub struct OpenEvent {
 /// One attempt's end.
 #[derive(Debug, Clone, Default)]
 pub struct AttemptEnd {
+    /// When it started, ms.
+    pub started_ms: i64,
     /// `succeeded`, `failed` or `interrupted`.
     pub outcome: &'static str,
     /// The version that ran.
@@ -320,6 +327,7 @@ pub struct RecordFilter {
 fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(64);
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -371,11 +379,14 @@ impl Journal {
         let reader = open_connection(path).map_err(|e| refuse(e.to_string()))?;
         let (tx, rx) = mpsc::channel::<Op>();
         let writer_path = path.to_path_buf();
+        let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer_failing = failing.clone();
         std::thread::Builder::new()
             .name("journal-writer".into())
-            .spawn(move || writer_loop(writer_path, conn, rx))
+            .spawn(move || writer_loop(writer_path, conn, rx, &writer_failing))
             .map_err(|e| format!("cannot start the journal writer: {e}"))?;
         Ok(Journal {
+            failing,
             path: path.to_path_buf(),
             writer: Mutex::new(tx),
             reader: Mutex::new(reader),
@@ -385,6 +396,12 @@ impl Journal {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the state dir refused the last group commit (full,
+    /// read-only, I/O error): work that must be recorded waits.
+    pub fn failing(&self) -> bool {
+        self.failing.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn submit<R: Send + 'static>(
@@ -417,6 +434,17 @@ impl Journal {
             .unwrap_or_else(|_| Err(StoreError::Other("the journal writer stopped".into())))
     }
 
+    /// Queues `f` for the next group commit without waiting for it; a
+    /// failure is logged. (For records a later write repeats if need be.)
+    pub fn write_nowait(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static,
+    ) {
+        let rx = self.submit(durable, f);
+        drop(rx);
+    }
+
     /// [`Journal::write`] for a blocking thread.
     pub fn write_blocking<R: Send + 'static>(
         &self,
@@ -439,7 +467,13 @@ impl Journal {
 }
 
 /// The writer thread: group commits until the process ends.
-fn writer_loop(path: PathBuf, mut conn: Connection, rx: mpsc::Receiver<Op>) {
+fn writer_loop(
+    path: PathBuf,
+    mut conn: Connection,
+    rx: mpsc::Receiver<Op>,
+    failing: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
     let mut synchronous_full = true;
     // After a failure the connection is reopened before the next group (not
     // at once: a state dir still read-only then would give a read-only
@@ -465,9 +499,10 @@ fn writer_loop(path: PathBuf, mut conn: Connection, rx: mpsc::Receiver<Op>) {
                 synchronous_full = durable;
             }
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = exec(&conn, "BEGIN IMMEDIATE", []).map(|_| ()) {
             let e = StoreError::from(e);
             tracing::error!("journal: cannot begin a transaction: {e}");
+            failing.store(matches!(e, StoreError::Unavailable(_)), Relaxed);
             for op in batch {
                 op.complete(Err(e.clone()));
             }
@@ -477,17 +512,18 @@ fn writer_loop(path: PathBuf, mut conn: Connection, rx: mpsc::Receiver<Op>) {
         let mut unavailable = None;
         for op in batch.iter_mut() {
             // A write that fails is rolled back alone; the others commit.
-            if conn.execute_batch("SAVEPOINT op").is_err() {
+            if exec(&conn, "SAVEPOINT op", []).map(|_| ()).is_err() {
                 continue;
             }
             if let Some(e) = op.run(&conn) {
                 if matches!(e, StoreError::Unavailable(_)) {
                     unavailable.get_or_insert(e);
                 }
-                let _ = conn.execute_batch("ROLLBACK TO op");
+                let _ = exec(&conn, "ROLLBACK TO op", []).map(|_| ());
             }
-            let _ = conn.execute_batch("RELEASE op");
+            let _ = exec(&conn, "RELEASE op", []).map(|_| ());
         }
+        let unavailable_seen = unavailable.is_some();
         // An I/O failure in one write may have ended the transaction: the
         // group's answer is that failure, not "no transaction".
         let committed = conn
@@ -495,9 +531,13 @@ fn writer_loop(path: PathBuf, mut conn: Connection, rx: mpsc::Receiver<Op>) {
             .map_err(|e| unavailable.unwrap_or_else(|| StoreError::from(e)));
         if let Err(e) = &committed {
             tracing::error!("journal: a commit failed, nothing of it was kept: {e}");
-            let _ = conn.execute_batch("ROLLBACK");
+            let _ = exec(&conn, "ROLLBACK", []).map(|_| ());
         }
         let failed = committed.is_err();
+        failing.store(
+            matches!(committed, Err(StoreError::Unavailable(_))) || unavailable_seen,
+            Relaxed,
+        );
         for op in batch {
             op.complete(committed.clone());
         }
@@ -519,6 +559,12 @@ fn reopen(path: &Path, old: Connection) -> Connection {
             old
         }
     }
+}
+
+/// Runs `sql` as a cached prepared statement (the hot writes run per
+/// event: parsing them each time would cost more than running them).
+fn exec<P: rusqlite::Params>(conn: &Connection, sql: &str, params: P) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
 }
 
 /// The SHA-256 of an event, hex (what an idempotency key is checked against).
@@ -557,12 +603,14 @@ pub fn accept_tx(conn: &Connection, ev: &NewEvent, now: i64) -> Result<Accepted,
                 };
             }
         }
-        conn.execute(
+        exec(
+        conn,
             "INSERT OR REPLACE INTO idempotency (function, key, event_id, event_sha256, accepted_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![ev.function, key, ev.id, sha, ev.accepted_ms],
         )?;
     }
-    conn.execute(
+    exec(
+        conn,
         "INSERT INTO events (id, function, origin, source_id, affinity, idempotency_key, event, accepted_ms, due_ms, state) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'queued')",
         params![
@@ -600,13 +648,15 @@ impl NewEvent {
 /// At start: attempts that were running when emberd stopped become
 /// `interrupted`, their events due again now. Returns every open event.
 pub fn recover_tx(conn: &Connection, now: i64) -> Result<Vec<OpenEvent>, StoreError> {
-    conn.execute(
+    exec(
+        conn,
         "UPDATE attempts SET outcome = 'interrupted', ended_ms = ?1, \
          error_kind = 'interrupted', error_message = 'emberd stopped during the attempt' \
          WHERE outcome = 'running'",
         params![now],
     )?;
-    conn.execute(
+    exec(
+        conn,
         "UPDATE events SET state = 'retrying', interrupted = interrupted + 1, due_ms = ?1 WHERE state = 'running'",
         params![now],
     )?;
@@ -637,10 +687,9 @@ pub fn open_events(conn: &Connection) -> Result<Vec<OpenEvent>, StoreError> {
 
 /// An event's bytes.
 pub fn event_bytes(conn: &Connection, id: &str) -> Result<Option<Vec<u8>>, rusqlite::Error> {
-    conn.query_row("SELECT event FROM events WHERE id = ?1", params![id], |r| {
-        r.get(0)
-    })
-    .optional()
+    conn.prepare_cached("SELECT event FROM events WHERE id = ?1")?
+        .query_row(params![id], |r| r.get(0))
+        .optional()
 }
 
 /// Attempt `n` of event `id` begins.
@@ -651,15 +700,17 @@ pub fn attempt_start_tx(
     now: i64,
     version: u64,
 ) -> Result<(), StoreError> {
-    let changed = conn.execute(
-        "UPDATE events SET state = 'running', attempts = ?2, version = ?3 \
-         WHERE id = ?1 AND state IN ('queued', 'retrying')",
+    let changed = exec(
+        conn,
+        "UPDATE events SET state = 'running', attempts = max(attempts, ?2), version = ?3 \
+         WHERE id = ?1 AND state IN ('queued', 'retrying', 'running')",
         params![id, n, version as i64],
     )?;
     if changed != 1 {
         return Err(StoreError::Conflict(format!("event {id} is not open")));
     }
-    conn.execute(
+    exec(
+        conn,
         "INSERT OR REPLACE INTO attempts (event_id, n, started_ms, outcome, version) VALUES (?1, ?2, ?3, 'running', ?4)",
         params![id, n, now, version as i64],
     )?;
@@ -674,9 +725,14 @@ pub fn attempt_end_tx(
     end: &AttemptEnd,
     now: i64,
 ) -> Result<(), StoreError> {
-    conn.execute(
-        "UPDATE attempts SET ended_ms = ?3, outcome = ?4, version = coalesce(?5, version), instance = ?6, start = ?7, \
-         duration_us = ?8, error_kind = ?9, error_message = ?10, log_tail = ?11 WHERE event_id = ?1 AND n = ?2",
+    // Its start is written without waiting (attempt_start_tx): if that
+    // write was lost, the attempt is recorded whole here.
+    exec(
+        conn,
+        "INSERT INTO attempts (event_id, n, started_ms, ended_ms, outcome, version, instance, start, duration_us, \
+         error_kind, error_message, log_tail) VALUES (?1, ?2, ?12, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+         ON CONFLICT (event_id, n) DO UPDATE SET ended_ms = ?3, outcome = ?4, version = coalesce(?5, version), \
+         instance = ?6, start = ?7, duration_us = ?8, error_kind = ?9, error_message = ?10, log_tail = ?11",
         params![
             id,
             n,
@@ -688,8 +744,14 @@ pub fn attempt_end_tx(
             end.duration_us.map(|d| d as i64),
             end.error_kind,
             end.error_message,
-            end.log_tail
+            end.log_tail,
+            end.started_ms
         ],
+    )?;
+    exec(
+        conn,
+        "UPDATE events SET attempts = max(attempts, ?2), version = coalesce(?3, version) WHERE id = ?1",
+        params![id, n, end.version.map(|v| v as i64)],
     )?;
     Ok(())
 }
@@ -702,11 +764,15 @@ pub fn succeeded_tx(
     now: i64,
     expires_ms: i64,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    let changed = exec(
+        conn,
         "UPDATE events SET state = 'succeeded', finished_ms = ?2, result = ?3, result_expires_ms = ?4, \
-         error_kind = NULL, error_message = NULL WHERE id = ?1 AND state = 'running'",
+         error_kind = NULL, error_message = NULL WHERE id = ?1 AND state IN ('queued', 'running', 'retrying')",
         params![id, now, result, expires_ms],
     )?;
+    if changed != 1 {
+        return Err(StoreError::Conflict(format!("event {id} is not open")));
+    }
     Ok(())
 }
 
@@ -719,7 +785,8 @@ pub fn retry_tx(
     interrupted: bool,
     error: Option<(&str, &str)>,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    exec(
+        conn,
         "UPDATE events SET state = 'retrying', due_ms = ?2, interrupted = interrupted + ?3, \
          error_kind = ?4, error_message = ?5 WHERE id = ?1 AND state IN ('queued', 'running', 'retrying')",
         params![
@@ -817,7 +884,8 @@ pub fn failed_tx(
         accepted_ms: Some(accepted_ms),
     };
     insert_record_tx(conn, &record, now)?;
-    conn.execute(
+    exec(
+        conn,
         "UPDATE events SET state = 'failed', finished_ms = ?2, error_kind = ?3, error_message = ?4, \
          journal_id = ?5, destination_id = ?6, result_expires_ms = ?7, version = coalesce(?8, version) WHERE id = ?1",
         params![
@@ -876,7 +944,8 @@ pub fn insert_record_tx(conn: &Connection, rec: &NewRecord, now: i64) -> Result<
         + detail.as_ref().map_or(0, String::len)
         + rec.error_message.as_ref().map_or(0, String::len)
         + 256;
-    conn.execute(
+    exec(
+        conn,
         "INSERT INTO journal (id, kind, function, version, invocation_id, error_kind, error_message, event, attempts, \
          detail, accepted_ms, created_ms, bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         params![
@@ -1108,7 +1177,8 @@ pub fn replay_tx(
     let Accepted::New(seq) = accept_tx(conn, &ev, now)? else {
         return Err(StoreError::Other("a replay has no idempotency key".into()));
     };
-    conn.execute(
+    exec(
+        conn,
         "UPDATE journal SET replayed_as = ?2, replayed_ms = ?3 WHERE id = ?1",
         params![record_id, ev.id, now],
     )?;
@@ -1117,7 +1187,7 @@ pub fn replay_tx(
 
 /// Deletes a record.
 pub fn delete_record_tx(conn: &Connection, id: &str) -> Result<(), StoreError> {
-    if conn.execute("DELETE FROM journal WHERE id = ?1", params![id])? == 0 {
+    if exec(conn, "DELETE FROM journal WHERE id = ?1", params![id])? == 0 {
         return Err(StoreError::NotFound(format!("no journal record {id}")));
     }
     Ok(())
@@ -1149,7 +1219,8 @@ pub struct Purged {
 
 /// Drops what is past its time or over its bound, oldest first.
 pub fn housekeeping_tx(conn: &Connection, now: i64, keep: Retention) -> Result<Purged, StoreError> {
-    let expired = conn.execute(
+    let expired = exec(
+        conn,
         "UPDATE events SET result = NULL WHERE state = 'succeeded' AND result IS NOT NULL AND result_expires_ms <= ?1",
         params![now],
     )?;
@@ -1167,8 +1238,12 @@ pub fn housekeeping_tx(conn: &Connection, now: i64, keep: Retention) -> Result<P
         rows.collect::<Result<_, _>>()?
     };
     for id in &ids {
-        conn.execute("DELETE FROM attempts WHERE event_id = ?1", params![id])?;
-        conn.execute("DELETE FROM events WHERE id = ?1", params![id])?;
+        exec(
+            conn,
+            "DELETE FROM attempts WHERE event_id = ?1",
+            params![id],
+        )?;
+        exec(conn, "DELETE FROM events WHERE id = ?1", params![id])?;
     }
     purged.events = ids.len() as u64;
     let total: i64 = conn.query_row(
@@ -1188,7 +1263,8 @@ pub fn housekeeping_tx(conn: &Connection, now: i64, keep: Retention) -> Result<P
             if over == 0 {
                 break;
             }
-            conn.execute(
+            exec(
+                conn,
                 "UPDATE events SET result = NULL WHERE seq = ?1",
                 params![seq],
             )?;
@@ -1196,7 +1272,8 @@ pub fn housekeeping_tx(conn: &Connection, now: i64, keep: Retention) -> Result<P
             purged.results += 1;
         }
     }
-    purged.keys = conn.execute(
+    purged.keys = exec(
+        conn,
         "DELETE FROM idempotency WHERE accepted_ms <= ?1",
         params![now - IDEMPOTENCY_MS],
     )? as u64;
@@ -1206,7 +1283,8 @@ pub fn housekeeping_tx(conn: &Connection, now: i64, keep: Retention) -> Result<P
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     if count as u64 > keep.max_records {
-        purged.records += conn.execute(
+        purged.records += exec(
+            conn,
             "DELETE FROM journal WHERE seq IN (SELECT seq FROM journal ORDER BY seq LIMIT ?1)",
             params![count - keep.max_records as i64],
         )? as u64;
@@ -1223,7 +1301,7 @@ pub fn housekeeping_tx(conn: &Connection, now: i64, keep: Retention) -> Result<P
                 break;
             }
             purged.records +=
-                conn.execute("DELETE FROM journal WHERE seq = ?1", params![seq])? as u64;
+                exec(conn, "DELETE FROM journal WHERE seq = ?1", params![seq])? as u64;
             over = over.saturating_sub(len as u64);
         }
     }
@@ -1239,17 +1317,37 @@ pub fn counts_by_kind(conn: &Connection) -> Result<Vec<(String, i64)>, rusqlite:
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn temp_db(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "ember-journal-{name}-{}-{}",
-            std::process::id(),
-            crate::functions::random_u64()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join("journal.db")
+    /// A database path in a directory of its own, removed when dropped.
+    pub(crate) struct TempDb(pub PathBuf);
+
+    impl TempDb {
+        pub(crate) fn new(name: &str) -> TempDb {
+            let dir = std::env::temp_dir().join(format!(
+                "ember-journal-{name}-{}-{}",
+                std::process::id(),
+                crate::functions::random_u64()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDb(dir.join("journal.db"))
+        }
+    }
+
+    impl std::ops::Deref for TempDb {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDb {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
     }
 
     fn event(id: &str, key: Option<&str>, bytes: &[u8]) -> NewEvent {
@@ -1272,7 +1370,8 @@ mod tests {
 
     #[test]
     fn an_idempotency_key_answers_its_first_id_for_a_day_and_conflicts_on_other_bytes() {
-        let j = Journal::open(&temp_db("idem")).unwrap();
+        let db = TempDb::new("idem");
+        let j = Journal::open(&db).unwrap();
         assert!(matches!(
             accept(&j, event("a", Some("k"), b"x"), 1000),
             Ok(Accepted::New(_))
@@ -1301,7 +1400,8 @@ mod tests {
 
     #[test]
     fn recovery_marks_running_attempts_interrupted_and_reopens_their_events() {
-        let path = temp_db("recover");
+        let db = TempDb::new("recover");
+        let path = db.to_path_buf();
         {
             let j = Journal::open(&path).unwrap();
             accept(&j, event("a", None, b"x"), 1000).unwrap();
@@ -1329,7 +1429,8 @@ mod tests {
 
     #[test]
     fn a_final_failure_is_journaled_once_with_its_event_and_its_destination_queued() {
-        let j = Journal::open(&temp_db("fail")).unwrap();
+        let db = TempDb::new("fail");
+        let j = Journal::open(&db).unwrap();
         accept(&j, event("a", None, b"\x00\x01"), 1000).unwrap();
         j.write_blocking(false, |c| attempt_start_tx(c, "a", 1, 1100, 3))
             .unwrap();
@@ -1404,8 +1505,40 @@ mod tests {
     }
 
     #[test]
+    fn an_attempt_whose_start_was_lost_is_recorded_whole_at_its_end() {
+        let db = TempDb::new("nostart");
+        let j = Journal::open(&db).unwrap();
+        accept(&j, event("a", None, b"x"), 1000).unwrap();
+        j.write_blocking(false, |c| {
+            let end = AttemptEnd {
+                started_ms: 1100,
+                outcome: "succeeded",
+                version: Some(2),
+                instance: Some("f-1".into()),
+                ..Default::default()
+            };
+            attempt_end_tx(c, "a", 1, &end, 1200)?;
+            succeeded_tx(c, "a", b"ok", 1200, 9999)
+        })
+        .unwrap();
+        let v = j.read(|c| invocation(c, "a")).unwrap().unwrap();
+        assert_eq!(
+            (v["state"].as_str(), v["version"].as_i64()),
+            (Some("succeeded"), Some(2))
+        );
+        assert_eq!(v["attempts"][0]["started_ms"], 1100);
+        assert_eq!(v["attempts"][0]["instance"], "f-1");
+        // Final is final.
+        assert!(matches!(
+            j.write_blocking(false, |c| succeeded_tx(c, "a", b"again", 1300, 9999)),
+            Err(StoreError::Conflict(_))
+        ));
+    }
+
+    #[test]
     fn retention_purges_the_oldest_records_and_expired_events() {
-        let j = Journal::open(&temp_db("retention")).unwrap();
+        let db = TempDb::new("retention");
+        let j = Journal::open(&db).unwrap();
         for i in 0..5 {
             let rec = NewRecord {
                 id: format!("r{i}"),
@@ -1449,7 +1582,8 @@ mod tests {
 
     #[test]
     fn a_failed_write_is_rolled_back_alone_in_its_group() {
-        let j = std::sync::Arc::new(Journal::open(&temp_db("group")).unwrap());
+        let db = TempDb::new("group");
+        let j = std::sync::Arc::new(Journal::open(&db).unwrap());
         let threads: Vec<_> = (0..32)
             .map(|i| {
                 let j = j.clone();
@@ -1476,7 +1610,8 @@ mod tests {
 
     #[test]
     fn a_corrupt_or_newer_database_is_refused_naming_the_file() {
-        let path = temp_db("corrupt");
+        let db = TempDb::new("corrupt");
+        let path = db.to_path_buf();
         drop(Journal::open(&path).unwrap());
         let conn = Connection::open(&path).unwrap();
         conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
