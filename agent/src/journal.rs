@@ -604,7 +604,7 @@ pub fn accept_tx(conn: &Connection, ev: &NewEvent, now: i64) -> Result<Accepted,
             }
         }
         exec(
-        conn,
+            conn,
             "INSERT OR REPLACE INTO idempotency (function, key, event_id, event_sha256, accepted_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![ev.function, key, ev.id, sha, ev.accepted_ms],
         )?;
