@@ -652,6 +652,11 @@ async fn get_invocation(
         let finished = agent.events.finished.notified();
         tokio::pin!(finished);
         finished.as_mut().enable();
+        if agent.events.is_open(&id) && tokio::time::Instant::now() < deadline {
+            // Still queued or running (known without a read): wait.
+            let _ = tokio::time::timeout_at(deadline, finished).await;
+            continue;
+        }
         let reader = agent.clone();
         let wanted = id.clone();
         let found = blocking(move || {

@@ -177,6 +177,8 @@ struct Queues {
     per: HashMap<String, FnQueue>,
     open: u64,
     running: usize,
+    /// The ids of the open events (queued, retrying, running).
+    ids: std::collections::HashSet<String>,
 }
 
 /// Counters of async invocations for /metrics.
@@ -245,6 +247,7 @@ impl Events {
             .map_err(|e| format!("cannot recover {}: {e}", journal.path().display()))?;
         let mut queues = Queues::default();
         for ev in open {
+            queues.ids.insert(ev.id.clone());
             let f = queues.per.entry(ev.function.clone()).or_default();
             f.open += 1;
             queues.open += 1;
@@ -338,6 +341,7 @@ impl Events {
             if count {
                 q.open += 1;
             }
+            q.ids.insert(ev.id.clone());
             let f = q.per.entry(ev.function.clone()).or_default();
             if count {
                 f.open += 1;
@@ -410,8 +414,13 @@ impl Events {
         (due, next)
     }
 
+    /// Whether event `id` is open (not final) — from memory, no read.
+    pub fn is_open(&self, id: &str) -> bool {
+        lock(&self.queues).ids.contains(id)
+    }
+
     /// A delivery ended: the event goes back (`again`) or leaves.
-    fn delivered(&self, function: &str, again: Option<OpenEvent>) {
+    fn delivered(&self, function: &str, id: &str, again: Option<OpenEvent>) {
         let now = journal::now_ms();
         {
             let mut q = lock(&self.queues);
@@ -419,6 +428,7 @@ impl Events {
             let gone = again.is_none();
             if gone {
                 q.open = q.open.saturating_sub(1);
+                q.ids.remove(id);
             }
             let f = q.per.entry(function.to_string()).or_default();
             f.running = f.running.saturating_sub(1);
@@ -431,6 +441,9 @@ impl Events {
             }
         }
         self.wake.notify_one();
+        // After the id left the open set: a waiter woken here reads the
+        // final state (written before the delivery ended).
+        self.finished.notify_waiters();
     }
 
     /// Whether an error record for `function`'s control may go now (token
@@ -750,7 +763,6 @@ impl Agent {
                             .metrics
                             .succeeded
                             .fetch_add(1, Ordering::Relaxed);
-                        self.events.finished.notify_waiters();
                         None
                     }
                     Err(e) => {
@@ -922,7 +934,6 @@ impl Agent {
                 if let Some(dest) = destination {
                     self.events.enqueue(dest, true);
                 }
-                self.events.finished.notify_waiters();
                 None
             }
             Err(e) => {
@@ -954,7 +965,7 @@ pub fn start(agent: Arc<Agent>) {
                 // Straight onto a blocking thread, which gives the event
                 // back to the queue when the attempt is over.
                 tokio::task::spawn_blocking(move || {
-                    let function = ev.function.clone();
+                    let (function, id) = (ev.function.clone(), ev.id.clone());
                     let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         agent.deliver(ev)
                     }))
@@ -963,7 +974,7 @@ pub fn start(agent: Arc<Agent>) {
                         tracing::error!("a delivery of {function} panicked");
                         None
                     });
-                    agent.events.delivered(&function, again);
+                    agent.events.delivered(&function, &id, again);
                 });
             }
             let wait = Duration::from_millis((next - now).clamp(1, 1000) as u64);
@@ -1147,7 +1158,7 @@ mod tests {
         assert_eq!(e.room(), 2);
         let (due, _) = e.take_due(0, |_| 1);
         assert_eq!(due.len(), 1);
-        e.delivered("f", None);
+        e.delivered("f", "e7", None);
         assert_eq!(e.room(), 3);
     }
 
@@ -1170,7 +1181,7 @@ mod tests {
         // One of f's ends and is retried later: the next in order goes.
         let mut retried = due.into_iter().find(|e| e.seq == 1).unwrap();
         retried.due_ms = now + 500;
-        e.delivered("f", Some(retried));
+        e.delivered("f", "e1", Some(retried));
         let (next, at) = e.take_due(now, |_| 2);
         assert_eq!(next.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
         assert_eq!(at, now + 500, "woken when the retry is due");

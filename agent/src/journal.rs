@@ -51,7 +51,6 @@ CREATE TABLE events (
 );
 CREATE INDEX events_open ON events(state) WHERE state IN ('queued', 'running', 'retrying');
 CREATE INDEX events_function ON events(function, seq);
-CREATE INDEX events_finished ON events(finished_ms) WHERE finished_ms IS NOT NULL;
 CREATE TABLE attempts (
     event_id      TEXT NOT NULL,
     n             INTEGER NOT NULL,

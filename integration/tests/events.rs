@@ -104,14 +104,14 @@ fn accept(client: &mut ApiClient, name: &str, event: &[u8]) -> Result<String, St
 fn final_state(client: &mut ApiClient, id: &str, within: Duration) -> Result<Value, String> {
     let deadline = Instant::now() + within;
     loop {
-        let v = get_json(client, &format!("/invocations/{id}"))?;
+        // Answered as soon as it is final (or after 2 s).
+        let v = get_json(client, &format!("/invocations/{id}?wait_ms=2000"))?;
         if v["state"] == "succeeded" || v["state"] == "failed" {
             return Ok(v);
         }
         if Instant::now() > deadline {
             return Err(format!("invocation {id} not final in {within:?}: {v}"));
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -609,8 +609,9 @@ fn kill_storm() -> TestResult {
             let socket = socket.clone();
             let answered = answered.clone();
             let done = done.clone();
-            std::thread::spawn(move || -> Result<usize, String> {
+            std::thread::spawn(move || -> Result<(usize, usize), String> {
                 let mut refused = 0;
+                let mut unanswered = 0;
                 let mut seq = c;
                 let mut client: Option<ApiClient> = None;
                 while seq < EVENTS {
@@ -659,11 +660,12 @@ fn kill_storm() -> TestResult {
                         Err(_) => {
                             // No answer (emberd died): unknown, send again
                             // with the same key.
+                            unanswered += 1;
                             client = None;
                         }
                     }
                 }
-                Ok(refused)
+                Ok((refused, unanswered))
             })
         })
         .collect();
@@ -675,9 +677,11 @@ fn kill_storm() -> TestResult {
         emberd = Emberd::start(&dir, &[])
             .map_err(|e| format!("restart {kill} after killing {pid}: {e}"))?;
     }
-    let mut refused = 0;
+    let (mut refused, mut unanswered) = (0, 0);
     for client in clients {
-        refused += client.join().map_err(|_| fail("a client panicked"))??;
+        let (r, u) = client.join().map_err(|_| fail("a client panicked"))??;
+        refused += r;
+        unanswered += u;
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let answered = answered.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -758,7 +762,7 @@ fn kill_storm() -> TestResult {
         }
     }
     eprintln!(
-        "kill storm: {EVENTS} events, {KILLS} SIGKILLs, {refused} refusals resent, {interrupted} interrupted attempts, {} journaled",
+        "kill storm: {EVENTS} events, {KILLS} SIGKILLs, {unanswered} sends unanswered and resent with their key, {refused} refusals resent, {interrupted} interrupted attempts, {} journaled",
         records.len()
     );
     Ok(())
