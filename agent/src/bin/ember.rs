@@ -47,6 +47,8 @@ enum Command {
         /// Idle instances kept this long, seconds.
         #[arg(long, value_name = "S")]
         keep_alive: Option<u64>,
+        #[command(flatten)]
+        async_config: AsyncConfig,
     },
     /// Invoke a function: the event from --data, --file or stdin.
     Invoke {
@@ -139,6 +141,59 @@ enum JournalCommand {
         /// The record's id.
         id: String,
     },
+}
+
+/// A deploy's settings for async invocations (docs/journal.md).
+#[derive(Debug, clap::Args)]
+struct AsyncConfig {
+    /// Async events open at most (more get a 429).
+    #[arg(long, value_name = "N")]
+    max_queued: Option<u64>,
+    /// Retries of a failed async event (0-10).
+    #[arg(long, value_name = "N")]
+    max_retries: Option<u32>,
+    /// The first retry's backoff ceiling (250ms, 30s, 2m), doubled per retry.
+    #[arg(long, value_name = "TIME", value_parser = parse_duration_ms)]
+    retry_base: Option<u64>,
+    /// An async event older than this is not attempted again (60s to 360m).
+    #[arg(long, value_name = "TIME", value_parser = parse_duration_ms)]
+    max_event_age: Option<u64>,
+    /// The function that gets a record of each event that finally failed.
+    #[arg(long, value_name = "FUNCTION")]
+    on_failure: Option<String>,
+    /// The function that gets each detected error and control action.
+    #[arg(long, value_name = "FUNCTION")]
+    on_error: Option<String>,
+    /// Journal failed synchronous invocations too.
+    #[arg(long)]
+    journal_sync_failures: bool,
+}
+
+impl AsyncConfig {
+    /// Sets what was given into a deploy's `config`.
+    fn apply(&self, config: &mut serde_json::Value) {
+        if let Some(n) = self.max_queued {
+            config["max_queued"] = n.into();
+        }
+        if let Some(n) = self.max_retries {
+            config["max_retries"] = n.into();
+        }
+        if let Some(ms) = self.retry_base {
+            config["retry_base_ms"] = ms.into();
+        }
+        if let Some(ms) = self.max_event_age {
+            config["max_event_age_s"] = ms.div_ceil(1000).into();
+        }
+        if let Some(f) = &self.on_failure {
+            config["on_failure"] = f.as_str().into();
+        }
+        if let Some(f) = &self.on_error {
+            config["on_error"] = f.as_str().into();
+        }
+        if self.journal_sync_failures {
+            config["journal_sync_failures"] = true.into();
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -281,8 +336,10 @@ fn run(cli: Cli) -> Result<(), String> {
             files,
             max_concurrency,
             keep_alive,
+            async_config,
         } => {
             let mut config = serde_json::json!({});
+            async_config.apply(&mut config);
             if let Some(m) = memory {
                 config["memory_mib"] = (*m).into();
             }
