@@ -347,6 +347,17 @@ impl Journal {
             )
         };
         let existed = path.exists();
+        if !existed {
+            // Events are the users' data: readable by emberd alone (the
+            // WAL and shared-memory files SQLite makes take this mode).
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| format!("cannot create the journal {}: {e}", path.display()))?;
+        }
         let conn = open_connection(path).map_err(|e| refuse(e.to_string()))?;
         if existed {
             let check: String = conn
@@ -766,7 +777,7 @@ pub fn succeeded_tx(
     let changed = exec(
         conn,
         "UPDATE events SET state = 'succeeded', finished_ms = ?2, result = ?3, result_expires_ms = ?4, \
-         error_kind = NULL, error_message = NULL WHERE id = ?1 AND state IN ('queued', 'running', 'retrying')",
+         error_kind = NULL, error_message = NULL, event = x'' WHERE id = ?1 AND state IN ('queued', 'running', 'retrying')",
         params![id, now, result, expires_ms],
     )?;
     if changed != 1 {
@@ -1371,6 +1382,9 @@ pub(crate) mod tests {
     fn an_idempotency_key_answers_its_first_id_for_a_day_and_conflicts_on_other_bytes() {
         let db = TempDb::new("idem");
         let j = Journal::open(&db).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&*db).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the journal is emberd's alone");
         assert!(matches!(
             accept(&j, event("a", Some("k"), b"x"), 1000),
             Ok(Accepted::New(_))
