@@ -38,6 +38,10 @@ fn main() {
             crash_loop_rebuilds,
         ),
         (
+            "a_template_refused_whose_rebuild_fails_marks_the_version_broken_and_events_wait",
+            broken_version,
+        ),
+        (
             "kill_9_storm_loses_nothing_accepted_and_runs_nothing_refused",
             kill_storm,
         ),
@@ -579,6 +583,53 @@ fn crash_loop_rebuilds() -> TestResult {
     check(metrics.contains("ember_control_actions_total 1"), || {
         metrics.clone()
     })?;
+    Ok(())
+}
+
+/// A template ember-vmm refuses (corrupted under a running emberd) whose
+/// rebuild fails too (its module is gone): the version is marked broken —
+/// a control action — invocations answer 503 `broken`, an async event
+/// waits, and a deploy lets it through.
+fn broken_version() -> TestResult {
+    let dir = fresh_dir()?;
+    let emberd = Emberd::start(&dir, &[])?;
+    let mut client = emberd.client();
+    deploy(&mut client, "echo", &example("echo.wasm")?, json!({}), &[])?;
+    let v1 = dir.join("state/functions/echo/v1");
+    let state = v1.join("template.state");
+    let mut bytes = std::fs::read(&state).map_err(|e| e.to_string())?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&state, bytes).map_err(|e| e.to_string())?;
+    std::fs::remove_file(v1.join("module.wasm")).map_err(|e| e.to_string())?;
+    let r = invoke(&mut client, "echo", b"x", &[]).map_err(|e| e.to_string())?;
+    expect_error(
+        &r,
+        503,
+        "broken",
+        "a version whose template cannot be rebuilt",
+    )?;
+    let records = wait_list(&mut client, "/journal?kind=control_action", "records", 1)?;
+    check(
+        records[0]["detail"]["detected"]["condition"] == "template_refused"
+            && records[0]["detail"]["done"]["action"] == "version_marked_broken",
+        || format!("{records:?}"),
+    )?;
+    let f = get_json(&mut client, "/functions/echo")?;
+    check(f["broken"] == true, || format!("{f}"))?;
+    let id = accept(&mut client, "echo", b"waits for a deploy")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let waiting = get_json(&mut client, &format!("/invocations/{id}"))?;
+    check(
+        waiting["state"] == "queued" && waiting["attempts"].as_array().is_some_and(Vec::is_empty),
+        || format!("an event of a broken version: {waiting}"),
+    )?;
+    deploy(&mut client, "echo", &example("echo.wasm")?, json!({}), &[])?;
+    let v = final_state(&mut client, &id, Duration::from_secs(20))?;
+    check(
+        v["state"] == "succeeded" && v["version"] == 2 && v["result"] == "waits for a deploy",
+        || format!("{v}"),
+    )?;
     Ok(())
 }
 
