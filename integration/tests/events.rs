@@ -517,18 +517,25 @@ fn expired() -> TestResult {
 
 /// The VMMs of a version's instances die three times within a minute: its
 /// template is rebuilt (a control_action record says what was detected
-/// and done) and the next restore uses the new template.
+/// and done) and the next restore uses the new template; the function's
+/// on_error control is told.
 fn crash_loop_rebuilds() -> TestResult {
     let emberd = Emberd::start(&fresh_dir()?, &[])?;
     let mut client = emberd.client();
-    deploy(&mut client, "echo", &example("echo.wasm")?, json!({}), &[])?;
+    deploy(&mut client, "ctl", &example("echo.wasm")?, json!({}), &[])?;
+    deploy(
+        &mut client,
+        "echo",
+        &example("echo.wasm")?,
+        json!({ "on_error": "ctl" }),
+        &[],
+    )?;
     for _ in 0..3 {
         expect_status(invoke(&mut client, "echo", b"x", &[]), 200, "invoke")?;
         let instances = get_json(&mut client, "/instances")?;
-        check(instances[0]["template_generation"] == 0, || {
-            format!("{instances}")
-        })?;
-        let pid = instances[0]["pid"].as_i64().unwrap_or(0) as i32;
+        let echo = of_function(&instances, "echo");
+        check(echo["template_generation"] == 0, || format!("{instances}"))?;
+        let pid = echo["pid"].as_i64().unwrap_or(0) as i32;
         check(pid > 0, || format!("{instances}"))?;
         // SAFETY: kill(2) of the VMM process emberd reported.
         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -575,14 +582,47 @@ fn crash_loop_rebuilds() -> TestResult {
         || format!("{:?}", served.headers),
     )?;
     let instances = get_json(&mut client, "/instances")?;
-    check(instances[0]["template_generation"] == 1, || {
-        format!("{instances}")
-    })?;
+    check(
+        of_function(&instances, "echo")["template_generation"] == 1,
+        || format!("{instances}"),
+    )?;
     let metrics = String::from_utf8_lossy(&expect_status(client.get("/metrics"), 200, "m")?.body)
         .into_owned();
     check(metrics.contains("ember_control_actions_total 1"), || {
         metrics.clone()
     })?;
+    // Each detected error (a crash found while serving) and the control
+    // action went to ctl; the control action's record is among them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let told = get_json(&mut client, "/invocations?function=ctl")?;
+        let mut found = None;
+        for t in told["invocations"].as_array().into_iter().flatten() {
+            let v = final_state(
+                &mut client,
+                t["id"].as_str().unwrap_or(""),
+                Duration::from_secs(20),
+            )?;
+            let body: Value = serde_json::from_str(v["result"].as_str().unwrap_or("null"))
+                .map_err(|e| format!("the control's event is not JSON ({e}): {v}"))?;
+            if body["kind"] == "control_action" {
+                found = Some(body);
+            }
+        }
+        match found {
+            Some(body) => break body,
+            None if Instant::now() > deadline => {
+                return Err(fail(format!("ctl never got the control action: {told}")))
+            }
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    check(
+        body["function"] == "echo"
+            && body["journal_id"] == r["id"]
+            && body["detail"]["done"]["action"] == "template_rebuilt",
+        || format!("on_error got: {body}"),
+    )?;
     Ok(())
 }
 
@@ -631,6 +671,14 @@ fn broken_version() -> TestResult {
         || format!("{v}"),
     )?;
     Ok(())
+}
+
+/// The instance of `function` in a `GET /instances` answer (null if none).
+fn of_function<'a>(instances: &'a Value, function: &str) -> &'a Value {
+    instances
+        .as_array()
+        .and_then(|list| list.iter().find(|i| i["function"] == function))
+        .unwrap_or(&Value::Null)
 }
 
 /// 2,000 async events from 4 clients while emberd is SIGKILLed 20 times
