@@ -141,6 +141,50 @@ pub fn classify_error(e: &ApiError) -> Outcome {
     }
 }
 
+/// Classifies ember-vmm's answer to an attempt (its body moves into a
+/// success's result); also the function's duration, µs, and the end of its
+/// stderr (at most 4 KiB).
+pub fn classify_response(
+    response: ember_vmm::api::client::ApiResponse,
+) -> (Outcome, Option<u64>, Option<String>) {
+    let duration_us = response
+        .header("x-ember-duration-us")
+        .and_then(|d| d.parse().ok());
+    let log_tail = response.header("x-ember-log").map(|log| {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(log)
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        let mut cut = text.len().saturating_sub(4096);
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        text[cut..].to_string()
+    });
+    let error = response
+        .header("x-ember-function-error")
+        .map(str::to_string);
+    let outcome = match (response.status, error) {
+        (200, None) => Outcome::Succeeded(response.body),
+        (200, Some(kind)) => {
+            let message = serde_json::from_slice::<serde_json::Value>(&response.body)
+                .ok()
+                .and_then(|b| b["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&response.body).into_owned());
+            Outcome::Retryable(kind, message)
+        }
+        (status, _) => Outcome::Retryable(
+            "host_error".into(),
+            format!(
+                "the instance answered {status}: {}",
+                response.fault_message().unwrap_or_default()
+            ),
+        ),
+    };
+    (outcome, duration_us, log_tail)
+}
+
 /// Per-function queue: events waiting (by seq when due, by due time when
 /// not), and deliveries running.
 #[derive(Default)]
@@ -572,55 +616,6 @@ impl Agent {
         }
     }
 
-    /// Writes a control action's journal record, counts it, and tells the
-    /// function's `on_error` control (blocking).
-    pub fn record_control_action(
-        &self,
-        function: &str,
-        version: Option<u64>,
-        detected: serde_json::Value,
-        done: serde_json::Value,
-    ) {
-        let record = journal::NewRecord {
-            id: self.new_invocation_id(),
-            kind: "control_action",
-            function: function.to_string(),
-            version,
-            error_kind: detected["condition"].as_str().map(str::to_string),
-            error_message: detected["message"].as_str().map(str::to_string),
-            detail: Some(json!({ "detected": detected, "done": done })),
-            ..Default::default()
-        };
-        tracing::warn!(
-            function,
-            version,
-            detected = %detected,
-            done = %done,
-            "control action"
-        );
-        self.events
-            .metrics
-            .control_actions
-            .fetch_add(1, Ordering::Relaxed);
-        let now = journal::now_ms();
-        let written = record.clone();
-        if let Err(e) = self.events.journal.write_blocking(true, move |conn| {
-            journal::insert_record_tx(conn, &written, now)
-        }) {
-            tracing::error!("cannot journal a control action: {e}");
-        }
-        self.report_error(ErrorReport {
-            kind: "control_action",
-            function: function.to_string(),
-            version,
-            invocation_id: None,
-            error_kind: record.error_kind.unwrap_or_default(),
-            message: record.error_message.unwrap_or_default(),
-            journal_id: Some(record.id),
-            detail: record.detail,
-        });
-    }
-
     /// Delivers one attempt of `ev` (blocking). Returns the event if it
     /// stays open.
     fn deliver(&self, mut ev: OpenEvent) -> Option<OpenEvent> {
@@ -712,38 +707,10 @@ impl Agent {
                 end.version = Some(served.version);
                 end.instance = Some(served.instance.clone());
                 end.start = Some(served.start.name());
-                let r = &served.response;
-                end.duration_us = r.header("x-ember-duration-us").and_then(|d| d.parse().ok());
-                end.log_tail = r.header("x-ember-log").map(|log| {
-                    use base64::Engine;
-                    let bytes = base64::engine::general_purpose::STANDARD
-                        .decode(log)
-                        .unwrap_or_default();
-                    let text = String::from_utf8_lossy(&bytes);
-                    let mut cut = text.len().saturating_sub(4096);
-                    while !text.is_char_boundary(cut) {
-                        cut += 1;
-                    }
-                    text[cut..].to_string()
-                });
-                let error = r.header("x-ember-function-error").map(str::to_string);
-                match (r.status, error) {
-                    (200, None) => Outcome::Succeeded(served.response.body),
-                    (200, Some(kind)) => {
-                        let message = serde_json::from_slice::<serde_json::Value>(&r.body)
-                            .ok()
-                            .and_then(|b| b["error"]["message"].as_str().map(str::to_string))
-                            .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
-                        Outcome::Retryable(kind, message)
-                    }
-                    (status, _) => Outcome::Retryable(
-                        "host_error".into(),
-                        format!(
-                            "the instance answered {status}: {}",
-                            r.fault_message().unwrap_or_default()
-                        ),
-                    ),
-                }
+                let (outcome, duration_us, log_tail) = classify_response(served.response);
+                end.duration_us = duration_us;
+                end.log_tail = log_tail;
+                outcome
             }
             Err(e) => classify_error(&e),
         };
@@ -1105,6 +1072,54 @@ mod tests {
             classify_error(&e(500, "internal")),
             Outcome::Retryable("host_error".into(), "m".into())
         );
+    }
+
+    fn answer(
+        status: u16,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> ember_vmm::api::client::ApiResponse {
+        ember_vmm::api::client::ApiResponse {
+            status,
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_vec(),
+        }
+    }
+
+    #[test]
+    fn an_attempts_answer_is_classified_with_its_duration_and_log_tail() {
+        use base64::Engine;
+        let log = base64::engine::general_purpose::STANDARD.encode("é".repeat(3000));
+        let ok = answer(
+            200,
+            &[("x-ember-duration-us", "42"), ("x-ember-log", &log)],
+            b"result",
+        );
+        let (outcome, duration, tail) = classify_response(ok);
+        assert_eq!(outcome, Outcome::Succeeded(b"result".to_vec()));
+        assert_eq!(duration, Some(42));
+        let tail = tail.unwrap();
+        assert!(
+            tail.len() <= 4096 && tail.chars().all(|c| c == 'é'),
+            "cut on a char boundary"
+        );
+        let trap = answer(
+            200,
+            &[("x-ember-function-error", "trap")],
+            br#"{"error": {"kind": "trap", "message": "unreachable"}}"#,
+        );
+        assert_eq!(
+            classify_response(trap).0,
+            Outcome::Retryable("trap".into(), "unreachable".into())
+        );
+        let refused = answer(400, &[], br#"{"fault_message": "bad"}"#);
+        assert!(matches!(
+            classify_response(refused).0,
+            Outcome::Retryable(kind, message) if kind == "host_error" && message.contains("400")
+        ));
     }
 
     fn open(seq: i64, due_ms: i64) -> OpenEvent {

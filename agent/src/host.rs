@@ -162,7 +162,7 @@ impl Histogram {
 pub struct Agent {
     /// Its settings.
     pub config: AgentConfig,
-    supervisor: Supervisor,
+    pub(crate) supervisor: Supervisor,
     /// The functions.
     pub store: FunctionStore,
     /// The base snapshot.
@@ -186,7 +186,7 @@ pub struct Agent {
     /// invocations do not read the disk).
     current: Mutex<HashMap<String, Arc<FunctionVersion>>>,
     /// Templates checked since start (checked once, not per restore).
-    validated: Mutex<HashSet<(String, u64)>>,
+    pub(crate) validated: Mutex<HashSet<(String, u64)>>,
     /// One template check or build at a time.
     templates: Mutex<()>,
     /// Invocations waiting for an instance.
@@ -196,11 +196,11 @@ pub struct Agent {
     /// Async invocations and the failure journal.
     pub events: crate::events::Events,
     /// Itself, for control actions that run on threads of their own.
-    me: Weak<Agent>,
+    pub(crate) me: Weak<Agent>,
     /// Versions (their deploy ids) whose template cannot be rebuilt.
-    broken: Mutex<HashSet<u64>>,
+    pub(crate) broken: Mutex<HashSet<u64>>,
     /// Template rebuilds per version since start (0: the deploy's).
-    generations: Mutex<HashMap<(String, u64), u64>>,
+    pub(crate) generations: Mutex<HashMap<(String, u64), u64>>,
 }
 
 /// A served invocation, for the API to turn into a response.
@@ -493,28 +493,7 @@ impl Agent {
                 ..
             })) if path == "/snapshot/load" => {
                 // The base snapshot itself is refused: rebuild it, once.
-                let detected = json!({
-                    "condition": "base_refused",
-                    "message": format!("ember-vmm refused the base snapshot: {message}"),
-                });
-                let rebuilt = snapshots::build_base(
-                    &self.supervisor,
-                    &self.config.guest_image,
-                    self.config.base_mem_mib,
-                    &self.base,
-                );
-                self.record_control_action(
-                    &v.name,
-                    Some(v.version),
-                    detected,
-                    match &rebuilt {
-                        Ok(_) => json!({ "action": "base_rebuilt" }),
-                        Err(e) => {
-                            json!({ "action": "base_rebuild_failed", "error": e.to_string() })
-                        }
-                    },
-                );
-                rebuilt?;
+                self.rebuild_base(v, message)?;
                 let mut vmm = self.take_prepared()?;
                 vmm.build_template_of(&v.name, v.version);
                 let built = snapshots::build_template(&mut vmm, &self.base, &spec, &files);
@@ -525,89 +504,14 @@ impl Agent {
         }
     }
 
-    /// Whether `v` is marked broken.
-    pub fn is_broken(&self, v: &FunctionVersion) -> bool {
-        lock(&self.broken).contains(&v.uid)
-    }
-
-    /// How many times `v`'s template was rebuilt since start.
-    pub fn template_generation(&self, v: &FunctionVersion) -> u64 {
-        lock(&self.generations)
-            .get(&(v.name.clone(), v.version))
-            .copied()
-            .unwrap_or(0)
-    }
-
-    fn bump_generation(&self, v: &FunctionVersion) -> u64 {
-        let mut generations = lock(&self.generations);
-        let g = generations.entry((v.name.clone(), v.version)).or_insert(0);
-        *g += 1;
-        *g
-    }
-
-    /// Notes a crash of `v` (an instance that died serving or idle); the
-    /// `crash_threshold`-th within the window rebuilds its template and
-    /// replaces its idle instances, on a thread of its own.
-    fn crash_detected(&self, v: &Arc<FunctionVersion>, instance: Option<&str>, message: &str) {
-        if !self.events.crash_loop(&v.name, v.version) {
-            return;
-        }
-        let Some(agent) = self.me.upgrade() else {
-            return;
-        };
-        let v = v.clone();
-        let detected = json!({
-            "condition": "crash_loop",
-            "message": format!(
-                "{} crashes within {} s; the last: {message}",
-                self.events.settings.crash_threshold, self.events.settings.crash_window_s
-            ),
-            "instance": instance,
-        });
-        let spawned = std::thread::Builder::new()
-            .name("ember-repair".into())
-            .spawn(move || agent.rebuild_after_crashes(&v, detected));
-        if let Err(e) = spawned {
-            tracing::error!("cannot start a control action: {e}");
-        }
-    }
-
-    fn rebuild_after_crashes(&self, v: &FunctionVersion, detected: serde_json::Value) {
-        lock(&self.validated).remove(&(v.name.clone(), v.version));
-        let done = match self.template(v, true) {
-            Ok(_) => {
-                let generation = self.bump_generation(v);
-                let doomed: Vec<Instance> = {
-                    let mut pools = lock(&self.pools);
-                    let ids: Vec<String> = pools
-                        .instances
-                        .values()
-                        .filter(|i| i.uid == v.uid && i.vmm.is_some())
-                        .map(|i| i.id.clone())
-                        .collect();
-                    ids.iter().filter_map(|id| pools.remove(id)).collect()
-                };
-                let replaced = doomed.len();
-                drop(doomed);
-                self.changed.notify_waiters();
-                json!({
-                    "action": "template_rebuilt",
-                    "template_generation": generation,
-                    "idle_instances_replaced": replaced,
-                })
-            }
-            Err(e) => {
-                lock(&self.broken).insert(v.uid);
-                json!({ "action": "version_marked_broken", "rebuild_error": e.message })
-            }
-        };
-        self.record_control_action(&v.name, Some(v.version), detected, done);
-    }
-
     /// The template of the current version of `function`, rebuilt if it
     /// is missing or corrupt (or, with `rebuild`, in any case: a restore
     /// refused it).
-    fn template(&self, v: &FunctionVersion, rebuild: bool) -> Result<SnapshotFiles, ApiError> {
+    pub(crate) fn template(
+        &self,
+        v: &FunctionVersion,
+        rebuild: bool,
+    ) -> Result<SnapshotFiles, ApiError> {
         let files = self.store.template(&v.name, v.version);
         let key = (v.name.clone(), v.version);
         if lock(&self.validated).contains(&key) {
@@ -925,39 +829,7 @@ impl Agent {
                 return Err(e.into());
             }
             rebuilt = true;
-            let detected = json!({
-                "condition": "template_refused",
-                "message": format!("ember-vmm refused the template twice: {e}"),
-            });
-            lock(&self.validated).remove(&(v.name.clone(), v.version));
-            match self.template(v, true) {
-                Ok(_) => {
-                    let generation = self.bump_generation(v);
-                    self.record_control_action(
-                        &v.name,
-                        Some(v.version),
-                        detected,
-                        json!({ "action": "template_rebuilt", "template_generation": generation }),
-                    );
-                }
-                Err(rebuild) => {
-                    lock(&self.broken).insert(v.uid);
-                    self.record_control_action(
-                        &v.name,
-                        Some(v.version),
-                        detected,
-                        json!({ "action": "version_marked_broken", "rebuild_error": rebuild.message }),
-                    );
-                    return Err(ApiError::new(
-                        503,
-                        "broken",
-                        format!(
-                            "{} v{} is broken: its template was refused and its rebuild failed ({}); deploy a new version",
-                            v.name, v.version, rebuild.message
-                        ),
-                    ));
-                }
-            }
+            self.rebuild_refused_template(v, &e)?;
         };
         lock(&self.metrics.restore_latency).observe(started.elapsed().as_secs_f64());
         tracing::info!(

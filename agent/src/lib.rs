@@ -9,5 +9,6 @@ pub mod host;
 pub mod journal;
 pub mod logging;
 pub mod pool;
+pub mod repair;
 pub mod snapshots;
 pub mod supervisor;
