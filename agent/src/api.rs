@@ -281,13 +281,12 @@ async fn invoke(
         instance = tracing::field::Empty,
         version = tracing::field::Empty,
     );
-    let served = match header(&headers, INVOCATION_TYPE_HEADER) {
-        Ok(None) => serve_invocation(agent, name, id.clone(), headers, body, span.clone()).await,
-        Ok(Some(t)) if t == "RequestResponse" => {
+    let served = match header(&headers, INVOCATION_TYPE_HEADER).map(|t| t.unwrap_or_default()) {
+        Ok(t) if t.is_empty() || t == "RequestResponse" => {
             serve_invocation(agent, name, id.clone(), headers, body, span.clone()).await
         }
-        Ok(Some(t)) if t == "Event" => accept_event(agent, name, &id, headers, body).await,
-        Ok(Some(t)) => Err(bad(format!(
+        Ok(t) if t == "Event" => accept_event(agent, name, &id, headers, body).await,
+        Ok(t) => Err(bad(format!(
             "{INVOCATION_TYPE_HEADER} is {t:?}: give Event (async) or RequestResponse (sync)"
         ))),
         Err(e) => Err(e),
@@ -302,12 +301,23 @@ async fn invoke(
         e.into_response()
     });
     if !response.headers().contains_key(INVOCATION_ID_HEADER) {
-        if let Ok(value) = HeaderValue::from_str(&id) {
-            response
-                .headers_mut()
-                .insert(HeaderName::from_static(INVOCATION_ID_HEADER), value);
-        }
+        set_invocation_id(&mut response, &id);
     }
+    response
+}
+
+fn set_invocation_id(response: &mut Response, id: &str) {
+    if let Ok(value) = HeaderValue::from_str(id) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(INVOCATION_ID_HEADER), value);
+    }
+}
+
+/// `{"id"}` with `status` (202 for a new event), the id in the header too.
+fn answer_id(status: StatusCode, id: &str) -> Response {
+    let mut response = (status, Json(json!({ "id": id }))).into_response();
+    set_invocation_id(&mut response, id);
     response
 }
 
@@ -360,17 +370,10 @@ async fn accept_event(
         accepted_ms: now,
         due_ms: now,
     };
-    let (status, id) = match agent.events.accept(reservation, ev).await? {
-        Accepted::New(_) => (StatusCode::ACCEPTED, id.to_string()),
-        Accepted::Existing(first) => (StatusCode::OK, first),
-    };
-    let mut response = (status, Json(json!({ "id": id }))).into_response();
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        response
-            .headers_mut()
-            .insert(HeaderName::from_static(INVOCATION_ID_HEADER), value);
-    }
-    Ok(response)
+    Ok(match agent.events.accept(reservation, ev).await? {
+        Accepted::New(_) => answer_id(StatusCode::ACCEPTED, id),
+        Accepted::Existing(first) => answer_id(StatusCode::OK, &first),
+    })
 }
 
 async fn serve_invocation(
@@ -462,26 +465,13 @@ fn sync_failure(
     event: &[u8],
     served: &Result<crate::host::Served, ApiError>,
 ) {
+    // Function errors (and the instance's own failures) are the
+    // function's; of emberd's answers, only its failures (5xx) count.
     let (kind, message, version) = match served {
-        Ok(served) => {
-            let r = &served.response;
-            match (r.status, r.header("x-ember-function-error")) {
-                (200, None) => return,
-                (200, Some(kind)) => (
-                    kind.to_string(),
-                    serde_json::from_slice::<serde_json::Value>(&r.body)
-                        .ok()
-                        .and_then(|b| b["error"]["message"].as_str().map(str::to_string))
-                        .unwrap_or_default(),
-                    Some(served.version),
-                ),
-                (status, _) => (
-                    "host_error".to_string(),
-                    format!("the instance answered {status}"),
-                    Some(served.version),
-                ),
-            }
-        }
+        Ok(served) => match crate::events::failure_of(&served.response) {
+            Some((kind, message)) => (kind, message, Some(served.version)),
+            None => return,
+        },
         Err(e) if e.status >= 500 && e.kind != "shutting_down" => {
             (e.kind.to_string(), e.message.clone(), None)
         }
@@ -511,16 +501,18 @@ fn sync_failure(
             Err(e) => tracing::error!("cannot journal a failed invocation: {e}"),
         }
     }
-    agent.report_error(crate::events::ErrorReport {
-        kind: "error",
-        function: name.to_string(),
-        version: version.or(Some(v.version)),
-        invocation_id: Some(id.to_string()),
-        error_kind: kind,
-        message,
-        journal_id,
-        detail: None,
-    });
+    if crate::events::is_function_error(&kind) {
+        agent.report_error(crate::events::ErrorReport {
+            kind: "error",
+            function: name.to_string(),
+            version: version.or(Some(v.version)),
+            invocation_id: Some(id.to_string()),
+            error_kind: kind,
+            message,
+            journal_id,
+            detail: None,
+        });
+    }
 }
 
 /// Query of the list endpoints.
@@ -764,11 +756,11 @@ async fn replay_one(
 ) -> Result<Response, ApiError> {
     let reader = agent.clone();
     let rid = record_id.clone();
-    let (function, _) = blocking(move || {
+    let function = blocking(move || {
         reader
             .events
             .journal
-            .read(|conn| journal::record_event(conn, &rid))
+            .read(|conn| journal::record_function(conn, &rid))
             .map_err(store_error)?
             .ok_or_else(|| no_record(&rid))
     })
@@ -797,13 +789,7 @@ async fn replay_one(
         .await
         .map_err(store_error)?;
     agent.events.keep(reservation, open);
-    let mut response = (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response();
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        response
-            .headers_mut()
-            .insert(HeaderName::from_static(INVOCATION_ID_HEADER), value);
-    }
-    Ok(response)
+    Ok(answer_id(StatusCode::ACCEPTED, &id))
 }
 
 /// `POST /journal/replay`: every record not replayed yet that matches,

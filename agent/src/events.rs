@@ -1,7 +1,7 @@
 //! Async invocations (docs/journal.md): accepted durably, delivered by a
 //! dispatcher through the same router and pools as synchronous ones,
 //! retried, and ended either `succeeded` or in the failure journal —
-//! exactly once. Detected errors feed control actions (host.rs) and the
+//! exactly once. Detected errors feed control actions (repair.rs) and the
 //! functions' `on_error` controls.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -162,27 +162,43 @@ pub fn classify_response(
         }
         text[cut..].to_string()
     });
-    let error = response
-        .header("x-ember-function-error")
-        .map(str::to_string);
-    let outcome = match (response.status, error) {
-        (200, None) => Outcome::Succeeded(response.body),
+    let outcome = match failure_of(&response) {
+        None => Outcome::Succeeded(response.body),
+        Some((kind, message)) => Outcome::Retryable(kind, message),
+    };
+    (outcome, duration_us, log_tail)
+}
+
+/// How ember-vmm's answer to an invocation failed, if it did: a function
+/// error (its kind and message), or `host_error` for an answer other
+/// than 200.
+pub fn failure_of(response: &ember_vmm::api::client::ApiResponse) -> Option<(String, String)> {
+    match (response.status, response.header("x-ember-function-error")) {
+        (200, None) => None,
         (200, Some(kind)) => {
             let message = serde_json::from_slice::<serde_json::Value>(&response.body)
                 .ok()
                 .and_then(|b| b["error"]["message"].as_str().map(str::to_string))
                 .unwrap_or_else(|| String::from_utf8_lossy(&response.body).into_owned());
-            Outcome::Retryable(kind, message)
+            Some((kind.to_string(), message))
         }
-        (status, _) => Outcome::Retryable(
+        (status, _) => Some((
             "host_error".into(),
             format!(
                 "the instance answered {status}: {}",
                 response.fault_message().unwrap_or_default()
             ),
-        ),
-    };
-    (outcome, duration_us, log_tail)
+        )),
+    }
+}
+
+/// Whether `kind` is a function's own error (what its `on_error` control
+/// is told of), not a host-side failure.
+pub fn is_function_error(kind: &str) -> bool {
+    matches!(
+        kind,
+        "handler_error" | "trap" | "timeout" | "out_of_memory" | "crash"
+    )
 }
 
 /// Per-function queue: events waiting (by seq when due, by due time when
@@ -321,13 +337,13 @@ impl Events {
         let mut q = lock(&self.queues);
         let host_max = self.settings.max_queued_events;
         if q.open >= host_max {
-            return Err(too_many(format!(
+            return Err(ApiError::too_many(format!(
                 "the host holds {host_max} async events, its limit (max_queued_events); retry"
             )));
         }
         let f = q.per.entry(function.to_string()).or_default();
         if f.open >= max_queued {
-            return Err(too_many(format!(
+            return Err(ApiError::too_many(format!(
                 "{function} holds {max_queued} async events, its limit (max_queued); retry"
             )));
         }
@@ -344,7 +360,7 @@ impl Events {
     /// idempotency key seen before, the earlier id and no new event.
     pub async fn accept(
         &self,
-        mut reservation: Reservation<'_>,
+        reservation: Reservation<'_>,
         ev: NewEvent,
     ) -> Result<Accepted, ApiError> {
         let now = journal::now_ms();
@@ -355,9 +371,7 @@ impl Events {
             .await
             .map_err(store_error)?;
         if let Accepted::New(seq) = accepted {
-            reservation.kept = true;
-            self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
-            self.enqueue(ev.open(seq), false);
+            self.keep(reservation, ev.open(seq));
         }
         Ok(accepted)
     }
@@ -528,12 +542,6 @@ impl Events {
             false
         }
     }
-}
-
-fn too_many(message: String) -> ApiError {
-    let mut e = ApiError::new(429, "too_many_requests", message);
-    e.retry_after = Some(1);
-    e
 }
 
 /// A store error as the API reports it.
@@ -760,16 +768,8 @@ impl Agent {
                         Some(v.version),
                     );
                 }
-                let due = now + PAUSE_MS;
-                let written = self.events.journal.write_blocking(false, move |conn| {
-                    journal::attempt_end_tx(conn, &id, n, &end, now)?;
-                    journal::retry_tx(conn, &id, due, true, Some(("interrupted", &message)))
-                });
-                if let Err(e) = written {
-                    tracing::error!("cannot record an interrupted attempt: {e}");
-                }
-                ev.due_ms = due;
-                Some(ev)
+                let error = ("interrupted".to_string(), message);
+                Some(self.retry(ev, end, now + PAUSE_MS, true, error))
             }
             Outcome::Deleted(message) => self.fail(
                 ev,
@@ -794,10 +794,7 @@ impl Agent {
             Outcome::Retryable(kind, message) => {
                 end.error_kind = Some(kind.clone());
                 end.error_message = Some(message.clone());
-                if matches!(
-                    kind.as_str(),
-                    "handler_error" | "trap" | "timeout" | "out_of_memory" | "crash"
-                ) {
+                if is_function_error(&kind) {
                     self.report_error(ErrorReport {
                         kind: "error",
                         function: ev.function.clone(),
@@ -812,14 +809,6 @@ impl Agent {
                 let counted = ev.attempts.saturating_sub(ev.interrupted);
                 match policy.next(counted, ev.accepted_ms, now, crate::functions::random_u64()) {
                     NextStep::RetryAt(due) => {
-                        let error = (kind.clone(), message.clone());
-                        let written = self.events.journal.write_blocking(false, move |conn| {
-                            journal::attempt_end_tx(conn, &id, n, &end, now)?;
-                            journal::retry_tx(conn, &id, due, false, Some((&error.0, &error.1)))
-                        });
-                        if let Err(e) = written {
-                            tracing::error!("cannot record a failed attempt: {e}");
-                        }
                         self.events.metrics.retries.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(
                             kind,
@@ -827,8 +816,7 @@ impl Agent {
                             "attempt failed; retrying in {} ms",
                             due - now
                         );
-                        ev.due_ms = due;
-                        Some(ev)
+                        Some(self.retry(ev, end, due, false, (kind, message)))
                     }
                     NextStep::Exhausted => {
                         let message = format!("{n} attempts failed; the last: {kind}: {message}");
@@ -851,6 +839,31 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Records attempt `ev.attempts`'s `end` and `ev`'s next attempt at
+    /// `due` (`interrupted`: not counted); returns `ev`, to queue again.
+    /// A write that fails is logged: the event stays queued in memory, and
+    /// the store still holds it open.
+    fn retry(
+        &self,
+        mut ev: OpenEvent,
+        end: AttemptEnd,
+        due: i64,
+        interrupted: bool,
+        error: (String, String),
+    ) -> OpenEvent {
+        let now = journal::now_ms();
+        let (id, n) = (ev.id.clone(), ev.attempts);
+        let written = self.events.journal.write_blocking(false, move |conn| {
+            journal::attempt_end_tx(conn, &id, n, &end, now)?;
+            journal::retry_tx(conn, &id, due, interrupted, Some((&error.0, &error.1)))
+        });
+        if let Err(e) = written {
+            tracing::error!("cannot record a failed attempt: {e}");
+        }
+        ev.due_ms = due;
+        ev
     }
 
     /// Ends `ev` in the journal (with its destination's event), durably.

@@ -68,6 +68,14 @@ impl ApiError {
             retry_after: None,
         }
     }
+
+    /// A 429 `too_many_requests`, to be retried after a second.
+    pub fn too_many(message: impl Into<String>) -> ApiError {
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(429, "too_many_requests", message)
+        }
+    }
 }
 
 impl From<FunctionError> for ApiError {
@@ -559,11 +567,6 @@ impl Agent {
             ));
         }
         let mut v: Arc<FunctionVersion>;
-        let too_many = |message: String| {
-            let mut e = ApiError::new(429, "too_many_requests", message);
-            e.retry_after = Some(1);
-            e
-        };
         let deadline = Instant::now() + QUEUE_WAIT;
         let mut affinity_deadline: Option<Instant> = None;
         let mut waited = false;
@@ -638,7 +641,7 @@ impl Agent {
                         if claimed + need > budget {
                             drop(pools);
                             drop(evicted);
-                            return Err(too_many(format!(
+                            return Err(ApiError::too_many(format!(
                                 "the host's memory budget ({budget} MiB) is spent by busy instances; retry"
                             )));
                         }
@@ -710,7 +713,7 @@ impl Agent {
                 Step::Full => match deadline.checked_duration_since(Instant::now()) {
                     Some(left) if !left.is_zero() => wait_for(notified, left),
                     _ => {
-                        return Err(too_many(format!(
+                        return Err(ApiError::too_many(format!(
                             "{name} is at its limit of {} busy instances; retry",
                             v.config.max_concurrency
                         )))
@@ -789,12 +792,13 @@ impl Agent {
     /// A template ember-vmm refuses twice is rebuilt (a control action);
     /// one whose rebuild fails marks the version broken.
     fn restore(&self, id: &str, v: &FunctionVersion) -> Result<Vmm, ApiError> {
-        let started = Instant::now();
+        let mut started = None;
         let mut refusals = 0;
         let mut other_failures = 0;
-        let mut rebuilt = false;
         let vmm = loop {
             let template = self.template(v, false)?;
+            // From the first load request (a template check is not a restore).
+            started.get_or_insert_with(Instant::now);
             let mut vmm = self.take_prepared()?;
             // Tagged before the load: what ember-vmm says of it is the instance's.
             vmm.serve_instance(id, &v.name, v.version);
@@ -822,15 +826,15 @@ impl Agent {
                 v.name,
                 v.version
             );
-            if refusals == 1 {
-                continue;
+            // Once: maybe this VMM's doing. Twice: rebuild. Refused after
+            // the rebuild too: give up.
+            match refusals {
+                1 => {}
+                2 => self.rebuild_refused_template(v, &e)?,
+                _ => return Err(e.into()),
             }
-            if rebuilt {
-                return Err(e.into());
-            }
-            rebuilt = true;
-            self.rebuild_refused_template(v, &e)?;
         };
+        let started = started.unwrap_or_else(Instant::now);
         lock(&self.metrics.restore_latency).observe(started.elapsed().as_secs_f64());
         tracing::info!(
             instance = id,
@@ -1022,13 +1026,9 @@ impl Queued {
     fn enter(count: &Arc<AtomicU64>) -> Result<Queued, ApiError> {
         if count.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED {
             count.fetch_sub(1, Ordering::Relaxed);
-            let mut e = ApiError::new(
-                429,
-                "too_many_requests",
-                format!("{MAX_QUEUED} invocations are already in emberd; retry"),
-            );
-            e.retry_after = Some(1);
-            return Err(e);
+            return Err(ApiError::too_many(format!(
+                "{MAX_QUEUED} invocations are already in emberd; retry"
+            )));
         }
         Ok(Queued(count.clone()))
     }

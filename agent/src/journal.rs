@@ -198,7 +198,7 @@ pub struct Journal {
     path: PathBuf,
     /// Whether the last group commit failed for want of a usable state dir.
     failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    writer: Mutex<mpsc::Sender<Op>>,
+    writer: mpsc::Sender<Op>,
     reader: Mutex<Connection>,
 }
 
@@ -398,7 +398,7 @@ impl Journal {
         Ok(Journal {
             failing,
             path: path.to_path_buf(),
-            writer: Mutex::new(tx),
+            writer: tx,
             reader: Mutex::new(reader),
         })
     }
@@ -426,10 +426,9 @@ impl Journal {
             result: None,
             tx,
         });
-        let sender = crate::host::lock(&self.writer).clone();
         // The writer thread lives as long as the process; if it is gone,
         // the receiver reports the error.
-        let _ = sender.send(op);
+        let _ = self.writer.send(op);
         rx
     }
 
@@ -1160,6 +1159,16 @@ pub fn record_event(conn: &Connection, id: &str) -> Result<Option<RecordEvent>, 
         "SELECT function, event FROM journal WHERE id = ?1",
         params![id],
         |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()
+}
+
+/// A record's function.
+pub fn record_function(conn: &Connection, id: &str) -> Result<Option<String>, rusqlite::Error> {
+    conn.query_row(
+        "SELECT function FROM journal WHERE id = ?1",
+        params![id],
+        |r| r.get(0),
     )
     .optional()
 }
