@@ -1,5 +1,5 @@
 //! Client helpers shared by the `ember` CLI, the tests and the benchmark:
-//! a deploy and its multipart body.
+//! a deploy and its multipart body, invocations.
 
 use std::io::Write;
 
@@ -21,6 +21,35 @@ pub fn deploy(
         &[("Content-Type", &content_type)],
         Some(&body),
     )
+}
+
+/// `POST /functions/{name}/invoke` of `event` with `headers`; returns
+/// emberd's answer, whatever its status.
+pub fn invoke(
+    client: &mut ApiClient,
+    name: &str,
+    event: &[u8],
+    headers: &[(&str, &str)],
+) -> std::io::Result<ApiResponse> {
+    client.request_with_headers(
+        "POST",
+        &format!("/functions/{name}/invoke"),
+        headers,
+        Some(event),
+    )
+}
+
+/// [`invoke`] asynchronously (`X-Ember-Invocation-Type: Event`, and
+/// `headers` besides): a 202 carries the invocation's id.
+pub fn invoke_async(
+    client: &mut ApiClient,
+    name: &str,
+    event: &[u8],
+    headers: &[(&str, &str)],
+) -> std::io::Result<ApiResponse> {
+    let mut all = vec![("X-Ember-Invocation-Type", "Event")];
+    all.extend_from_slice(headers);
+    invoke(client, name, event, &all)
 }
 
 /// One part of a deploy: its name, file name, content type, bytes.

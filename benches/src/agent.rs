@@ -22,9 +22,13 @@ struct Emberd {
 
 impl Drop for Emberd {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child: SIGTERM, so it stops its VMs.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let _ = self.child.wait();
+        // Not once it was reaped (kill_9): its pid may be another's now.
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child, not yet reaped: SIGTERM, so
+            // it stops its VMs.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
         if self.owns_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -238,14 +242,8 @@ pub fn bench_invoke(
 
 /// Accepts `event` for `name` asynchronously; its id.
 fn accept(client: &mut ApiClient, name: &str, event: &[u8]) -> Result<String, String> {
-    let response = client
-        .request_with_headers(
-            "POST",
-            &format!("/functions/{name}/invoke"),
-            &[("X-Ember-Invocation-Type", "Event")],
-            Some(event),
-        )
-        .map_err(|e| e.to_string())?;
+    let response =
+        ember_agent::client::invoke_async(client, name, event, &[]).map_err(|e| e.to_string())?;
     if response.status != 202 {
         return Err(format!(
             "async invoke answered {}: {}",

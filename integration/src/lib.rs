@@ -838,12 +838,30 @@ pub fn invoke(
     event: &[u8],
     headers: &[(&str, &str)],
 ) -> std::io::Result<ApiResponse> {
-    client.request_with_headers(
-        "POST",
-        &format!("/functions/{name}/invoke"),
-        headers,
-        Some(event),
-    )
+    ember_agent::client::invoke(client, name, event, headers)
+}
+
+/// The WebAssembly of `wat` as `<dir>/<name>.wasm`.
+pub fn wat_module(dir: &Path, name: &str, wat: &str) -> Result<PathBuf, String> {
+    let path = dir.join(format!("{name}.wasm"));
+    std::fs::write(&path, wat::parse_str(wat).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
+/// A fresh emberd with `wat` deployed as `name` with `config`; its
+/// directory too.
+pub fn with_wat(
+    name: &str,
+    wat: &str,
+    config: serde_json::Value,
+) -> Result<(PathBuf, Emberd, ApiClient), String> {
+    let dir = fresh_dir()?;
+    let module = wat_module(&dir, name, wat)?;
+    let emberd = Emberd::start(&dir, &[])?;
+    let mut client = emberd.client();
+    deploy(&mut client, name, &module, config, &[])?;
+    Ok((dir, emberd, client))
 }
 
 /// Fails unless `response` is `status` with error `kind`.

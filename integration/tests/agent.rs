@@ -369,16 +369,7 @@ const SPIN: &str = r#"
 
 /// A fresh emberd with [`SPIN`] deployed as `spin` with `config`.
 fn with_spin(config: serde_json::Value) -> Result<(Emberd, ApiClient), Failed> {
-    let dir = fresh_dir()?;
-    let module = dir.join("spin.wasm");
-    std::fs::write(
-        &module,
-        wat::parse_str(SPIN).map_err(|e| fail(e.to_string()))?,
-    )
-    .map_err(|e| fail(e.to_string()))?;
-    let emberd = Emberd::start(&dir, &[])?;
-    let mut client = emberd.client();
-    deploy(&mut client, "spin", &module, config, &[])?;
+    let (_, emberd, client) = with_wat("spin", SPIN, config)?;
     Ok((emberd, client))
 }
 

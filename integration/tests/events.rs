@@ -60,14 +60,6 @@ fn main() {
 
 const EVENT: (&str, &str) = ("X-Ember-Invocation-Type", "Event");
 
-/// `module` (WAT) as a file in `dir`.
-fn wat_module(dir: &Path, name: &str, wat: &str) -> Result<std::path::PathBuf, String> {
-    let path = dir.join(format!("{name}.wasm"));
-    std::fs::write(&path, wat::parse_str(wat).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
-    Ok(path)
-}
-
 /// A reactor whose first two calls fail (handler_error), then succeed.
 const FAILS_TWICE: &str = r#"
 (module
@@ -89,7 +81,11 @@ const TRAPS: &str = r#"
 
 /// Accepts `event` for `name` asynchronously; its id.
 fn accept(client: &mut ApiClient, name: &str, event: &[u8]) -> Result<String, String> {
-    let response = expect_status(invoke(client, name, event, &[EVENT]), 202, "async invoke")?;
+    let response = expect_status(
+        ember_agent::client::invoke_async(client, name, event, &[]),
+        202,
+        "async invoke",
+    )?;
     let id = response.json()["id"]
         .as_str()
         .unwrap_or_default()
@@ -232,16 +228,10 @@ fn accepted_and_delivered() -> TestResult {
 /// max_concurrency 1: every attempt reaches the same instance, whose
 /// counter fails the first two.
 fn third_attempt() -> TestResult {
-    let dir = fresh_dir()?;
-    let module = wat_module(&dir, "twice", FAILS_TWICE)?;
-    let emberd = Emberd::start(&dir, &[])?;
-    let mut client = emberd.client();
-    deploy(
-        &mut client,
+    let (_dir, _emberd, mut client) = with_wat(
         "twice",
-        &module,
+        FAILS_TWICE,
         json!({ "max_concurrency": 1, "retry_base_ms": 20 }),
-        &[],
     )?;
     let id = accept(&mut client, "twice", b"")?;
     let v = final_state(&mut client, &id, Duration::from_secs(20))?;
@@ -271,20 +261,14 @@ fn third_attempt() -> TestResult {
 /// its on_error control each error; a failed sync invocation is
 /// journaled too.
 fn journaled_with_destination() -> TestResult {
-    let dir = fresh_dir()?;
-    let traps = wat_module(&dir, "traps", TRAPS)?;
-    let emberd = Emberd::start(&dir, &[])?;
-    let mut client = emberd.client();
+    let (_dir, _emberd, mut client) = with_wat(
+        "traps",
+        TRAPS,
+        json!({ "retry_base_ms": 10, "on_failure": "dlq", "on_error": "ctl", "journal_sync_failures": true }),
+    )?;
     let echo = example("echo.wasm")?;
     deploy(&mut client, "dlq", &echo, json!({}), &[])?;
     deploy(&mut client, "ctl", &echo, json!({}), &[])?;
-    deploy(
-        &mut client,
-        "traps",
-        &traps,
-        json!({ "retry_base_ms": 10, "on_failure": "dlq", "on_error": "ctl", "journal_sync_failures": true }),
-        &[],
-    )?;
     let event = b"\x00\xffbinary event";
     let id = accept(&mut client, "traps", event)?;
     let v = final_state(&mut client, &id, Duration::from_secs(20))?;
@@ -418,11 +402,7 @@ fn journaled_with_destination() -> TestResult {
 /// A failing function, redeployed fixed: `ember journal replay` makes a
 /// new invocation that succeeds; the record is marked replayed, and kept.
 fn replay_after_fix() -> TestResult {
-    let dir = fresh_dir()?;
-    let traps = wat_module(&dir, "traps", TRAPS)?;
-    let emberd = Emberd::start(&dir, &[])?;
-    let mut client = emberd.client();
-    deploy(&mut client, "f", &traps, json!({ "max_retries": 0 }), &[])?;
+    let (_dir, emberd, mut client) = with_wat("f", TRAPS, json!({ "max_retries": 0 }))?;
     let first = accept(&mut client, "f", b"first")?;
     let second = accept(&mut client, "f", b"second")?;
     let a = final_state(&mut client, &first, Duration::from_secs(20))?;
@@ -491,16 +471,10 @@ fn replay_after_fix() -> TestResult {
 /// A retry that would come after max_event_age_s ends the event as
 /// `expired` at once (backoff ceilings of an hour against an age of 60 s).
 fn expired() -> TestResult {
-    let dir = fresh_dir()?;
-    let traps = wat_module(&dir, "traps", TRAPS)?;
-    let emberd = Emberd::start(&dir, &[])?;
-    let mut client = emberd.client();
-    deploy(
-        &mut client,
+    let (_dir, _emberd, mut client) = with_wat(
         "old",
-        &traps,
+        TRAPS,
         json!({ "max_event_age_s": 60, "retry_base_ms": 3_600_000, "max_retries": 10 }),
-        &[],
     )?;
     let id = accept(&mut client, "old", b"x")?;
     let v = final_state(&mut client, &id, Duration::from_secs(60))?;
