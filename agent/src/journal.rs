@@ -508,7 +508,7 @@ fn writer_loop(
                 synchronous_full = durable;
             }
         }
-        if let Err(e) = exec(&conn, "BEGIN IMMEDIATE", []).map(|_| ()) {
+        if let Err(e) = exec(&conn, "BEGIN IMMEDIATE", []) {
             let e = StoreError::from(e);
             tracing::error!("journal: cannot begin a transaction: {e}");
             failing.store(matches!(e, StoreError::Unavailable(_)), Relaxed);
@@ -521,16 +521,16 @@ fn writer_loop(
         let mut unavailable = None;
         for op in batch.iter_mut() {
             // A write that fails is rolled back alone; the others commit.
-            if exec(&conn, "SAVEPOINT op", []).map(|_| ()).is_err() {
+            if exec(&conn, "SAVEPOINT op", []).is_err() {
                 continue;
             }
             if let Some(e) = op.run(&conn) {
                 if matches!(e, StoreError::Unavailable(_)) {
                     unavailable.get_or_insert(e);
                 }
-                let _ = exec(&conn, "ROLLBACK TO op", []).map(|_| ());
+                let _ = exec(&conn, "ROLLBACK TO op", []);
             }
-            let _ = exec(&conn, "RELEASE op", []).map(|_| ());
+            let _ = exec(&conn, "RELEASE op", []);
         }
         let unavailable_seen = unavailable.is_some();
         // An I/O failure in one write may have ended the transaction: the
@@ -540,7 +540,7 @@ fn writer_loop(
             .map_err(|e| unavailable.unwrap_or_else(|| StoreError::from(e)));
         if let Err(e) = &committed {
             tracing::error!("journal: a commit failed, nothing of it was kept: {e}");
-            let _ = exec(&conn, "ROLLBACK", []).map(|_| ());
+            let _ = exec(&conn, "ROLLBACK", []);
         }
         let failed = committed.is_err();
         failing.store(
