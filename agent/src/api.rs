@@ -94,6 +94,18 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/journal/{id}/replay", post(replay_one))
         .route("/instances", get(instances))
         .route("/instances/{id}", axum::routing::delete(delete_instance))
+        .route("/metadata", get(metadata))
+        .route("/metaevents", get(list_metaevents))
+        .route(
+            "/metaevents/{name}",
+            get(get_metaevent).put(put_metaevent).delete(delete_metaevent),
+        )
+        .route("/metaevents/{name}/history", get(metaevent_history))
+        .route("/schedules", get(list_schedules))
+        .route(
+            "/schedules/{name}",
+            get(get_schedule).put(put_schedule).delete(delete_schedule),
+        )
         .fallback(|| async { ApiError::new(404, "not_found", "no such path") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -283,9 +295,12 @@ async fn invoke(
     );
     let served = match header(&headers, INVOCATION_TYPE_HEADER).map(|t| t.unwrap_or_default()) {
         Ok(t) if t.is_empty() || t == "RequestResponse" => {
-            serve_invocation(agent, name, id.clone(), headers, body, span.clone()).await
+            serve_invocation(agent.clone(), name.clone(), id.clone(), headers, body, span.clone())
+                .await
         }
-        Ok(t) if t == "Event" => accept_event(agent, name, &id, headers, body).await,
+        Ok(t) if t == "Event" => {
+            accept_event(agent.clone(), name.clone(), &id, headers, body).await
+        }
         Ok(t) => Err(bad(format!(
             "{INVOCATION_TYPE_HEADER} is {t:?}: give Event (async) or RequestResponse (sync)"
         ))),
@@ -302,6 +317,9 @@ async fn invoke(
     });
     if !response.headers().contains_key(INVOCATION_ID_HEADER) {
         set_invocation_id(&mut response, &id);
+    }
+    if response.status() == StatusCode::TOO_MANY_REQUESTS {
+        agent.observe_throttle(&name);
     }
     response
 }
@@ -397,7 +415,10 @@ async fn serve_invocation(
     let served = blocking(move || {
         let _admitted = admitted;
         let _in = span.enter();
+        let started = std::time::Instant::now();
         let served = agent.invoke(&name, &body, instance.as_deref(), key.as_deref());
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        agent.observe(&name, &served, ms, Arc::from(Vec::new()), false);
         sync_failure(&agent, &name, &id, &body, &served);
         served
     })
@@ -497,7 +518,10 @@ fn sync_failure(
         match agent.events.journal.write_blocking(true, move |conn| {
             journal::insert_record_tx(conn, &record, now)
         }) {
-            Ok(()) => journal_id = Some(record_id),
+            Ok(()) => {
+                journal_id = Some(record_id);
+                lock(&agent.triggers.store).journaled(name, "sync_failure");
+            }
             Err(e) => tracing::error!("cannot journal a failed invocation: {e}"),
         }
     }
@@ -1036,7 +1060,209 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
     for (kind, n) in counts {
         let _ = writeln!(out, "ember_journal_records{{kind=\"{kind}\"}} {n}");
     }
+    let t = &agent.triggers.metrics;
+    for (metric, help, value) in [
+        ("ember_metaevents_fired_total", "Metaevent targets invoked on entering firing.", &t.fired),
+        ("ember_metaevents_resolved_total", "Metaevent targets invoked on resolving (on_resolve).", &t.resolved),
+        ("ember_metaevent_loops_total", "Metaevents not fired: their rule was already in the chain (a loop).", &t.loops),
+        ("ember_metaevent_too_deep_total", "Metaevents not fired: past max_metaevent_depth.", &t.too_deep),
+        ("ember_metaevents_rate_limited_total", "Metaevent fires deferred by metaevents_per_s.", &t.rate_limited),
+        ("ember_metaevent_evaluations_total", "Metadata samples with every rule evaluated (four a second).", &t.evaluations),
+        ("ember_schedule_fires_total", "Schedule fires (each an async invocation).", &t.schedule_fires),
+        ("ember_schedule_skipped_total", "Schedule fires skipped (missed with catch_up false, or older than the latest missed).", &t.schedule_skipped),
+    ] {
+        let _ = writeln!(out, "# HELP {metric} {help}");
+        let _ = writeln!(out, "# TYPE {metric} counter");
+        let _ = writeln!(out, "{metric} {}", value.load(Ordering::Relaxed));
+    }
+    let _ = writeln!(out, "# HELP ember_metaevent_eval_seconds_total Time spent sampling the metadata and evaluating the rules.");
+    let _ = writeln!(out, "# TYPE ember_metaevent_eval_seconds_total counter");
+    let _ = writeln!(
+        out,
+        "ember_metaevent_eval_seconds_total {}",
+        t.eval_ns.load(Ordering::Relaxed) as f64 / 1e9
+    );
+    lock(&agent.triggers.store).render(&mut out);
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Query of `GET /metadata`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetadataQuery {
+    series: Option<String>,
+    function: Option<String>,
+    kind: Option<String>,
+    state: Option<String>,
+    stat: Option<String>,
+    /// Seconds back (`600`) or a duration (`10m`, `1h`); default 5 minutes.
+    since: Option<String>,
+    step: Option<u32>,
+}
+
+/// Seconds in `600`, `90s`, `10m` or `1h`.
+pub fn parse_seconds(text: &str) -> Option<i64> {
+    let (n, scale) = match text.as_bytes().last()? {
+        b's' => (&text[..text.len() - 1], 1),
+        b'm' => (&text[..text.len() - 1], 60),
+        b'h' => (&text[..text.len() - 1], 3600),
+        _ => (text, 1),
+    };
+    n.parse::<i64>().ok().filter(|n| *n >= 0).map(|n| n * scale)
+}
+
+/// `GET /metadata`: a series' points, or (no `series`) the catalog.
+async fn metadata(
+    State(agent): State<Arc<Agent>>,
+    query: Result<Query<MetadataQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    use crate::metadata::{Scope, SERIES};
+    let Query(q) = query.map_err(|e| bad(e.body_text()))?;
+    let Some(name) = q.series else {
+        let catalog: Vec<serde_json::Value> = SERIES
+            .iter()
+            .map(|s| {
+                json!({
+                    "series": s.name,
+                    "scope": if s.scope == Scope::Host { "host" } else { "function" },
+                    "label": s.label.map(|(k, v)| json!({ "name": k, "values": v })),
+                    "help": s.help,
+                })
+            })
+            .collect();
+        let (rings, bytes) = lock(&agent.triggers.store).footprint();
+        return Ok(Json(json!({ "series": catalog, "rings": rings, "ring_bytes": bytes })));
+    };
+    let series = crate::metadata::series_id(&name).ok_or_else(|| {
+        bad(format!(
+            "series: unknown series {name:?}; GET /metadata lists them"
+        ))
+    })?;
+    let def = SERIES[series as usize];
+    let mut label = None;
+    for (key, value) in [("kind", &q.kind), ("state", &q.state), ("stat", &q.stat)] {
+        if let Some(value) = value {
+            if def.label.map(|(k, _)| k) != Some(key) {
+                return Err(bad(format!("{key}: {name} has no label {key}")));
+            }
+            label = Some(value.clone());
+        }
+    }
+    let since = match &q.since {
+        None => 300,
+        Some(text) => parse_seconds(text).ok_or_else(|| {
+            bad(format!(
+                "since: {text:?} is not a time: give seconds, or 90s, 10m, 1h"
+            ))
+        })?,
+    };
+    let step = q.step.unwrap_or(1);
+    if step == 0 || step > 3600 {
+        return Err(bad("step: must be from 1 to 3600 seconds"));
+    }
+    let store = lock(&agent.triggers.store);
+    let from = store.current() - since;
+    Ok(Json(store.query(
+        series,
+        q.function.as_deref(),
+        label.as_deref(),
+        from,
+        step,
+    )))
+}
+
+/// A JSON body, or a 400 saying why it is not one.
+fn json_body(body: &Bytes) -> Result<serde_json::Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| bad(format!("body: not JSON: {e}")))
+}
+
+async fn list_metaevents(State(agent): State<Arc<Agent>>) -> Json<serde_json::Value> {
+    Json(json!({ "metaevents": agent.metaevents() }))
+}
+
+async fn get_metaevent(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(agent.metaevent(&name, true)?))
+}
+
+async fn put_metaevent(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = json_body(&body)?;
+    Ok(Json(
+        blocking(move || agent.put_metaevent(&name, &body)).await?,
+    ))
+}
+
+async fn delete_metaevent(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    blocking(move || agent.delete_metaevent(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Query of `GET /metaevents/{name}/history`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    limit: Option<u32>,
+    /// Rows before this seq (the `next` of the previous page).
+    before: Option<i64>,
+}
+
+async fn metaevent_history(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = query.map_err(|e| bad(e.body_text()))?;
+    agent.metaevent(&name, false)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let rows = blocking(move || {
+        agent
+            .events
+            .journal
+            .read(|conn| journal::history(conn, &name, q.before, limit))
+            .map_err(store_error)
+    })
+    .await?;
+    let next = (rows.len() as u32 == limit)
+        .then(|| rows.last().and_then(|r| r["seq"].as_i64()))
+        .flatten();
+    Ok(Json(json!({ "history": rows, "next": next })))
+}
+
+async fn list_schedules(State(agent): State<Arc<Agent>>) -> Json<serde_json::Value> {
+    Json(json!({ "schedules": agent.schedules_list() }))
+}
+
+async fn get_schedule(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(agent.schedule(&name)?))
+}
+
+async fn put_schedule(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = json_body(&body)?;
+    Ok(Json(blocking(move || agent.put_schedule(&name, &body)).await?))
+}
+
+async fn delete_schedule(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    blocking(move || agent.delete_schedule(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]

@@ -703,7 +703,15 @@ impl Agent {
                 return Some(ev);
             }
         };
+        let chain = if ev.origin == "metaevent" {
+            metaevent_chain(&event)
+        } else {
+            std::sync::Arc::from(Vec::new())
+        };
+        let started = Instant::now();
         let served = self.invoke(&ev.function, &event, None, ev.affinity.as_deref());
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        self.observe(&ev.function, &served, ms, chain, true);
         let mut end = AttemptEnd {
             started_ms: now,
             outcome: "failed",
@@ -810,6 +818,7 @@ impl Agent {
                 match policy.next(counted, ev.accepted_ms, now, crate::functions::random_u64()) {
                     NextStep::RetryAt(due) => {
                         self.events.metrics.retries.fetch_add(1, Ordering::Relaxed);
+                        lock(&self.triggers.store).retried(&ev.function);
                         tracing::info!(
                             kind,
                             attempt = n,
@@ -906,6 +915,7 @@ impl Agent {
         match result {
             Ok(destination) => {
                 self.events.metrics.failed.fetch_add(1, Ordering::Relaxed);
+                lock(&self.triggers.store).journaled(&ev.function, condition);
                 tracing::warn!(
                     condition,
                     journal = %failure.record_id,
@@ -923,6 +933,23 @@ impl Agent {
             }
         }
     }
+}
+
+/// The metaevent chain a metaevent's event carries (its `chain`; emberd
+/// wrote it, but it is read as any bytes are: what is not a list of
+/// strings is no chain).
+fn metaevent_chain(event: &[u8]) -> crate::metadata::Chain {
+    let chain: Vec<String> = serde_json::from_slice::<serde_json::Value>(event)
+        .ok()
+        .and_then(|v| {
+            v["chain"].as_array().map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
+    std::sync::Arc::from(chain)
 }
 
 /// The dispatcher: starts deliveries as events come due, until emberd

@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub vmm_log_level: String,
     /// Async invocations, the journal, control actions.
     pub events: crate::events::EventSettings,
+    /// Metaevents.
+    pub triggers: crate::metaevents::TriggerSettings,
 }
 
 /// An error the API reports: status, kind, message.
@@ -203,6 +205,10 @@ pub struct Agent {
     invocation_ids: (u64, AtomicU64),
     /// Async invocations and the failure journal.
     pub events: crate::events::Events,
+    /// The metadata store and the metaevent rules.
+    pub triggers: crate::metaevents::Triggers,
+    /// The schedules.
+    pub schedules: crate::schedules::Schedules,
     /// Itself, for control actions that run on threads of their own.
     pub(crate) me: Weak<Agent>,
     /// Versions (their deploy ids) whose template cannot be rebuilt.
@@ -249,6 +255,11 @@ impl Agent {
         // anything else is touched.
         let journal = crate::journal::Journal::open(&config.state_dir.join("journal.db"))
             .map_err(|e| ApiError::new(500, "journal_unusable", e))?;
+        let triggers =
+            crate::metaevents::Triggers::open(&journal, config.triggers.clone())
+                .map_err(|e| ApiError::new(500, "journal_unusable", e))?;
+        let schedules = crate::schedules::Schedules::open(&journal)
+            .map_err(|e| ApiError::new(500, "journal_unusable", e))?;
         let events = crate::events::Events::open(journal, config.events.clone())
             .map_err(|e| ApiError::new(500, "journal_unusable", e))?;
         let store = FunctionStore::open(config.state_dir.join("functions"))?;
@@ -290,6 +301,8 @@ impl Agent {
         let agent = Arc::new_cyclic(|me| Agent {
             me: me.clone(),
             events,
+            triggers,
+            schedules,
             broken: Mutex::new(HashSet::new()),
             generations: Mutex::new(HashMap::new()),
             config,
@@ -836,6 +849,7 @@ impl Agent {
         };
         let started = started.unwrap_or_else(Instant::now);
         lock(&self.metrics.restore_latency).observe(started.elapsed().as_secs_f64());
+        lock(&self.triggers.store).restored(started.elapsed().as_secs_f64() * 1e3);
         tracing::info!(
             instance = id,
             version = v.version,

@@ -22,7 +22,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 
 /// The schema version this emberd writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Forward migrations: entry `i` takes a database from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[r#"
@@ -93,6 +93,32 @@ CREATE TABLE idempotency (
     event_sha256 TEXT NOT NULL,
     accepted_ms  INTEGER NOT NULL,
     PRIMARY KEY (function, key)
+) WITHOUT ROWID;
+"#, r#"
+CREATE TABLE metaevents (
+    name       TEXT PRIMARY KEY,
+    spec       TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE metaevent_history (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    rule          TEXT NOT NULL,
+    at_ms         INTEGER NOT NULL,
+    labels        TEXT NOT NULL,
+    transition    TEXT NOT NULL,
+    value         REAL,
+    chain         TEXT NOT NULL,
+    fired         INTEGER NOT NULL,
+    invocation_id TEXT,
+    detail        TEXT
+);
+CREATE INDEX metaevent_history_rule ON metaevent_history(rule, seq);
+CREATE TABLE schedules (
+    name      TEXT PRIMARY KEY,
+    spec      TEXT NOT NULL,
+    anchor_ms INTEGER NOT NULL,
+    last_ms   INTEGER NOT NULL,
+    fires     INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 "#];
 
@@ -1333,6 +1359,132 @@ pub fn counts_by_kind(conn: &Connection) -> Result<Vec<(String, i64)>, rusqlite:
         conn.prepare("SELECT kind, count(*) FROM journal GROUP BY kind ORDER BY kind")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     rows.collect()
+}
+
+/// The stored metaevent rules: (name, spec).
+pub fn metaevents(conn: &Connection) -> Result<Vec<(String, String)>, rusqlite::Error> {
+    let mut stmt = conn.prepare("SELECT name, spec FROM metaevents ORDER BY name")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Stores (or replaces) a metaevent rule.
+pub fn put_metaevent_tx(conn: &Connection, name: &str, spec: &str, now: i64) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO metaevents (name, spec, updated_ms) VALUES (?1, ?2, ?3)
+         ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, updated_ms = excluded.updated_ms",
+        params![name, spec, now],
+    )?;
+    Ok(())
+}
+
+/// Removes a metaevent rule and its history.
+pub fn delete_metaevent_tx(conn: &Connection, name: &str) -> Result<(), StoreError> {
+    conn.execute("DELETE FROM metaevents WHERE name = ?1", params![name])?;
+    conn.execute("DELETE FROM metaevent_history WHERE rule = ?1", params![name])?;
+    Ok(())
+}
+
+/// Adds a row to a rule's history.
+pub fn history_tx(conn: &Connection, row: &crate::metaevents::HistoryRow) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO metaevent_history (rule, at_ms, labels, transition, value, chain, fired, invocation_id, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
+    stmt.execute(params![
+        row.rule,
+        row.at_ms,
+        row.labels.to_string(),
+        row.transition,
+        row.value,
+        serde_json::to_string(&row.chain).unwrap_or_default(),
+        row.fired,
+        row.invocation_id,
+        row.detail,
+    ])?;
+    Ok(())
+}
+
+/// A rule's history, newest first: `limit` rows before seq `before`.
+pub fn history(
+    conn: &Connection,
+    rule: &str,
+    before: Option<i64>,
+    limit: u32,
+) -> Result<Vec<Value>, rusqlite::Error> {
+    let mut stmt = conn.prepare(
+        "SELECT seq, at_ms, labels, transition, value, chain, fired, invocation_id, detail
+         FROM metaevent_history WHERE rule = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(params![rule, before.unwrap_or(i64::MAX), limit], |r| {
+        let labels: String = r.get(2)?;
+        let chain: String = r.get(5)?;
+        Ok(json!({
+            "seq": r.get::<_, i64>(0)?,
+            "at_ms": r.get::<_, i64>(1)?,
+            "labels": serde_json::from_str::<Value>(&labels).unwrap_or(Value::Null),
+            "transition": r.get::<_, String>(3)?,
+            "value": r.get::<_, Option<f64>>(4)?,
+            "chain": serde_json::from_str::<Value>(&chain).unwrap_or(Value::Null),
+            "fired": r.get::<_, bool>(6)?,
+            "invocation_id": r.get::<_, Option<String>>(7)?,
+            "detail": r.get::<_, Option<String>>(8)?,
+        }))
+    })?;
+    rows.collect()
+}
+
+/// Keeps each rule's newest `keep` history rows.
+pub fn trim_history_tx(conn: &Connection, keep: i64) -> Result<(), StoreError> {
+    conn.execute(
+        "DELETE FROM metaevent_history WHERE seq IN (
+             SELECT seq FROM (
+                 SELECT seq, ROW_NUMBER() OVER (PARTITION BY rule ORDER BY seq DESC) AS n
+                 FROM metaevent_history
+             ) WHERE n > ?1
+         )",
+        params![keep],
+    )?;
+    Ok(())
+}
+
+/// A stored schedule: name, spec, anchor_ms, last_ms, fires.
+pub type StoredSchedule = (String, String, i64, i64, i64);
+
+/// The stored schedules.
+pub fn schedules(conn: &Connection) -> Result<Vec<StoredSchedule>, rusqlite::Error> {
+    let mut stmt =
+        conn.prepare("SELECT name, spec, anchor_ms, last_ms, fires FROM schedules ORDER BY name")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    })?;
+    rows.collect()
+}
+
+/// Stores (or replaces) a schedule; it counts from `now`.
+pub fn put_schedule_tx(conn: &Connection, name: &str, spec: &str, now: i64) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO schedules (name, spec, anchor_ms, last_ms, fires) VALUES (?1, ?2, ?3, ?3, 0)
+         ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, anchor_ms = excluded.anchor_ms,
+             last_ms = excluded.last_ms, fires = 0",
+        params![name, spec, now],
+    )?;
+    Ok(())
+}
+
+/// Removes a schedule.
+pub fn delete_schedule_tx(conn: &Connection, name: &str) -> Result<(), StoreError> {
+    conn.execute("DELETE FROM schedules WHERE name = ?1", params![name])?;
+    Ok(())
+}
+
+/// Records a schedule's fire (or, not `fired`, a skipped one) for time `at`.
+pub fn schedule_fired_tx(conn: &Connection, name: &str, at: i64, fired: bool) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE schedules SET last_ms = ?2, fires = fires + ?3 WHERE name = ?1",
+        params![name, at, fired as i64],
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

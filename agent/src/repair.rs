@@ -210,6 +210,10 @@ impl Agent {
             journal::insert_record_tx(conn, &written, now)
         }) {
             tracing::error!("cannot journal a control action: {e}");
+        } else {
+            let mut store = crate::host::lock(&self.triggers.store);
+            store.journaled(function, "control_action");
+            store.control_action(function);
         }
         self.report_error(ErrorReport {
             kind: "control_action",

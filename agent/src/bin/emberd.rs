@@ -9,6 +9,7 @@ use clap::Parser;
 use ember_agent::events::EventSettings;
 use ember_agent::host::{Agent, AgentConfig};
 use ember_agent::logging::LogFormat;
+use ember_agent::metaevents::TriggerSettings;
 use sd_notify::NotifyState;
 
 /// The Ember host agent: functions, template snapshots, warm pools and
@@ -76,6 +77,9 @@ struct ConfigFile {
     crash_threshold: Option<u32>,
     crash_window_s: Option<u64>,
     on_error_rate_per_s: Option<u32>,
+    // Metaevents (config file only).
+    max_metaevent_depth: Option<u32>,
+    metaevents_per_s: Option<u32>,
 }
 
 /// The levels ember-vmm's `--log-level` takes.
@@ -142,6 +146,19 @@ fn event_settings(file: &ConfigFile) -> Result<EventSettings, String> {
     Ok(s)
 }
 
+/// The metaevent settings of the config file, checked.
+fn trigger_settings(file: &ConfigFile) -> Result<TriggerSettings, String> {
+    let d = TriggerSettings::default();
+    let s = TriggerSettings {
+        max_metaevent_depth: file.max_metaevent_depth.unwrap_or(d.max_metaevent_depth),
+        metaevents_per_s: file.metaevents_per_s.unwrap_or(d.metaevents_per_s),
+    };
+    if s.max_metaevent_depth == 0 || s.metaevents_per_s == 0 {
+        return Err("max_metaevent_depth and metaevents_per_s must be at least 1".into());
+    }
+    Ok(s)
+}
+
 fn read_config(path: Option<&Path>) -> Result<ConfigFile, String> {
     let Some(path) = path else {
         return Ok(ConfigFile::default());
@@ -161,6 +178,7 @@ fn systemd_directory(variable: &str) -> Option<PathBuf> {
 
 fn run(args: Args, file: ConfigFile) -> Result<(), String> {
     let events = event_settings(&file)?;
+    let triggers = trigger_settings(&file)?;
     let socket = args
         .socket
         .or(file.socket)
@@ -218,6 +236,7 @@ fn run(args: Args, file: ConfigFile) -> Result<(), String> {
             .unwrap_or_else(|| host_memory_mib() / 2),
         vmm_log_level,
         events,
+        triggers,
     };
     tracing::info!(
         state_dir = %config.state_dir.display(),
@@ -248,6 +267,8 @@ async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
         .map_err(|e| e.message)?;
     let listener = bind(&socket)?;
     ember_agent::events::start(agent.clone());
+    ember_agent::metaevents::start(agent.clone());
+    ember_agent::schedules::start(agent.clone());
     // Before READY=1: a stop that follows it at once must drain, not kill.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
