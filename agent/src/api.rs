@@ -98,7 +98,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/metaevents", get(list_metaevents))
         .route(
             "/metaevents/{name}",
-            get(get_metaevent).put(put_metaevent).delete(delete_metaevent),
+            get(get_metaevent)
+                .put(put_metaevent)
+                .delete(delete_metaevent),
         )
         .route("/metaevents/{name}/history", get(metaevent_history))
         .route("/schedules", get(list_schedules))
@@ -295,8 +297,15 @@ async fn invoke(
     );
     let served = match header(&headers, INVOCATION_TYPE_HEADER).map(|t| t.unwrap_or_default()) {
         Ok(t) if t.is_empty() || t == "RequestResponse" => {
-            serve_invocation(agent.clone(), name.clone(), id.clone(), headers, body, span.clone())
-                .await
+            serve_invocation(
+                agent.clone(),
+                name.clone(),
+                id.clone(),
+                headers,
+                body,
+                span.clone(),
+            )
+            .await
         }
         Ok(t) if t == "Event" => {
             accept_event(agent.clone(), name.clone(), &id, headers, body).await
@@ -1062,14 +1071,46 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
     }
     let t = &agent.triggers.metrics;
     for (metric, help, value) in [
-        ("ember_metaevents_fired_total", "Metaevent targets invoked on entering firing.", &t.fired),
-        ("ember_metaevents_resolved_total", "Metaevent targets invoked on resolving (on_resolve).", &t.resolved),
-        ("ember_metaevent_loops_total", "Metaevents not fired: their rule was already in the chain (a loop).", &t.loops),
-        ("ember_metaevent_too_deep_total", "Metaevents not fired: past max_metaevent_depth.", &t.too_deep),
-        ("ember_metaevents_rate_limited_total", "Metaevent fires deferred by metaevents_per_s.", &t.rate_limited),
-        ("ember_metaevent_evaluations_total", "Metadata samples with every rule evaluated (four a second).", &t.evaluations),
-        ("ember_schedule_fires_total", "Schedule fires (each an async invocation).", &t.schedule_fires),
-        ("ember_schedule_skipped_total", "Schedule fires skipped (missed with catch_up false, or older than the latest missed).", &t.schedule_skipped),
+        (
+            "ember_metaevents_fired_total",
+            "Metaevent targets invoked on entering firing.",
+            &t.fired,
+        ),
+        (
+            "ember_metaevents_resolved_total",
+            "Metaevent targets invoked on resolving (on_resolve).",
+            &t.resolved,
+        ),
+        (
+            "ember_metaevent_loops_total",
+            "Metaevents not fired: their rule was already in the chain (a loop).",
+            &t.loops,
+        ),
+        (
+            "ember_metaevent_too_deep_total",
+            "Metaevents not fired: past max_metaevent_depth.",
+            &t.too_deep,
+        ),
+        (
+            "ember_metaevents_rate_limited_total",
+            "Metaevent fires deferred by metaevents_per_s.",
+            &t.rate_limited,
+        ),
+        (
+            "ember_metaevent_evaluations_total",
+            "Metadata samples with every rule evaluated (four a second).",
+            &t.evaluations,
+        ),
+        (
+            "ember_schedule_fires_total",
+            "Schedule fires (each an async invocation).",
+            &t.schedule_fires,
+        ),
+        (
+            "ember_schedule_skipped_total",
+            "Schedule fires skipped (missed with catch_up false, or older than the latest missed).",
+            &t.schedule_skipped,
+        ),
     ] {
         let _ = writeln!(out, "# HELP {metric} {help}");
         let _ = writeln!(out, "# TYPE {metric} counter");
@@ -1131,7 +1172,9 @@ async fn metadata(
             })
             .collect();
         let (rings, bytes) = lock(&agent.triggers.store).footprint();
-        return Ok(Json(json!({ "series": catalog, "rings": rings, "ring_bytes": bytes })));
+        return Ok(Json(
+            json!({ "series": catalog, "rings": rings, "ring_bytes": bytes }),
+        ));
     };
     let series = crate::metadata::series_id(&name).ok_or_else(|| {
         bad(format!(
@@ -1254,7 +1297,9 @@ async fn put_schedule(
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let body = json_body(&body)?;
-    Ok(Json(blocking(move || agent.put_schedule(&name, &body)).await?))
+    Ok(Json(
+        blocking(move || agent.put_schedule(&name, &body)).await?,
+    ))
 }
 
 async fn delete_schedule(

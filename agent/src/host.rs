@@ -255,9 +255,8 @@ impl Agent {
         // anything else is touched.
         let journal = crate::journal::Journal::open(&config.state_dir.join("journal.db"))
             .map_err(|e| ApiError::new(500, "journal_unusable", e))?;
-        let triggers =
-            crate::metaevents::Triggers::open(&journal, config.triggers.clone())
-                .map_err(|e| ApiError::new(500, "journal_unusable", e))?;
+        let triggers = crate::metaevents::Triggers::open(&journal, config.triggers.clone())
+            .map_err(|e| ApiError::new(500, "journal_unusable", e))?;
         let schedules = crate::schedules::Schedules::open(&journal)
             .map_err(|e| ApiError::new(500, "journal_unusable", e))?;
         let events = crate::events::Events::open(journal, config.events.clone())

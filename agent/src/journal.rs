@@ -25,7 +25,8 @@ use serde_json::{json, Value};
 pub const SCHEMA_VERSION: i64 = 2;
 
 /// Forward migrations: entry `i` takes a database from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE events (
     seq            INTEGER PRIMARY KEY,
     id             TEXT NOT NULL UNIQUE,
@@ -94,7 +95,8 @@ CREATE TABLE idempotency (
     accepted_ms  INTEGER NOT NULL,
     PRIMARY KEY (function, key)
 ) WITHOUT ROWID;
-"#, r#"
+"#,
+    r#"
 CREATE TABLE metaevents (
     name       TEXT PRIMARY KEY,
     spec       TEXT NOT NULL,
@@ -120,7 +122,8 @@ CREATE TABLE schedules (
     last_ms   INTEGER NOT NULL,
     fires     INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
-"#];
+"#,
+];
 
 /// How long an idempotency key answers with its first id.
 pub const IDEMPOTENCY_MS: i64 = 24 * 3600 * 1000;
@@ -1369,7 +1372,12 @@ pub fn metaevents(conn: &Connection) -> Result<Vec<(String, String)>, rusqlite::
 }
 
 /// Stores (or replaces) a metaevent rule.
-pub fn put_metaevent_tx(conn: &Connection, name: &str, spec: &str, now: i64) -> Result<(), StoreError> {
+pub fn put_metaevent_tx(
+    conn: &Connection,
+    name: &str,
+    spec: &str,
+    now: i64,
+) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO metaevents (name, spec, updated_ms) VALUES (?1, ?2, ?3)
          ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, updated_ms = excluded.updated_ms",
@@ -1381,12 +1389,18 @@ pub fn put_metaevent_tx(conn: &Connection, name: &str, spec: &str, now: i64) -> 
 /// Removes a metaevent rule and its history.
 pub fn delete_metaevent_tx(conn: &Connection, name: &str) -> Result<(), StoreError> {
     conn.execute("DELETE FROM metaevents WHERE name = ?1", params![name])?;
-    conn.execute("DELETE FROM metaevent_history WHERE rule = ?1", params![name])?;
+    conn.execute(
+        "DELETE FROM metaevent_history WHERE rule = ?1",
+        params![name],
+    )?;
     Ok(())
 }
 
 /// Adds a row to a rule's history.
-pub fn history_tx(conn: &Connection, row: &crate::metaevents::HistoryRow) -> Result<(), StoreError> {
+pub fn history_tx(
+    conn: &Connection,
+    row: &crate::metaevents::HistoryRow,
+) -> Result<(), StoreError> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO metaevent_history (rule, at_ms, labels, transition, value, chain, fired, invocation_id, detail)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -1462,7 +1476,12 @@ pub fn schedules(conn: &Connection) -> Result<Vec<StoredSchedule>, rusqlite::Err
 }
 
 /// Stores (or replaces) a schedule; it counts from `now`.
-pub fn put_schedule_tx(conn: &Connection, name: &str, spec: &str, now: i64) -> Result<(), StoreError> {
+pub fn put_schedule_tx(
+    conn: &Connection,
+    name: &str,
+    spec: &str,
+    now: i64,
+) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO schedules (name, spec, anchor_ms, last_ms, fires) VALUES (?1, ?2, ?3, ?3, 0)
          ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, anchor_ms = excluded.anchor_ms,
@@ -1479,7 +1498,12 @@ pub fn delete_schedule_tx(conn: &Connection, name: &str) -> Result<(), StoreErro
 }
 
 /// Records a schedule's fire (or, not `fired`, a skipped one) for time `at`.
-pub fn schedule_fired_tx(conn: &Connection, name: &str, at: i64, fired: bool) -> Result<(), StoreError> {
+pub fn schedule_fired_tx(
+    conn: &Connection,
+    name: &str,
+    at: i64,
+    fired: bool,
+) -> Result<(), StoreError> {
     conn.execute(
         "UPDATE schedules SET last_ms = ?2, fires = fires + ?3 WHERE name = ?1",
         params![name, at, fired as i64],

@@ -208,6 +208,9 @@ impl Ring {
     }
 }
 
+/// A ring of one series and label value: series, label value, ring.
+type LabelledRing = (u8, Arc<str>, Ring);
+
 /// How a window's seconds are folded into one value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Aggregate {
@@ -308,7 +311,7 @@ pub struct Store {
     live: HashMap<Arc<str>, FnSecond>,
     restores_ms: Vec<f32>,
     /// Per function ("" for the host): a ring per series and label value.
-    rings: HashMap<Arc<str>, Vec<(u8, Arc<str>, Ring)>>,
+    rings: HashMap<Arc<str>, Vec<LabelledRing>>,
     /// Per function: seconds whose invocations ran at a depth > 0, with
     /// the deepest chain.
     chains: HashMap<Arc<str>, VecDeque<(i64, Chain)>>,
@@ -394,7 +397,11 @@ impl Store {
 
     /// Adds a journal record of `kind` for `function`.
     pub fn journaled(&mut self, function: &str, kind: &str) {
-        *self.second(function).journal.entry(kind.to_string()).or_default() += 1;
+        *self
+            .second(function)
+            .journal
+            .entry(kind.to_string())
+            .or_default() += 1;
     }
 
     /// Adds a control action on `function`.
@@ -418,12 +425,30 @@ impl Store {
             }
         };
         for (f, s) in &self.live {
-            put(&mut frame, INVOCATIONS, f, empty.clone(), s.invocations as f64);
+            put(
+                &mut frame,
+                INVOCATIONS,
+                f,
+                empty.clone(),
+                s.invocations as f64,
+            );
             put(&mut frame, THROTTLES, f, empty.clone(), s.throttles as f64);
             put(&mut frame, STARTS, f, Arc::from("warm"), s.warm as f64);
-            put(&mut frame, STARTS, f, Arc::from("restored"), s.restored as f64);
+            put(
+                &mut frame,
+                STARTS,
+                f,
+                Arc::from("restored"),
+                s.restored as f64,
+            );
             put(&mut frame, RETRIES, f, empty.clone(), s.retries as f64);
-            put(&mut frame, CONTROL, f, empty.clone(), s.control_actions as f64);
+            put(
+                &mut frame,
+                CONTROL,
+                f,
+                empty.clone(),
+                s.control_actions as f64,
+            );
             for (series, by_kind) in [(ERRORS, &s.errors), (JOURNAL, &s.journal)] {
                 for (kind, n) in by_kind {
                     put(&mut frame, series, f, Arc::from(kind.as_str()), *n as f64);
@@ -437,19 +462,53 @@ impl Store {
             }
         }
         for (f, concurrency, queued, age) in &gauges.functions {
-            let f = self.names.get(f.as_str()).cloned().unwrap_or_else(|| Arc::from(f.as_str()));
-            put(&mut frame, CONCURRENCY, &f, empty.clone(), *concurrency as f64);
+            let f = self
+                .names
+                .get(f.as_str())
+                .cloned()
+                .unwrap_or_else(|| Arc::from(f.as_str()));
+            put(
+                &mut frame,
+                CONCURRENCY,
+                &f,
+                empty.clone(),
+                *concurrency as f64,
+            );
             put(&mut frame, QUEUED, &f, empty.clone(), *queued as f64);
             put(&mut frame, QUEUE_AGE, &f, empty.clone(), *age);
         }
         let host = empty.clone();
         for (i, state) in ["idle", "busy", "restoring"].iter().enumerate() {
-            put(&mut frame, INSTANCES, &host, Arc::from(*state), gauges.instances[i] as f64);
+            put(
+                &mut frame,
+                INSTANCES,
+                &host,
+                Arc::from(*state),
+                gauges.instances[i] as f64,
+            );
         }
-        put(&mut frame, PREPARED, &host, empty.clone(), gauges.prepared as f64);
-        put(&mut frame, CLAIMED, &host, empty.clone(), gauges.claimed_mib as f64);
+        put(
+            &mut frame,
+            PREPARED,
+            &host,
+            empty.clone(),
+            gauges.prepared as f64,
+        );
+        put(
+            &mut frame,
+            CLAIMED,
+            &host,
+            empty.clone(),
+            gauges.claimed_mib as f64,
+        );
         put(&mut frame, LOAD1, &host, empty.clone(), gauges.load1);
-        put(&mut frame, MEM_AVAILABLE, &host, empty.clone(), gauges.mem_available_mib as f64);
+        put(
+            &mut frame,
+            MEM_AVAILABLE,
+            &host,
+            empty.clone(),
+            gauges.mem_available_mib as f64,
+        );
         if !self.restores_ms.is_empty() {
             let [p50, p99, max] = stats(&self.restores_ms);
             put(&mut frame, RESTORE, &host, Arc::from("p50"), p50);
@@ -475,7 +534,10 @@ impl Store {
                             .entry((series, function.clone(), label.clone()))
                             .or_default() += f64::from(v);
                     }
-                    let ring = match rings.iter().position(|(s, l, _)| *s == series && *l == label) {
+                    let ring = match rings
+                        .iter()
+                        .position(|(s, l, _)| *s == series && *l == label)
+                    {
                         Some(i) => &mut rings[i].2,
                         None => {
                             rings.push((series, label, Ring::new(default_of(series))));
@@ -545,7 +607,9 @@ impl Store {
         v
     }
 
-    /// The window of `window_s` seconds that ends with the current one,
+    /// The window of the last `window_s` closed seconds and the current
+    /// one as far as it has filled (so that whatever happened is seen for
+    /// `window_s` seconds at least, whenever in its second it happened),
     /// folded by `aggregate`; None when it holds no data.
     pub fn aggregate(
         &self,
@@ -556,7 +620,7 @@ impl Store {
         window_s: u32,
     ) -> Option<f64> {
         let mut fold = Fold::new();
-        let from = self.current - i64::from(window_s.max(1)) + 1;
+        let from = self.current - i64::from(window_s.max(1));
         let matching: Vec<&Ring> = self
             .rings
             .get(function)
@@ -581,9 +645,9 @@ impl Store {
     }
 
     /// The deepest chain among `function`'s invocations in the window of
-    /// `window_s` seconds ending now (empty: none ran at a depth > 0).
+    /// [`Store::aggregate`] (empty: none ran at a depth > 0).
     pub fn deepest_chain(&self, function: &str, window_s: u32) -> Chain {
-        let from = self.current - i64::from(window_s.max(1)) + 1;
+        let from = self.current - i64::from(window_s.max(1));
         let mut deepest: Option<&Chain> = self.live.get(function).and_then(|s| s.deepest.as_ref());
         if let Some(seen) = self.chains.get(function) {
             for (sec, chain) in seen.iter().rev() {
@@ -619,8 +683,18 @@ impl Store {
     /// The label values seen of `series` for `function` ("" for the host).
     pub fn labels_of(&self, series: u8, function: &str) -> Vec<Arc<str>> {
         let mut out: Vec<Arc<str>> = Vec::new();
-        let closed = self.rings.get(function).into_iter().flatten().map(|(s, l, _)| (s, l));
-        let current = self.frame.get(function).into_iter().flatten().map(|(s, l, _)| (s, l));
+        let closed = self
+            .rings
+            .get(function)
+            .into_iter()
+            .flatten()
+            .map(|(s, l, _)| (s, l));
+        let current = self
+            .frame
+            .get(function)
+            .into_iter()
+            .flatten()
+            .map(|(s, l, _)| (s, l));
         for (s, l) in closed.chain(current) {
             if *s == series && !out.contains(l) {
                 out.push(l.clone());
@@ -707,7 +781,10 @@ impl Store {
                 parts.push(format!("function=\"{f}\""));
             }
             if let (Some((key, _)), false) = (def.label, l.is_empty()) {
-                parts.push(format!("{key}=\"{}\"", l.replace('\\', "\\\\").replace('"', "\\\"")));
+                parts.push(format!(
+                    "{key}=\"{}\"",
+                    l.replace('\\', "\\\\").replace('"', "\\\"")
+                ));
             }
             if parts.is_empty() {
                 String::new()
@@ -786,9 +863,22 @@ mod tests {
     #[test]
     fn series_ids_match_the_catalog() {
         for (i, name) in [
-            "invocations", "errors", "throttles", "starts", "duration_ms", "concurrency",
-            "queued", "queue_age_s", "retries", "journal_records", "control_actions",
-            "instances", "prepared_vmms", "memory_claimed_mib", "restore_ms", "load1",
+            "invocations",
+            "errors",
+            "throttles",
+            "starts",
+            "duration_ms",
+            "concurrency",
+            "queued",
+            "queue_age_s",
+            "retries",
+            "journal_records",
+            "control_actions",
+            "instances",
+            "prepared_vmms",
+            "memory_claimed_mib",
+            "restore_ms",
+            "load1",
             "host_mem_available_mib",
         ]
         .iter()
@@ -816,15 +906,45 @@ mod tests {
         let errors = id("errors");
         assert_eq!(store.value(errors, "f", Some("trap"), 100), 3.0);
         assert_eq!(store.value(errors, "f", None, 101), 1.0);
-        assert_eq!(store.aggregate(errors, "f", None, Aggregate::Sum, 10), Some(4.0));
-        assert_eq!(store.aggregate(errors, "f", Some("trap"), Aggregate::Sum, 10), Some(3.0));
-        assert_eq!(store.aggregate(errors, "f", None, Aggregate::Max, 10), Some(3.0));
-        assert_eq!(store.aggregate(errors, "f", None, Aggregate::Min, 10), Some(0.0));
-        assert_eq!(store.aggregate(errors, "f", None, Aggregate::Rate, 10), Some(0.4));
-        assert_eq!(store.aggregate(errors, "f", None, Aggregate::Last, 10), Some(1.0));
-        // A window of one second is the current one alone.
-        assert_eq!(store.aggregate(errors, "f", None, Aggregate::Sum, 1), Some(1.0));
-        assert_eq!(store.aggregate(errors, "g", None, Aggregate::Sum, 10), Some(0.0));
+        assert_eq!(
+            store.aggregate(errors, "f", None, Aggregate::Sum, 10),
+            Some(4.0)
+        );
+        assert_eq!(
+            store.aggregate(errors, "f", Some("trap"), Aggregate::Sum, 10),
+            Some(3.0)
+        );
+        assert_eq!(
+            store.aggregate(errors, "f", None, Aggregate::Max, 10),
+            Some(3.0)
+        );
+        assert_eq!(
+            store.aggregate(errors, "f", None, Aggregate::Min, 10),
+            Some(0.0)
+        );
+        assert_eq!(
+            store.aggregate(errors, "f", None, Aggregate::Rate, 10),
+            Some(0.4)
+        );
+        assert_eq!(
+            store.aggregate(errors, "f", None, Aggregate::Last, 10),
+            Some(1.0)
+        );
+        // A window of one second: the last closed second and the current one.
+        assert_eq!(
+            store.aggregate(errors, "f", None, Aggregate::Sum, 1),
+            Some(4.0)
+        );
+        store.sample(102, &g);
+        assert_eq!(
+            store.aggregate(errors, "f", None, Aggregate::Sum, 1),
+            Some(1.0)
+        );
+        store.sample(101, &g);
+        assert_eq!(
+            store.aggregate(errors, "g", None, Aggregate::Sum, 10),
+            Some(0.0)
+        );
         // Durations: p50/p99/max of the second.
         let d = id("duration_ms");
         assert_eq!(store.value(d, "f", Some("max"), 100), 4.0);
@@ -840,10 +960,22 @@ mod tests {
         store.sample(30, &g);
         let d = id("duration_ms");
         assert!(store.value(d, "f", Some("max"), 20).is_nan());
-        assert_eq!(store.aggregate(d, "f", Some("max"), Aggregate::Avg, 60), Some(5.0));
-        assert_eq!(store.aggregate(d, "f", Some("max"), Aggregate::Avg, 5), None);
-        assert_eq!(store.aggregate(id("invocations"), "f", None, Aggregate::Sum, 60), Some(1.0));
-        assert_eq!(store.aggregate(id("invocations"), "f", None, Aggregate::Avg, 5), Some(0.0));
+        assert_eq!(
+            store.aggregate(d, "f", Some("max"), Aggregate::Avg, 60),
+            Some(5.0)
+        );
+        assert_eq!(
+            store.aggregate(d, "f", Some("max"), Aggregate::Avg, 5),
+            None
+        );
+        assert_eq!(
+            store.aggregate(id("invocations"), "f", None, Aggregate::Sum, 60),
+            Some(1.0)
+        );
+        assert_eq!(
+            store.aggregate(id("invocations"), "f", None, Aggregate::Avg, 5),
+            Some(0.0)
+        );
     }
 
     #[test]
@@ -863,7 +995,10 @@ mod tests {
         assert_eq!(store.value(id("queued"), "f", None, 0), 7.0);
         assert_eq!(store.value(id("instances"), "", Some("busy"), 0), 2.0);
         assert_eq!(store.value(id("instances"), "", None, 0), 3.0);
-        assert_eq!(store.functions_of(id("queued")), vec![Arc::<str>::from("f")]);
+        assert_eq!(
+            store.functions_of(id("queued")),
+            vec![Arc::<str>::from("f")]
+        );
     }
 
     #[test]
@@ -877,7 +1012,11 @@ mod tests {
         assert_eq!(store.value(id("invocations"), "f", None, 0), 1.0);
         store.sample(RING_SECONDS as i64 + 1, &g);
         assert_eq!(store.value(id("invocations"), "f", None, 0), 0.0);
-        assert_eq!(store.footprint().0, 0, "rings with nothing in the last hour go");
+        assert_eq!(
+            store.footprint().0,
+            0,
+            "rings with nothing in the last hour go"
+        );
         // A ring written again after a long gap reads the gap as no data.
         let mut ring = Ring::new(0.0);
         ring.put(5, 1.0);
@@ -898,9 +1037,13 @@ mod tests {
         store.observe(&o);
         store.sample(5, &g);
         assert_eq!(store.deepest_chain("g", 10).len(), 2);
-        assert_eq!(store.deepest_chain("g", 4).len(), 0, "outside the window");
+        assert_eq!(store.deepest_chain("g", 3).len(), 0, "outside the window");
         store.observe(&o);
-        assert_eq!(store.deepest_chain("g", 1).len(), 2, "the current second counts");
+        assert_eq!(
+            store.deepest_chain("g", 1).len(),
+            2,
+            "the current second counts"
+        );
         assert!(store.deepest_chain("h", 10).is_empty());
     }
 }

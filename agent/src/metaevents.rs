@@ -130,16 +130,24 @@ impl From<BadRule> for ApiError {
     }
 }
 
-fn uint(body: &Map<String, Value>, field: &str, default: Option<u32>, max: u32) -> Result<u32, BadRule> {
+fn uint(
+    body: &Map<String, Value>,
+    field: &str,
+    default: Option<u32>,
+    max: u32,
+) -> Result<u32, BadRule> {
     match body.get(field) {
-        None | Some(Value::Null) => {
-            default.ok_or_else(|| BadRule::new(field, "is required"))
-        }
+        None | Some(Value::Null) => default.ok_or_else(|| BadRule::new(field, "is required")),
         Some(v) => v
             .as_u64()
             .filter(|n| *n <= u64::from(max))
             .map(|n| n as u32)
-            .ok_or_else(|| BadRule::new(field, format!("must be a whole number from 0 to {max}, not {v}"))),
+            .ok_or_else(|| {
+                BadRule::new(
+                    field,
+                    format!("must be a whole number from 0 to {max}, not {v}"),
+                )
+            }),
     }
 }
 
@@ -153,14 +161,27 @@ fn text<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a str, BadRul
 
 /// The fields a rule takes.
 const RULE_FIELDS: &[&str] = &[
-    "series", "labels", "aggregate", "window_s", "op", "threshold", "for_s", "target", "payload",
-    "cooldown_s", "on_resolve",
+    "series",
+    "labels",
+    "aggregate",
+    "window_s",
+    "op",
+    "threshold",
+    "for_s",
+    "target",
+    "payload",
+    "cooldown_s",
+    "on_resolve",
 ];
 
 impl Rule {
     /// Checks `body` (the `PUT /metaevents/{name}` JSON); `target_exists`
     /// tells whether a function is deployed.
-    pub fn parse(name: &str, body: &Value, target_exists: impl Fn(&str) -> bool) -> Result<Rule, BadRule> {
+    pub fn parse(
+        name: &str,
+        body: &Value,
+        target_exists: impl Fn(&str) -> bool,
+    ) -> Result<Rule, BadRule> {
         crate::functions::check_name(name).map_err(|_| {
             BadRule::new("name", format!("{name:?} is not valid: 1 to 64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"))
         })?;
@@ -168,12 +189,21 @@ impl Rule {
             .as_object()
             .ok_or_else(|| BadRule::new("body", "must be a JSON object"))?;
         if let Some(unknown) = body.keys().find(|k| !RULE_FIELDS.contains(&k.as_str())) {
-            return Err(BadRule::new(unknown, format!("is not a rule field (they are {})", RULE_FIELDS.join(", "))));
+            return Err(BadRule::new(
+                unknown,
+                format!("is not a rule field (they are {})", RULE_FIELDS.join(", ")),
+            ));
         }
         let series_name = text(body, "series")?;
         let series = metadata::series_id(series_name).ok_or_else(|| {
             let names: Vec<&str> = SERIES.iter().map(|s| s.name).collect();
-            BadRule::new("series", format!("unknown series {series_name:?}; the series are {}", names.join(", ")))
+            BadRule::new(
+                "series",
+                format!(
+                    "unknown series {series_name:?}; the series are {}",
+                    names.join(", ")
+                ),
+            )
         })?;
         let def = SERIES[series as usize];
         let mut function = None;
@@ -183,55 +213,96 @@ impl Rule {
             Some(Value::Object(labels)) => {
                 for (key, value) in labels {
                     let field = format!("labels.{key}");
-                    let value = value
-                        .as_str()
-                        .ok_or_else(|| BadRule::new(&field, format!("must be a string, not {value}")))?;
+                    let value = value.as_str().ok_or_else(|| {
+                        BadRule::new(&field, format!("must be a string, not {value}"))
+                    })?;
                     if key == "function" {
                         if def.scope == Scope::Host {
-                            return Err(BadRule::new(&field, format!("{series_name} is a host series: it has no function label")));
+                            return Err(BadRule::new(
+                                &field,
+                                format!("{series_name} is a host series: it has no function label"),
+                            ));
                         }
                         if value != "*" {
-                            crate::functions::check_name(value).map_err(|e| BadRule::new(&field, e.to_string()))?;
+                            crate::functions::check_name(value)
+                                .map_err(|e| BadRule::new(&field, e.to_string()))?;
                         }
                         function = Some(value.to_string());
                     } else {
                         match def.label {
                             Some((name, values)) if name == key => {
                                 if !values.is_empty() && !values.contains(&value) {
-                                    return Err(BadRule::new(&field, format!("{value:?} is not one of {}", values.join(", "))));
+                                    return Err(BadRule::new(
+                                        &field,
+                                        format!("{value:?} is not one of {}", values.join(", ")),
+                                    ));
                                 }
                                 label = Some((key.clone(), value.to_string()));
                             }
                             Some((name, _)) => {
-                                return Err(BadRule::new(&field, format!("{series_name} has labels function and {name}, not {key}")))
+                                return Err(BadRule::new(
+                                    &field,
+                                    format!(
+                                        "{series_name} has labels function and {name}, not {key}"
+                                    ),
+                                ))
                             }
                             None => {
-                                return Err(BadRule::new(&field, format!("{series_name} has no label {key}")))
+                                return Err(BadRule::new(
+                                    &field,
+                                    format!("{series_name} has no label {key}"),
+                                ))
                             }
                         }
                     }
                 }
             }
-            Some(v) => return Err(BadRule::new("labels", format!("must be an object of strings, not {v}"))),
+            Some(v) => {
+                return Err(BadRule::new(
+                    "labels",
+                    format!("must be an object of strings, not {v}"),
+                ))
+            }
         }
         if def.scope == Scope::Function && function.is_none() {
-            return Err(BadRule::new("labels.function", format!("{series_name} is per function: name one, or \"*\" for each")));
+            return Err(BadRule::new(
+                "labels.function",
+                format!("{series_name} is per function: name one, or \"*\" for each"),
+            ));
         }
         if def.kind == Kind::Stat && label.is_none() {
             let (name, values) = def.label.unwrap_or(("stat", &[]));
-            return Err(BadRule::new(&format!("labels.{name}"), format!("is required for {series_name}: one of {}", values.join(", "))));
+            return Err(BadRule::new(
+                &format!("labels.{name}"),
+                format!(
+                    "is required for {series_name}: one of {}",
+                    values.join(", ")
+                ),
+            ));
         }
         let aggregate_name = text(body, "aggregate")?;
         let aggregate = Aggregate::parse(aggregate_name).ok_or_else(|| {
-            BadRule::new("aggregate", format!("unknown aggregate {aggregate_name:?}; use sum, avg, min, max, rate or last"))
+            BadRule::new(
+                "aggregate",
+                format!(
+                    "unknown aggregate {aggregate_name:?}; use sum, avg, min, max, rate or last"
+                ),
+            )
         })?;
         let window_s = uint(body, "window_s", None, MAX_WINDOW_S)?;
         if window_s == 0 {
-            return Err(BadRule::new("window_s", format!("must be from 1 to {MAX_WINDOW_S}")));
+            return Err(BadRule::new(
+                "window_s",
+                format!("must be from 1 to {MAX_WINDOW_S}"),
+            ));
         }
         let op_name = text(body, "op")?;
-        let op = Op::parse(op_name)
-            .ok_or_else(|| BadRule::new("op", format!("unknown comparison {op_name:?}; use >, >=, <, <=, == or !=")))?;
+        let op = Op::parse(op_name).ok_or_else(|| {
+            BadRule::new(
+                "op",
+                format!("unknown comparison {op_name:?}; use >, >=, <, <=, == or !="),
+            )
+        })?;
         let threshold = match body.get("threshold") {
             Some(v) => v
                 .as_f64()
@@ -240,12 +311,20 @@ impl Rule {
         };
         let target = text(body, "target")?.to_string();
         if !target_exists(&target) {
-            return Err(BadRule::new("target", format!("no function named {target:?} is deployed")));
+            return Err(BadRule::new(
+                "target",
+                format!("no function named {target:?} is deployed"),
+            ));
         }
         let on_resolve = match body.get("on_resolve") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
-            Some(v) => return Err(BadRule::new("on_resolve", format!("must be true or false, not {v}"))),
+            Some(v) => {
+                return Err(BadRule::new(
+                    "on_resolve",
+                    format!("must be true or false, not {v}"),
+                ))
+            }
         };
         Ok(Rule {
             name: name.to_string(),
@@ -508,7 +587,12 @@ impl Engine {
     /// deployed functions (the label sets of `*` rules). Transitions that
     /// need no invocation are applied and returned as history; fires and
     /// resolves are returned to be committed.
-    pub fn evaluate(&mut self, store: &Store, functions: &[String], now_ms: i64) -> (Vec<Want>, Vec<HistoryRow>) {
+    pub fn evaluate(
+        &mut self,
+        store: &Store,
+        functions: &[String],
+        now_ms: i64,
+    ) -> (Vec<Want>, Vec<HistoryRow>) {
         let mut wants = Vec::new();
         let mut rows = Vec::new();
         for entry in self.rules.values_mut() {
@@ -516,14 +600,21 @@ impl Engine {
             let each = rule.function.as_deref() == Some("*");
             let keys: Vec<String> = if each {
                 let mut keys: Vec<String> = functions.to_vec();
-                keys.extend(entry.states.keys().filter(|k| !functions.contains(k)).cloned());
+                keys.extend(
+                    entry
+                        .states
+                        .keys()
+                        .filter(|k| !functions.contains(k))
+                        .cloned(),
+                );
                 keys
             } else {
                 vec![rule.function.clone().unwrap_or_default()]
             };
             let label = rule.label.as_ref().map(|(_, v)| v.as_str());
             for key in keys {
-                let value = store.aggregate(rule.series, &key, label, rule.aggregate, rule.window_s);
+                let value =
+                    store.aggregate(rule.series, &key, label, rule.aggregate, rule.window_s);
                 let holds = value.is_some_and(|v| rule.op.holds(v, rule.threshold));
                 let next = match entry.states.get(&key) {
                     Some(st) => st.next(holds, now_ms, rule),
@@ -532,7 +623,10 @@ impl Engine {
                 if next == Next::Stay && each && !entry.states.contains_key(&key) {
                     continue;
                 }
-                let st = entry.states.entry(key.clone()).or_insert_with(|| LabelState::new(now_ms));
+                let st = entry
+                    .states
+                    .entry(key.clone())
+                    .or_insert_with(|| LabelState::new(now_ms));
                 st.last_value = value;
                 let row = |transition, detail: Option<String>| HistoryRow {
                     rule: rule.name.clone(),
@@ -653,7 +747,11 @@ impl Triggers {
                 .and_then(|body| Rule::parse(&name, &body, |_| true))
             {
                 Ok(rule) => engine.put(rule),
-                Err(e) => tracing::error!("metaevent {name} is unusable and is ignored: {}: {}", e.field, e.message),
+                Err(e) => tracing::error!(
+                    "metaevent {name} is unusable and is ignored: {}: {}",
+                    e.field,
+                    e.message
+                ),
             }
         }
         Ok(Triggers {
@@ -699,7 +797,11 @@ fn host_levels() -> (u64, f64) {
         .and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().next().and_then(|x| x.parse::<u64>().ok()))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .next()
+                        .and_then(|x| x.parse::<u64>().ok())
+                })
         })
         .map_or(0, |kib| kib / 1024);
     (available, load1)
@@ -810,7 +912,8 @@ impl Agent {
         };
         let m = &self.triggers.metrics;
         m.evaluations.fetch_add(1, Ordering::Relaxed);
-        m.eval_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        m.eval_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if !rows.is_empty() {
             self.events.journal.write_nowait(false, move |conn| {
                 for row in &rows {
@@ -834,7 +937,11 @@ impl Agent {
         {
             let engine = lock(&self.triggers.engine);
             for want in wants {
-                let Some(entry) = engine.rules.get(&want.rule).filter(|e| e.generation == want.generation) else {
+                let Some(entry) = engine
+                    .rules
+                    .get(&want.rule)
+                    .filter(|e| e.generation == want.generation)
+                else {
                     continue;
                 };
                 let rule = &entry.rule;
@@ -843,7 +950,11 @@ impl Agent {
                     rule: rule.name.clone(),
                     at_ms: now,
                     labels: rule.labels(&want.key),
-                    transition: if want.next == Next::Fire { "firing" } else { "ok" },
+                    transition: if want.next == Next::Fire {
+                        "firing"
+                    } else {
+                        "ok"
+                    },
                     value: want.value,
                     chain: want.parent.to_vec(),
                     fired: false,
@@ -854,20 +965,41 @@ impl Agent {
                     let suppressed = st.and_then(|s| s.suppressed.clone());
                     match (rule.on_resolve, suppressed) {
                         (false, _) => (None, Some("resolved (on_resolve is off)".to_string())),
-                        (true, Some(why)) => (None, Some(format!("resolved; not fired: its firing was not fired either ({why})"))),
+                        (true, Some(why)) => (
+                            None,
+                            Some(format!(
+                                "resolved; not fired: its firing was not fired either ({why})"
+                            )),
+                        ),
                         (true, None) => (Some(want.parent.clone()), None),
                     }
                 } else if self.current(&rule.target).is_err() {
-                    (None, Some(format!("target_missing: no function {} is deployed", rule.target)))
+                    (
+                        None,
+                        Some(format!(
+                            "target_missing: no function {} is deployed",
+                            rule.target
+                        )),
+                    )
                 } else {
                     match cascade(&rule.name, &want.parent, max_depth) {
                         Cascade::Go(chain) => (Some(chain), None),
                         Cascade::Loop => {
                             self.triggers.metrics.loops.fetch_add(1, Ordering::Relaxed);
-                            (None, Some(format!("loop: the chain {} already holds {}, which would fire again", want.parent.join(" → "), rule.name)))
+                            (
+                                None,
+                                Some(format!(
+                                    "loop: the chain {} already holds {}, which would fire again",
+                                    want.parent.join(" → "),
+                                    rule.name
+                                )),
+                            )
                         }
                         Cascade::TooDeep => {
-                            self.triggers.metrics.too_deep.fetch_add(1, Ordering::Relaxed);
+                            self.triggers
+                                .metrics
+                                .too_deep
+                                .fetch_add(1, Ordering::Relaxed);
                             (None, Some(format!("depth: the target would run at depth {}, past max_metaevent_depth {max_depth} (chain {})", want.parent.len() + 1, want.parent.join(" → "))))
                         }
                     }
@@ -875,7 +1007,10 @@ impl Agent {
                 let event = match chain {
                     Some(chain) if !self.triggers.allowed() => {
                         let first = !st.is_some_and(|s| s.deferred);
-                        self.triggers.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        self.triggers
+                            .metrics
+                            .rate_limited
+                            .fetch_add(1, Ordering::Relaxed);
                         if first {
                             row.transition = "deferred";
                             row.chain = chain.to_vec();
@@ -887,7 +1022,11 @@ impl Agent {
                     }
                     Some(chain) => {
                         let id = self.new_invocation_id();
-                        let state = if want.next == Next::Fire { "firing" } else { "ok" };
+                        let state = if want.next == Next::Fire {
+                            "firing"
+                        } else {
+                            "ok"
+                        };
                         let body = json!({
                             "metaevent": rule.name,
                             "state": state,
@@ -942,7 +1081,10 @@ impl Agent {
         let open = match written {
             Ok(open) => open,
             Err(e) => {
-                tracing::error!("cannot record {} metaevents ({e}); they fire at the next evaluation", fires.len());
+                tracing::error!(
+                    "cannot record {} metaevents ({e}); they fire at the next evaluation",
+                    fires.len()
+                );
                 return;
             }
         };
@@ -952,20 +1094,34 @@ impl Agent {
         }
         let mut engine = lock(&self.triggers.engine);
         for row in &deferred {
-            if let Some(st) = engine.rules.get_mut(&row.rule).and_then(|e| e.states.get_mut(row.labels["function"].as_str().unwrap_or(""))) {
+            if let Some(st) = engine.rules.get_mut(&row.rule).and_then(|e| {
+                e.states
+                    .get_mut(row.labels["function"].as_str().unwrap_or(""))
+            }) {
                 st.deferred = true;
             }
         }
         for fire in fires {
-            let Some(entry) = engine.rules.get_mut(&fire.want.rule).filter(|e| e.generation == fire.want.generation) else {
+            let Some(entry) = engine
+                .rules
+                .get_mut(&fire.want.rule)
+                .filter(|e| e.generation == fire.want.generation)
+            else {
                 continue;
             };
-            let st = entry.states.entry(fire.want.key.clone()).or_insert_with(|| LabelState::new(now));
+            let st = entry
+                .states
+                .entry(fire.want.key.clone())
+                .or_insert_with(|| LabelState::new(now));
             match fire.want.next {
                 Next::Fire => {
                     st.enter(State::Firing, now);
                     st.chain = Arc::from(fire.row.chain.clone());
-                    st.suppressed = if fire.row.fired { None } else { fire.row.detail.clone() };
+                    st.suppressed = if fire.row.fired {
+                        None
+                    } else {
+                        fire.row.detail.clone()
+                    };
                     if fire.row.fired {
                         st.last_fired_ms = Some(now);
                         self.triggers.metrics.fired.fetch_add(1, Ordering::Relaxed);
@@ -977,7 +1133,10 @@ impl Agent {
                 _ => {
                     st.enter(State::Ok, now);
                     if fire.row.fired {
-                        self.triggers.metrics.resolved.fetch_add(1, Ordering::Relaxed);
+                        self.triggers
+                            .metrics
+                            .resolved
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::info!(metaevent = %fire.want.rule, "metaevent resolved");
                     }
                 }
@@ -994,7 +1153,9 @@ impl Agent {
         let now = journal::now_ms();
         self.events
             .journal
-            .write_blocking(true, move |conn| journal::put_metaevent_tx(conn, &key, &stored, now))
+            .write_blocking(true, move |conn| {
+                journal::put_metaevent_tx(conn, &key, &stored, now)
+            })
             .map_err(crate::events::store_error)?;
         lock(&self.triggers.engine).put(rule);
         let mut out = spec;
@@ -1114,9 +1275,16 @@ mod tests {
     #[test]
     fn a_rule_is_checked_field_by_field() {
         let r = rule(base()).expect("valid");
-        assert_eq!((r.window_s, r.op, r.threshold, r.for_s), (10, Op::Gt, 5.0, 0));
+        assert_eq!(
+            (r.window_s, r.op, r.threshold, r.for_s),
+            (10, Op::Gt, 5.0, 0)
+        );
         assert_eq!(r.label, Some(("kind".into(), "trap".into())));
-        assert_eq!(Rule::parse("r", &r.to_json(), |_| true).unwrap(), r, "round trip");
+        assert_eq!(
+            Rule::parse("r", &r.to_json(), |_| true).unwrap(),
+            r,
+            "round trip"
+        );
         for (body, field) in [
             (with("series", json!("nope")), "series"),
             (with("aggregate", json!("median")), "aggregate"),
@@ -1128,17 +1296,37 @@ mod tests {
             (with("target", json!("nobody")), "target"),
             (with("for_s", json!(1.5)), "for_s"),
             (with("labels", json!({ "kind": "trap" })), "labels.function"),
-            (with("labels", json!({ "function": "f", "state": "idle" })), "labels.state"),
-            (with("labels", json!({ "function": "F!" })), "labels.function"),
+            (
+                with("labels", json!({ "function": "f", "state": "idle" })),
+                "labels.state",
+            ),
+            (
+                with("labels", json!({ "function": "F!" })),
+                "labels.function",
+            ),
             (with("extra", json!(1)), "extra"),
-            (json!({ "series": "duration_ms", "labels": { "function": "f" }, "aggregate": "max", "window_s": 5, "op": ">", "threshold": 1, "target": "alert" }), "labels.stat"),
-            (json!({ "series": "load1", "labels": { "function": "f" }, "aggregate": "max", "window_s": 5, "op": ">", "threshold": 1, "target": "alert" }), "labels.function"),
-            (json!({ "series": "starts", "labels": { "function": "f", "kind": "cold" }, "aggregate": "sum", "window_s": 5, "op": ">", "threshold": 1, "target": "alert" }), "labels.kind"),
+            (
+                json!({ "series": "duration_ms", "labels": { "function": "f" }, "aggregate": "max", "window_s": 5, "op": ">", "threshold": 1, "target": "alert" }),
+                "labels.stat",
+            ),
+            (
+                json!({ "series": "load1", "labels": { "function": "f" }, "aggregate": "max", "window_s": 5, "op": ">", "threshold": 1, "target": "alert" }),
+                "labels.function",
+            ),
+            (
+                json!({ "series": "starts", "labels": { "function": "f", "kind": "cold" }, "aggregate": "sum", "window_s": 5, "op": ">", "threshold": 1, "target": "alert" }),
+                "labels.kind",
+            ),
         ] {
             let e = rule(body.clone()).expect_err(&body.to_string());
             assert_eq!(e.field, field, "{body}: {}", e.message);
         }
-        assert_eq!(Rule::parse("Bad Name", &base(), |_| true).unwrap_err().field, "name");
+        assert_eq!(
+            Rule::parse("Bad Name", &base(), |_| true)
+                .unwrap_err()
+                .field,
+            "name"
+        );
     }
 
     fn r(for_s: u32, cooldown_s: u32) -> Rule {
@@ -1156,10 +1344,18 @@ mod tests {
         assert_eq!(st.next(true, 0, &rule), Next::Fire);
         st.enter(State::Firing, 0);
         st.last_fired_ms = Some(0);
-        assert_eq!(st.next(true, 1000, &rule), Next::Stay, "holding while firing fires nothing more");
+        assert_eq!(
+            st.next(true, 1000, &rule),
+            Next::Stay,
+            "holding while firing fires nothing more"
+        );
         assert_eq!(st.next(false, 2000, &rule), Next::Resolve);
         st.enter(State::Ok, 2000);
-        assert_eq!(st.next(true, 3000, &rule), Next::Fire, "again after it stopped");
+        assert_eq!(
+            st.next(true, 3000, &rule),
+            Next::Fire,
+            "again after it stopped"
+        );
     }
 
     #[test]
@@ -1172,7 +1368,11 @@ mod tests {
         assert_eq!(st.next(false, 2999, &rule), Next::Clear);
         assert_eq!(st.next(true, 3000, &rule), Next::Fire);
         st.enter(State::Ok, 3000);
-        assert_eq!(st.next(true, 3000, &rule), Next::Pending, "pending starts again");
+        assert_eq!(
+            st.next(true, 3000, &rule),
+            Next::Pending,
+            "pending starts again"
+        );
     }
 
     #[test]
@@ -1192,8 +1392,14 @@ mod tests {
     fn cascades_are_bounded_by_depth_and_loops() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         assert_eq!(cascade("a", &[], 3), Cascade::Go(Arc::from(s(&["a"]))));
-        assert_eq!(cascade("b", &s(&["a"]), 3), Cascade::Go(Arc::from(s(&["a", "b"]))));
-        assert_eq!(cascade("c", &s(&["a", "b"]), 3), Cascade::Go(Arc::from(s(&["a", "b", "c"]))));
+        assert_eq!(
+            cascade("b", &s(&["a"]), 3),
+            Cascade::Go(Arc::from(s(&["a", "b"])))
+        );
+        assert_eq!(
+            cascade("c", &s(&["a", "b"]), 3),
+            Cascade::Go(Arc::from(s(&["a", "b", "c"])))
+        );
         assert_eq!(cascade("b", &s(&["a", "b", "c"]), 3), Cascade::Loop);
         assert_eq!(cascade("d", &s(&["a", "b", "c"]), 3), Cascade::TooDeep);
         assert_eq!(cascade("c", &s(&["a", "b"]), 2), Cascade::TooDeep);
@@ -1225,7 +1431,14 @@ mod tests {
         assert_eq!(wants.len(), 1, "{wants:?}");
         assert_eq!((wants[0].key.as_str(), wants[0].next), ("f", Next::Fire));
         assert_eq!(wants[0].value, Some(2.0));
-        assert_eq!(&*wants[0].parent, &["x".to_string()], "attributed to f's invocations");
-        assert!(!engine.rules["r"].states.contains_key("g"), "an ok label set of a * rule is not kept");
+        assert_eq!(
+            &*wants[0].parent,
+            &["x".to_string()],
+            "attributed to f's invocations"
+        );
+        assert!(
+            !engine.rules["r"].states.contains_key("g"),
+            "an ok label set of a * rule is not kept"
+        );
     }
 }

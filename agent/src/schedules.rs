@@ -50,7 +50,9 @@ pub struct Schedule {
     pub catch_up: bool,
 }
 
-const FIELDS: &[&str] = &["function", "rate", "cron", "payload", "timezone", "enabled", "catch_up"];
+const FIELDS: &[&str] = &[
+    "function", "rate", "cron", "payload", "timezone", "enabled", "catch_up",
+];
 
 /// Parses an EventBridge rate: `5 minutes`, `1 hour`, or `rate(5 minutes)`;
 /// seconds, minutes, hours, days. Returns ms.
@@ -62,7 +64,9 @@ pub fn parse_rate(text: &str) -> Result<i64, String> {
         .unwrap_or(text.trim());
     let mut parts = inner.split_whitespace();
     let (Some(n), Some(unit), None) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(format!("{text:?} is not a rate: give \"N unit\", as \"5 minutes\" or \"1 second\""));
+        return Err(format!(
+            "{text:?} is not a rate: give \"N unit\", as \"5 minutes\" or \"1 second\""
+        ));
     };
     let n: i64 = n
         .parse()
@@ -91,12 +95,20 @@ pub fn parse_cron(text: &str) -> Result<croner::Cron, String> {
         .year(croner::parser::Year::Disallowed)
         .build()
         .parse(text)
-        .map_err(|e| format!("{text:?} is not a 5-field cron expression (minute hour day month weekday): {e}"))
+        .map_err(|e| {
+            format!(
+                "{text:?} is not a 5-field cron expression (minute hour day month weekday): {e}"
+            )
+        })
 }
 
 impl Schedule {
     /// Checks `body` (the `PUT /schedules/{name}` JSON).
-    pub fn parse(name: &str, body: &Value, function_exists: impl Fn(&str) -> bool) -> Result<Schedule, BadRule> {
+    pub fn parse(
+        name: &str,
+        body: &Value,
+        function_exists: impl Fn(&str) -> bool,
+    ) -> Result<Schedule, BadRule> {
         let bad = |field: &str, message: String| BadRule {
             field: field.into(),
             message,
@@ -106,7 +118,10 @@ impl Schedule {
             .as_object()
             .ok_or_else(|| bad("body", "must be a JSON object".into()))?;
         if let Some(unknown) = body.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-            return Err(bad(unknown, format!("is not a schedule field (they are {})", FIELDS.join(", "))));
+            return Err(bad(
+                unknown,
+                format!("is not a schedule field (they are {})", FIELDS.join(", ")),
+            ));
         }
         let string = |field: &str| -> Result<Option<String>, BadRule> {
             match body.get(field) {
@@ -124,16 +139,24 @@ impl Schedule {
         };
         let function = string("function")?.ok_or_else(|| bad("function", "is required".into()))?;
         if !function_exists(&function) {
-            return Err(bad("function", format!("no function named {function:?} is deployed")));
+            return Err(bad(
+                "function",
+                format!("no function named {function:?} is deployed"),
+            ));
         }
         let timezone = string("timezone")?.unwrap_or_else(|| "UTC".into());
-        let tz: chrono_tz::Tz = timezone
-            .parse()
-            .map_err(|_| bad("timezone", format!("{timezone:?} is not an IANA time zone (as UTC or Europe/Paris)")))?;
+        let tz: chrono_tz::Tz = timezone.parse().map_err(|_| {
+            bad(
+                "timezone",
+                format!("{timezone:?} is not an IANA time zone (as UTC or Europe/Paris)"),
+            )
+        })?;
         let (rate, cron) = (string("rate")?, string("cron")?);
         let every = match (&rate, &cron) {
             (Some(r), None) => Every::Rate(parse_rate(r).map_err(|e| bad("rate", e))?),
-            (None, Some(c)) => Every::Cron(Box::new(parse_cron(c).map_err(|e| bad("cron", e))?), tz),
+            (None, Some(c)) => {
+                Every::Cron(Box::new(parse_cron(c).map_err(|e| bad("cron", e))?), tz)
+            }
             _ => return Err(bad("rate", "give either rate or cron".into())),
         };
         Ok(Schedule {
@@ -170,12 +193,18 @@ impl Schedule {
     pub fn next_after(&self, anchor_ms: i64, after_ms: i64) -> Option<i64> {
         match &self.every {
             Every::Rate(period) => {
-                let k = if after_ms < anchor_ms { 1 } else { (after_ms - anchor_ms) / period + 1 };
+                let k = if after_ms < anchor_ms {
+                    1
+                } else {
+                    (after_ms - anchor_ms) / period + 1
+                };
                 Some(anchor_ms + k * period)
             }
             Every::Cron(cron, tz) => {
                 let t = tz.timestamp_millis_opt(after_ms).single()?;
-                cron.find_next_occurrence(&t, false).ok().map(|t| t.timestamp_millis())
+                cron.find_next_occurrence(&t, false)
+                    .ok()
+                    .map(|t| t.timestamp_millis())
             }
         }
     }
@@ -191,7 +220,9 @@ impl Schedule {
             }
             Every::Cron(cron, tz) => {
                 let now = tz.timestamp_millis_opt(now_ms).single()?;
-                cron.find_previous_occurrence(&now, true).ok()?.timestamp_millis()
+                cron.find_previous_occurrence(&now, true)
+                    .ok()?
+                    .timestamp_millis()
             }
         };
         (t > after_ms).then_some(t)
@@ -228,13 +259,28 @@ impl Schedules {
         let mut entries = BTreeMap::new();
         for (name, spec, anchor_ms, last_ms, fires) in stored {
             match serde_json::from_str::<Value>(&spec)
-                .map_err(|e| BadRule { field: "body".into(), message: e.to_string() })
+                .map_err(|e| BadRule {
+                    field: "body".into(),
+                    message: e.to_string(),
+                })
                 .and_then(|body| Schedule::parse(&name, &body, |_| true))
             {
                 Ok(schedule) => {
-                    entries.insert(name, Entry { schedule, anchor_ms, last_ms, fires: fires as u64 });
+                    entries.insert(
+                        name,
+                        Entry {
+                            schedule,
+                            anchor_ms,
+                            last_ms,
+                            fires: fires as u64,
+                        },
+                    );
                 }
-                Err(e) => tracing::error!("schedule {name} is unusable and is ignored: {}: {}", e.field, e.message),
+                Err(e) => tracing::error!(
+                    "schedule {name} is unusable and is ignored: {}: {}",
+                    e.field,
+                    e.message
+                ),
             }
         }
         Ok(Schedules {
@@ -263,7 +309,11 @@ fn describe(name: &str, e: &Entry, now: i64) -> Value {
         }
     }
     out["next"] = json!(next);
-    out["last_scheduled_at"] = if e.fires > 0 { json!(rfc3339(e.last_ms)) } else { Value::Null };
+    out["last_scheduled_at"] = if e.fires > 0 {
+        json!(rfc3339(e.last_ms))
+    } else {
+        Value::Null
+    };
     out["fires"] = json!(e.fires);
     out
 }
@@ -278,9 +328,16 @@ impl Agent {
         let key = name.to_string();
         self.events
             .journal
-            .write_blocking(true, move |conn| journal::put_schedule_tx(conn, &key, &spec, now))
+            .write_blocking(true, move |conn| {
+                journal::put_schedule_tx(conn, &key, &spec, now)
+            })
             .map_err(crate::events::store_error)?;
-        let entry = Entry { schedule, anchor_ms: now, last_ms: now, fires: 0 };
+        let entry = Entry {
+            schedule,
+            anchor_ms: now,
+            last_ms: now,
+            fires: 0,
+        };
         let out = describe(name, &entry, now);
         lock(&self.schedules.entries).insert(name.to_string(), entry);
         self.schedules.changed.notify_one();
@@ -323,16 +380,25 @@ impl Agent {
         let skipped: Vec<(String, i64)> = lock(&self.schedules.entries)
             .iter()
             .filter(|(_, e)| e.schedule.enabled && !e.schedule.catch_up)
-            .filter_map(|(n, e)| e.schedule.latest_due(e.anchor_ms, e.last_ms, now).map(|t| (n.clone(), t)))
+            .filter_map(|(n, e)| {
+                e.schedule
+                    .latest_due(e.anchor_ms, e.last_ms, now)
+                    .map(|t| (n.clone(), t))
+            })
             .collect();
         for (name, t) in skipped {
             let key = name.clone();
-            match self.events.journal.write_blocking(true, move |conn| journal::schedule_fired_tx(conn, &key, t, false)) {
+            match self.events.journal.write_blocking(true, move |conn| {
+                journal::schedule_fired_tx(conn, &key, t, false)
+            }) {
                 Ok(()) => {
                     if let Some(e) = lock(&self.schedules.entries).get_mut(&name) {
                         e.last_ms = t;
                     }
-                    self.triggers.metrics.schedule_skipped.fetch_add(1, Ordering::Relaxed);
+                    self.triggers
+                        .metrics
+                        .schedule_skipped
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(schedule = %name, "skipped the fire of {} missed while emberd was down (catch_up is false)", rfc3339(t));
                 }
                 Err(e) => tracing::error!(schedule = %name, "cannot record a skipped fire: {e}"),
@@ -347,7 +413,11 @@ impl Agent {
         let due: Vec<(String, Entry, i64)> = lock(&self.schedules.entries)
             .iter()
             .filter(|(_, e)| e.schedule.enabled)
-            .filter_map(|(n, e)| e.schedule.latest_due(e.anchor_ms, e.last_ms, now).map(|t| (n.clone(), e.clone(), t)))
+            .filter_map(|(n, e)| {
+                e.schedule
+                    .latest_due(e.anchor_ms, e.last_ms, now)
+                    .map(|t| (n.clone(), e.clone(), t))
+            })
             .collect();
         for (name, entry, t) in due {
             let s = &entry.schedule;
@@ -390,14 +460,22 @@ impl Agent {
                             e.last_ms = t;
                             e.fires += 1;
                             if missed > 0 {
-                                self.triggers.metrics.schedule_skipped.fetch_add(missed as u64, Ordering::Relaxed);
+                                self.triggers
+                                    .metrics
+                                    .schedule_skipped
+                                    .fetch_add(missed as u64, Ordering::Relaxed);
                             }
                         }
                     }
-                    self.triggers.metrics.schedule_fires.fetch_add(1, Ordering::Relaxed);
+                    self.triggers
+                        .metrics
+                        .schedule_fires
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(schedule = %name, function = %s.function, "schedule fired for {}", rfc3339(t));
                 }
-                Err(e) => tracing::error!(schedule = %name, "cannot record a schedule's fire ({e}); it fires when the journal takes it"),
+                Err(e) => {
+                    tracing::error!(schedule = %name, "cannot record a schedule's fire ({e}); it fires when the journal takes it")
+                }
             }
         }
         let entries = lock(&self.schedules.entries);
@@ -443,7 +521,9 @@ mod tests {
     }
 
     fn ms(text: &str) -> i64 {
-        chrono::DateTime::parse_from_rfc3339(text).unwrap().timestamp_millis()
+        chrono::DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .timestamp_millis()
     }
 
     #[test]
@@ -453,7 +533,15 @@ mod tests {
         assert_eq!(parse_rate("rate(2 hours)"), Ok(7_200_000));
         assert_eq!(parse_rate("1 second"), Ok(1000));
         assert_eq!(parse_rate("1 day"), Ok(86_400_000));
-        for bad in ["", "5", "0 minutes", "5 fortnights", "-1 minute", "1.5 minutes", "5 minutes ago"] {
+        for bad in [
+            "",
+            "5",
+            "0 minutes",
+            "5 fortnights",
+            "-1 minute",
+            "1.5 minutes",
+            "5 minutes ago",
+        ] {
             assert!(parse_rate(bad).is_err(), "{bad:?}");
         }
     }
@@ -466,14 +554,26 @@ mod tests {
         for (body, field) in [
             (json!({ "function": "g", "rate": "1 minute" }), "function"),
             (json!({ "function": "f" }), "rate"),
-            (json!({ "function": "f", "rate": "1 minute", "cron": "* * * * *" }), "rate"),
+            (
+                json!({ "function": "f", "rate": "1 minute", "cron": "* * * * *" }),
+                "rate",
+            ),
             (json!({ "function": "f", "rate": "fast" }), "rate"),
             (json!({ "function": "f", "cron": "*/5 * * *" }), "cron"),
             (json!({ "function": "f", "cron": "0 */5 * * * *" }), "cron"),
             (json!({ "function": "f", "cron": "61 * * * *" }), "cron"),
-            (json!({ "function": "f", "cron": "* * * * *", "timezone": "Mars/Olympus" }), "timezone"),
-            (json!({ "function": "f", "rate": "1 minute", "enabled": "yes" }), "enabled"),
-            (json!({ "function": "f", "rate": "1 minute", "every": 1 }), "every"),
+            (
+                json!({ "function": "f", "cron": "* * * * *", "timezone": "Mars/Olympus" }),
+                "timezone",
+            ),
+            (
+                json!({ "function": "f", "rate": "1 minute", "enabled": "yes" }),
+                "enabled",
+            ),
+            (
+                json!({ "function": "f", "rate": "1 minute", "every": 1 }),
+                "every",
+            ),
         ] {
             assert_eq!(schedule(body.clone()).unwrap_err().field, field, "{body}");
         }
@@ -497,10 +597,15 @@ mod tests {
         let s = schedule(json!({ "function": "f", "cron": "*/5 * * * *" })).unwrap();
         let t = ms("2026-12-05T09:03:20Z");
         assert_eq!(s.next_after(0, t), Some(ms("2026-12-05T09:05:00Z")));
-        assert_eq!(s.next_after(0, ms("2026-12-05T09:05:00Z")), Some(ms("2026-12-05T09:10:00Z")));
+        assert_eq!(
+            s.next_after(0, ms("2026-12-05T09:05:00Z")),
+            Some(ms("2026-12-05T09:10:00Z"))
+        );
         assert_eq!(s.latest_due(0, 0, t), Some(ms("2026-12-05T09:00:00Z")));
         assert_eq!(s.latest_due(0, ms("2026-12-05T09:00:00Z"), t), None);
-        let nightly = schedule(json!({ "function": "f", "cron": "30 2 * * *", "timezone": "Europe/Paris" })).unwrap();
+        let nightly =
+            schedule(json!({ "function": "f", "cron": "30 2 * * *", "timezone": "Europe/Paris" }))
+                .unwrap();
         // 02:30 in Paris is 01:30 UTC in winter.
         assert_eq!(nightly.next_after(0, t), Some(ms("2026-12-06T01:30:00Z")));
         let weekdays = schedule(json!({ "function": "f", "cron": "0 9 * * MON-FRI" })).unwrap();

@@ -86,6 +86,33 @@ enum Command {
         #[command(subcommand)]
         command: JournalCommand,
     },
+    /// Metaevents: rules over emberd's metadata that invoke a function.
+    Metaevent {
+        #[command(subcommand)]
+        command: MetaeventCommand,
+    },
+    /// Schedules: a function invoked at a rate or on a cron expression.
+    Schedule {
+        #[command(subcommand)]
+        command: ScheduleCommand,
+    },
+    /// A metadata series, as a table (one column per label set).
+    Metadata {
+        /// The series (`ember metadata` without one lists them).
+        series: Option<String>,
+        /// One function's.
+        #[arg(long)]
+        function: Option<String>,
+        /// The series' label (kind=trap, state=idle, stat=p99).
+        #[arg(long, value_name = "K=V", value_parser = parse_env)]
+        label: Option<(String, String)>,
+        /// How far back: seconds, or 90s, 10m, 1h.
+        #[arg(long, default_value = "5m")]
+        since: String,
+        /// Seconds per row.
+        #[arg(long, default_value_t = 10)]
+        step: u32,
+    },
     /// List functions.
     Ls,
     /// Remove a function.
@@ -101,6 +128,81 @@ enum Command {
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MetaeventCommand {
+    /// Add or replace a rule from a JSON file (docs/metaevents.md).
+    Put {
+        /// The rule's name.
+        name: String,
+        /// The rule (JSON; - for stdin).
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// List rules.
+    Ls,
+    /// A rule and its state per label set.
+    Show {
+        /// The rule's name.
+        name: String,
+    },
+    /// A rule's transitions, newest first.
+    History {
+        /// The rule's name.
+        name: String,
+        /// Rows at most.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Remove a rule.
+    Rm {
+        /// The rule's name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ScheduleCommand {
+    /// Add or replace a schedule.
+    Put {
+        /// The schedule's name.
+        name: String,
+        /// The function it invokes.
+        #[arg(long)]
+        function: String,
+        /// A rate: "5 minutes", "1 hour", "30 seconds".
+        #[arg(long, conflicts_with = "cron", required_unless_present = "cron")]
+        rate: Option<String>,
+        /// A 5-field cron expression: "*/5 * * * *".
+        #[arg(long)]
+        cron: Option<String>,
+        /// The cron expression's IANA time zone.
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
+        /// JSON passed as the events' payload.
+        #[arg(long)]
+        payload: Option<String>,
+        /// Stored, not fired.
+        #[arg(long)]
+        disabled: bool,
+        /// After a restart, do not fire the latest fire missed while emberd
+        /// was down.
+        #[arg(long)]
+        no_catch_up: bool,
+    },
+    /// List schedules with their next fire.
+    Ls,
+    /// A schedule and its next fire times.
+    Show {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Remove a schedule.
+    Rm {
+        /// The schedule's name.
+        name: String,
     },
 }
 
@@ -602,6 +704,22 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Journal { command } => journal(&cli, command),
+        Command::Metaevent { command } => metaevent(&cli, command),
+        Command::Schedule { command } => schedule(&cli, command),
+        Command::Metadata {
+            series,
+            function,
+            label,
+            since,
+            step,
+        } => metadata(
+            &cli,
+            series.as_deref(),
+            function.as_deref(),
+            label,
+            since,
+            *step,
+        ),
         Command::Status => {
             let health = get_json(&cli, "/health")?;
             if cli.json {
@@ -614,6 +732,346 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// `method path` with a JSON body; the answer's JSON.
+fn send_json(
+    cli: &Cli,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<serde_json::Value, String> {
+    let response = connect(cli)?
+        .request(method, path, body)
+        .map_err(|e| e.to_string())?;
+    let response = ok(response)?;
+    Ok(if response.body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        response.json()
+    })
+}
+
+fn print_pretty(cli: &Cli, v: &serde_json::Value) {
+    if cli.json {
+        println!("{v}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    }
+}
+
+fn metaevent(cli: &Cli, command: &MetaeventCommand) -> Result<(), String> {
+    match command {
+        MetaeventCommand::Put { name, file } => {
+            let body = if file.as_os_str() == "-" {
+                let mut b = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut b)
+                    .map_err(|e| e.to_string())?;
+                b
+            } else {
+                std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?
+            };
+            let rule = send_json(
+                cli,
+                "PUT",
+                &format!("/metaevents/{}", encode(name)),
+                Some(&body),
+            )?;
+            print_pretty(cli, &rule);
+            Ok(())
+        }
+        MetaeventCommand::Ls => {
+            let list = get_json(cli, "/metaevents")?;
+            if cli.json {
+                println!("{list}");
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:<38} {:<16} {:>7} {:>7}",
+                "NAME", "CONDITION", "TARGET", "PENDING", "FIRING"
+            );
+            for r in list["metaevents"].as_array().into_iter().flatten() {
+                let labels: Vec<String> = r["labels"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("?")))
+                    .collect();
+                let condition = format!(
+                    "{}({}{{{}}}, {}s) {} {}",
+                    r["aggregate"].as_str().unwrap_or("?"),
+                    r["series"].as_str().unwrap_or("?"),
+                    labels.join(","),
+                    r["window_s"],
+                    r["op"].as_str().unwrap_or("?"),
+                    r["threshold"]
+                );
+                println!(
+                    "{:<20} {:<38} {:<16} {:>7} {:>7}",
+                    r["name"].as_str().unwrap_or("?"),
+                    condition,
+                    r["target"].as_str().unwrap_or("?"),
+                    r["pending"],
+                    r["firing"]
+                );
+            }
+            Ok(())
+        }
+        MetaeventCommand::Show { name } => {
+            print_pretty(
+                cli,
+                &get_json(cli, &format!("/metaevents/{}", encode(name)))?,
+            );
+            Ok(())
+        }
+        MetaeventCommand::History { name, limit } => {
+            let h = get_json(
+                cli,
+                &format!("/metaevents/{}/history?limit={limit}", encode(name)),
+            )?;
+            if cli.json {
+                println!("{h}");
+                return Ok(());
+            }
+            println!(
+                "{:<13} {:<9} {:<5} {:<24} {:>10}  {:<32} DETAIL",
+                "AT", "STATE", "FIRED", "LABELS", "VALUE", "INVOCATION"
+            );
+            for r in h["history"].as_array().into_iter().flatten() {
+                let labels: Vec<String> = r["labels"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("?")))
+                    .collect();
+                let chain: Vec<&str> = r["chain"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c.as_str())
+                    .collect();
+                let detail = match (r["detail"].as_str(), chain.is_empty()) {
+                    (Some(d), _) => d.to_string(),
+                    (None, false) => format!("chain {}", chain.join(" → ")),
+                    (None, true) => String::new(),
+                };
+                println!(
+                    "{:<13} {:<9} {:<5} {:<24} {:>10}  {:<32} {}",
+                    time_ms(&r["at_ms"]),
+                    r["transition"].as_str().unwrap_or("?"),
+                    if r["fired"].as_bool() == Some(true) {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                    labels.join(","),
+                    r["value"].as_f64().map_or("-".into(), |v| format!("{v}")),
+                    r["invocation_id"].as_str().unwrap_or("-"),
+                    detail
+                );
+            }
+            Ok(())
+        }
+        MetaeventCommand::Rm { name } => {
+            send_json(
+                cli,
+                "DELETE",
+                &format!("/metaevents/{}", encode(name)),
+                None,
+            )?;
+            if !cli.json {
+                println!("{name} removed");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn schedule(cli: &Cli, command: &ScheduleCommand) -> Result<(), String> {
+    match command {
+        ScheduleCommand::Put {
+            name,
+            function,
+            rate,
+            cron,
+            timezone,
+            payload,
+            disabled,
+            no_catch_up,
+        } => {
+            let payload: serde_json::Value = match payload {
+                Some(p) => {
+                    serde_json::from_str(p).map_err(|e| format!("--payload is not JSON: {e}"))?
+                }
+                None => serde_json::Value::Null,
+            };
+            let body = serde_json::json!({
+                "function": function,
+                "rate": rate,
+                "cron": cron,
+                "timezone": timezone,
+                "payload": payload,
+                "enabled": !disabled,
+                "catch_up": !no_catch_up,
+            });
+            let s = send_json(
+                cli,
+                "PUT",
+                &format!("/schedules/{}", encode(name)),
+                Some(body.to_string().as_bytes()),
+            )?;
+            print_pretty(cli, &s);
+            Ok(())
+        }
+        ScheduleCommand::Ls => {
+            let list = get_json(cli, "/schedules")?;
+            if cli.json {
+                println!("{list}");
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:<16} {:<20} {:<8} {:>6} NEXT",
+                "NAME", "FUNCTION", "WHEN", "ENABLED", "FIRES"
+            );
+            for s in list["schedules"].as_array().into_iter().flatten() {
+                let when = s["rate"].as_str().or(s["cron"].as_str()).unwrap_or("?");
+                println!(
+                    "{:<20} {:<16} {:<20} {:<8} {:>6} {}",
+                    s["name"].as_str().unwrap_or("?"),
+                    s["function"].as_str().unwrap_or("?"),
+                    when,
+                    s["enabled"],
+                    s["fires"],
+                    s["next"][0].as_str().unwrap_or("-")
+                );
+            }
+            Ok(())
+        }
+        ScheduleCommand::Show { name } => {
+            print_pretty(
+                cli,
+                &get_json(cli, &format!("/schedules/{}", encode(name)))?,
+            );
+            Ok(())
+        }
+        ScheduleCommand::Rm { name } => {
+            send_json(cli, "DELETE", &format!("/schedules/{}", encode(name)), None)?;
+            if !cli.json {
+                println!("{name} removed");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn metadata(
+    cli: &Cli,
+    series: Option<&str>,
+    function: Option<&str>,
+    label: &Option<(String, String)>,
+    since: &str,
+    step: u32,
+) -> Result<(), String> {
+    let Some(series) = series else {
+        let catalog = get_json(cli, "/metadata")?;
+        if cli.json {
+            println!("{catalog}");
+            return Ok(());
+        }
+        println!("{:<24} {:<9} {:<26} HELP", "SERIES", "SCOPE", "LABEL");
+        for s in catalog["series"].as_array().into_iter().flatten() {
+            let label = match s["label"].as_object() {
+                Some(l) => {
+                    let values: Vec<&str> = l["values"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|v| v.as_str())
+                        .collect();
+                    format!(
+                        "{}={}",
+                        l["name"].as_str().unwrap_or("?"),
+                        if values.is_empty() {
+                            "…".into()
+                        } else {
+                            values.join("|")
+                        }
+                    )
+                }
+                None => "-".into(),
+            };
+            println!(
+                "{:<24} {:<9} {:<26} {}",
+                s["series"].as_str().unwrap_or("?"),
+                s["scope"].as_str().unwrap_or("?"),
+                label,
+                s["help"].as_str().unwrap_or("")
+            );
+        }
+        return Ok(());
+    };
+    let mut query = format!(
+        "series={}&since={}&step={step}",
+        encode(series),
+        encode(since)
+    );
+    if let Some(f) = function {
+        query.push_str(&format!("&function={}", encode(f)));
+    }
+    if let Some((k, v)) = label {
+        query.push_str(&format!("&{}={}", encode(k), encode(v)));
+    }
+    let data = get_json(cli, &format!("/metadata?{query}"))?;
+    if cli.json {
+        println!("{data}");
+        return Ok(());
+    }
+    let results = data["results"].as_array().cloned().unwrap_or_default();
+    if results.is_empty() {
+        println!("no data for {series} in the last {since}");
+        return Ok(());
+    }
+    let columns: Vec<String> = results
+        .iter()
+        .map(|r| {
+            let labels: Vec<String> = r["labels"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(_, v)| v.as_str().unwrap_or("?").to_string())
+                .collect();
+            if labels.is_empty() {
+                series.to_string()
+            } else {
+                labels.join("/")
+            }
+        })
+        .collect();
+    let width = columns.iter().map(String::len).max().unwrap_or(8).max(8);
+    print!("{:<13}", "TIME");
+    for c in &columns {
+        print!(" {c:>width$}");
+    }
+    println!();
+    let rows = results[0]["points"].as_array().map_or(0, Vec::len);
+    for i in 0..rows {
+        let t = results[0]["points"][i][0].as_i64().unwrap_or(0) * 1000;
+        print!("{:<13}", time_ms(&serde_json::json!(t)));
+        for r in &results {
+            let v = &r["points"][i][1];
+            let text = v.as_f64().map_or("-".into(), |x| {
+                if x.fract() == 0.0 {
+                    format!("{x:.0}")
+                } else {
+                    format!("{x:.2}")
+                }
+            });
+            print!(" {text:>width$}");
+        }
+        println!();
+    }
+    Ok(())
 }
 
 fn journal(cli: &Cli, command: &JournalCommand) -> Result<(), String> {
