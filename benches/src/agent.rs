@@ -12,10 +12,10 @@ use crate::launch::{examples_dir, Binaries};
 use crate::stats::{header, Summary};
 
 /// A running emberd on a temporary state dir.
-struct Emberd {
+pub(crate) struct Emberd {
     child: std::process::Child,
     socket: PathBuf,
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// Removes its directory when dropped.
     owns_dir: bool,
 }
@@ -36,7 +36,7 @@ impl Drop for Emberd {
 }
 
 impl Emberd {
-    fn start(binaries: &Binaries) -> Result<Emberd, String> {
+    pub(crate) fn start(binaries: &Binaries) -> Result<Emberd, String> {
         let dir = std::env::temp_dir().join(format!("ember-bench-emberd-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -88,7 +88,7 @@ impl Emberd {
         self.owns_dir = false;
     }
 
-    fn client(&self) -> Result<ApiClient, String> {
+    pub(crate) fn client(&self) -> Result<ApiClient, String> {
         let client = ApiClient::connect(&self.socket).map_err(|e| e.to_string())?;
         client
             .set_timeout(Some(Duration::from_secs(30)))
@@ -97,7 +97,12 @@ impl Emberd {
     }
 }
 
-fn deploy(client: &mut ApiClient, name: &str, module: &Path, config: Value) -> Result<f64, String> {
+pub(crate) fn deploy(
+    client: &mut ApiClient,
+    name: &str,
+    module: &Path,
+    config: Value,
+) -> Result<f64, String> {
     let module = std::fs::read(module).map_err(|e| e.to_string())?;
     let started = Instant::now();
     let response = ember_agent::client::deploy(client, name, &config, &module, &[])

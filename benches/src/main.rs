@@ -8,6 +8,7 @@
 mod agent;
 mod functions;
 mod launch;
+mod metaevents;
 mod procfs;
 mod restore;
 mod stats;
@@ -123,6 +124,16 @@ enum Bench {
         #[arg(long, default_value_t = 10_000)]
         backlog: u64,
     },
+    /// Metaevents: CPU to sample the metadata and evaluate 1,000 rules
+    /// over 200 functions' hour of history; error → target start latency.
+    Metaevents {
+        /// Fires timed through emberd.
+        #[arg(long, default_value_t = 40)]
+        fires: usize,
+        /// Ticks (a quarter second each) timed in-process.
+        #[arg(long, default_value_t = 400)]
+        ticks: usize,
+    },
     /// Snapshot create and restore: create times, file sizes, restore
     /// latency (prepared and from process start), restore → first response
     /// with and without prefetch, PSS with many copies, restores/s.
@@ -190,6 +201,9 @@ fn main() {
                 count,
                 backlog,
             } => agent::bench_async(&binaries, seconds, count, backlog),
+            Bench::Metaevents { fires, ticks } => {
+                metaevents::bench_metaevents(&binaries, fires, ticks)
+            }
             Bench::Restore {
                 runs,
                 mem_mib,
