@@ -598,40 +598,51 @@ impl Engine {
         for entry in self.rules.values_mut() {
             let rule = &entry.rule;
             let each = rule.function.as_deref() == Some("*");
-            let keys: Vec<String> = if each {
-                let mut keys: Vec<String> = functions.to_vec();
-                keys.extend(
-                    entry
-                        .states
-                        .keys()
-                        .filter(|k| !functions.contains(k))
-                        .cloned(),
-                );
-                keys
+            // Label sets: each function for `*` (and those gone since that
+            // are not ok yet), else the one.
+            let gone: Vec<String> = if each {
+                entry
+                    .states
+                    .keys()
+                    .filter(|k| !functions.contains(k))
+                    .cloned()
+                    .collect()
             } else {
-                vec![rule.function.clone().unwrap_or_default()]
+                Vec::new()
+            };
+            let keys: Vec<&str> = if each {
+                functions
+                    .iter()
+                    .chain(gone.iter())
+                    .map(String::as_str)
+                    .collect()
+            } else {
+                vec![rule.function.as_deref().unwrap_or_default()]
             };
             let label = rule.label.as_ref().map(|(_, v)| v.as_str());
             for key in keys {
-                let value =
-                    store.aggregate(rule.series, &key, label, rule.aggregate, rule.window_s);
+                let value = store.aggregate(rule.series, key, label, rule.aggregate, rule.window_s);
                 let holds = value.is_some_and(|v| rule.op.holds(v, rule.threshold));
-                let next = match entry.states.get(&key) {
+                let next = match entry.states.get(key) {
                     Some(st) => st.next(holds, now_ms, rule),
                     None => LabelState::new(now_ms).next(holds, now_ms, rule),
                 };
-                if next == Next::Stay && each && !entry.states.contains_key(&key) {
+                if next == Next::Stay && each && !entry.states.contains_key(key) {
                     continue;
                 }
-                let st = entry
-                    .states
-                    .entry(key.clone())
-                    .or_insert_with(|| LabelState::new(now_ms));
+                if !entry.states.contains_key(key) {
+                    entry
+                        .states
+                        .insert(key.to_string(), LabelState::new(now_ms));
+                }
+                let Some(st) = entry.states.get_mut(key) else {
+                    continue;
+                };
                 st.last_value = value;
                 let row = |transition, detail: Option<String>| HistoryRow {
                     rule: rule.name.clone(),
                     at_ms: now_ms,
-                    labels: rule.labels(&key),
+                    labels: rule.labels(key),
                     transition,
                     value,
                     chain: Vec::new(),
@@ -657,7 +668,7 @@ impl Engine {
                     Next::Fire | Next::Resolve => {
                         let parent = if next == Next::Fire {
                             match SERIES[rule.series as usize].scope {
-                                Scope::Function => store.deepest_chain(&key, rule.window_s),
+                                Scope::Function => store.deepest_chain(key, rule.window_s),
                                 Scope::Host => Arc::from(Vec::new()),
                             }
                         } else {
@@ -666,7 +677,7 @@ impl Engine {
                         wants.push(Want {
                             rule: rule.name.clone(),
                             generation: entry.generation,
-                            key,
+                            key: key.to_string(),
                             next,
                             value,
                             parent,

@@ -76,7 +76,14 @@ fn gauges(functions: &[String], rng: &mut Rng) -> Gauges {
     Gauges {
         functions: functions
             .iter()
-            .map(|f| (f.clone(), rng.next() % 3, rng.next() % 5, (rng.next() % 100) as f64 / 10.0))
+            .map(|f| {
+                (
+                    f.clone(),
+                    rng.next() % 3,
+                    rng.next() % 5,
+                    (rng.next() % 100) as f64 / 10.0,
+                )
+            })
             .collect(),
         instances: [100, 20, 1],
         prepared: 2,
@@ -99,7 +106,11 @@ fn rules(n: usize, functions: &[String], each: bool) -> Engine {
     ];
     for i in 0..n {
         let mut body = kinds[i % kinds.len()].clone();
-        let f = if each { "*".to_string() } else { functions[(i / kinds.len()) % functions.len()].clone() };
+        let f = if each {
+            "*".to_string()
+        } else {
+            functions[(i / kinds.len()) % functions.len()].clone()
+        };
         body["labels"]["function"] = json!(f);
         body["target"] = json!("alert");
         let rule = Rule::parse(&format!("rule-{i}"), &body, |_| true).expect("a valid rule");
@@ -110,7 +121,13 @@ fn rules(n: usize, functions: &[String], each: bool) -> Engine {
 
 /// CPU per tick (sample + evaluate) over `ticks` ticks of a store holding
 /// an hour of 200 functions' history.
-fn eval_cost(engine: &mut Engine, store: &mut Store, functions: &[String], start_s: i64, ticks: usize) -> Vec<f64> {
+fn eval_cost(
+    engine: &mut Engine,
+    store: &mut Store,
+    functions: &[String],
+    start_s: i64,
+    ticks: usize,
+) -> Vec<f64> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut samples = Vec::with_capacity(ticks);
     for t in 0..ticks {
@@ -151,24 +168,47 @@ pub fn bench_metaevents(binaries: &Binaries, fires: usize, ticks: usize) -> Resu
     let mut named = rules(1000, &functions, false);
     let named_us = eval_cost(&mut named, &mut store, &functions, now, ticks);
     let mut each = rules(1000, &functions, true);
-    let each_us = eval_cost(&mut each, &mut store, &functions, now + ticks as i64, ticks.min(40));
+    let each_us = eval_cost(
+        &mut each,
+        &mut store,
+        &functions,
+        now + ticks as i64,
+        ticks.min(40),
+    );
 
     // 2. Latency, through emberd.
     let emberd = Emberd::start(binaries)?;
     let mut client = emberd.client()?;
     let resize = emberd.dir.join("resize.wasm");
-    std::fs::write(&resize, wat::parse_str(TRAPS_ON_T).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    std::fs::write(
+        &resize,
+        wat::parse_str(TRAPS_ON_T).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
     deploy(&mut client, "resize", &resize, json!({}))?;
-    deploy(&mut client, "alert", &examples_dir()?.join("echo.wasm"), json!({}))?;
+    deploy(
+        &mut client,
+        "alert",
+        &examples_dir()?.join("echo.wasm"),
+        json!({}),
+    )?;
     let rule = json!({
         "series": "errors", "labels": { "function": "resize" },
         "aggregate": "sum", "window_s": 1, "op": ">", "threshold": 0, "target": "alert",
     });
     let r = client
-        .request("PUT", "/metaevents/any-error", Some(rule.to_string().as_bytes()))
+        .request(
+            "PUT",
+            "/metaevents/any-error",
+            Some(rule.to_string().as_bytes()),
+        )
         .map_err(|e| e.to_string())?;
     if r.status != 200 {
-        return Err(format!("PUT /metaevents: {} {}", r.status, String::from_utf8_lossy(&r.body)));
+        return Err(format!(
+            "PUT /metaevents: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        ));
     }
     let mut latency_ms = Vec::with_capacity(fires);
     let mut phase = Rng(42);
@@ -177,7 +217,9 @@ pub fn bench_metaevents(binaries: &Binaries, fires: usize, ticks: usize) -> Resu
         let before = newest(&mut client)?;
         // At a random point of the sampler's period.
         std::thread::sleep(Duration::from_micros(phase.next() % 1_000_000));
-        let r = client.post("/functions/resize/invoke", b"trap").map_err(|e| e.to_string())?;
+        let r = client
+            .post("/functions/resize/invoke", b"trap")
+            .map_err(|e| e.to_string())?;
         let end = now_ms();
         if r.header("x-ember-function-error") != Some("trap") {
             return Err(format!("resize did not trap: {}", r.status));
@@ -189,8 +231,14 @@ pub fn bench_metaevents(binaries: &Binaries, fires: usize, ticks: usize) -> Resu
     let named = Summary::of(&named_us);
     let each = Summary::of(&each_us);
     let fire = Summary::of(&latency_ms);
-    println!("{}", named.row("tick, 1,000 rules on 200 functions", "us CPU", 0));
-    println!("{}", each.row("tick, 1,000 `*` rules × 200 functions", "us CPU", 0));
+    println!(
+        "{}",
+        named.row("tick, 1,000 rules on 200 functions", "us CPU", 0)
+    );
+    println!(
+        "{}",
+        each.row("tick, 1,000 `*` rules × 200 functions", "us CPU", 0)
+    );
     println!("{}", fire.row("error → target invocation start", "ms", 0));
     let per_second_named_ms = named.mean * 4.0 / 1e3;
     let per_second_each_ms = each.mean * 4.0 / 1e3;
@@ -218,7 +266,10 @@ fn now_ms() -> i64 {
 fn wait_ok(client: &mut ApiClient) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let rule = client.get("/metaevents/any-error").map_err(|e| e.to_string())?.json();
+        let rule = client
+            .get("/metaevents/any-error")
+            .map_err(|e| e.to_string())?
+            .json();
         if rule["firing"] == 0 && rule["pending"] == 0 {
             return Ok(());
         }
@@ -231,7 +282,10 @@ fn wait_ok(client: &mut ApiClient) -> Result<(), String> {
 
 /// Alert's newest invocation.
 fn newest(client: &mut ApiClient) -> Result<Value, String> {
-    let list = client.get("/invocations?function=alert&limit=1").map_err(|e| e.to_string())?.json();
+    let list = client
+        .get("/invocations?function=alert&limit=1")
+        .map_err(|e| e.to_string())?
+        .json();
     Ok(list["invocations"][0].clone())
 }
 
@@ -243,7 +297,10 @@ fn target_start(client: &mut ApiClient, before: &Value) -> Result<i64, String> {
         let newest = newest(client)?;
         if newest["id"] != before["id"] {
             let id = newest["id"].as_str().unwrap_or_default();
-            let v = client.get(&format!("/invocations/{id}")).map_err(|e| e.to_string())?.json();
+            let v = client
+                .get(&format!("/invocations/{id}"))
+                .map_err(|e| e.to_string())?
+                .json();
             if let Some(t) = v["attempts"][0]["started_ms"].as_i64() {
                 return Ok(t);
             }
