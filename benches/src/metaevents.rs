@@ -62,8 +62,8 @@ fn traffic(store: &mut Store, functions: &[String], rng: &mut Rng) {
             store.observe(&Observation {
                 function: f,
                 served: true,
-                warm: r % 10 != 0,
-                error: (r % 20 == 0).then_some("trap"),
+                warm: !r.is_multiple_of(10),
+                error: r.is_multiple_of(20).then_some("trap"),
                 throttled: false,
                 duration_ms: (r % 50) as f64 / 10.0,
                 chain: chain.clone(),
