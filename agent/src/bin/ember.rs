@@ -806,14 +806,16 @@ fn metaevent(cli: &Cli, command: &MetaeventCommand) -> Result<(), String> {
                     r["window_s"],
                     r["op"].as_str().unwrap_or("?"),
                     r["threshold"]
+                        .as_f64()
+                        .map_or("?".into(), |t| format!("{t}"))
                 );
                 println!(
                     "{:<20} {:<38} {:<16} {:>7} {:>7}",
                     r["name"].as_str().unwrap_or("?"),
                     condition,
                     r["target"].as_str().unwrap_or("?"),
-                    r["pending"],
-                    r["firing"]
+                    r["pending"].to_string(),
+                    r["firing"].to_string()
                 );
             }
             Ok(())
@@ -941,8 +943,8 @@ fn schedule(cli: &Cli, command: &ScheduleCommand) -> Result<(), String> {
                     s["name"].as_str().unwrap_or("?"),
                     s["function"].as_str().unwrap_or("?"),
                     when,
-                    s["enabled"],
-                    s["fires"],
+                    s["enabled"].to_string(),
+                    s["fires"].to_string(),
                     s["next"][0].as_str().unwrap_or("-")
                 );
             }
