@@ -327,7 +327,8 @@ async fn invoke(
     if !response.headers().contains_key(INVOCATION_ID_HEADER) {
         set_invocation_id(&mut response, &id);
     }
-    if response.status() == StatusCode::TOO_MANY_REQUESTS {
+    // A function's own (not a name nobody deployed: labels stay bounded).
+    if response.status() == StatusCode::TOO_MANY_REQUESTS && agent.current(&name).is_ok() {
         agent.observe_throttle(&name);
     }
     response

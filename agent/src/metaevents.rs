@@ -21,6 +21,25 @@ pub const MAX_WINDOW_S: u32 = 3600;
 /// History rows kept per rule (oldest dropped first).
 pub const HISTORY_PER_RULE: i64 = 1000;
 
+/// Rules a host holds at most.
+pub const MAX_RULES: usize = 10_000;
+
+/// The largest payload of a rule or schedule, bytes of JSON (it goes into
+/// every event the trigger makes).
+pub const MAX_PAYLOAD_BYTES: usize = 64 << 10;
+
+/// Checks a trigger's `payload` field.
+pub fn check_payload(payload: &Value) -> Result<(), BadRule> {
+    let bytes = payload.to_string().len();
+    if bytes > MAX_PAYLOAD_BYTES {
+        return Err(BadRule::new(
+            "payload",
+            format!("is {bytes} bytes of JSON; the limit is {MAX_PAYLOAD_BYTES}"),
+        ));
+    }
+    Ok(())
+}
+
 /// A comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -326,6 +345,8 @@ impl Rule {
                 ))
             }
         };
+        let payload = body.get("payload").cloned().unwrap_or(Value::Null);
+        check_payload(&payload)?;
         Ok(Rule {
             name: name.to_string(),
             series,
@@ -337,7 +358,7 @@ impl Rule {
             threshold,
             for_s: uint(body, "for_s", Some(0), 86_400)?,
             target,
-            payload: body.get("payload").cloned().unwrap_or(Value::Null),
+            payload,
             cooldown_s: uint(body, "cooldown_s", Some(0), 86_400)?,
             on_resolve,
         })
@@ -1158,6 +1179,16 @@ impl Agent {
     /// `PUT /metaevents/{name}`: checks, stores durably, then evaluates.
     pub fn put_metaevent(&self, name: &str, body: &Value) -> Result<Value, ApiError> {
         let rule = Rule::parse(name, body, |f| self.current(f).is_ok())?;
+        {
+            let engine = lock(&self.triggers.engine);
+            if engine.rules.len() >= MAX_RULES && !engine.rules.contains_key(name) {
+                return Err(ApiError::new(
+                    409,
+                    "limit",
+                    format!("emberd holds {MAX_RULES} rules, its limit: delete some first"),
+                ));
+            }
+        }
         let spec = rule.to_json();
         let stored = spec.to_string();
         let key = name.to_string();
@@ -1316,6 +1347,7 @@ mod tests {
                 "labels.function",
             ),
             (with("extra", json!(1)), "extra"),
+            (with("payload", json!("x".repeat(70_000))), "payload"),
             (
                 json!({ "series": "duration_ms", "labels": { "function": "f" }, "aggregate": "max", "window_s": 5, "op": ">", "threshold": 1, "target": "alert" }),
                 "labels.stat",

@@ -159,13 +159,15 @@ impl Schedule {
             }
             _ => return Err(bad("rate", "give either rate or cron".into())),
         };
+        let payload = body.get("payload").cloned().unwrap_or(Value::Null);
+        crate::metaevents::check_payload(&payload)?;
         Ok(Schedule {
             name: name.to_string(),
             function,
             rate,
             cron,
             every,
-            payload: body.get("payload").cloned().unwrap_or(Value::Null),
+            payload,
             timezone,
             enabled: boolean("enabled")?,
             catch_up: boolean("catch_up")?,
@@ -323,6 +325,17 @@ impl Agent {
     /// from now.
     pub fn put_schedule(&self, name: &str, body: &Value) -> Result<Value, ApiError> {
         let schedule = Schedule::parse(name, body, |f| self.current(f).is_ok())?;
+        {
+            let entries = lock(&self.schedules.entries);
+            let max = crate::metaevents::MAX_RULES;
+            if entries.len() >= max && !entries.contains_key(name) {
+                return Err(ApiError::new(
+                    409,
+                    "limit",
+                    format!("emberd holds {max} schedules, its limit: delete some first"),
+                ));
+            }
+        }
         let spec = schedule.to_json().to_string();
         let now = journal::now_ms();
         let key = name.to_string();
@@ -419,6 +432,7 @@ impl Agent {
                     .map(|t| (n.clone(), e.clone(), t))
             })
             .collect();
+        let mut failed = false;
         for (name, entry, t) in due {
             let s = &entry.schedule;
             let body = json!({
@@ -474,7 +488,8 @@ impl Agent {
                     tracing::info!(schedule = %name, function = %s.function, "schedule fired for {}", rfc3339(t));
                 }
                 Err(e) => {
-                    tracing::error!(schedule = %name, "cannot record a schedule's fire ({e}); it fires when the journal takes it")
+                    failed = true;
+                    tracing::error!(schedule = %name, "cannot record a schedule's fire ({e}); trying again in a second");
                 }
             }
         }
@@ -485,6 +500,7 @@ impl Agent {
             .filter_map(|e| e.schedule.next_after(e.anchor_ms, e.last_ms.max(now)))
             .min()
             .unwrap_or(now + 60_000)
+            .min(if failed { now + 1000 } else { i64::MAX })
     }
 }
 
