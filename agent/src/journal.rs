@@ -1807,6 +1807,71 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_schema_1_journal_migrates_keeping_its_events() {
+        let db = TempDb::new("migrate");
+        let path = db.to_path_buf();
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            accept_tx(&conn, &event("e1", None, b"kept"), 1000).unwrap();
+        }
+        let j = Journal::open(&path).unwrap();
+        let version: i64 = j
+            .read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(
+            j.read(|c| event_bytes(c, "e1")).unwrap(),
+            Some(b"kept".to_vec())
+        );
+        j.write_blocking(true, |c| put_schedule_tx(c, "s", "{}", 5))
+            .unwrap();
+        j.write_blocking(true, |c| schedule_fired_tx(c, "s", 65, true))
+            .unwrap();
+        assert_eq!(
+            j.read(schedules).unwrap(),
+            vec![("s".to_string(), "{}".to_string(), 5, 65, 1)]
+        );
+    }
+
+    #[test]
+    fn a_rules_history_is_trimmed_to_its_newest_rows() {
+        let db = TempDb::new("history");
+        let j = Journal::open(&db).unwrap();
+        j.write_blocking(false, |c| {
+            for rule in ["a", "b"] {
+                for n in 0..5 {
+                    history_tx(
+                        c,
+                        &crate::metaevents::HistoryRow {
+                            rule: rule.into(),
+                            at_ms: n,
+                            labels: json!({}),
+                            transition: "pending",
+                            value: Some(n as f64),
+                            chain: vec![],
+                            fired: false,
+                            invocation_id: None,
+                            detail: None,
+                        },
+                    )?;
+                }
+            }
+            trim_history_tx(c, 3)
+        })
+        .unwrap();
+        for rule in ["a", "b"] {
+            let rows = j.read(|c| history(c, rule, None, 100)).unwrap();
+            let at: Vec<i64> = rows.iter().map(|r| r["at_ms"].as_i64().unwrap()).collect();
+            assert_eq!(at, vec![4, 3, 2], "{rule}: newest first, three kept");
+        }
+        j.write_blocking(true, |c| delete_metaevent_tx(c, "a"))
+            .unwrap();
+        assert!(j.read(|c| history(c, "a", None, 100)).unwrap().is_empty());
+    }
+
+    #[test]
     fn a_corrupt_or_newer_database_is_refused_naming_the_file() {
         let db = TempDb::new("corrupt");
         let path = db.to_path_buf();
