@@ -1150,7 +1150,10 @@ pub fn parse_seconds(text: &str) -> Option<i64> {
         b'h' => (&text[..text.len() - 1], 3600),
         _ => (text, 1),
     };
-    n.parse::<i64>().ok().filter(|n| *n >= 0).map(|n| n * scale)
+    n.parse::<i64>()
+        .ok()
+        .filter(|n| *n >= 0)
+        .and_then(|n| n.checked_mul(scale))
 }
 
 /// `GET /metadata`: a series' points, or (no `series`) the catalog.
@@ -1204,15 +1207,19 @@ async fn metadata(
     if step == 0 || step > 3600 {
         return Err(bad("step: must be from 1 to 3600 seconds"));
     }
-    let store = lock(&agent.triggers.store);
-    let from = store.current() - since;
-    Ok(Json(store.query(
-        series,
-        q.function.as_deref(),
-        label.as_deref(),
-        from,
-        step,
-    )))
+    // The hour kept at most; built off the async workers (the store's lock
+    // is held while the answer is built).
+    let since = since.min(crate::metadata::RING_SECONDS as i64);
+    let function = q.function;
+    let answer = blocking(move || {
+        let store = lock(&agent.triggers.store);
+        let from = store.current() - since;
+        store
+            .query(series, function.as_deref(), label.as_deref(), from, step)
+            .map_err(bad)
+    })
+    .await?;
+    Ok(Json(answer))
 }
 
 /// A JSON body, or a 400 saying why it is not one.

@@ -1497,16 +1497,18 @@ pub fn delete_schedule_tx(conn: &Connection, name: &str) -> Result<(), StoreErro
     Ok(())
 }
 
-/// Records a schedule's fire (or, not `fired`, a skipped one) for time `at`.
+/// Records a schedule's fire (or, not `fired`, a skipped one) for time
+/// `at` — of the schedule PUT at `anchor` (not one that replaced it since).
 pub fn schedule_fired_tx(
     conn: &Connection,
     name: &str,
+    anchor: i64,
     at: i64,
     fired: bool,
 ) -> Result<(), StoreError> {
     conn.execute(
-        "UPDATE schedules SET last_ms = ?2, fires = fires + ?3 WHERE name = ?1",
-        params![name, at, fired as i64],
+        "UPDATE schedules SET last_ms = ?3, fires = fires + ?4 WHERE name = ?1 AND anchor_ms = ?2",
+        params![name, anchor, at, fired as i64],
     )?;
     Ok(())
 }
@@ -1827,7 +1829,7 @@ pub(crate) mod tests {
         );
         j.write_blocking(true, |c| put_schedule_tx(c, "s", "{}", 5))
             .unwrap();
-        j.write_blocking(true, |c| schedule_fired_tx(c, "s", 65, true))
+        j.write_blocking(true, |c| schedule_fired_tx(c, "s", 5, 65, true))
             .unwrap();
         assert_eq!(
             j.read(schedules).unwrap(),

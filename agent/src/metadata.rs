@@ -12,6 +12,9 @@ use std::sync::Arc;
 /// Seconds of history kept per series.
 pub const RING_SECONDS: usize = 3600;
 
+/// Points one `GET /metadata` answers at most.
+pub const MAX_QUERY_POINTS: usize = 100_000;
+
 /// Bytes one series' ring takes (its values are `f32`).
 pub const RING_BYTES: usize = RING_SECONDS * std::mem::size_of::<f32>();
 
@@ -334,7 +337,8 @@ impl Fold {
         self.last = v;
     }
 
-    fn value(&self, aggregate: Aggregate, window_s: u32) -> Option<f64> {
+    /// The fold as `aggregate`; `span_s` is the time it covers (for `rate`).
+    fn value(&self, aggregate: Aggregate, span_s: f64) -> Option<f64> {
         if self.n == 0 {
             return None;
         }
@@ -343,7 +347,7 @@ impl Fold {
             Aggregate::Avg => self.sum / f64::from(self.n),
             Aggregate::Min => self.min,
             Aggregate::Max => self.max,
-            Aggregate::Rate => self.sum / f64::from(window_s.max(1)),
+            Aggregate::Rate => self.sum / span_s.max(1.0),
             Aggregate::Last => self.last,
         })
     }
@@ -363,6 +367,8 @@ pub struct Store {
     chains: HashMap<Arc<str>, VecDeque<(i64, Chain)>>,
     /// The current second's frame as of the last [`Store::sample`].
     frame: Frame,
+    /// How much of the current second had passed at that sample (0–1).
+    elapsed: f64,
     /// Counter series summed since start, for /metrics.
     totals: BTreeMap<(u8, Arc<str>, Arc<str>), f64>,
     names: HashMap<String, Arc<str>>,
@@ -385,6 +391,7 @@ impl Store {
             rings: HashMap::new(),
             chains: HashMap::new(),
             frame: Frame::new(),
+            elapsed: 0.0,
             totals: BTreeMap::new(),
             names: HashMap::new(),
             empty: Arc::from(""),
@@ -564,10 +571,17 @@ impl Store {
         frame
     }
 
-    /// Samples at second `now_s`: a second that ended since the last
+    /// Samples at `now_ms`: a second that ended since the last
     /// sample is closed into the rings (with `gauges` as its levels), and
     /// the current second's frame is brought up to date.
+    pub fn sample_at(&mut self, now_ms: i64, gauges: &Gauges) {
+        self.sample(now_ms.div_euclid(1000), gauges);
+        self.elapsed = now_ms.rem_euclid(1000) as f64 / 1000.0;
+    }
+
+    /// [`Store::sample_at`] the start of second `now_s`.
     pub fn sample(&mut self, now_s: i64, gauges: &Gauges) {
+        self.elapsed = 0.0;
         if now_s > self.current {
             let closed = self.build_frame(gauges);
             let sec = self.current;
@@ -612,13 +626,14 @@ impl Store {
 
     /// Drops rings and chains with nothing in the last hour.
     fn forget(&mut self, now_s: i64) {
+        // The oldest second a window of an hour reads.
         let horizon = now_s - RING_SECONDS as i64;
         self.rings.retain(|_, rings| {
-            rings.retain(|(_, _, r)| r.newest > horizon);
+            rings.retain(|(_, _, r)| r.newest >= horizon);
             !rings.is_empty()
         });
         self.chains.retain(|_, seen| {
-            while seen.front().is_some_and(|(s, _)| *s <= horizon) {
+            while seen.front().is_some_and(|(s, _)| *s < horizon) {
                 seen.pop_front();
             }
             !seen.is_empty()
@@ -655,8 +670,9 @@ impl Store {
 
     /// The window of the last `window_s` closed seconds and the current
     /// one as far as it has filled (so that whatever happened is seen for
-    /// `window_s` seconds at least, whenever in its second it happened),
-    /// folded by `aggregate`; None when it holds no data.
+    /// `window_s` seconds at least, whenever in its second it happened;
+    /// a counter's current second only for sum, max and rate), folded by
+    /// `aggregate`; None when it holds no data.
     pub fn aggregate(
         &self,
         series: u8,
@@ -691,8 +707,18 @@ impl Store {
                 }
             }
         }
-        fold.add(self.value(series, function, label, self.current));
-        fold.value(aggregate, window_s)
+        // The current second as far as it has filled: a counter's is
+        // still counting, so it adds to sum, max and rate (seen at once)
+        // but would drag min, avg and last towards 0 at each second's
+        // start — for those a counter's window is its closed seconds.
+        let counting = SERIES[series as usize].kind == Kind::Counter
+            && matches!(aggregate, Aggregate::Min | Aggregate::Avg | Aggregate::Last);
+        let mut span = f64::from(window_s.max(1));
+        if !counting {
+            fold.add(self.value(series, function, label, self.current));
+            span += self.elapsed;
+        }
+        fold.value(aggregate, span)
     }
 
     /// The deepest chain among `function`'s invocations in the window of
@@ -767,7 +793,7 @@ impl Store {
         label: Option<&str>,
         from_s: i64,
         step_s: u32,
-    ) -> serde_json::Value {
+    ) -> Result<serde_json::Value, String> {
         let def = SERIES[series as usize];
         let functions: Vec<Arc<str>> = match (def.scope, function) {
             (Scope::Host, _) => vec![Arc::from("")],
@@ -777,6 +803,8 @@ impl Store {
         let step = i64::from(step_s.max(1));
         let from = from_s.max(self.current - RING_SECONDS as i64 + 1);
         let mut results = Vec::new();
+        let per_result = ((self.current - from) / step + 1).max(0) as usize;
+        let mut points_total = 0usize;
         for f in functions {
             let labels: Vec<Option<Arc<str>>> = match (def.label, label) {
                 (None, _) => vec![None],
@@ -784,6 +812,12 @@ impl Store {
                 (Some(_), None) => self.labels_of(series, &f).into_iter().map(Some).collect(),
             };
             for l in labels {
+                points_total += per_result;
+                if points_total > MAX_QUERY_POINTS {
+                    return Err(format!(
+                        "the answer would hold more than {MAX_QUERY_POINTS} points: name a function or a label, or give a larger step or a shorter since"
+                    ));
+                }
                 let mut points = Vec::new();
                 let mut start = from;
                 while start <= self.current {
@@ -797,7 +831,7 @@ impl Store {
                         Kind::Gauge => Aggregate::Avg,
                         Kind::Stat => Aggregate::Max,
                     };
-                    points.push(serde_json::json!([start, fold.value(how, 1)]));
+                    points.push(serde_json::json!([start, fold.value(how, 1.0)]));
                     start += step;
                 }
                 let mut labels = serde_json::Map::new();
@@ -810,14 +844,14 @@ impl Store {
                 results.push(serde_json::json!({ "labels": labels, "points": points }));
             }
         }
-        serde_json::json!({
+        Ok(serde_json::json!({
             "series": def.name,
             "kind": match def.kind { Kind::Counter => "counter", Kind::Gauge => "gauge", Kind::Stat => "stat" },
             "from_s": from,
             "to_s": self.current,
             "step_s": step,
             "results": results,
-        })
+        }))
     }
 
     /// The series in Prometheus' text format, as `ember_meta_<series>`:
@@ -977,9 +1011,17 @@ mod tests {
             store.aggregate(errors, "f", None, Aggregate::Rate, 10),
             Some(0.4)
         );
+        // A counter's last, min and avg read closed seconds only: the
+        // current one is still counting.
         assert_eq!(
             store.aggregate(errors, "f", None, Aggregate::Last, 10),
-            Some(1.0)
+            Some(3.0)
+        );
+        // Half a second in, a rate counts the half second too.
+        store.sample_at(101_500, &g);
+        assert_eq!(
+            store.aggregate(errors, "f", None, Aggregate::Rate, 10),
+            Some(4.0 / 10.5)
         );
         // A window of one second: the last closed second and the current one.
         assert_eq!(
@@ -1026,6 +1068,36 @@ mod tests {
         assert_eq!(
             store.aggregate(id("invocations"), "f", None, Aggregate::Avg, 5),
             Some(0.0)
+        );
+    }
+
+    #[test]
+    fn a_steady_counter_does_not_dip_at_each_seconds_start() {
+        let mut store = Store::new(0);
+        let g = Gauges::default();
+        for sec in 0..5 {
+            for _ in 0..100 {
+                store.observe(&served("f", None, 1.0));
+            }
+            store.sample(sec + 1, &g);
+        }
+        // The first tick of second 5: nothing counted in it yet.
+        let invocations = id("invocations");
+        assert_eq!(
+            store.aggregate(invocations, "f", None, Aggregate::Min, 3),
+            Some(100.0)
+        );
+        assert_eq!(
+            store.aggregate(invocations, "f", None, Aggregate::Avg, 3),
+            Some(100.0)
+        );
+        assert_eq!(
+            store.aggregate(invocations, "f", None, Aggregate::Last, 3),
+            Some(100.0)
+        );
+        assert_eq!(
+            store.aggregate(invocations, "f", None, Aggregate::Sum, 3),
+            Some(300.0)
         );
     }
 
@@ -1113,7 +1185,7 @@ mod tests {
                     Aggregate::Max,
                     Aggregate::Last,
                 ] {
-                    let (x, y) = (fast.value(a, 60), slow.value(a, 60));
+                    let (x, y) = (fast.value(a, 60.0), slow.value(a, 60.0));
                     assert!(
                         x == y
                             || x.zip(y)

@@ -153,18 +153,18 @@ fn uint(
     body: &Map<String, Value>,
     field: &str,
     default: Option<u32>,
-    max: u32,
+    (min, max): (u32, u32),
 ) -> Result<u32, BadRule> {
     match body.get(field) {
         None | Some(Value::Null) => default.ok_or_else(|| BadRule::new(field, "is required")),
         Some(v) => v
             .as_u64()
-            .filter(|n| *n <= u64::from(max))
+            .filter(|n| (u64::from(min)..=u64::from(max)).contains(n))
             .map(|n| n as u32)
             .ok_or_else(|| {
                 BadRule::new(
                     field,
-                    format!("must be a whole number from 0 to {max}, not {v}"),
+                    format!("must be a whole number from {min} to {max}, not {v}"),
                 )
             }),
     }
@@ -308,13 +308,7 @@ impl Rule {
                 ),
             )
         })?;
-        let window_s = uint(body, "window_s", None, MAX_WINDOW_S)?;
-        if window_s == 0 {
-            return Err(BadRule::new(
-                "window_s",
-                format!("must be from 1 to {MAX_WINDOW_S}"),
-            ));
-        }
+        let window_s = uint(body, "window_s", None, (1, MAX_WINDOW_S))?;
         let op_name = text(body, "op")?;
         let op = Op::parse(op_name).ok_or_else(|| {
             BadRule::new(
@@ -356,10 +350,10 @@ impl Rule {
             window_s,
             op,
             threshold,
-            for_s: uint(body, "for_s", Some(0), 86_400)?,
+            for_s: uint(body, "for_s", Some(0), (0, 86_400))?,
             target,
             payload,
-            cooldown_s: uint(body, "cooldown_s", Some(0), 86_400)?,
+            cooldown_s: uint(body, "cooldown_s", Some(0), (0, 86_400))?,
             on_resolve,
         })
     }
@@ -616,6 +610,8 @@ impl Engine {
     ) -> (Vec<Want>, Vec<HistoryRow>) {
         let mut wants = Vec::new();
         let mut rows = Vec::new();
+        let deployed: std::collections::HashSet<&str> =
+            functions.iter().map(String::as_str).collect();
         for entry in self.rules.values_mut() {
             let rule = &entry.rule;
             let each = rule.function.as_deref() == Some("*");
@@ -625,7 +621,7 @@ impl Engine {
                 entry
                     .states
                     .keys()
-                    .filter(|k| !functions.contains(k))
+                    .filter(|k| !deployed.contains(k.as_str()))
                     .cloned()
                     .collect()
             } else {
@@ -659,6 +655,10 @@ impl Engine {
                 let Some(st) = entry.states.get_mut(key) else {
                     continue;
                 };
+                if !holds && st.state != State::Firing {
+                    // A fire deferred in this episode is not any more.
+                    st.deferred = false;
+                }
                 st.last_value = value;
                 let row = |transition, detail: Option<String>| HistoryRow {
                     rule: rule.name.clone(),
@@ -705,6 +705,12 @@ impl Engine {
                         });
                     }
                 }
+            }
+            if each {
+                // A function gone, its label set back at ok: forgotten.
+                entry
+                    .states
+                    .retain(|k, st| st.state != State::Ok || deployed.contains(k.as_str()));
             }
         }
         (wants, rows)
@@ -764,6 +770,9 @@ pub struct Triggers {
     /// Counters.
     pub metrics: TriggerMetrics,
     tokens: Mutex<(f64, Instant)>,
+    /// Held across a change's write and its application (PUT, DELETE, a
+    /// tick's fires): disk and memory see changes in one order.
+    writes: Mutex<()>,
 }
 
 impl Triggers {
@@ -788,6 +797,7 @@ impl Triggers {
         }
         Ok(Triggers {
             tokens: Mutex::new((f64::from(settings.metaevents_per_s), Instant::now())),
+            writes: Mutex::new(()),
             settings,
             engine: Mutex::new(engine),
             store: Mutex::new(Store::new(journal::now_ms() / 1000)),
@@ -839,11 +849,11 @@ fn host_levels() -> (u64, f64) {
     (available, load1)
 }
 
-/// A fire ready to be written.
-struct Fire {
+/// A fire ready to be written (with the queue room its event takes).
+struct Fire<'a> {
     want: Want,
     row: HistoryRow,
-    event: Option<NewEvent>,
+    event: Option<(NewEvent, crate::events::Reservation<'a>)>,
 }
 
 impl Agent {
@@ -939,7 +949,7 @@ impl Agent {
         let functions: Vec<String> = self.functions().into_iter().map(|v| v.name).collect();
         let (wants, rows) = {
             let mut store = lock(&self.triggers.store);
-            store.sample(now / 1000, &gauges);
+            store.sample_at(now, &gauges);
             lock(&self.triggers.engine).evaluate(&store, &functions, now)
         };
         let m = &self.triggers.metrics;
@@ -963,9 +973,11 @@ impl Agent {
     /// the fires with their history in one durable group; states move
     /// only once that is on disk.
     fn commit(&self, wants: Vec<Want>, now: i64) {
+        // No PUT or DELETE between the decision and its application.
+        let _one = lock(&self.triggers.writes);
         let max_depth = self.triggers.settings.max_metaevent_depth;
         let mut fires: Vec<Fire> = Vec::new();
-        let mut deferred: Vec<HistoryRow> = Vec::new();
+        let mut deferred: Vec<(String, HistoryRow)> = Vec::new();
         {
             let engine = lock(&self.triggers.engine);
             for want in wants {
@@ -1003,6 +1015,13 @@ impl Agent {
                                 "resolved; not fired: its firing was not fired either ({why})"
                             )),
                         ),
+                        (true, None) if self.current(&rule.target).is_err() => (
+                            None,
+                            Some(format!(
+                                "resolved; target_missing: no function {} is deployed",
+                                rule.target
+                            )),
+                        ),
                         (true, None) => (Some(want.parent.clone()), None),
                     }
                 } else if self.current(&rule.target).is_err() {
@@ -1036,22 +1055,38 @@ impl Agent {
                         }
                     }
                 };
-                let event = match chain {
-                    Some(chain) if !self.triggers.allowed() => {
-                        let first = !st.is_some_and(|s| s.deferred);
+                // Room in the target's queue and the host's, then the rate;
+                // short of either, the fire waits in its state.
+                let room = chain.as_ref().map(|_| {
+                    let max = self
+                        .current(&rule.target)
+                        .map_or(1, |v| v.config.max_queued);
+                    self.events.reserve(&rule.target, max)
+                });
+                let refused = match &room {
+                    Some(Err(e)) => Some(format!(
+                        "no room for the target's event ({}); it fires when there is",
+                        e.message
+                    )),
+                    Some(Ok(_)) if !self.triggers.allowed() => {
                         self.triggers
                             .metrics
                             .rate_limited
                             .fetch_add(1, Ordering::Relaxed);
-                        if first {
-                            row.transition = "deferred";
-                            row.chain = chain.to_vec();
-                            row.detail = Some(format!("the host fires {} metaevents a second at most (metaevents_per_s); it fires when there is room", self.triggers.settings.metaevents_per_s));
-                            deferred.push(row);
-                        }
-                        let _ = &want;
-                        continue;
+                        Some(format!("the host fires {} metaevents a second at most (metaevents_per_s); it fires when there is room", self.triggers.settings.metaevents_per_s))
                     }
+                    _ => None,
+                };
+                if let Some(why) = refused {
+                    if !st.is_some_and(|s| s.deferred) {
+                        row.transition = "deferred";
+                        row.chain = chain.as_deref().unwrap_or_default().to_vec();
+                        row.detail = Some(why);
+                        deferred.push((want.key.clone(), row));
+                    }
+                    continue;
+                }
+                let event = match chain {
                     Some(chain) => {
                         let id = self.new_invocation_id();
                         let state = if want.next == Next::Fire {
@@ -1075,7 +1110,10 @@ impl Agent {
                         row.fired = true;
                         row.invocation_id = Some(id.clone());
                         row.chain = chain.to_vec();
-                        Some(NewEvent {
+                        let Some(Ok(reservation)) = room else {
+                            continue;
+                        };
+                        let ev = NewEvent {
                             id,
                             function: rule.target.clone(),
                             origin: "metaevent",
@@ -1085,7 +1123,8 @@ impl Agent {
                             event: body.to_string().into_bytes(),
                             accepted_ms: now,
                             due_ms: now,
-                        })
+                        };
+                        Some((ev, reservation))
                     }
                     None => {
                         row.detail = why_not;
@@ -1096,14 +1135,19 @@ impl Agent {
             }
         }
         let mut engine_rows: Vec<HistoryRow> = fires.iter().map(|f| f.row.clone()).collect();
-        engine_rows.extend(deferred.iter().cloned());
-        let events: Vec<NewEvent> = fires.iter().filter_map(|f| f.event.clone()).collect();
+        engine_rows.extend(deferred.iter().map(|(_, row)| row.clone()));
+        let events: Vec<NewEvent> = fires
+            .iter()
+            .filter_map(|f| f.event.as_ref().map(|(ev, _)| ev.clone()))
+            .collect();
         let written = self.events.journal.write_blocking(true, move |conn| {
             let mut seqs = Vec::new();
             for ev in &events {
-                if let journal::Accepted::New(seq) = journal::accept_tx(conn, ev, now)? {
-                    seqs.push(ev.open(seq));
-                }
+                // New ids, no idempotency key: always new.
+                seqs.push(match journal::accept_tx(conn, ev, now)? {
+                    journal::Accepted::New(seq) => Some(ev.open(seq)),
+                    journal::Accepted::Existing(_) => None,
+                });
             }
             for row in &engine_rows {
                 journal::history_tx(conn, row)?;
@@ -1120,20 +1164,23 @@ impl Agent {
                 return;
             }
         };
-        for ev in open {
-            self.events.metrics.accepted.fetch_add(1, Ordering::Relaxed);
-            self.events.enqueue(ev, true);
-        }
+        let mut open = open.into_iter();
         let mut engine = lock(&self.triggers.engine);
-        for row in &deferred {
-            if let Some(st) = engine.rules.get_mut(&row.rule).and_then(|e| {
-                e.states
-                    .get_mut(row.labels["function"].as_str().unwrap_or(""))
-            }) {
+        for (key, row) in &deferred {
+            if let Some(st) = engine
+                .rules
+                .get_mut(&row.rule)
+                .and_then(|e| e.states.get_mut(key))
+            {
                 st.deferred = true;
             }
         }
-        for fire in fires {
+        for mut fire in fires {
+            if let Some((_, reservation)) = fire.event.take() {
+                if let Some(Some(ev)) = open.next() {
+                    self.events.keep(reservation, ev);
+                }
+            }
             let Some(entry) = engine
                 .rules
                 .get_mut(&fire.want.rule)
@@ -1179,6 +1226,7 @@ impl Agent {
     /// `PUT /metaevents/{name}`: checks, stores durably, then evaluates.
     pub fn put_metaevent(&self, name: &str, body: &Value) -> Result<Value, ApiError> {
         let rule = Rule::parse(name, body, |f| self.current(f).is_ok())?;
+        let _one = lock(&self.triggers.writes);
         {
             let engine = lock(&self.triggers.engine);
             if engine.rules.len() >= MAX_RULES && !engine.rules.contains_key(name) {
@@ -1207,6 +1255,7 @@ impl Agent {
 
     /// `DELETE /metaevents/{name}`.
     pub fn delete_metaevent(&self, name: &str) -> Result<(), ApiError> {
+        let _one = lock(&self.triggers.writes);
         if !lock(&self.triggers.engine).rules.contains_key(name) {
             return Err(no_rule(name));
         }
@@ -1446,6 +1495,40 @@ mod tests {
         assert_eq!(cascade("b", &s(&["a", "b", "c"]), 3), Cascade::Loop);
         assert_eq!(cascade("d", &s(&["a", "b", "c"]), 3), Cascade::TooDeep);
         assert_eq!(cascade("c", &s(&["a", "b"]), 2), Cascade::TooDeep);
+    }
+
+    #[test]
+    fn a_star_rules_label_set_of_a_gone_function_is_forgotten_once_ok() {
+        let mut engine = Engine::default();
+        let mut each = rule(base()).unwrap();
+        each.function = Some("*".into());
+        engine.put(each);
+        let mut st = LabelState::new(0);
+        st.enter(State::Firing, 0);
+        st.deferred = true;
+        engine
+            .rules
+            .get_mut("r")
+            .unwrap()
+            .states
+            .insert("gone".into(), st);
+        let store = Store::new(100);
+        // Not deployed any more, no data: it resolves (a want), and stays
+        // until the resolve is applied.
+        let (wants, _) = engine.evaluate(&store, &[], 100_000);
+        assert_eq!((wants.len(), wants[0].next), (1, Next::Resolve));
+        assert!(engine.rules["r"].states.contains_key("gone"));
+        let st = engine
+            .rules
+            .get_mut("r")
+            .unwrap()
+            .states
+            .get_mut("gone")
+            .unwrap();
+        st.enter(State::Ok, 100_000);
+        assert!(!st.deferred, "a new episode is not deferred");
+        engine.evaluate(&store, &[], 100_250);
+        assert!(engine.rules["r"].states.is_empty(), "forgotten once ok");
     }
 
     #[test]

@@ -250,6 +250,9 @@ pub struct Schedules {
     pub entries: Mutex<BTreeMap<String, Entry>>,
     /// Wakes the scheduler (a schedule changed).
     pub changed: Notify,
+    /// Held across a change's write and its application (PUT, DELETE, a
+    /// fire): disk and memory see changes in one order.
+    writes: Mutex<()>,
 }
 
 impl Schedules {
@@ -288,6 +291,7 @@ impl Schedules {
         Ok(Schedules {
             entries: Mutex::new(entries),
             changed: Notify::new(),
+            writes: Mutex::new(()),
         })
     }
 }
@@ -325,6 +329,7 @@ impl Agent {
     /// from now.
     pub fn put_schedule(&self, name: &str, body: &Value) -> Result<Value, ApiError> {
         let schedule = Schedule::parse(name, body, |f| self.current(f).is_ok())?;
+        let _one = lock(&self.schedules.writes);
         {
             let entries = lock(&self.schedules.entries);
             let max = crate::metaevents::MAX_RULES;
@@ -359,6 +364,7 @@ impl Agent {
 
     /// `DELETE /schedules/{name}`.
     pub fn delete_schedule(&self, name: &str) -> Result<(), ApiError> {
+        let _one = lock(&self.schedules.writes);
         if !lock(&self.schedules.entries).contains_key(name) {
             return Err(no_schedule(name));
         }
@@ -389,20 +395,21 @@ impl Agent {
     /// Skips the fires missed while emberd was down of schedules with
     /// `catch_up: false` (called once, at start, before the scheduler).
     pub fn skip_missed_fires(&self) {
+        let _one = lock(&self.schedules.writes);
         let now = journal::now_ms();
-        let skipped: Vec<(String, i64)> = lock(&self.schedules.entries)
+        let skipped: Vec<(String, i64, i64)> = lock(&self.schedules.entries)
             .iter()
             .filter(|(_, e)| e.schedule.enabled && !e.schedule.catch_up)
             .filter_map(|(n, e)| {
                 e.schedule
                     .latest_due(e.anchor_ms, e.last_ms, now)
-                    .map(|t| (n.clone(), t))
+                    .map(|t| (n.clone(), e.anchor_ms, t))
             })
             .collect();
-        for (name, t) in skipped {
+        for (name, anchor, t) in skipped {
             let key = name.clone();
             match self.events.journal.write_blocking(true, move |conn| {
-                journal::schedule_fired_tx(conn, &key, t, false)
+                journal::schedule_fired_tx(conn, &key, anchor, t, false)
             }) {
                 Ok(()) => {
                     if let Some(e) = lock(&self.schedules.entries).get_mut(&name) {
@@ -422,6 +429,7 @@ impl Agent {
     /// Fires every schedule due now (the latest due time of each, once);
     /// returns when to look again, ms (blocking: call on a blocking thread).
     pub fn fire_schedules(&self) -> i64 {
+        let _one = lock(&self.schedules.writes);
         let now = journal::now_ms();
         let due: Vec<(String, Entry, i64)> = lock(&self.schedules.entries)
             .iter()
@@ -452,32 +460,51 @@ impl Agent {
                 accepted_ms: now,
                 due_ms: now,
             };
-            let (key, write_ev) = (name.clone(), ev.clone());
+            // Room in the function's queue and the host's, as for any
+            // async event (a function deleted since: its delivery journals
+            // it as function_deleted).
+            let max = self
+                .current(&s.function)
+                .map_or(u64::MAX, |v| v.config.max_queued);
+            let reservation = match self.events.reserve(&s.function, max) {
+                Ok(r) => r,
+                Err(e) => {
+                    failed = true;
+                    tracing::warn!(schedule = %name, "no room for the fire's event ({}); trying again in a second", e.message);
+                    continue;
+                }
+            };
+            let (key, write_ev, anchor) = (name.clone(), ev.clone(), entry.anchor_ms);
             let written = self.events.journal.write_blocking(true, move |conn| {
                 let accepted = journal::accept_tx(conn, &write_ev, now)?;
-                journal::schedule_fired_tx(conn, &key, t, true)?;
+                journal::schedule_fired_tx(conn, &key, anchor, t, true)?;
                 Ok(accepted)
             });
             match written {
                 Ok(accepted) => {
                     if let journal::Accepted::New(seq) = accepted {
-                        self.events.metrics.accepted.fetch_add(1, Ordering::Relaxed);
-                        self.events.enqueue(ev.open(seq), true);
+                        self.events.keep(reservation, ev.open(seq));
                     }
                     if let Some(e) = lock(&self.schedules.entries).get_mut(&name) {
                         // Unless it was replaced meanwhile.
                         if e.anchor_ms == entry.anchor_ms {
-                            let missed = match s.every {
-                                Every::Rate(p) => ((t - e.last_ms) / p).max(1) - 1,
-                                Every::Cron(..) => 0,
-                            };
+                            // Due times between the last fire and this one.
+                            let mut missed = 0u64;
+                            let mut at = e.last_ms;
+                            while let Some(next) = s.next_after(e.anchor_ms, at) {
+                                if next >= t || missed >= 100_000 {
+                                    break;
+                                }
+                                missed += 1;
+                                at = next;
+                            }
                             e.last_ms = t;
                             e.fires += 1;
                             if missed > 0 {
                                 self.triggers
                                     .metrics
                                     .schedule_skipped
-                                    .fetch_add(missed as u64, Ordering::Relaxed);
+                                    .fetch_add(missed, Ordering::Relaxed);
                             }
                         }
                     }

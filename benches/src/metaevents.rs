@@ -138,7 +138,7 @@ fn eval_cost(
         }
         let g = gauges(functions, &mut rng);
         let cpu = thread_cpu_ns();
-        store.sample(now_ms / 1000, &g);
+        store.sample_at(now_ms, &g);
         let (wants, _) = engine.evaluate(store, functions, now_ms);
         samples.push((thread_cpu_ns() - cpu) as f64 / 1e3);
         std::hint::black_box(wants);
