@@ -530,7 +530,7 @@ fn sync_failure(
         }) {
             Ok(()) => {
                 journal_id = Some(record_id);
-                lock(&agent.triggers.store).journaled(name, "sync_failure");
+                lock(&agent.triggers.live).journaled(name, "sync_failure");
             }
             Err(e) => tracing::error!("cannot journal a failed invocation: {e}"),
         }

@@ -273,7 +273,7 @@ pub struct Events {
     pub finished: Notify,
     /// Counters.
     pub metrics: EventMetrics,
-    on_error_tokens: Mutex<HashMap<String, (f64, Instant)>>,
+    on_error_tokens: Mutex<HashMap<String, TokenBucket>>,
     crashes: Mutex<HashMap<(String, u64), VecDeque<Instant>>>,
 }
 
@@ -508,17 +508,10 @@ impl Events {
     /// bucket of `on_error_rate_per_s`).
     fn on_error_allowed(&self, function: &str) -> bool {
         let rate = f64::from(self.settings.on_error_rate_per_s.max(1));
-        let mut buckets = lock(&self.on_error_tokens);
-        let now = Instant::now();
-        let (tokens, at) = buckets.entry(function.to_string()).or_insert((rate, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        lock(&self.on_error_tokens)
+            .entry(function.to_string())
+            .or_insert_with(|| TokenBucket::full(rate))
+            .take(rate)
     }
 
     /// Notes a crash of `function` v`version`; true when it makes
@@ -537,6 +530,36 @@ impl Events {
         }
         if seen.len() >= self.settings.crash_threshold.max(1) as usize {
             seen.clear();
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A token bucket: `rate` tokens a second, `rate` at most.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket of `rate` tokens.
+    pub fn full(rate: f64) -> TokenBucket {
+        TokenBucket {
+            tokens: rate,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes a token if there is one (refilled at `rate` a second).
+    pub fn take(&mut self, rate: f64) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
             true
         } else {
             false
@@ -818,7 +841,7 @@ impl Agent {
                 match policy.next(counted, ev.accepted_ms, now, crate::functions::random_u64()) {
                     NextStep::RetryAt(due) => {
                         self.events.metrics.retries.fetch_add(1, Ordering::Relaxed);
-                        lock(&self.triggers.store).retried(&ev.function);
+                        lock(&self.triggers.live).retried(&ev.function);
                         tracing::info!(
                             kind,
                             attempt = n,
@@ -915,7 +938,7 @@ impl Agent {
         match result {
             Ok(destination) => {
                 self.events.metrics.failed.fetch_add(1, Ordering::Relaxed);
-                lock(&self.triggers.store).journaled(&ev.function, condition);
+                lock(&self.triggers.live).journaled(&ev.function, condition);
                 tracing::warn!(
                     condition,
                     journal = %failure.record_id,

@@ -848,7 +848,7 @@ impl Agent {
         };
         let started = started.unwrap_or_else(Instant::now);
         lock(&self.metrics.restore_latency).observe(started.elapsed().as_secs_f64());
-        lock(&self.triggers.store).restored(started.elapsed().as_secs_f64() * 1e3);
+        lock(&self.triggers.live).restored(started.elapsed().as_secs_f64() * 1e3);
         tracing::info!(
             instance = id,
             version = v.version,

@@ -353,71 +353,21 @@ impl Fold {
     }
 }
 
-/// The store: the current second as it fills, and the last hour of
-/// closed seconds.
-pub struct Store {
-    /// The second being filled.
-    current: i64,
-    live: HashMap<Arc<str>, FnSecond>,
+/// What the current second has seen so far: invocations add to it as they
+/// end. Its own lock, apart from the [`Store`]: an invocation never waits
+/// for a rule evaluation, only for a sample's copy of these counts.
+#[derive(Debug, Default)]
+pub struct Live {
+    per: HashMap<Arc<str>, FnSecond>,
     restores_ms: Vec<f32>,
-    /// Per function ("" for the host): a ring per series and label value.
-    rings: HashMap<Arc<str>, Vec<LabelledRing>>,
-    /// Per function: seconds whose invocations ran at a depth > 0, with
-    /// the deepest chain.
-    chains: HashMap<Arc<str>, VecDeque<(i64, Chain)>>,
-    /// The current second's frame as of the last [`Store::sample`].
-    frame: Frame,
-    /// How much of the current second had passed at that sample (0–1).
-    elapsed: f64,
-    /// Counter series summed since start, for /metrics.
-    totals: BTreeMap<(u8, Arc<str>, Arc<str>), f64>,
-    names: HashMap<String, Arc<str>>,
-    empty: Arc<str>,
 }
 
-impl Default for Store {
-    fn default() -> Self {
-        Store::new(0)
-    }
-}
-
-impl Store {
-    /// An empty store whose current second is `now_s`.
-    pub fn new(now_s: i64) -> Store {
-        Store {
-            current: now_s,
-            live: HashMap::new(),
-            restores_ms: Vec::new(),
-            rings: HashMap::new(),
-            chains: HashMap::new(),
-            frame: Frame::new(),
-            elapsed: 0.0,
-            totals: BTreeMap::new(),
-            names: HashMap::new(),
-            empty: Arc::from(""),
-        }
-    }
-
-    /// The second being filled.
-    pub fn current(&self) -> i64 {
-        self.current
-    }
-
-    fn name(&mut self, text: &str) -> Arc<str> {
-        if text.is_empty() {
-            return self.empty.clone();
-        }
-        if let Some(name) = self.names.get(text) {
-            return name.clone();
-        }
-        let name: Arc<str> = Arc::from(text);
-        self.names.insert(text.to_string(), name.clone());
-        name
-    }
-
+impl Live {
     fn second(&mut self, function: &str) -> &mut FnSecond {
-        let name = self.name(function);
-        self.live.entry(name).or_default()
+        if !self.per.contains_key(function) {
+            self.per.insert(Arc::from(function), FnSecond::default());
+        }
+        self.per.get_mut(function).expect("inserted")
     }
 
     /// Adds an invocation's end (or refusal) to the current second.
@@ -466,9 +416,58 @@ impl Store {
     pub fn restored(&mut self, ms: f64) {
         self.restores_ms.push(ms as f32);
     }
+}
+
+/// The store: the current second's values as of the last sample, and the
+/// last hour of closed seconds.
+pub struct Store {
+    /// The second being filled.
+    current: i64,
+    /// The deepest chain of each function's invocations in the current
+    /// second, as of the last sample.
+    current_chains: HashMap<Arc<str>, Chain>,
+    /// Per function ("" for the host): a ring per series and label value.
+    rings: HashMap<Arc<str>, Vec<LabelledRing>>,
+    /// Per function: seconds whose invocations ran at a depth > 0, with
+    /// the deepest chain.
+    chains: HashMap<Arc<str>, VecDeque<(i64, Chain)>>,
+    /// The current second's frame as of the last [`Store::sample`].
+    frame: Frame,
+    /// How much of the current second had passed at that sample (0–1).
+    elapsed: f64,
+    /// Counter series summed since start, for /metrics.
+    totals: BTreeMap<(u8, Arc<str>, Arc<str>), f64>,
+    empty: Arc<str>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store::new(0)
+    }
+}
+
+impl Store {
+    /// An empty store whose current second is `now_s`.
+    pub fn new(now_s: i64) -> Store {
+        Store {
+            current: now_s,
+            current_chains: HashMap::new(),
+            rings: HashMap::new(),
+            chains: HashMap::new(),
+            frame: Frame::new(),
+            elapsed: 0.0,
+            totals: BTreeMap::new(),
+            empty: Arc::from(""),
+        }
+    }
+
+    /// The second being filled.
+    pub fn current(&self) -> i64 {
+        self.current
+    }
 
     /// The current second's values so far, with `gauges` as they are now.
-    fn build_frame(&mut self, gauges: &Gauges) -> Frame {
+    fn build_frame(&self, live: &Live, gauges: &Gauges) -> Frame {
         let mut frame = Frame::new();
         let empty = self.empty.clone();
         let put = |frame: &mut Frame, series: u8, f: &Arc<str>, label: Arc<str>, v: f64| {
@@ -477,7 +476,7 @@ impl Store {
                 frame.entry(f.clone()).or_default().push((series, label, v));
             }
         };
-        for (f, s) in &self.live {
+        for (f, s) in &live.per {
             put(
                 &mut frame,
                 INVOCATIONS,
@@ -515,10 +514,10 @@ impl Store {
             }
         }
         for (f, concurrency, queued, age) in &gauges.functions {
-            let f = self
-                .names
-                .get(f.as_str())
-                .cloned()
+            let f = live
+                .per
+                .get_key_value(f.as_str())
+                .map(|(k, _)| k.clone())
                 .unwrap_or_else(|| Arc::from(f.as_str()));
             put(
                 &mut frame,
@@ -562,8 +561,8 @@ impl Store {
             empty.clone(),
             gauges.mem_available_mib as f64,
         );
-        if !self.restores_ms.is_empty() {
-            let [p50, p99, max] = stats(&self.restores_ms);
+        if !live.restores_ms.is_empty() {
+            let [p50, p99, max] = stats(&live.restores_ms);
             put(&mut frame, RESTORE, &host, Arc::from("p50"), p50);
             put(&mut frame, RESTORE, &host, Arc::from("p99"), p99);
             put(&mut frame, RESTORE, &host, Arc::from("max"), max);
@@ -572,18 +571,19 @@ impl Store {
     }
 
     /// Samples at `now_ms`: a second that ended since the last
-    /// sample is closed into the rings (with `gauges` as its levels), and
-    /// the current second's frame is brought up to date.
-    pub fn sample_at(&mut self, now_ms: i64, gauges: &Gauges) {
-        self.sample(now_ms.div_euclid(1000), gauges);
+    /// sample is closed into the rings (what `live` saw, with `gauges` as
+    /// its levels; `live` starts the new second empty), and the current
+    /// second's frame is brought up to date.
+    pub fn sample_at(&mut self, now_ms: i64, gauges: &Gauges, live: &mut Live) {
+        self.sample(now_ms.div_euclid(1000), gauges, live);
         self.elapsed = now_ms.rem_euclid(1000) as f64 / 1000.0;
     }
 
     /// [`Store::sample_at`] the start of second `now_s`.
-    pub fn sample(&mut self, now_s: i64, gauges: &Gauges) {
+    pub fn sample(&mut self, now_s: i64, gauges: &Gauges, live: &mut Live) {
         self.elapsed = 0.0;
         if now_s > self.current {
-            let closed = self.build_frame(gauges);
+            let closed = self.build_frame(live, gauges);
             let sec = self.current;
             for (function, values) in closed {
                 let rings = self.rings.entry(function.clone()).or_default();
@@ -607,7 +607,7 @@ impl Store {
                     ring.put(sec, v);
                 }
             }
-            for (f, s) in &self.live {
+            for (f, s) in &live.per {
                 if let Some(chain) = &s.deepest {
                     let seen = self.chains.entry(f.clone()).or_default();
                     seen.push_back((sec, chain.clone()));
@@ -616,12 +616,17 @@ impl Store {
                     }
                 }
             }
-            self.live.clear();
-            self.restores_ms.clear();
+            live.per.clear();
+            live.restores_ms.clear();
             self.current = now_s;
             self.forget(now_s);
         }
-        self.frame = self.build_frame(gauges);
+        self.frame = self.build_frame(live, gauges);
+        self.current_chains = live
+            .per
+            .iter()
+            .filter_map(|(f, s)| s.deepest.clone().map(|c| (f.clone(), c)))
+            .collect();
     }
 
     /// Drops rings and chains with nothing in the last hour.
@@ -638,9 +643,6 @@ impl Store {
             }
             !seen.is_empty()
         });
-        if self.names.len() > 4 * (self.live.len() + self.rings.len()) + 1024 {
-            self.names.clear();
-        }
     }
 
     /// Series `series` of `function` ("" for the host), label value `label`
@@ -725,7 +727,7 @@ impl Store {
     /// [`Store::aggregate`] (empty: none ran at a depth > 0).
     pub fn deepest_chain(&self, function: &str, window_s: u32) -> Chain {
         let from = self.current - i64::from(window_s.max(1));
-        let mut deepest: Option<&Chain> = self.live.get(function).and_then(|s| s.deepest.as_ref());
+        let mut deepest: Option<&Chain> = self.current_chains.get(function);
         if let Some(seen) = self.chains.get(function) {
             for (sec, chain) in seen.iter().rev() {
                 if *sec < from {
@@ -977,17 +979,18 @@ mod tests {
     #[test]
     fn counters_close_into_seconds_and_windows_fold_them() {
         let mut store = Store::new(100);
+        let mut live = Live::default();
         let g = Gauges::default();
         for _ in 0..3 {
-            store.observe(&served("f", Some("trap"), 2.0));
+            live.observe(&served("f", Some("trap"), 2.0));
         }
-        store.observe(&served("f", None, 4.0));
-        store.sample(100, &g);
+        live.observe(&served("f", None, 4.0));
+        store.sample(100, &g, &mut live);
         // The current second counts as it fills.
         assert_eq!(store.value(id("errors"), "f", Some("trap"), 100), 3.0);
-        store.sample(101, &g);
-        store.observe(&served("f", Some("timeout"), 9.0));
-        store.sample(101, &g);
+        store.sample(101, &g, &mut live);
+        live.observe(&served("f", Some("timeout"), 9.0));
+        store.sample(101, &g, &mut live);
         let errors = id("errors");
         assert_eq!(store.value(errors, "f", Some("trap"), 100), 3.0);
         assert_eq!(store.value(errors, "f", None, 101), 1.0);
@@ -1018,7 +1021,7 @@ mod tests {
             Some(3.0)
         );
         // Half a second in, a rate counts the half second too.
-        store.sample_at(101_500, &g);
+        store.sample_at(101_500, &g, &mut live);
         assert_eq!(
             store.aggregate(errors, "f", None, Aggregate::Rate, 10),
             Some(4.0 / 10.5)
@@ -1028,12 +1031,12 @@ mod tests {
             store.aggregate(errors, "f", None, Aggregate::Sum, 1),
             Some(4.0)
         );
-        store.sample(102, &g);
+        store.sample(102, &g, &mut live);
         assert_eq!(
             store.aggregate(errors, "f", None, Aggregate::Sum, 1),
             Some(1.0)
         );
-        store.sample(101, &g);
+        store.sample(101, &g, &mut live);
         assert_eq!(
             store.aggregate(errors, "g", None, Aggregate::Sum, 10),
             Some(0.0)
@@ -1047,10 +1050,11 @@ mod tests {
     #[test]
     fn a_second_without_data_is_no_data_for_a_statistic_and_zero_for_a_counter() {
         let mut store = Store::new(10);
+        let mut live = Live::default();
         let g = Gauges::default();
-        store.observe(&served("f", None, 5.0));
-        store.sample(11, &g);
-        store.sample(30, &g);
+        live.observe(&served("f", None, 5.0));
+        store.sample(11, &g, &mut live);
+        store.sample(30, &g, &mut live);
         let d = id("duration_ms");
         assert!(store.value(d, "f", Some("max"), 20).is_nan());
         assert_eq!(
@@ -1074,12 +1078,13 @@ mod tests {
     #[test]
     fn a_steady_counter_does_not_dip_at_each_seconds_start() {
         let mut store = Store::new(0);
+        let mut live = Live::default();
         let g = Gauges::default();
         for sec in 0..5 {
             for _ in 0..100 {
-                store.observe(&served("f", None, 1.0));
+                live.observe(&served("f", None, 1.0));
             }
-            store.sample(sec + 1, &g);
+            store.sample(sec + 1, &g, &mut live);
         }
         // The first tick of second 5: nothing counted in it yet.
         let invocations = id("invocations");
@@ -1104,15 +1109,16 @@ mod tests {
     #[test]
     fn gauges_are_read_when_a_second_closes() {
         let mut store = Store::new(0);
+        let mut live = Live::default();
         let mut g = Gauges {
             functions: vec![("f".into(), 2, 7, 1.5)],
             instances: [1, 2, 0],
             prepared: 2,
             ..Default::default()
         };
-        store.sample(1, &g);
+        store.sample(1, &g, &mut live);
         g.functions[0].1 = 5;
-        store.sample(1, &g);
+        store.sample(1, &g, &mut live);
         assert_eq!(store.value(id("concurrency"), "f", None, 0), 2.0);
         assert_eq!(store.value(id("concurrency"), "f", None, 1), 5.0);
         assert_eq!(store.value(id("queued"), "f", None, 0), 7.0);
@@ -1127,13 +1133,14 @@ mod tests {
     #[test]
     fn the_ring_keeps_an_hour_and_forgets_what_is_older() {
         let mut store = Store::new(0);
+        let mut live = Live::default();
         let g = Gauges::default();
-        store.observe(&served("f", None, 1.0));
-        store.sample(1, &g);
+        live.observe(&served("f", None, 1.0));
+        store.sample(1, &g, &mut live);
         assert_eq!(store.footprint().0, 5);
-        store.sample(RING_SECONDS as i64 - 1, &g);
+        store.sample(RING_SECONDS as i64 - 1, &g, &mut live);
         assert_eq!(store.value(id("invocations"), "f", None, 0), 1.0);
-        store.sample(RING_SECONDS as i64 + 1, &g);
+        store.sample(RING_SECONDS as i64 + 1, &g, &mut live);
         assert_eq!(store.value(id("invocations"), "f", None, 0), 0.0);
         assert_eq!(
             store.footprint().0,
@@ -1200,17 +1207,20 @@ mod tests {
     #[test]
     fn the_deepest_chain_of_the_window_is_the_attribution() {
         let mut store = Store::new(0);
+        let mut live = Live::default();
         let g = Gauges::default();
         let mut o = served("g", None, 1.0);
         o.chain = Arc::from(vec!["a".to_string()]);
-        store.observe(&o);
-        store.sample(1, &g);
+        live.observe(&o);
+        store.sample(1, &g, &mut live);
         o.chain = Arc::from(vec!["a".to_string(), "b".to_string()]);
-        store.observe(&o);
-        store.sample(5, &g);
+        live.observe(&o);
+        store.sample(5, &g, &mut live);
         assert_eq!(store.deepest_chain("g", 10).len(), 2);
         assert_eq!(store.deepest_chain("g", 3).len(), 0, "outside the window");
-        store.observe(&o);
+        live.observe(&o);
+        // The current second counts, as of its last sample.
+        store.sample(5, &g, &mut live);
         assert_eq!(
             store.deepest_chain("g", 1).len(),
             2,

@@ -767,9 +767,12 @@ pub struct Triggers {
     pub engine: Mutex<Engine>,
     /// The metadata.
     pub store: Mutex<Store>,
+    /// The current second's counts, as invocations end (locked apart from
+    /// the store: evaluations never hold up an invocation).
+    pub live: Mutex<metadata::Live>,
     /// Counters.
     pub metrics: TriggerMetrics,
-    tokens: Mutex<(f64, Instant)>,
+    tokens: Mutex<crate::events::TokenBucket>,
     /// Held across a change's write and its application (PUT, DELETE, a
     /// tick's fires): disk and memory see changes in one order.
     writes: Mutex<()>,
@@ -796,28 +799,21 @@ impl Triggers {
             }
         }
         Ok(Triggers {
-            tokens: Mutex::new((f64::from(settings.metaevents_per_s), Instant::now())),
+            tokens: Mutex::new(crate::events::TokenBucket::full(f64::from(
+                settings.metaevents_per_s.max(1),
+            ))),
             writes: Mutex::new(()),
             settings,
             engine: Mutex::new(engine),
             store: Mutex::new(Store::new(journal::now_ms() / 1000)),
+            live: Mutex::new(metadata::Live::default()),
             metrics: TriggerMetrics::default(),
         })
     }
 
     /// Takes a token of the host's fire rate.
     fn allowed(&self) -> bool {
-        let rate = f64::from(self.settings.metaevents_per_s.max(1));
-        let mut tokens = lock(&self.tokens);
-        let now = Instant::now();
-        tokens.0 = (tokens.0 + now.duration_since(tokens.1).as_secs_f64() * rate).min(rate);
-        tokens.1 = now;
-        if tokens.0 >= 1.0 {
-            tokens.0 -= 1.0;
-            true
-        } else {
-            false
-        }
+        lock(&self.tokens).take(f64::from(self.settings.metaevents_per_s.max(1)))
     }
 }
 
@@ -915,7 +911,7 @@ impl Agent {
             }
             Err(_) => return,
         };
-        lock(&self.triggers.store).observe(&metadata::Observation {
+        lock(&self.triggers.live).observe(&metadata::Observation {
             function,
             served: is_served,
             warm,
@@ -928,15 +924,8 @@ impl Agent {
 
     /// A 429 answered to an invocation of `function`.
     pub fn observe_throttle(&self, function: &str) {
-        lock(&self.triggers.store).observe(&metadata::Observation {
-            function,
-            served: false,
-            warm: false,
-            error: None,
-            throttled: true,
-            duration_ms: 0.0,
-            chain: Arc::from(Vec::new()),
-        });
+        let refused = Err(ApiError::too_many(""));
+        self.observe(function, &refused, 0.0, Arc::from(Vec::new()), true);
     }
 
     /// One tick (four a second): samples the metadata (closing a second
@@ -949,7 +938,7 @@ impl Agent {
         let functions: Vec<String> = self.functions().into_iter().map(|v| v.name).collect();
         let (wants, rows) = {
             let mut store = lock(&self.triggers.store);
-            store.sample_at(now, &gauges);
+            store.sample_at(now, &gauges, &mut lock(&self.triggers.live));
             lock(&self.triggers.engine).evaluate(&store, &functions, now)
         };
         let m = &self.triggers.metrics;
@@ -1539,8 +1528,9 @@ mod tests {
         each.threshold = 1.0;
         engine.put(each);
         let mut store = Store::new(100);
+        let mut live = metadata::Live::default();
         for _ in 0..2 {
-            store.observe(&Observation {
+            live.observe(&Observation {
                 function: "f",
                 served: true,
                 warm: true,
@@ -1550,7 +1540,7 @@ mod tests {
                 chain: Arc::from(vec!["x".to_string()]),
             });
         }
-        store.sample(100, &Gauges::default());
+        store.sample(100, &Gauges::default(), &mut live);
         let functions = vec!["f".to_string(), "g".to_string()];
         let (wants, rows) = engine.evaluate(&store, &functions, 100_000);
         assert!(rows.is_empty());

@@ -211,7 +211,7 @@ impl Agent {
         }) {
             tracing::error!("cannot journal a control action: {e}");
         } else {
-            let mut store = crate::host::lock(&self.triggers.store);
+            let mut store = crate::host::lock(&self.triggers.live);
             store.journaled(function, "control_action");
             store.control_action(function);
         }

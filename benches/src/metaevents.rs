@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ember_agent::metadata::{Gauges, Observation, Store};
+use ember_agent::metadata::{Gauges, Live, Observation, Store};
 use ember_agent::metaevents::{Engine, Rule};
 use ember_vmm::api::client::ApiClient;
 use serde_json::{json, Value};
@@ -54,12 +54,12 @@ impl Rng {
 }
 
 /// One second of traffic: 10 invocations of each function, some failing.
-fn traffic(store: &mut Store, functions: &[String], rng: &mut Rng) {
+fn traffic(live: &mut Live, functions: &[String], rng: &mut Rng) {
     let chain: ember_agent::metadata::Chain = Arc::from(Vec::new());
     for f in functions {
         for _ in 0..10 {
             let r = rng.next();
-            store.observe(&Observation {
+            live.observe(&Observation {
                 function: f,
                 served: true,
                 warm: !r.is_multiple_of(10),
@@ -130,15 +130,16 @@ fn eval_cost(
 ) -> Vec<f64> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut samples = Vec::with_capacity(ticks);
+    let mut live = Live::default();
     for t in 0..ticks {
         // Four ticks a second; a second's traffic arrives across them.
         let now_ms = (start_s + (t / 4) as i64) * 1000 + (t % 4) as i64 * 250;
         if t % 4 == 0 {
-            traffic(store, functions, &mut rng);
+            traffic(&mut live, functions, &mut rng);
         }
         let g = gauges(functions, &mut rng);
         let cpu = thread_cpu_ns();
-        store.sample_at(now_ms, &g);
+        store.sample_at(now_ms, &g, &mut live);
         let (wants, _) = engine.evaluate(store, functions, now_ms);
         samples.push((thread_cpu_ns() - cpu) as f64 / 1e3);
         std::hint::black_box(wants);
@@ -153,10 +154,11 @@ pub fn bench_metaevents(binaries: &Binaries, fires: usize, ticks: usize) -> Resu
     let start_s = 1_000_000;
     let mut store = Store::new(start_s);
     let mut rng = Rng(7);
+    let mut live = Live::default();
     let filled = Instant::now();
     for s in 0..3600 {
-        traffic(&mut store, &functions, &mut rng);
-        store.sample(start_s + s + 1, &gauges(&functions, &mut rng));
+        traffic(&mut live, &functions, &mut rng);
+        store.sample(start_s + s + 1, &gauges(&functions, &mut rng), &mut live);
     }
     let (rings, bytes) = store.footprint();
     println!(
