@@ -11,6 +11,7 @@ pub mod logging;
 pub mod metadata;
 pub mod metaevents;
 pub mod pool;
+pub mod predict;
 pub mod repair;
 pub mod schedules;
 pub mod snapshots;

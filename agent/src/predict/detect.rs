@@ -1,0 +1,382 @@
+//! Periodicity detection over a function's recent arrivals.
+//!
+//! Arrivals closer than [`MERGE_MS`] to the previous one are one *beat*
+//! (a timer that fans out to a few calls is still one beat). A candidate
+//! period is scored by walking the beats in order along a chain: a beat
+//! whose distance from the chain's last on-beat arrival is `k` periods
+//! (1 ≤ k ≤ [`MAX_SKIP`]) within a tolerance is *on beat* and moves the
+//! chain; any other beat is *off beat* (another timer, a manual call); a
+//! gap longer than [`MAX_SKIP`] periods restarts the chain. The score is
+//! `on / (beats − 1)` (how much of the traffic the period explains) times
+//! `on / Σk` (how many expected beats came): 1.0 for an exact timer, 0.9
+//! with one beat in ten missed, ~0.8 when a second timer adds a sixth of
+//! the beats, 0.5 for half or double the true period, and well under 0.5
+//! for Poisson traffic. Candidates are the beats' own gaps, clustered.
+//! The off-beat residue is searched once more for a second timer.
+
+/// Arrivals closer than this to the previous one belong to one beat, ms.
+pub const MERGE_MS: u64 = 500;
+
+/// A missed beat is tolerated up to this many periods between two
+/// on-beat arrivals; a longer gap restarts the chain.
+pub const MAX_SKIP: u64 = 4;
+
+/// The tolerance around each expected beat, as a fraction of the period
+/// (timer jitter of ±10 % moves two consecutive beats up to 20 % apart).
+pub const TOLERANCE: f64 = 0.22;
+
+/// The tolerance never goes below this, ms (scheduling noise on a short
+/// period).
+pub const MIN_TOLERANCE_MS: u64 = 100;
+
+/// Periods shorter than this are not worth predicting, ms.
+pub const MIN_PERIOD_MS: u64 = 1_000;
+
+/// On-beat arrivals needed before a period is trusted at all.
+pub const MIN_HITS: u32 = 3;
+
+/// Candidate periods scored per search (the most frequent gap clusters).
+const MAX_CANDIDATES: usize = 12;
+
+/// A detected period.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Period {
+    /// The period, ms (refined: on-beat distances over their beat counts).
+    pub period_ms: u64,
+    /// The last on-beat arrival (the phase), ms.
+    pub last_beat_ms: u64,
+    /// The largest distance of an on-beat arrival from its expected time
+    /// (at least [`MIN_TOLERANCE_MS`] / 2), ms.
+    pub spread_ms: u64,
+    /// 0–1: the chain score, scaled down until [`MIN_HITS`] + 1 beats.
+    pub confidence: f64,
+    /// On-beat arrivals seen.
+    pub hits: u32,
+    /// Arrivals in the last on-beat burst (a timer that fans out).
+    pub burst: u32,
+}
+
+impl Period {
+    /// The next expected beat whose window (± spread, and `grace_ms`
+    /// after) has not passed at `now_ms`.
+    pub fn next_after(&self, now_ms: u64, grace_ms: u64) -> u64 {
+        let p = self.period_ms.max(1);
+        let first = self.last_beat_ms + p;
+        let cutoff = now_ms.saturating_sub(self.spread_ms + grace_ms);
+        if first >= cutoff {
+            return first;
+        }
+        let k = (cutoff - first).div_ceil(p);
+        first + k * p
+    }
+}
+
+/// One beat: its first arrival and how many arrivals it merged.
+#[derive(Debug, Clone, Copy)]
+struct Beat {
+    at: u64,
+    size: u32,
+}
+
+fn beats(arrivals: &[u64]) -> Vec<Beat> {
+    let mut out: Vec<Beat> = Vec::with_capacity(arrivals.len());
+    let mut last = None;
+    for &t in arrivals {
+        match (out.last_mut(), last) {
+            (Some(b), Some(prev)) if t.saturating_sub(prev) < MERGE_MS => b.size += 1,
+            _ => out.push(Beat { at: t, size: 1 }),
+        }
+        last = Some(t);
+    }
+    out
+}
+
+fn tolerance(period: f64) -> f64 {
+    (period * TOLERANCE).max(MIN_TOLERANCE_MS as f64)
+}
+
+/// The result of walking the beats along one candidate period.
+struct Chain {
+    score: f64,
+    hits: u32,
+    period: f64,
+    last: Beat,
+    spread: f64,
+    off: Vec<u64>,
+}
+
+fn chain(beats: &[Beat], period: f64) -> Chain {
+    let tol = tolerance(period);
+    let mut last = beats[0];
+    let (mut hits, mut expected) = (0u32, 0u64);
+    let (mut sum_d, mut sum_k) = (0.0f64, 0u64);
+    let mut residuals = Vec::new();
+    let mut off = Vec::new();
+    for b in &beats[1..] {
+        let d = (b.at - last.at) as f64;
+        let k = (d / period).round().max(1.0) as u64;
+        if k <= MAX_SKIP && (d - k as f64 * period).abs() <= tol {
+            hits += 1;
+            expected += k;
+            sum_d += d;
+            sum_k += k;
+            residuals.push((d, k));
+            last = *b;
+        } else if d > (MAX_SKIP as f64 + 0.5) * period {
+            // The pattern broke off: start again from here.
+            off.push(b.at);
+            last = *b;
+        } else {
+            off.push(b.at);
+        }
+    }
+    let n = (beats.len() - 1).max(1) as f64;
+    let score = if hits == 0 {
+        0.0
+    } else {
+        (hits as f64 / n) * (hits as f64 / expected as f64)
+    };
+    let refined = if sum_k > 0 {
+        sum_d / sum_k as f64
+    } else {
+        period
+    };
+    let spread = residuals
+        .iter()
+        .map(|&(d, k)| (d - k as f64 * refined).abs())
+        .fold(MIN_TOLERANCE_MS as f64 / 2.0, f64::max);
+    Chain {
+        score,
+        hits,
+        period: refined,
+        last,
+        spread,
+        off,
+    }
+}
+
+/// Candidate periods: the gaps between beats, clustered within 5 %, the
+/// most frequent first.
+fn candidates(beats: &[Beat]) -> Vec<f64> {
+    let mut gaps: Vec<u64> = beats
+        .windows(2)
+        .map(|w| w[1].at - w[0].at)
+        .filter(|&g| g >= MIN_PERIOD_MS)
+        .collect();
+    gaps.sort_unstable();
+    let mut clusters: Vec<(f64, usize)> = Vec::new();
+    let mut start = 0;
+    for i in 1..=gaps.len() {
+        if i == gaps.len() || gaps[i] as f64 > gaps[start] as f64 * 1.05 {
+            let members = &gaps[start..i];
+            if !members.is_empty() {
+                clusters.push((members[members.len() / 2] as f64, members.len()));
+            }
+            start = i;
+        }
+    }
+    clusters.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.total_cmp(&b.0)));
+    clusters.truncate(MAX_CANDIDATES);
+    clusters.into_iter().map(|(g, _)| g).collect()
+}
+
+/// The best period of a sequence of beats, and the beats it left off.
+fn best(beats: &[Beat]) -> Option<(Period, Vec<u64>)> {
+    if beats.len() < MIN_HITS as usize + 1 {
+        return None;
+    }
+    let mut best: Option<Chain> = None;
+    for p in candidates(beats) {
+        let c = chain(beats, p);
+        // Ties go to the longer period (a multiple explains as much with
+        // fewer expected beats only if none were missed).
+        if best.as_ref().is_none_or(|b| c.score > b.score + 1e-9) {
+            best = Some(c);
+        }
+    }
+    let c = best?;
+    if c.hits < MIN_HITS || c.period < MIN_PERIOD_MS as f64 {
+        return None;
+    }
+    let ramp = (c.hits as f64 / (MIN_HITS + 1) as f64).min(1.0);
+    Some((
+        Period {
+            period_ms: c.period.round() as u64,
+            last_beat_ms: c.last.at,
+            spread_ms: c.spread.round() as u64,
+            confidence: c.score * ramp,
+            hits: c.hits,
+            burst: c.last.size,
+        },
+        c.off,
+    ))
+}
+
+/// Up to two periods (a second timer in the off-beat residue) found in
+/// `arrivals` (ascending, ms), the more confident first. A period is
+/// returned with whatever confidence it has: the caller decides what is
+/// enough.
+pub fn detect(arrivals: &[u64]) -> Vec<Period> {
+    let all = beats(arrivals);
+    let Some((first, off)) = best(&all) else {
+        return Vec::new();
+    };
+    let mut out = vec![first];
+    let residue: Vec<Beat> = off.iter().map(|&at| Beat { at, size: 1 }).collect();
+    if let Some((second, _)) = best(&residue) {
+        // Scored against the residue alone; what it explains of all the
+        // traffic is its share of it.
+        let share = residue.len() as f64 / all.len().max(1) as f64;
+        if second.confidence * share > 0.05 {
+            out.push(second);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (xorshift) for the synthetic
+    /// sequences.
+    pub(crate) struct Rng(u64);
+    impl Rng {
+        pub(crate) fn new(seed: u64) -> Rng {
+            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
+        pub(crate) fn unit(&mut self) -> f64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    fn timer(period_ms: u64, n: u64, offset: u64) -> Vec<u64> {
+        (0..n).map(|i| offset + i * period_ms).collect()
+    }
+
+    #[test]
+    fn an_exact_period_is_found_with_full_confidence() {
+        let p = detect(&timer(300_000, 20, 7_000));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].period_ms, 300_000);
+        assert_eq!(p[0].last_beat_ms, 7_000 + 19 * 300_000);
+        assert!(p[0].confidence > 0.99, "{p:?}");
+        assert_eq!(
+            p[0].next_after(7_000 + 19 * 300_000 + 1, 0),
+            7_000 + 20 * 300_000
+        );
+    }
+
+    #[test]
+    fn jitter_of_ten_percent_still_reads_as_the_period() {
+        for seed in 1..20 {
+            let mut rng = Rng::new(seed);
+            // Jitter on the schedule (each beat ±10 % of the period off
+            // its slot) and on the intervals.
+            let on_schedule: Vec<u64> = (0..30)
+                .map(|i| (1_000_000.0 + i as f64 * 60_000.0 + (rng.unit() - 0.5) * 12_000.0) as u64)
+                .collect();
+            let mut t = 1_000_000.0;
+            let on_intervals: Vec<u64> = (0..30)
+                .map(|_| {
+                    t += 60_000.0 * (0.9 + 0.2 * rng.unit());
+                    t as u64
+                })
+                .collect();
+            for seq in [on_schedule, on_intervals] {
+                let p = detect(&seq);
+                assert!(!p.is_empty(), "seed {seed}");
+                assert!((p[0].period_ms as f64 - 60_000.0).abs() < 3_000.0, "{p:?}");
+                assert!(p[0].confidence > 0.8, "seed {seed}: {p:?}");
+                assert!(p[0].spread_ms <= 13_000, "{p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn missed_beats_lower_the_confidence_a_little_not_the_period() {
+        let seq: Vec<u64> = timer(60_000, 40, 0)
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % 10 != 5)
+            .map(|(_, t)| t)
+            .collect();
+        let p = detect(&seq);
+        assert_eq!(p[0].period_ms, 60_000, "{p:?}");
+        assert!(p[0].confidence > 0.85 && p[0].confidence < 0.95, "{p:?}");
+    }
+
+    #[test]
+    fn two_timers_are_both_found() {
+        // Every minute at :00 and every five minutes at :20.
+        let mut seq: Vec<u64> = timer(60_000, 60, 0);
+        seq.extend(timer(300_000, 12, 20_000));
+        seq.sort_unstable();
+        let p = detect(&seq);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert_eq!(p[0].period_ms, 60_000, "{p:?}");
+        assert!(p[0].confidence > 0.75, "{p:?}");
+        assert_eq!(p[1].period_ms, 300_000, "{p:?}");
+        assert!(p[1].confidence > 0.9, "{p:?}");
+    }
+
+    #[test]
+    fn poisson_traffic_is_not_called_periodic() {
+        for seed in 1..50 {
+            let mut rng = Rng::new(seed);
+            let mut t = 0.0;
+            let seq: Vec<u64> = (0..64)
+                .map(|_| {
+                    t += -60_000.0 * (1.0 - rng.unit()).ln();
+                    t as u64
+                })
+                .collect();
+            let best = detect(&seq).first().map_or(0.0, |p| p.confidence);
+            assert!(best < 0.5, "seed {seed}: confidence {best}");
+        }
+    }
+
+    #[test]
+    fn a_fanned_out_beat_counts_once_and_says_how_wide_it_was() {
+        let mut seq = Vec::new();
+        for i in 0..10u64 {
+            for j in 0..3 {
+                seq.push(i * 120_000 + j * 40);
+            }
+        }
+        let p = detect(&seq);
+        assert_eq!((p[0].period_ms, p[0].burst), (120_000, 3), "{p:?}");
+        assert!(p[0].confidence > 0.99);
+    }
+
+    #[test]
+    fn too_few_beats_say_nothing() {
+        assert!(detect(&timer(60_000, 3, 0)).is_empty());
+        assert!(detect(&[]).is_empty());
+        // Four beats: a period, with confidence still ramping up.
+        let p = detect(&timer(60_000, 4, 0));
+        assert!((p[0].confidence - 0.75).abs() < 1e-9, "{p:?}");
+    }
+
+    #[test]
+    fn next_after_skips_windows_already_past() {
+        let p = Period {
+            period_ms: 10_000,
+            last_beat_ms: 100_000,
+            spread_ms: 500,
+            confidence: 1.0,
+            hits: 10,
+            burst: 1,
+        };
+        assert_eq!(p.next_after(100_000, 0), 110_000);
+        // Inside the next beat's window it is still that beat.
+        assert_eq!(p.next_after(110_400, 0), 110_000);
+        assert_eq!(p.next_after(110_600, 0), 120_000);
+        assert_eq!(p.next_after(110_600, 200), 110_000);
+        // Beats missed since are skipped.
+        assert_eq!(p.next_after(155_000, 0), 160_000);
+    }
+}

@@ -1,0 +1,258 @@
+//! Arrival prediction: per function, a bounded history of arrivals and
+//! idle times, periodicity detection ([`detect`]), and the keep-alive and
+//! pre-warm policies ([`policy`]) that emberd's pool and `ember-bench sim`
+//! both run. Pure code: times are milliseconds on any monotonic clock the
+//! caller chooses, and nothing here does I/O (docs/prewarm.md).
+
+pub mod detect;
+pub mod policy;
+
+pub use detect::Period;
+pub use policy::{Plan, Policy, PolicyParams, Window};
+
+/// Recent arrivals kept per function.
+pub const RING: usize = 64;
+
+/// The hybrid policy's idle-time histogram: 1-minute bins over 4 hours.
+pub const HYBRID_BINS: usize = 240;
+
+/// Ember's idle-time histogram: log-spaced bins from [`FINE_FIRST_MS`],
+/// each [`FINE_GROWTH`] times the previous (the last ends near 9.6 h).
+pub const FINE_BINS: usize = 64;
+/// The first fine bin's upper edge, ms.
+pub const FINE_FIRST_MS: f64 = 100.0;
+/// The ratio between consecutive fine bin edges.
+pub const FINE_GROWTH: f64 = 1.22;
+
+/// Histograms are halved when they hold this many idle times, so that
+/// the recent past weighs more than the distant one.
+pub const AGE_AT: u32 = 4_096;
+
+/// New arrivals after which the detection is run again (sooner while a
+/// function is young, or after [`REDETECT_MS`]).
+const REDETECT_EVERY: u64 = 8;
+/// The detection is run again on an arrival this long after the last run.
+const REDETECT_MS: u64 = 30_000;
+
+/// One function's arrival history: 64 recent arrivals (512 B), the
+/// hybrid histogram (960 B), the fine histogram (256 B) and the cached
+/// detection: under 2 KiB per function, whatever its traffic.
+#[derive(Debug, Clone)]
+pub struct History {
+    ring: [u64; RING],
+    len: usize,
+    next: usize,
+    /// Arrivals seen in all.
+    pub arrivals: u64,
+    in_flight: u32,
+    last_end: Option<u64>,
+    hybrid: [u32; HYBRID_BINS],
+    hybrid_oob: u32,
+    hybrid_total: u32,
+    fine: [u32; FINE_BINS],
+    fine_oob: u32,
+    fine_total: u32,
+    detected: Vec<Period>,
+    detected_at: Option<(u64, u64)>,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            ring: [0; RING],
+            len: 0,
+            next: 0,
+            arrivals: 0,
+            in_flight: 0,
+            last_end: None,
+            hybrid: [0; HYBRID_BINS],
+            hybrid_oob: 0,
+            hybrid_total: 0,
+            fine: [0; FINE_BINS],
+            fine_oob: 0,
+            fine_total: 0,
+            detected: Vec::new(),
+            detected_at: None,
+        }
+    }
+}
+
+/// The fine bin of an idle time (`None`: beyond the last).
+pub fn fine_bin(idle_ms: u64) -> Option<usize> {
+    let x = idle_ms as f64 / FINE_FIRST_MS;
+    if x < 1.0 {
+        return Some(0);
+    }
+    let i = (x.ln() / FINE_GROWTH.ln()).floor() as usize + 1;
+    (i < FINE_BINS).then_some(i)
+}
+
+/// The upper edge of fine bin `i`, ms.
+pub fn fine_edge(i: usize) -> u64 {
+    (FINE_FIRST_MS * FINE_GROWTH.powi(i as i32)).ceil() as u64
+}
+
+impl History {
+    /// An invocation arrived at `now`. The idle time before it (from the
+    /// last invocation's end, when none was running) goes into the
+    /// histograms.
+    pub fn arrived(&mut self, now: u64) {
+        if self.in_flight == 0 {
+            if let Some(end) = self.last_end {
+                self.idle(now.saturating_sub(end));
+            }
+        }
+        self.in_flight += 1;
+        // Out-of-order clocks are clamped: the ring stays ascending.
+        let last = self.last_arrival().unwrap_or(0);
+        self.ring[self.next] = now.max(last);
+        self.next = (self.next + 1) % RING;
+        self.len = (self.len + 1).min(RING);
+        self.arrivals += 1;
+    }
+
+    /// An invocation ended at `now`.
+    pub fn finished(&mut self, now: u64) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.last_end = Some(self.last_end.map_or(now, |e| e.max(now)));
+    }
+
+    fn idle(&mut self, idle_ms: u64) {
+        let minute = (idle_ms / 60_000) as usize;
+        match self.hybrid.get_mut(minute) {
+            Some(bin) => *bin += 1,
+            None => self.hybrid_oob += 1,
+        }
+        self.hybrid_total += 1;
+        match fine_bin(idle_ms) {
+            Some(i) => self.fine[i] += 1,
+            None => self.fine_oob += 1,
+        }
+        self.fine_total += 1;
+        if self.fine_total >= AGE_AT || self.hybrid_total >= AGE_AT {
+            for b in self.hybrid.iter_mut().chain(self.fine.iter_mut()) {
+                *b /= 2;
+            }
+            self.hybrid_oob /= 2;
+            self.fine_oob /= 2;
+            self.hybrid_total = self.hybrid.iter().sum::<u32>() + self.hybrid_oob;
+            self.fine_total = self.fine.iter().sum::<u32>() + self.fine_oob;
+        }
+    }
+
+    /// The most recent arrival.
+    pub fn last_arrival(&self) -> Option<u64> {
+        (self.len > 0).then(|| self.ring[(self.next + RING - 1) % RING])
+    }
+
+    /// The end of the last invocation.
+    pub fn last_end(&self) -> Option<u64> {
+        self.last_end
+    }
+
+    /// Invocations running.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+
+    /// The recent arrivals, oldest first.
+    pub fn recent(&self) -> Vec<u64> {
+        let start = (self.next + RING - self.len) % RING;
+        (0..self.len)
+            .map(|i| self.ring[(start + i) % RING])
+            .collect()
+    }
+
+    /// The detected periods (cached; run again after new arrivals).
+    pub fn periods(&mut self, now: u64) -> &[Period] {
+        let stale = match self.detected_at {
+            None => self.arrivals > 0,
+            Some((arrivals, at)) => {
+                let new = self.arrivals - arrivals;
+                new > 0
+                    && (new >= REDETECT_EVERY
+                        || self.arrivals <= 2 * REDETECT_EVERY
+                        || now.saturating_sub(at) >= REDETECT_MS)
+            }
+        };
+        if stale {
+            self.detected = detect::detect(&self.recent());
+            self.detected_at = Some((self.arrivals, now));
+        }
+        &self.detected
+    }
+
+    /// The hybrid histogram: counts per minute bin, out-of-bounds, total.
+    pub fn hybrid_histogram(&self) -> (&[u32; HYBRID_BINS], u32, u32) {
+        (&self.hybrid, self.hybrid_oob, self.hybrid_total)
+    }
+
+    /// The fine histogram: counts per bin, out-of-bounds, total.
+    pub fn fine_histogram(&self) -> (&[u32; FINE_BINS], u32, u32) {
+        (&self.fine, self.fine_oob, self.fine_total)
+    }
+
+    /// What `policy` says for this function at `now`.
+    pub fn plan(&mut self, policy: Policy, now: u64, params: &PolicyParams) -> Plan {
+        policy::plan(self, policy, now, params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_keeps_the_last_arrivals_in_order() {
+        let mut h = History::default();
+        for t in 0..100u64 {
+            h.arrived(t * 1000);
+            h.finished(t * 1000 + 10);
+        }
+        let recent = h.recent();
+        assert_eq!(recent.len(), RING);
+        assert_eq!(recent[0], 36_000);
+        assert_eq!(*recent.last().unwrap(), 99_000);
+        assert_eq!(h.arrivals, 100);
+        // 99 idle times of 990 ms, in the first minute bin.
+        let (hybrid, oob, total) = h.hybrid_histogram();
+        assert_eq!((hybrid[0], oob, total), (99, 0, 99));
+        let (fine, _, _) = h.fine_histogram();
+        assert_eq!(fine[fine_bin(990).unwrap()], 99);
+    }
+
+    #[test]
+    fn overlapping_invocations_add_no_idle_time() {
+        let mut h = History::default();
+        h.arrived(0);
+        h.arrived(100);
+        h.finished(500);
+        h.finished(900);
+        h.arrived(2_000);
+        assert_eq!(h.fine_histogram().2, 1);
+        assert_eq!(h.fine[fine_bin(1_100).unwrap()], 1);
+    }
+
+    #[test]
+    fn fine_bins_cover_their_edges() {
+        assert_eq!(fine_bin(0), Some(0));
+        for i in 1..FINE_BINS - 1 {
+            let edge = fine_edge(i);
+            assert_eq!(fine_bin(edge), Some(i + 1), "edge {i}: {edge}");
+            assert_eq!(fine_bin(edge - 1), Some(i), "below edge {i}: {edge}");
+        }
+        assert!(fine_edge(FINE_BINS) > 9 * 3_600_000);
+        assert_eq!(fine_bin(24 * 3_600_000), None);
+    }
+
+    #[test]
+    fn histograms_age_by_halving() {
+        let mut h = History::default();
+        for i in 0..(AGE_AT as u64 + 10) {
+            h.arrived(i * 2_000);
+            h.finished(i * 2_000 + 1);
+        }
+        assert!(h.fine_histogram().2 < AGE_AT);
+        assert!(h.fine_histogram().2 > AGE_AT / 2);
+    }
+}

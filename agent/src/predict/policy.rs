@@ -1,0 +1,452 @@
+//! The keep-alive and pre-warm policies.
+//!
+//! - `fixed`: every idle instance is kept `keep_alive_max_ms` after its
+//!   last use; nothing is pre-warmed (Lambda's and OpenWhisk's ~10 min).
+//! - `hybrid`: the hybrid histogram policy of "Serverless in the Wild"
+//!   (Shahrad et al., ATC 2020), per function: an idle-time histogram of
+//!   1-minute bins over 4 hours; the pre-warm window is the 5th
+//!   percentile of idle times less 10 %, the keep-alive window runs to
+//!   the 99th percentile plus 10 %. With a pre-warm window the instance
+//!   goes right after each invocation and comes back that much later.
+//!   Too few idle times (under [`HYBRID_MIN_SAMPLES`]), too many beyond
+//!   4 hours (over half), or a flat histogram (bin counts' coefficient of
+//!   variation under [`HYBRID_MIN_CV`]): the fixed keep-alive instead
+//!   (the paper fits ARIMA to out-of-bounds idle times; we do not).
+//! - `ember`: a detected period (confidence ≥ `min_confidence`, still
+//!   beating) gets an instance restored `lead_ms` before the earliest
+//!   expected arrival, kept to `grace_ms` after the latest; after an
+//!   invocation the instance lingers `grace_ms` only, unless the next
+//!   window opens within `bridge_ms` (a restore every few seconds buys
+//!   nothing). Otherwise the keep-alive is the one that minimises the
+//!   idle time spent plus `cold_cost_ms` per cold start over the fine
+//!   idle-time histogram, capped at `keep_alive_max_ms`: a function whose
+//!   idle times mostly exceed the cap keeps nothing, a bursty one keeps
+//!   its instances only as long as its bursts' gaps.
+
+use super::detect::{Period, MAX_SKIP};
+use super::{fine_edge, History, FINE_BINS, HYBRID_BINS};
+
+/// Idle times the hybrid policy needs before it trusts its histogram.
+pub const HYBRID_MIN_SAMPLES: u32 = 10;
+/// The hybrid histogram is representative when its bin counts'
+/// coefficient of variation reaches this.
+pub const HYBRID_MIN_CV: f64 = 2.0;
+/// Idle times ember's histogram needs before it is used.
+pub const EMBER_MIN_SAMPLES: u32 = 4;
+
+/// Which policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// A fixed keep-alive.
+    Fixed,
+    /// The hybrid histogram policy.
+    Hybrid,
+    /// Ember's: periods, and a cost-weighed keep-alive.
+    Ember,
+}
+
+impl Policy {
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Fixed => "fixed",
+            Policy::Hybrid => "hybrid",
+            Policy::Ember => "ember",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(s: &str) -> Result<Policy, String> {
+        match s {
+            "fixed" => Ok(Policy::Fixed),
+            "hybrid" => Ok(Policy::Hybrid),
+            "ember" => Ok(Policy::Ember),
+            other => Err(format!(
+                "unknown pre-warm policy {other:?} (fixed, hybrid or ember)"
+            )),
+        }
+    }
+}
+
+/// The policies' settings.
+#[derive(Debug, Clone)]
+pub struct PolicyParams {
+    /// The fixed keep-alive, and the cap of every other, ms.
+    pub keep_alive_max_ms: u64,
+    /// A pre-warmed instance is ready this long before the earliest
+    /// expected arrival (a restore takes ~4 ms; the rest is margin), ms.
+    pub lead_ms: u64,
+    /// How long after the latest expected arrival a pre-warmed instance
+    /// waits, and how long an instance lingers after an invocation of a
+    /// periodic function, ms.
+    pub grace_ms: u64,
+    /// An idle instance whose next window opens within this is kept
+    /// rather than reaped and restored again, ms.
+    pub bridge_ms: u64,
+    /// A period is acted on from this confidence.
+    pub min_confidence: f64,
+    /// What one cold start is worth in idle instance time, ms.
+    pub cold_cost_ms: u64,
+}
+
+impl Default for PolicyParams {
+    fn default() -> Self {
+        PolicyParams {
+            keep_alive_max_ms: 600_000,
+            lead_ms: 250,
+            grace_ms: 1_000,
+            bridge_ms: 2_000,
+            min_confidence: 0.6,
+            cold_cost_ms: 600_000,
+        }
+    }
+}
+
+/// When to have instances ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// From, ms.
+    pub from_ms: u64,
+    /// Until (exclusive), ms.
+    pub until_ms: u64,
+    /// Instances wanted ready.
+    pub count: u32,
+    /// The arrival expected (ms), or the window's start when the policy
+    /// expects none in particular.
+    pub expected_ms: u64,
+}
+
+/// What a policy says for one function now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// An idle instance is kept this long after its last use, ms.
+    pub keep_alive_ms: u64,
+    /// Instances to have ready, and when.
+    pub prewarm: Option<Window>,
+    /// An idle instance is also kept when the window opens within this, ms.
+    pub bridge_ms: u64,
+    /// The period acted on.
+    pub period: Option<Period>,
+    /// Why: `fixed`, `fallback`, `histogram` or `periodic`.
+    pub basis: &'static str,
+}
+
+impl Plan {
+    /// Whether an instance idle since `idle_since` is kept at `now`.
+    pub fn keep(&self, idle_since: u64, now: u64) -> bool {
+        now.saturating_sub(idle_since) <= self.keep_alive_ms
+            || self
+                .prewarm
+                .is_some_and(|w| now + self.bridge_ms >= w.from_ms && now < w.until_ms)
+    }
+
+    /// How many instances to restore ahead now, with `ready` idle ones
+    /// (0 outside the window, or once window `done` was served).
+    pub fn to_prewarm(&self, now: u64, ready: u32, done: Option<u64>) -> u32 {
+        match self.prewarm {
+            Some(w) if w.from_ms <= now && now < w.until_ms && done != Some(w.from_ms) => {
+                w.count.saturating_sub(ready)
+            }
+            _ => 0,
+        }
+    }
+}
+
+fn fixed(params: &PolicyParams, basis: &'static str) -> Plan {
+    Plan {
+        keep_alive_ms: params.keep_alive_max_ms,
+        prewarm: None,
+        bridge_ms: 0,
+        period: None,
+        basis,
+    }
+}
+
+/// The hybrid policy's windows from its histogram: (pre-warm, keep-alive
+/// end) after an invocation's end, ms; `None` when it falls back.
+pub fn hybrid_windows(bins: &[u32; HYBRID_BINS], oob: u32, total: u32) -> Option<(u64, u64)> {
+    if total < HYBRID_MIN_SAMPLES || oob * 2 > total {
+        return None;
+    }
+    let n = HYBRID_BINS as f64;
+    let mean = bins.iter().map(|&c| c as f64).sum::<f64>() / n;
+    let var = bins.iter().map(|&c| (c as f64 - mean).powi(2)).sum::<f64>() / n;
+    if mean == 0.0 || var.sqrt() / mean < HYBRID_MIN_CV {
+        return None;
+    }
+    // Percentiles over the in-bounds idle times, by bin.
+    let inside: u32 = bins.iter().sum();
+    let percentile = |q: f64| {
+        let rank = (q * inside as f64).ceil().max(1.0) as u32;
+        let mut seen = 0;
+        for (i, &c) in bins.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return i;
+            }
+        }
+        HYBRID_BINS - 1
+    };
+    // The head bin's start, the tail bin's end.
+    let head = (percentile(0.05) as f64 * 60_000.0 * 0.9) as u64;
+    let tail = ((percentile(0.99) + 1) as f64 * 60_000.0 * 1.1) as u64;
+    Some((head, tail))
+}
+
+fn hybrid(h: &History, params: &PolicyParams) -> Plan {
+    let (bins, oob, total) = h.hybrid_histogram();
+    let Some((head, tail)) = hybrid_windows(bins, oob, total) else {
+        return fixed(params, "fallback");
+    };
+    if head == 0 {
+        return Plan {
+            keep_alive_ms: tail,
+            prewarm: None,
+            bridge_ms: 0,
+            period: None,
+            basis: "histogram",
+        };
+    }
+    // Unloaded after each invocation; loaded again `head` after its end,
+    // kept to `tail`.
+    let prewarm = match (h.in_flight(), h.last_end()) {
+        (0, Some(end)) => Some(Window {
+            from_ms: end + head,
+            until_ms: end + tail,
+            count: 1,
+            expected_ms: end + head,
+        }),
+        _ => None,
+    };
+    Plan {
+        keep_alive_ms: 0,
+        prewarm,
+        bridge_ms: 0,
+        period: None,
+        basis: "histogram",
+    }
+}
+
+/// The keep-alive that minimises idle time plus `cold_cost_ms` per cold
+/// start over a fine histogram, at most `max_ms`.
+pub fn cost_keep_alive(bins: &[u32; FINE_BINS], oob: u32, cold_cost_ms: u64, max_ms: u64) -> u64 {
+    // Candidates: 0, each bin's upper edge below the cap, the cap.
+    let mut candidates: Vec<u64> = vec![0];
+    candidates.extend((0..FINE_BINS).map(fine_edge).filter(|&e| e < max_ms));
+    candidates.push(max_ms);
+    // An idle time in bin i is taken as its upper edge (the worst case).
+    let idle_of = |i: usize| fine_edge(i) as f64;
+    let mut best = (f64::INFINITY, 0);
+    for &k in &candidates {
+        let mut cost = oob as f64 * (k as f64 + cold_cost_ms as f64);
+        for (i, &c) in bins.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            let idle = idle_of(i);
+            cost += c as f64
+                * if idle <= k as f64 {
+                    idle
+                } else {
+                    k as f64 + cold_cost_ms as f64
+                };
+        }
+        if cost < best.0 {
+            best = (cost, k);
+        }
+    }
+    best.1
+}
+
+/// The period to act on at `now`, and its next window.
+fn acted_period(h: &mut History, now: u64, params: &PolicyParams) -> Option<(Period, Window)> {
+    let mut best: Option<(Period, Window)> = None;
+    for p in h.periods(now) {
+        let alive = now.saturating_sub(p.last_beat_ms) as f64
+            <= (MAX_SKIP as f64 + 0.5) * p.period_ms as f64;
+        if p.confidence < params.min_confidence || !alive {
+            continue;
+        }
+        let next = p.next_after(now, params.grace_ms);
+        let w = Window {
+            from_ms: next.saturating_sub(p.spread_ms + params.lead_ms),
+            until_ms: next + p.spread_ms + params.grace_ms,
+            count: p.burst.max(1),
+            expected_ms: next,
+        };
+        if best.as_ref().is_none_or(|(_, b)| w.from_ms < b.from_ms) {
+            best = Some((*p, w));
+        }
+    }
+    best
+}
+
+fn ember(h: &mut History, now: u64, params: &PolicyParams) -> Plan {
+    let max = params.keep_alive_max_ms;
+    if let Some((period, window)) = acted_period(h, now, params) {
+        return Plan {
+            keep_alive_ms: params.grace_ms.min(max),
+            prewarm: Some(window),
+            bridge_ms: params.bridge_ms,
+            period: Some(period),
+            basis: "periodic",
+        };
+    }
+    let (bins, oob, total) = h.fine_histogram();
+    if total < EMBER_MIN_SAMPLES {
+        return fixed(params, "fallback");
+    }
+    Plan {
+        keep_alive_ms: cost_keep_alive(bins, oob, params.cold_cost_ms, max),
+        prewarm: None,
+        bridge_ms: 0,
+        period: None,
+        basis: "histogram",
+    }
+}
+
+/// What `policy` says for the function of history `h` at `now`.
+pub fn plan(h: &mut History, policy: Policy, now: u64, params: &PolicyParams) -> Plan {
+    match policy {
+        Policy::Fixed => fixed(params, "fixed"),
+        Policy::Hybrid => hybrid(h, params),
+        Policy::Ember => ember(h, now, params),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hybrid_windows_match_a_hand_computed_example() {
+        // 100 idle times: 10 of 2 min (bin 2), 85 of 5 min (bin 5), 4 of
+        // 9 min (bin 9), 1 of 30 min (bin 30). p5 → rank 5 → bin 2;
+        // p99 → rank 99 → bin 9. Pre-warm = 2 min × 0.9 = 108 s;
+        // keep-alive end = (9 + 1) min × 1.1 = 660 s.
+        let mut bins = [0u32; HYBRID_BINS];
+        bins[2] = 10;
+        bins[5] = 85;
+        bins[9] = 4;
+        bins[30] = 1;
+        assert_eq!(hybrid_windows(&bins, 0, 100), Some((108_000, 660_000)));
+        // The same through a history: after an invocation ending at t,
+        // nothing is kept, and one instance is wanted from t + 108 s to
+        // t + 660 s.
+        let mut h = History::default();
+        let mut t = 0;
+        for (minutes, n) in [(2u64, 10), (5, 85), (9, 4), (30, 1)] {
+            for _ in 0..n {
+                h.arrived(t);
+                h.finished(t + 1_000);
+                t += 1_000 + minutes * 60_000 + 30_000;
+            }
+        }
+        h.arrived(t);
+        h.finished(t + 1_000);
+        let end = t + 1_000;
+        let plan = plan(&mut h, Policy::Hybrid, end, &PolicyParams::default());
+        assert_eq!(plan.keep_alive_ms, 0);
+        assert_eq!(
+            plan.prewarm.map(|w| (w.from_ms - end, w.until_ms - end)),
+            Some((108_000, 660_000))
+        );
+        assert!(!plan.keep(end, end + 1));
+        assert_eq!(plan.to_prewarm(end + 108_000, 0, None), 1);
+        assert_eq!(plan.to_prewarm(end + 107_999, 0, None), 0);
+        assert_eq!(plan.to_prewarm(end + 108_000, 0, Some(end + 108_000)), 0);
+    }
+
+    #[test]
+    fn the_hybrid_policy_falls_back_without_a_representative_histogram() {
+        let mut bins = [0u32; HYBRID_BINS];
+        // Too few.
+        bins[3] = 9;
+        assert_eq!(hybrid_windows(&bins, 0, 9), None);
+        // Mostly beyond 4 hours.
+        assert_eq!(hybrid_windows(&bins, 10, 19), None);
+        // Flat: one idle time in every bin.
+        let flat = [1u32; HYBRID_BINS];
+        assert_eq!(hybrid_windows(&flat, 0, HYBRID_BINS as u32), None);
+        // A 0 head: keep for the tail, no pre-warm.
+        bins[0] = 100;
+        let (head, tail) = hybrid_windows(&bins, 0, 109).unwrap();
+        assert_eq!((head, tail), (0, 4 * 60_000 * 11 / 10));
+    }
+
+    #[test]
+    fn the_cost_keep_alive_covers_short_gaps_and_skips_hopeless_ones() {
+        let mut bins = [0u32; FINE_BINS];
+        let b = |ms| super::super::fine_bin(ms).unwrap();
+        // A bursty consumer: 500 gaps of ~1 s inside bursts, 10 of an hour.
+        bins[b(1_000)] = 500;
+        bins[b(3_600_000)] = 10;
+        let k = cost_keep_alive(&bins, 0, 600_000, 600_000);
+        assert!((1_000..=1_300).contains(&k), "{k}");
+        // Gaps of 2 min, and the cold start worth 10 min: keep them.
+        let mut bins = [0u32; FINE_BINS];
+        bins[b(120_000)] = 20;
+        let k = cost_keep_alive(&bins, 0, 600_000, 600_000);
+        assert!((120_000..=150_000).contains(&k), "{k}");
+        // Gaps of 3 hours with a 10-min cap: nothing is kept.
+        let mut bins = [0u32; FINE_BINS];
+        bins[b(3 * 3_600_000)] = 20;
+        assert_eq!(cost_keep_alive(&bins, 0, 600_000, 600_000), 0);
+        // A cheap cold start: gaps of 2 min are not worth keeping for.
+        let mut bins = [0u32; FINE_BINS];
+        bins[b(120_000)] = 20;
+        assert_eq!(cost_keep_alive(&bins, 0, 60_000, 600_000), 0);
+    }
+
+    #[test]
+    fn ember_prewarms_a_periodic_function_just_before_its_beat() {
+        let params = PolicyParams::default();
+        let mut h = History::default();
+        for i in 0..10u64 {
+            h.arrived(i * 300_000);
+            h.finished(i * 300_000 + 200);
+        }
+        let now = 9 * 300_000 + 200;
+        let plan = plan(&mut h, Policy::Ember, now, &params);
+        assert_eq!(plan.basis, "periodic");
+        let w = plan.prewarm.unwrap();
+        assert_eq!(w.expected_ms, 10 * 300_000);
+        assert_eq!(w.from_ms, 10 * 300_000 - 50 - params.lead_ms);
+        assert_eq!(w.until_ms, 10 * 300_000 + 50 + params.grace_ms);
+        // The instance that just served lingers a second, then goes.
+        assert!(plan.keep(now, now + 1_000));
+        assert!(!plan.keep(now, now + 1_001));
+        // It is kept again from just before the window (if it were still
+        // there), and one is restored in the window.
+        assert!(plan.keep(now, w.from_ms - params.bridge_ms));
+        assert_eq!(plan.to_prewarm(w.from_ms, 0, None), 1);
+        assert_eq!(plan.to_prewarm(w.from_ms, 1, None), 0);
+        assert_eq!(plan.to_prewarm(w.until_ms, 0, None), 0);
+    }
+
+    #[test]
+    fn ember_stops_predicting_a_timer_that_stopped() {
+        let params = PolicyParams::default();
+        let mut h = History::default();
+        for i in 0..10u64 {
+            h.arrived(i * 60_000);
+            h.finished(i * 60_000 + 200);
+        }
+        let quiet = 9 * 60_000 + 5 * 60_000;
+        let plan = plan(&mut h, Policy::Ember, quiet, &params);
+        assert_ne!(plan.basis, "periodic");
+        assert_eq!(plan.prewarm, None);
+    }
+
+    #[test]
+    fn fixed_keeps_for_the_keep_alive_and_never_prewarms() {
+        let params = PolicyParams::default();
+        let mut h = History::default();
+        let plan = plan(&mut h, Policy::Fixed, 0, &params);
+        assert!(plan.keep(0, 600_000) && !plan.keep(0, 600_001));
+        assert_eq!(plan.to_prewarm(0, 0, None), 0);
+        assert_eq!(Policy::parse("ember"), Ok(Policy::Ember));
+        assert!(Policy::parse("lru").unwrap_err().contains("lru"));
+    }
+}
