@@ -146,6 +146,56 @@ async fn list_functions(State(agent): State<Arc<Agent>>) -> Json<serde_json::Val
     Json(json!(agent.functions()))
 }
 
+/// The pre-warm policy's counters per function, for `/metrics`.
+fn render_prewarm(out: &mut String, stats: &[(String, crate::prewarm::Stats)]) {
+    use std::fmt::Write;
+    let mut family = |name: &str, help: &str, lines: &mut dyn Iterator<Item = String>| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for line in lines {
+            let _ = writeln!(out, "{name}{line}");
+        }
+    };
+    family(
+        "ember_arrivals_total",
+        "Invocations that arrived, per function.",
+        &mut stats
+            .iter()
+            .map(|(f, s)| format!("{{function=\"{f}\"}} {}", s.arrivals)),
+    );
+    family(
+        "ember_predicted_arrivals_total",
+        "Arrivals the pre-warm policy predicted (the windows it opened), per function.",
+        &mut stats
+            .iter()
+            .map(|(f, s)| format!("{{function=\"{f}\"}} {}", s.predicted)),
+    );
+    family(
+        "ember_predicted_arrivals_hit_total",
+        "Arrivals that came inside a predicted window, per function.",
+        &mut stats
+            .iter()
+            .map(|(f, s)| format!("{{function=\"{f}\"}} {}", s.predicted_hits)),
+    );
+    family(
+        "ember_prewarms_total",
+        "Instances restored ahead of a predicted arrival, per function, by whether they then served.",
+        &mut stats.iter().flat_map(|(f, s)| {
+            [
+                format!("{{function=\"{f}\",outcome=\"used\"}} {}", s.prewarms_used),
+                format!("{{function=\"{f}\",outcome=\"unused\"}} {}", s.prewarms_unused),
+            ]
+        }),
+    );
+    family(
+        "ember_idle_instance_seconds_total",
+        "Time instances spent idle, per function.",
+        &mut stats
+            .iter()
+            .map(|(f, s)| format!("{{function=\"{f}\"}} {:.3}", s.idle_ms as f64 / 1e3)),
+    );
+}
+
 async fn get_function(
     State(agent): State<Arc<Agent>>,
     Path(name): Path<String>,
@@ -160,6 +210,8 @@ async fn get_function(
     value["instances"] = json!(instances);
     value["template_generation"] = json!(agent.template_generation(&v));
     value["broken"] = json!(agent.is_broken(&v));
+    let auto = v.config.prewarm == crate::functions::Prewarm::Auto;
+    value["prewarm_state"] = agent.prewarm.describe(&name, auto, agent.prewarm.now_ms());
     value["queued"] = json!(agent
         .events
         .depths()
@@ -956,6 +1008,12 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
         "ember_starts_total{{start=\"restored\"}} {}",
         m.restored.load(Ordering::Relaxed)
     );
+    let _ = writeln!(
+        out,
+        "ember_starts_total{{start=\"prewarmed\"}} {}",
+        m.prewarmed.load(Ordering::Relaxed)
+    );
+    render_prewarm(&mut out, &agent.prewarm.stats());
     for (metric, help, histogram) in [
         (
             "ember_invocation_seconds",

@@ -57,6 +57,22 @@ pub struct FunctionConfig {
     /// Whether failed synchronous invocations are journaled too.
     #[serde(default)]
     pub journal_sync_failures: bool,
+    /// Whether emberd may restore instances ahead of predicted arrivals
+    /// and keep idle ones as the host's pre-warm policy says (`auto`), or
+    /// keeps each for `keep_alive_s` only (`off`).
+    #[serde(default)]
+    pub prewarm: Prewarm,
+}
+
+/// A function's pre-warm setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prewarm {
+    /// The host's policy decides.
+    #[default]
+    Auto,
+    /// A fixed keep-alive, nothing ahead.
+    Off,
 }
 
 fn default_max_queued() -> u64 {
@@ -102,6 +118,7 @@ impl Default for FunctionConfig {
             on_failure: None,
             on_error: None,
             journal_sync_failures: false,
+            prewarm: Prewarm::Auto,
         }
     }
 }

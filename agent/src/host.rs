@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub events: crate::events::EventSettings,
     /// Metaevents.
     pub triggers: crate::metaevents::TriggerSettings,
+    /// The keep-alive and pre-warm policy of functions with `prewarm: auto`.
+    pub prewarm_policy: crate::predict::Policy,
 }
 
 /// An error the API reports: status, kind, message.
@@ -121,6 +123,8 @@ pub struct Metrics {
     pub warm: AtomicU64,
     /// Restored starts.
     pub restored: AtomicU64,
+    /// Starts on an instance restored ahead of the arrival.
+    pub prewarmed: AtomicU64,
     /// Function errors by kind.
     pub errors: Mutex<BTreeMap<String, u64>>,
     /// Invocation latency histogram (µs upper bounds → count).
@@ -209,6 +213,8 @@ pub struct Agent {
     pub triggers: crate::metaevents::Triggers,
     /// The schedules.
     pub schedules: crate::schedules::Schedules,
+    /// Arrival histories and the pre-warm policy's plans.
+    pub prewarm: crate::prewarm::Prewarm,
     /// Itself, for control actions that run on threads of their own.
     pub(crate) me: Weak<Agent>,
     /// Versions (their deploy ids) whose template cannot be rebuilt.
@@ -297,8 +303,10 @@ impl Agent {
                 }
             }
         }
+        let prewarm = crate::prewarm::Prewarm::new(config.prewarm_policy);
         let agent = Arc::new_cyclic(|me| Agent {
             me: me.clone(),
+            prewarm,
             events,
             triggers,
             schedules,
@@ -579,10 +587,14 @@ impl Agent {
             ));
         }
         let mut v: Arc<FunctionVersion>;
+        // An arrival of a function that exists; its end is recorded when
+        // this drops, whatever the outcome.
+        self.current(name)?;
+        let _arrival = self.prewarm.arrived(name);
         let deadline = Instant::now() + QUEUE_WAIT;
         let mut affinity_deadline: Option<Instant> = None;
         let mut waited = false;
-        let (id, mut vmm, start, affinity) = loop {
+        let (id, mut vmm, start, affinity, idled) = loop {
             if self.draining.load(Ordering::Relaxed) {
                 return Err(shutting_down());
             }
@@ -624,7 +636,18 @@ impl Agent {
                                     if let Some(key) = key {
                                         pools.bind(name, key, &id);
                                     }
-                                    break (id, vmm, Start::Warm, affinity);
+                                    let (start, idled) = match pools.instances.get_mut(&id) {
+                                        Some(i) => (
+                                            if std::mem::take(&mut i.prewarmed) {
+                                                Start::Prewarmed
+                                            } else {
+                                                Start::Warm
+                                            },
+                                            Some((i.last_used.elapsed(), i.served == 0)),
+                                        ),
+                                        None => (Start::Warm, None),
+                                    };
+                                    break (id, vmm, start, affinity, idled);
                                 }
                             }
                             None => (Step::Again, notified, None),
@@ -681,6 +704,7 @@ impl Agent {
                                 memory_mib: need,
                                 vmm_id: None,
                                 template_generation: self.template_generation(&v),
+                                prewarmed: false,
                             },
                         );
                         if let Some(key) = key {
@@ -707,7 +731,7 @@ impl Agent {
                             i.restoring = false;
                             i.vmm_id = Some(vmm.id.clone());
                         }
-                        break (id, vmm, Start::Restored, affinity);
+                        break (id, vmm, Start::Restored, affinity, None);
                     }
                     Err(e) => {
                         lock(&self.pools).remove(&id);
@@ -733,6 +757,11 @@ impl Agent {
                 },
             }
         };
+        if let Some((idle, first)) = idled {
+            let prewarmed = start == Start::Prewarmed;
+            self.prewarm
+                .idle_ended(name, idle, (prewarmed && first).then_some(true));
+        }
         let span = tracing::Span::current();
         span.record("instance", id.as_str());
         span.record("version", v.version);
@@ -742,6 +771,7 @@ impl Agent {
         let counter = match start {
             Start::Warm => &self.metrics.warm,
             Start::Restored => &self.metrics.restored,
+            Start::Prewarmed => &self.metrics.prewarmed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let mut crashed = None;
@@ -893,10 +923,21 @@ impl Agent {
         self.changed.notify_waiters();
     }
 
-    /// Removes idle instances past their keep-alive (or of an old version,
-    /// or all idle ones with `all`); returns how many.
+    /// Removes idle instances the pre-warm policy lets go (never later
+    /// than their function's `keep_alive_s`), of an old version, or all
+    /// idle ones with `all`; returns how many.
     pub fn reap(&self, all: bool) -> usize {
         let now = Instant::now();
+        let now_ms = self.prewarm.ms(now);
+        let current: HashMap<String, Arc<FunctionVersion>> = lock(&self.current).clone();
+        let plans: HashMap<&str, crate::predict::Plan> = current
+            .iter()
+            .map(|(name, v)| {
+                let auto = v.config.prewarm == crate::functions::Prewarm::Auto;
+                let plan = self.prewarm.plan(name, v.config.keep_alive_s, auto, now_ms);
+                (name.as_str(), plan)
+            })
+            .collect();
         let doomed: Vec<Instance> = {
             let mut pools = lock(&self.pools);
             let ids: Vec<String> = pools
@@ -904,21 +945,133 @@ impl Agent {
                 .values()
                 .filter(|i| i.vmm.is_some())
                 .filter(|i| {
-                    let current = lock(&self.current).get(&i.function).cloned();
-                    let keep_alive = current.as_ref().map_or(0, |v| v.config.keep_alive_s);
-                    all || current.as_ref().map(|v| v.uid) != Some(i.uid)
-                        || now.duration_since(i.last_used) > Duration::from_secs(keep_alive)
+                    let Some(v) = current.get(&i.function).filter(|v| v.uid == i.uid) else {
+                        return true;
+                    };
+                    let cap = Duration::from_secs(v.config.keep_alive_s);
+                    let keep = now.duration_since(i.last_used) <= cap
+                        && plans
+                            .get(i.function.as_str())
+                            .is_none_or(|p| p.keep(self.prewarm.ms(i.last_used), now_ms));
+                    all || !keep
                 })
                 .map(|i| i.id.clone())
                 .collect();
             ids.iter().filter_map(|id| pools.remove(id)).collect()
         };
         let n = doomed.len();
+        for i in &doomed {
+            let unused = (i.prewarmed && i.served == 0).then_some(false);
+            self.prewarm
+                .idle_ended(&i.function, now.duration_since(i.last_used), unused);
+        }
         drop(doomed);
         if n > 0 {
             self.changed.notify_waiters();
         }
         n
+    }
+
+    /// Restores instances ahead of the arrivals the pre-warm policy
+    /// expects, then reaps what it lets go (blocking: call on a blocking
+    /// thread, a few times a second).
+    pub fn prewarm_tick(&self) {
+        if self.draining.load(Ordering::Relaxed) {
+            return;
+        }
+        let now_ms = self.prewarm.now_ms();
+        let current: Vec<Arc<FunctionVersion>> = lock(&self.current).values().cloned().collect();
+        for v in current {
+            if v.config.prewarm == crate::functions::Prewarm::Off || self.is_broken(&v) {
+                continue;
+            }
+            let plan = self
+                .prewarm
+                .plan(&v.name, v.config.keep_alive_s, true, now_ms);
+            if plan.prewarm.is_none() {
+                continue;
+            }
+            // Idle instances, and those being restored, of this version.
+            let ready = lock(&self.pools)
+                .instances
+                .values()
+                .filter(|i| i.function == v.name && i.uid == v.uid)
+                .filter(|i| i.vmm.is_some() || i.restoring)
+                .count();
+            let n = self
+                .prewarm
+                .take_prewarm(&v.name, &plan, now_ms, ready as u32);
+            for _ in 0..n {
+                self.prewarm_one(&v);
+            }
+        }
+        self.reap(false);
+    }
+
+    /// Restores one instance of `v` ahead of an expected arrival, if the
+    /// function's instance limit and the memory budget leave room (a
+    /// guess never evicts another instance).
+    fn prewarm_one(&self, v: &Arc<FunctionVersion>) {
+        let need = v.config.memory_mib.unwrap_or(DEFAULT_CLAIM_MIB);
+        let id = {
+            let mut pools = lock(&self.pools);
+            let count = pools
+                .instances
+                .values()
+                .filter(|i| i.function == v.name && i.uid == v.uid)
+                .count();
+            let claimed: u64 = pools.instances.values().map(|i| i.memory_mib).sum();
+            if count >= v.config.max_concurrency as usize
+                || claimed + need > self.config.memory_budget_mib
+            {
+                tracing::debug!(function = %v.name, "no room to pre-warm an instance");
+                return;
+            }
+            let id = pools.new_id(&v.name);
+            pools.instances.insert(
+                id.clone(),
+                Instance {
+                    id: id.clone(),
+                    function: v.name.clone(),
+                    version: v.version,
+                    uid: v.uid,
+                    restoring: true,
+                    vmm: None,
+                    last_used: Instant::now(),
+                    served: 0,
+                    created: Instant::now(),
+                    memory_mib: need,
+                    vmm_id: None,
+                    template_generation: self.template_generation(v),
+                    prewarmed: true,
+                },
+            );
+            id
+        };
+        match self.restore(&id, v) {
+            Ok(vmm) => {
+                tracing::debug!(function = %v.name, instance = %id, "pre-warmed");
+                let mut pools = lock(&self.pools);
+                match pools.instances.get_mut(&id) {
+                    Some(i) => {
+                        i.restoring = false;
+                        i.vmm_id = Some(vmm.id.clone());
+                        i.vmm = Some(vmm);
+                        i.last_used = Instant::now();
+                    }
+                    // Deleted meanwhile: the VMM goes once unlocked.
+                    None => {
+                        drop(pools);
+                        drop(vmm);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(function = %v.name, "pre-warming an instance failed: {}", e.message);
+                lock(&self.pools).remove(&id);
+            }
+        }
+        self.changed.notify_waiters();
     }
 
     /// Removes instance `id` (killing its VMM if idle; a busy one is
@@ -941,6 +1094,7 @@ impl Agent {
         self.store.delete(name)?;
         lock(&self.current).remove(name);
         lock(&self.validated).retain(|(function, _)| function != name);
+        self.prewarm.forget(name);
         let doomed: Vec<Instance> = {
             let mut pools = lock(&self.pools);
             let ids: Vec<String> = pools
@@ -975,6 +1129,7 @@ impl Agent {
                     "function": i.function,
                     "version": i.version,
                     "state": if i.vmm.is_some() { "idle" } else if i.restoring { "restoring" } else { "busy" },
+                    "prewarmed": i.prewarmed,
                     "pid": i.vmm.as_ref().map(Vmm::pid),
                     "vmm": i.vmm_id,
                     "invocations": i.served,

@@ -12,6 +12,7 @@ pub mod metadata;
 pub mod metaevents;
 pub mod pool;
 pub mod predict;
+pub mod prewarm;
 pub mod repair;
 pub mod schedules;
 pub mod snapshots;

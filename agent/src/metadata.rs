@@ -59,7 +59,7 @@ pub const SERIES: &[SeriesDef] = &[
     SeriesDef { name: "invocations", scope: Scope::Function, kind: Kind::Counter, label: None, help: "invocations that reached an instance (sync and async attempts)" },
     SeriesDef { name: "errors", scope: Scope::Function, kind: Kind::Counter, label: Some(("kind", &[])), help: "failed invocations by error kind (trap, timeout, handler_error, out_of_memory, crash, …, and emberd's own: internal, vmm_error)" },
     SeriesDef { name: "throttles", scope: Scope::Function, kind: Kind::Counter, label: None, help: "invocations refused with 429" },
-    SeriesDef { name: "starts", scope: Scope::Function, kind: Kind::Counter, label: Some(("kind", &["warm", "restored"])), help: "invocations by how their instance was found" },
+    SeriesDef { name: "starts", scope: Scope::Function, kind: Kind::Counter, label: Some(("kind", &["warm", "prewarmed", "restored"])), help: "invocations by how their instance was found" },
     SeriesDef { name: "duration_ms", scope: Scope::Function, kind: Kind::Stat, label: Some(("stat", &["p50", "p99", "max"])), help: "invocation time in emberd, ms, over the second" },
     SeriesDef { name: "concurrency", scope: Scope::Function, kind: Kind::Gauge, label: None, help: "instances busy or restoring" },
     SeriesDef { name: "queued", scope: Scope::Function, kind: Kind::Gauge, label: None, help: "async events open (queued, retrying, running)" },
@@ -109,6 +109,7 @@ struct FnSecond {
     errors: BTreeMap<String, u64>,
     throttles: u64,
     warm: u64,
+    prewarmed: u64,
     restored: u64,
     durations_ms: Vec<f32>,
     retries: u64,
@@ -127,6 +128,8 @@ pub struct Observation<'a> {
     pub served: bool,
     /// Warm (`true`) or restored, when served.
     pub warm: bool,
+    /// Restored ahead of its arrival (and not `warm`), when served.
+    pub prewarmed: bool,
     /// The error kind, when it failed.
     pub error: Option<&'a str>,
     /// Refused with a 429.
@@ -380,6 +383,8 @@ impl Live {
             s.invocations += 1;
             if o.warm {
                 s.warm += 1;
+            } else if o.prewarmed {
+                s.prewarmed += 1;
             } else {
                 s.restored += 1;
             }
@@ -486,6 +491,13 @@ impl Store {
             );
             put(&mut frame, THROTTLES, f, empty.clone(), s.throttles as f64);
             put(&mut frame, STARTS, f, Arc::from("warm"), s.warm as f64);
+            put(
+                &mut frame,
+                STARTS,
+                f,
+                Arc::from("prewarmed"),
+                s.prewarmed as f64,
+            );
             put(
                 &mut frame,
                 STARTS,
@@ -936,6 +948,7 @@ mod tests {
             function,
             served: true,
             warm: true,
+            prewarmed: false,
             error,
             throttled: false,
             duration_ms: ms,

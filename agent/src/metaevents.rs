@@ -898,6 +898,7 @@ impl Agent {
         chain: Chain,
         throttles: bool,
     ) {
+        let start = served.as_ref().ok().map(|s| s.start);
         let (is_served, warm, error, throttled) = match served {
             Ok(s) => (
                 true,
@@ -915,6 +916,7 @@ impl Agent {
             function,
             served: is_served,
             warm,
+            prewarmed: start == Some(crate::pool::Start::Prewarmed),
             error: error.as_deref(),
             throttled,
             duration_ms: ms,
@@ -1534,6 +1536,7 @@ mod tests {
                 function: "f",
                 served: true,
                 warm: true,
+                prewarmed: false,
                 error: Some("trap"),
                 throttled: false,
                 duration_ms: 1.0,

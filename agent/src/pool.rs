@@ -28,6 +28,8 @@ pub enum Start {
     Warm,
     /// Restored from the template for this request.
     Restored,
+    /// Restored ahead of a predicted arrival, serving for the first time.
+    Prewarmed,
 }
 
 impl Start {
@@ -36,6 +38,7 @@ impl Start {
         match self {
             Start::Warm => "warm",
             Start::Restored => "restored",
+            Start::Prewarmed => "prewarmed",
         }
     }
 }
@@ -89,6 +92,8 @@ pub struct Instance {
     pub memory_mib: u64,
     /// The template rebuild it was restored from (0: the deploy's).
     pub template_generation: u64,
+    /// Restored ahead of a predicted arrival and not yet used.
+    pub prewarmed: bool,
 }
 
 /// What the router decided.
@@ -300,6 +305,7 @@ mod tests {
                     memory_mib: 128,
                     template_generation: 0,
                     vmm_id: None,
+                    prewarmed: false,
                 },
             );
         }

@@ -44,9 +44,14 @@ enum Command {
         /// Instances at most.
         #[arg(long, value_name = "N")]
         max_concurrency: Option<u32>,
-        /// Idle instances kept this long, seconds.
+        /// Idle instances kept at most this long, seconds.
         #[arg(long, value_name = "S")]
         keep_alive: Option<u64>,
+        /// Restore instances ahead of predicted arrivals and keep idle
+        /// ones as the host's policy says (auto), or keep each for the
+        /// keep-alive only (off).
+        #[arg(long, value_name = "auto|off", value_parser = ["auto", "off"])]
+        prewarm: Option<String>,
         #[command(flatten)]
         async_config: AsyncConfig,
     },
@@ -438,6 +443,7 @@ fn run(cli: Cli) -> Result<(), String> {
             files,
             max_concurrency,
             keep_alive,
+            prewarm,
             async_config,
         } => {
             let mut config = serde_json::json!({});
@@ -453,6 +459,9 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             if let Some(k) = keep_alive {
                 config["keep_alive_s"] = (*k).into();
+            }
+            if let Some(p) = prewarm {
+                config["prewarm"] = p.as_str().into();
             }
             if !env.is_empty() {
                 config["env"] = env

@@ -45,6 +45,10 @@ struct Args {
     /// Memory all instances may claim, MiB (default: half the host's).
     #[arg(long, value_name = "MIB")]
     memory_budget_mib: Option<u64>,
+    /// How idle instances are kept and restored ahead of predicted
+    /// arrivals: fixed, hybrid or ember (default ember; docs/prewarm.md).
+    #[arg(long, value_name = "POLICY", value_parser = ["fixed", "hybrid", "ember"])]
+    prewarm_policy: Option<String>,
     /// Log lines as `text` or `json` (one object per line). The level
     /// comes from $EMBER_LOG (default info).
     #[arg(long, value_name = "FORMAT")]
@@ -66,6 +70,7 @@ struct ConfigFile {
     vm_mem_mib: Option<usize>,
     prepared: Option<usize>,
     memory_budget_mib: Option<u64>,
+    prewarm_policy: Option<String>,
     log_format: Option<LogFormat>,
     vmm_log_level: Option<String>,
     // Async invocations and the journal (config file only).
@@ -224,7 +229,14 @@ fn run(args: Args, file: ConfigFile) -> Result<(), String> {
     if !guest_image.is_file() {
         return Err(format!("no guest image at {}", guest_image.display()));
     }
+    let prewarm_policy = ember_agent::predict::Policy::parse(
+        args.prewarm_policy
+            .or(file.prewarm_policy)
+            .as_deref()
+            .unwrap_or("ember"),
+    )?;
     let config = AgentConfig {
+        prewarm_policy,
         state_dir,
         vmm,
         guest_image,
@@ -306,6 +318,22 @@ async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
                 agent.refill_prepared();
             })
             .await;
+        }
+    });
+
+    // The pre-warm policy: restores ahead of predicted arrivals, and
+    // reaps what it lets go, ten times a second.
+    let planner = agent.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if planner.draining.load(Ordering::Relaxed) {
+                return;
+            }
+            let agent = planner.clone();
+            let _ = tokio::task::spawn_blocking(move || agent.prewarm_tick()).await;
         }
     });
 

@@ -54,6 +54,10 @@ pub struct History {
     fine_total: u32,
     detected: Vec<Period>,
     detected_at: Option<(u64, u64)>,
+    /// Idle times recorded since start (the fine histogram's version).
+    idles: u64,
+    /// The last cost keep-alive: (idles, cold cost, cap, keep-alive).
+    keep_alive_cache: Option<(u64, u64, u64, u64)>,
 }
 
 impl Default for History {
@@ -73,6 +77,8 @@ impl Default for History {
             fine_total: 0,
             detected: Vec::new(),
             detected_at: None,
+            idles: 0,
+            keep_alive_cache: None,
         }
     }
 }
@@ -118,6 +124,7 @@ impl History {
     }
 
     fn idle(&mut self, idle_ms: u64) {
+        self.idles += 1;
         let minute = (idle_ms / 60_000) as usize;
         match self.hybrid.get_mut(minute) {
             Some(bin) => *bin += 1,
@@ -190,6 +197,23 @@ impl History {
     /// The fine histogram: counts per bin, out-of-bounds, total.
     pub fn fine_histogram(&self) -> (&[u32; FINE_BINS], u32, u32) {
         (&self.fine, self.fine_oob, self.fine_total)
+    }
+
+    /// [`policy::cost_keep_alive`] over the fine histogram, computed
+    /// again only after new idle times.
+    pub fn cost_keep_alive(&mut self, cold_cost_ms: u64, max_ms: u64) -> u64 {
+        match self.keep_alive_cache {
+            Some((idles, cold, max, k))
+                if idles == self.idles && cold == cold_cost_ms && max == max_ms =>
+            {
+                k
+            }
+            _ => {
+                let k = policy::cost_keep_alive(&self.fine, self.fine_oob, cold_cost_ms, max_ms);
+                self.keep_alive_cache = Some((self.idles, cold_cost_ms, max_ms, k));
+                k
+            }
+        }
     }
 
     /// What `policy` says for this function at `now`.

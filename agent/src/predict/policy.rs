@@ -15,9 +15,8 @@
 //! - `ember`: a detected period (confidence ≥ `min_confidence`, still
 //!   beating) gets an instance restored `lead_ms` before the earliest
 //!   expected arrival, kept to `grace_ms` after the latest; after an
-//!   invocation the instance lingers `grace_ms` only, unless the next
-//!   window opens within `bridge_ms` (a restore every few seconds buys
-//!   nothing). Otherwise the keep-alive is the one that minimises the
+//!   invocation the instance lingers `linger_ms` only (a beat's
+//!   stragglers), unless the next window opens within `bridge_ms`. Otherwise the keep-alive is the one that minimises the
 //!   idle time spent plus `cold_cost_ms` per cold start over the fine
 //!   idle-time histogram, capped at `keep_alive_max_ms`: a function whose
 //!   idle times mostly exceed the cap keeps nothing, a bursty one keeps
@@ -78,9 +77,11 @@ pub struct PolicyParams {
     /// expected arrival (a restore takes ~4 ms; the rest is margin), ms.
     pub lead_ms: u64,
     /// How long after the latest expected arrival a pre-warmed instance
-    /// waits, and how long an instance lingers after an invocation of a
-    /// periodic function, ms.
+    /// waits, ms.
     pub grace_ms: u64,
+    /// How long an instance of a periodic function lingers after an
+    /// invocation (arrivals closer than this are one beat), ms.
+    pub linger_ms: u64,
     /// An idle instance whose next window opens within this is kept
     /// rather than reaped and restored again, ms.
     pub bridge_ms: u64,
@@ -96,7 +97,8 @@ impl Default for PolicyParams {
             keep_alive_max_ms: 600_000,
             lead_ms: 250,
             grace_ms: 1_000,
-            bridge_ms: 2_000,
+            linger_ms: super::detect::MERGE_MS,
+            bridge_ms: 1_000,
             min_confidence: 0.6,
             cold_cost_ms: 600_000,
         }
@@ -286,19 +288,18 @@ fn ember(h: &mut History, now: u64, params: &PolicyParams) -> Plan {
     let max = params.keep_alive_max_ms;
     if let Some((period, window)) = acted_period(h, now, params) {
         return Plan {
-            keep_alive_ms: params.grace_ms.min(max),
+            keep_alive_ms: params.linger_ms.min(max),
             prewarm: Some(window),
             bridge_ms: params.bridge_ms,
             period: Some(period),
             basis: "periodic",
         };
     }
-    let (bins, oob, total) = h.fine_histogram();
-    if total < EMBER_MIN_SAMPLES {
+    if h.fine_histogram().2 < EMBER_MIN_SAMPLES {
         return fixed(params, "fallback");
     }
     Plan {
-        keep_alive_ms: cost_keep_alive(bins, oob, params.cold_cost_ms, max),
+        keep_alive_ms: h.cost_keep_alive(params.cold_cost_ms, max),
         prewarm: None,
         bridge_ms: 0,
         period: None,
@@ -414,9 +415,9 @@ mod tests {
         assert_eq!(w.expected_ms, 10 * 300_000);
         assert_eq!(w.from_ms, 10 * 300_000 - 50 - params.lead_ms);
         assert_eq!(w.until_ms, 10 * 300_000 + 50 + params.grace_ms);
-        // The instance that just served lingers a second, then goes.
-        assert!(plan.keep(now, now + 1_000));
-        assert!(!plan.keep(now, now + 1_001));
+        // The instance that just served lingers half a second, then goes.
+        assert!(plan.keep(now, now + 500));
+        assert!(!plan.keep(now, now + 501));
         // It is kept again from just before the window (if it were still
         // there), and one is restored in the window.
         assert!(plan.keep(now, w.from_ms - params.bridge_ms));
