@@ -757,10 +757,16 @@ impl Agent {
                 },
             }
         };
-        if let Some((idle, first)) = idled {
-            let prewarmed = start == Start::Prewarmed;
-            self.prewarm
-                .idle_ended(name, idle, (prewarmed && first).then_some(true));
+        let prewarmed = start == Start::Prewarmed;
+        match idled {
+            Some((idle, first)) => {
+                self.prewarm
+                    .idle_ended(name, idle, (prewarmed && first).then_some(true));
+                if !prewarmed {
+                    self.prewarm.reused(name, idle);
+                }
+            }
+            None => self.prewarm.cold(name),
         }
         let span = tracing::Span::current();
         span.record("instance", id.as_str());
@@ -962,8 +968,11 @@ impl Agent {
         let n = doomed.len();
         for i in &doomed {
             let unused = (i.prewarmed && i.served == 0).then_some(false);
-            self.prewarm
-                .idle_ended(&i.function, now.duration_since(i.last_used), unused);
+            let idle = now.duration_since(i.last_used);
+            self.prewarm.idle_ended(&i.function, idle, unused);
+            if !i.prewarmed {
+                self.prewarm.reaped(&i.function, idle);
+            }
         }
         drop(doomed);
         if n > 0 {

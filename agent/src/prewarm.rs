@@ -158,11 +158,37 @@ impl Prewarm {
     pub fn idle_ended(&self, function: &str, idle: Duration, prewarm: Option<bool>) {
         let mut functions = lock(&self.functions);
         let s = functions.entry(function.to_string()).or_default();
-        s.stats.idle_ms += idle.as_millis() as u64;
+        let idle_ms = idle.as_millis() as u64;
+        s.stats.idle_ms += idle_ms;
         match prewarm {
             Some(true) => s.stats.prewarms_used += 1,
             Some(false) => s.stats.prewarms_unused += 1,
             None => {}
+        }
+    }
+
+    /// An idle instance of `function` (kept after an invocation, not
+    /// restored ahead) served again after `idle`.
+    pub fn reused(&self, function: &str, idle: Duration) {
+        if let Some(s) = lock(&self.functions).get_mut(function) {
+            s.history.reused(idle.as_millis() as u64);
+        }
+    }
+
+    /// An idle instance of `function` kept after an invocation was reaped
+    /// after `idle`.
+    pub fn reaped(&self, function: &str, idle: Duration) {
+        let now = self.now_ms();
+        if let Some(s) = lock(&self.functions).get_mut(function) {
+            s.history.reaped(now, idle.as_millis() as u64);
+        }
+    }
+
+    /// An arrival of `function` found no idle instance.
+    pub fn cold(&self, function: &str) {
+        let now = self.now_ms();
+        if let Some(s) = lock(&self.functions).get_mut(function) {
+            s.history.cold(now);
         }
     }
 

@@ -4,6 +4,10 @@
 //! writes the samples' summaries as JSON. Run it on an idle machine: it
 //! warns when the load average says otherwise. docs/BENCHMARKS.md records
 //! the figures and the commands that made them.
+//!
+//! Two commands need no VM: `gen-trace` writes a synthetic invocation
+//! trace ([`trace`]) and `sim` replays a trace against the keep-alive and
+//! pre-warm policies ([`sim`]).
 
 mod agent;
 mod functions;
@@ -11,7 +15,9 @@ mod launch;
 mod metaevents;
 mod procfs;
 mod restore;
+mod sim;
 mod stats;
+mod trace;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -151,6 +157,55 @@ enum Bench {
         #[arg(long, value_name = "PATH")]
         firecracker: Option<PathBuf>,
     },
+    /// Writes a synthetic invocation trace in the Azure Functions 2019
+    /// schema (per-minute counts): timers, diurnal HTTP, bursty queue
+    /// consumers and rare functions.
+    #[command(after_help = trace::MIX_HELP)]
+    GenTrace {
+        /// Functions (rows).
+        #[arg(long, default_value_t = 1_000)]
+        functions: usize,
+        /// Minutes (count columns).
+        #[arg(long, default_value_t = 1_440)]
+        minutes: usize,
+        /// The seed: the same seed writes the same trace.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The CSV to write (default: stdout).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Replays an invocation trace (Azure Functions 2019 schema) against
+    /// the keep-alive and pre-warm policies: cold starts, idle memory-time,
+    /// pre-warms, per policy and per trigger.
+    Sim {
+        /// The trace: HashOwner, HashApp, HashFunction, an optional Trigger, 1..N.
+        #[arg(long, value_name = "FILE")]
+        trace: PathBuf,
+        /// function_durations_percentiles: `Average` (ms) by HashFunction
+        /// (default 1000 ms).
+        #[arg(long, value_name = "FILE")]
+        durations: Option<PathBuf>,
+        /// app_memory_percentiles: `AverageAllocatedMb` by HashApp
+        /// (default 128 MiB).
+        #[arg(long, value_name = "FILE")]
+        memory: Option<PathBuf>,
+        /// fixed, hybrid, ember or all.
+        #[arg(long, default_value = "all")]
+        policy: String,
+        /// The fixed keep-alive, and the other policies' cap, seconds.
+        #[arg(long, default_value_t = 600.0)]
+        keep_alive_s: f64,
+        /// What a cold start (a restore) adds to an invocation, ms.
+        #[arg(long, default_value_t = 3.9)]
+        cold_start_ms: f64,
+        /// The seed of the arrivals' placement inside each minute.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Simulation threads (0: one per CPU).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
 }
 
 fn main() {
@@ -162,63 +217,35 @@ fn main() {
              (a build beside a benchmark turns a 0.4 ms VM setup into 10 ms)"
         );
     }
-    let result =
-        Binaries::find(args.vmm.clone(), args.guest_image.clone()).and_then(|binaries| match args
-            .command
-        {
-            Bench::Boot {
-                runs,
-                vcpus,
-                mem_mib,
-            } => bench_boot(&binaries, runs, vcpus, mem_mib, args.pin),
-            Bench::Echo { count, ref sizes } => bench_echo(&binaries, count, sizes, args.pin),
-            Bench::InvokeVmm {
-                count,
-                ref module,
-                event_bytes,
-                ref gaps_us,
-                ref polls_us,
-            } => functions::bench_invoke(
-                &binaries,
-                count,
-                module.clone(),
-                event_bytes,
-                gaps_us,
-                polls_us,
-                args.pin,
-            ),
-            Bench::Sha256 { runs, bytes } => {
-                functions::bench_sha256(&binaries, runs, bytes, args.pin)
-            }
-            Bench::Ring0 => bench_ring0(&binaries),
-            Bench::Invoke {
-                count,
-                restores,
-                seconds,
-            } => agent::bench_invoke(&binaries, count, restores, seconds),
-            Bench::Async {
-                seconds,
-                count,
-                backlog,
-            } => agent::bench_async(&binaries, seconds, count, backlog),
-            Bench::Metaevents { fires, ticks } => {
-                metaevents::bench_metaevents(&binaries, fires, ticks)
-            }
-            Bench::Restore {
-                runs,
-                mem_mib,
-                ref copies,
-                ref firecracker,
-            } => restore::bench_restore(
-                &binaries,
-                &restore::Options {
-                    runs,
-                    mem_mib,
-                    copies: copies.clone(),
-                    firecracker: firecracker.clone(),
-                },
-            ),
-        });
+    let result = match &args.command {
+        Bench::GenTrace {
+            functions,
+            minutes,
+            seed,
+            out,
+        } => trace::command(*functions, *minutes, *seed, out.as_deref()),
+        Bench::Sim {
+            trace,
+            durations,
+            memory,
+            policy,
+            keep_alive_s,
+            cold_start_ms,
+            seed,
+            threads,
+        } => sim::command(&sim::Options {
+            trace: trace.clone(),
+            durations: durations.clone(),
+            memory: memory.clone(),
+            policy: policy.clone(),
+            keep_alive_s: *keep_alive_s,
+            cold_start_ms: *cold_start_ms,
+            seed: *seed,
+            threads: *threads,
+        }),
+        _ => Binaries::find(args.vmm.clone(), args.guest_image.clone())
+            .and_then(|binaries| run_vm_bench(&binaries, &args)),
+    };
     let mut report = match result {
         Ok(report) => report,
         Err(e) => {
@@ -234,7 +261,67 @@ fn main() {
             eprintln!("ember-bench: cannot write {}: {e}", path.display());
             std::process::exit(1);
         }
-        println!("results written to {}", path.display());
+        let note = format!("results written to {}", path.display());
+        match args.command {
+            // Its stdout may be the CSV.
+            Bench::GenTrace { .. } => eprintln!("{note}"),
+            _ => println!("{note}"),
+        }
+    }
+}
+
+/// Runs one of the commands that drive VMs.
+fn run_vm_bench(binaries: &Binaries, args: &Args) -> Result<serde_json::Value, String> {
+    match args.command {
+        Bench::Boot {
+            runs,
+            vcpus,
+            mem_mib,
+        } => bench_boot(binaries, runs, vcpus, mem_mib, args.pin),
+        Bench::Echo { count, ref sizes } => bench_echo(binaries, count, sizes, args.pin),
+        Bench::InvokeVmm {
+            count,
+            ref module,
+            event_bytes,
+            ref gaps_us,
+            ref polls_us,
+        } => functions::bench_invoke(
+            binaries,
+            count,
+            module.clone(),
+            event_bytes,
+            gaps_us,
+            polls_us,
+            args.pin,
+        ),
+        Bench::Sha256 { runs, bytes } => functions::bench_sha256(binaries, runs, bytes, args.pin),
+        Bench::Ring0 => bench_ring0(binaries),
+        Bench::Invoke {
+            count,
+            restores,
+            seconds,
+        } => agent::bench_invoke(binaries, count, restores, seconds),
+        Bench::Async {
+            seconds,
+            count,
+            backlog,
+        } => agent::bench_async(binaries, seconds, count, backlog),
+        Bench::Metaevents { fires, ticks } => metaevents::bench_metaevents(binaries, fires, ticks),
+        Bench::Restore {
+            runs,
+            mem_mib,
+            ref copies,
+            ref firecracker,
+        } => restore::bench_restore(
+            binaries,
+            &restore::Options {
+                runs,
+                mem_mib,
+                copies: copies.clone(),
+                firecracker: firecracker.clone(),
+            },
+        ),
+        Bench::GenTrace { .. } | Bench::Sim { .. } => unreachable!("run without a VM"),
     }
 }
 

@@ -63,6 +63,7 @@ fn traffic(live: &mut Live, functions: &[String], rng: &mut Rng) {
                 function: f,
                 served: true,
                 warm: !r.is_multiple_of(10),
+                prewarmed: false,
                 error: r.is_multiple_of(20).then_some("trap"),
                 throttled: false,
                 duration_ms: (r % 50) as f64 / 10.0,

@@ -58,7 +58,13 @@ pub struct History {
     idles: u64,
     /// The last cost keep-alive: (idles, cold cost, cap, keep-alive).
     keep_alive_cache: Option<(u64, u64, u64, u64)>,
+    /// Instances reaped and not yet missed: (when, idle until then).
+    reaped: std::collections::VecDeque<(u64, u64)>,
 }
+
+/// Reaps remembered for [`History::cold`]; older ones count as never
+/// missed (beyond the fine histogram).
+const PENDING_REAPS: usize = 16;
 
 impl Default for History {
     fn default() -> Self {
@@ -79,6 +85,7 @@ impl Default for History {
             detected_at: None,
             idles: 0,
             keep_alive_cache: None,
+            reaped: std::collections::VecDeque::new(),
         }
     }
 }
@@ -105,7 +112,7 @@ impl History {
     pub fn arrived(&mut self, now: u64) {
         if self.in_flight == 0 {
             if let Some(end) = self.last_end {
-                self.idle(now.saturating_sub(end));
+                self.hybrid_idle(now.saturating_sub(end));
             }
         }
         self.in_flight += 1;
@@ -123,19 +130,52 @@ impl History {
         self.last_end = Some(self.last_end.map_or(now, |e| e.max(now)));
     }
 
-    fn idle(&mut self, idle_ms: u64) {
-        self.idles += 1;
+    /// An idle instance (kept after an invocation, not restored ahead)
+    /// served again after `idle_ms`: one sample of how long an instance
+    /// must be kept to be used.
+    pub fn reused(&mut self, idle_ms: u64) {
+        self.fine_idle(Some(idle_ms));
+    }
+
+    /// An idle instance was reaped at `now` after `idle_ms`.
+    pub fn reaped(&mut self, now: u64, idle_ms: u64) {
+        self.reaped.push_back((now, idle_ms));
+        if self.reaped.len() > PENDING_REAPS {
+            self.reaped.pop_front();
+            self.fine_idle(None);
+        }
+    }
+
+    /// An arrival at `now` found no idle instance: the last instance
+    /// reaped would have needed its idle time until now (one sample).
+    pub fn cold(&mut self, now: u64) {
+        if let Some((at, idle)) = self.reaped.pop_back() {
+            self.fine_idle(Some(idle + now.saturating_sub(at)));
+        }
+    }
+
+    fn hybrid_idle(&mut self, idle_ms: u64) {
         let minute = (idle_ms / 60_000) as usize;
         match self.hybrid.get_mut(minute) {
             Some(bin) => *bin += 1,
             None => self.hybrid_oob += 1,
         }
         self.hybrid_total += 1;
-        match fine_bin(idle_ms) {
+        self.age();
+    }
+
+    /// A sample for the fine histogram (`None`: beyond it).
+    fn fine_idle(&mut self, idle_ms: Option<u64>) {
+        self.idles += 1;
+        match idle_ms.and_then(fine_bin) {
             Some(i) => self.fine[i] += 1,
             None => self.fine_oob += 1,
         }
         self.fine_total += 1;
+        self.age();
+    }
+
+    fn age(&mut self) {
         if self.fine_total >= AGE_AT || self.hybrid_total >= AGE_AT {
             for b in self.hybrid.iter_mut().chain(self.fine.iter_mut()) {
                 *b /= 2;
@@ -200,11 +240,15 @@ impl History {
     }
 
     /// [`policy::cost_keep_alive`] over the fine histogram, computed
-    /// again only after new idle times.
+    /// again once the samples grew by a sixteenth.
     pub fn cost_keep_alive(&mut self, cold_cost_ms: u64, max_ms: u64) -> u64 {
         match self.keep_alive_cache {
+            // Computed again once the samples grew by 1/16 (at once
+            // while there are few).
             Some((idles, cold, max, k))
-                if idles == self.idles && cold == cold_cost_ms && max == max_ms =>
+                if self.idles - idles <= self.fine_total as u64 / 16
+                    && cold == cold_cost_ms
+                    && max == max_ms =>
             {
                 k
             }
@@ -241,8 +285,27 @@ mod tests {
         // 99 idle times of 990 ms, in the first minute bin.
         let (hybrid, oob, total) = h.hybrid_histogram();
         assert_eq!((hybrid[0], oob, total), (99, 0, 99));
-        let (fine, _, _) = h.fine_histogram();
-        assert_eq!(fine[fine_bin(990).unwrap()], 99);
+    }
+
+    #[test]
+    fn the_fine_histogram_learns_from_reuses_and_from_reaps_later_missed() {
+        let mut h = History::default();
+        h.reused(990);
+        // Reaped after 2 s; the next arrival, 8 s later, found nothing:
+        // that instance would have had to idle 10 s.
+        h.reaped(50_000, 2_000);
+        h.cold(58_000);
+        // A cold start with no reap pending says nothing.
+        h.cold(60_000);
+        let (fine, oob, total) = h.fine_histogram();
+        assert_eq!(fine[fine_bin(990).unwrap()], 1);
+        assert_eq!(fine[fine_bin(10_000).unwrap()], 1);
+        assert_eq!((oob, total), (0, 2));
+        // Reaps never missed, beyond the pending ones, count as beyond.
+        for i in 0..(PENDING_REAPS as u64 + 3) {
+            h.reaped(100_000 + i, 1_000);
+        }
+        assert_eq!(h.fine_histogram().1, 3);
     }
 
     #[test]
@@ -253,8 +316,8 @@ mod tests {
         h.finished(500);
         h.finished(900);
         h.arrived(2_000);
-        assert_eq!(h.fine_histogram().2, 1);
-        assert_eq!(h.fine[fine_bin(1_100).unwrap()], 1);
+        assert_eq!(h.hybrid_histogram().2, 1);
+        assert_eq!(h.hybrid[0], 1);
     }
 
     #[test]
@@ -276,7 +339,7 @@ mod tests {
             h.arrived(i * 2_000);
             h.finished(i * 2_000 + 1);
         }
-        assert!(h.fine_histogram().2 < AGE_AT);
-        assert!(h.fine_histogram().2 > AGE_AT / 2);
+        assert!(h.hybrid_histogram().2 < AGE_AT);
+        assert!(h.hybrid_histogram().2 > AGE_AT / 2);
     }
 }

@@ -30,6 +30,8 @@ pub const HYBRID_MIN_SAMPLES: u32 = 10;
 /// The hybrid histogram is representative when its bin counts'
 /// coefficient of variation reaches this.
 pub const HYBRID_MIN_CV: f64 = 2.0;
+/// On-beat arrivals a period needs before it is acted on.
+pub const ACT_HITS: u32 = 6;
 /// Idle times ember's histogram needs before it is used.
 pub const EMBER_MIN_SAMPLES: u32 = 4;
 
@@ -267,7 +269,7 @@ fn acted_period(h: &mut History, now: u64, params: &PolicyParams) -> Option<(Per
     for p in h.periods(now) {
         let alive = now.saturating_sub(p.last_beat_ms) as f64
             <= (MAX_SKIP as f64 + 0.5) * p.period_ms as f64;
-        if p.confidence < params.min_confidence || !alive {
+        if p.confidence < params.min_confidence || p.hits < ACT_HITS || !alive {
             continue;
         }
         let next = p.next_after(now, params.grace_ms);
@@ -287,8 +289,17 @@ fn acted_period(h: &mut History, now: u64, params: &PolicyParams) -> Option<(Per
 fn ember(h: &mut History, now: u64, params: &PolicyParams) -> Plan {
     let max = params.keep_alive_max_ms;
     if let Some((period, window)) = acted_period(h, now, params) {
+        // Lingers at least `linger_ms`; longer where the weighed
+        // keep-alive says keeping is cheaper than a cold start that only
+        // a missed window causes (1 − confidence of them).
+        let weighed = if h.fine_histogram().2 >= EMBER_MIN_SAMPLES {
+            let miss = (1.0 - period.confidence).clamp(0.0, 1.0);
+            h.cost_keep_alive((params.cold_cost_ms as f64 * miss) as u64, max)
+        } else {
+            0
+        };
         return Plan {
-            keep_alive_ms: params.linger_ms.min(max),
+            keep_alive_ms: params.linger_ms.max(weighed).min(max),
             prewarm: Some(window),
             bridge_ms: params.bridge_ms,
             period: Some(period),
@@ -413,8 +424,8 @@ mod tests {
         assert_eq!(plan.basis, "periodic");
         let w = plan.prewarm.unwrap();
         assert_eq!(w.expected_ms, 10 * 300_000);
-        assert_eq!(w.from_ms, 10 * 300_000 - 50 - params.lead_ms);
-        assert_eq!(w.until_ms, 10 * 300_000 + 50 + params.grace_ms);
+        assert_eq!(w.from_ms, 10 * 300_000 - 6_000 - params.lead_ms);
+        assert_eq!(w.until_ms, 10 * 300_000 + 6_000 + params.grace_ms);
         // The instance that just served lingers half a second, then goes.
         assert!(plan.keep(now, now + 500));
         assert!(!plan.keep(now, now + 501));
