@@ -637,14 +637,14 @@ impl Agent {
                                         pools.bind(name, key, &id);
                                     }
                                     let (start, idled) = match pools.instances.get_mut(&id) {
-                                        Some(i) => (
-                                            if std::mem::take(&mut i.prewarmed) {
+                                        Some(i) => {
+                                            let start = if std::mem::take(&mut i.prewarmed) {
                                                 Start::Prewarmed
                                             } else {
                                                 Start::Warm
-                                            },
-                                            Some((i.last_used.elapsed(), i.served == 0)),
-                                        ),
+                                            };
+                                            (start, Some(i.last_used.elapsed()))
+                                        }
                                         None => (Start::Warm, None),
                                     };
                                     break (id, vmm, start, affinity, idled);
@@ -689,23 +689,17 @@ impl Agent {
                         // Counted from now on, so that concurrent restores
                         // respect the limits too.
                         let id = pools.new_id(name);
+                        let generation = self.template_generation(&v);
                         pools.instances.insert(
                             id.clone(),
-                            Instance {
-                                id: id.clone(),
-                                function: name.to_string(),
-                                version: v.version,
-                                uid: v.uid,
-                                restoring: true,
-                                vmm: None,
-                                last_used: Instant::now(),
-                                served: 0,
-                                created: Instant::now(),
-                                memory_mib: need,
-                                vmm_id: None,
-                                template_generation: self.template_generation(&v),
-                                prewarmed: false,
-                            },
+                            Instance::restoring(
+                                &id,
+                                name,
+                                (v.version, v.uid),
+                                need,
+                                generation,
+                                false,
+                            ),
                         );
                         if let Some(key) = key {
                             pools.bind(name, key, &id);
@@ -757,15 +751,8 @@ impl Agent {
                 },
             }
         };
-        let prewarmed = start == Start::Prewarmed;
         match idled {
-            Some((idle, first)) => {
-                self.prewarm
-                    .idle_ended(name, idle, (prewarmed && first).then_some(true));
-                if !prewarmed {
-                    self.prewarm.reused(name, idle);
-                }
-            }
+            Some(idle) => self.prewarm.taken(name, idle, start == Start::Prewarmed),
             None => self.prewarm.cold(name),
         }
         let span = tracing::Span::current();
@@ -934,16 +921,37 @@ impl Agent {
     /// idle ones with `all`; returns how many.
     pub fn reap(&self, all: bool) -> usize {
         let now = Instant::now();
-        let now_ms = self.prewarm.ms(now);
-        let current: HashMap<String, Arc<FunctionVersion>> = lock(&self.current).clone();
-        let plans: HashMap<&str, crate::predict::Plan> = current
+        let current = lock(&self.current).clone();
+        let plans = self.plans(&current, self.prewarm.ms(now));
+        self.reap_planned(all, now, &current, &plans)
+    }
+
+    /// Every current function's plan at `now_ms` (the fixed keep-alive
+    /// for `prewarm: off`).
+    fn plans(
+        &self,
+        current: &HashMap<String, Arc<FunctionVersion>>,
+        now_ms: u64,
+    ) -> HashMap<String, crate::predict::Plan> {
+        current
             .iter()
             .map(|(name, v)| {
                 let auto = v.config.prewarm == crate::functions::Prewarm::Auto;
                 let plan = self.prewarm.plan(name, v.config.keep_alive_s, auto, now_ms);
-                (name.as_str(), plan)
+                (name.clone(), plan)
             })
-            .collect();
+            .collect()
+    }
+
+    /// [`Agent::reap`] with the plans made at `now`.
+    fn reap_planned(
+        &self,
+        all: bool,
+        now: Instant,
+        current: &HashMap<String, Arc<FunctionVersion>>,
+        plans: &HashMap<String, crate::predict::Plan>,
+    ) -> usize {
+        let now_ms = self.prewarm.ms(now);
         let doomed: Vec<Instance> = {
             let mut pools = lock(&self.pools);
             let ids: Vec<String> = pools
@@ -955,9 +963,9 @@ impl Agent {
                         return true;
                     };
                     let cap = Duration::from_secs(v.config.keep_alive_s);
-                    let keep = now.duration_since(i.last_used) <= cap
+                    let keep = now.saturating_duration_since(i.last_used) <= cap
                         && plans
-                            .get(i.function.as_str())
+                            .get(&i.function)
                             .is_none_or(|p| p.keep(self.prewarm.ms(i.last_used), now_ms));
                     all || !keep
                 })
@@ -967,12 +975,8 @@ impl Agent {
         };
         let n = doomed.len();
         for i in &doomed {
-            let unused = (i.prewarmed && i.served == 0).then_some(false);
-            let idle = now.duration_since(i.last_used);
-            self.prewarm.idle_ended(&i.function, idle, unused);
-            if !i.prewarmed {
-                self.prewarm.reaped(&i.function, idle);
-            }
+            let idle = now.saturating_duration_since(i.last_used);
+            self.prewarm.reaped(&i.function, idle, i.prewarmed);
         }
         drop(doomed);
         if n > 0 {
@@ -988,16 +992,15 @@ impl Agent {
         if self.draining.load(Ordering::Relaxed) {
             return;
         }
-        let now_ms = self.prewarm.now_ms();
-        let current: Vec<Arc<FunctionVersion>> = lock(&self.current).values().cloned().collect();
-        for v in current {
-            if v.config.prewarm == crate::functions::Prewarm::Off || self.is_broken(&v) {
+        let now = Instant::now();
+        let now_ms = self.prewarm.ms(now);
+        let current = lock(&self.current).clone();
+        let plans = self.plans(&current, now_ms);
+        for (name, v) in &current {
+            let Some(plan) = plans.get(name).filter(|p| p.prewarm.is_some()) else {
                 continue;
-            }
-            let plan = self
-                .prewarm
-                .plan(&v.name, v.config.keep_alive_s, true, now_ms);
-            if plan.prewarm.is_none() {
+            };
+            if self.is_broken(v) {
                 continue;
             }
             // Idle instances, and those being restored, of this version.
@@ -1007,14 +1010,12 @@ impl Agent {
                 .filter(|i| i.function == v.name && i.uid == v.uid)
                 .filter(|i| i.vmm.is_some() || i.restoring)
                 .count();
-            let n = self
-                .prewarm
-                .take_prewarm(&v.name, &plan, now_ms, ready as u32);
+            let n = self.prewarm.take_prewarm(name, plan, now_ms, ready as u32);
             for _ in 0..n {
-                self.prewarm_one(&v);
+                self.prewarm_one(v);
             }
         }
-        self.reap(false);
+        self.reap_planned(false, now, &current, &plans);
     }
 
     /// Restores one instance of `v` ahead of an expected arrival, if the
@@ -1037,23 +1038,10 @@ impl Agent {
                 return;
             }
             let id = pools.new_id(&v.name);
+            let generation = self.template_generation(v);
             pools.instances.insert(
                 id.clone(),
-                Instance {
-                    id: id.clone(),
-                    function: v.name.clone(),
-                    version: v.version,
-                    uid: v.uid,
-                    restoring: true,
-                    vmm: None,
-                    last_used: Instant::now(),
-                    served: 0,
-                    created: Instant::now(),
-                    memory_mib: need,
-                    vmm_id: None,
-                    template_generation: self.template_generation(v),
-                    prewarmed: true,
-                },
+                Instance::restoring(&id, &v.name, (v.version, v.uid), need, generation, true),
             );
             id
         };

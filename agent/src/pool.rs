@@ -96,6 +96,36 @@ pub struct Instance {
     pub prewarmed: bool,
 }
 
+impl Instance {
+    /// An instance of `version` (deploy `uid`) of `function` being
+    /// restored, counted against the limits from now on; `prewarmed`: ahead
+    /// of a predicted arrival.
+    pub fn restoring(
+        id: &str,
+        function: &str,
+        (version, uid): (u64, u64),
+        memory_mib: u64,
+        template_generation: u64,
+        prewarmed: bool,
+    ) -> Instance {
+        Instance {
+            id: id.to_string(),
+            function: function.to_string(),
+            version,
+            uid,
+            restoring: true,
+            vmm: None,
+            last_used: Instant::now(),
+            served: 0,
+            created: Instant::now(),
+            memory_mib,
+            vmm_id: None,
+            template_generation,
+            prewarmed,
+        }
+    }
+}
+
 /// What the router decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {

@@ -152,34 +152,30 @@ impl Prewarm {
         n
     }
 
-    /// An instance of `function` stopped idling after `idle` (taken, or
-    /// reaped); `prewarm` says whether it was restored ahead, and `used`
-    /// whether it then served.
-    pub fn idle_ended(&self, function: &str, idle: Duration, prewarm: Option<bool>) {
+    /// An idle instance of `function` was taken by an arrival after
+    /// `idle`; `prewarmed`: it was restored ahead (else it was kept after
+    /// an invocation: a sample of how long instances are worth keeping).
+    pub fn taken(&self, function: &str, idle: Duration, prewarmed: bool) {
         let mut functions = lock(&self.functions);
         let s = functions.entry(function.to_string()).or_default();
-        let idle_ms = idle.as_millis() as u64;
-        s.stats.idle_ms += idle_ms;
-        match prewarm {
-            Some(true) => s.stats.prewarms_used += 1,
-            Some(false) => s.stats.prewarms_unused += 1,
-            None => {}
-        }
-    }
-
-    /// An idle instance of `function` (kept after an invocation, not
-    /// restored ahead) served again after `idle`.
-    pub fn reused(&self, function: &str, idle: Duration) {
-        if let Some(s) = lock(&self.functions).get_mut(function) {
+        s.stats.idle_ms += idle.as_millis() as u64;
+        if prewarmed {
+            s.stats.prewarms_used += 1;
+        } else {
             s.history.reused(idle.as_millis() as u64);
         }
     }
 
-    /// An idle instance of `function` kept after an invocation was reaped
-    /// after `idle`.
-    pub fn reaped(&self, function: &str, idle: Duration) {
+    /// An idle instance of `function` was reaped after `idle`;
+    /// `prewarmed`: it was restored ahead and never used.
+    pub fn reaped(&self, function: &str, idle: Duration, prewarmed: bool) {
         let now = self.now_ms();
-        if let Some(s) = lock(&self.functions).get_mut(function) {
+        let mut functions = lock(&self.functions);
+        let s = functions.entry(function.to_string()).or_default();
+        s.stats.idle_ms += idle.as_millis() as u64;
+        if prewarmed {
+            s.stats.prewarms_unused += 1;
+        } else {
             s.history.reaped(now, idle.as_millis() as u64);
         }
     }
@@ -288,8 +284,8 @@ mod tests {
             (off.basis, off.prewarm, off.keep_alive_ms),
             ("fixed", None, 1_000)
         );
-        p.idle_ended("f", Duration::from_millis(300), Some(true));
-        p.idle_ended("f", Duration::from_millis(700), Some(false));
+        p.taken("f", Duration::from_millis(300), true);
+        p.reaped("f", Duration::from_millis(700), true);
         let stats = &p.stats()[0].1;
         assert_eq!(
             (stats.prewarms_used, stats.prewarms_unused, stats.idle_ms),

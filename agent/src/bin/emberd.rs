@@ -294,9 +294,8 @@ async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
         start_watchdog(agent.clone(), period);
     }
 
-    // The reaper (idle instances past their keep-alive, old versions) and
-    // the prepared pool's refill: every second, and whenever a prepared
-    // VMM was taken.
+    // The prepared pool's refill: every second, and whenever a prepared
+    // VMM was taken (the planner below reaps).
     let reaper = agent.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -313,11 +312,7 @@ async fn serve(config: AgentConfig, socket: PathBuf) -> Result<(), String> {
                 return;
             }
             let agent = reaper.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                agent.reap(false);
-                agent.refill_prepared();
-            })
-            .await;
+            let _ = tokio::task::spawn_blocking(move || agent.refill_prepared()).await;
         }
     });
 
