@@ -5,11 +5,14 @@
 //! [`History`] and event loop, and they run in parallel threads):
 //!
 //! - Arrivals. For a function whose `Trigger` is `timer`, a count `c` in
-//!   minute `m` (0-based) becomes arrivals at `60 000·m + (φ + i·60 000)/c`
-//!   ms for `i` in `0..c`, each moved by a uniform jitter of ±5 % of the
-//!   slot width `60 000/c`, clamped inside the minute and sorted;
-//!   `φ ∈ [0, 60 000)` is the function's phase, drawn from `--seed` (a
-//!   timer fires at the same second every time, like a cron). Any other
+//!   minute `m` (0-based) becomes arrivals at
+//!   `60 000·m + (φ + i·60 000/c) mod 60 000` ms for `i` in `0..c`, each
+//!   moved by a uniform jitter of ±5 % of the slot width `60 000/c`,
+//!   clamped inside the minute and sorted; `φ ∈ [0, 60 000)` is the
+//!   function's phase, drawn from `--seed`: a timer fires at the same
+//!   second every time, like a cron, and a second call in its minute (a
+//!   fan-out, or a beat fired a minute late) comes half a minute away
+//!   from it, a third a third of a minute, and so on. Any other
 //!   trigger (or none): `c` arrivals uniformly at random inside the
 //!   minute, drawn from `--seed` (a count says nothing of when in the
 //!   minute HTTP or queue calls came). Every policy sees the same
@@ -25,7 +28,10 @@
 //!   longer than `--keep-alive-s` (emberd's pool caps every policy so,
 //!   the hybrid one's hours-long tail included), and when
 //!   `plan.to_prewarm(now, idle, done)` asks for instances they are
-//!   restored (idle, pre-warmed) and the window is marked served. Between
+//!   restored (idle, pre-warmed; charged from then, ready to serve
+//!   `--cold-start-ms` later — an arrival before that finds it still
+//!   restoring and starts cold, as in emberd's pool) and the window is
+//!   marked served. Between
 //!   events the loop wakes, plans again and acts at the next time the
 //!   plan can change its mind: the oldest idle instance's reap time, the
 //!   window's opening, and just after the window's end (a periodic plan
@@ -90,6 +96,9 @@ pub struct Shape {
     pub duration_ms: u64,
     /// Memory an idle instance holds, MiB.
     pub memory_mib: f64,
+    /// A pre-warm's restore: the instance serves this long after it was
+    /// asked for, ms.
+    pub restore_ms: u64,
 }
 
 /// What one function's simulation counted.
@@ -150,7 +159,7 @@ pub fn spread(counts: &[u32], timer: bool, rng: &mut Rng, out: &mut Vec<u64>) {
         for i in 0..c {
             let at = if timer {
                 let jitter = (rng.unit() * 2.0 - 1.0) * JITTER * slot;
-                (phase + i as f64 * MINUTE_MS as f64) / c as f64 + jitter
+                (phase + i as f64 * slot) % MINUTE_MS as f64 + jitter
             } else {
                 rng.unit() * MINUTE_MS as f64
             };
@@ -167,6 +176,8 @@ struct Idle {
     since: u64,
     /// Restored ahead, and not used yet.
     prewarmed: bool,
+    /// Ready to serve from, ms (a pre-warm's restore takes time).
+    ready: u64,
 }
 
 /// Whether an instance idle since `since` is kept at `now`: as emberd's
@@ -251,6 +262,7 @@ pub fn simulate_observed(
             let restored = Idle {
                 since: now,
                 prewarmed: true,
+                ready: now + shape.restore_ms,
             };
             idle.extend(std::iter::repeat_n(restored, want as usize));
             done = plan.prewarm.map(|w| w.from_ms);
@@ -274,6 +286,7 @@ pub fn simulate_observed(
             idle.push_back(Idle {
                 since: now,
                 prewarmed: false,
+                ready: now,
             });
         } else {
             next += 1;
@@ -281,11 +294,17 @@ pub fn simulate_observed(
             t.invocations += 1;
             let basis = basis_index(plan.basis);
             t.invocations_by_basis[basis] += 1;
-            match idle.pop_back() {
+            // The most recently idle instance that is ready (one still
+            // restoring does not serve: the arrival restores its own, as
+            // emberd's pool does).
+            let ready = idle.iter().rposition(|i| i.ready <= now);
+            match ready.and_then(|i| idle.remove(i)) {
                 Some(instance) => {
                     charge(&mut t, instance, now);
                     t.prewarms_used += instance.prewarmed as u64;
-                    if !instance.prewarmed {
+                    if instance.prewarmed {
+                        history.prewarm_used(now);
+                    } else {
                         history.reused(now - instance.since);
                     }
                 }
@@ -306,11 +325,12 @@ pub fn simulate_observed(
 }
 
 /// Each trace row's shape: durations by `HashFunction`, memory by
-/// `HashApp`, defaults where missing.
+/// `HashApp`, defaults where missing; every restore `restore_ms`.
 pub fn join(
     trace: &Trace,
     durations: &HashMap<String, f64>,
     memory: &HashMap<String, f64>,
+    restore_ms: u64,
 ) -> Vec<Shape> {
     trace
         .rows
@@ -320,6 +340,7 @@ pub fn join(
                 .get(&row.function)
                 .map_or(DEFAULT_DURATION_MS, |&ms| (ms.round() as u64).max(1)),
             memory_mib: memory.get(&row.app).copied().unwrap_or(DEFAULT_MEMORY_MIB),
+            restore_ms,
         })
         .collect()
 }
@@ -567,7 +588,12 @@ pub fn command(opts: &Options) -> Result<serde_json::Value, String> {
         "HashApp",
         "AverageAllocatedMb",
     )?;
-    let shapes = join(&trace, &durations, &memory);
+    let shapes = join(
+        &trace,
+        &durations,
+        &memory,
+        opts.cold_start_ms.ceil() as u64,
+    );
     let threads = match opts.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -736,6 +762,7 @@ mod tests {
     const SHAPE: Shape = Shape {
         duration_ms: 1_000,
         memory_mib: 128.0,
+        restore_ms: 4,
     };
 
     /// The arrivals [`spread`] places for `counts` with `seed`.
@@ -786,6 +813,20 @@ mod tests {
         let offsets: Vec<u64> = a.iter().map(|t| t % MINUTE_MS).collect();
         let (lo, hi) = (offsets.iter().min().unwrap(), offsets.iter().max().unwrap());
         assert!(hi - lo <= 6_000, "{offsets:?}");
+        // Three calls in a minute: one at that second, the others a third
+        // of a minute apart round the minute (jitters: 3 s and 1 s).
+        let three = arrivals(&[1, 3], 3);
+        let near = |t: u64, want: u64| {
+            let d = (t as i64 - want as i64).rem_euclid(MINUTE_MS as i64);
+            d.min(MINUTE_MS as i64 - d) <= 4_500
+        };
+        for k in 0..3 {
+            let want = (three[0] + k * 20_000) % MINUTE_MS;
+            assert!(
+                three[1..].iter().any(|&t| near(t % MINUTE_MS, want)),
+                "{three:?}: none near {want}"
+            );
+        }
     }
 
     #[test]
@@ -973,17 +1014,19 @@ mod tests {
             "AverageAllocatedMb",
         )
         .unwrap();
-        let shapes = join(&trace, &durations, &memory);
+        let shapes = join(&trace, &durations, &memory, 4);
         assert_eq!(
             shapes,
             vec![
                 Shape {
                     duration_ms: 250,
-                    memory_mib: DEFAULT_MEMORY_MIB
+                    memory_mib: DEFAULT_MEMORY_MIB,
+                    restore_ms: 4,
                 },
                 Shape {
                     duration_ms: DEFAULT_DURATION_MS,
-                    memory_mib: 300.0
+                    memory_mib: 300.0,
+                    restore_ms: 4,
                 },
             ]
         );

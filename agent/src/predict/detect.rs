@@ -50,10 +50,9 @@ const MAX_CANDIDATES: usize = 12;
 pub struct Period {
     /// The period, ms (refined: on-beat distances over their beat counts).
     pub period_ms: u64,
-    /// The last on-beat arrival (the phase), ms.
+    /// Where the grid puts the last on-beat arrival (the phase), ms.
     pub last_beat_ms: u64,
-    /// 1.5 × the largest distance of an on-beat arrival from its expected
-    /// time (at least 2 % of the period and [`MIN_TOLERANCE_MS`] / 2), ms.
+    /// How far on-beat arrivals stray from the grid (see [`fit`]), ms.
     pub spread_ms: u64,
     /// 0–1: the chain score, scaled down until [`RAMP_HITS`] on-beat
     /// arrivals.
@@ -109,7 +108,9 @@ struct Chain {
     hits: u32,
     period: f64,
     last: Beat,
-    spread: f64,
+    /// The on-beat arrivals since the chain last restarted: (beats
+    /// since the segment's first, when).
+    segment: Vec<(u64, u64)>,
     off: Vec<u64>,
 }
 
@@ -118,7 +119,7 @@ fn chain(beats: &[Beat], period: f64) -> Chain {
     let mut last = beats[0];
     let (mut hits, mut expected) = (0u32, 0u64);
     let (mut sum_d, mut sum_k) = (0.0f64, 0u64);
-    let mut residuals = Vec::new();
+    let mut segment = vec![(0, beats[0].at)];
     let mut off = Vec::new();
     for b in &beats[1..] {
         let d = (b.at - last.at) as f64;
@@ -128,11 +129,14 @@ fn chain(beats: &[Beat], period: f64) -> Chain {
             expected += k;
             sum_d += d;
             sum_k += k;
-            residuals.push((d, k));
+            let n = segment.last().map_or(0, |s| s.0) + k;
+            segment.push((n, b.at));
             last = *b;
         } else if d > (MAX_SKIP as f64 + 0.5) * period {
             // The pattern broke off: start again from here.
             off.push(b.at);
+            segment.clear();
+            segment.push((0, b.at));
             last = *b;
         } else {
             off.push(b.at);
@@ -149,23 +153,75 @@ fn chain(beats: &[Beat], period: f64) -> Chain {
     } else {
         period
     };
-    // Half again the largest residual seen, and at least 2 % of the
-    // period: early on, few residuals understate the jitter.
-    let spread = residuals
-        .iter()
-        .map(|&(d, k)| 1.5 * (d - k as f64 * refined).abs())
-        .fold(
-            (MIN_TOLERANCE_MS as f64 / 2.0).max(refined * SPREAD_FLOOR),
-            f64::max,
-        );
     Chain {
         score,
         hits,
         period: refined,
         last,
-        spread,
+        segment,
         off,
     }
+}
+
+/// The share of on-beat arrivals the window must cover: the others (a
+/// beat fired late, a straggler) are left to the owed-call keep-alive
+/// rather than widening every window.
+pub const SPREAD_QUANTILE: f64 = 0.8;
+
+/// A least-squares line `t = a + slope·n` through `pts` (the fallback
+/// slope when they cannot fix one): the line's value at `n`.
+fn line(pts: &[(f64, f64)], fallback: f64) -> impl Fn(f64) -> f64 {
+    let m = pts.len().max(1) as f64;
+    let mn = pts.iter().map(|p| p.0).sum::<f64>() / m;
+    let mt = pts.iter().map(|p| p.1).sum::<f64>() / m;
+    let var: f64 = pts.iter().map(|p| (p.0 - mn).powi(2)).sum();
+    let cov: f64 = pts.iter().map(|p| (p.0 - mn) * (p.1 - mt)).sum();
+    let slope = if pts.len() >= 3 && var > 0.0 {
+        cov / var
+    } else {
+        fallback
+    };
+    move |n: f64| mt + slope * (n - mn)
+}
+
+/// The median of `xs`, and the [`SPREAD_QUANTILE`] of their distances
+/// from it.
+fn centre(mut xs: Vec<f64>) -> (f64, f64) {
+    xs.sort_by(f64::total_cmp);
+    let median = xs[xs.len() / 2];
+    let mut dev: Vec<f64> = xs.iter().map(|x| (x - median).abs()).collect();
+    dev.sort_by(f64::total_cmp);
+    let i = ((SPREAD_QUANTILE * dev.len() as f64).ceil() as usize).clamp(1, dev.len());
+    (median, dev[i - 1])
+}
+
+/// The grid through a chain's last segment: a least-squares line of
+/// arrival time over beat number (the chain's period when the segment
+/// is too short), fitted again without the arrivals beyond the
+/// [`SPREAD_QUANTILE`] (a beat fired a minute late must not tilt it) and
+/// moved by the residuals' median. Returns the period, the grid time of
+/// the segment's last beat, and the spread: 1.5 × the quantile distance
+/// from the grid, at least 2 % of the period and half of
+/// [`MIN_TOLERANCE_MS`].
+fn fit(segment: &[(u64, u64)], period: f64) -> (f64, f64, f64) {
+    let t0 = segment[0].1;
+    let pts: Vec<(f64, f64)> = segment
+        .iter()
+        .map(|&(n, t)| (n as f64, (t - t0) as f64))
+        .collect();
+    let first = line(&pts, period);
+    let (median, q) = centre(pts.iter().map(|&(n, t)| t - first(n)).collect());
+    let inliers: Vec<(f64, f64)> = pts
+        .iter()
+        .copied()
+        .filter(|&(n, t)| (t - first(n) - median).abs() <= q)
+        .collect();
+    let grid = line(&inliers, period);
+    let slope = grid(1.0) - grid(0.0);
+    let (median, q) = centre(pts.iter().map(|&(n, t)| t - grid(n)).collect());
+    let floor = (MIN_TOLERANCE_MS as f64 / 2.0).max(slope * SPREAD_FLOOR);
+    let last = pts.last().map_or(0.0, |p| p.0);
+    (slope, t0 as f64 + grid(last) + median, (1.5 * q).max(floor))
 }
 
 /// Candidate periods: the gaps between beats, clustered within 5 %, the
@@ -212,11 +268,12 @@ fn best(beats: &[Beat]) -> Option<(Period, Vec<u64>)> {
         return None;
     }
     let ramp = (c.hits as f64 / RAMP_HITS as f64).min(1.0);
+    let (period, last_beat, spread) = fit(&c.segment, c.period);
     Some((
         Period {
-            period_ms: c.period.round() as u64,
-            last_beat_ms: c.last.at,
-            spread_ms: c.spread.round() as u64,
+            period_ms: period.round() as u64,
+            last_beat_ms: last_beat.round().max(0.0) as u64,
+            spread_ms: spread.round() as u64,
             confidence: c.score * ramp,
             hits: c.hits,
             burst: c.last.size,

@@ -28,6 +28,18 @@ pub const FINE_GROWTH: f64 = 1.22;
 /// the recent past weighs more than the distant one.
 pub const AGE_AT: u32 = 4_096;
 
+/// An arrival this long after the last end, with nothing running, opens
+/// a new *episode* (a burst of a queue consumer, a morning of HTTP
+/// traffic), ms.
+pub const EPISODE_GAP_MS: u64 = 60_000;
+
+/// A cold start this soon after another one, or one that opened an
+/// episode, lets the policy restore what the last episodes needed, ms.
+pub const COLD_CLUSTER_MS: u64 = 10_000;
+
+/// Episodes whose peak concurrency is remembered.
+pub const EPISODES: usize = 4;
+
 /// New arrivals after which the detection is run again (sooner while a
 /// function is young, or after [`REDETECT_MS`]).
 const REDETECT_EVERY: u64 = 8;
@@ -35,8 +47,9 @@ const REDETECT_EVERY: u64 = 8;
 const REDETECT_MS: u64 = 30_000;
 
 /// One function's arrival history: 64 recent arrivals (512 B), the
-/// hybrid histogram (960 B), the fine histogram (256 B) and the cached
-/// detection: under 2 KiB per function, whatever its traffic.
+/// hybrid histogram (960 B), the fine histogram (256 B), the last
+/// episodes' peak concurrency and the cached detection: under 2 KiB per
+/// function, whatever its traffic.
 #[derive(Debug, Clone)]
 pub struct History {
     ring: [u64; RING],
@@ -60,6 +73,16 @@ pub struct History {
     keep_alive_cache: Option<(u64, u64, u64, u64)>,
     /// Instances reaped and not yet missed: (when, idle until then).
     reaped: std::collections::VecDeque<(u64, u64)>,
+    /// The current episode's peak concurrency, and whether the last
+    /// arrival opened it.
+    episode_peak: u32,
+    fresh: bool,
+    /// The last cold start.
+    last_cold: Option<u64>,
+    /// The last [`EPISODES`] episodes' peaks (0: none yet).
+    peaks: [u32; EPISODES],
+    /// When the last episode opened with a cold start.
+    surge_at: Option<u64>,
 }
 
 /// Reaps remembered for [`History::cold`]; older ones count as never
@@ -86,6 +109,11 @@ impl Default for History {
             idles: 0,
             keep_alive_cache: None,
             reaped: std::collections::VecDeque::new(),
+            episode_peak: 0,
+            peaks: [0; EPISODES],
+            surge_at: None,
+            fresh: false,
+            last_cold: None,
         }
     }
 }
@@ -115,7 +143,19 @@ impl History {
                 self.hybrid_idle(now.saturating_sub(end));
             }
         }
+        let quiet = self
+            .last_end
+            .is_none_or(|end| now.saturating_sub(end) > EPISODE_GAP_MS);
+        self.fresh = self.in_flight == 0 && quiet;
+        if self.fresh {
+            if self.episode_peak > 0 {
+                self.peaks.rotate_right(1);
+                self.peaks[0] = self.episode_peak;
+            }
+            self.episode_peak = 0;
+        }
         self.in_flight += 1;
+        self.episode_peak = self.episode_peak.max(self.in_flight);
         // Out-of-order clocks are clamped: the ring stays ascending.
         let last = self.last_arrival().unwrap_or(0);
         self.ring[self.next] = now.max(last);
@@ -148,10 +188,55 @@ impl History {
 
     /// An arrival at `now` found no idle instance: the last instance
     /// reaped would have needed its idle time until now (one sample).
+    /// The policy may then restore at once what the busiest of the last
+    /// episodes needed ([`History::surge`]).
     pub fn cold(&mut self, now: u64) {
+        self.missed_reap(now);
+        let cluster = self
+            .last_cold
+            .is_some_and(|c| now.saturating_sub(c) <= COLD_CLUSTER_MS);
+        if self.fresh || cluster {
+            self.surge_at = Some(now);
+        }
+        self.last_cold = Some(now);
+    }
+
+    /// An instance restored ahead served an arrival at `now`: the last
+    /// instance reaped, had it been kept, would have served it instead
+    /// (one sample, as for a cold start).
+    pub fn prewarm_used(&mut self, now: u64) {
+        self.missed_reap(now);
+    }
+
+    fn missed_reap(&mut self, now: u64) {
         if let Some((at, idle)) = self.reaped.pop_back() {
             self.fine_idle(Some(idle + now.saturating_sub(at)));
         }
+    }
+
+    /// The last cold start, and the most instances any of the
+    /// last [`EPISODES`] episodes had busy at once.
+    pub fn surge(&self) -> Option<(u64, u32)> {
+        let peak = self.peaks.iter().copied().fold(self.episode_peak, u32::max);
+        self.surge_at.map(|at| (at, peak))
+    }
+
+    /// The `i`-th most recent arrival (0: the last), if the ring has it.
+    fn back(&self, i: usize) -> Option<u64> {
+        (i < self.len).then(|| self.ring[(self.next + 2 * RING - 1 - i) % RING])
+    }
+
+    /// Arrivals in the ring after `since`.
+    pub fn arrivals_after(&self, since: u64) -> u32 {
+        (0..self.len)
+            .take_while(|&i| self.back(i) > Some(since))
+            .count() as u32
+    }
+
+    /// Calls per `period_ms` over the ring's span (`None` under 2).
+    pub fn calls_per(&self, period_ms: u64) -> Option<f64> {
+        let (first, last) = (self.back(self.len.checked_sub(1)?)?, self.back(0)?);
+        (last > first).then(|| (self.len - 1) as f64 * period_ms as f64 / (last - first) as f64)
     }
 
     fn hybrid_idle(&mut self, idle_ms: u64) {

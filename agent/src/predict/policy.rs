@@ -34,6 +34,13 @@ pub const HYBRID_MIN_CV: f64 = 2.0;
 pub const ACT_HITS: u32 = 6;
 /// Idle times ember's histogram needs before it is used.
 pub const EMBER_MIN_SAMPLES: u32 = 4;
+/// Instances restored at an episode's cold opening are kept at least
+/// this long, ms.
+pub const SURGE_HOLD_MS: u64 = 10_000;
+/// A periodic function owes a call when the last two periods brought
+/// this many fewer than its rate says (a beat missed or late, a fan-out
+/// not done).
+pub const OWED_CALLS: f64 = 0.5;
 
 /// Which policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -286,32 +293,67 @@ fn acted_period(h: &mut History, now: u64, params: &PolicyParams) -> Option<(Per
     best
 }
 
+/// The instances to restore at once after an episode opened cold at
+/// `at`: as many as the busiest of the last episodes had busy, less those
+/// busy now, held [`SURGE_HOLD_MS`].
+fn surge(h: &History, now: u64) -> Option<Window> {
+    let (at, peak) = h.surge()?;
+    let want = peak.saturating_sub(h.in_flight());
+    (now < at + SURGE_HOLD_MS && want > 0).then_some(Window {
+        from_ms: at,
+        until_ms: at + SURGE_HOLD_MS,
+        count: want,
+        expected_ms: at,
+    })
+}
+
+/// Calls a periodic function owes at `now`: its calls per period (over
+/// the ring) times two, less the calls of the last two periods (from a
+/// spread after the beat before last, so that beat's own call is out).
+fn owed(h: &History, period: &Period, now: u64) -> f64 {
+    let p = period.period_ms;
+    let Some(rate) = h.calls_per(p) else {
+        return 0.0;
+    };
+    let since = now.saturating_sub((2 * p).saturating_sub(period.spread_ms));
+    2.0 * rate - h.arrivals_after(since) as f64
+}
+
 fn ember(h: &mut History, now: u64, params: &PolicyParams) -> Plan {
     let max = params.keep_alive_max_ms;
+    let surge = surge(h, now);
     if let Some((period, window)) = acted_period(h, now, params) {
         // Lingers at least `linger_ms`; longer where the weighed
         // keep-alive says keeping is cheaper than a cold start that only
-        // a missed window causes (1 − confidence of them).
-        let weighed = if h.fine_histogram().2 >= EMBER_MIN_SAMPLES {
+        // a missed window causes (1 − confidence of them); a period long
+        // while a call is owed (a late beat comes off the beat, the rest
+        // of a fan-out after its first).
+        let keep_alive_ms = if owed(h, &period, now) >= OWED_CALLS {
+            period.period_ms
+        } else if h.fine_histogram().2 >= EMBER_MIN_SAMPLES {
             let miss = (1.0 - period.confidence).clamp(0.0, 1.0);
-            h.cost_keep_alive((params.cold_cost_ms as f64 * miss) as u64, max)
+            let weighed = h.cost_keep_alive((params.cold_cost_ms as f64 * miss) as u64, max);
+            params.linger_ms.max(weighed)
         } else {
-            0
+            params.linger_ms
         };
         return Plan {
-            keep_alive_ms: params.linger_ms.max(weighed).min(max),
-            prewarm: Some(window),
+            keep_alive_ms: keep_alive_ms.min(max),
+            prewarm: surge.or(Some(window)),
             bridge_ms: params.bridge_ms,
             period: Some(period),
             basis: "periodic",
         };
     }
     if h.fine_histogram().2 < EMBER_MIN_SAMPLES {
-        return fixed(params, "fallback");
+        return Plan {
+            prewarm: surge,
+            ..fixed(params, "fallback")
+        };
     }
     Plan {
         keep_alive_ms: h.cost_keep_alive(params.cold_cost_ms, max),
-        prewarm: None,
+        prewarm: surge,
         bridge_ms: 0,
         period: None,
         basis: "histogram",
