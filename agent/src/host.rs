@@ -636,6 +636,12 @@ impl Agent {
                                     if let Some(key) = key {
                                         pools.bind(name, key, &id);
                                     }
+                                    let lone = pools
+                                        .instances
+                                        .values()
+                                        .filter(|i| i.function == name)
+                                        .count()
+                                        == 1;
                                     let (start, idled) = match pools.instances.get_mut(&id) {
                                         Some(i) => {
                                             let start = if std::mem::take(&mut i.prewarmed) {
@@ -643,7 +649,7 @@ impl Agent {
                                             } else {
                                                 Start::Warm
                                             };
-                                            (start, Some(i.last_used.elapsed()))
+                                            (start, Some((i.last_used.elapsed(), lone)))
                                         }
                                         None => (Start::Warm, None),
                                     };
@@ -752,7 +758,9 @@ impl Agent {
             }
         };
         match idled {
-            Some(idle) => self.prewarm.taken(name, idle, start == Start::Prewarmed),
+            Some((idle, lone)) => self
+                .prewarm
+                .taken(name, idle, start == Start::Prewarmed, lone),
             None => self.prewarm.cold(name),
         }
         let span = tracing::Span::current();
@@ -952,31 +960,49 @@ impl Agent {
         plans: &HashMap<String, crate::predict::Plan>,
     ) -> usize {
         let now_ms = self.prewarm.ms(now);
-        let doomed: Vec<Instance> = {
+        let doomed: Vec<(Instance, bool)> = {
             let mut pools = lock(&self.pools);
-            let ids: Vec<String> = pools
+            // Instances per function (busy, idle and restoring): the last
+            // one may be kept longer or shorter than the others.
+            let mut left: HashMap<String, usize> = HashMap::new();
+            for i in pools.instances.values() {
+                *left.entry(i.function.clone()).or_default() += 1;
+            }
+            // The oldest idle first, as the policy's monotone keeping
+            // reaps them.
+            let mut idle: Vec<&Instance> = pools
                 .instances
                 .values()
                 .filter(|i| i.vmm.is_some())
-                .filter(|i| {
-                    let Some(v) = current.get(&i.function).filter(|v| v.uid == i.uid) else {
-                        return true;
-                    };
-                    let cap = Duration::from_secs(v.config.keep_alive_s);
-                    let keep = now.saturating_duration_since(i.last_used) <= cap
-                        && plans
-                            .get(&i.function)
-                            .is_none_or(|p| p.keep(self.prewarm.ms(i.last_used), now_ms));
-                    all || !keep
-                })
-                .map(|i| i.id.clone())
                 .collect();
-            ids.iter().filter_map(|id| pools.remove(id)).collect()
+            idle.sort_by_key(|i| i.last_used);
+            let mut ids: Vec<(String, bool)> = Vec::new();
+            for i in idle {
+                let count = left.entry(i.function.clone()).or_default();
+                let lone = *count == 1;
+                let keep = current
+                    .get(&i.function)
+                    .filter(|v| v.uid == i.uid)
+                    .is_some_and(|v| {
+                        let cap = Duration::from_secs(v.config.keep_alive_s);
+                        now.saturating_duration_since(i.last_used) <= cap
+                            && plans
+                                .get(&i.function)
+                                .is_none_or(|p| p.keep(self.prewarm.ms(i.last_used), now_ms, lone))
+                    });
+                if all || !keep {
+                    *count -= 1;
+                    ids.push((i.id.clone(), lone));
+                }
+            }
+            ids.iter()
+                .filter_map(|(id, lone)| Some((pools.remove(id)?, *lone)))
+                .collect()
         };
         let n = doomed.len();
-        for i in &doomed {
+        for (i, lone) in &doomed {
             let idle = now.saturating_duration_since(i.last_used);
-            self.prewarm.reaped(&i.function, idle, i.prewarmed);
+            self.prewarm.reaped(&i.function, idle, i.prewarmed, *lone);
         }
         drop(doomed);
         if n > 0 {

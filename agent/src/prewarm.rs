@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::host::lock;
-use crate::predict::{History, Plan, Policy, PolicyParams, Window};
+use crate::predict::{History, Plan, Policy, PolicyParams, Rank, Window};
 
 /// What became of one function's plans since emberd started.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -154,21 +154,25 @@ impl Prewarm {
 
     /// An idle instance of `function` was taken by an arrival after
     /// `idle`; `prewarmed`: it was restored ahead (else it was kept after
-    /// an invocation: a sample of how long instances are worth keeping).
-    pub fn taken(&self, function: &str, idle: Duration, prewarmed: bool) {
+    /// an invocation: a sample of how long instances are worth keeping);
+    /// `lone`: it was the function's only instance.
+    pub fn taken(&self, function: &str, idle: Duration, prewarmed: bool, lone: bool) {
+        let now = self.now_ms();
         let mut functions = lock(&self.functions);
         let s = functions.entry(function.to_string()).or_default();
         s.stats.idle_ms += idle.as_millis() as u64;
         if prewarmed {
             s.stats.prewarms_used += 1;
+            s.history.prewarm_used(now);
         } else {
-            s.history.reused(idle.as_millis() as u64);
+            s.history.reused(idle.as_millis() as u64, Rank::of(lone));
         }
     }
 
     /// An idle instance of `function` was reaped after `idle`;
-    /// `prewarmed`: it was restored ahead and never used.
-    pub fn reaped(&self, function: &str, idle: Duration, prewarmed: bool) {
+    /// `prewarmed`: it was restored ahead and never used; `lone`: it was
+    /// the function's only instance.
+    pub fn reaped(&self, function: &str, idle: Duration, prewarmed: bool, lone: bool) {
         let now = self.now_ms();
         let mut functions = lock(&self.functions);
         let s = functions.entry(function.to_string()).or_default();
@@ -176,7 +180,8 @@ impl Prewarm {
         if prewarmed {
             s.stats.prewarms_unused += 1;
         } else {
-            s.history.reaped(now, idle.as_millis() as u64);
+            s.history
+                .reaped(now, idle.as_millis() as u64, Rank::of(lone));
         }
     }
 
@@ -284,8 +289,8 @@ mod tests {
             (off.basis, off.prewarm, off.keep_alive_ms),
             ("fixed", None, 1_000)
         );
-        p.taken("f", Duration::from_millis(300), true);
-        p.reaped("f", Duration::from_millis(700), true);
+        p.taken("f", Duration::from_millis(300), true, true);
+        p.reaped("f", Duration::from_millis(700), true, true);
         let stats = &p.stats()[0].1;
         assert_eq!(
             (stats.prewarms_used, stats.prewarms_unused, stats.idle_ms),

@@ -50,7 +50,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use ember_agent::predict::{History, Plan, Policy, PolicyParams};
+use ember_agent::predict::{History, Plan, Policy, PolicyParams, Rank};
 use serde::Serialize;
 use serde_json::json;
 
@@ -182,15 +182,15 @@ struct Idle {
 
 /// Whether an instance idle since `since` is kept at `now`: as emberd's
 /// pool decides, the plan says so and it has idled at most `cap_ms`.
-fn keep(plan: &Plan, cap_ms: u64, since: u64, now: u64) -> bool {
-    now - since <= cap_ms && plan.keep(since, now)
+fn keep(plan: &Plan, cap_ms: u64, since: u64, now: u64, lone: bool) -> bool {
+    now - since <= cap_ms && plan.keep(since, now, lone)
 }
 
 /// The first time from `now` at which [`keep`] is false for an instance
 /// idle since `since` (`now` itself when it is false now).
-fn first_drop(plan: &Plan, cap_ms: u64, since: u64, now: u64) -> u64 {
+fn first_drop(plan: &Plan, cap_ms: u64, since: u64, now: u64, lone: bool) -> u64 {
     let after = |ms: u64| now.max(since.saturating_add(ms).saturating_add(1));
-    let mut t = after(plan.keep_alive_ms);
+    let mut t = after(plan.keep_alive(lone));
     if let Some(w) = plan.prewarm {
         if t + plan.bridge_ms >= w.from_ms && t < w.until_ms {
             t = w.until_ms;
@@ -200,8 +200,19 @@ fn first_drop(plan: &Plan, cap_ms: u64, since: u64, now: u64) -> u64 {
 }
 
 /// The next time after `now` at which `plan` may act or change.
-fn next_wake(plan: &Plan, cap_ms: u64, now: u64, oldest: Option<&Idle>, done: Option<u64>) -> u64 {
-    let mut wake = oldest.map_or(u64::MAX, |i| first_drop(plan, cap_ms, i.since, now));
+fn next_wake(
+    plan: &Plan,
+    cap_ms: u64,
+    now: u64,
+    oldest: Option<(&Idle, bool)>,
+    done: Option<u64>,
+) -> u64 {
+    let mut wake = oldest.map_or(u64::MAX, |(i, lone)| {
+        first_drop(plan, cap_ms, i.since, now, lone)
+    });
+    if let Some(q) = plan.quiet_at_ms.filter(|&q| q > now && oldest.is_some()) {
+        wake = wake.min(q);
+    }
     if let Some(w) = plan.prewarm {
         if w.from_ms > now && done != Some(w.from_ms) {
             wake = wake.min(w.from_ms);
@@ -246,15 +257,19 @@ pub fn simulate_observed(
         let plan = history.plan(policy, now, params);
         observe(now, &plan);
         // Keeping is monotone in the idle time: the oldest go first.
+        // (`lone`: the function's only instance, which the plan may keep
+        // longer or shorter than the others.)
+        let lone = |idle: &VecDeque<Idle>| idle.len() == 1 && busy.is_empty();
         while let Some(&oldest) = idle.front() {
-            if keep(&plan, cap, oldest.since, now) {
+            let lone = lone(&idle);
+            if keep(&plan, cap, oldest.since, now, lone) {
                 break;
             }
             idle.pop_front();
             charge(&mut t, oldest, now);
             t.prewarms_unused += oldest.prewarmed as u64;
             if !oldest.prewarmed {
-                history.reaped(now, now - oldest.since);
+                history.reaped(now, now - oldest.since, Rank::of(lone));
             }
         }
         let want = plan.to_prewarm(now, idle.len() as u32, done);
@@ -271,7 +286,13 @@ pub fn simulate_observed(
         let arrival = arrivals.get(next).copied().unwrap_or(u64::MAX);
         let end = busy.front().copied().unwrap_or(u64::MAX);
         let event = arrival.min(end);
-        let wake = next_wake(&plan, cap, now, idle.front(), done);
+        let wake = next_wake(
+            &plan,
+            cap,
+            now,
+            idle.front().map(|i| (i, lone(&idle))),
+            done,
+        );
         if wake < event.min(end_ms) {
             now = wake;
             continue;
@@ -298,6 +319,8 @@ pub fn simulate_observed(
             // restoring does not serve: the arrival restores its own, as
             // emberd's pool does).
             let ready = idle.iter().rposition(|i| i.ready <= now);
+            // (Alone: the arrival took the function's only instance.)
+            let alone = busy.is_empty() && idle.len() == 1;
             match ready.and_then(|i| idle.remove(i)) {
                 Some(instance) => {
                     charge(&mut t, instance, now);
@@ -305,7 +328,7 @@ pub fn simulate_observed(
                     if instance.prewarmed {
                         history.prewarm_used(now);
                     } else {
-                        history.reused(now - instance.since);
+                        history.reused(now - instance.since, Rank::of(alone));
                     }
                 }
                 None => {
@@ -845,17 +868,22 @@ mod tests {
             (9_000_000, None, 6_000),
             (0, None, 6_000),
         ] {
+            // The last instance kept twice as long as the others.
             let plan = Plan {
                 keep_alive_ms,
+                keep_last_ms: keep_alive_ms.saturating_mul(2),
+                quiet_at_ms: None,
                 prewarm,
                 bridge_ms: 1_000,
                 period: None,
                 basis: "histogram",
             };
             for now in [0, 700, 1_800, 4_000] {
-                let drop = first_drop(&plan, cap, 0, now);
-                let brute = (now..).find(|&t| !keep(&plan, cap, 0, t)).unwrap();
-                assert_eq!(drop, brute, "{plan:?}, cap {cap}, now {now}");
+                for lone in [false, true] {
+                    let drop = first_drop(&plan, cap, 0, now, lone);
+                    let brute = (now..).find(|&t| !keep(&plan, cap, 0, t, lone)).unwrap();
+                    assert_eq!(drop, brute, "{plan:?}, cap {cap}, now {now}, lone {lone}");
+                }
             }
         }
     }

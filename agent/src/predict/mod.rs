@@ -33,9 +33,13 @@ pub const AGE_AT: u32 = 4_096;
 /// traffic), ms.
 pub const EPISODE_GAP_MS: u64 = 60_000;
 
-/// A cold start this soon after another one, or one that opened an
-/// episode, lets the policy restore what the last episodes needed, ms.
+/// A cold start this soon after another one lets the policy restore what
+/// the last episodes needed ([`History::surge`]), ms.
 pub const COLD_CLUSTER_MS: u64 = 10_000;
+
+/// Any cold start this soon after an episode opened does too (a queue
+/// consumer's burst ramps up in its first minutes), ms.
+pub const SURGE_YOUNG_MS: u64 = 300_000;
 
 /// Episodes whose peak concurrency is remembered.
 pub const EPISODES: usize = 4;
@@ -46,10 +50,97 @@ const REDETECT_EVERY: u64 = 8;
 /// The detection is run again on an arrival this long after the last run.
 const REDETECT_MS: u64 = 30_000;
 
+/// Which of a function's instances an idle time is about: its last
+/// one (no other idle or busy: needed by the next arrival), or one of
+/// several (needed when that many run at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rank {
+    /// The function's only instance.
+    Last,
+    /// One of several.
+    Other,
+}
+
+impl Rank {
+    /// `Last` when `lone`, else `Other`.
+    pub fn of(lone: bool) -> Rank {
+        if lone {
+            Rank::Last
+        } else {
+            Rank::Other
+        }
+    }
+}
+
+/// A fine histogram of idle times before instances were needed again: a
+/// reuse gives its idle time, a reap later missed by a cold start the
+/// time from idling to that start, a reap never missed a sample beyond
+/// the histogram.
+#[derive(Debug, Clone)]
+struct Fine {
+    bins: [u32; FINE_BINS],
+    oob: u32,
+    total: u32,
+    /// Idle times recorded since start (the histogram's version).
+    idles: u64,
+    /// The last cost keep-alive: (idles, cold cost, cap, keep-alive).
+    cache: Option<(u64, u64, u64, u64)>,
+}
+
+impl Default for Fine {
+    fn default() -> Self {
+        Fine {
+            bins: [0; FINE_BINS],
+            oob: 0,
+            total: 0,
+            idles: 0,
+            cache: None,
+        }
+    }
+}
+
+impl Fine {
+    /// A sample (`None`: beyond the histogram); halved at [`AGE_AT`].
+    fn add(&mut self, idle_ms: Option<u64>) {
+        self.idles += 1;
+        match idle_ms.and_then(fine_bin) {
+            Some(i) => self.bins[i] += 1,
+            None => self.oob += 1,
+        }
+        self.total += 1;
+        if self.total >= AGE_AT {
+            for b in &mut self.bins {
+                *b /= 2;
+            }
+            self.oob /= 2;
+            self.total = self.bins.iter().sum::<u32>() + self.oob;
+        }
+    }
+
+    /// [`policy::cost_keep_alive`], computed again once the samples grew
+    /// by a sixteenth (at once while there are few).
+    fn keep_alive(&mut self, cold_cost_ms: u64, max_ms: u64) -> u64 {
+        match self.cache {
+            Some((idles, cold, max, k))
+                if self.idles - idles <= self.total as u64 / 16
+                    && cold == cold_cost_ms
+                    && max == max_ms =>
+            {
+                k
+            }
+            _ => {
+                let k = policy::cost_keep_alive(&self.bins, self.oob, cold_cost_ms, max_ms);
+                self.cache = Some((self.idles, cold_cost_ms, max_ms, k));
+                k
+            }
+        }
+    }
+}
+
 /// One function's arrival history: 64 recent arrivals (512 B), the
-/// hybrid histogram (960 B), the fine histogram (256 B), the last
-/// episodes' peak concurrency and the cached detection: under 2 KiB per
-/// function, whatever its traffic.
+/// hybrid histogram (960 B), two fine histograms (2 × 256 B), 16 pending
+/// reaps (384 B), the last episodes' peak concurrency and the cached
+/// detection: under 3 KiB per function, whatever its traffic.
 #[derive(Debug, Clone)]
 pub struct History {
     ring: [u64; RING],
@@ -62,28 +153,34 @@ pub struct History {
     hybrid: [u32; HYBRID_BINS],
     hybrid_oob: u32,
     hybrid_total: u32,
-    fine: [u32; FINE_BINS],
-    fine_oob: u32,
-    fine_total: u32,
+    /// Fine histograms: the last instance's idle times, the others'.
+    fine_last: Fine,
+    fine_other: Fine,
     detected: Vec<Period>,
     detected_at: Option<(u64, u64)>,
-    /// Idle times recorded since start (the fine histogram's version).
-    idles: u64,
-    /// The last cost keep-alive: (idles, cold cost, cap, keep-alive).
-    keep_alive_cache: Option<(u64, u64, u64, u64)>,
-    /// Instances reaped and not yet missed: (when, idle until then).
-    reaped: std::collections::VecDeque<(u64, u64)>,
-    /// The current episode's peak concurrency, and whether the last
-    /// arrival opened it.
+    /// Instances reaped and not yet missed: (when, idle until then,
+    /// which).
+    reaped: std::collections::VecDeque<(u64, u64, Rank)>,
+    /// The current episode's peak concurrency, and when it opened.
     episode_peak: u32,
-    fresh: bool,
+    episode_at: Option<u64>,
     /// The last cold start.
     last_cold: Option<u64>,
     /// The last [`EPISODES`] episodes' peaks (0: none yet).
     peaks: [u32; EPISODES],
     /// When the last episode opened with a cold start.
     surge_at: Option<u64>,
+    /// Whether the plan in force is a periodic one (set by the policy).
+    periodic: bool,
+    /// Arrivals and cold starts under periodic plans (halved at
+    /// [`MISS_WINDOW`] arrivals).
+    periodic_arrivals: u32,
+    periodic_colds: u32,
 }
+
+/// Arrivals under periodic plans over which their cold starts are
+/// counted (older ones weigh half, then a quarter, ...).
+pub const MISS_WINDOW: u32 = 256;
 
 /// Reaps remembered for [`History::cold`]; older ones count as never
 /// missed (beyond the fine histogram).
@@ -101,19 +198,19 @@ impl Default for History {
             hybrid: [0; HYBRID_BINS],
             hybrid_oob: 0,
             hybrid_total: 0,
-            fine: [0; FINE_BINS],
-            fine_oob: 0,
-            fine_total: 0,
+            fine_last: Fine::default(),
+            fine_other: Fine::default(),
             detected: Vec::new(),
             detected_at: None,
-            idles: 0,
-            keep_alive_cache: None,
             reaped: std::collections::VecDeque::new(),
             episode_peak: 0,
             peaks: [0; EPISODES],
             surge_at: None,
-            fresh: false,
+            episode_at: None,
             last_cold: None,
+            periodic: false,
+            periodic_arrivals: 0,
+            periodic_colds: 0,
         }
     }
 }
@@ -146,8 +243,8 @@ impl History {
         let quiet = self
             .last_end
             .is_none_or(|end| now.saturating_sub(end) > EPISODE_GAP_MS);
-        self.fresh = self.in_flight == 0 && quiet;
-        if self.fresh {
+        if self.in_flight == 0 && quiet {
+            self.episode_at = Some(now);
             if self.episode_peak > 0 {
                 self.peaks.rotate_right(1);
                 self.peaks[0] = self.episode_peak;
@@ -162,6 +259,13 @@ impl History {
         self.next = (self.next + 1) % RING;
         self.len = (self.len + 1).min(RING);
         self.arrivals += 1;
+        if self.periodic {
+            self.periodic_arrivals += 1;
+            if self.periodic_arrivals >= MISS_WINDOW {
+                self.periodic_arrivals /= 2;
+                self.periodic_colds /= 2;
+            }
+        }
     }
 
     /// An invocation ended at `now`.
@@ -170,32 +274,58 @@ impl History {
         self.last_end = Some(self.last_end.map_or(now, |e| e.max(now)));
     }
 
-    /// An idle instance (kept after an invocation, not restored ahead)
-    /// served again after `idle_ms`: one sample of how long an instance
-    /// must be kept to be used.
-    pub fn reused(&mut self, idle_ms: u64) {
-        self.fine_idle(Some(idle_ms));
-    }
-
-    /// An idle instance was reaped at `now` after `idle_ms`.
-    pub fn reaped(&mut self, now: u64, idle_ms: u64) {
-        self.reaped.push_back((now, idle_ms));
-        if self.reaped.len() > PENDING_REAPS {
-            self.reaped.pop_front();
-            self.fine_idle(None);
+    fn fine(&mut self, rank: Rank) -> &mut Fine {
+        match rank {
+            Rank::Last => &mut self.fine_last,
+            Rank::Other => &mut self.fine_other,
         }
     }
 
-    /// An arrival at `now` found no idle instance: the last instance
-    /// reaped would have needed its idle time until now (one sample).
+    /// Which instance an arrival at this point (already
+    /// [`arrived`](History::arrived)) needed: the last one when it runs
+    /// alone.
+    fn arrival_rank(&self) -> Rank {
+        if self.in_flight <= 1 {
+            Rank::Last
+        } else {
+            Rank::Other
+        }
+    }
+
+    /// An idle instance (kept after an invocation, not restored ahead)
+    /// served again after `idle_ms`: one sample of how long an instance
+    /// of its rank must be kept to be used.
+    pub fn reused(&mut self, idle_ms: u64, rank: Rank) {
+        self.fine(rank).add(Some(idle_ms));
+    }
+
+    /// An idle instance of `rank` was reaped at `now` after `idle_ms`.
+    pub fn reaped(&mut self, now: u64, idle_ms: u64, rank: Rank) {
+        self.reaped.push_back((now, idle_ms, rank));
+        if self.reaped.len() > PENDING_REAPS {
+            if let Some((_, _, rank)) = self.reaped.pop_front() {
+                self.fine(rank).add(None);
+            }
+        }
+    }
+
+    /// An arrival at `now` (already [`arrived`](History::arrived)) found
+    /// no idle instance: the last instance of its rank reaped would have
+    /// needed its idle time until now (one sample).
     /// The policy may then restore at once what the busiest of the last
     /// episodes needed ([`History::surge`]).
     pub fn cold(&mut self, now: u64) {
+        if self.periodic {
+            self.periodic_colds += 1;
+        }
         self.missed_reap(now);
         let cluster = self
             .last_cold
             .is_some_and(|c| now.saturating_sub(c) <= COLD_CLUSTER_MS);
-        if self.fresh || cluster {
+        let young = self
+            .episode_at
+            .is_some_and(|e| now.saturating_sub(e) <= SURGE_YOUNG_MS);
+        if young || cluster {
             self.surge_at = Some(now);
         }
         self.last_cold = Some(now);
@@ -209,9 +339,24 @@ impl History {
     }
 
     fn missed_reap(&mut self, now: u64) {
-        if let Some((at, idle)) = self.reaped.pop_back() {
-            self.fine_idle(Some(idle + now.saturating_sub(at)));
+        let rank = self.arrival_rank();
+        if let Some(i) = self.reaped.iter().rposition(|r| r.2 == rank) {
+            if let Some((at, idle, _)) = self.reaped.remove(i) {
+                self.fine(rank).add(Some(idle + now.saturating_sub(at)));
+            }
         }
+    }
+
+    /// The plan in force is periodic (or not): arrivals and cold starts
+    /// under periodic plans are counted for [`History::periodic_miss`].
+    pub fn set_periodic(&mut self, periodic: bool) {
+        self.periodic = periodic;
+    }
+
+    /// The share of arrivals under periodic plans that started cold: 1 in
+    /// 10 before any (a prior worth 10 arrivals).
+    pub fn periodic_miss(&self) -> f64 {
+        (self.periodic_colds as f64 + 1.0) / (self.periodic_arrivals as f64 + 10.0)
     }
 
     /// The last cold start, and the most instances any of the
@@ -224,6 +369,12 @@ impl History {
     /// The `i`-th most recent arrival (0: the last), if the ring has it.
     fn back(&self, i: usize) -> Option<u64> {
         (i < self.len).then(|| self.ring[(self.next + 2 * RING - 1 - i) % RING])
+    }
+
+    /// Arrivals per ms over the last 8 (`None` under 8).
+    pub fn recent_rate(&self) -> Option<f64> {
+        let (first, last) = (self.back(7)?, self.back(0)?);
+        Some(7.0 / (last - first).max(1) as f64)
     }
 
     /// Arrivals in the ring after `since`.
@@ -249,26 +400,13 @@ impl History {
         self.age();
     }
 
-    /// A sample for the fine histogram (`None`: beyond it).
-    fn fine_idle(&mut self, idle_ms: Option<u64>) {
-        self.idles += 1;
-        match idle_ms.and_then(fine_bin) {
-            Some(i) => self.fine[i] += 1,
-            None => self.fine_oob += 1,
-        }
-        self.fine_total += 1;
-        self.age();
-    }
-
     fn age(&mut self) {
-        if self.fine_total >= AGE_AT || self.hybrid_total >= AGE_AT {
-            for b in self.hybrid.iter_mut().chain(self.fine.iter_mut()) {
+        if self.hybrid_total >= AGE_AT {
+            for b in &mut self.hybrid {
                 *b /= 2;
             }
             self.hybrid_oob /= 2;
-            self.fine_oob /= 2;
             self.hybrid_total = self.hybrid.iter().sum::<u32>() + self.hybrid_oob;
-            self.fine_total = self.fine.iter().sum::<u32>() + self.fine_oob;
         }
     }
 
@@ -319,30 +457,33 @@ impl History {
         (&self.hybrid, self.hybrid_oob, self.hybrid_total)
     }
 
-    /// The fine histogram: counts per bin, out-of-bounds, total.
-    pub fn fine_histogram(&self) -> (&[u32; FINE_BINS], u32, u32) {
-        (&self.fine, self.fine_oob, self.fine_total)
+    /// The fine histogram of `rank`: counts per bin, out-of-bounds,
+    /// total.
+    pub fn fine_histogram(&self, rank: Rank) -> (&[u32; FINE_BINS], u32, u32) {
+        let f = match rank {
+            Rank::Last => &self.fine_last,
+            Rank::Other => &self.fine_other,
+        };
+        (&f.bins, f.oob, f.total)
     }
 
-    /// [`policy::cost_keep_alive`] over the fine histogram, computed
-    /// again once the samples grew by a sixteenth.
-    pub fn cost_keep_alive(&mut self, cold_cost_ms: u64, max_ms: u64) -> u64 {
-        match self.keep_alive_cache {
-            // Computed again once the samples grew by 1/16 (at once
-            // while there are few).
-            Some((idles, cold, max, k))
-                if self.idles - idles <= self.fine_total as u64 / 16
-                    && cold == cold_cost_ms
-                    && max == max_ms =>
-            {
-                k
-            }
-            _ => {
-                let k = policy::cost_keep_alive(&self.fine, self.fine_oob, cold_cost_ms, max_ms);
-                self.keep_alive_cache = Some((self.idles, cold_cost_ms, max_ms, k));
-                k
-            }
-        }
+    /// Idle times in both fine histograms.
+    pub fn fine_samples(&self) -> u32 {
+        self.fine_last.total + self.fine_other.total
+    }
+
+    /// [`policy::cost_keep_alive`] over the fine histogram of `rank`
+    /// (`None` under `min_samples` idle times), computed again once the
+    /// samples grew by a sixteenth.
+    pub fn cost_keep_alive(
+        &mut self,
+        rank: Rank,
+        cold_cost_ms: u64,
+        max_ms: u64,
+        min_samples: u32,
+    ) -> Option<u64> {
+        let f = self.fine(rank);
+        (f.total >= min_samples).then(|| f.keep_alive(cold_cost_ms, max_ms))
     }
 
     /// What `policy` says for this function at `now`.
@@ -373,24 +514,35 @@ mod tests {
     }
 
     #[test]
-    fn the_fine_histogram_learns_from_reuses_and_from_reaps_later_missed() {
+    fn the_fine_histograms_learn_from_reuses_and_from_reaps_later_missed() {
         let mut h = History::default();
-        h.reused(990);
-        // Reaped after 2 s; the next arrival, 8 s later, found nothing:
-        // that instance would have had to idle 10 s.
-        h.reaped(50_000, 2_000);
+        h.reused(990, Rank::Last);
+        // The last instance reaped after 2 s, another after 3 s; the next
+        // arrival, alone, 8 s later, found nothing: the last instance
+        // would have had to idle 10 s. A second one, while it runs, found
+        // nothing either: the other would have had to idle 10.6 s.
+        h.reaped(50_000, 2_000, Rank::Last);
+        h.reaped(50_500, 3_000, Rank::Other);
+        h.arrived(58_000);
         h.cold(58_000);
-        // A cold start with no reap pending says nothing.
-        h.cold(60_000);
-        let (fine, oob, total) = h.fine_histogram();
-        assert_eq!(fine[fine_bin(990).unwrap()], 1);
-        assert_eq!(fine[fine_bin(10_000).unwrap()], 1);
+        h.arrived(58_100);
+        h.cold(58_100);
+        // A cold start with no reap of its rank pending says nothing.
+        h.arrived(58_200);
+        h.cold(58_200);
+        let (last, oob, total) = h.fine_histogram(Rank::Last);
+        assert_eq!(last[fine_bin(990).unwrap()], 1);
+        assert_eq!(last[fine_bin(10_000).unwrap()], 1);
         assert_eq!((oob, total), (0, 2));
+        let (other, oob, total) = h.fine_histogram(Rank::Other);
+        assert_eq!(other[fine_bin(10_600).unwrap()], 1);
+        assert_eq!((oob, total), (0, 1));
+        assert_eq!(h.fine_samples(), 3);
         // Reaps never missed, beyond the pending ones, count as beyond.
         for i in 0..(PENDING_REAPS as u64 + 3) {
-            h.reaped(100_000 + i, 1_000);
+            h.reaped(100_000 + i, 1_000, Rank::Other);
         }
-        assert_eq!(h.fine_histogram().1, 3);
+        assert_eq!(h.fine_histogram(Rank::Other).1, 3);
     }
 
     #[test]

@@ -12,18 +12,30 @@
 //!   4 hours (over half), or a flat histogram (bin counts' coefficient of
 //!   variation under [`HYBRID_MIN_CV`]): the fixed keep-alive instead
 //!   (the paper fits ARIMA to out-of-bounds idle times; we do not).
-//! - `ember`: a detected period (confidence ≥ `min_confidence`, still
-//!   beating) gets an instance restored `lead_ms` before the earliest
-//!   expected arrival, kept to `grace_ms` after the latest; after an
-//!   invocation the instance lingers `linger_ms` only (a beat's
-//!   stragglers), unless the next window opens within `bridge_ms`. Otherwise the keep-alive is the one that minimises the
-//!   idle time spent plus `cold_cost_ms` per cold start over the fine
-//!   idle-time histogram, capped at `keep_alive_max_ms`: a function whose
-//!   idle times mostly exceed the cap keeps nothing, a bursty one keeps
-//!   its instances only as long as its bursts' gaps.
+//! - `ember`: a detected period (confidence ≥ `min_confidence`, at least
+//!   [`ACT_HITS`] on-beat arrivals, still beating) gets instances restored
+//!   `lead_ms` before the earliest expected arrival, kept to `grace_ms`
+//!   after the latest; after an invocation an instance lingers
+//!   `linger_ms`, or longer where keeping is cheaper than the cold starts
+//!   the windows miss (the function's own measured miss rate under
+//!   periodic plans times `cold_cost_ms`), or a whole period while a call
+//!   is owed (fewer calls in the last two periods than its rate says: a
+//!   late beat, the rest of a fan-out), unless the next window opens
+//!   within `bridge_ms`. Otherwise the keep-alive minimises the idle time
+//!   spent plus `cold_cost_ms` per cold start over fine idle-time
+//!   histograms — one for the function's last instance (none other idle
+//!   or busy), one for the others — capped at `keep_alive_max_ms`; the
+//!   last instance of a steady stream (arrivals faster than one per
+//!   `cold_cost_ms`) is also kept [`LAST_KEEP_GAPS`] of its recent gaps;
+//!   once the stream is quiet ([`QUIET_GAPS`] gaps) only the last
+//!   instance stays. Before any reuse the gaps between invocations decide
+//!   (the hybrid histogram's minute bins), the cap before any gap. A cold
+//!   start early in an episode (or soon after another) restores at once
+//!   what the busiest of the last episodes had busy
+//!   ([`SURGE_HOLD_MS`]).
 
 use super::detect::{Period, MAX_SKIP};
-use super::{fine_edge, History, FINE_BINS, HYBRID_BINS};
+use super::{fine_edge, History, Rank, FINE_BINS, HYBRID_BINS};
 
 /// Idle times the hybrid policy needs before it trusts its histogram.
 pub const HYBRID_MIN_SAMPLES: u32 = 10;
@@ -41,6 +53,16 @@ pub const SURGE_HOLD_MS: u64 = 10_000;
 /// this many fewer than its rate says (a beat missed or late, a fan-out
 /// not done).
 pub const OWED_CALLS: f64 = 0.5;
+
+/// The last instance of a steady stream is kept this many of its recent
+/// gaps (a Poisson stream leaves a gap 10 times its mean once in 22,000).
+pub const LAST_KEEP_GAPS: f64 = 10.0;
+/// A stream that brought nothing for this many of its recent gaps is
+/// quiet: only its last instance is kept from then (a queue consumer's
+/// burst is over)...
+pub const QUIET_GAPS: f64 = 30.0;
+/// ... and not before this, ms.
+pub const QUIET_MIN_MS: u64 = 5_000;
 
 /// Which policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -133,6 +155,12 @@ pub struct Window {
 pub struct Plan {
     /// An idle instance is kept this long after its last use, ms.
     pub keep_alive_ms: u64,
+    /// The function's last instance (none other idle or busy) is kept
+    /// this long instead, ms.
+    pub keep_last_ms: u64,
+    /// When the stream goes quiet (no arrival for many recent gaps): from
+    /// then only the last instance is kept, ms.
+    pub quiet_at_ms: Option<u64>,
     /// Instances to have ready, and when.
     pub prewarm: Option<Window>,
     /// An idle instance is also kept when the window opens within this, ms.
@@ -144,9 +172,20 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Whether an instance idle since `idle_since` is kept at `now`.
-    pub fn keep(&self, idle_since: u64, now: u64) -> bool {
-        now.saturating_sub(idle_since) <= self.keep_alive_ms
+    /// How long an idle instance is kept: `lone`, the function's only
+    /// instance (none other idle or busy), ms.
+    pub fn keep_alive(&self, lone: bool) -> u64 {
+        if lone {
+            self.keep_last_ms
+        } else {
+            self.keep_alive_ms
+        }
+    }
+
+    /// Whether an instance idle since `idle_since` (`lone`: the
+    /// function's only one) is kept at `now`.
+    pub fn keep(&self, idle_since: u64, now: u64, lone: bool) -> bool {
+        now.saturating_sub(idle_since) <= self.keep_alive(lone)
             || self
                 .prewarm
                 .is_some_and(|w| now + self.bridge_ms >= w.from_ms && now < w.until_ms)
@@ -167,6 +206,8 @@ impl Plan {
 fn fixed(params: &PolicyParams, basis: &'static str) -> Plan {
     Plan {
         keep_alive_ms: params.keep_alive_max_ms,
+        keep_last_ms: params.keep_alive_max_ms,
+        quiet_at_ms: None,
         prewarm: None,
         bridge_ms: 0,
         period: None,
@@ -213,6 +254,8 @@ fn hybrid(h: &History, params: &PolicyParams) -> Plan {
     if head == 0 {
         return Plan {
             keep_alive_ms: tail,
+            keep_last_ms: tail,
+            quiet_at_ms: None,
             prewarm: None,
             bridge_ms: 0,
             period: None,
@@ -232,6 +275,8 @@ fn hybrid(h: &History, params: &PolicyParams) -> Plan {
     };
     Plan {
         keep_alive_ms: 0,
+        keep_last_ms: 0,
+        quiet_at_ms: None,
         prewarm,
         bridge_ms: 0,
         period: None,
@@ -242,12 +287,23 @@ fn hybrid(h: &History, params: &PolicyParams) -> Plan {
 /// The keep-alive that minimises idle time plus `cold_cost_ms` per cold
 /// start over a fine histogram, at most `max_ms`.
 pub fn cost_keep_alive(bins: &[u32; FINE_BINS], oob: u32, cold_cost_ms: u64, max_ms: u64) -> u64 {
+    binned_cost_keep_alive(bins, fine_edge, oob, cold_cost_ms, max_ms)
+}
+
+/// [`cost_keep_alive`] over bins whose upper edges `edge` gives.
+fn binned_cost_keep_alive(
+    bins: &[u32],
+    edge: impl Fn(usize) -> u64,
+    oob: u32,
+    cold_cost_ms: u64,
+    max_ms: u64,
+) -> u64 {
     // Candidates: 0, each bin's upper edge below the cap, the cap.
     let mut candidates: Vec<u64> = vec![0];
-    candidates.extend((0..FINE_BINS).map(fine_edge).filter(|&e| e < max_ms));
+    candidates.extend((0..bins.len()).map(&edge).filter(|&e| e < max_ms));
     candidates.push(max_ms);
     // An idle time in bin i is taken as its upper edge (the worst case).
-    let idle_of = |i: usize| fine_edge(i) as f64;
+    let idle_of = |i: usize| edge(i) as f64;
     let mut best = (f64::INFINITY, 0);
     for &k in &candidates {
         let mut cost = oob as f64 * (k as f64 + cold_cost_ms as f64);
@@ -322,37 +378,73 @@ fn owed(h: &History, period: &Period, now: u64) -> f64 {
 fn ember(h: &mut History, now: u64, params: &PolicyParams) -> Plan {
     let max = params.keep_alive_max_ms;
     let surge = surge(h, now);
-    if let Some((period, window)) = acted_period(h, now, params) {
+    let acted = acted_period(h, now, params);
+    h.set_periodic(acted.is_some());
+    if let Some((period, window)) = acted {
         // Lingers at least `linger_ms`; longer where the weighed
         // keep-alive says keeping is cheaper than a cold start that only
         // a missed window causes (1 − confidence of them); a period long
         // while a call is owed (a late beat comes off the beat, the rest
         // of a fan-out after its first).
-        let keep_alive_ms = if owed(h, &period, now) >= OWED_CALLS {
-            period.period_ms
-        } else if h.fine_histogram().2 >= EMBER_MIN_SAMPLES {
-            let miss = (1.0 - period.confidence).clamp(0.0, 1.0);
-            let weighed = h.cost_keep_alive((params.cold_cost_ms as f64 * miss) as u64, max);
-            params.linger_ms.max(weighed)
+        let (keep_alive_ms, keep_last_ms) = if owed(h, &period, now) >= OWED_CALLS {
+            (period.period_ms, period.period_ms)
         } else {
-            params.linger_ms
+            let cold = (params.cold_cost_ms as f64 * h.periodic_miss()) as u64;
+            let mut weighed = |rank| {
+                h.cost_keep_alive(rank, cold, max, EMBER_MIN_SAMPLES)
+                    .map_or(params.linger_ms, |k| k.max(params.linger_ms))
+            };
+            (weighed(Rank::Other), weighed(Rank::Last))
         };
         return Plan {
             keep_alive_ms: keep_alive_ms.min(max),
+            keep_last_ms: keep_last_ms.min(max),
+            quiet_at_ms: None,
             prewarm: surge.or(Some(window)),
             bridge_ms: params.bridge_ms,
             period: Some(period),
             basis: "periodic",
         };
     }
-    if h.fine_histogram().2 < EMBER_MIN_SAMPLES {
+    if h.fine_samples() < EMBER_MIN_SAMPLES {
+        // Too few reuses to learn from: the gaps between invocations (the
+        // hybrid histogram's minute bins) decide, the cap before any.
+        let (bins, oob, total) = h.hybrid_histogram();
+        let keep = if total == 0 {
+            max
+        } else {
+            let minute = |i: usize| (i as u64 + 1) * 60_000;
+            binned_cost_keep_alive(bins, minute, oob, params.cold_cost_ms, max)
+        };
         return Plan {
+            keep_alive_ms: keep,
+            keep_last_ms: keep,
             prewarm: surge,
             ..fixed(params, "fallback")
         };
     }
+    // Each rank by its own histogram (by the other's while it has too
+    // few idle times); the last instance of a steady stream also while
+    // arrivals come faster than one per cold cost (for a Poisson stream
+    // keeping is then cheaper at any idle time).
+    let cost = params.cold_cost_ms;
+    let last = h.cost_keep_alive(Rank::Last, cost, max, EMBER_MIN_SAMPLES);
+    let other = h.cost_keep_alive(Rank::Other, cost, max, EMBER_MIN_SAMPLES);
+    let steady = match h.recent_rate() {
+        Some(per_ms) if per_ms * cost as f64 >= 1.0 => ((LAST_KEEP_GAPS / per_ms) as u64).min(max),
+        _ => 0,
+    };
+    let keep_last_ms = last.or(other).unwrap_or(max).max(steady);
+    let keep_alive_ms = other.or(last).unwrap_or(max);
+    let quiet_at_ms = match (h.recent_rate(), h.last_arrival()) {
+        (Some(per_ms), Some(last)) => Some(last + ((QUIET_GAPS / per_ms) as u64).max(QUIET_MIN_MS)),
+        _ => None,
+    };
+    let quiet = quiet_at_ms.is_some_and(|q| now >= q);
     Plan {
-        keep_alive_ms: h.cost_keep_alive(params.cold_cost_ms, max),
+        keep_alive_ms: if quiet { 0 } else { keep_alive_ms },
+        keep_last_ms,
+        quiet_at_ms: quiet_at_ms.filter(|&q| q > now),
         prewarm: surge,
         bridge_ms: 0,
         period: None,
@@ -372,6 +464,7 @@ pub fn plan(h: &mut History, policy: Policy, now: u64, params: &PolicyParams) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::predict::Rank;
 
     #[test]
     fn the_hybrid_windows_match_a_hand_computed_example() {
@@ -406,7 +499,7 @@ mod tests {
             plan.prewarm.map(|w| (w.from_ms - end, w.until_ms - end)),
             Some((108_000, 660_000))
         );
-        assert!(!plan.keep(end, end + 1));
+        assert!(!plan.keep(end, end + 1, true));
         assert_eq!(plan.to_prewarm(end + 108_000, 0, None), 1);
         assert_eq!(plan.to_prewarm(end + 107_999, 0, None), 0);
         assert_eq!(plan.to_prewarm(end + 108_000, 0, Some(end + 108_000)), 0);
@@ -469,11 +562,11 @@ mod tests {
         assert_eq!(w.from_ms, 10 * 300_000 - 6_000 - params.lead_ms);
         assert_eq!(w.until_ms, 10 * 300_000 + 6_000 + params.grace_ms);
         // The instance that just served lingers half a second, then goes.
-        assert!(plan.keep(now, now + 500));
-        assert!(!plan.keep(now, now + 501));
+        assert!(plan.keep(now, now + 500, true));
+        assert!(!plan.keep(now, now + 501, true));
         // It is kept again from just before the window (if it were still
         // there), and one is restored in the window.
-        assert!(plan.keep(now, w.from_ms - params.bridge_ms));
+        assert!(plan.keep(now, w.from_ms - params.bridge_ms, true));
         assert_eq!(plan.to_prewarm(w.from_ms, 0, None), 1);
         assert_eq!(plan.to_prewarm(w.from_ms, 1, None), 0);
         assert_eq!(plan.to_prewarm(w.until_ms, 0, None), 0);
@@ -494,11 +587,190 @@ mod tests {
     }
 
     #[test]
+    fn ember_surges_to_the_last_episodes_peak_after_clustered_or_early_cold_starts() {
+        let params = PolicyParams::default();
+        let mut h = History::default();
+        // An episode with 6 running at once.
+        for i in 0..6 {
+            h.arrived(1_000 + i);
+        }
+        for i in 0..6 {
+            h.finished(2_000 + i);
+        }
+        // An hour later the next opens cold: what the last one had busy
+        // is restored at once, less the one running, held a while.
+        let t = 3_600_000;
+        h.arrived(t);
+        h.cold(t);
+        let p = plan(&mut h, Policy::Ember, t + 1, &params);
+        let w = p.prewarm.unwrap();
+        assert_eq!((w.from_ms, w.until_ms, w.count), (t, t + SURGE_HOLD_MS, 5));
+        assert_eq!(p.to_prewarm(t + 1, 0, None), 5);
+        assert_eq!(
+            plan(&mut h, Policy::Ember, t + SURGE_HOLD_MS, &params).prewarm,
+            None
+        );
+        // Late in a long episode, a lone cold start does not surge; a
+        // second one within the cluster time does.
+        let mut at = t;
+        while at < t + super::super::SURGE_YOUNG_MS + 60_000 {
+            at += 30_000;
+            h.finished(at - 29_000);
+            h.arrived(at);
+        }
+        h.cold(at);
+        let p = plan(&mut h, Policy::Ember, at + 1, &params);
+        // (Arrivals 30 s apart read as a period: its window, no surge.)
+        assert!(p.prewarm.is_none_or(|w| w.from_ms != at), "{p:?}");
+        h.arrived(at + 5_000);
+        h.cold(at + 5_000);
+        let w = plan(&mut h, Policy::Ember, at + 5_001, &params)
+            .prewarm
+            .unwrap();
+        assert_eq!((w.from_ms, w.count), (at + 5_000, 4));
+    }
+
+    #[test]
+    fn ember_keeps_only_the_last_instance_once_a_burst_is_over() {
+        let params = PolicyParams::default();
+        let mut h = History::default();
+        // Reuses after a tenth of a second, of the last instance and of
+        // the others; arrivals ten a second.
+        for _ in 0..10 {
+            h.reused(100, Rank::Last);
+            h.reused(100, Rank::Other);
+        }
+        for i in 0..20u64 {
+            h.arrived(i * 100);
+            h.finished(i * 100 + 50);
+        }
+        let last = 1_900;
+        let p = plan(&mut h, Policy::Ember, last + 1_000, &params);
+        assert_eq!(p.basis, "histogram");
+        assert!(p.keep_alive_ms > 0, "{p:?}");
+        // Quiet after 30 gaps, and not before QUIET_MIN_MS.
+        assert_eq!(p.quiet_at_ms, Some(last + QUIET_MIN_MS));
+        let p = plan(&mut h, Policy::Ember, last + QUIET_MIN_MS, &params);
+        assert_eq!((p.keep_alive_ms, p.quiet_at_ms), (0, None));
+        assert!(!p.keep(last + 1, last + QUIET_MIN_MS, false));
+        // The last instance keeps its own keep-alive (here ten gaps of a
+        // steady stream: one second).
+        assert_eq!(p.keep_last_ms, 1_000);
+    }
+
+    #[test]
+    fn ember_keeps_the_last_instance_of_a_steady_stream_while_it_pays() {
+        let params = PolicyParams::default();
+        // Gaps the last instance could not bridge (beyond the cap): its
+        // histogram alone would keep nothing.
+        let history = || {
+            let mut h = History::default();
+            for _ in 0..10 {
+                h.reused(3_600_000, Rank::Last);
+            }
+            h
+        };
+        // Arrivals about a minute apart (not periodic): a cold start
+        // costs ten minutes of idling, so the last instance is kept ten
+        // gaps, capped.
+        let gaps = [
+            40_000u64, 75_000, 52_000, 90_000, 33_000, 61_000, 70_000, 45_000,
+        ];
+        let mut h = history();
+        let mut t = 0;
+        for g in gaps {
+            t += g;
+            h.arrived(t);
+            h.finished(t + 100);
+        }
+        let p = plan(&mut h, Policy::Ember, t + 200, &params);
+        assert_eq!(p.basis, "histogram");
+        assert_eq!(p.keep_last_ms, params.keep_alive_max_ms);
+        assert!(p.keep(t + 100, t + 500_000, true));
+        // One every twenty minutes: not worth it.
+        let mut h = history();
+        let mut t = 0;
+        for g in gaps {
+            t += g * 20;
+            h.arrived(t);
+            h.finished(t + 100);
+        }
+        let p = plan(&mut h, Policy::Ember, t + 200, &params);
+        assert_eq!(p.keep_last_ms, 0);
+    }
+
+    #[test]
+    fn a_periodic_function_owing_a_call_keeps_its_instance_a_period() {
+        let params = PolicyParams::default();
+        let mut h = History::default();
+        for i in 0..10u64 {
+            h.arrived(i * 60_000);
+            h.finished(i * 60_000 + 200);
+        }
+        // Just after beat 9: nothing owed, it lingers.
+        let p = plan(&mut h, Policy::Ember, 9 * 60_000 + 1_000, &params);
+        assert_eq!(p.basis, "periodic");
+        assert!(p.keep_alive_ms < 60_000, "{p:?}");
+        // Beat 10 did not come: a call is owed (late, or lost), and an
+        // instance idle now is kept a period for it.
+        let p = plan(&mut h, Policy::Ember, 10 * 60_000 + 10_000, &params);
+        assert_eq!(p.basis, "periodic");
+        assert_eq!(p.keep_alive_ms, p.period.unwrap().period_ms);
+    }
+
+    #[test]
+    fn ember_learns_from_its_own_periodic_misses() {
+        let mut h = History::default();
+        // A prior of 1 in 10.
+        assert!((h.periodic_miss() - 0.1).abs() < 1e-9);
+        h.set_periodic(true);
+        for i in 0..30u64 {
+            h.arrived(i * 1_000);
+            if i % 10 == 0 {
+                h.cold(i * 1_000);
+            }
+            h.finished(i * 1_000 + 10);
+        }
+        assert!((h.periodic_miss() - 4.0 / 40.0).abs() < 1e-9);
+        // Cold starts under other plans do not count.
+        h.set_periodic(false);
+        h.arrived(40_000);
+        h.cold(40_000);
+        assert!((h.periodic_miss() - 4.0 / 40.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn before_reuses_ember_keeps_by_the_gaps_it_has_seen() {
+        let params = PolicyParams::default();
+        let mut h = History::default();
+        // Nothing seen: the cap.
+        h.arrived(0);
+        h.finished(100);
+        assert_eq!(
+            plan(&mut h, Policy::Ember, 100, &params).keep_alive_ms,
+            600_000
+        );
+        // A gap of two hours: nothing kept.
+        h.arrived(7_200_100);
+        h.finished(7_200_200);
+        let p = plan(&mut h, Policy::Ember, 7_200_200, &params);
+        assert_eq!((p.basis, p.keep_alive_ms), ("fallback", 0));
+        // Gaps of three minutes (in the 3–4 minute bin): kept for them.
+        let mut h = History::default();
+        for i in 0..4u64 {
+            h.arrived(i * 200_000);
+            h.finished(i * 200_000 + 100);
+        }
+        let p = plan(&mut h, Policy::Ember, 600_100, &params);
+        assert_eq!((p.basis, p.keep_alive_ms), ("fallback", 240_000));
+    }
+
+    #[test]
     fn fixed_keeps_for_the_keep_alive_and_never_prewarms() {
         let params = PolicyParams::default();
         let mut h = History::default();
         let plan = plan(&mut h, Policy::Fixed, 0, &params);
-        assert!(plan.keep(0, 600_000) && !plan.keep(0, 600_001));
+        assert!(plan.keep(0, 600_000, true) && !plan.keep(0, 600_001, true));
         assert_eq!(plan.to_prewarm(0, 0, None), 0);
         assert_eq!(Policy::parse("ember"), Ok(Policy::Ember));
         assert!(Policy::parse("lru").unwrap_err().contains("lru"));
