@@ -28,7 +28,7 @@ pub struct FunctionConfig {
     /// Environment.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Arguments after argv[0].
+    /// Arguments after `argv[0]`.
     #[serde(default)]
     pub args: Vec<String>,
     /// Async events waiting or running at most (more get a 429).

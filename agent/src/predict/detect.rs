@@ -52,7 +52,8 @@ pub struct Period {
     pub period_ms: u64,
     /// Where the grid puts the last on-beat arrival (the phase), ms.
     pub last_beat_ms: u64,
-    /// How far on-beat arrivals stray from the grid (see [`fit`]), ms.
+    /// How far on-beat arrivals stray from the grid: 1.5 × the
+    /// [`SPREAD_QUANTILE`] of their distances from it, ms.
     pub spread_ms: u64,
     /// 0–1: the chain score, scaled down until [`RAMP_HITS`] on-beat
     /// arrivals.
