@@ -355,7 +355,7 @@ fn acted_period(h: &mut History, now: u64, params: &PolicyParams) -> Option<(Per
 fn surge(h: &History, now: u64) -> Option<Window> {
     let (at, peak) = h.surge()?;
     let want = peak.saturating_sub(h.in_flight());
-    (now < at + SURGE_HOLD_MS && want > 0).then_some(Window {
+    (now < at + SURGE_HOLD_MS && peak > 1 && want > 0).then_some(Window {
         from_ms: at,
         until_ms: at + SURGE_HOLD_MS,
         count: want,
@@ -400,7 +400,7 @@ fn ember(h: &mut History, now: u64, params: &PolicyParams) -> Plan {
             keep_alive_ms: keep_alive_ms.min(max),
             keep_last_ms: keep_last_ms.min(max),
             quiet_at_ms: None,
-            prewarm: surge.or(Some(window)),
+            prewarm: Some(window),
             bridge_ms: params.bridge_ms,
             period: Some(period),
             basis: "periodic",
@@ -613,15 +613,21 @@ mod tests {
         // Late in a long episode, a lone cold start does not surge; a
         // second one within the cluster time does.
         let mut at = t;
-        while at < t + super::super::SURGE_YOUNG_MS + 60_000 {
-            at += 30_000;
-            h.finished(at - 29_000);
+        for gap in [7_000u64, 31_000, 12_000, 44_000, 3_000, 25_000]
+            .iter()
+            .cycle()
+        {
+            if at >= t + super::super::SURGE_YOUNG_MS + 60_000 {
+                break;
+            }
+            h.finished(at + 1_000);
+            at += gap;
             h.arrived(at);
         }
         h.cold(at);
         let p = plan(&mut h, Policy::Ember, at + 1, &params);
-        // (Arrivals 30 s apart read as a period: its window, no surge.)
-        assert!(p.prewarm.is_none_or(|w| w.from_ms != at), "{p:?}");
+        assert_ne!(p.basis, "periodic");
+        assert_eq!(p.prewarm, None, "{p:?}");
         h.arrived(at + 5_000);
         h.cold(at + 5_000);
         let w = plan(&mut h, Policy::Ember, at + 5_001, &params)
