@@ -241,6 +241,7 @@ impl Prewarm {
             json!({
                 "basis": p.basis,
                 "keep_alive_s": p.keep_alive_ms as f64 / 1e3,
+                "keep_last_s": p.keep_last_ms as f64 / 1e3,
                 "prewarm": p.prewarm.as_ref().map(window),
             })
         });
