@@ -120,8 +120,10 @@ fn chain(beats: &[Beat], period: f64) -> Chain {
     let mut last = beats[0];
     let (mut hits, mut expected) = (0u32, 0u64);
     let (mut sum_d, mut sum_k) = (0.0f64, 0u64);
-    let mut segment = vec![(0, beats[0].at)];
-    let mut off = Vec::new();
+    // Sized once: a detection scores up to a dozen candidates.
+    let mut segment = Vec::with_capacity(beats.len());
+    segment.push((0, beats[0].at));
+    let mut off = Vec::with_capacity(beats.len());
     for b in &beats[1..] {
         let d = (b.at - last.at) as f64;
         let k = (d / period).round().max(1.0) as u64;

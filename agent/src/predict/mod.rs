@@ -49,6 +49,10 @@ pub const EPISODES: usize = 4;
 const REDETECT_EVERY: u64 = 8;
 /// The detection is run again on an arrival this long after the last run.
 const REDETECT_MS: u64 = 30_000;
+/// ... and not sooner than this, however many arrivals came (a periodic
+/// beat is at least a second apart; a burst need not be scanned on every
+/// eighth call).
+const REDETECT_MIN_MS: u64 = 5_000;
 
 /// Which of a function's instances an idle time is about: its last
 /// one (no other idle or busy: needed by the next arrival), or one of
@@ -439,10 +443,11 @@ impl History {
             None => self.arrivals > 0,
             Some((arrivals, at)) => {
                 let new = self.arrivals - arrivals;
+                let since = now.saturating_sub(at);
                 new > 0
-                    && (new >= REDETECT_EVERY
+                    && ((new >= REDETECT_EVERY && since >= REDETECT_MIN_MS)
                         || self.arrivals <= 2 * REDETECT_EVERY
-                        || now.saturating_sub(at) >= REDETECT_MS)
+                        || since >= REDETECT_MS)
             }
         };
         if stale {

@@ -34,7 +34,7 @@
 //!   what the busiest of the last episodes had busy
 //!   ([`SURGE_HOLD_MS`]).
 
-use super::detect::{Period, MAX_SKIP};
+use super::detect::{Period, MAX_SKIP, TOLERANCE};
 use super::{fine_edge, History, Rank, FINE_BINS, HYBRID_BINS};
 
 /// Idle times the hybrid policy needs before it trusts its histogram.
@@ -329,9 +329,20 @@ fn binned_cost_keep_alive(
 /// The period to act on at `now`, and its next window.
 fn acted_period(h: &mut History, now: u64, params: &PolicyParams) -> Option<(Period, Window)> {
     let mut best: Option<(Period, Window)> = None;
+    let latest = h.last_arrival();
     for p in h.periods(now) {
-        let alive = now.saturating_sub(p.last_beat_ms) as f64
-            <= (MAX_SKIP as f64 + 0.5) * p.period_ms as f64;
+        // The detection may be a few beats old (it runs every few
+        // arrivals): a later arrival on the grid is a later beat.
+        let period = p.period_ms.max(1) as i64;
+        let on_grid = |t: u64| {
+            let d = (t as i64 - p.last_beat_ms as i64).rem_euclid(period);
+            d.min(period - d) as f64 <= TOLERANCE * period as f64
+        };
+        let last_beat = latest
+            .filter(|&t| t > p.last_beat_ms && on_grid(t))
+            .unwrap_or(p.last_beat_ms);
+        let alive =
+            now.saturating_sub(last_beat) as f64 <= (MAX_SKIP as f64 + 0.5) * p.period_ms as f64;
         if p.confidence < params.min_confidence || p.hits < ACT_HITS || !alive {
             continue;
         }
@@ -769,6 +780,30 @@ mod tests {
         }
         let p = plan(&mut h, Policy::Ember, 600_100, &params);
         assert_eq!((p.basis, p.keep_alive_ms), ("fallback", 240_000));
+    }
+
+    #[test]
+    fn a_short_period_stays_acted_on_between_its_beats() {
+        // A 2 s timer (its calls a few ms late) planned every 100 ms: the
+        // detection cached a few beats back must not make it look stopped.
+        let params = PolicyParams {
+            keep_alive_max_ms: 1_000,
+            cold_cost_ms: 1_000,
+            ..PolicyParams::default()
+        };
+        let mut h = History::default();
+        let late = [3u64, 17, 9, 30, 5, 12, 44, 8, 2, 21];
+        let mut last = 0;
+        for i in 0..20u64 {
+            last = 100_000 + i * 2_000 + late[i as usize % 10];
+            h.arrived(last);
+            h.finished(last + 30);
+            plan(&mut h, Policy::Ember, last + 1, &params);
+        }
+        for dt in (0..3_000).step_by(100) {
+            let p = plan(&mut h, Policy::Ember, last + dt, &params);
+            assert_eq!(p.basis, "periodic", "{dt} ms after the last call: {p:?}");
+        }
     }
 
     #[test]
