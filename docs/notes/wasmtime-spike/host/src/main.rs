@@ -23,7 +23,11 @@ fn main() -> Result<(), wasmtime::Error> {
       (func (export "loop") (result i32) (loop $l (br $l)) (i32.const 0)))"#;
     let t = std::time::Instant::now();
     let bytes = engine.precompile_module(wat.as_bytes())?;
-    println!("precompiled for x86_64-unknown-none: {} bytes in {:?}", bytes.len(), t.elapsed());
+    println!(
+        "precompiled for x86_64-unknown-none: {} bytes in {:?}",
+        bytes.len(),
+        t.elapsed()
+    );
     std::fs::write("run.cwasm", &bytes)?;
     Ok(())
 }

@@ -4,7 +4,10 @@ use alloc::sync::Arc;
 use core::sync::atomic::{AtomicPtr, Ordering};
 use wasmtime::{Config, CustomCodeMemory, Engine, Instance, Module, Store};
 
-static TLS: [AtomicPtr<u8>; 2] = [AtomicPtr::new(core::ptr::null_mut()), AtomicPtr::new(core::ptr::null_mut())];
+static TLS: [AtomicPtr<u8>; 2] = [
+    AtomicPtr::new(core::ptr::null_mut()),
+    AtomicPtr::new(core::ptr::null_mut()),
+];
 
 #[unsafe(no_mangle)]
 pub extern "C" fn wasmtime_tls_get(slot: usize) -> *mut u8 {
@@ -23,20 +26,35 @@ impl CustomCodeMemory for Code {
         1
     }
     fn publish_executable(&self, ptr: *const u8, len: usize) -> wasmtime::Result<()> {
-        if (self.0)(ptr, len, true) { Ok(()) } else { Err(wasmtime::format_err!("publish failed")) }
+        if (self.0)(ptr, len, true) {
+            Ok(())
+        } else {
+            Err(wasmtime::format_err!("publish failed"))
+        }
     }
     fn unpublish_executable(&self, ptr: *const u8, len: usize) -> wasmtime::Result<()> {
-        if (self.0)(ptr, len, false) { Ok(()) } else { Err(wasmtime::format_err!("unpublish failed")) }
+        if (self.0)(ptr, len, false) {
+            Ok(())
+        } else {
+            Err(wasmtime::format_err!("unpublish failed"))
+        }
     }
 }
 
 /// Runs a precompiled module's `run` export.
-pub fn run(precompiled: &[u8], protect: fn(*const u8, usize, bool) -> bool) -> Result<i32, wasmtime::Error> {
+pub fn run(
+    precompiled: &[u8],
+    protect: fn(*const u8, usize, bool) -> bool,
+) -> Result<i32, wasmtime::Error> {
     run_export(precompiled, protect, "run")
 }
 
 /// Runs export `name`.
-pub fn run_export(precompiled: &[u8], protect: fn(*const u8, usize, bool) -> bool, name: &str) -> Result<i32, wasmtime::Error> {
+pub fn run_export(
+    precompiled: &[u8],
+    protect: fn(*const u8, usize, bool) -> bool,
+    name: &str,
+) -> Result<i32, wasmtime::Error> {
     let mut config = Config::new();
     config.signals_based_traps(false);
     config.memory_reservation(0);

@@ -13,7 +13,9 @@ unsafe impl GlobalAlloc for Bump {
         loop {
             let start = (cur + l.align() - 1) & !(l.align() - 1);
             let end = start + l.size();
-            if end > 1 << 24 { return core::ptr::null_mut(); }
+            if end > 1 << 24 {
+                return core::ptr::null_mut();
+            }
             match NEXT.compare_exchange(cur, end, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return unsafe { (&raw mut HEAP as *mut u8).add(start) },
                 Err(c) => cur = c,
@@ -34,12 +36,16 @@ fn mprotect(ptr: *const u8, len: usize, exec: bool) -> bool {
     let ptr = start as *const u8;
     let prot: usize = if exec { 1 | 4 } else { 1 | 2 };
     let ret: isize;
-    unsafe { core::arch::asm!("syscall", inlateout("rax") 10isize => ret, in("rdi") ptr, in("rsi") len, in("rdx") prot, lateout("rcx") _, lateout("r11") _) };
+    unsafe {
+        core::arch::asm!("syscall", inlateout("rax") 10isize => ret, in("rdi") ptr, in("rsi") len, in("rdx") prot, lateout("rcx") _, lateout("r11") _)
+    };
     ret == 0
 }
 
 fn say(msg: &str) {
-    unsafe { core::arch::asm!("syscall", inlateout("rax") 1isize => _, in("rdi") 2, in("rsi") msg.as_ptr(), in("rdx") msg.len(), lateout("rcx") _, lateout("r11") _) };
+    unsafe {
+        core::arch::asm!("syscall", inlateout("rax") 1isize => _, in("rdi") 2, in("rsi") msg.as_ptr(), in("rdx") msg.len(), lateout("rcx") _, lateout("r11") _)
+    };
 }
 
 #[panic_handler]
@@ -63,14 +69,19 @@ pub extern "C" fn probe_main() -> ! {
     for name in ["run", "oob", "div0", "unreachable", "recurse"] {
         match wt_spike::run_export(CWASM, mprotect, name) {
             Ok(v) => say(&alloc::format!("{name}: Ok({v})\n")),
-            Err(e) => say(&alloc::format!("{name}: Err: {:?}\n", e.downcast_ref::<wasmtime::Trap>())),
+            Err(e) => say(&alloc::format!(
+                "{name}: Err: {:?}\n",
+                e.downcast_ref::<wasmtime::Trap>()
+            )),
         }
     }
     match wt_spike::run(CWASM, mprotect) {
         Ok(v) => exit(v),
         Err(e) => {
             let msg = alloc::format!("{e:?}\n");
-            unsafe { core::arch::asm!("syscall", inlateout("rax") 1isize => _, in("rdi") 2, in("rsi") msg.as_ptr(), in("rdx") msg.len(), lateout("rcx") _, lateout("r11") _) };
+            unsafe {
+                core::arch::asm!("syscall", inlateout("rax") 1isize => _, in("rdi") 2, in("rsi") msg.as_ptr(), in("rdx") msg.len(), lateout("rcx") _, lateout("r11") _)
+            };
             exit(200)
         }
     }
