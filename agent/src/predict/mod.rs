@@ -60,9 +60,9 @@ const REDETECT_MIN_MS: u64 = 5_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rank {
     /// The function's only instance.
-    Last,
+    Last = 0,
     /// One of several.
-    Other,
+    Other = 1,
 }
 
 impl Rank {
@@ -157,9 +157,9 @@ pub struct History {
     hybrid: [u32; HYBRID_BINS],
     hybrid_oob: u32,
     hybrid_total: u32,
-    /// Fine histograms: the last instance's idle times, the others'.
-    fine_last: Fine,
-    fine_other: Fine,
+    /// Fine histograms, by [`Rank`]: the last instance's idle times, the
+    /// others'.
+    fine: [Fine; 2],
     detected: Vec<Period>,
     detected_at: Option<(u64, u64)>,
     /// Instances reaped and not yet missed: (when, idle until then,
@@ -172,7 +172,8 @@ pub struct History {
     last_cold: Option<u64>,
     /// The last [`EPISODES`] episodes' peaks (0: none yet).
     peaks: [u32; EPISODES],
-    /// When the last episode opened with a cold start.
+    /// The last cold start that may restore a surge (early in its episode,
+    /// or soon after another).
     surge_at: Option<u64>,
     /// Whether the plan in force is a periodic one (set by the policy).
     periodic: bool,
@@ -202,8 +203,7 @@ impl Default for History {
             hybrid: [0; HYBRID_BINS],
             hybrid_oob: 0,
             hybrid_total: 0,
-            fine_last: Fine::default(),
-            fine_other: Fine::default(),
+            fine: Default::default(),
             detected: Vec::new(),
             detected_at: None,
             reaped: std::collections::VecDeque::new(),
@@ -278,29 +278,18 @@ impl History {
         self.last_end = Some(self.last_end.map_or(now, |e| e.max(now)));
     }
 
-    fn fine(&mut self, rank: Rank) -> &mut Fine {
-        match rank {
-            Rank::Last => &mut self.fine_last,
-            Rank::Other => &mut self.fine_other,
-        }
-    }
-
     /// Which instance an arrival at this point (already
     /// [`arrived`](History::arrived)) needed: the last one when it runs
     /// alone.
     fn arrival_rank(&self) -> Rank {
-        if self.in_flight <= 1 {
-            Rank::Last
-        } else {
-            Rank::Other
-        }
+        Rank::of(self.in_flight <= 1)
     }
 
     /// An idle instance (kept after an invocation, not restored ahead)
     /// served again after `idle_ms`: one sample of how long an instance
     /// of its rank must be kept to be used.
     pub fn reused(&mut self, idle_ms: u64, rank: Rank) {
-        self.fine(rank).add(Some(idle_ms));
+        self.fine[rank as usize].add(Some(idle_ms));
     }
 
     /// An idle instance of `rank` was reaped at `now` after `idle_ms`.
@@ -308,7 +297,7 @@ impl History {
         self.reaped.push_back((now, idle_ms, rank));
         if self.reaped.len() > PENDING_REAPS {
             if let Some((_, _, rank)) = self.reaped.pop_front() {
-                self.fine(rank).add(None);
+                self.fine[rank as usize].add(None);
             }
         }
     }
@@ -346,7 +335,7 @@ impl History {
         let rank = self.arrival_rank();
         if let Some(i) = self.reaped.iter().rposition(|r| r.2 == rank) {
             if let Some((at, idle, _)) = self.reaped.remove(i) {
-                self.fine(rank).add(Some(idle + now.saturating_sub(at)));
+                self.fine[rank as usize].add(Some(idle + now.saturating_sub(at)));
             }
         }
     }
@@ -465,16 +454,13 @@ impl History {
     /// The fine histogram of `rank`: counts per bin, out-of-bounds,
     /// total.
     pub fn fine_histogram(&self, rank: Rank) -> (&[u32; FINE_BINS], u32, u32) {
-        let f = match rank {
-            Rank::Last => &self.fine_last,
-            Rank::Other => &self.fine_other,
-        };
+        let f = &self.fine[rank as usize];
         (&f.bins, f.oob, f.total)
     }
 
     /// Idle times in both fine histograms.
     pub fn fine_samples(&self) -> u32 {
-        self.fine_last.total + self.fine_other.total
+        self.fine.iter().map(|f| f.total).sum()
     }
 
     /// [`policy::cost_keep_alive`] over the fine histogram of `rank`
@@ -487,7 +473,7 @@ impl History {
         max_ms: u64,
         min_samples: u32,
     ) -> Option<u64> {
-        let f = self.fine(rank);
+        let f = &mut self.fine[rank as usize];
         (f.total >= min_samples).then(|| f.keep_alive(cold_cost_ms, max_ms))
     }
 

@@ -360,9 +360,9 @@ fn acted_period(h: &mut History, now: u64, params: &PolicyParams) -> Option<(Per
     best
 }
 
-/// The instances to restore at once after an episode opened cold at
-/// `at`: as many as the busiest of the last episodes had busy, less those
-/// busy now, held [`SURGE_HOLD_MS`].
+/// The instances to restore at once after a cold start at `at` that may
+/// surge ([`History::surge`]): as many as the busiest of the last episodes
+/// had busy, less those busy now, held [`SURGE_HOLD_MS`].
 fn surge(h: &History, now: u64) -> Option<Window> {
     let (at, peak) = h.surge()?;
     let want = peak.saturating_sub(h.in_flight());
@@ -388,13 +388,13 @@ fn owed(h: &History, period: &Period, now: u64) -> f64 {
 
 fn ember(h: &mut History, now: u64, params: &PolicyParams) -> Plan {
     let max = params.keep_alive_max_ms;
-    let surge = surge(h, now);
     let acted = acted_period(h, now, params);
     h.set_periodic(acted.is_some());
     if let Some((period, window)) = acted {
         // Lingers at least `linger_ms`; longer where the weighed
         // keep-alive says keeping is cheaper than a cold start that only
-        // a missed window causes (1 − confidence of them); a period long
+        // a missed window causes (the function's own share of cold
+        // starts under periodic plans); a period long
         // while a call is owed (a late beat comes off the beat, the rest
         // of a fan-out after its first).
         let (keep_alive_ms, keep_last_ms) = if owed(h, &period, now) >= OWED_CALLS {
@@ -417,6 +417,7 @@ fn ember(h: &mut History, now: u64, params: &PolicyParams) -> Plan {
             basis: "periodic",
         };
     }
+    let surge = surge(h, now);
     if h.fine_samples() < EMBER_MIN_SAMPLES {
         // Too few reuses to learn from: the gaps between invocations (the
         // hybrid histogram's minute bins) decide, the cap before any.
@@ -441,13 +442,14 @@ fn ember(h: &mut History, now: u64, params: &PolicyParams) -> Plan {
     let cost = params.cold_cost_ms;
     let last = h.cost_keep_alive(Rank::Last, cost, max, EMBER_MIN_SAMPLES);
     let other = h.cost_keep_alive(Rank::Other, cost, max, EMBER_MIN_SAMPLES);
-    let steady = match h.recent_rate() {
+    let rate = h.recent_rate();
+    let steady = match rate {
         Some(per_ms) if per_ms * cost as f64 >= 1.0 => ((LAST_KEEP_GAPS / per_ms) as u64).min(max),
         _ => 0,
     };
     let keep_last_ms = last.or(other).unwrap_or(max).max(steady);
     let keep_alive_ms = other.or(last).unwrap_or(max);
-    let quiet_at_ms = match (h.recent_rate(), h.last_arrival()) {
+    let quiet_at_ms = match (rate, h.last_arrival()) {
         (Some(per_ms), Some(last)) => Some(last + ((QUIET_GAPS / per_ms) as u64).max(QUIET_MIN_MS)),
         _ => None,
     };
@@ -476,6 +478,16 @@ pub fn plan(h: &mut History, policy: Policy, now: u64, params: &PolicyParams) ->
 mod tests {
     use super::*;
     use crate::predict::Rank;
+
+    /// A history of `n` calls `period_ms` apart from 0, each 200 ms long.
+    fn timer(period_ms: u64, n: u64) -> History {
+        let mut h = History::default();
+        for i in 0..n {
+            h.arrived(i * period_ms);
+            h.finished(i * period_ms + 200);
+        }
+        h
+    }
 
     #[test]
     fn the_hybrid_windows_match_a_hand_computed_example() {
@@ -560,11 +572,7 @@ mod tests {
     #[test]
     fn ember_prewarms_a_periodic_function_just_before_its_beat() {
         let params = PolicyParams::default();
-        let mut h = History::default();
-        for i in 0..10u64 {
-            h.arrived(i * 300_000);
-            h.finished(i * 300_000 + 200);
-        }
+        let mut h = timer(300_000, 10);
         let now = 9 * 300_000 + 200;
         let plan = plan(&mut h, Policy::Ember, now, &params);
         assert_eq!(plan.basis, "periodic");
@@ -586,11 +594,7 @@ mod tests {
     #[test]
     fn ember_stops_predicting_a_timer_that_stopped() {
         let params = PolicyParams::default();
-        let mut h = History::default();
-        for i in 0..10u64 {
-            h.arrived(i * 60_000);
-            h.finished(i * 60_000 + 200);
-        }
+        let mut h = timer(60_000, 10);
         let quiet = 9 * 60_000 + 5 * 60_000;
         let plan = plan(&mut h, Policy::Ember, quiet, &params);
         assert_ne!(plan.basis, "periodic");
@@ -719,11 +723,7 @@ mod tests {
     #[test]
     fn a_periodic_function_owing_a_call_keeps_its_instance_a_period() {
         let params = PolicyParams::default();
-        let mut h = History::default();
-        for i in 0..10u64 {
-            h.arrived(i * 60_000);
-            h.finished(i * 60_000 + 200);
-        }
+        let mut h = timer(60_000, 10);
         // Just after beat 9: nothing owed, it lingers.
         let p = plan(&mut h, Policy::Ember, 9 * 60_000 + 1_000, &params);
         assert_eq!(p.basis, "periodic");
