@@ -18,6 +18,12 @@ pub const LOG_TAIL_BYTES: usize = 4096;
 /// instance is rebuilt after a failure).
 pub const INITIALIZE_TIMEOUT_MS: u64 = 10_000;
 
+/// How a `load_failed` message begins when the guest's Wasmtime refused the
+/// compiled module itself (compiled by another Wasmtime, with other
+/// settings, for CPU features this CPU lacks, or damaged): ember-vmm then
+/// compiles the module anew rather than trust its cache.
+pub const LOAD_REFUSED_PREFIX: &str = "cannot load the compiled module: ";
+
 /// The preopened, read-only directory holding the files shipped beside the module.
 pub const TASK_DIR: &str = "/var/task";
 

@@ -25,7 +25,7 @@
 pub const MAGIC: u32 = u32::from_le_bytes(*b"EMBX");
 
 /// Version of the mailbox protocol described here.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// Size of the header page at the start of the region.
 pub const HEADER_SIZE: u64 = 4096;
@@ -304,11 +304,16 @@ pub struct GuestInfo {
     pub heap_bytes: u64,
     /// End of the guest image (first byte after it), guest-physical.
     pub image_end: u64,
+    /// The CPU the guest sees, as its CPUID instruction reports it (which
+    /// on some KVMs is not the table the VMM set): leaf 1 ECX, leaf 7
+    /// (subleaf 0) EBX, leaf 0x8000_0001 ECX. The host compiles functions
+    /// for these features.
+    pub cpuid: [u32; 3],
 }
 
 impl GuestInfo {
     /// Encoded size in bytes.
-    pub const SIZE: usize = 32;
+    pub const SIZE: usize = 48;
 
     /// Encodes the info as little-endian fields.
     pub fn encode(&self) -> [u8; Self::SIZE] {
@@ -317,6 +322,9 @@ impl GuestInfo {
         out[8..16].copy_from_slice(&self.ram_bytes.to_le_bytes());
         out[16..24].copy_from_slice(&self.heap_bytes.to_le_bytes());
         out[24..32].copy_from_slice(&self.image_end.to_le_bytes());
+        for (i, word) in self.cpuid.iter().enumerate() {
+            out[32 + 4 * i..36 + 4 * i].copy_from_slice(&word.to_le_bytes());
+        }
         out
     }
 
@@ -330,6 +338,11 @@ impl GuestInfo {
             ram_bytes: read_u64(bytes, 8)?,
             heap_bytes: read_u64(bytes, 16)?,
             image_end: read_u64(bytes, 24)?,
+            cpuid: [
+                read_u32(bytes, 32)?,
+                read_u32(bytes, 36)?,
+                read_u32(bytes, 40)?,
+            ],
         })
     }
 }
@@ -495,6 +508,7 @@ mod tests {
             ram_bytes: 126 << 20,
             heap_bytes: 100 << 20,
             image_end: 0x12_3000,
+            cpuid: [1, 2, 3],
         };
         assert_eq!(GuestInfo::decode(&info.encode()), Some(info));
         assert_eq!(GuestInfo::decode(&[]), None);

@@ -12,8 +12,12 @@
 //!   the outcome is posted, off the latency path; a snapshot taken while
 //!   the guest waits holds one ready.
 //!
-//! Time limits use wasmi fuel: the function runs in slices of fuel and the
-//! clock is checked between them (and inside host functions that wait).
+//! The module arrives compiled: the host precompiled it with Cranelift for
+//! this guest's engine settings and CPU features, and loading it here only
+//! checks and copies the image (docs/functions.md). Compiled code carries
+//! no fuel or epoch checks: a host function that waits checks the deadline
+//! itself, and code that computes past it meets ember-vmm's backstop, which
+//! ends the VM (docs/functions.md, "Time limits").
 
 use alloc::format;
 use alloc::string::String;
@@ -24,14 +28,11 @@ use ember_abi::function::{
     write_outcome, ErrorKind, GuestStats, InvokeParams, LoadSpec, LoadedInfo, Model, OutcomeHeader,
     INITIALIZE_TIMEOUT_MS,
 };
-use wasmi::{CompilationMode, Engine, ExternType, Func, Linker, Module, ResumableCall, Store, Val};
+use wasmtime::{Engine, ExternType, Func, Linker, Module, Store, Val, ValType};
 
 use crate::wasi::fs::TaskFile;
 use crate::wasi::{self, Buffers, Config, Wasi};
-use crate::{clock, heap, rng};
-
-/// Fuel per slice: a few milliseconds of wasm between clock checks.
-const FUEL_SLICE: u64 = 4_000_000;
+use crate::{clock, heap, platform, rng};
 
 /// Heap kept free beyond a function's memory limit, for the runtime
 /// itself: an event (up to 6 MiB) and a result (up to 6 MiB, in a buffer
@@ -65,24 +66,12 @@ pub struct Function {
 }
 
 impl Function {
-    /// Compiles, checks and instantiates the function `spec` describes
-    /// (running `_initialize` for a reactor).
+    /// Loads the precompiled module `spec` carries, checks and
+    /// instantiates it (running `_initialize` for a reactor).
     pub fn load(spec: &LoadSpec<'_>) -> Result<(Function, LoadedInfo), String> {
         let started = clock::rdtsc();
         clock::set_frequency(spec.tsc_khz);
         rng::seed(spec.seed);
-
-        let mut engine_config = wasmi::Config::default();
-        engine_config
-            .consume_fuel(true)
-            // Everything is compiled now, so a snapshot taken after load
-            // holds compiled code and no copy compiles it again.
-            .compilation_mode(CompilationMode::Eager);
-        let engine = Engine::new(&engine_config);
-        let module = Module::new(&engine, spec.module)
-            .map_err(|e| format!("the module is not valid WebAssembly: {e}"))?;
-        check_imports(&module)?;
-        let model = model_of(&module)?;
 
         let available = heap::available();
         // No limit given: as much as the heap can give, in whole MiB.
@@ -90,14 +79,6 @@ impl Function {
             0 => available.saturating_sub(HEAP_RESERVE) & !((1 << 20) - 1),
             limit => limit,
         };
-        let initial = initial_memory(&module);
-        if initial > limit {
-            return Err(format!(
-                "the module starts with {} MiB of linear memory, above its limit of {} MiB",
-                initial.div_ceil(1 << 20),
-                limit >> 20
-            ));
-        }
         if limit.saturating_add(HEAP_RESERVE) > available {
             return Err(format!(
                 "a memory limit of {} MiB does not fit in this VM ({} MiB of guest heap free, {} MiB of it kept for the runtime)",
@@ -107,6 +88,32 @@ impl Function {
             ));
         }
         let memory_limit = usize::try_from(limit).map_err(|_| "memory limit too large")?;
+
+        // The whole limit is reserved when an instance is made, so the
+        // memory never moves as it grows.
+        let engine = Engine::new(&platform::engine_config(limit))
+            .map_err(|e| format!("cannot configure the engine: {e}"))?;
+        // SAFETY: the bytes are what ember-vmm's compiler produced (it
+        // never passes on a precompiled module it did not make itself);
+        // Wasmtime checks the version, settings and CPU features they were
+        // compiled for and refuses a mismatch.
+        let module = unsafe { Module::deserialize(&engine, spec.module) }.map_err(|e| {
+            format!(
+                "{}{e:#} (this guest's CPU: {})",
+                ember_abi::function::LOAD_REFUSED_PREFIX,
+                platform::cpu_summary()
+            )
+        })?;
+        check_imports(&module)?;
+        let model = model_of(&module)?;
+        let initial = initial_memory(&module);
+        if initial > limit {
+            return Err(format!(
+                "the module starts with {} MiB of linear memory, above its limit of {} MiB",
+                initial.div_ceil(1 << 20),
+                limit >> 20
+            ));
+        }
 
         let mut linker = Linker::new(&engine);
         wasi::define(&mut linker).map_err(|e| format!("cannot define WASI: {e}"))?;
@@ -140,7 +147,7 @@ impl Function {
             .store
             .data()
             .memory
-            .map_or(0, |m| m.data(&instance.store).len() as u64);
+            .map_or(0, |m| m.data_size(&instance.store) as u64);
         function.instance = Some(instance);
         if model == Model::Command {
             function.stats.instances_prepared += 1;
@@ -161,27 +168,24 @@ impl Function {
             Wasi::new(self.config.clone(), self.memory_limit),
         );
         store.limiter(|wasi| &mut wasi.limits);
-        store
-            .set_fuel(u64::MAX)
-            .map_err(|e| format!("cannot set fuel: {e}"))?;
         let instance = self
             .linker
-            .instantiate_and_start(&mut store, &self.module)
-            .map_err(|e| format!("cannot instantiate the module: {e}"))?;
+            .instantiate(&mut store, &self.module)
+            .map_err(|e| format!("cannot instantiate the module: {e:#}"))?;
         let (entry_name, init) = match self.model {
-            Model::Reactor => ("ember_handle", instance.get_func(&store, "_initialize")),
+            Model::Reactor => ("ember_handle", instance.get_func(&mut store, "_initialize")),
             Model::Command => ("_start", None),
         };
         let entry = instance
-            .get_func(&store, entry_name)
+            .get_func(&mut store, entry_name)
             .ok_or_else(|| format!("the module does not export {entry_name} as a function"))?;
-        store.data_mut().memory = instance.get_memory(&store, "memory");
+        store.data_mut().memory = instance.get_memory(&mut store, "memory");
         let mut instance = Instance { store, entry };
         if let Some(init) = init {
             let deadline = clock::deadline_after_ms(clock::rdtsc(), INITIALIZE_TIMEOUT_MS);
             let wasi = instance.store.data_mut();
             wasi.begin(&[], deadline, Buffers::default());
-            if let (Err(e), _) = run(&mut instance.store, init, &mut []) {
+            if let Err(e) = run(&mut instance.store, init, &mut []) {
                 let (_, message) = classify_error(instance.store.data(), e, INITIALIZE_TIMEOUT_MS);
                 return Err(format!("_initialize failed: {message}"));
             }
@@ -208,7 +212,7 @@ impl Function {
             Ok(instance) => instance,
             Err(message) => {
                 let failed = Ending::Failed(ErrorKind::Trap, message);
-                return self.write(area, failed, 0, 0, &[], &[], 0);
+                return self.write(area, failed, 0, &[], &[], 0);
             }
         };
         let buffers = core::mem::take(&mut self.buffers);
@@ -218,7 +222,7 @@ impl Function {
             Model::Reactor if returns_i32(&instance) => &mut handle_result,
             _ => &mut [],
         };
-        let (ran, fuel) = run(&mut instance.store, instance.entry, results);
+        let ran = run(&mut instance.store, instance.entry, results);
         let duration_ns = clock::ticks_to_ns(clock::rdtsc() - started);
         let wasi = instance.store.data();
         // The call came back normally (even with a non-zero status): a
@@ -233,7 +237,7 @@ impl Function {
                 ),
                 _ => Ending::Ok,
             },
-            Err(e) if e.i32_exit_status() == Some(0) => Ending::Ok,
+            Err(e) if exit_status(&e) == Some(0) => Ending::Ok,
             Err(e) => {
                 let (kind, message) = classify_error(wasi, e, params.timeout_ms);
                 Ending::Failed(kind, message)
@@ -250,15 +254,7 @@ impl Function {
             ending => ending,
         };
         let (log, log_dropped) = (wasi.stderr.bytes(), wasi.stderr.dropped);
-        let len = self.write(
-            area,
-            ending,
-            duration_ns,
-            fuel,
-            &wasi.stdout,
-            log,
-            log_dropped,
-        );
+        let len = self.write(area, ending, duration_ns, &wasi.stdout, log, log_dropped);
         self.buffers = instance.store.data_mut().take_buffers();
         // A reactor keeps its instance if the call returned; a command's is
         // spent.
@@ -291,20 +287,17 @@ impl Function {
     }
 
     /// Writes the outcome into `area`; counts failures.
-    #[allow(clippy::too_many_arguments)]
     fn write(
         &mut self,
         area: &mut [u8],
         ending: Ending,
         duration_ns: u64,
-        fuel: u64,
         stdout: &[u8],
         log: &[u8],
         log_dropped: u64,
     ) -> usize {
         let mut header = OutcomeHeader {
             duration_ns,
-            fuel,
             log_dropped,
             ..OutcomeHeader::default()
         };
@@ -330,40 +323,19 @@ impl Function {
     }
 }
 
-/// Runs `func` in fuel slices until it returns, fails, or passes the
-/// deadline in the store's state; returns the outcome and the fuel used.
-fn run(
-    store: &mut Store<Wasi>,
-    func: Func,
-    results: &mut [Val],
-) -> (Result<(), wasmi::Error>, u64) {
-    let mut granted = 0u64;
-    let outcome = (|| {
-        store.set_fuel(FUEL_SLICE)?;
-        granted += FUEL_SLICE;
-        let mut call = func.call_resumable(&mut *store, &[], results)?;
-        loop {
-            match call {
-                ResumableCall::Finished => return Ok(()),
-                ResumableCall::HostTrap(trap) => return Err(trap.into_host_error()),
-                ResumableCall::OutOfFuel(out) => {
-                    if store.data_mut().past_deadline() {
-                        return Err(wasi::deadline_error());
-                    }
-                    let slice = FUEL_SLICE.max(out.required_fuel());
-                    store.set_fuel(slice)?;
-                    granted += slice;
-                    call = out.resume(&mut *store, results)?;
-                }
-            }
-        }
-    })();
-    let left = store.get_fuel().unwrap_or(0);
-    (outcome, granted.saturating_sub(left))
+/// Runs `func` to its end; a host function that finds the deadline passed
+/// stops it.
+fn run(store: &mut Store<Wasi>, func: Func, results: &mut [Val]) -> wasmtime::Result<()> {
+    func.call(store, &[], results)
+}
+
+/// The status of a `proc_exit`, if that is how the call ended.
+fn exit_status(error: &wasmtime::Error) -> Option<i32> {
+    error.downcast_ref::<wasi::Exit>().map(|exit| exit.0)
 }
 
 /// Sorts an error from a call into an [`ErrorKind`] and a message.
-fn classify_error(wasi: &Wasi, error: wasmi::Error, timeout_ms: u64) -> (ErrorKind, String) {
+fn classify_error(wasi: &Wasi, error: wasmtime::Error, timeout_ms: u64) -> (ErrorKind, String) {
     if wasi.timed_out {
         return (
             ErrorKind::Timeout,
@@ -379,15 +351,34 @@ fn classify_error(wasi: &Wasi, error: wasmi::Error, timeout_ms: u64) -> (ErrorKi
             ),
         );
     }
-    if let Some(status) = error.i32_exit_status() {
+    if let Some(status) = exit_status(&error) {
         return (
             ErrorKind::HandlerError,
             format!("the function exited with status {status}"),
         );
     }
-    match error.as_trap_code() {
-        Some(code) => (ErrorKind::Trap, format!("wasm trap: {code}")),
-        None => (ErrorKind::Trap, format!("{error}")),
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => (ErrorKind::Trap, format!("wasm trap: {}", trap_text(*trap))),
+        None => (ErrorKind::Trap, format!("{error:#}")),
+    }
+}
+
+/// A trap, in the words docs/functions.md uses (and wasmi used before).
+fn trap_text(trap: wasmtime::Trap) -> &'static str {
+    use wasmtime::Trap;
+    match trap {
+        Trap::StackOverflow => "call stack exhausted",
+        Trap::MemoryOutOfBounds => "out of bounds memory access",
+        Trap::HeapMisaligned => "misaligned memory access",
+        Trap::TableOutOfBounds => "undefined element: out of bounds table access",
+        Trap::IndirectCallToNull => "uninitialized element",
+        Trap::BadSignature => "indirect call type mismatch",
+        Trap::IntegerOverflow => "integer overflow",
+        Trap::IntegerDivisionByZero => "integer divide by zero",
+        Trap::BadConversionToInteger => "invalid conversion to integer",
+        Trap::UnreachableCodeReached => "unreachable",
+        Trap::NullReference => "null reference",
+        _ => "trap",
     }
 }
 
@@ -427,7 +418,7 @@ fn initial_memory(module: &Module) -> u64 {
     module
         .exports()
         .filter_map(|export| match export.ty() {
-            ExternType::Memory(ty) => Some(ty.minimum().saturating_mul(65536)),
+            ExternType::Memory(ty) => Some(ty.minimum().saturating_mul(ty.page_size())),
             _ => None,
         })
         .max()
@@ -437,5 +428,6 @@ fn initial_memory(module: &Module) -> u64 {
 /// Whether a reactor's `ember_handle` returns an `i32` status.
 fn returns_i32(instance: &Instance) -> bool {
     let ty = instance.entry.ty(&instance.store);
-    matches!(ty.results(), [wasmi::ValType::I32])
+    let mut results = ty.results();
+    matches!((results.next(), results.next()), (Some(ValType::I32), None))
 }

@@ -1,7 +1,8 @@
 //! The Ember guest runtime: everything the guest does after ring-0 setup,
 //! in ring 3 (IOPL 3). It prints the ready marker on the console, then
 //! serves the host mailbox: it loads and invokes functions (WebAssembly on
-//! wasmi, with WASI preview 1; docs/functions.md).
+//! Wasmtime, precompiled on the host, with WASI preview 1;
+//! docs/functions.md).
 #![no_std]
 #![no_main]
 
@@ -11,6 +12,7 @@ mod boot_params;
 mod clock;
 mod function;
 mod heap;
+mod platform;
 mod rng;
 mod serve;
 mod wasi;
@@ -57,6 +59,7 @@ extern "C" fn ember_main(boot_params: u64) -> ! {
         ram_bytes: boot.ram_bytes(),
         heap_bytes,
         image_end: heap::image_end(),
+        cpuid: platform::cpuid_words(),
     };
     serve::serve(mailbox, &info)
 }

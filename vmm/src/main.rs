@@ -48,6 +48,10 @@ struct Args {
     /// answer before waiting for the doorbell exit (0: do not watch).
     #[arg(long, value_name = "US", default_value_t = 100)]
     mailbox_poll_us: u64,
+    /// Cache compiled modules in this directory (created if missing): a
+    /// function loaded again skips the compiler.
+    #[arg(long, value_name = "DIR")]
+    compile_cache: Option<PathBuf>,
     /// Single-step the boot vCPU through ring 0 and log the instruction count.
     #[arg(long)]
     count_ring0: bool,
@@ -197,6 +201,7 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
         None => None,
     };
 
+    ember_vmm::vmm_config::function::set_compile_cache(args.compile_cache.clone());
     let options = VmmOptions {
         id: args.id.clone(),
         seccomp: !args.no_seccomp,

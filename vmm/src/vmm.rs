@@ -162,9 +162,21 @@ const TOKEN_RESET: u32 = 3;
 const TOKEN_TIMER: u32 = 4;
 const TOKEN_CONSOLE_IN: u32 = 5;
 
-/// How long past a function's time limit the guest may take to answer
-/// before ember-vmm stops the VM (the guest enforces the limit itself).
+/// How long past its allowance the guest may take to answer a load, or to
+/// become idle for a pause, before ember-vmm stops the VM.
 const BACKSTOP_GRACE: Duration = Duration::from_secs(2);
+
+/// How long past an invocation's time limit ember-vmm waits for the answer
+/// before it stops the VM. Compiled code carries no time checks, so this is
+/// how a function computing past its limit is stopped (docs/functions.md,
+/// "Time limits"); the guest itself stops one waiting in a host call at the
+/// limit, and answers.
+const INVOKE_GRACE: Duration = Duration::from_millis(100);
+
+/// What a command's next instance may take to prepare (zeroing its
+/// memory, writing its data segments), beyond a request's own time limit
+/// when the request arrives while the guest prepares it.
+const PREPARE_ALLOWANCE: Duration = Duration::from_secs(1);
 
 /// What the guest may spend before it starts on a request: running a
 /// reactor's `_initialize` (at load, or rebuilding after a failure).
@@ -191,6 +203,12 @@ pub struct Vmm {
     pending: Option<Pending>,
     /// The loaded function's time limit per invocation, ms.
     function_timeout_ms: Option<u64>,
+    /// A load sent with a module from the compiled-module cache: if the
+    /// guest refuses that compilation, it is compiled anew and sent again.
+    cached_load: Option<Box<FunctionBundle>>,
+    /// How much longer than its own limit a request delivered while the
+    /// guest prepares may take (set with each `outcome_preparing`).
+    preparing_allowance: Duration,
     /// The pause or resume waiting for every vCPU's acknowledgement.
     transition: Option<Transition>,
     next_seq: u64,
@@ -282,6 +300,8 @@ impl Vmm {
             guest: GuestState::NotStarted,
             pending: None,
             function_timeout_ms: None,
+            cached_load: None,
+            preparing_allowance: INITIALIZE_ALLOWANCE + BACKSTOP_GRACE,
             transition: None,
             next_seq: 1,
             started_at: None,
@@ -417,7 +437,7 @@ impl Vmm {
                 )
             }
             VmmAction::GetGuestStats => return self.ask(RequestKind::Stats),
-            VmmAction::LoadFunction(bundle) => return self.load_function(&bundle),
+            VmmAction::LoadFunction(bundle) => return self.load_function(bundle),
             VmmAction::Invoke(event) => return self.invoke(event),
             VmmAction::TestGuest(_) | VmmAction::TestForbiddenSyscall
                 if !self.options.test_commands =>
@@ -477,10 +497,9 @@ impl Vmm {
                 .into(),
             );
         }
-        // Preparing may rebuild a reactor, `_initialize` and all: the
-        // request's own time starts after that.
+        // The request's own time starts after the preparation.
         let timeout = match self.guest {
-            GuestState::Preparing(_) => timeout + INITIALIZE_ALLOWANCE + BACKSTOP_GRACE,
+            GuestState::Preparing(_) => timeout + self.preparing_allowance,
             _ => timeout,
         };
         let asked_at = Instant::now();
@@ -501,24 +520,61 @@ impl Vmm {
     }
 
     /// Sends the function to the guest to compile, instantiate and initialise.
-    fn load_function(&mut self, bundle: &FunctionBundle) -> Option<VmmResponse> {
+    fn load_function(&mut self, bundle: Box<FunctionBundle>) -> Option<VmmResponse> {
+        self.compile_and_load(bundle, false)
+    }
+
+    /// Compiles the function for this guest's CPU (from the cache unless
+    /// `fresh`) and sends it.
+    fn compile_and_load(
+        &mut self,
+        mut bundle: Box<FunctionBundle>,
+        fresh: bool,
+    ) -> Option<VmmResponse> {
         // (Requests are served one at a time: no other load is pending.)
         if self.function_timeout_ms.is_some() {
             return Some(Err(VmmActionError::FunctionAlreadyLoaded));
         }
-        let tsc_khz = self.microvm.as_ref().map_or(0, |m| m.tsc_khz);
-        // Compiling gets the usual time to answer, `_initialize` its own
+        // Compiled for the CPU the guest itself reports (GuestInfo): on
+        // some KVMs its `cpuid` is not the table ember-vmm set.
+        if self.microvm.is_none() {
+            return Some(Err(VmmActionError::NotRunning(self.state.name())));
+        }
+        let Some(info) = self.guest_info else {
+            return Some(Err(VmmActionError::LoadFailed(
+                "the guest has not said `ready` (with its CPU's features) yet".into(),
+            )));
+        };
+        let [leaf1, leaf7, ext1] = info.cpuid;
+        let features = ember_compile::CpuFeatures::from_cpuid(leaf1, leaf7, ext1);
+        log::info!("compiling for CPU features {}", features.to_line());
+        if let Err(e) = bundle.compile(features, fresh) {
+            return Some(Err(VmmActionError::LoadFailed(e.to_string())));
+        }
+        log::info!(
+            "function compiled ({}) in {} us",
+            if bundle.compiled.from_cache {
+                "from the cache"
+            } else {
+                "by Cranelift"
+            },
+            bundle.compiled.micros
+        );
+        let payload = Payload::body(bundle.encode(self.microvm.as_ref().map_or(0, |m| m.tsc_khz)));
+        let timeout_ms = bundle.timeout_ms;
+        self.cached_load = bundle.compiled.from_cache.then_some(bundle);
+        // Loading gets the usual time to answer, `_initialize` its own
         // limit on top (the guest stops it then and answers).
         self.request_guest(
             RequestKind::Load,
-            Payload::body(bundle.encode(tsc_khz)),
+            payload,
             self.options.mailbox_timeout + INITIALIZE_ALLOWANCE + BACKSTOP_GRACE,
-            Some(bundle.timeout_ms),
+            Some(timeout_ms),
         )
     }
 
     /// Sends an invocation: the event, the time limit and the wall clock.
-    /// ember-vmm waits the time limit plus [`BACKSTOP_GRACE`]; a guest that
+    /// ember-vmm waits the time limit plus [`INVOKE_GRACE`]; a guest that
     /// has not answered by then is stopped for good.
     fn invoke(&mut self, event: Vec<u8>) -> Option<VmmResponse> {
         let Some(timeout_ms) = self.function_timeout_ms else {
@@ -540,7 +596,7 @@ impl Vmm {
             head: params.encode().to_vec(),
             body: event,
         };
-        let backstop = Duration::from_millis(timeout_ms) + BACKSTOP_GRACE;
+        let backstop = Duration::from_millis(timeout_ms) + INVOKE_GRACE;
         self.request_guest(RequestKind::Invoke, payload, backstop, None)
     }
 
@@ -821,13 +877,41 @@ impl Vmm {
                     Err(unexpected(format!("guest's `loaded` is malformed: {e}")))
                 }
             },
-            MessageKind::LoadFailed => Err(VmmActionError::LoadFailed(
-                String::from_utf8_lossy(&message.payload).into(),
-            )),
+            MessageKind::LoadFailed => {
+                let why = String::from_utf8_lossy(&message.payload).into_owned();
+                // A cached compilation the guest's Wasmtime refused (made
+                // for other CPU features or settings, or damaged): drop it,
+                // compile anew, and load that instead.
+                if let Some(bundle) = self.cached_load.take() {
+                    if why.starts_with(ember_abi::function::LOAD_REFUSED_PREFIX) {
+                        log::warn!(
+                            "the guest refused the cached compilation {} ({why}); compiling again",
+                            bundle.compiled.key
+                        );
+                        bundle.forget_compiled();
+                        // The caller's request stays unanswered until the
+                        // guest answers this load.
+                        if let Some(response) = self.compile_and_load(bundle, true) {
+                            self.respond(response);
+                        }
+                        return;
+                    }
+                }
+                Err(VmmActionError::LoadFailed(why))
+            }
             MessageKind::Outcome | MessageKind::OutcomePreparing => {
                 if message.kind == MessageKind::OutcomePreparing {
                     // The guest goes on to prepare the next instance, and
-                    // says `idle` when done.
+                    // says `idle` when done. After a failure that may be a
+                    // reactor's rebuild, `_initialize` and all; otherwise
+                    // it is a command's next instance.
+                    let failed =
+                        Outcome::decode(&message.payload).map_or(true, |o| o.header.status != 0);
+                    self.preparing_allowance = if failed {
+                        INITIALIZE_ALLOWANCE + BACKSTOP_GRACE
+                    } else {
+                        PREPARE_ALLOWANCE
+                    };
                     self.guest = GuestState::Preparing(message.seq);
                     self.continue_vcpu();
                 }
@@ -1097,13 +1181,13 @@ impl Vmm {
             "the guest did not answer {:?} within its deadline ({waited} ms after it was asked); stopping the VM",
             pending.kind
         );
-        let message = format!(
-            "the guest did not answer within {waited} ms; the VM was stopped and will not be reused"
-        );
         let response = match pending.kind {
             RequestKind::Invoke => Ok(VmmData::Invoked(Box::new(Invocation::failed(
                 ErrorKind::Timeout,
-                message,
+                format!(
+                    "the function ran past its limit of {} ms; ember-vmm stopped the VM {waited} ms after the invocation was asked, and it will not be reused",
+                    self.function_timeout_ms.unwrap_or(0)
+                ),
                 waited * 1000,
             )))),
             _ => Err(VmmActionError::GuestTimeout(waited)),

@@ -6,7 +6,7 @@
 use alloc::vec::Vec;
 
 use ember_abi::function::{MAX_RESULT_BYTES, TASK_DIR};
-use wasmi::{Error, Linker};
+use wasmtime::{Error, Linker};
 
 use super::memory::Guest;
 use super::{errno, with, Ctx, Wasi, MODULE};

@@ -20,7 +20,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use ember_abi::function::LOG_TAIL_BYTES;
-use wasmi::{Caller, Error, Linker};
+use wasmtime::{Caller, Error, Linker};
 
 use self::fs::{Fd, FdTable, TaskFile};
 use self::memory::Guest;
@@ -160,22 +160,19 @@ pub struct Limits {
     pub refused: bool,
 }
 
-impl wasmi::ResourceLimiter for Limits {
+impl wasmtime::ResourceLimiter for Limits {
     fn memory_growing(
         &mut self,
         _current: usize,
         desired: usize,
         _maximum: Option<usize>,
-    ) -> Result<bool, wasmi_core::LimiterError> {
+    ) -> wasmtime::Result<bool> {
         let allowed = desired <= self.memory;
         self.refused |= !allowed;
         Ok(allowed)
     }
 
-    fn memory_grow_failed(
-        &mut self,
-        _error: &wasmi::errors::MemoryError,
-    ) -> Result<(), wasmi_core::LimiterError> {
+    fn memory_grow_failed(&mut self, _error: Error) -> wasmtime::Result<()> {
         self.refused = true;
         Ok(())
     }
@@ -185,7 +182,7 @@ impl wasmi::ResourceLimiter for Limits {
         _current: usize,
         desired: usize,
         _maximum: Option<usize>,
-    ) -> Result<bool, wasmi_core::LimiterError> {
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 1 << 20)
     }
 
@@ -214,7 +211,7 @@ pub struct Buffers {
 pub struct Wasi {
     config: Arc<Config>,
     /// The instance's exported memory, once instantiated.
-    pub memory: Option<wasmi::Memory>,
+    pub memory: Option<wasmtime::Memory>,
     stdin: Vec<u8>,
     stdin_pos: usize,
     /// What the function wrote to stdout.
@@ -288,8 +285,20 @@ impl Wasi {
 
 /// The host error that stops a function at its deadline.
 pub(crate) fn deadline_error() -> Error {
-    Error::new("the function ran past its time limit")
+    Error::msg("the function ran past its time limit")
 }
+
+/// How `proc_exit` stops a function: its status.
+#[derive(Debug, Clone, Copy)]
+pub struct Exit(pub i32);
+
+impl core::fmt::Display for Exit {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "exited with status {}", self.0)
+    }
+}
+
+impl core::error::Error for Exit {}
 
 type Ctx<'a> = Caller<'a, Wasi>;
 
@@ -402,7 +411,7 @@ pub fn define(linker: &mut Linker<Wasi>) -> Result<(), Error> {
     )?;
     linker.func_wrap(MODULE, "sched_yield", || -> i32 { errno::SUCCESS })?;
     linker.func_wrap(MODULE, "proc_exit", |code: u32| -> Result<(), Error> {
-        Err(Error::i32_exit(code as i32))
+        Err(Error::new(Exit(code as i32)))
     })?;
     linker.func_wrap(MODULE, "proc_raise", |_sig: u32| -> i32 { errno::NOSYS })?;
     linker.func_wrap(

@@ -1,8 +1,12 @@
 //! `PUT /ember/function`: the WebAssembly module to load, its files,
-//! arguments, environment and limits — host paths, read by ember-vmm.
+//! arguments, environment and limits — host paths, read by ember-vmm,
+//! which compiles the module for the guest (ember-compile) before sending it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use ember_compile::{CompileError, Compiler, CpuFeatures, Source};
 
 use ember_abi::function::LoadSpec;
 use ember_abi::mailbox::{Layout, DEFAULT_SIZE};
@@ -85,7 +89,9 @@ pub enum FunctionConfigError {
     },
     /// environment variable name {0:?} is empty or contains '=' or NUL
     BadEnvName(String),
-    /// the function's module and files take {size} bytes, above the {max} bytes one load can carry
+    /// {0}
+    Compile(#[from] CompileError),
+    /// the function's module (compiled) and files take {size} bytes, above the {max} bytes one load can carry
     TooLarge {
         /// Encoded size.
         size: usize,
@@ -97,8 +103,13 @@ pub enum FunctionConfigError {
 /// A function read from the host, ready to be sent to the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FunctionBundle {
-    /// The module's bytes.
+    /// The module compiled for the guest.
     pub module: Vec<u8>,
+    /// The module as given (kept to compile again if the guest refuses a
+    /// cached compilation).
+    pub wasm: Vec<u8>,
+    /// How the compiled module was obtained.
+    pub compiled: CompileInfo,
     /// `/var/task` files: (name, contents).
     pub files: Vec<(String, Vec<u8>)>,
     /// Arguments after `argv[0]`.
@@ -113,8 +124,28 @@ pub struct FunctionBundle {
     pub seed: [u8; 32],
 }
 
+/// How a bundle's compiled module was obtained.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompileInfo {
+    /// Its cache key.
+    pub key: String,
+    /// Read from the compiled-module cache (else compiled now).
+    pub from_cache: bool,
+    /// Time to compile or read it, µs.
+    pub micros: u64,
+}
+
+/// Where compiled modules are cached (`--compile-cache`), set once at start.
+static CACHE_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+/// Sets the compiled-module cache directory; call before the first load.
+pub fn set_compile_cache(dir: Option<PathBuf>) {
+    let _ = CACHE_DIR.set(dir);
+}
+
 impl FunctionConfig {
-    /// Checks the configuration and reads the module and files.
+    /// Checks the configuration and reads the module and files (ember-vmm
+    /// compiles the module when it knows the guest's CPU: [`FunctionBundle::compile`]).
     pub fn read(&self, seed: [u8; 32]) -> Result<FunctionBundle, FunctionConfigError> {
         if self.memory_mib == Some(0) {
             return Err(FunctionConfigError::NoMemory);
@@ -164,7 +195,9 @@ impl FunctionConfig {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let bundle = FunctionBundle {
-            module,
+            module: Vec::new(),
+            wasm: module,
+            compiled: CompileInfo::default(),
             files,
             args: self.args.clone(),
             env: self.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
@@ -172,11 +205,8 @@ impl FunctionConfig {
             timeout_ms: self.timeout_ms,
             seed,
         };
-        let size = bundle.spec(0).encoded_len();
-        let max = max_load_bytes();
-        if size as u64 > max {
-            return Err(FunctionConfigError::TooLarge { size, max });
-        }
+        // The module will be larger compiled; what is known now is refused now.
+        bundle.check_size()?;
         Ok(bundle)
     }
 }
@@ -211,6 +241,47 @@ pub fn max_load_bytes() -> u64 {
 }
 
 impl FunctionBundle {
+    /// Refuses a bundle that does not fit one load request.
+    fn check_size(&self) -> Result<(), FunctionConfigError> {
+        let size = self.spec(0).encoded_len();
+        let max = max_load_bytes();
+        if size as u64 > max {
+            return Err(FunctionConfigError::TooLarge { size, max });
+        }
+        Ok(())
+    }
+
+    /// Compiles the module for a guest with `features` (from the cache
+    /// unless `fresh`), and checks the result fits one load.
+    pub fn compile(
+        &mut self,
+        features: CpuFeatures,
+        fresh: bool,
+    ) -> Result<(), FunctionConfigError> {
+        let cache = CACHE_DIR.get().cloned().flatten();
+        let compiler = Compiler::new(features, cache)?;
+        let compiled = if fresh {
+            compiler.compile_fresh(&self.wasm)?
+        } else {
+            compiler.compile(&self.wasm)?
+        };
+        self.module = compiled.bytes;
+        self.compiled = CompileInfo {
+            key: compiled.key,
+            from_cache: compiled.source == Source::Cache,
+            micros: compiled.elapsed.as_micros() as u64,
+        };
+        self.check_size()
+    }
+
+    /// Drops this bundle's compiled module from the cache (the guest
+    /// refused it).
+    pub fn forget_compiled(&self) {
+        if let Some(dir) = CACHE_DIR.get().cloned().flatten() {
+            let _ = std::fs::remove_file(dir.join(format!("{}.cwasm", self.compiled.key)));
+        }
+    }
+
     /// The `load` payload, with the guest's TSC frequency.
     pub fn encode(&self, tsc_khz: u64) -> Vec<u8> {
         self.spec(tsc_khz).encode()
@@ -268,8 +339,13 @@ mod tests {
             host_path: dir.join("data"),
         });
         c.env.insert("A".into(), "1".into());
-        let bundle = c.read([1; 32]).unwrap();
-        assert_eq!(bundle.module, b"\0asm\x01\0\0\0");
+        let mut bundle = c.read([1; 32]).unwrap();
+        assert_eq!(bundle.wasm, b"\0asm\x01\0\0\0");
+        bundle
+            .compile(ember_compile::CpuFeatures::host(), false)
+            .unwrap();
+        // What goes to the guest is the compiled module (an ELF image).
+        assert_eq!(&bundle.module[..4], b"\x7fELF");
         assert_eq!(
             bundle.files,
             vec![("data.txt".to_string(), b"hello".to_vec())]
@@ -320,6 +396,16 @@ mod tests {
             c.read([0; 32]),
             Err(FunctionConfigError::BadEnvName(_))
         ));
+        // Not WebAssembly: refused by the compiler, naming the problem.
+        let mut bundle = config(dir.join("m2.wasm")).read([0; 32]).unwrap();
+        let err = bundle
+            .compile(ember_compile::CpuFeatures::host(), false)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("the module is not valid WebAssembly"),
+            "{err}"
+        );
         let parsed: Result<FunctionConfig, _> =
             serde_json::from_str(r#"{"module_path": "/m.wasm", "memory": 1}"#);
         assert!(parsed.is_err());
