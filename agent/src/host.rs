@@ -251,8 +251,9 @@ impl Agent {
             std::fs::create_dir_all(dir)
                 .map_err(io_err(format!("cannot create {}", dir.display())))?;
         }
-        let supervisor = Supervisor::new(config.vmm.clone(), run_dir, &config.vmm_log_level)
+        let mut supervisor = Supervisor::new(config.vmm.clone(), run_dir, &config.vmm_log_level)
             .map_err(io_err("cannot start the VMM log thread".into()))?;
+        supervisor.compile_cache = Some(config.state_dir.join("compiled"));
         let stale = supervisor.reap_stale();
         if stale > 0 {
             tracing::warn!("killed {stale} ember-vmm processes a previous emberd left running");

@@ -1,5 +1,5 @@
 //! Benchmarks of functions in the guest: warm invocations through the
-//! control socket, and the interpreter's speed against native code.
+//! control socket, and SHA-256 in the guest against native code.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -11,10 +11,7 @@ use serde_json::json;
 use crate::launch::{examples_dir, Binaries, Launched};
 use crate::stats::{header, Summary};
 
-/// The same source file the sha256 example is built from, compiled here
-/// natively.
-#[path = "../../examples/sha256/src/digest.rs"]
-mod sha256_digest;
+use crate::examples::sha256_digest;
 
 /// Boots a VM and loads `module` into it.
 fn vm_with_function(
@@ -226,7 +223,7 @@ pub fn bench_sha256(
         std::hint::black_box(hex);
     }
 
-    // A: in the guest, under wasmi.
+    // A: in the guest.
     let module = examples_dir()?.join("sha256.wasm");
     let (vm, mut client, _) = vm_with_function(binaries, &module, 60_000, &[], pin)?;
     invoke(&mut client, &event)?;
@@ -251,9 +248,7 @@ pub fn bench_sha256(
         Summary::of(&through_api_us),
         Summary::of(&native_us),
     );
-    println!(
-        "SHA-256 of {bytes} bytes: examples/sha256 in the guest (wasmi) vs the same source native"
-    );
+    println!("SHA-256 of {bytes} bytes: examples/sha256 in the guest vs the same source native");
     println!("{}", header());
     println!("{}", guest.row("guest, inside the function", "us", 0));
     println!("{}", api.row("guest, client → socket → client", "us", 0));

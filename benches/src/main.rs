@@ -10,6 +10,8 @@
 //! pre-warm policies ([`sim`]).
 
 mod agent;
+mod engine;
+mod examples;
 mod functions;
 mod launch;
 mod metaevents;
@@ -18,6 +20,7 @@ mod restore;
 mod sim;
 mod stats;
 mod trace;
+mod workloads;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -92,7 +95,7 @@ enum Bench {
         #[arg(long = "mailbox-poll-us", default_values = ["100"])]
         polls_us: Vec<u64>,
     },
-    /// SHA-256 of an event in the guest (examples/sha256 under wasmi)
+    /// SHA-256 of an event in the guest (examples/sha256)
     /// against the same source compiled natively.
     Sha256 {
         /// Invocations (and native runs).
@@ -156,6 +159,28 @@ enum Bench {
         /// A Firecracker binary to drive with the same guest and calls.
         #[arg(long, value_name = "PATH")]
         firecracker: Option<PathBuf>,
+    },
+    /// The workload examples under Wasmtime on the host with the guest's
+    /// compiler settings: guard pages vs explicit bounds checks, and the
+    /// cost of fuel and of epoch checks; native code beside them.
+    Engine {
+        /// Runs per example and setting.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
+    /// The workload examples in the guest: native vs guest (warm), restore
+    /// → first response vs warm, pages the first invocation touches, the
+    /// template's Diff, compile and deploy times (through emberd).
+    Functions {
+        /// Warm invocations (and native runs) per example.
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        /// Restores per example.
+        #[arg(long, default_value_t = 20)]
+        restores: usize,
+        /// Only these examples (repeatable; default: all).
+        #[arg(long = "example")]
+        only: Vec<String>,
     },
     /// Writes a synthetic invocation trace in the Azure Functions 2019
     /// schema (per-minute counts): timers, diurnal HTTP, bursty queue
@@ -243,6 +268,7 @@ fn main() {
             seed: *seed,
             threads: *threads,
         }),
+        Bench::Engine { runs } => engine::bench_engine(*runs),
         _ => Binaries::find(args.vmm.clone(), args.guest_image.clone())
             .and_then(|binaries| run_vm_bench(&binaries, &args)),
     };
@@ -295,6 +321,11 @@ fn run_vm_bench(binaries: &Binaries, args: &Args) -> Result<serde_json::Value, S
             args.pin,
         ),
         Bench::Sha256 { runs, bytes } => functions::bench_sha256(binaries, runs, bytes, args.pin),
+        Bench::Functions {
+            runs,
+            restores,
+            ref only,
+        } => workloads::bench_functions(binaries, runs, restores, only),
         Bench::Ring0 => bench_ring0(binaries),
         Bench::Invoke {
             count,
@@ -321,7 +352,9 @@ fn run_vm_bench(binaries: &Binaries, args: &Args) -> Result<serde_json::Value, S
                 firecracker: firecracker.clone(),
             },
         ),
-        Bench::GenTrace { .. } | Bench::Sim { .. } => unreachable!("run without a VM"),
+        Bench::GenTrace { .. } | Bench::Sim { .. } | Bench::Engine { .. } => {
+            unreachable!("run without a VM")
+        }
     }
 }
 

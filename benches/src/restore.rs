@@ -50,7 +50,7 @@ const DIRTY_80_MIB: &str = r#"
 "#;
 
 /// A VMM process with its output (stdout and stderr) collected.
-struct Child {
+pub(crate) struct Child {
     child: std::process::Child,
     /// The guest console, when asked for (else /dev/null: nothing has to
     /// drain it).
@@ -103,7 +103,7 @@ impl Child {
     }
 
     /// Waits until the output contains `needle`; returns when it was read.
-    fn wait_for(&mut self, needle: &str) -> Result<Instant, String> {
+    pub(crate) fn wait_for(&mut self, needle: &str) -> Result<Instant, String> {
         let deadline = Instant::now() + PATIENCE;
         let mut searched: usize = 0;
         loop {
@@ -177,7 +177,7 @@ impl Child {
         }
     }
 
-    fn client(&self) -> Result<ApiClient, String> {
+    pub(crate) fn client(&self) -> Result<ApiClient, String> {
         let client = ApiClient::connect(&self.sock)
             .map_err(|e| format!("connect {}: {e}", self.sock.display()))?;
         client
@@ -207,7 +207,7 @@ fn find(haystack: &[u8], needle: &str) -> Option<usize> {
 
 /// Sends a request that must succeed (2xx); returns its JSON (or null) and
 /// the client-side time in µs.
-fn call(
+pub(crate) fn call(
     client: &mut ApiClient,
     method: &str,
     path: &str,
@@ -258,24 +258,24 @@ fn invoke(client: &mut ApiClient, event: &[u8]) -> Result<(Vec<u8>, f64), String
 
 /// A snapshot's files.
 #[derive(Debug, Clone)]
-struct Snapshot {
+pub(crate) struct Snapshot {
     state: PathBuf,
     mem: PathBuf,
 }
 
 impl Snapshot {
-    fn at(dir: &Path, name: &str) -> Snapshot {
+    pub(crate) fn at(dir: &Path, name: &str) -> Snapshot {
         Snapshot {
             state: dir.join(format!("{name}.state")),
             mem: dir.join(format!("{name}.mem")),
         }
     }
 
-    fn create_body(&self, kind: &str) -> Value {
+    pub(crate) fn create_body(&self, kind: &str) -> Value {
         json!({ "snapshot_type": kind, "snapshot_path": self.state, "mem_file_path": self.mem })
     }
 
-    fn load_body(&self, prefetch: bool, track: bool) -> Value {
+    pub(crate) fn load_body(&self, prefetch: bool, track: bool) -> Value {
         json!({
             "snapshot_path": self.state,
             "mem_backend": { "backend_type": "File", "backend_path": self.mem },
@@ -292,7 +292,7 @@ impl Snapshot {
     }
 
     /// Apparent and allocated sizes of the memory and state files.
-    fn sizes(&self) -> Value {
+    pub(crate) fn sizes(&self) -> Value {
         use std::os::unix::fs::MetadataExt;
         let size = |path: &Path| {
             std::fs::metadata(path).map_or(
@@ -305,11 +305,11 @@ impl Snapshot {
 }
 
 /// The bench's working directory and binaries.
-struct Bench<'a> {
-    binaries: &'a Binaries,
-    dir: PathBuf,
-    mem_mib: usize,
-    next: std::sync::atomic::AtomicU32,
+pub(crate) struct Bench<'a> {
+    pub(crate) binaries: &'a Binaries,
+    pub(crate) dir: PathBuf,
+    pub(crate) mem_mib: usize,
+    pub(crate) next: std::sync::atomic::AtomicU32,
 }
 
 impl Bench<'_> {
@@ -319,7 +319,12 @@ impl Bench<'_> {
     }
 
     /// An ember-vmm prepared for this bench's snapshots, once prepared.
-    fn prepared(&self, track: bool) -> Result<Child, String> {
+    pub(crate) fn prepared(&self, track: bool) -> Result<Child, String> {
+        self.prepared_with(track, &[])
+    }
+
+    /// As [`Bench::prepared`], with more ember-vmm arguments.
+    pub(crate) fn prepared_with(&self, track: bool, extra: &[&str]) -> Result<Child, String> {
         let mem = self.mem_mib.to_string();
         let mut args = vec![
             "--prepare",
@@ -333,6 +338,7 @@ impl Bench<'_> {
         if track {
             args.push("--track-dirty-pages");
         }
+        args.extend_from_slice(extra);
         let mut child = Child::spawn(&self.binaries.vmm, &args, &self.dir, &self.name("p"))?;
         child.wait_for("prepared for a restore")?;
         Ok(child)
@@ -366,7 +372,7 @@ impl Bench<'_> {
     }
 
     /// Boots a guest (dirty pages logged) and waits for `ready`.
-    fn booted(&self) -> Result<(Child, ApiClient), String> {
+    pub(crate) fn booted(&self) -> Result<(Child, ApiClient), String> {
         let mut child = self.fresh()?;
         let mut client = child.client()?;
         call(

@@ -310,8 +310,9 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// A cache file: [`CACHE_MAGIC`], the features line (u32 LE length, then
-/// the text), the artifact's SHA-256, the artifact.
-fn encode_cache(features: &CpuFeatures, artifact: &[u8]) -> Vec<u8> {
+/// the text), the artifact's SHA-256, the artifact. Public for tools and
+/// tests that plant entries.
+pub fn encode_cache(features: &CpuFeatures, artifact: &[u8]) -> Vec<u8> {
     let line = features.to_line();
     let mut out = Vec::with_capacity(8 + 4 + line.len() + 32 + artifact.len());
     out.extend_from_slice(CACHE_MAGIC);
@@ -320,6 +321,17 @@ fn encode_cache(features: &CpuFeatures, artifact: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&Sha256::digest(artifact));
     out.extend_from_slice(artifact);
     out
+}
+
+/// The features line of cache file `bytes`, if it has one.
+pub fn cache_features(bytes: &[u8]) -> Option<CpuFeatures> {
+    let rest = bytes.strip_prefix(CACHE_MAGIC)?;
+    let (len, rest) = rest.split_at_checked(4)?;
+    let len = u32::from_le_bytes(len.try_into().ok()?) as usize;
+    let line = std::str::from_utf8(rest.get(..len)?).ok()?;
+    Some(CpuFeatures::from_names(
+        line.split(',').filter(|name| !name.is_empty()),
+    ))
 }
 
 /// The artifact in cache file `bytes`, if it is whole and compiled for
@@ -357,7 +369,7 @@ fn read_cache(path: &Path, features: &CpuFeatures) -> Result<Option<Vec<u8>>, St
 /// Writes a cache entry whole or not at all: a temporary file beside it,
 /// flushed, then renamed into place.
 fn write_cache(path: &Path, features: &CpuFeatures, artifact: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = path.parent().filter(|dir| !dir.is_dir()) {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
@@ -436,6 +448,7 @@ mod tests {
         // An entry written for other CPU features under this key.
         let other = CpuFeatures::from_names(["has_sse41", "has_avx"]);
         std::fs::write(&path, encode_cache(&other, &first.bytes)).unwrap();
+        assert_eq!(cache_features(&std::fs::read(&path).unwrap()), Some(other));
         assert_eq!(
             compiler.compile(&module()).unwrap().source,
             Source::Compiler

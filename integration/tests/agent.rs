@@ -5,12 +5,20 @@
 use std::path::Path;
 
 use ember_integration::*;
+
+#[path = "../../benches/src/examples.rs"]
+#[allow(dead_code)]
+mod examples;
 use ember_vmm::api::client::{ApiClient, ApiResponse};
 use serde_json::json;
 
 fn main() {
     let tests: Vec<Test> = vec![
         ("every_example_deploys_and_invokes", every_example),
+        (
+            "every_workload_example_answers_as_its_native_build",
+            workload_examples,
+        ),
         ("affinity_keys_stick_to_their_instances", affinity),
         (
             "a_killed_instance_sends_its_key_elsewhere_as_a_miss",
@@ -192,6 +200,40 @@ fn every_example() -> TestResult {
     check(list.as_array().map_or(0, Vec::len) == 6, || {
         format!("functions: {list}")
     })?;
+    Ok(())
+}
+
+/// The workload examples (AES, JSON, a template, gzip, a matrix multiply,
+/// a thumbnail, SHA-256), deployed and invoked through emberd: restored,
+/// then warm, each answer byte for byte the native build's.
+fn workload_examples() -> TestResult {
+    let emberd = started()?;
+    let mut client = emberd.client();
+    for ex in &examples::EXAMPLES {
+        let event = (ex.event)();
+        let want = (ex.native)(&event).map_err(fail)?;
+        deploy(
+            &mut client,
+            ex.name,
+            &example(ex.wasm)?,
+            json!({ "memory_mib": 64, "timeout_ms": 60000 }),
+            &[],
+        )?;
+        for start in ["restored", "warm"] {
+            let response = invoke_ok_via(&mut client, ex.name, &event, &[])?;
+            check(response.header("x-ember-start") == Some(start), || {
+                format!("{}: start {:?}", ex.name, response.header("x-ember-start"))
+            })?;
+            check(response.body == want, || {
+                format!(
+                    "{}: {} bytes from the guest, {} from the native build; they differ",
+                    ex.name,
+                    response.body.len(),
+                    want.len()
+                )
+            })?;
+        }
+    }
     Ok(())
 }
 

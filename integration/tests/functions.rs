@@ -62,6 +62,10 @@ fn main() {
             "an_answer_for_a_client_that_left_never_reaches_the_next",
             answer_after_client_left,
         ),
+        (
+            "a_module_compiled_for_cpu_features_the_guest_lacks_is_recompiled",
+            recompiled_for_the_guest,
+        ),
         ("pipelined_invocations_in_order_watching_memory", || {
             pipelined("100")
         }),
@@ -822,5 +826,76 @@ fn answer_after_client_left() -> TestResult {
     )?;
     same(&invoke_ok(&mut next, b"fine")?, b"ok")?;
     drop(next);
+    shutdown(&mut vmm, &mut client)
+}
+
+/// The compile cache holds modules compiled for the guest's CPU. An entry
+/// compiled for a feature the guest lacks (AVX, which the Ember kernel
+/// does not enable) is never run: under its own features' name it is not
+/// even looked up; planted under this guest's name (a stale or copied
+/// cache) the guest's Wasmtime refuses it, and ember-vmm compiles the
+/// module anew and loads that.
+fn recompiled_for_the_guest() -> TestResult {
+    let dir = fresh_dir()?;
+    let cache = dir.join("compiled");
+    let cache_arg = cache.to_string_lossy().into_owned();
+    let module = write_wat(&dir, "faults", FAULTS)?;
+    let wasm = std::fs::read(&module).map_err(|e| fail(e.to_string()))?;
+    let args = ["--compile-cache", cache_arg.as_str()];
+    let load = || -> Result<(VmmProcess, ApiClient, serde_json::Value), String> {
+        with_function_args(&module, json!({ "memory_mib": 16 }), &args)
+    };
+    let entries = || -> Result<Vec<PathBuf>, String> {
+        Ok(std::fs::read_dir(&cache)
+            .map_err(|e| e.to_string())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .collect())
+    };
+
+    // First load: compiled; second: from the cache.
+    let (mut vmm, mut client, loaded) = load()?;
+    check(loaded["compiled"] == "compiler", || format!("{loaded}"))?;
+    shutdown(&mut vmm, &mut client)?;
+    let (mut vmm, mut client, loaded) = load()?;
+    check(loaded["compiled"] == "cache", || format!("{loaded}"))?;
+    same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
+    shutdown(&mut vmm, &mut client)?;
+    let files = entries()?;
+    check(files.len() == 1, || format!("cache entries {files:?}"))?;
+    let entry = &files[0];
+    let guest = ember_compile::cache_features(&std::fs::read(entry).map_err(|e| e.to_string())?)
+        .ok_or("the cache entry has no features line")?;
+
+    // The same module compiled with AVX besides the guest's features.
+    let mut names: Vec<String> = guest.names().to_vec();
+    names.push("has_avx".into());
+    let with_avx = ember_compile::CpuFeatures::from_names(names);
+    let avx = ember_compile::Compiler::new(with_avx.clone(), None)
+        .and_then(|c| c.compile(&wasm))
+        .map_err(|e| e.to_string())?;
+
+    // Honestly labelled: the host sees the entry is not for this guest.
+    std::fs::write(entry, ember_compile::encode_cache(&with_avx, &avx.bytes))
+        .map_err(|e| e.to_string())?;
+    let (mut vmm, mut client, loaded) = load()?;
+    check(loaded["compiled"] == "compiler", || format!("{loaded}"))?;
+    same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
+    shutdown(&mut vmm, &mut client)?;
+
+    // Mislabelled as this guest's: the guest refuses it; compiled anew.
+    std::fs::write(entry, ember_compile::encode_cache(&guest, &avx.bytes))
+        .map_err(|e| e.to_string())?;
+    let (mut vmm, mut client, loaded) = load()?;
+    check(loaded["compiled"] == "compiler", || format!("{loaded}"))?;
+    same(&invoke_ok(&mut client, b"fine")?, b"ok")?;
+    check(
+        vmm.transcript().contains("refused the cached compilation"),
+        || format!("no refusal in the log:\n{}", vmm.transcript()),
+    )?;
+    shutdown(&mut vmm, &mut client)?;
+    // And the cache was repaired.
+    let (mut vmm, mut client, loaded) = load()?;
+    check(loaded["compiled"] == "cache", || format!("{loaded}"))?;
     shutdown(&mut vmm, &mut client)
 }

@@ -201,7 +201,12 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
         None => None,
     };
 
-    ember_vmm::vmm_config::function::set_compile_cache(args.compile_cache.clone());
+    if let Err(e) = ember_vmm::vmm_config::function::set_compile_cache(args.compile_cache.clone()) {
+        return fail(
+            ExitCode::ArgParsing,
+            format!("cannot create the compile cache directory: {e}"),
+        );
+    }
     let options = VmmOptions {
         id: args.id.clone(),
         seccomp: !args.no_seccomp,

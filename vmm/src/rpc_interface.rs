@@ -162,8 +162,16 @@ pub struct FunctionInfo {
     pub memory_bytes: u64,
     /// The most its linear memory may grow to, MiB.
     pub memory_limit_mib: u64,
-    /// Time to compile, instantiate and initialise in the guest, µs.
+    /// Time to load (check and copy the compiled code), instantiate and
+    /// initialise in the guest, µs.
     pub load_us: u64,
+    /// Time ember-vmm took to compile the module, or to read it compiled
+    /// from the cache, µs.
+    pub compile_us: u64,
+    /// "compiler" (compiled for this load) or "cache".
+    pub compiled: &'static str,
+    /// Size of the compiled module sent to the guest, bytes.
+    pub compiled_bytes: u64,
 }
 
 impl From<LoadedInfo> for FunctionInfo {
@@ -176,6 +184,9 @@ impl From<LoadedInfo> for FunctionInfo {
             memory_bytes: info.memory_bytes,
             memory_limit_mib: info.memory_limit >> 20,
             load_us: info.load_ns / 1000,
+            compile_us: 0,
+            compiled: "compiler",
+            compiled_bytes: 0,
         }
     }
 }

@@ -206,6 +206,8 @@ pub struct Vmm {
     /// A load sent with a module from the compiled-module cache: if the
     /// guest refuses that compilation, it is compiled anew and sent again.
     cached_load: Option<Box<FunctionBundle>>,
+    /// How the module of the load in flight was compiled, and its size.
+    load_compiled: Option<(crate::vmm_config::function::CompileInfo, u64)>,
     /// How much longer than its own limit a request delivered while the
     /// guest prepares may take (set with each `outcome_preparing`).
     preparing_allowance: Duration,
@@ -301,6 +303,7 @@ impl Vmm {
             pending: None,
             function_timeout_ms: None,
             cached_load: None,
+            load_compiled: None,
             preparing_allowance: INITIALIZE_ALLOWANCE + BACKSTOP_GRACE,
             transition: None,
             next_seq: 1,
@@ -561,6 +564,7 @@ impl Vmm {
             bundle.compiled.micros
         );
         let payload = Payload::body(bundle.encode(self.microvm.as_ref().map_or(0, |m| m.tsc_khz)));
+        self.load_compiled = Some((bundle.compiled.clone(), bundle.module.len() as u64));
         let timeout_ms = bundle.timeout_ms;
         self.cached_load = bundle.compiled.from_cache.then_some(bundle);
         // Loading gets the usual time to answer, `_initialize` its own
@@ -870,7 +874,17 @@ impl Vmm {
                         info.model,
                         info.load_ns / 1000
                     );
-                    Ok(VmmData::FunctionLoaded(info.into()))
+                    let mut info: crate::rpc_interface::FunctionInfo = info.into();
+                    if let Some((compiled, bytes)) = self.load_compiled.take() {
+                        info.compile_us = compiled.micros;
+                        info.compiled = if compiled.from_cache {
+                            "cache"
+                        } else {
+                            "compiler"
+                        };
+                        info.compiled_bytes = bytes;
+                    }
+                    Ok(VmmData::FunctionLoaded(info))
                 }
                 Err(e) => {
                     self.protocol_errors += 1;

@@ -91,6 +91,9 @@ pub struct Supervisor {
     pub run_dir: PathBuf,
     /// ember-vmm's `--log-level`.
     pub log_level: String,
+    /// ember-vmm's `--compile-cache`: `<state>/compiled`, shared by every
+    /// VMM, so a module deployed again is not compiled again.
+    pub compile_cache: Option<PathBuf>,
     spawner: Spawner,
     logs: VmmLogs,
 }
@@ -160,6 +163,7 @@ impl Supervisor {
             vmm,
             run_dir,
             log_level: log_level.to_string(),
+            compile_cache: None,
             spawner: Spawner::start(),
             logs: VmmLogs::start()?,
         })
@@ -180,6 +184,11 @@ impl Supervisor {
             .arg(&sock)
             .args(["--id", id, "--log-level", &self.log_level, "--serial-out"])
             .arg(self.run_dir.join(format!("{id}.console")))
+            .args(
+                self.compile_cache
+                    .iter()
+                    .flat_map(|dir| [std::ffi::OsStr::new("--compile-cache"), dir.as_os_str()]),
+            )
             .args(args)
             // Nothing of emberd's environment (NOTIFY_SOCKET, say) is the
             // VMM's business.

@@ -138,9 +138,14 @@ pub struct CompileInfo {
 /// Where compiled modules are cached (`--compile-cache`), set once at start.
 static CACHE_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
 
-/// Sets the compiled-module cache directory; call before the first load.
-pub fn set_compile_cache(dir: Option<PathBuf>) {
+/// Sets the compiled-module cache directory, creating it: call at start,
+/// before the seccomp filters (which do not allow creating directories).
+pub fn set_compile_cache(dir: Option<PathBuf>) -> std::io::Result<()> {
+    if let Some(dir) = &dir {
+        std::fs::create_dir_all(dir)?;
+    }
     let _ = CACHE_DIR.set(dir);
+    Ok(())
 }
 
 impl FunctionConfig {

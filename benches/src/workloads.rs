@@ -1,0 +1,358 @@
+//! `functions`: the workload examples in the guest.
+//!
+//! Per example, in one run: the native build's time; the function's own
+//! time in a warm guest (its clock, the `X-Ember-Duration-Us` header) and
+//! the ratio; restore → first response against a warm response in the
+//! same restored VM, with and without working-set prefetch, interleaved;
+//! the pages the first invocation touches (its recorded working set); the
+//! template's Diff; the time ember-vmm takes to compile the module, fresh
+//! and from its cache. Then deploys of the largest example through emberd,
+//! with an empty compile cache and with the module already compiled.
+
+use std::time::Instant;
+
+use ember_vmm::api::client::ApiClient;
+use ember_vmm::api::parsed_request::{DURATION_HEADER, FUNCTION_ERROR_HEADER};
+use serde_json::{json, Value};
+
+use crate::engine::native_times;
+use crate::examples::{Example, EXAMPLES};
+use crate::launch::{examples_dir, Binaries};
+use crate::restore::{call, Bench, Snapshot};
+use crate::stats::{header, Summary};
+
+/// One invocation as the client saw it.
+struct Answer {
+    body: Vec<u8>,
+    /// Client round trip, µs.
+    client_us: f64,
+    /// The function's own time (guest clock), µs.
+    function_us: f64,
+}
+
+fn invoke(client: &mut ApiClient, event: &[u8]) -> Result<Answer, String> {
+    let started = Instant::now();
+    let response = client
+        .post("/ember/invoke", event)
+        .map_err(|e| e.to_string())?;
+    let client_us = started.elapsed().as_secs_f64() * 1e6;
+    if response.status != 200 || response.header(FUNCTION_ERROR_HEADER).is_some() {
+        return Err(format!(
+            "invoke answered {}: {}",
+            response.status,
+            String::from_utf8_lossy(&response.body)
+        ));
+    }
+    let function_us = response
+        .header(DURATION_HEADER)
+        .and_then(|v| v.parse().ok())
+        .ok_or("no duration header")?;
+    Ok(Answer {
+        body: response.body,
+        client_us,
+        function_us,
+    })
+}
+
+fn row(name: &str, samples: &[f64], unit: &str, decimals: usize) -> Summary {
+    let s = Summary::of(samples);
+    println!("{}", s.row(name, unit, decimals));
+    s
+}
+
+/// `ember-bench functions`.
+pub fn bench_functions(
+    binaries: &Binaries,
+    runs: usize,
+    restores: usize,
+    only: &[String],
+) -> Result<Value, String> {
+    if runs < 20 || restores == 0 {
+        return Err("--runs must be at least 20 and --restores at least 1".into());
+    }
+    let dir = std::env::temp_dir().join(format!("ember-bench-functions-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let bench = Bench {
+        binaries,
+        dir: dir.clone(),
+        mem_mib: 256,
+        next: std::sync::atomic::AtomicU32::new(0),
+    };
+    let result = run(&bench, runs, restores, only);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run(bench: &Bench, runs: usize, restores: usize, only: &[String]) -> Result<Value, String> {
+    let examples = examples_dir()?;
+    let cache = bench.dir.join("compiled");
+    let cache_arg = cache.to_string_lossy().into_owned();
+    println!(
+        "{} MiB, 1-vCPU guests; {runs} warm runs, {restores} restores per example",
+        bench.mem_mib
+    );
+    let base = Snapshot::at(&bench.dir, "base");
+    {
+        let (_vm, mut client) = bench.booted()?;
+        call(&mut client, "PATCH", "/vm", &json!({ "state": "Paused" }))?;
+        call(
+            &mut client,
+            "PUT",
+            "/snapshot/create",
+            &base.create_body("Full"),
+        )?;
+    }
+    let mut out = Vec::new();
+    let mut table = Vec::new();
+    for example in EXAMPLES
+        .iter()
+        .filter(|e| only.is_empty() || only.iter().any(|o| o == e.name))
+    {
+        let figures = one(bench, example, &examples, &base, &cache_arg, runs, restores)?;
+        table.push((example.name, figures.clone()));
+        out.push(figures);
+    }
+    println!("\nsummary (medians; first = restore answered → first response)");
+    println!(
+        "{:<10} {:>10} {:>10} {:>6} {:>10} {:>10} {:>8} {:>7} {:>9} {:>9}",
+        "example",
+        "native us",
+        "guest us",
+        "ratio",
+        "warm us",
+        "first us",
+        "+ms",
+        "pages",
+        "compile",
+        "cached"
+    );
+    for (name, f) in &table {
+        println!(
+            "{:<10} {:>10.0} {:>10.0} {:>6.2} {:>10.0} {:>10.0} {:>8.2} {:>7} {:>7.0}ms {:>7.1}ms",
+            name,
+            f["native_us"]["p50"].as_f64().unwrap_or(0.0),
+            f["guest_function_us"]["p50"].as_f64().unwrap_or(0.0),
+            f["guest_vs_native_p50"].as_f64().unwrap_or(0.0),
+            f["warm_client_us"]["p50"].as_f64().unwrap_or(0.0),
+            f["first_client_us"]["without prefetch"]["p50"]
+                .as_f64()
+                .unwrap_or(0.0),
+            f["first_minus_warm_ms_p50"]["without prefetch"]
+                .as_f64()
+                .unwrap_or(0.0),
+            f["first_invocation_pages"]["total"],
+            f["compile_ms"].as_f64().unwrap_or(0.0),
+            f["compile_cached_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
+    Ok(json!({ "bench": "functions", "runs": runs, "restores": restores, "examples": out }))
+}
+
+/// Every figure of one example.
+fn one(
+    bench: &Bench,
+    example: &Example,
+    examples: &std::path::Path,
+    base: &Snapshot,
+    cache: &str,
+    runs: usize,
+    restores: usize,
+) -> Result<Value, String> {
+    let event = (example.event)();
+    let want = (example.native)(&event)?;
+    let native = native_times(example, &event, runs)?;
+    let module = examples.join(example.wasm);
+    let function = json!({ "module_path": module, "timeout_ms": 60000, "memory_mib": 128 });
+
+    // The template: the base restored, the function loaded (compiled now:
+    // the cache is empty for this module), a Diff.
+    let template = Snapshot::at(&bench.dir, example.name);
+    let (loaded, created) = {
+        let child = bench.prepared_with(true, &["--compile-cache", cache])?;
+        let mut client = child.client()?;
+        call(
+            &mut client,
+            "PUT",
+            "/snapshot/load",
+            &base.load_body(false, true),
+        )?;
+        let (loaded, _) = call(&mut client, "PUT", "/ember/function", &function)?;
+        call(&mut client, "PATCH", "/vm", &json!({ "state": "Paused" }))?;
+        let (created, _) = call(
+            &mut client,
+            "PUT",
+            "/snapshot/create",
+            &template.create_body("Diff"),
+        )?;
+        (loaded, created)
+    };
+    if loaded["compiled"] != "compiler" {
+        return Err(format!("the first load was not compiled: {loaded}"));
+    }
+    // The same module again: from the cache.
+    let cached = {
+        let child = bench.prepared_with(false, &["--compile-cache", cache])?;
+        let mut client = child.client()?;
+        call(
+            &mut client,
+            "PUT",
+            "/snapshot/load",
+            &base.load_body(false, false),
+        )?;
+        call(&mut client, "PUT", "/ember/function", &function)?.0
+    };
+    if cached["compiled"] != "cache" {
+        return Err(format!("the second load did not use the cache: {cached}"));
+    }
+
+    // The working set of the first invocation, recorded once.
+    let pages = {
+        let mut child = bench.prepared(false)?;
+        let mut client = child.client()?;
+        call(
+            &mut client,
+            "PUT",
+            "/snapshot/load",
+            &template.load_body(true, false),
+        )?;
+        invoke(&mut client, &event)?;
+        child.wait_for("working set recorded")?;
+        drop(client);
+        let child = bench.prepared(false)?;
+        let mut client = child.client()?;
+        let (loaded, _) = call(
+            &mut client,
+            "PUT",
+            "/snapshot/load",
+            &template.load_body(true, false),
+        )?;
+        let (read, write) = (
+            loaded["prefetched_read_pages"].as_u64().unwrap_or(0),
+            loaded["prefetched_write_pages"].as_u64().unwrap_or(0),
+        );
+        json!({ "read": read, "write": write, "total": read + write })
+    };
+
+    // Restore → first response, then warm responses in the same VM;
+    // without and with prefetch, interleaved.
+    let modes = ["without prefetch", "with prefetch"];
+    let mut first: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let mut first_fn: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let mut load: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let mut delta_ms: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let mut warm_client = Vec::new();
+    let mut warm_fn = Vec::new();
+    for i in 0..restores * 2 {
+        let mode = i % 2;
+        let child = bench.prepared(false)?;
+        let mut client = child.client()?;
+        let (_, load_us) = call(
+            &mut client,
+            "PUT",
+            "/snapshot/load",
+            &template.load_body(mode == 1, false),
+        )?;
+        let a = invoke(&mut client, &event)?;
+        if a.body != want {
+            return Err(format!(
+                "{}: the guest's result differs from the native build's",
+                example.name
+            ));
+        }
+        // Warm, in the same VM: the third of three (the first ones may
+        // still meet pages the first did not touch).
+        let mut w = invoke(&mut client, &event)?;
+        for _ in 0..2 {
+            w = invoke(&mut client, &event)?;
+        }
+        load[mode].push(load_us);
+        first[mode].push(a.client_us);
+        first_fn[mode].push(a.function_us);
+        delta_ms[mode].push((a.client_us - w.client_us) / 1000.0);
+        warm_client.push(w.client_us);
+    }
+    // Warm: many invocations in one restored VM.
+    {
+        let child = bench.prepared(false)?;
+        let mut client = child.client()?;
+        call(
+            &mut client,
+            "PUT",
+            "/snapshot/load",
+            &template.load_body(false, false),
+        )?;
+        for i in 0..runs + 3 {
+            let a = invoke(&mut client, &event)?;
+            if a.body != want {
+                return Err(format!(
+                    "{}: the guest's result differs from the native build's",
+                    example.name
+                ));
+            }
+            if i >= 3 {
+                warm_fn.push(a.function_us);
+            }
+        }
+    }
+
+    println!(
+        "\n{} ({} bytes in, {} out; module {} KB, compiled {} KB)",
+        example.name,
+        event.len(),
+        want.len(),
+        std::fs::metadata(&module).map_or(0, |m| m.len()) / 1000,
+        loaded["compiled_bytes"].as_u64().unwrap_or(0) / 1000,
+    );
+    println!("{}", header());
+    let native = row("native (same source)", &native, "us", 0);
+    let guest = row("guest, the function's own time", &warm_fn, "us", 0);
+    let warm = row("warm response (client)", &warm_client, "us", 0);
+    let mut first_json = serde_json::Map::new();
+    let mut first_fn_json = serde_json::Map::new();
+    let mut load_json = serde_json::Map::new();
+    let mut delta_json = serde_json::Map::new();
+    let mut delta_p50 = serde_json::Map::new();
+    for (m, label) in modes.iter().enumerate() {
+        let f = row(&format!("first response, {label}"), &first[m], "us", 0);
+        let ff = row("  the function's own time", &first_fn[m], "us", 0);
+        let l = row("  restore (load request)", &load[m], "us", 0);
+        let d = row("  first − warm, same VM", &delta_ms[m], "ms", 2);
+        first_json.insert(label.to_string(), json!(f));
+        first_fn_json.insert(label.to_string(), json!(ff));
+        load_json.insert(label.to_string(), json!(l));
+        delta_p50.insert(label.to_string(), json!(d.p50));
+        delta_json.insert(label.to_string(), json!(d));
+    }
+    let ratio = guest.p50 / native.p50;
+    println!(
+        "guest / native {ratio:.2}x; first invocation touches {} pages; template Diff {} pages; \
+         compile {:.1} ms, from the cache {:.1} ms; guest load {} us",
+        pages["total"],
+        created["memory_pages"],
+        loaded["compile_us"].as_f64().unwrap_or(0.0) / 1000.0,
+        cached["compile_us"].as_f64().unwrap_or(0.0) / 1000.0,
+        loaded["load_us"],
+    );
+    Ok(json!({
+        "example": example.name,
+        "event_bytes": event.len(),
+        "result_bytes": want.len(),
+        "module_bytes": std::fs::metadata(&module).map_or(0, |m| m.len()),
+        "compiled_bytes": loaded["compiled_bytes"],
+        "native_us": native,
+        "guest_function_us": guest,
+        "guest_vs_native_p50": ratio,
+        "warm_client_us": warm,
+        "first_client_us": first_json,
+        "first_function_us": first_fn_json,
+        "restore_load_us": load_json,
+        "first_minus_warm_ms": delta_json,
+        "first_minus_warm_ms_p50": delta_p50,
+        "first_invocation_pages": pages,
+        "template_diff": { "pages": created["memory_pages"], "runs": created["memory_runs"], "files": template.sizes() },
+        "compile_ms": loaded["compile_us"].as_f64().unwrap_or(0.0) / 1000.0,
+        "compile_cached_ms": cached["compile_us"].as_f64().unwrap_or(0.0) / 1000.0,
+        "guest_load_us": loaded["load_us"],
+    }))
+}
