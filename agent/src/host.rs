@@ -511,6 +511,7 @@ impl Agent {
         vmm.build_template_of(&v.name, v.version);
         let spec = TemplateSpec {
             function: self.function_body(v),
+            compile_cache: self.supervisor.compile_cache.clone(),
         };
         let files = self.store.template(&v.name, v.version);
         let built = snapshots::build_template(&mut vmm, &self.base, &spec, &files);

@@ -189,6 +189,58 @@ pub struct TemplateSpec {
     /// The body of `PUT /ember/function` (module path, files, env, args,
     /// memory and time limits).
     pub function: serde_json::Value,
+    /// The compiled-module cache the VMMs share: emberd compiles the
+    /// module into it first, on every CPU (ember-vmm compiles on one).
+    pub compile_cache: Option<std::path::PathBuf>,
+}
+
+/// Compiles the module of `spec` into the cache for the CPU the restored
+/// guest in `vmm` reports, with a thread per CPU; ember-vmm then finds it
+/// there. Best effort: on any failure ember-vmm compiles it itself (and
+/// names the problem if the module is bad).
+fn precompile(vmm: &mut Vmm, spec: &TemplateSpec) {
+    let Some(cache) = &spec.compile_cache else {
+        return;
+    };
+    let features = match vmm.call("GET", "/ember/status", None) {
+        Ok(status) => status.json()["guest_cpu_features"]
+            .as_str()
+            .map(str::to_string),
+        Err(e) => {
+            tracing::warn!("cannot ask the guest's CPU features: {e}");
+            None
+        }
+    };
+    let Some(features) = features else {
+        return;
+    };
+    let Some(path) = spec.function["module_path"].as_str() else {
+        return;
+    };
+    if let Err(e) = std::fs::create_dir_all(cache) {
+        tracing::warn!("cannot create {}: {e}", cache.display());
+        return;
+    }
+    let compiled = std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|wasm| {
+            let compiler = ember_compile::Compiler::for_line(&features, Some(cache.clone()), true)
+                .map_err(|e| e.to_string())?;
+            // Compiled before: ember-vmm reads (and checks) it.
+            if compiler.is_cached(&wasm) {
+                return Ok(None);
+            }
+            compiler.compile(&wasm).map(Some).map_err(|e| e.to_string())
+        });
+    match compiled {
+        Ok(Some(c)) => tracing::info!(
+            "module compiled for {features} ({:?}) in {} ms",
+            c.source,
+            c.elapsed.as_millis()
+        ),
+        Ok(None) => tracing::info!("module compiled before, for {features}"),
+        Err(e) => tracing::info!("emberd did not compile the module ({e}); ember-vmm will"),
+    }
 }
 
 /// Restores the base into `vmm` (prepared for the base's shape, with
@@ -203,6 +255,9 @@ pub fn build_template(
     stages.time("restore the base snapshot", || {
         vmm.call("PUT", "/snapshot/load", Some(&base.load_body(true)))
     })?;
+    stages.time("compile the module (or find it compiled)", || {
+        precompile(vmm, spec)
+    });
     let loaded = stages.time("load and initialise the module", || {
         vmm.call("PUT", "/ember/function", Some(&spec.function))
     })?;

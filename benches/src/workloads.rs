@@ -146,7 +146,58 @@ fn run(bench: &Bench, runs: usize, restores: usize, only: &[String]) -> Result<V
             f["compile_cached_ms"].as_f64().unwrap_or(0.0),
         );
     }
-    Ok(json!({ "bench": "functions", "runs": runs, "restores": restores, "examples": out }))
+    let deploys = deploys(bench.binaries, &examples)?;
+    Ok(json!({
+        "bench": "functions",
+        "runs": runs,
+        "restores": restores,
+        "examples": out,
+        "deploy": deploys,
+    }))
+}
+
+/// Deploys of the largest example through emberd: with an empty compile
+/// cache (compiled by emberd on every CPU while the template's VM restores
+/// the base), and again with the module already compiled.
+fn deploys(binaries: &Binaries, examples: &std::path::Path) -> Result<Value, String> {
+    let largest = EXAMPLES
+        .iter()
+        .max_by_key(|e| std::fs::metadata(examples.join(e.wasm)).map_or(0, |m| m.len()))
+        .ok_or("no examples")?;
+    let module = examples.join(largest.wasm);
+    let emberd = crate::agent::Emberd::start(binaries)?;
+    let mut client = emberd.client()?;
+    let cache = emberd.dir.join("state").join("compiled");
+    let config = json!({ "memory_mib": 64, "timeout_ms": 60000 });
+    // The first deploy of all also warms emberd up (its prepared VMMs).
+    crate::agent::deploy(
+        &mut client,
+        "warmup",
+        &examples.join("echo.wasm"),
+        json!({}),
+    )?;
+    let (mut fresh, mut cached) = (Vec::new(), Vec::new());
+    for i in 0..5 {
+        // Emptied, not removed: ember-vmm may not create it again.
+        for entry in std::fs::read_dir(&cache).map_err(|e| e.to_string())? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            std::fs::remove_file(&path).map_err(|e| e.to_string())?;
+        }
+        let name = format!("{}{i}", largest.name);
+        fresh.push(crate::agent::deploy(&mut client, &name, &module, config.clone())? / 1000.0);
+        // A new version of the same module: compiled already.
+        cached.push(crate::agent::deploy(&mut client, &name, &module, config.clone())? / 1000.0);
+    }
+    println!(
+        "
+deploy of {} ({} KB) through emberd: request → template ready",
+        largest.name,
+        std::fs::metadata(&module).map_or(0, |m| m.len()) / 1000
+    );
+    println!("{}", header());
+    let fresh = row("compile cache empty", &fresh, "ms", 1);
+    let cached = row("module compiled before", &cached, "ms", 1);
+    Ok(json!({ "example": largest.name, "fresh_ms": fresh, "cached_ms": cached }))
 }
 
 /// Every figure of one example.

@@ -40,8 +40,8 @@ pub const GUEST_FEATURES: [&str; 8] = [
     "has_lzcnt",
 ];
 
-/// Magic at the start of a cache file (version 1 of its layout).
-const CACHE_MAGIC: &[u8; 8] = b"EMBERCW1";
+/// Magic at the start of a cache file (version 2 of its layout).
+const CACHE_MAGIC: &[u8; 8] = b"EMBERCW2";
 
 /// Why a module could not be compiled.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -180,7 +180,13 @@ fn engine_config(features: &CpuFeatures) -> Result<wasmtime::Config, CompileErro
         .signals_based_traps(false)
         .memory_reservation(0)
         .memory_guard_size(0)
-        .memory_init_cow(false);
+        .memory_init_cow(false)
+        // Neither is used in the guest (a trap is reported by its code, not
+        // by the wasm offset it came from; nothing unwinds native frames),
+        // and they are a third of a compiled module's size: every byte of
+        // it is copied into the guest and into its template snapshot.
+        .generate_address_map(false)
+        .native_unwind_info(false);
     // SAFETY: SSE4.1 is required below, so the compiled code never calls
     // the float helpers whose ABI differs on the guest's soft-float target.
     unsafe { config.x86_float_abi_ok(true) };
@@ -196,13 +202,25 @@ fn engine_config(features: &CpuFeatures) -> Result<wasmtime::Config, CompileErro
 }
 
 impl Compiler {
-    /// A compiler for `features`, caching in `cache` (created if missing)
-    /// when given.
+    /// A compiler for `features`, caching in `cache` (a directory that must
+    /// exist) when given, on the calling thread alone.
     pub fn new(features: CpuFeatures, cache: Option<PathBuf>) -> Result<Compiler, CompileError> {
+        Compiler::with_threads(features, cache, false)
+    }
+
+    /// As [`Compiler::new`]; with `parallel`, functions are compiled on a
+    /// thread per CPU (not in ember-vmm, whose seccomp filters allow no new
+    /// threads after start: there it is off).
+    pub fn with_threads(
+        features: CpuFeatures,
+        cache: Option<PathBuf>,
+        parallel: bool,
+    ) -> Result<Compiler, CompileError> {
         if !features.names().iter().any(|f| f == "has_sse41") {
             return Err(CompileError::NoSse41);
         }
-        let config = engine_config(&features)?;
+        let mut config = engine_config(&features)?;
+        config.parallel_compilation(parallel);
         let engine =
             wasmtime::Engine::new(&config).map_err(|e| CompileError::Config(format!("{e:#}")))?;
         let mut hasher = ShaHasher(Sha256::new());
@@ -226,6 +244,17 @@ impl Compiler {
     /// The features it compiles for.
     pub fn features(&self) -> &CpuFeatures {
         &self.features
+    }
+
+    /// A compiler for the features `line` names (as `GET /ember/status`
+    /// reports them: comma-separated Cranelift flags).
+    pub fn for_line(
+        line: &str,
+        cache: Option<PathBuf>,
+        parallel: bool,
+    ) -> Result<Compiler, CompileError> {
+        let features = CpuFeatures::from_names(line.split(',').filter(|f| !f.is_empty()));
+        Compiler::with_threads(features, cache, parallel)
     }
 
     /// The cache key of `wasm`: hex SHA-256 over the module's SHA-256 and
@@ -270,6 +299,20 @@ impl Compiler {
         self.compile_fresh(wasm)
     }
 
+    /// Whether the cache holds an entry for `wasm` made for these
+    /// features (its header only is read).
+    pub fn is_cached(&self, wasm: &[u8]) -> bool {
+        use std::io::Read;
+        let Some(path) = self.cache_path(&self.key(wasm)) else {
+            return false;
+        };
+        let mut head = vec![0u8; 512];
+        let n = std::fs::File::open(path)
+            .and_then(|mut f| f.read(&mut head))
+            .unwrap_or(0);
+        cache_features(&head[..n]).as_ref() == Some(&self.features)
+    }
+
     /// Compiles `wasm` without looking in the cache, and caches the result
     /// (replacing any entry under its key).
     pub fn compile_fresh(&self, wasm: &[u8]) -> Result<Compiled, CompileError> {
@@ -310,15 +353,17 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// A cache file: [`CACHE_MAGIC`], the features line (u32 LE length, then
-/// the text), the artifact's SHA-256, the artifact. Public for tools and
-/// tests that plant entries.
+/// the text), the artifact's CRC-32 (u32 LE: the cache directory is
+/// trusted, the checksum catches damage, and at gigabytes a second it
+/// costs a deploy nothing), the artifact. Public for tools and tests that
+/// plant entries.
 pub fn encode_cache(features: &CpuFeatures, artifact: &[u8]) -> Vec<u8> {
     let line = features.to_line();
-    let mut out = Vec::with_capacity(8 + 4 + line.len() + 32 + artifact.len());
+    let mut out = Vec::with_capacity(8 + 4 + line.len() + 4 + artifact.len());
     out.extend_from_slice(CACHE_MAGIC);
     out.extend_from_slice(&(line.len() as u32).to_le_bytes());
     out.extend_from_slice(line.as_bytes());
-    out.extend_from_slice(&Sha256::digest(artifact));
+    out.extend_from_slice(&crc32fast::hash(artifact).to_le_bytes());
     out.extend_from_slice(artifact);
     out
 }
@@ -350,8 +395,8 @@ fn decode_cache(bytes: &[u8], features: &CpuFeatures) -> Result<Vec<u8>, String>
             features.to_line()
         ));
     }
-    let (sum, artifact) = rest.split_at_checked(32).ok_or("truncated header")?;
-    if Sha256::digest(artifact).as_slice() != sum {
+    let (sum, artifact) = rest.split_at_checked(4).ok_or("truncated header")?;
+    if crc32fast::hash(artifact).to_le_bytes() != sum {
         return Err("its checksum does not match (corrupt)".into());
     }
     Ok(artifact.to_vec())
@@ -367,11 +412,10 @@ fn read_cache(path: &Path, features: &CpuFeatures) -> Result<Option<Vec<u8>>, St
 }
 
 /// Writes a cache entry whole or not at all: a temporary file beside it,
-/// flushed, then renamed into place.
+/// flushed, then renamed into place. The directory must exist: it is not
+/// created here (ember-vmm's seccomp filters do not allow it; the owner of
+/// the cache creates it).
 fn write_cache(path: &Path, features: &CpuFeatures, artifact: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|dir| !dir.is_dir()) {
-        std::fs::create_dir_all(dir)?;
-    }
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let result = (|| {
         let mut file = std::fs::File::create(&tmp)?;
@@ -396,6 +440,7 @@ mod tests {
     fn dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("ember-compile-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
         dir
     }
 
@@ -416,11 +461,23 @@ mod tests {
     }
 
     #[test]
+    fn parallel_and_serial_compilers_share_keys_and_output() {
+        let serial = Compiler::new(features(), None).unwrap();
+        let parallel = Compiler::for_line(&features().to_line(), None, true).unwrap();
+        assert_eq!(serial.key(&module()), parallel.key(&module()));
+        assert_eq!(
+            serial.compile(&module()).unwrap().bytes,
+            parallel.compile(&module()).unwrap().bytes
+        );
+    }
+
+    #[test]
     fn second_compile_comes_from_the_cache() {
         let cache = dir("cache");
         let compiler = Compiler::new(features(), Some(cache.clone())).unwrap();
         let first = compiler.compile(&module()).unwrap();
         assert_eq!(first.source, Source::Compiler);
+        assert!(compiler.is_cached(&module()));
         let second = compiler.compile(&module()).unwrap();
         assert_eq!(second.source, Source::Cache);
         assert_eq!(first.bytes, second.bytes);

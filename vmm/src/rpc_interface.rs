@@ -354,6 +354,9 @@ pub struct EmberStatus {
     pub guest_ram_bytes: Option<u64>,
     /// The guest runtime's heap.
     pub guest_heap_bytes: Option<u64>,
+    /// The CPU features functions are compiled for (as the guest reported
+    /// its CPU in `ready`): Cranelift flag names, comma-separated.
+    pub guest_cpu_features: Option<String>,
     /// Requests the guest answered.
     pub requests: u64,
     /// Guest messages rejected for breaking the protocol.

@@ -1318,6 +1318,10 @@ impl Vmm {
             mailbox,
             guest_ram_bytes: self.guest_info.map(|i| i.ram_bytes),
             guest_heap_bytes: self.guest_info.map(|i| i.heap_bytes),
+            guest_cpu_features: self.guest_info.map(|i| {
+                let [leaf1, leaf7, ext1] = i.cpuid;
+                ember_compile::CpuFeatures::from_cpuid(leaf1, leaf7, ext1).to_line()
+            }),
             requests: self.requests,
             protocol_errors: self.protocol_errors,
             answers_from_memory: self.answers_from_memory,
