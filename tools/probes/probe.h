@@ -606,6 +606,9 @@ enum touch_mode {
     TOUCH_ANON = 0,     /* anonymous memory, not yet allocated */
     TOUCH_POPULATE = 1, /* anonymous memory with MAP_POPULATE: host pages present */
     TOUCH_FILE = 2,     /* a fresh sparse file under $TMPDIR (or /tmp), MAP_PRIVATE */
+    TOUCH_THP = 3,      /* anonymous, 2 MiB-aligned, MADV_HUGEPAGE, populated: 2 MiB host pages */
+    TOUCH_FILE_CACHED = 4, /* a file with contents, in the page cache, 2 MiB-aligned MAP_PRIVATE,
+                            * MADV_HUGEPAGE: as a snapshot's memory file after a first restore */
 };
 
 static inline const char *touch_mode_name(enum touch_mode mode) {
@@ -613,6 +616,8 @@ static inline const char *touch_mode_name(enum touch_mode mode) {
     case TOUCH_ANON: return "anonymous";
     case TOUCH_POPULATE: return "anonymous, MAP_POPULATE";
     case TOUCH_FILE: return "file MAP_PRIVATE";
+    case TOUCH_THP: return "anonymous, transparent huge pages, populated";
+    case TOUCH_FILE_CACHED: return "file with contents, in the page cache, MAP_PRIVATE";
     }
     return "?";
 }
@@ -625,6 +630,30 @@ static inline uint8_t *touch_mem(enum touch_mode mode) {
         int fd = temp_file(TOUCH_MEM_SIZE, NULL);
         uint8_t *mem = mem_file(fd, TOUCH_MEM_SIZE, NULL);
         close(fd); /* the mapping keeps the file */
+        return mem;
+    }
+    case TOUCH_THP: {
+        /* 2 MiB-aligned, so that every 2 MiB of guest memory can be one
+         * host page; a write into each 2 MiB populates it with a huge page
+         * (if the host has one to give: smaps says). */
+        uint8_t *raw = mem_anon(TOUCH_MEM_SIZE + 2 * MIB, 0);
+        uint8_t *mem = (uint8_t *)(((uintptr_t)raw + 2 * MIB - 1) & ~(uintptr_t)(2 * MIB - 1));
+        if (madvise(mem, TOUCH_MEM_SIZE, MADV_HUGEPAGE) != 0) die("madvise(MADV_HUGEPAGE)");
+        for (size_t at = 0; at < TOUCH_MEM_SIZE; at += 2 * MIB) mem[at] = 0;
+        return mem;
+    }
+    case TOUCH_FILE_CACHED: {
+        uint8_t *contents = mem_anon(TOUCH_MEM_SIZE, MAP_POPULATE);
+        memset(contents, 0x5a, TOUCH_MEM_SIZE);
+        int fd = temp_file(TOUCH_MEM_SIZE, contents);
+        munmap(contents, TOUCH_MEM_SIZE);
+        uint8_t *raw = mem_anon(TOUCH_MEM_SIZE + 2 * MIB, 0);
+        uint8_t *at = (uint8_t *)(((uintptr_t)raw + 2 * MIB - 1) & ~(uintptr_t)(2 * MIB - 1));
+        uint8_t *mem = mem_file(fd, TOUCH_MEM_SIZE, at);
+        close(fd);
+        if (madvise(mem, TOUCH_MEM_SIZE, MADV_HUGEPAGE) != 0) die("madvise(MADV_HUGEPAGE)");
+        /* The host mapping populated for reading, as the prefetcher does. */
+        if (madvise(mem, TOUCH_MEM_SIZE, 22 /* MADV_POPULATE_READ */) != 0) die("madvise(MADV_POPULATE_READ)");
         return mem;
     }
     }

@@ -11,13 +11,17 @@ static const char usage[] =
     "usage: ring3_page_touch [N [MODE [RD]]]\n"
     "  N     pages to touch (default 4096, at most 31744)\n"
     "  MODE  guest memory: 0 anonymous (default), 1 anonymous with MAP_POPULATE,\n"
-    "        2 a fresh sparse file under $TMPDIR (or /tmp) mapped MAP_PRIVATE\n"
+    "        2 a fresh sparse file under $TMPDIR (or /tmp) mapped MAP_PRIVATE,\n"
+    "        3 anonymous, 2 MiB-aligned, MADV_HUGEPAGE, populated (transparent\n"
+    "        huge pages: does the KVM map the guest's 2 MiB pages in one fault?),\n"
+    "        4 a file with contents, in the page cache, MAP_PRIVATE, MADV_HUGEPAGE,\n"
+    "        populated for reading (as a snapshot's memory, prefetched)\n"
     "  RD    0 the guest writes each page (default), 1 it reads it\n";
 
 int main(int argc, char **argv) {
     args_check(argc, argv, 3, usage);
     long pages = arg_long(argc, argv, 1, 4096, 1, (long)TOUCH_MAX_PAGES, usage);
-    enum touch_mode mode = (enum touch_mode)arg_long(argc, argv, 2, TOUCH_ANON, 0, 2, usage);
+    enum touch_mode mode = (enum touch_mode)arg_long(argc, argv, 2, TOUCH_ANON, 0, 4, usage);
     int reads = (int)arg_long(argc, argv, 3, 0, 0, 1, usage);
 
     struct vm vm = vm_new(touch_mem(mode), TOUCH_MEM_SIZE, 0);
@@ -31,8 +35,19 @@ int main(int argc, char **argv) {
     expect_ring3(&vm);
     expect_pages_touched(&vm, (uint64_t)pages, reads);
 
-    printf("ring3_page_touch: %.2f us/page (%ld pages %s, mode %d %s, in %.3f ms)\n",
+    /* How much of this process's anonymous memory the host backs with huge pages. */
+    long huge_kb = -1;
+    FILE *smaps = fopen("/proc/self/smaps_rollup", "r");
+    if (smaps) {
+        char line[256];
+        while (fgets(line, sizeof line, smaps))
+            if (sscanf(line, "AnonHugePages: %ld kB", &huge_kb) == 1 && mode != TOUCH_FILE_CACHED) break;
+            else if (mode == TOUCH_FILE_CACHED && sscanf(line, "FilePmdMapped: %ld kB", &huge_kb) == 1) break;
+        fclose(smaps);
+    }
+    printf("ring3_page_touch: %.2f us/page (%ld pages %s, mode %d %s, in %.3f ms; "
+           "host huge pages %ld kB)\n",
            ns_to_us(elapsed) / (double)pages, pages, reads ? "read" : "written", (int)mode,
-           touch_mode_name(mode), ns_to_ms(elapsed));
+           touch_mode_name(mode), ns_to_ms(elapsed), huge_kb);
     return 0;
 }
