@@ -754,7 +754,7 @@ const SLOW_REBUILD: &str = r#"
     (local $i i32)
     (loop $spin
       (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br_if $spin (i32.lt_u (local.get $i) (i32.const 3000000)))))
+      (br_if $spin (i32.lt_u (local.get $i) (i32.const 300000000)))))
   (func (export "ember_handle") (result i32) unreachable))
 "#;
 
