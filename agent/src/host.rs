@@ -1004,6 +1004,12 @@ impl Agent {
         let n = doomed.len();
         for (i, lone) in &doomed {
             let idle = now.saturating_duration_since(i.last_used);
+            tracing::debug!(
+                "reaped instance {} of {} (idle {idle:?}{})",
+                i.id,
+                i.function,
+                if *lone { ", its last" } else { "" }
+            );
             self.prewarm.reaped(&i.function, idle, i.prewarmed, *lone);
         }
         drop(doomed);
