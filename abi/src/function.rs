@@ -72,8 +72,10 @@ impl ErrorKind {
 /// The payload of a `load` request: a function and everything it runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadSpec<'a> {
-    /// The WebAssembly module.
-    pub module: &'a [u8],
+    /// Bytes of the compiled module, which the host wrote at the start of
+    /// the guest's code area ([`crate::mailbox::GuestInfo::code_area`])
+    /// before it sent the request.
+    pub module_len: u64,
     /// Files for `/var/task`: (name, contents).
     pub files: Vec<(&'a [u8], &'a [u8])>,
     /// Arguments (`argv[1..]`; `argv[0]` is the function's name).
@@ -96,16 +98,7 @@ impl<'a> LoadSpec<'a> {
     pub fn encoded_len(&self) -> usize {
         let strings = |list: &[&[u8]]| 4 + list.iter().map(|s| 4 + s.len()).sum::<usize>();
         let files: usize = self.files.iter().map(|(n, c)| 8 + n.len() + c.len()).sum();
-        8 + 8
-            + 32
-            + 4
-            + self.name.len()
-            + strings(&self.args)
-            + strings(&self.env)
-            + 4
-            + files
-            + 4
-            + self.module.len()
+        8 + 8 + 32 + 4 + self.name.len() + strings(&self.args) + strings(&self.env) + 4 + files + 8
     }
 
     /// Encodes the spec.
@@ -127,7 +120,7 @@ impl<'a> LoadSpec<'a> {
         for (name, contents) in &self.files {
             w.bytes(name).bytes(contents);
         }
-        w.bytes(self.module);
+        w.u64(self.module_len);
         w.finish()
     }
 
@@ -150,10 +143,10 @@ impl<'a> LoadSpec<'a> {
         let files = (0..filec)
             .map(|_| Ok((r.bytes("file name")?, r.bytes("file contents")?)))
             .collect::<Result<_, WireError>>()?;
-        let module = r.bytes("module")?;
+        let module_len = r.u64("module length")?;
         r.end("load spec")?;
         Ok(LoadSpec {
-            module,
+            module_len,
             files,
             args,
             env,
@@ -333,13 +326,17 @@ pub struct LoadedInfo {
     pub memory_bytes: u64,
     /// The most its linear memory may grow to, bytes.
     pub memory_limit: u64,
-    /// Time to compile, instantiate and initialise, nanoseconds.
+    /// Time to load (check the compiled module), instantiate and
+    /// initialise, nanoseconds.
     pub load_ns: u64,
+    /// … of which checking the compiled module and its imports and
+    /// exports, before the first instance, nanoseconds.
+    pub module_ns: u64,
 }
 
 impl LoadedInfo {
     /// Encoded size.
-    pub const SIZE: usize = 32;
+    pub const SIZE: usize = 40;
 
     /// Encodes the info.
     pub fn encode(&self) -> [u8; Self::SIZE] {
@@ -348,6 +345,7 @@ impl LoadedInfo {
         out[8..16].copy_from_slice(&self.memory_bytes.to_le_bytes());
         out[16..24].copy_from_slice(&self.memory_limit.to_le_bytes());
         out[24..32].copy_from_slice(&self.load_ns.to_le_bytes());
+        out[32..40].copy_from_slice(&self.module_ns.to_le_bytes());
         out
     }
 
@@ -362,12 +360,14 @@ impl LoadedInfo {
         let memory_bytes = r.u64("memory")?;
         let memory_limit = r.u64("memory limit")?;
         let load_ns = r.u64("load time")?;
+        let module_ns = r.u64("module check time")?;
         r.end("loaded info")?;
         Ok(LoadedInfo {
             model,
             memory_bytes,
             memory_limit,
             load_ns,
+            module_ns,
         })
     }
 }
@@ -438,7 +438,7 @@ mod tests {
 
     fn spec() -> LoadSpec<'static> {
         LoadSpec {
-            module: b"\0asm\x01\0\0\0",
+            module_len: 4 << 20,
             files: alloc::vec![(&b"data.txt"[..], &b"hello"[..]), (&b"empty"[..], &b""[..])],
             args: alloc::vec![&b"--flag"[..]],
             env: alloc::vec![&b"A=1"[..], &b"B="[..]],
@@ -525,6 +525,7 @@ mod tests {
             memory_bytes: 1 << 20,
             memory_limit: 64 << 20,
             load_ns: 5,
+            module_ns: 3,
         };
         assert_eq!(LoadedInfo::decode(&info.encode()), Ok(info));
         assert!(LoadedInfo::decode(&[0; LoadedInfo::SIZE]).is_err());

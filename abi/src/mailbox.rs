@@ -25,7 +25,7 @@
 pub const MAGIC: u32 = u32::from_le_bytes(*b"EMBX");
 
 /// Version of the mailbox protocol described here.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 /// Size of the header page at the start of the region.
 pub const HEADER_SIZE: u64 = 4096;
@@ -124,8 +124,10 @@ pub enum RequestKind {
     Echo = 2,
     /// Answer with [`MessageKind::ShutdownAck`] and stop.
     Shutdown = 3,
-    /// Load a function (payload: [`crate::function::LoadSpec`]); answer
-    /// [`MessageKind::Loaded`] or [`MessageKind::LoadFailed`].
+    /// Load a function (payload: [`crate::function::LoadSpec`]; the host
+    /// first writes the compiled module at the start of the guest's code
+    /// area, [`GuestInfo::code_area`]); answer [`MessageKind::Loaded`] or
+    /// [`MessageKind::LoadFailed`].
     Load = 4,
     /// Invoke the loaded function (payload: [`crate::function::InvokeParams`]
     /// then the event); answer [`MessageKind::Outcome`] or
@@ -309,11 +311,18 @@ pub struct GuestInfo {
     /// (subleaf 0) EBX, leaf 0x8000_0001 ECX. The host compiles functions
     /// for these features.
     pub cpuid: [u32; 3],
+    /// Where the host writes a compiled module before it sends `load`:
+    /// guest-physical, page-aligned, reserved by the guest's heap at boot
+    /// (untouched until then), so the guest runs the code where the host
+    /// put it, without copying it out of the request area.
+    pub code_area: u64,
+    /// Bytes of the code area: the largest compiled module this guest takes.
+    pub code_area_bytes: u64,
 }
 
 impl GuestInfo {
     /// Encoded size in bytes.
-    pub const SIZE: usize = 48;
+    pub const SIZE: usize = 64;
 
     /// Encodes the info as little-endian fields.
     pub fn encode(&self) -> [u8; Self::SIZE] {
@@ -325,6 +334,8 @@ impl GuestInfo {
         for (i, word) in self.cpuid.iter().enumerate() {
             out[32 + 4 * i..36 + 4 * i].copy_from_slice(&word.to_le_bytes());
         }
+        out[48..56].copy_from_slice(&self.code_area.to_le_bytes());
+        out[56..64].copy_from_slice(&self.code_area_bytes.to_le_bytes());
         out
     }
 
@@ -343,6 +354,8 @@ impl GuestInfo {
                 read_u32(bytes, 36)?,
                 read_u32(bytes, 40)?,
             ],
+            code_area: read_u64(bytes, 48)?,
+            code_area_bytes: read_u64(bytes, 56)?,
         })
     }
 }
@@ -509,6 +522,8 @@ mod tests {
             heap_bytes: 100 << 20,
             image_end: 0x12_3000,
             cpuid: [1, 2, 3],
+            code_area: 0x20_0000,
+            code_area_bytes: 8 << 20,
         };
         assert_eq!(GuestInfo::decode(&info.encode()), Some(info));
         assert_eq!(GuestInfo::decode(&[]), None);

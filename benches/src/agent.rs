@@ -103,6 +103,17 @@ pub(crate) fn deploy(
     module: &Path,
     config: Value,
 ) -> Result<f64, String> {
+    deploy_answer(client, name, module, config).map(|(us, _)| us)
+}
+
+/// A deploy's time (µs, as the client saw it) and emberd's answer (its
+/// stages and the guest's load figures).
+pub(crate) fn deploy_answer(
+    client: &mut ApiClient,
+    name: &str,
+    module: &Path,
+    config: Value,
+) -> Result<(f64, Value), String> {
     let module = std::fs::read(module).map_err(|e| e.to_string())?;
     let started = Instant::now();
     let response = ember_agent::client::deploy(client, name, &config, &module, &[])
@@ -115,7 +126,8 @@ pub(crate) fn deploy(
             String::from_utf8_lossy(&response.body)
         ));
     }
-    Ok(us)
+    let answer = serde_json::from_slice(&response.body).map_err(|e| e.to_string())?;
+    Ok((us, answer))
 }
 
 fn invoke(client: &mut ApiClient, name: &str, event: &[u8]) -> Result<(ApiResponse, f64), String> {

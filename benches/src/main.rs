@@ -181,6 +181,10 @@ enum Bench {
         /// Only these examples (repeatable; default: all).
         #[arg(long = "example")]
         only: Vec<String>,
+        /// Deploys of the largest example, each with an empty compile
+        /// cache and then again with the module compiled.
+        #[arg(long, default_value_t = 5)]
+        deploys: usize,
     },
     /// Writes a synthetic invocation trace in the Azure Functions 2019
     /// schema (per-minute counts): timers, diurnal HTTP, bursty queue
@@ -325,7 +329,8 @@ fn run_vm_bench(binaries: &Binaries, args: &Args) -> Result<serde_json::Value, S
             runs,
             restores,
             ref only,
-        } => workloads::bench_functions(binaries, runs, restores, only),
+            deploys,
+        } => workloads::bench_functions(binaries, runs, restores, only, deploys),
         Bench::Ring0 => bench_ring0(binaries),
         Bench::Invoke {
             count,

@@ -66,9 +66,10 @@ pub fn bench_functions(
     runs: usize,
     restores: usize,
     only: &[String],
+    deploy_runs: usize,
 ) -> Result<Value, String> {
-    if runs < 20 || restores == 0 {
-        return Err("--runs must be at least 20 and --restores at least 1".into());
+    if runs < 20 || restores == 0 || deploy_runs == 0 {
+        return Err("--runs must be at least 20, --restores and --deploys at least 1".into());
     }
     let dir = std::env::temp_dir().join(format!("ember-bench-functions-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -79,12 +80,18 @@ pub fn bench_functions(
         mem_mib: 256,
         next: std::sync::atomic::AtomicU32::new(0),
     };
-    let result = run(&bench, runs, restores, only);
+    let result = run(&bench, runs, restores, only, deploy_runs);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn run(bench: &Bench, runs: usize, restores: usize, only: &[String]) -> Result<Value, String> {
+fn run(
+    bench: &Bench,
+    runs: usize,
+    restores: usize,
+    only: &[String],
+    deploy_runs: usize,
+) -> Result<Value, String> {
     let examples = examples_dir()?;
     let cache = bench.dir.join("compiled");
     let cache_arg = cache.to_string_lossy().into_owned();
@@ -146,7 +153,7 @@ fn run(bench: &Bench, runs: usize, restores: usize, only: &[String]) -> Result<V
             f["compile_cached_ms"].as_f64().unwrap_or(0.0),
         );
     }
-    let deploys = deploys(bench.binaries, &examples)?;
+    let deploys = deploys(bench.binaries, &examples, deploy_runs)?;
     Ok(json!({
         "bench": "functions",
         "runs": runs,
@@ -159,7 +166,7 @@ fn run(bench: &Bench, runs: usize, restores: usize, only: &[String]) -> Result<V
 /// Deploys of the largest example through emberd: with an empty compile
 /// cache (compiled by emberd on every CPU while the template's VM restores
 /// the base), and again with the module already compiled.
-fn deploys(binaries: &Binaries, examples: &std::path::Path) -> Result<Value, String> {
+fn deploys(binaries: &Binaries, examples: &std::path::Path, runs: usize) -> Result<Value, String> {
     let largest = EXAMPLES
         .iter()
         .max_by_key(|e| std::fs::metadata(examples.join(e.wasm)).map_or(0, |m| m.len()))
@@ -177,7 +184,10 @@ fn deploys(binaries: &Binaries, examples: &std::path::Path) -> Result<Value, Str
         json!({}),
     )?;
     let (mut fresh, mut cached) = (Vec::new(), Vec::new());
-    for i in 0..5 {
+    // The cached deploys' stages, as emberd times them.
+    let mut stages: Vec<(String, Vec<f64>)> = Vec::new();
+    let (mut guest_load, mut guest_module, mut vmm_compile) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
         // Emptied, not removed: ember-vmm may not create it again.
         for entry in std::fs::read_dir(&cache).map_err(|e| e.to_string())? {
             let path = entry.map_err(|e| e.to_string())?.path();
@@ -186,7 +196,27 @@ fn deploys(binaries: &Binaries, examples: &std::path::Path) -> Result<Value, Str
         let name = format!("{}{i}", largest.name);
         fresh.push(crate::agent::deploy(&mut client, &name, &module, config.clone())? / 1000.0);
         // A new version of the same module: compiled already.
-        cached.push(crate::agent::deploy(&mut client, &name, &module, config.clone())? / 1000.0);
+        let (us, answer) =
+            crate::agent::deploy_answer(&mut client, &name, &module, config.clone())?;
+        cached.push(us / 1000.0);
+        for stage in answer["stages"].as_array().into_iter().flatten() {
+            let (Some(what), Some(us)) = (stage["stage"].as_str(), stage["us"].as_f64()) else {
+                continue;
+            };
+            match stages.iter_mut().find(|(w, _)| w == what) {
+                Some((_, times)) => times.push(us / 1000.0),
+                None => stages.push((what.to_string(), vec![us / 1000.0])),
+            }
+        }
+        if let Some(us) = answer["function"]["load_us"].as_f64() {
+            guest_load.push(us / 1e3);
+        }
+        if let Some(us) = answer["function"]["load_module_us"].as_f64() {
+            guest_module.push(us / 1e3);
+        }
+        if let Some(us) = answer["function"]["compile_us"].as_f64() {
+            vmm_compile.push(us / 1e3);
+        }
     }
     println!(
         "
@@ -197,7 +227,47 @@ deploy of {} ({} KB) through emberd: request → template ready",
     println!("{}", header());
     let fresh = row("compile cache empty", &fresh, "ms", 1);
     let cached = row("module compiled before", &cached, "ms", 1);
-    Ok(json!({ "example": largest.name, "fresh_ms": fresh, "cached_ms": cached }))
+    let mut stage_rows = serde_json::Map::new();
+    for (what, times) in &stages {
+        stage_rows.insert(
+            what.clone(),
+            json!(row(&format!("  {what}"), times, "ms", 1)),
+        );
+    }
+    if !vmm_compile.is_empty() {
+        stage_rows.insert(
+            "ember-vmm reads the compiled module".into(),
+            json!(row(
+                "  of which ember-vmm reads the compiled module",
+                &vmm_compile,
+                "ms",
+                1,
+            )),
+        );
+    }
+    if !guest_load.is_empty() {
+        stage_rows.insert(
+            "the guest's own load".into(),
+            json!(row("  of which the guest's own load", &guest_load, "ms", 1)),
+        );
+    }
+    if !guest_module.is_empty() {
+        stage_rows.insert(
+            "the guest checks the module".into(),
+            json!(row(
+                "    of which checking the module",
+                &guest_module,
+                "ms",
+                1
+            )),
+        );
+    }
+    Ok(json!({
+        "example": largest.name,
+        "fresh_ms": fresh,
+        "cached_ms": cached,
+        "cached_stages_ms": stage_rows,
+    }))
 }
 
 /// Every figure of one example.

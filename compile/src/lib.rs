@@ -381,7 +381,7 @@ pub fn cache_features(bytes: &[u8]) -> Option<CpuFeatures> {
 
 /// The artifact in cache file `bytes`, if it is whole and compiled for
 /// `features`.
-fn decode_cache(bytes: &[u8], features: &CpuFeatures) -> Result<Vec<u8>, String> {
+fn decode_cache(mut bytes: Vec<u8>, features: &CpuFeatures) -> Result<Vec<u8>, String> {
     let rest = bytes
         .strip_prefix(CACHE_MAGIC)
         .ok_or("not an Ember compiled-module file")?;
@@ -399,13 +399,17 @@ fn decode_cache(bytes: &[u8], features: &CpuFeatures) -> Result<Vec<u8>, String>
     if crc32fast::hash(artifact).to_le_bytes() != sum {
         return Err("its checksum does not match (corrupt)".into());
     }
-    Ok(artifact.to_vec())
+    // Moved down in place rather than copied: a copy's fresh pages cost
+    // ember-vmm (a new process for every VM) a fault each, ~2 ms for 4 MB.
+    let header = bytes.len() - artifact.len();
+    bytes.drain(..header);
+    Ok(bytes)
 }
 
 /// Reads a cache entry: `Ok(None)` if there is none.
 fn read_cache(path: &Path, features: &CpuFeatures) -> Result<Option<Vec<u8>>, String> {
     match std::fs::read(path) {
-        Ok(bytes) => decode_cache(&bytes, features).map(Some),
+        Ok(bytes) => decode_cache(bytes, features).map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.to_string()),
     }

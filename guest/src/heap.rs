@@ -4,6 +4,9 @@
 //! talc reuses freed memory first, so a fresh instance's linear memory
 //! usually lands on pages the guest has already touched.
 
+use core::alloc::Layout;
+use core::ptr::NonNull;
+
 use spinning_top::RawSpinlock;
 use talc::source::Manual;
 use talc::TalcLock;
@@ -57,4 +60,76 @@ pub fn usage() -> (u64, u64) {
 pub fn available() -> u64 {
     let (used, total) = usage();
     total.saturating_sub(used)
+}
+
+/// Where the host writes a compiled module before a `load`: whole pages of
+/// the heap, reserved at boot and not touched until then (so they cost
+/// nothing), announced in `ready` (docs/guest-kernel.md, "Memory map").
+/// The guest runs the module where it lies: nothing is copied, and only
+/// the pages the runtime reads or executes are ever touched in the guest.
+pub struct CodeArea {
+    start: NonNull<u8>,
+    /// The allocation's size (whole pages); shrinks once a module is in.
+    len: usize,
+}
+
+/// The code area's alignment: a page.
+const PAGE: usize = 4096;
+
+impl CodeArea {
+    /// Reserves `bytes` (rounded up to whole pages), page-aligned.
+    pub fn reserve(bytes: u64) -> Option<CodeArea> {
+        let len = usize::try_from(bytes)
+            .ok()?
+            .checked_next_multiple_of(PAGE)?;
+        let layout = Layout::from_size_align(len.max(PAGE), PAGE).ok()?;
+        // SAFETY: the layout's size is nonzero.
+        let start = NonNull::new(unsafe { alloc::alloc::alloc(layout) })?;
+        Some(CodeArea {
+            start,
+            len: layout.size(),
+        })
+    }
+
+    /// The area's guest-physical address (the guest maps RAM at its
+    /// physical addresses).
+    pub fn gpa(&self) -> u64 {
+        self.start.as_ptr() as u64
+    }
+
+    /// The area's size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The first `len` bytes, where the host wrote a module; `None` if the
+    /// area is smaller.
+    pub fn module(&self, len: u64) -> Option<NonNull<[u8]>> {
+        let len = usize::try_from(len).ok().filter(|&l| l <= self.len)?;
+        Some(NonNull::slice_from_raw_parts(self.start, len))
+    }
+
+    /// Bytes that [`CodeArea::keep`] would give back to the heap.
+    pub fn spare(&self, module_len: u64) -> u64 {
+        let keep = (module_len as usize).next_multiple_of(PAGE).max(PAGE);
+        self.len.saturating_sub(keep) as u64
+    }
+
+    /// Keeps the pages that hold the first `module_len` bytes and gives
+    /// the rest back to the heap, in place (the module stays where it is).
+    pub fn keep(&mut self, module_len: u64) {
+        let spare = self.spare(module_len) as usize;
+        if spare == 0 {
+            return;
+        }
+        let new_len = self.len - spare;
+        // SAFETY: `start` was allocated by this heap with this layout
+        // (size `len`, page alignment); `new_len` is nonzero and smaller.
+        // Talc shrinks in place: nothing moves.
+        unsafe {
+            let layout = Layout::from_size_align_unchecked(self.len, PAGE);
+            HEAP.lock().shrink(self.start.as_ptr(), layout, new_len);
+        }
+        self.len = new_len;
+    }
 }

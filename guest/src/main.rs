@@ -54,14 +54,20 @@ extern "C" fn ember_main(boot_params: u64) -> ! {
         Ok(mailbox) => mailbox,
         Err(problem) => stop(problem),
     };
+    // As large as the request area, which bounds a load's size anyway.
+    let Some(code) = heap::CodeArea::reserve(mailbox.layout().area_size) else {
+        stop("no room in the heap for the code area");
+    };
     let info = GuestInfo {
         abi_version: VERSION,
         ram_bytes: boot.ram_bytes(),
         heap_bytes,
         image_end: heap::image_end(),
         cpuid: platform::cpuid_words(),
+        code_area: code.gpa(),
+        code_area_bytes: code.len() as u64,
     };
-    serve::serve(mailbox, &info)
+    serve::serve(mailbox, code, &info)
 }
 
 /// Whether `word` appears as a whole word in the command line.

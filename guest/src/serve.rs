@@ -11,9 +11,10 @@ use ember_kernel::io::outb;
 use ember_kernel::mailbox::{register_for_crash_reports, Mailbox};
 
 use crate::function::Function;
+use crate::heap::CodeArea;
 
 /// Posts `ready`, then serves requests until told to stop.
-pub fn serve(mut mailbox: Mailbox, info: &GuestInfo) -> ! {
+pub fn serve(mut mailbox: Mailbox, mut code: CodeArea, info: &GuestInfo) -> ! {
     register_for_crash_reports(&mailbox);
     reply(&mut mailbox, MessageKind::Ready, 0, &info.encode());
 
@@ -51,7 +52,7 @@ pub fn serve(mut mailbox: Mailbox, info: &GuestInfo) -> ! {
                 } else {
                     match LoadSpec::decode(mailbox.request_payload(request.len)) {
                         Err(e) => Err(alloc::format!("malformed load request: {e}")),
-                        Ok(spec) => Function::load(&spec),
+                        Ok(spec) => Function::load(&spec, &mut code),
                     }
                 };
                 match answer {

@@ -162,9 +162,12 @@ pub struct FunctionInfo {
     pub memory_bytes: u64,
     /// The most its linear memory may grow to, MiB.
     pub memory_limit_mib: u64,
-    /// Time to load (check and copy the compiled code), instantiate and
-    /// initialise in the guest, µs.
+    /// Time to load (check the compiled code where ember-vmm wrote it),
+    /// instantiate and initialise in the guest, µs.
     pub load_us: u64,
+    /// … of which checking the compiled module, its imports and exports
+    /// (before the first instance), µs.
+    pub load_module_us: u64,
     /// Time ember-vmm took to compile the module, or to read it compiled
     /// from the cache, µs.
     pub compile_us: u64,
@@ -184,6 +187,7 @@ impl From<LoadedInfo> for FunctionInfo {
             memory_bytes: info.memory_bytes,
             memory_limit_mib: info.memory_limit >> 20,
             load_us: info.load_ns / 1000,
+            load_module_us: info.module_ns / 1000,
             compile_us: 0,
             compiled: "compiler",
             compiled_bytes: 0,

@@ -563,6 +563,23 @@ impl Vmm {
             },
             bundle.compiled.micros
         );
+        // The compiled module goes straight where the guest runs it.
+        let written = self
+            .microvm
+            .as_ref()
+            .and_then(|m| m.mailbox.as_ref())
+            .map(|mailbox| {
+                mailbox.write_module(info.code_area, info.code_area_bytes, &bundle.module)
+            });
+        match written {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Some(Err(VmmActionError::LoadFailed(e.to_string()))),
+            None => {
+                return Some(Err(VmmActionError::LoadFailed(
+                    "this VM has no mailbox".into(),
+                )))
+            }
+        }
         let payload = Payload::body(bundle.encode(self.microvm.as_ref().map_or(0, |m| m.tsc_khz)));
         self.load_compiled = Some((bundle.compiled.clone(), bundle.module.len() as u64));
         let timeout_ms = bundle.timeout_ms;

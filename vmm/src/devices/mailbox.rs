@@ -10,7 +10,7 @@ use ember_abi::mailbox::{
     offsets, Layout, MessageKind, RequestKind, Slot, HEADER_BYTES, MAGIC, RESTORE_ENTROPY_BYTES,
     VERSION,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
 /// A message the guest posted, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +55,22 @@ pub enum MailboxError {
     },
     /// cannot write the mailbox in guest memory: {0}
     Memory(#[from] GuestMemoryError),
+    /// compiled module of {len} bytes does not fit the guest's code area of {area} bytes
+    ModuleTooLarge {
+        /// The module's length.
+        len: usize,
+        /// The code area's size, as the guest announced it.
+        area: u64,
+    },
+    /// the guest announced a code area at {gpa:#x} of {bytes} bytes, which {problem}; module not written
+    BadCodeArea {
+        /// Its guest-physical address.
+        gpa: u64,
+        /// Its size.
+        bytes: u64,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
 }
 
 /// Where the mailbox is: all a snapshot needs (its contents are in guest
@@ -132,6 +148,38 @@ impl Mailbox {
     /// The largest payload either way.
     pub fn max_payload(&self) -> u64 {
         self.layout.area_size
+    }
+
+    /// Writes a compiled module at the start of the code area the guest
+    /// announced in `ready` (`gpa`, `bytes`), before a `load`. The guest
+    /// chose the area, so it is checked like any guest input: whole pages,
+    /// inside guest RAM, apart from the mailbox.
+    pub fn write_module(&self, gpa: u64, bytes: u64, module: &[u8]) -> Result<(), MailboxError> {
+        let bad = |problem| MailboxError::BadCodeArea {
+            gpa,
+            bytes,
+            problem,
+        };
+        if !gpa.is_multiple_of(4096) || !bytes.is_multiple_of(4096) || bytes == 0 {
+            return Err(bad("is not whole pages"));
+        }
+        let Some(end) = gpa.checked_add(bytes) else {
+            return Err(bad("wraps around the address space"));
+        };
+        if gpa < self.gpa + self.layout.size && self.gpa < end {
+            return Err(bad("overlaps the mailbox"));
+        }
+        if !GuestMemoryBackend::check_range(&self.mem, GuestAddress(gpa), bytes as usize) {
+            return Err(bad("is not all guest RAM"));
+        }
+        if module.len() as u64 > bytes {
+            return Err(MailboxError::ModuleTooLarge {
+                len: module.len(),
+                area: bytes,
+            });
+        }
+        self.mem.write_slice(module, GuestAddress(gpa))?;
+        Ok(())
     }
 
     /// The command-line parameter that announces this mailbox to the guest.
@@ -430,6 +478,38 @@ mod tests {
                 matches!(mailbox.read_message(), Err(ProtocolError::UnknownKind(k)) if k == kind)
             );
         }
+    }
+
+    #[test]
+    fn a_module_goes_where_the_guest_said_and_only_there() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mailbox = Mailbox::new(mem.clone(), 16 << 20, DEFAULT_SIZE, 0xee0).unwrap();
+        let module = vec![0xc3u8; 10_000];
+        mailbox.write_module(2 << 20, 16 << 10, &module).unwrap();
+        let mut back = vec![0u8; module.len() + 1];
+        mem.read_slice(&mut back, GuestAddress(2 << 20)).unwrap();
+        assert_eq!(&back[..module.len()], &module[..]);
+        assert_eq!(back[module.len()], 0, "wrote past the module");
+
+        let problem = |gpa, bytes| match mailbox.write_module(gpa, bytes, &module) {
+            Err(MailboxError::BadCodeArea { problem, .. }) => problem,
+            other => panic!("code area {gpa:#x}+{bytes:#x} gave {other:?}"),
+        };
+        assert_eq!(problem((2 << 20) + 1, 16 << 10), "is not whole pages");
+        assert_eq!(problem(2 << 20, 0), "is not whole pages");
+        assert_eq!(problem(!4095, 8192), "wraps around the address space");
+        assert_eq!(problem((16 << 20) - 4096, 8192), "overlaps the mailbox");
+        assert_eq!(problem(28 << 20, 8 << 20), "overlaps the mailbox");
+        mailbox.write_module(32 << 20, 16 << 10, &module).unwrap();
+        assert_eq!(problem(64 << 20, 16 << 10), "is not all guest RAM");
+        assert_eq!(problem((64 << 20) - 4096, 16 << 10), "is not all guest RAM");
+        assert!(matches!(
+            mailbox.write_module(2 << 20, 8192, &module),
+            Err(MailboxError::ModuleTooLarge {
+                len: 10_000,
+                area: 8192
+            })
+        ));
     }
 
     #[test]

@@ -248,7 +248,9 @@ pub fn max_load_bytes() -> u64 {
 impl FunctionBundle {
     /// Refuses a bundle that does not fit one load request.
     fn check_size(&self) -> Result<(), FunctionConfigError> {
-        let size = self.spec(0).encoded_len();
+        // The module goes to the guest's code area, the rest in the request:
+        // each must fit the request area's size (the code area is as large).
+        let size = self.spec(0).encoded_len() + self.module.len();
         let max = max_load_bytes();
         if size as u64 > max {
             return Err(FunctionConfigError::TooLarge { size, max });
@@ -295,7 +297,7 @@ impl FunctionBundle {
     /// The bundle as the guest ABI describes a load.
     fn spec(&self, tsc_khz: u64) -> LoadSpec<'_> {
         LoadSpec {
-            module: &self.module,
+            module_len: self.module.len() as u64,
             files: self
                 .files
                 .iter()
@@ -360,6 +362,7 @@ mod tests {
         let spec = LoadSpec::decode(&encoded).unwrap();
         assert_eq!(spec.tsc_khz, 2_000_000);
         assert_eq!(spec.memory_limit, 64 << 20);
+        assert_eq!(spec.module_len, bundle.module.len() as u64);
     }
 
     #[test]
