@@ -40,6 +40,19 @@ use crate::{clock, heap, platform, rng};
 /// that may have doubled to 8) with room to spare.
 const HEAP_RESERVE: u64 = 16 << 20;
 
+/// The longest a load's failure message gets once the module is checked
+/// (an `_initialize` trap's message and backtrace fit).
+const FAILURE_MESSAGE_BYTES: usize = 4096;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn truncate(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// A running instance and its entry point.
 struct Instance {
     store: Store<Wasi>,
@@ -83,7 +96,7 @@ impl Function {
             return Err(format!(
                 "the compiled module ({} bytes) is larger than the code area ({} bytes)",
                 spec.module_len,
-                code.len()
+                code.size()
             ));
         };
         // What the code area gives back once the module is in counts as free.
@@ -135,7 +148,49 @@ impl Function {
         }
 
         let module_ns = clock::ticks_to_ns(clock::rdtsc() - started);
-        let mut linker = Linker::new(&engine);
+        // Room for a failure's message, taken before the area shrinks (so
+        // it does not lie where the area must grow back).
+        let mut failure = String::with_capacity(FAILURE_MESSAGE_BYTES);
+        // The spare pages go back to the heap before anything else is
+        // made, so the runtime's reserve is whole while the instance is.
+        code.keep(spec.module_len);
+        let (function, memory_bytes) =
+            match Function::instantiate_loaded(module, model, memory_limit, spec) {
+                Ok(loaded) => loaded,
+                Err(message) => {
+                    // Everything made since the area shrank is freed now
+                    // (the module, its instance, the engine, the message)
+                    // but the words kept for the answer, so the area can
+                    // be whole again for the next load, which ember-vmm
+                    // writes over all of it.
+                    failure.push_str(truncate(&message, FAILURE_MESSAGE_BYTES));
+                    drop(message);
+                    drop(engine);
+                    if !code.regrow() {
+                        panic!("the code area cannot be made whole again after a failed load");
+                    }
+                    return Err(failure);
+                }
+            };
+        let info = LoadedInfo {
+            model,
+            memory_bytes,
+            memory_limit: limit,
+            load_ns: clock::ticks_to_ns(clock::rdtsc() - started),
+            module_ns,
+        };
+        Ok((function, info))
+    }
+
+    /// The rest of a load, once the module is checked: the function and
+    /// its first instance (and that instance's linear memory, in bytes).
+    fn instantiate_loaded(
+        module: Module,
+        model: Model,
+        memory_limit: usize,
+        spec: &LoadSpec<'_>,
+    ) -> Result<(Function, u64), String> {
+        let mut linker = Linker::new(module.engine());
         wasi::define(&mut linker).map_err(|e| format!("cannot define WASI: {e}"))?;
         let mut args = Vec::with_capacity(spec.args.len() + 1);
         args.push(spec.name.to_vec());
@@ -172,15 +227,7 @@ impl Function {
         if model == Model::Command {
             function.stats.instances_prepared += 1;
         }
-        let info = LoadedInfo {
-            model,
-            memory_bytes,
-            memory_limit: limit,
-            load_ns: clock::ticks_to_ns(clock::rdtsc() - started),
-            module_ns,
-        };
-        code.keep(spec.module_len);
-        Ok((function, info))
+        Ok((function, memory_bytes))
     }
 
     /// A fresh instance: for a reactor with `_initialize` already run.

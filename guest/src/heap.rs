@@ -71,6 +71,8 @@ pub struct CodeArea {
     start: NonNull<u8>,
     /// The allocation's size (whole pages); shrinks once a module is in.
     len: usize,
+    /// Its size as reserved and announced.
+    reserved: usize,
 }
 
 /// The code area's alignment: a page.
@@ -88,6 +90,7 @@ impl CodeArea {
         Some(CodeArea {
             start,
             len: layout.size(),
+            reserved: layout.size(),
         })
     }
 
@@ -97,22 +100,46 @@ impl CodeArea {
         self.start.as_ptr() as u64
     }
 
-    /// The area's size in bytes.
-    pub fn len(&self) -> usize {
-        self.len
+    /// The area's size in bytes, as announced.
+    pub fn size(&self) -> usize {
+        self.reserved
     }
 
     /// The first `len` bytes, where the host wrote a module; `None` if the
     /// area is smaller.
     pub fn module(&self, len: u64) -> Option<NonNull<[u8]>> {
-        let len = usize::try_from(len).ok().filter(|&l| l <= self.len)?;
+        let len = usize::try_from(len).ok().filter(|&l| l <= self.reserved)?;
         Some(NonNull::slice_from_raw_parts(self.start, len))
     }
 
     /// Bytes that [`CodeArea::keep`] would give back to the heap.
     pub fn spare(&self, module_len: u64) -> u64 {
-        let keep = (module_len as usize).next_multiple_of(PAGE).max(PAGE);
+        let keep = usize::try_from(module_len)
+            .ok()
+            .and_then(|len| len.checked_next_multiple_of(PAGE))
+            .unwrap_or(usize::MAX)
+            .max(PAGE);
         self.len.saturating_sub(keep) as u64
+    }
+
+    /// Makes the area whole again after a failed load gave its spare pages
+    /// back (and freed everything made since): `false` if the heap has
+    /// put something else there meanwhile.
+    pub fn regrow(&mut self) -> bool {
+        if self.len == self.reserved {
+            return true;
+        }
+        // SAFETY: `start` was allocated by this heap and is now `len` bytes
+        // long with page alignment; `reserved` is larger.
+        let grown = unsafe {
+            let layout = Layout::from_size_align_unchecked(self.len, PAGE);
+            HEAP.lock()
+                .try_grow_in_place(self.start.as_ptr(), layout, self.reserved)
+        };
+        if grown {
+            self.len = self.reserved;
+        }
+        grown
     }
 
     /// Keeps the pages that hold the first `module_len` bytes and gives

@@ -65,7 +65,7 @@ extern "C" fn ember_main(boot_params: u64) -> ! {
         image_end: heap::image_end(),
         cpuid: platform::cpuid_words(),
         code_area: code.gpa(),
-        code_area_bytes: code.len() as u64,
+        code_area_bytes: code.size() as u64,
     };
     serve::serve(mailbox, code, &info)
 }

@@ -3,13 +3,14 @@
 //! a way to make code executable, and the CPU features compiled code may
 //! use.
 //!
-//! Compiled code reaches the guest inside a module precompiled on the host
-//! (docs/functions.md); `Module::deserialize` copies it into the heap and
-//! asks [`Code`] to make it executable. The guest's page tables map all of
-//! RAM present, writable, executable and user-accessible with 2 MiB pages,
-//! set once at boot and never changed (changing them is ring-0 work, which
-//! is thousands of times slower here; docs/guest-kernel.md), so publishing
-//! has nothing to do: the copy is already executable where it lies.
+//! Compiled code reaches the guest as a module precompiled on the host
+//! (docs/functions.md), written by ember-vmm into the guest's code area;
+//! `Module::deserialize_raw` uses it where it lies and asks [`Code`] to
+//! make it executable. The guest's page tables map all of RAM present,
+//! writable, executable and user-accessible with 2 MiB pages, set once at
+//! boot and never changed (changing them is ring-0 work, which is
+//! thousands of times slower here; docs/guest-kernel.md), so publishing
+//! has nothing to do: the code is already executable where it lies.
 
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicPtr, Ordering};
@@ -42,7 +43,8 @@ struct Code;
 impl wasmtime::CustomCodeMemory for Code {
     fn required_alignment(&self) -> usize {
         // No page needs its protection changed, so code need not start on
-        // one; Wasmtime aligns its copy of the image to 16 bytes anyway.
+        // one (the code area starts on a page anyway, and Wasmtime checks
+        // each section's alignment from there).
         1
     }
 

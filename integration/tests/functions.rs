@@ -690,6 +690,21 @@ fn misuse() -> TestResult {
         "does not fit in this VM",
         "memory limit above the guest's heap",
     )?;
+    // A load that fails after the module was checked (its `_initialize`
+    // traps) has given the code area's spare pages back and taken them
+    // again: the next, larger module is written over the whole area.
+    let init_traps = write_wat(
+        &fresh_dir()?,
+        "init-traps",
+        r#"(module (memory (export "memory") 1)
+             (func (export "_initialize") unreachable)
+             (func (export "ember_handle")))"#,
+    )?;
+    expect_fault(
+        client.put_json("/ember/function", &json!({ "module_path": init_traps })),
+        "_initialize failed",
+        "a module whose _initialize traps",
+    )?;
     expect_status(
         client.put_json(
             "/ember/function",

@@ -206,6 +206,9 @@ pub struct Vmm {
     /// A load sent with a module from the compiled-module cache: if the
     /// guest refuses that compilation, it is compiled anew and sent again.
     cached_load: Option<Box<FunctionBundle>>,
+    /// The guest answered a `load` with `loaded` (even a malformed one): its
+    /// code area holds a live module, never to be written again.
+    code_area_in_use: bool,
     /// How the module of the load in flight was compiled, and its size.
     load_compiled: Option<(crate::vmm_config::function::CompileInfo, u64)>,
     /// How much longer than its own limit a request delivered while the
@@ -303,6 +306,7 @@ impl Vmm {
             pending: None,
             function_timeout_ms: None,
             cached_load: None,
+            code_area_in_use: false,
             load_compiled: None,
             preparing_allowance: INITIALIZE_ALLOWANCE + BACKSTOP_GRACE,
             transition: None,
@@ -476,21 +480,12 @@ impl Vmm {
         function_timeout_ms: Option<u64>,
     ) -> Option<VmmResponse> {
         let refuse = |e| Some(Err(e));
-        let Some(microvm) = &self.microvm else {
-            return refuse(VmmActionError::NotRunning(self.state.name()));
-        };
-        let Some(mailbox) = &microvm.mailbox else {
+        if let Err(e) = self.can_request() {
+            return refuse(e);
+        }
+        let Some(mailbox) = self.microvm.as_ref().and_then(|m| m.mailbox.as_ref()) else {
             return refuse(VmmActionError::NoMailbox);
         };
-        if let GuestState::Stopped(how) = &self.guest {
-            return refuse(VmmActionError::GuestStopped(how.clone()));
-        }
-        if self.state == InstanceState::Paused {
-            return refuse(VmmActionError::Paused);
-        }
-        if self.pending.is_some() || self.transition.is_some() {
-            return refuse(VmmActionError::Busy);
-        }
         if payload.len() as u64 > mailbox.max_payload() {
             return refuse(
                 crate::devices::mailbox::MailboxError::PayloadTooLarge {
@@ -535,8 +530,13 @@ impl Vmm {
         fresh: bool,
     ) -> Option<VmmResponse> {
         // (Requests are served one at a time: no other load is pending.)
-        if self.function_timeout_ms.is_some() {
+        if self.function_timeout_ms.is_some() || self.code_area_in_use {
             return Some(Err(VmmActionError::FunctionAlreadyLoaded));
+        }
+        // Everything that would refuse the request, before the module is
+        // compiled and written into guest memory.
+        if let Err(e) = self.can_request() {
+            return Some(Err(e));
         }
         // Compiled for the CPU the guest itself reports (GuestInfo): on
         // some KVMs its `cpuid` is not the table ember-vmm set.
@@ -619,6 +619,27 @@ impl Vmm {
         };
         let backstop = Duration::from_millis(timeout_ms) + INVOKE_GRACE;
         self.request_guest(RequestKind::Invoke, payload, backstop, None)
+    }
+
+    /// Whether the guest can be sent a request now (running, with a
+    /// mailbox, not stopped, paused or busy); the reason if not.
+    fn can_request(&self) -> Result<(), VmmActionError> {
+        let Some(microvm) = &self.microvm else {
+            return Err(VmmActionError::NotRunning(self.state.name()));
+        };
+        if microvm.mailbox.is_none() {
+            return Err(VmmActionError::NoMailbox);
+        }
+        if let GuestState::Stopped(how) = &self.guest {
+            return Err(VmmActionError::GuestStopped(how.clone()));
+        }
+        if self.state == InstanceState::Paused {
+            return Err(VmmActionError::Paused);
+        }
+        if self.pending.is_some() || self.transition.is_some() {
+            return Err(VmmActionError::Busy);
+        }
+        Ok(())
     }
 
     /// Writes the pending request into the mailbox and lets vCPU 0 go on;
@@ -868,6 +889,9 @@ impl Vmm {
                 "guest answered {:?} with {:?}",
                 pending.kind, message.kind
             ))));
+        }
+        if message.kind == MessageKind::Loaded {
+            self.code_area_in_use = true;
         }
         let response = match message.kind {
             MessageKind::Error => Err(VmmActionError::GuestError(

@@ -63,6 +63,26 @@ fn load_error(text: impl std::fmt::Display) -> VmmActionError {
     VmmActionError::LoadSnapshot(text.to_string())
 }
 
+/// A guest that said `ready` (its `GuestInfo` saved in the snapshot) must
+/// speak this ember-vmm's mailbox protocol: an older guest image takes its
+/// modules another way.
+fn check_guest_protocol(guest_info: Option<&[u8]>) -> Result<(), String> {
+    let Some(bytes) = guest_info else {
+        return Ok(());
+    };
+    match GuestInfo::decode(bytes) {
+        Some(info) if info.abi_version == ember_abi::mailbox::VERSION => Ok(()),
+        found => Err(format!(
+            "the snapshot's guest speaks mailbox protocol {}, this ember-vmm {}: take the snapshot again with this guest image",
+            found.map_or_else(
+                || format!("unknown (a {}-byte `ready`)", bytes.len()),
+                |info| info.abi_version.to_string()
+            ),
+            ember_abi::mailbox::VERSION
+        )),
+    }
+}
+
 /// `path` made absolute against the current directory (a parent layer is
 /// found by the path recorded in its child's state).
 fn absolute(path: &Path) -> std::io::Result<PathBuf> {
@@ -394,6 +414,7 @@ impl Vmm {
                 ))
             }
         }
+        check_guest_protocol(state.guest.guest_info.as_deref()).map_err(load_error)?;
         crate::arch::x86_64::cpuid::check_compatible(&state.host_cpuid, &microvm.supported_cpuid)
             .map_err(load_error)?;
         let host = microvm.host_memory();
@@ -648,5 +669,31 @@ fn read_working_set(path: &Path, id: &SnapshotId) -> Option<WorkingSet> {
             log::warn!("ignoring the working set: {e}");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_of_another_protocol_is_refused_by_name() {
+        let mut info = GuestInfo {
+            abi_version: ember_abi::mailbox::VERSION,
+            code_area: 2 << 20,
+            code_area_bytes: 8 << 20,
+            ..GuestInfo::default()
+        };
+        assert_eq!(check_guest_protocol(None), Ok(()));
+        assert_eq!(check_guest_protocol(Some(&info.encode())), Ok(()));
+        info.abi_version -= 1;
+        let older = check_guest_protocol(Some(&info.encode())).unwrap_err();
+        assert!(
+            older.contains(&format!("protocol {}", ember_abi::mailbox::VERSION - 1)),
+            "{older}"
+        );
+        // Version 4's `ready` was 48 bytes long.
+        let short = check_guest_protocol(Some(&[0u8; 48])).unwrap_err();
+        assert!(short.contains("48-byte"), "{short}");
     }
 }
