@@ -186,7 +186,26 @@ fn deploys(binaries: &Binaries, examples: &std::path::Path, runs: usize) -> Resu
     let (mut fresh, mut cached) = (Vec::new(), Vec::new());
     // The cached deploys' stages, as emberd times them.
     let mut stages: Vec<(String, Vec<f64>)> = Vec::new();
-    let (mut guest_load, mut guest_module, mut vmm_compile) = (Vec::new(), Vec::new(), Vec::new());
+    // What ember-vmm's answer says of the load, beneath the stages: its
+    // field, its key and its label.
+    const LOAD_FIELDS: [(&str, &str, &str); 3] = [
+        (
+            "compile_us",
+            "ember-vmm reads the compiled module",
+            "  of which ember-vmm reads the compiled module",
+        ),
+        (
+            "load_us",
+            "the guest's own load",
+            "  of which the guest's own load",
+        ),
+        (
+            "load_module_us",
+            "the guest checks the module",
+            "    of which checking the module",
+        ),
+    ];
+    let mut load_times: [Vec<f64>; 3] = Default::default();
     for i in 0..runs {
         // Emptied, not removed: ember-vmm may not create it again.
         for entry in std::fs::read_dir(&cache).map_err(|e| e.to_string())? {
@@ -208,14 +227,10 @@ fn deploys(binaries: &Binaries, examples: &std::path::Path, runs: usize) -> Resu
                 None => stages.push((what.to_string(), vec![us / 1000.0])),
             }
         }
-        if let Some(us) = answer["function"]["load_us"].as_f64() {
-            guest_load.push(us / 1e3);
-        }
-        if let Some(us) = answer["function"]["load_module_us"].as_f64() {
-            guest_module.push(us / 1e3);
-        }
-        if let Some(us) = answer["function"]["compile_us"].as_f64() {
-            vmm_compile.push(us / 1e3);
+        for ((field, _, _), times) in LOAD_FIELDS.iter().zip(&mut load_times) {
+            if let Some(us) = answer["function"][field].as_f64() {
+                times.push(us / 1e3);
+            }
         }
     }
     println!(
@@ -234,33 +249,10 @@ deploy of {} ({} KB) through emberd: request → template ready",
             json!(row(&format!("  {what}"), times, "ms", 1)),
         );
     }
-    if !vmm_compile.is_empty() {
-        stage_rows.insert(
-            "ember-vmm reads the compiled module".into(),
-            json!(row(
-                "  of which ember-vmm reads the compiled module",
-                &vmm_compile,
-                "ms",
-                1,
-            )),
-        );
-    }
-    if !guest_load.is_empty() {
-        stage_rows.insert(
-            "the guest's own load".into(),
-            json!(row("  of which the guest's own load", &guest_load, "ms", 1)),
-        );
-    }
-    if !guest_module.is_empty() {
-        stage_rows.insert(
-            "the guest checks the module".into(),
-            json!(row(
-                "    of which checking the module",
-                &guest_module,
-                "ms",
-                1
-            )),
-        );
+    for ((_, key, label), times) in LOAD_FIELDS.iter().zip(&load_times) {
+        if !times.is_empty() {
+            stage_rows.insert(key.to_string(), json!(row(label, times, "ms", 1)));
+        }
     }
     Ok(json!({
         "example": largest.name,

@@ -540,9 +540,6 @@ impl Vmm {
         }
         // Compiled for the CPU the guest itself reports (GuestInfo): on
         // some KVMs its `cpuid` is not the table ember-vmm set.
-        if self.microvm.is_none() {
-            return Some(Err(VmmActionError::NotRunning(self.state.name())));
-        }
         let Some(info) = self.guest_info else {
             return Some(Err(VmmActionError::LoadFailed(
                 "the guest has not said `ready` (with its CPU's features) yet".into(),
@@ -564,21 +561,11 @@ impl Vmm {
             bundle.compiled.micros
         );
         // The compiled module goes straight where the guest runs it.
-        let written = self
-            .microvm
-            .as_ref()
-            .and_then(|m| m.mailbox.as_ref())
-            .map(|mailbox| {
-                mailbox.write_module(info.code_area, info.code_area_bytes, &bundle.module)
-            });
-        match written {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Some(Err(VmmActionError::LoadFailed(e.to_string()))),
-            None => {
-                return Some(Err(VmmActionError::LoadFailed(
-                    "this VM has no mailbox".into(),
-                )))
-            }
+        let Some(mailbox) = self.microvm.as_ref().and_then(|m| m.mailbox.as_ref()) else {
+            return Some(Err(VmmActionError::NoMailbox));
+        };
+        if let Err(e) = mailbox.write_module(info.code_area, info.code_area_bytes, &bundle.module) {
+            return Some(Err(VmmActionError::LoadFailed(e.to_string())));
         }
         let payload = Payload::body(bundle.encode(self.microvm.as_ref().map_or(0, |m| m.tsc_khz)));
         self.load_compiled = Some((bundle.compiled.clone(), bundle.module.len() as u64));
