@@ -48,6 +48,17 @@ pub fn footprint(pid: u32, guest_bytes: u64) -> std::io::Result<Footprint> {
     Ok(total)
 }
 
+/// `FilePmdMapped` of /proc/PID/smaps_rollup: file pages the process maps
+/// with 2 MiB page-table entries, KiB.
+pub fn file_pmd_mapped_kib(pid: u32) -> std::io::Result<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    Ok(rollup
+        .lines()
+        .find_map(|line| line.strip_prefix("FilePmdMapped:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0))
+}
+
 /// The 1-minute load average.
 pub fn load_average() -> f64 {
     std::fs::read_to_string("/proc/loadavg")

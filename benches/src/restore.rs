@@ -186,7 +186,7 @@ impl Child {
         Ok(client)
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }

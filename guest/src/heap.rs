@@ -62,11 +62,14 @@ pub fn available() -> u64 {
     total.saturating_sub(used)
 }
 
-/// Where the host writes a compiled module before a `load`: whole pages of
-/// the heap, reserved at boot and not touched until then (so they cost
-/// nothing), announced in `ready` (docs/guest-kernel.md, "Memory map").
-/// The guest runs the module where it lies: nothing is copied, and only
-/// the pages the runtime reads or executes are ever touched in the guest.
+/// Where the host writes a compiled module before a `load`: whole 2 MiB
+/// regions of the heap, reserved at boot and not touched until then (so
+/// they cost nothing), announced in `ready` (docs/guest-kernel.md, "Memory
+/// map"). The guest runs the module where it lies: nothing is copied, and
+/// only the pages the runtime reads or executes are ever touched in the
+/// guest. The regions that hold module bytes are kept whole, so nothing
+/// else is ever written into them: the host stores them whole in the
+/// template and maps each as one 2 MiB page (docs/vmm.md, "Memory files").
 pub struct CodeArea {
     start: NonNull<u8>,
     /// The allocation's size (whole pages); shrinks once a module is in.
@@ -75,16 +78,17 @@ pub struct CodeArea {
     reserved: usize,
 }
 
-/// The code area's alignment: a page.
-const PAGE: usize = 4096;
+/// The code area's alignment and the unit it is kept in: a 2 MiB page of
+/// the guest's page tables (and of the host's, when the host maps it so).
+const REGION: usize = 2 << 20;
 
 impl CodeArea {
-    /// Reserves `bytes` (rounded up to whole pages), page-aligned.
+    /// Reserves `bytes` (rounded up to whole 2 MiB regions), 2 MiB-aligned.
     pub fn reserve(bytes: u64) -> Option<CodeArea> {
         let len = usize::try_from(bytes)
             .ok()?
-            .checked_next_multiple_of(PAGE)?;
-        let layout = Layout::from_size_align(len.max(PAGE), PAGE).ok()?;
+            .checked_next_multiple_of(REGION)?;
+        let layout = Layout::from_size_align(len.max(REGION), REGION).ok()?;
         // SAFETY: the layout's size is nonzero.
         let start = NonNull::new(unsafe { alloc::alloc::alloc(layout) })?;
         Some(CodeArea {
@@ -116,9 +120,9 @@ impl CodeArea {
     pub fn spare(&self, module_len: u64) -> u64 {
         let keep = usize::try_from(module_len)
             .ok()
-            .and_then(|len| len.checked_next_multiple_of(PAGE))
+            .and_then(|len| len.checked_next_multiple_of(REGION))
             .unwrap_or(usize::MAX)
-            .max(PAGE);
+            .max(REGION);
         self.len.saturating_sub(keep) as u64
     }
 
@@ -130,9 +134,9 @@ impl CodeArea {
             return true;
         }
         // SAFETY: `start` was allocated by this heap and is now `len` bytes
-        // long with page alignment; `reserved` is larger.
+        // long with 2 MiB alignment; `reserved` is larger.
         let grown = unsafe {
-            let layout = Layout::from_size_align_unchecked(self.len, PAGE);
+            let layout = Layout::from_size_align_unchecked(self.len, REGION);
             HEAP.lock()
                 .try_grow_in_place(self.start.as_ptr(), layout, self.reserved)
         };
@@ -142,8 +146,9 @@ impl CodeArea {
         grown
     }
 
-    /// Keeps the pages that hold the first `module_len` bytes and gives
-    /// the rest back to the heap, in place (the module stays where it is).
+    /// Keeps the 2 MiB regions that hold the first `module_len` bytes and
+    /// gives the rest back to the heap, in place (the module stays where it
+    /// is).
     pub fn keep(&mut self, module_len: u64) {
         let spare = self.spare(module_len) as usize;
         if spare == 0 {
@@ -151,10 +156,10 @@ impl CodeArea {
         }
         let new_len = self.len - spare;
         // SAFETY: `start` was allocated by this heap with this layout
-        // (size `len`, page alignment); `new_len` is nonzero and smaller.
+        // (size `len`, 2 MiB alignment); `new_len` is nonzero and smaller.
         // Talc shrinks in place: nothing moves.
         unsafe {
-            let layout = Layout::from_size_align_unchecked(self.len, PAGE);
+            let layout = Layout::from_size_align_unchecked(self.len, REGION);
             HEAP.lock().shrink(self.start.as_ptr(), layout, new_len);
         }
         self.len = new_len;

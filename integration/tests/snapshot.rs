@@ -268,6 +268,14 @@ fn diff_equals_full() -> TestResult {
     check(loaded["memory_runs"].as_u64().unwrap_or(0) >= 2, || {
         format!("load answered {loaded}")
     })?;
+    // The compiled module's regions were stored whole (the byte-for-byte
+    // comparison above covers their contents) and mapped as such.
+    if Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+        let whole = loaded["whole_region_pages"].as_u64().unwrap_or(0);
+        check(whole > 0 && whole % 512 == 0, || {
+            format!("no whole 2 MiB region of code mapped: load answered {loaded}")
+        })?;
+    }
     same(&invoke_ok(&mut client, b"one two three")?, b"0 3 13\n")?;
     Ok(())
 }

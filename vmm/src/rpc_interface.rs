@@ -138,6 +138,9 @@ pub struct SnapshotLoaded {
     pub prepared: bool,
     /// Memory mappings made.
     pub memory_runs: usize,
+    /// Pages mapped as whole 2 MiB regions (a template's compiled code),
+    /// present for reading before the guest runs.
+    pub whole_region_pages: u64,
     /// "prefetching" (on a helper thread), "prefetched" (before the
     /// answer, with `ember_prefetch_sync`), "recording" (on the first
     /// invocation), or "off".

@@ -209,6 +209,9 @@ pub struct Vmm {
     /// The guest answered a `load` with `loaded` (even a malformed one): its
     /// code area holds a live module, never to be written again.
     code_area_in_use: bool,
+    /// The 2 MiB regions of guest memory (first pages) that ember-vmm wrote
+    /// a compiled module into: the next Diff stores them whole.
+    module_regions: Vec<u64>,
     /// How the module of the load in flight was compiled, and its size.
     load_compiled: Option<(crate::vmm_config::function::CompileInfo, u64)>,
     /// How much longer than its own limit a request delivered while the
@@ -308,6 +311,7 @@ impl Vmm {
             cached_load: None,
             code_area_in_use: false,
             load_compiled: None,
+            module_regions: Vec::new(),
             preparing_allowance: INITIALIZE_ALLOWANCE + BACKSTOP_GRACE,
             transition: None,
             next_seq: 1,
@@ -567,6 +571,11 @@ impl Vmm {
         if let Err(e) = mailbox.write_module(info.code_area, info.code_area_bytes, &bundle.module) {
             return Some(Err(VmmActionError::LoadFailed(e.to_string())));
         }
+        self.module_regions = crate::snapshot::memory::whole_regions(
+            info.code_area,
+            info.code_area_bytes,
+            bundle.module.len() as u64,
+        );
         let payload = Payload::body(bundle.encode(self.microvm.as_ref().map_or(0, |m| m.tsc_khz)));
         self.load_compiled = Some((bundle.compiled.clone(), bundle.module.len() as u64));
         let timeout_ms = bundle.timeout_ms;

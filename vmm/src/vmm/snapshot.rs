@@ -36,8 +36,7 @@ use crate::persist::{
 use crate::rpc_interface::{SnapshotCreated, SnapshotLoaded, VmmActionError, VmmData, VmmResponse};
 use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::memory::{
-    self, check_layers, dirty_runs_within, map_layers, working_set_path, Backing, MemoryLayer,
-    SnapshotId, WorkingSet,
+    self, check_layers, map_layers, working_set_path, Backing, MemoryLayer, SnapshotId, WorkingSet,
 };
 use crate::snapshot::{Persist, WORKING_SET_MAGIC};
 use crate::vmm_config::snapshot::{CreateSnapshotParams, LoadSnapshotParams};
@@ -266,7 +265,13 @@ impl Vmm {
                 // total under the limit a load accepts.
                 let parents: usize = microvm.layers.iter().map(MemoryLayer::run_count).sum();
                 let budget = MAX_RESTORE_RUNS.saturating_sub(parents);
-                let runs = dirty_runs_within(&dirty, host.len / memory::PAGE, budget)
+                // The compiled module's regions whole, for 2 MiB mappings.
+                let runs = memory::diff_runs(
+                    &dirty,
+                    host.len / memory::PAGE,
+                    budget,
+                    &self.module_regions,
+                )
                     .ok_or_else(|| {
                         create_error(format!(
                             "this VM's chain of Diffs already maps {parents} runs, the most a restore takes is {MAX_RESTORE_RUNS}: take a Full snapshot"
@@ -424,7 +429,7 @@ impl Vmm {
         // Checked: from here on, a failure leaves a VM half restored, and
         // the process ends after answering.
         let result = (|| -> Result<_, String> {
-            let runs = map_layers(host, &layers).map_err(|e| e.to_string())?;
+            let mapped = map_layers(host, &layers).map_err(|e| e.to_string())?;
             drop(layers);
             microvm
                 .vm
@@ -432,10 +437,10 @@ impl Vmm {
                 .map_err(|e| e.to_string())?;
             let _ = microvm.vm.take_dirty_log();
             microvm.vmm_writes().reset();
-            Ok(runs)
+            Ok(mapped)
         })();
-        let runs = match result {
-            Ok(runs) => runs,
+        let mapped = match result {
+            Ok(mapped) => mapped,
             Err(e) => return Err(self.restore_failed(e)),
         };
         // vCPUs restored paused, whatever was asked: nothing runs before
@@ -495,7 +500,8 @@ impl Vmm {
             restore_us: 0,
             since_process_start_us: 0,
             prepared: was_prepared,
-            memory_runs: runs,
+            memory_runs: mapped.runs,
+            whole_region_pages: mapped.whole_pages,
             working_set: "off",
             prefetched_read_pages: 0,
             prefetched_write_pages: 0,
@@ -634,7 +640,14 @@ impl Vmm {
             return;
         };
         let started = Instant::now();
-        let set = match WorkingSet::record(microvm.host_memory(), recording.snapshot_id) {
+        let whole: Vec<memory::Run> = microvm
+            .layers
+            .iter()
+            .flat_map(|layer| layer.runs.iter().flatten())
+            .filter(|run| memory::is_whole(run))
+            .copied()
+            .collect();
+        let set = match WorkingSet::record(microvm.host_memory(), recording.snapshot_id, &whole) {
             Ok(set) => set,
             Err(e) => return log::warn!("cannot record the working set: {e}"),
         };
