@@ -477,7 +477,7 @@ fn one(
         "first_minus_warm_ms": delta_json,
         "first_minus_warm_ms_p50": delta_p50,
         "first_invocation_pages": pages,
-        "template_diff": { "pages": created["memory_pages"], "runs": created["memory_runs"], "files": template.sizes() },
+        "template_diff": { "pages": created["memory_pages"], "runs": created["memory_runs"], "duration_us": created["duration_us"], "files": template.sizes() },
         "compile_ms": loaded["compile_us"].as_f64().unwrap_or(0.0) / 1000.0,
         "compile_cached_ms": cached["compile_us"].as_f64().unwrap_or(0.0) / 1000.0,
         "guest_load_us": loaded["load_us"],

@@ -74,7 +74,7 @@ pub struct Function {
     model: Model,
     /// The reactor's instance, or the command's next fresh one.
     instance: Option<Instance>,
-    /// stdin and stdout buffers, kept from one invocation to the next.
+    /// The stdout buffer, kept from one invocation to the next.
     buffers: Buffers,
     stats: GuestStats,
 }
@@ -253,7 +253,8 @@ impl Function {
         if let Some(init) = init {
             let deadline = clock::deadline_after_ms(clock::rdtsc(), INITIALIZE_TIMEOUT_MS);
             let wasi = instance.store.data_mut();
-            wasi.begin(&[], deadline, Buffers::default());
+            // SAFETY: an empty static event.
+            unsafe { wasi.begin(&[], deadline, Buffers::default()) };
             if let Err(e) = run(&mut instance.store, init, &mut []) {
                 let (_, message) = classify_error(instance.store.data(), e, INITIALIZE_TIMEOUT_MS);
                 return Err(format!("_initialize failed: {message}"));
@@ -267,7 +268,11 @@ impl Function {
     /// Runs one invocation of `event`, writes its outcome into `area` and
     /// returns its length. Unless [`Function::ready`] says so afterwards,
     /// [`Function::finish`] prepares the next instance.
-    pub fn invoke(&mut self, params: InvokeParams, event: &[u8], area: &mut [u8]) -> usize {
+    ///
+    /// # Safety
+    /// As for [`Wasi::begin`]: `event` (read in place) stays valid and
+    /// unchanged until this returns.
+    pub unsafe fn invoke(&mut self, params: InvokeParams, event: &[u8], area: &mut [u8]) -> usize {
         clock::set_wall_clock(params.realtime_ns);
         let started = clock::rdtsc();
         let deadline = clock::deadline_after_ms(started, params.timeout_ms);
@@ -285,7 +290,9 @@ impl Function {
             }
         };
         let buffers = core::mem::take(&mut self.buffers);
-        instance.store.data_mut().begin(event, deadline, buffers);
+        // SAFETY: per this function's contract; `take_buffers` below, on
+        // every path, forgets the event before this returns.
+        unsafe { instance.store.data_mut().begin(event, deadline, buffers) };
         let mut handle_result = [Val::I32(0)];
         let results: &mut [Val] = match self.model {
             Model::Reactor if returns_i32(&instance) => &mut handle_result,

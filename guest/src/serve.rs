@@ -73,7 +73,9 @@ pub fn serve(mut mailbox: Mailbox, mut code: CodeArea, info: &GuestInfo) -> ! {
                     error(&mut mailbox, seq, "malformed invoke request");
                     continue;
                 };
-                let len = function.invoke(params, event, area) as u32;
+                // SAFETY: the event lies in the request area, which the
+                // host leaves alone until the answer is posted below.
+                let len = unsafe { function.invoke(params, event, area) } as u32;
                 if function.ready() {
                     mailbox.post(MessageKind::Outcome, seq, len);
                 } else {

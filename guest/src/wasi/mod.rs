@@ -199,11 +199,11 @@ impl wasmtime::ResourceLimiter for Limits {
     }
 }
 
-/// The stdin and stdout buffers, handed from one invocation to the next
-/// so they are not allocated (and grown) anew each time.
+/// The stdout buffer, handed from one invocation to the next so it is not
+/// allocated (and grown) anew each time. (stdin is the event where it lies,
+/// in the mailbox: [`Wasi::begin`].)
 #[derive(Debug, Default)]
 pub struct Buffers {
-    stdin: Vec<u8>,
     stdout: Vec<u8>,
 }
 
@@ -212,7 +212,9 @@ pub struct Wasi {
     config: Arc<Config>,
     /// The instance's exported memory, once instantiated.
     pub memory: Option<wasmtime::Memory>,
-    stdin: Vec<u8>,
+    /// The event, read in place: see [`Wasi::begin`]. Empty between
+    /// invocations.
+    stdin: &'static [u8],
     stdin_pos: usize,
     /// What the function wrote to stdout.
     pub stdout: Vec<u8>,
@@ -235,7 +237,7 @@ impl Wasi {
         Wasi {
             config,
             memory: None,
-            stdin: Vec::new(),
+            stdin: &[],
             stdin_pos: 0,
             stdout: Vec::new(),
             stdout_overflow: false,
@@ -250,12 +252,19 @@ impl Wasi {
         }
     }
 
-    /// Starts an invocation: `event` on stdin, empty outputs (in `buffers`),
-    /// `deadline_tsc`.
-    pub fn begin(&mut self, event: &[u8], deadline_tsc: u64, buffers: Buffers) {
-        self.stdin = buffers.stdin;
-        self.stdin.clear();
-        self.stdin.extend_from_slice(event);
+    /// Starts an invocation: `event` on stdin, read where it lies (copying
+    /// a 1 MiB event would write 256 more pages, each a page fault in a
+    /// VM just restored), empty outputs (in `buffers`), `deadline_tsc`.
+    ///
+    /// # Safety
+    /// `event` stays valid and unchanged until [`Wasi::take_buffers`]: it is
+    /// the request area of the mailbox, which the host does not write while
+    /// the guest serves a request (it writes the next one only after the
+    /// answer is posted, docs/guest-abi.md), or a static.
+    pub unsafe fn begin(&mut self, event: &[u8], deadline_tsc: u64, buffers: Buffers) {
+        // SAFETY: per the contract, `event` stays valid and unchanged until
+        // `take_buffers`, which forgets it.
+        self.stdin = unsafe { core::slice::from_raw_parts(event.as_ptr(), event.len()) };
         self.stdin_pos = 0;
         self.stdout = buffers.stdout;
         self.stdout.clear();
@@ -266,10 +275,12 @@ impl Wasi {
         self.limits.refused = false;
     }
 
-    /// Ends an invocation: hands back its buffers (stdout read first).
+    /// Ends an invocation: forgets the event and hands back the buffers
+    /// (stdout read first).
     pub fn take_buffers(&mut self) -> Buffers {
+        self.stdin = &[];
+        self.stdin_pos = 0;
         Buffers {
-            stdin: core::mem::take(&mut self.stdin),
             stdout: core::mem::take(&mut self.stdout),
         }
     }

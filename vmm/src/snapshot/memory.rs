@@ -443,10 +443,12 @@ pub fn diff_runs(dirty: &[u64], pages: u64, budget: usize, whole: &[u64]) -> Opt
     }
 }
 
-/// The 2 MiB regions (as first guest pages) that hold the first `used`
-/// bytes of an area of guest memory at `gpa`, `bytes` long: those lying
-/// wholly inside the area (a region the area shares with other data is
-/// left to ordinary runs).
+/// The 2 MiB regions (as first guest pages) that the first `used` bytes of
+/// an area of guest memory at `gpa`, `bytes` long, fill at least half of,
+/// among those lying wholly inside the area (a region the area shares with
+/// other data is left to ordinary runs). A region mostly empty is not
+/// worth its 2 MiB in every template file and its write at every deploy:
+/// its few pages of code go into ordinary runs.
 pub fn whole_regions(gpa: u64, bytes: u64, used: u64) -> Vec<u64> {
     let region = REGION_PAGES * PAGE;
     let (Some(area_end), Some(used_end)) =
@@ -456,7 +458,7 @@ pub fn whole_regions(gpa: u64, bytes: u64, used: u64) -> Vec<u64> {
     };
     let mut start = gpa.next_multiple_of(region);
     let mut out = Vec::new();
-    while start < used_end && start + region <= area_end {
+    while start + region <= area_end && used_end.saturating_sub(start) >= region / 2 {
         out.push(start / PAGE);
         start += region;
     }
@@ -626,7 +628,7 @@ fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
 pub struct Mapped {
     /// Mappings made.
     pub runs: usize,
-    /// Pages mapped as whole 2 MiB regions and made present for reading.
+    /// Pages mapped as whole 2 MiB regions (`MADV_HUGEPAGE`).
     pub whole_pages: u64,
 }
 
@@ -665,25 +667,25 @@ pub fn map_layers(mem: HostMemory, layers: &[CheckedLayer]) -> Result<Mapped, Me
 /// Bytes in a 2 MiB region.
 const REGION_BYTES: usize = (REGION_PAGES * PAGE) as usize;
 
-/// Asks for a whole run's mapping in 2 MiB pages and makes it present for
-/// reading now: each region is one 2 MiB folio in the page cache (written
-/// so), mapped by one host page-table entry, and KVM then maps it to the
-/// guest (which maps its RAM in 2 MiB pages too) with one fault instead of
-/// 512. A failure only costs speed: the pages fault in 4 KiB at a time
-/// (`false`).
+/// Asks for a whole run's mapping in 2 MiB pages. Each region is one 2 MiB
+/// folio in the page cache (written so) at a 2 MiB-aligned offset and
+/// address, so the host's first fault on it maps the whole folio with one
+/// page-table entry, and KVM then maps it to the guest (which maps its RAM
+/// in 2 MiB pages too) with one fault instead of 512. That needs no advice
+/// while the folio is cached; `MADV_HUGEPAGE` keeps it so when the file is
+/// read back from disk (readahead then reads whole 2 MiB folios). Nothing
+/// is populated here: a restore does no I/O for pages the guest may not
+/// touch. A failure only costs speed (`false`).
 fn map_huge(addr: usize, len: usize) -> bool {
-    const MADV_POPULATE_READ: libc::c_int = 22;
-    for advice in [libc::MADV_HUGEPAGE, MADV_POPULATE_READ] {
-        // SAFETY: [addr, addr+len) is a run just mapped inside guest memory;
-        // the advice changes how it is faulted in, not its contents.
-        let ret = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
-        if ret != 0 {
-            log::warn!(
-                "madvise({advice}) of a whole run at {addr:#x}: {}",
-                std::io::Error::last_os_error()
-            );
-            return false;
-        }
+    // SAFETY: [addr, addr+len) is a run just mapped inside guest memory;
+    // the advice changes how it is faulted in, not its contents.
+    let ret = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+    if ret != 0 {
+        log::warn!(
+            "madvise(MADV_HUGEPAGE) of a whole run at {addr:#x}: {}",
+            std::io::Error::last_os_error()
+        );
+        return false;
     }
     true
 }
@@ -746,8 +748,9 @@ pub struct WorkingSet {
 
 impl WorkingSet {
     /// Records the working set of `mem` (mapped from files) now. Pages only
-    /// read inside `whole` runs are left out: a restore maps those regions
-    /// present already.
+    /// read inside `whole` runs are left out: the guest's first touch of
+    /// such a region maps all of it at once, populating it page by page
+    /// would only cost time.
     pub fn record(
         mem: HostMemory,
         snapshot_id: SnapshotId,
@@ -935,15 +938,21 @@ mod tests {
     }
 
     #[test]
-    fn whole_regions_are_those_inside_the_area_that_hold_used_bytes() {
+    fn whole_regions_are_those_inside_the_area_mostly_used() {
         const MIB: u64 = 1 << 20;
-        // An aligned area of 16 MiB with 4.2 MB used: three regions.
+        // An aligned area of 16 MiB with 4.2 MB used: two full regions; the
+        // third holds 6 KB of it.
         assert_eq!(
             whole_regions(32 * MIB, 16 * MIB, 4_200_000),
+            vec![8192, 8704]
+        );
+        // Exactly one region used; half a region; less; nothing.
+        assert_eq!(whole_regions(32 * MIB, 16 * MIB, 2 * MIB), vec![8192]);
+        assert_eq!(
+            whole_regions(32 * MIB, 16 * MIB, 5 * MIB),
             vec![8192, 8704, 9216]
         );
-        // Exactly one region used, then nothing used.
-        assert_eq!(whole_regions(32 * MIB, 16 * MIB, 2 * MIB), vec![8192]);
+        assert!(whole_regions(32 * MIB, 16 * MIB, MIB - 1).is_empty());
         assert!(whole_regions(32 * MIB, 16 * MIB, 0).is_empty());
         // An unaligned area: the regions it shares with other data are not
         // whole ones (here the first and the one past its end).
