@@ -69,7 +69,7 @@ pub fn available() -> u64 {
 /// only the pages the runtime reads or executes are ever touched in the
 /// guest. The regions that hold module bytes are kept whole, so nothing
 /// else is ever written into them: the host stores them whole in the
-/// template and maps each as one 2 MiB page (docs/vmm.md, "Memory files").
+/// template and maps each as one 2 MiB page (docs/snapshot-format.md, "Whole regions").
 pub struct CodeArea {
     start: NonNull<u8>,
     /// The allocation's size (whole pages); shrinks once a module is in.

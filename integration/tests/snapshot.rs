@@ -248,22 +248,10 @@ fn diff_equals_full() -> TestResult {
         format!("the Diff layer is {diff_bytes} bytes, as big as memory")
     })?;
 
-    let mem_len = (MEM_MIB as u64) << 20;
-    let read_mem = |path: &Path| -> Result<Vec<u8>, String> {
-        let mut bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        bytes.truncate(mem_len as usize);
-        Ok(bytes)
-    };
-    let want = read_mem(&full.mem)?;
     for (name, files) in [("diff", &diff), ("full", &full)] {
         let (_vmm, mut client, _) = restore(files, true, false)?;
         let (again, _) = snapshot(&mut client, "Full", &dir, &format!("{name}-again"))?;
-        let got = read_mem(&again.mem)?;
-        let differing = got
-            .chunks(4096)
-            .zip(want.chunks(4096))
-            .filter(|(a, b)| a != b)
-            .count();
+        let differing = pages_differing(&again.mem, &full.mem)?;
         check(differing == 0, || {
             format!("memory restored from the {name} snapshot differs in {differing} pages")
         })?;
@@ -274,6 +262,22 @@ fn diff_equals_full() -> TestResult {
     })?;
     same(&invoke_ok(&mut client, b"one two three")?, b"0 3 13\n")?;
     Ok(())
+}
+
+/// Guest pages in which two Full memory files differ (their trailers left
+/// out).
+fn pages_differing(a: &Path, b: &Path) -> Result<usize, String> {
+    let mem_len = MEM_MIB << 20;
+    let read_mem = |path: &Path| -> Result<Vec<u8>, String> {
+        let mut bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        bytes.truncate(mem_len);
+        Ok(bytes)
+    };
+    let (a, b) = (read_mem(a)?, read_mem(b)?);
+    Ok(a.chunks(4096)
+        .zip(b.chunks(4096))
+        .filter(|(x, y)| x != y)
+        .count())
 }
 
 /// A module whose compiled code fills 2 MiB regions (template: 4.2 MB):
@@ -305,18 +309,7 @@ fn whole_regions() -> TestResult {
         })?;
     }
     let (again, _) = snapshot(&mut restored, "Full", &dir, "again")?;
-    let mem_len = (MEM_MIB as u64) << 20;
-    let read_mem = |path: &Path| -> Result<Vec<u8>, String> {
-        let mut bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        bytes.truncate(mem_len as usize);
-        Ok(bytes)
-    };
-    let (got, expected) = (read_mem(&again.mem)?, read_mem(&full.mem)?);
-    let differing = got
-        .chunks(4096)
-        .zip(expected.chunks(4096))
-        .filter(|(a, b)| a != b)
-        .count();
+    let differing = pages_differing(&again.mem, &full.mem)?;
     check(differing == 0, || {
         format!("memory restored with whole regions differs in {differing} pages")
     })?;

@@ -901,6 +901,26 @@ pub fn working_set_path(state_path: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    /// A fresh anonymous private mapping of `len` bytes (never unmapped).
+    fn anon(len: u64) -> HostMemory {
+        // SAFETY: a new mapping that nothing else refers to.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        HostMemory {
+            addr: addr as usize,
+            len,
+        }
+    }
+
     fn bitmap(pages: &[u64]) -> Vec<u64> {
         let mut words = vec![0u64; 8];
         for &p in pages {
@@ -1067,25 +1087,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ember-memtest-whole-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let len = 2 * REGION_PAGES * PAGE;
-        let anon = || {
-            // SAFETY: a fresh anonymous private mapping for the test.
-            let addr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(addr, libc::MAP_FAILED);
-            HostMemory {
-                addr: addr as usize,
-                len,
-            }
-        };
-        let mem = anon();
+        let mem = anon(len);
         // SAFETY: the mapping is `len` bytes and ours.
         let bytes = unsafe { std::slice::from_raw_parts_mut(mem.addr as *mut u8, len as usize) };
         bytes[3 * 4096] = 1;
@@ -1187,26 +1189,12 @@ mod tests {
                 runs: Some(runs),
             },
         ];
-        // SAFETY: an anonymous private mapping for the test's target.
-        let target = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(target, libc::MAP_FAILED);
-        let target_mem = HostMemory {
-            addr: target as usize,
-            len,
-        };
+        let target_mem = anon(len);
         let checked = check_layers(&layers, None, len).unwrap();
         assert_eq!(map_layers(target_mem, &checked).unwrap().runs, 2);
         // SAFETY: the mapping is `len` bytes and ours.
-        let restored = unsafe { std::slice::from_raw_parts(target as *const u8, len as usize) };
+        let restored =
+            unsafe { std::slice::from_raw_parts(target_mem.addr as *const u8, len as usize) };
         assert_eq!(restored, &*base);
 
         // The wrong file in a layer's place is refused by size or id.

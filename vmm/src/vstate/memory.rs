@@ -1,7 +1,7 @@
 //! Guest memory: one anonymous private mapping from guest-physical 0, at a
 //! 2 MiB-aligned host address (so that a 2 MiB guest page can be one 2 MiB
 //! host page: the compiled module's regions of a template are mapped so,
-//! docs/vmm.md, "Memory files").
+//! docs/snapshot-format.md, "Whole regions").
 //!
 //! The mapping is named `ember-guest-ram` (PR_SET_VMA_ANON_NAME) so that
 //! /proc/PID/smaps shows it apart from the VMM's own memory; ember-bench
