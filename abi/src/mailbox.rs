@@ -135,6 +135,10 @@ pub enum RequestKind {
     Invoke = 5,
     /// Answer [`MessageKind::Stats`].
     Stats = 6,
+    /// Touch guest pages (payload: [`TouchList`]) so that the first request
+    /// after a restore does not pay a fault per page; answer
+    /// [`MessageKind::Touched`].
+    Touch = 7,
     /// Test only: fault (a page fault at [`TEST_CRASH_ADDRESS`]).
     TestCrash = 0x100,
     /// Test only: write the i8042 reset command from ring 3.
@@ -160,6 +164,7 @@ impl RequestKind {
             4 => RequestKind::Load,
             5 => RequestKind::Invoke,
             6 => RequestKind::Stats,
+            7 => RequestKind::Touch,
             0x100 => RequestKind::TestCrash,
             0x101 => RequestKind::TestReset,
             0x102 => RequestKind::TestBadLength,
@@ -202,6 +207,8 @@ pub enum MessageKind {
     Idle = 11,
     /// Counters; payload: [`crate::function::GuestStats`].
     Stats = 12,
+    /// Answer to [`RequestKind::Touch`]; payload: [`Touched`].
+    Touched = 13,
 }
 
 impl MessageKind {
@@ -220,6 +227,7 @@ impl MessageKind {
             10 => MessageKind::OutcomePreparing,
             11 => MessageKind::Idle,
             12 => MessageKind::Stats,
+            13 => MessageKind::Touched,
             _ => return None,
         })
     }
@@ -236,6 +244,125 @@ impl MessageKind {
     /// After posting this message, the guest has stopped for good.
     pub const fn is_terminal(self) -> bool {
         matches!(self, MessageKind::ShutdownAck | MessageKind::Crash)
+    }
+}
+
+/// One range of a [`TouchList`]: `pages` guest pages from `first_page`
+/// (guest-physical address / 4 KiB), touched for writing if `write`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TouchRange {
+    /// First guest page.
+    pub first_page: u64,
+    /// Pages.
+    pub pages: u32,
+    /// Touch for writing (an atomic OR of 0 into the page's first byte,
+    /// which leaves it as it was) instead of reading.
+    pub write: bool,
+}
+
+/// The payload of [`RequestKind::Touch`]: `u32` count, then per range `u64`
+/// first page, `u32` pages, `u32` flags (bit 0: write; others zero).
+pub struct TouchList;
+
+impl TouchList {
+    /// Bytes of one encoded range.
+    pub const RANGE_BYTES: usize = 16;
+
+    /// Encodes `ranges`.
+    pub fn encode(ranges: &[TouchRange]) -> alloc::vec::Vec<u8> {
+        let mut w = crate::wire::Writer::with_capacity(4 + ranges.len() * Self::RANGE_BYTES);
+        w.u32(ranges.len() as u32);
+        for r in ranges {
+            w.u64(r.first_page).u32(r.pages).u32(u32::from(r.write));
+        }
+        w.finish()
+    }
+
+    /// Decodes a payload whose ranges must all lie below page `pages_end`:
+    /// every range, or what is wrong (as [`TouchList::decode`], or the
+    /// first range that reaches past the end).
+    pub fn decode_within(
+        payload: &[u8],
+        pages_end: u64,
+    ) -> Result<impl Iterator<Item = TouchRange> + Clone + '_, alloc::string::String> {
+        let ranges =
+            Self::decode(payload).map_err(|e| alloc::format!("malformed touch list: {e}"))?;
+        for r in ranges.clone() {
+            if r.first_page
+                .checked_add(u64::from(r.pages))
+                .is_none_or(|end| end > pages_end)
+            {
+                return Err(alloc::format!(
+                    "touch range of {} pages at page {:#x} lies outside guest memory ({pages_end} pages)",
+                    r.pages, r.first_page
+                ));
+            }
+        }
+        Ok(ranges)
+    }
+
+    /// Decodes a payload: every range, or what is wrong with it (a count
+    /// the payload does not hold, unknown flags, trailing bytes).
+    pub fn decode(
+        payload: &[u8],
+    ) -> Result<impl Iterator<Item = TouchRange> + Clone + '_, crate::wire::WireError> {
+        let mut r = crate::wire::Reader::new(payload);
+        let count = r.count("touch ranges", Self::RANGE_BYTES)?;
+        let body = r.slice(count * Self::RANGE_BYTES, "touch ranges")?;
+        r.end("touch list")?;
+        for (i, range) in body.chunks_exact(Self::RANGE_BYTES).enumerate() {
+            if read_u32(range, 12).is_some_and(|flags| flags & !1 != 0) {
+                return Err(crate::wire::WireError {
+                    field: "touch range flags",
+                    offset: 4 + i * Self::RANGE_BYTES + 12,
+                });
+            }
+        }
+        Ok(body
+            .chunks_exact(Self::RANGE_BYTES)
+            .map(|range| TouchRange {
+                first_page: read_u64(range, 0).unwrap_or(0),
+                pages: read_u32(range, 8).unwrap_or(0),
+                write: read_u32(range, 12).unwrap_or(0) & 1 == 1,
+            }))
+    }
+}
+
+/// The payload of [`MessageKind::Touched`]: pages read and written, and the
+/// guest's time for them (ns), three `u64`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Touched {
+    /// Pages touched for reading.
+    pub read: u64,
+    /// Pages touched for writing.
+    pub written: u64,
+    /// The guest's time from the request to the answer, ns.
+    pub ns: u64,
+}
+
+impl Touched {
+    /// Encoded size.
+    pub const SIZE: usize = 24;
+
+    /// Encodes it.
+    pub fn encode(&self) -> [u8; Self::SIZE] {
+        let mut out = [0u8; Self::SIZE];
+        out[0..8].copy_from_slice(&self.read.to_le_bytes());
+        out[8..16].copy_from_slice(&self.written.to_le_bytes());
+        out[16..24].copy_from_slice(&self.ns.to_le_bytes());
+        out
+    }
+
+    /// Decodes it; `None` unless exactly [`Touched::SIZE`] bytes.
+    pub fn decode(bytes: &[u8]) -> Option<Touched> {
+        if bytes.len() != Self::SIZE {
+            return None;
+        }
+        Some(Touched {
+            read: read_u64(bytes, 0)?,
+            written: read_u64(bytes, 8)?,
+            ns: read_u64(bytes, 16)?,
+        })
     }
 }
 
@@ -435,6 +562,73 @@ mod tests {
     use super::*;
 
     #[test]
+    fn touch_list_round_trips_and_refuses_what_it_cannot_hold() {
+        let ranges = [
+            TouchRange {
+                first_page: 0x100,
+                pages: 3,
+                write: false,
+            },
+            TouchRange {
+                first_page: u64::MAX,
+                pages: u32::MAX,
+                write: true,
+            },
+        ];
+        let bytes = TouchList::encode(&ranges);
+        assert_eq!(bytes.len(), 4 + 2 * TouchList::RANGE_BYTES);
+        let back: alloc::vec::Vec<TouchRange> = TouchList::decode(&bytes).unwrap().collect();
+        assert_eq!(back, ranges);
+        assert_eq!(
+            TouchList::decode(&TouchList::encode(&[])).unwrap().count(),
+            0
+        );
+        // A count the payload does not hold, a byte too many, unknown flags.
+        assert!(TouchList::decode(&bytes[..bytes.len() - 1]).is_err());
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(TouchList::decode(&long).is_err());
+        let mut flags = bytes.clone();
+        flags[4 + 12] = 2;
+        let e = TouchList::decode(&flags).err().unwrap();
+        assert_eq!((e.field, e.offset), ("touch range flags", 16));
+        assert!(TouchList::decode(&[]).is_err());
+    }
+
+    #[test]
+    fn touch_list_within_refuses_ranges_past_the_end() {
+        let at = |first_page, pages| {
+            TouchList::encode(&[TouchRange {
+                first_page,
+                pages,
+                write: true,
+            }])
+        };
+        assert_eq!(TouchList::decode_within(&at(0, 16), 16).unwrap().count(), 1);
+        let e = TouchList::decode_within(&at(10, 7), 16).err().unwrap();
+        assert!(
+            e.contains("7 pages at page 0xa lies outside guest memory (16 pages)"),
+            "{e}"
+        );
+        assert!(TouchList::decode_within(&at(u64::MAX, 1), u64::MAX).is_err());
+        let e = TouchList::decode_within(&[1, 0, 0, 0], 16).err().unwrap();
+        assert!(e.starts_with("malformed touch list"), "{e}");
+    }
+
+    #[test]
+    fn touched_round_trips_and_wants_its_exact_size() {
+        let t = Touched {
+            read: 1,
+            written: 2,
+            ns: 3,
+        };
+        assert_eq!(Touched::decode(&t.encode()), Some(t));
+        assert_eq!(Touched::decode(&t.encode()[..23]), None);
+        assert_eq!(Touched::decode(&[0; 25]), None);
+        assert!(MessageKind::Touched.awaits_request());
+    }
+
+    #[test]
     fn layout_of_default_region() {
         let layout = Layout::new(DEFAULT_SIZE).unwrap();
         assert_eq!(layout.area_size, 8 * 1024 * 1024 - 4096);
@@ -462,6 +656,7 @@ mod tests {
             RequestKind::Load,
             RequestKind::Invoke,
             RequestKind::Stats,
+            RequestKind::Touch,
             RequestKind::TestCrash,
             RequestKind::TestReset,
             RequestKind::TestBadLength,
@@ -469,11 +664,11 @@ mod tests {
         ] {
             assert_eq!(RequestKind::from_u32(kind as u32), Some(kind));
         }
-        for code in 1..=12 {
+        for code in 1..=13 {
             assert_eq!(MessageKind::from_u32(code).unwrap() as u32, code);
         }
         assert_eq!(MessageKind::from_u32(0), None);
-        assert_eq!(MessageKind::from_u32(13), None);
+        assert_eq!(MessageKind::from_u32(14), None);
         assert!(!MessageKind::OutcomePreparing.awaits_request());
         assert!(MessageKind::Outcome.awaits_request());
         assert!(!MessageKind::Crash.awaits_request());

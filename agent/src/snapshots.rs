@@ -57,13 +57,16 @@ impl SnapshotFiles {
         self.state.is_file() && self.mem.is_file()
     }
 
-    /// The body of `PUT /snapshot/load`.
-    pub fn load_body(&self, track_dirty_pages: bool) -> serde_json::Value {
+    /// The body of `PUT /snapshot/load`; `touch`: the VM is restored ahead
+    /// of its requests, and its guest touches the template's working set
+    /// before the first (`ember_touch`, docs/vmm.md).
+    pub fn load_body(&self, track_dirty_pages: bool, touch: bool) -> serde_json::Value {
         json!({
             "snapshot_path": self.state,
             "mem_backend": { "backend_type": "File", "backend_path": self.mem },
             "resume_vm": true,
             "track_dirty_pages": track_dirty_pages,
+            "ember_touch": touch,
         })
     }
 
@@ -253,7 +256,7 @@ pub fn build_template(
 ) -> Result<(Stages, serde_json::Value), SnapshotError> {
     let mut stages = Stages::default();
     stages.time("restore the base snapshot", || {
-        vmm.call("PUT", "/snapshot/load", Some(&base.load_body(true)))
+        vmm.call("PUT", "/snapshot/load", Some(&base.load_body(true, false)))
     })?;
     stages.time("compile the module (or find it compiled)", || {
         precompile(vmm, spec)

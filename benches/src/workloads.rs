@@ -122,7 +122,7 @@ fn run(
     }
     println!("\nsummary (medians; first = restore answered → first response)");
     println!(
-        "{:<10} {:>10} {:>10} {:>6} {:>10} {:>10} {:>8} {:>7} {:>9} {:>9}",
+        "{:<10} {:>10} {:>10} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9}",
         "example",
         "native us",
         "guest us",
@@ -130,13 +130,15 @@ fn run(
         "warm us",
         "first us",
         "+ms",
+        "+prefetch",
+        "+ahead",
         "pages",
         "compile",
         "cached"
     );
     for (name, f) in &table {
         println!(
-            "{:<10} {:>10.0} {:>10.0} {:>6.2} {:>10.0} {:>10.0} {:>8.2} {:>7} {:>7.0}ms {:>7.1}ms",
+            "{:<10} {:>10.0} {:>10.0} {:>6.2} {:>10.0} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>7.0}ms {:>7.1}ms",
             name,
             f["native_us"]["p50"].as_f64().unwrap_or(0.0),
             f["guest_function_us"]["p50"].as_f64().unwrap_or(0.0),
@@ -146,6 +148,12 @@ fn run(
                 .as_f64()
                 .unwrap_or(0.0),
             f["first_minus_warm_ms_p50"]["without prefetch"]
+                .as_f64()
+                .unwrap_or(0.0),
+            f["first_minus_warm_ms_p50"]["with prefetch"]
+                .as_f64()
+                .unwrap_or(0.0),
+            f["first_minus_warm_ms_p50"]["touched ahead"]
                 .as_f64()
                 .unwrap_or(0.0),
             f["first_invocation_pages"]["total"],
@@ -358,25 +366,55 @@ fn one(
         })
     };
 
-    // Restore → first response, then warm responses in the same VM;
-    // without and with prefetch, interleaved.
-    let modes = ["without prefetch", "with prefetch"];
-    let mut first: Vec<Vec<f64>> = vec![Vec::new(); 2];
-    let mut first_fn: Vec<Vec<f64>> = vec![Vec::new(); 2];
-    let mut load: Vec<Vec<f64>> = vec![Vec::new(); 2];
-    let mut delta_ms: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    // Restore → first response, then warm responses in the same VM, four
+    // ways, interleaved: without the working set; with it populated on the
+    // host only; with the guest touching it too, the invocation sent at
+    // once (a restore for a waiting request) or after the touch (a VM
+    // restored ahead of its request, as emberd's pool and pre-warming do).
+    let modes = [
+        "without prefetch",
+        "with prefetch",
+        "touched, invoked at once",
+        "touched ahead",
+    ];
+    let mut first: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut first_fn: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut load: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut delta_ms: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut total_ms: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut touch_us = Vec::new();
+    let mut touch_pages = Vec::new();
     let mut warm_client = Vec::new();
     let mut warm_fn = Vec::new();
-    for i in 0..restores * 2 {
-        let mode = i % 2;
+    for i in 0..restores * modes.len() {
+        let mode = i % modes.len();
         let child = bench.prepared(false)?;
         let mut client = child.client()?;
-        let (_, load_us) = call(
-            &mut client,
-            "PUT",
-            "/snapshot/load",
-            &template.load_body(mode == 1, false),
-        )?;
+        let mut body = template.load_body(mode >= 1, false);
+        body["ember_touch"] = json!(mode >= 2);
+        let (loaded, load_us) = call(&mut client, "PUT", "/snapshot/load", &body)?;
+        if mode >= 2 && loaded["touch_pages"].as_u64().unwrap_or(0) == 0 {
+            return Err(format!(
+                "{}: the restore asked for no touch: {loaded}",
+                example.name
+            ));
+        }
+        if mode == 3 {
+            // Requests wait for the touch: the status comes after it.
+            let (status, _) = call(&mut client, "GET", "/ember/status", &json!(null))?;
+            let touched = &status["touch"];
+            if touched.is_null() {
+                return Err(format!(
+                    "{}: the guest did not touch: {status}",
+                    example.name
+                ));
+            }
+            touch_us.push(touched["round_trip_us"].as_f64().unwrap_or(0.0));
+            touch_pages.push(
+                touched["read_pages"].as_f64().unwrap_or(0.0)
+                    + touched["written_pages"].as_f64().unwrap_or(0.0),
+            );
+        }
         let a = invoke(&mut client, &event)?;
         if a.body != want {
             return Err(format!(
@@ -394,6 +432,7 @@ fn one(
         first[mode].push(a.client_us);
         first_fn[mode].push(a.function_us);
         delta_ms[mode].push((a.client_us - w.client_us) / 1000.0);
+        total_ms[mode].push((load_us + a.client_us - w.client_us) / 1000.0);
         warm_client.push(w.client_us);
     }
     // Warm: many invocations in one restored VM.
@@ -437,17 +476,27 @@ fn one(
     let mut load_json = serde_json::Map::new();
     let mut delta_json = serde_json::Map::new();
     let mut delta_p50 = serde_json::Map::new();
+    let mut total_json = serde_json::Map::new();
     for (m, label) in modes.iter().enumerate() {
         let f = row(&format!("first response, {label}"), &first[m], "us", 0);
         let ff = row("  the function's own time", &first_fn[m], "us", 0);
         let l = row("  restore (load request)", &load[m], "us", 0);
         let d = row("  first − warm, same VM", &delta_ms[m], "ms", 2);
+        let t = row("  restore + first − warm", &total_ms[m], "ms", 2);
+        total_json.insert(label.to_string(), json!(t));
         first_json.insert(label.to_string(), json!(f));
         first_fn_json.insert(label.to_string(), json!(ff));
         load_json.insert(label.to_string(), json!(l));
         delta_p50.insert(label.to_string(), json!(d.p50));
         delta_json.insert(label.to_string(), json!(d));
     }
+    let touch = row(
+        "the guest's touch, ahead (answer → answer)",
+        &touch_us,
+        "us",
+        0,
+    );
+    let touched_pages = row("  pages it touched", &touch_pages, "pages", 0);
     let ratio = guest.p50 / native.p50;
     println!(
         "guest / native {ratio:.2}x; first invocation touches {} pages outside the {} pages of \
@@ -476,6 +525,9 @@ fn one(
         "restore_load_us": load_json,
         "first_minus_warm_ms": delta_json,
         "first_minus_warm_ms_p50": delta_p50,
+        "restore_plus_first_minus_warm_ms": total_json,
+        "touch_us": touch,
+        "touch_pages": touched_pages,
         "first_invocation_pages": pages,
         "template_diff": { "pages": created["memory_pages"], "runs": created["memory_runs"], "duration_us": created["duration_us"], "files": template.sizes() },
         "compile_ms": loaded["compile_us"].as_f64().unwrap_or(0.0) / 1000.0,

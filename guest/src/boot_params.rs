@@ -110,6 +110,16 @@ impl BootParams {
         self.cmdline
     }
 
+    /// The end of guest memory as the e820 map describes it (RAM and
+    /// reserved ranges, the mailbox among them), below the mapped limit.
+    pub fn memory_end(&self) -> u64 {
+        self.e820()
+            .iter()
+            .map(|e| e.end().min(ember_abi::GUEST_MAPPED_LIMIT))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Bytes of usable RAM below the mapped limit.
     pub fn ram_bytes(&self) -> u64 {
         self.e820()

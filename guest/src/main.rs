@@ -67,7 +67,7 @@ extern "C" fn ember_main(boot_params: u64) -> ! {
         code_area: code.gpa(),
         code_area_bytes: code.size() as u64,
     };
-    serve::serve(mailbox, code, &info)
+    serve::serve(mailbox, code, &info, boot.memory_end())
 }
 
 /// Whether `word` appears as a whole word in the command line.

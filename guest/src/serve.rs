@@ -4,8 +4,12 @@
 
 use alloc::vec::Vec;
 
+use core::sync::atomic::{AtomicU8, Ordering};
 use ember_abi::function::{GuestStats, InvokeParams, LoadSpec};
-use ember_abi::mailbox::{GuestInfo, MessageKind, RequestKind, TEST_CRASH_ADDRESS};
+
+use ember_abi::mailbox::{
+    GuestInfo, MessageKind, RequestKind, TouchList, Touched, TEST_CRASH_ADDRESS,
+};
 use ember_abi::{ByteWriter, I8042_COMMAND_PORT, I8042_RESET};
 use ember_kernel::io::outb;
 use ember_kernel::mailbox::{register_for_crash_reports, Mailbox};
@@ -13,8 +17,12 @@ use ember_kernel::mailbox::{register_for_crash_reports, Mailbox};
 use crate::function::Function;
 use crate::heap::CodeArea;
 
-/// Posts `ready`, then serves requests until told to stop.
-pub fn serve(mut mailbox: Mailbox, mut code: CodeArea, info: &GuestInfo) -> ! {
+/// Bytes in a guest page.
+const PAGE: u64 = 4096;
+
+/// Posts `ready`, then serves requests until told to stop. `memory_end`:
+/// where guest memory ends (the e820 map's last range).
+pub fn serve(mut mailbox: Mailbox, mut code: CodeArea, info: &GuestInfo, memory_end: u64) -> ! {
     register_for_crash_reports(&mailbox);
     reply(&mut mailbox, MessageKind::Ready, 0, &info.encode());
 
@@ -88,6 +96,14 @@ pub fn serve(mut mailbox: Mailbox, mut code: CodeArea, info: &GuestInfo) -> ! {
                     }
                 }
             }
+            Some(RequestKind::Touch) => {
+                match touch(mailbox.request_payload(request.len), memory_end) {
+                    Ok(touched) => {
+                        reply(&mut mailbox, MessageKind::Touched, seq, &touched.encode())
+                    }
+                    Err(text) => error(&mut mailbox, seq, &text),
+                }
+            }
             Some(RequestKind::Stats) => {
                 let (heap_used, heap_total) = crate::heap::usage();
                 let stats = GuestStats {
@@ -123,6 +139,35 @@ pub fn serve(mut mailbox: Mailbox, mut code: CodeArea, info: &GuestInfo) -> ! {
             }
         }
     }
+}
+
+/// Touches the pages `payload` lists (a [`TouchList`]), so that their
+/// first-touch faults are taken now rather than in the next request: a
+/// read of one byte per page, or for writing an atomic OR of zero, which
+/// leaves the byte as it was whoever else writes it. Every range is checked
+/// against the end of guest memory before any page is touched.
+fn touch(payload: &[u8], memory_end: u64) -> Result<Touched, alloc::string::String> {
+    let started = crate::clock::rdtsc();
+    let ranges = TouchList::decode_within(payload, memory_end / PAGE)?;
+    let mut touched = Touched::default();
+    for r in ranges {
+        // Page 0 is never touched: a null pointer is not one to dereference.
+        for page in r.first_page.max(1)..r.first_page + u64::from(r.pages) {
+            let at = (page * PAGE) as usize;
+            if r.write {
+                // SAFETY: the page lies in guest memory, identity-mapped
+                // and writable (checked above); OR-ing zero changes nothing.
+                unsafe { (*(at as *const AtomicU8)).fetch_or(0, Ordering::Relaxed) };
+                touched.written += 1;
+            } else {
+                // SAFETY: the page lies in guest memory, identity-mapped.
+                unsafe { core::ptr::read_volatile(at as *const u8) };
+                touched.read += 1;
+            }
+        }
+    }
+    touched.ns = crate::clock::ticks_to_ns(crate::clock::rdtsc().wrapping_sub(started));
+    Ok(touched)
 }
 
 /// Faults on purpose: the address lies above the mapped 4 GiB; the

@@ -34,6 +34,10 @@ fn main() {
         ),
         ("working_set_is_recorded_then_prefetched", working_set),
         (
+            "a_restore_asked_to_touch_has_the_guest_touch_its_working_set_first",
+            touch,
+        ),
+        (
             "a_large_module_is_stored_in_whole_regions_and_restores_byte_identical",
             whole_regions,
         ),
@@ -641,6 +645,75 @@ fn working_set() -> TestResult {
         format!("load answered {loaded}")
     })?;
     same(&invoke_ok(&mut third, b"x")?, b"x")
+}
+
+/// `ember_touch`: once the load is answered the guest touches the
+/// recorded working set (the write set for writing unless the VM logs
+/// dirty pages), and a request sent meanwhile waits for it and is
+/// answered; with no working set there is nothing to touch.
+fn touch() -> TestResult {
+    let dir = fresh_dir()?;
+    let (_vmm, mut client) = boot_vm(false)?;
+    load(&mut client, &example("echo.wasm")?)?;
+    let (files, _) = snapshot(&mut client, "Full", &dir, "touch")?;
+    let touching_load =
+        |track: bool| -> Result<(VmmProcess, ApiClient, serde_json::Value), String> {
+            let (vmm, mut client) = fresh_vmm(true)?;
+            let mut body = load_body(&files, true);
+            body["ember_touch"] = json!(true);
+            body["track_dirty_pages"] = json!(track);
+            let loaded =
+                expect_status(client.put_json("/snapshot/load", &body), 200, "load")?.json();
+            Ok((vmm, client, loaded))
+        };
+
+    // No working set yet: nothing to touch; this restore records one.
+    let (vmm, mut first, loaded) = touching_load(false)?;
+    check(loaded["touch_pages"] == 0, || {
+        format!("load answered {loaded}")
+    })?;
+    same(&invoke_ok(&mut first, b"one")?, b"one")?;
+    check(vmm.log.wait_for("working set recorded", PATIENCE), || {
+        format!("no working set recorded\n{}", vmm.transcript())
+    })?;
+    let status = expect_status(first.get("/ember/status"), 200, "status")?.json();
+    check(status["touch"].is_null(), || format!("status {status}"))?;
+
+    for track in [false, true] {
+        let (vmm, mut client, loaded) = touching_load(track)?;
+        let asked = loaded["touch_pages"].as_u64().unwrap_or(0);
+        let (read, written) = (
+            loaded["prefetched_read_pages"].as_u64().unwrap_or(0),
+            loaded["prefetched_write_pages"].as_u64().unwrap_or(0),
+        );
+        check(asked > 0 && asked == read + written, || {
+            format!("load answered {loaded}")
+        })?;
+        // Sent at once: it waits for the touch, then is served.
+        let answer = invoke_ok(&mut client, b"two")?;
+        check(answer == b"two", || {
+            format!("answered {answer:?}\n{}", vmm.transcript())
+        })?;
+        let status = expect_status(client.get("/ember/status"), 200, "status")?.json();
+        let touch = &status["touch"];
+        let (touched_read, touched_written) = (
+            touch["read_pages"].as_u64().unwrap_or(0),
+            touch["written_pages"].as_u64().unwrap_or(0),
+        );
+        // Page 0 is never touched; the rest of the list is.
+        check(
+            touched_read + touched_written + 1 >= asked && touched_read + touched_written <= asked,
+            || format!("asked to touch {asked} pages, status {status}"),
+        )?;
+        let want_written = if track { 0 } else { written };
+        check(touched_written == want_written, || {
+            format!("{touched_written} pages touched for writing, want {want_written} (tracking {track}); status {status}")
+        })?;
+        check(status["protocol_errors"] == 0, || {
+            format!("status {status}")
+        })?;
+    }
+    Ok(())
 }
 
 /// Resident and copied (written, so private) KiB of a VMM's mappings of

@@ -152,6 +152,9 @@ pub struct SnapshotLoaded {
     /// Time spent populating before the answer, µs (0 when a helper
     /// thread populates).
     pub prefetch_us: u64,
+    /// Pages the guest is asked to touch once the load is answered (the
+    /// working set and the whole regions; 0: none, see `ember_touch`).
+    pub touch_pages: u64,
     /// The restore generation given to the guest.
     pub generation: u64,
 }
@@ -391,6 +394,22 @@ pub struct EmberStatus {
     pub track_dirty_pages: bool,
     /// With `--count-ring0`: instructions the boot path ran in ring 0.
     pub ring0_instructions: Option<u64>,
+    /// The guest's touch of its working set after the last restore, once
+    /// answered (`ember_touch`).
+    pub touch: Option<TouchStatus>,
+}
+
+/// The guest's touch of a restored VM's working set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TouchStatus {
+    /// Pages the guest read.
+    pub read_pages: u64,
+    /// Pages the guest touched for writing.
+    pub written_pages: u64,
+    /// The guest's own time for them, µs.
+    pub guest_us: u64,
+    /// From the load's answer to the guest's, µs.
+    pub round_trip_us: u64,
 }
 
 /// Where the mailbox is.

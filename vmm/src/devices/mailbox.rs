@@ -463,7 +463,7 @@ mod tests {
     #[test]
     fn unknown_kinds_are_rejected() {
         let (mailbox, mem) = mailbox();
-        for kind in [0, 13, 0x100, u32::MAX] {
+        for kind in [0, 14, 0x100, u32::MAX] {
             guest_posts(
                 &mem,
                 &mailbox,

@@ -18,6 +18,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use ember_abi::mailbox::TouchRange;
 use serde::{Deserialize, Serialize};
 
 use super::PendingFile;
@@ -806,6 +807,40 @@ impl WorkingSet {
         (sum(&self.read), sum(&self.written))
     }
 
+    /// What the guest touches after a restore ([`ember_abi::mailbox::TouchList`]):
+    /// the write set (for writing if `write`, else for reading), the read
+    /// set, and one page of each 2 MiB region of the `whole` runs (the
+    /// first fault in such a region maps all of it).
+    pub fn touch_ranges(&self, whole: &[Run], write: bool) -> Vec<TouchRange> {
+        let mut out = Vec::new();
+        let mut push = |first: u64, pages: u64, write: bool| {
+            let mut first = first;
+            let mut left = pages;
+            while left > 0 {
+                let n = left.min(u64::from(u32::MAX));
+                out.push(TouchRange {
+                    first_page: first,
+                    pages: n as u32,
+                    write,
+                });
+                first += n;
+                left -= n;
+            }
+        };
+        for r in &self.written {
+            push(r.start, r.pages, write);
+        }
+        for r in &self.read {
+            push(r.start, r.pages, false);
+        }
+        for run in whole {
+            for region in (0..run.pages).step_by(REGION_PAGES as usize) {
+                push(run.guest_page + region, 1, false);
+            }
+        }
+        out
+    }
+
     /// Populates the host mapping: the write set for writing (private
     /// copies made now rather than in the guest's page faults: the dear
     /// part, 7–10 µs a page here), then the read set for reading (it stays
@@ -1070,6 +1105,61 @@ mod tests {
         }
         // Pages on both sides of it need three runs at least.
         assert!(diff_runs(&dirty, pages, 2, &[512]).is_none());
+    }
+
+    #[test]
+    fn the_touch_list_writes_the_write_set_reads_the_rest_and_one_page_a_region() {
+        let set = WorkingSet {
+            snapshot_id: SnapshotId::default(),
+            read: vec![PageRange {
+                start: 10,
+                pages: 3,
+            }],
+            written: vec![
+                PageRange {
+                    start: 40,
+                    pages: 2,
+                },
+                PageRange {
+                    start: 50,
+                    pages: 1,
+                },
+            ],
+        };
+        let whole = [Run {
+            guest_page: 1024,
+            file_page: 0,
+            pages: 1024,
+        }];
+        let t = |first_page, pages, write| TouchRange {
+            first_page,
+            pages,
+            write,
+        };
+        assert_eq!(
+            set.touch_ranges(&whole, true),
+            vec![
+                t(40, 2, true),
+                t(50, 1, true),
+                t(10, 3, false),
+                t(1024, 1, false),
+                t(1536, 1, false)
+            ]
+        );
+        // A VM logging dirty pages only reads: its next Diff stays as small.
+        assert!(set.touch_ranges(&whole, false).iter().all(|r| !r.write));
+        // A range too long for the wire's u32 is split, not cut.
+        let huge = WorkingSet {
+            written: vec![PageRange {
+                start: 0,
+                pages: u64::from(u32::MAX) + 5,
+            }],
+            ..WorkingSet::default()
+        };
+        assert_eq!(
+            huge.touch_ranges(&[], true),
+            vec![t(0, u32::MAX, true), t(u64::from(u32::MAX), 5, true)]
+        );
     }
 
     #[test]

@@ -506,11 +506,16 @@ impl Vmm {
             prefetched_read_pages: 0,
             prefetched_write_pages: 0,
             prefetch_us: 0,
+            touch_pages: 0,
             generation: self.generation,
         };
+        let mut touch_set = None;
         if params.ember_prefetch {
             match read_working_set(&ws_path, &state.id) {
                 Some(set) => {
+                    if params.ember_touch && params.resume_vm {
+                        touch_set = Some(set.clone());
+                    }
                     let (read, write) = set.counts();
                     loaded.prefetched_read_pages = read;
                     loaded.prefetched_write_pages = write;
@@ -547,6 +552,14 @@ impl Vmm {
         if let Some(microvm) = &mut self.microvm {
             microvm.layers = memory_layers;
             microvm.backing = Backing::Files;
+            if let Some(set) = touch_set {
+                let whole: Vec<memory::Run> = whole_runs(&microvm.layers);
+                // A VM that logs dirty pages only reads: a write would put
+                // the page in its next Diff.
+                let ranges = set.touch_ranges(&whole, !tracking);
+                loaded.touch_pages = ranges.iter().map(|r| u64::from(r.pages)).sum();
+                self.touch_due = Some(ember_abi::mailbox::TouchList::encode(&ranges));
+            }
         }
         let now = Instant::now();
         self.started_at = Some(started);
@@ -640,13 +653,7 @@ impl Vmm {
             return;
         };
         let started = Instant::now();
-        let whole: Vec<memory::Run> = microvm
-            .layers
-            .iter()
-            .flat_map(|layer| layer.runs.iter().flatten())
-            .filter(|run| memory::is_whole(run))
-            .copied()
-            .collect();
+        let whole = whole_runs(&microvm.layers);
         let set = match WorkingSet::record(microvm.host_memory(), recording.snapshot_id, &whole) {
             Ok(set) => set,
             Err(e) => return log::warn!("cannot record the working set: {e}"),
@@ -663,6 +670,16 @@ impl Vmm {
             Err(e) => log::warn!("cannot save the working set: {e}"),
         }
     }
+}
+
+/// The runs of `layers` stored as whole 2 MiB regions.
+fn whole_runs(layers: &[MemoryLayer]) -> Vec<memory::Run> {
+    layers
+        .iter()
+        .flat_map(|layer| layer.runs.iter().flatten())
+        .filter(|run| memory::is_whole(run))
+        .copied()
+        .collect()
 }
 
 /// The working set beside a snapshot, if there is one for this snapshot.

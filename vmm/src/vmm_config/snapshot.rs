@@ -67,6 +67,14 @@ pub struct LoadSnapshotParams {
     /// the guest starts).
     #[serde(default)]
     pub ember_prefetch_sync: bool,
+    /// With a recorded working set and `resume_vm`: once the load is
+    /// answered, ask the guest to touch the working set's pages, so that
+    /// the first invocation does not take a fault per page. For a VM
+    /// restored ahead of its requests: requests that come meanwhile wait
+    /// for the touch, which costs more than the faults it saves (default
+    /// false).
+    #[serde(default)]
+    pub ember_touch: bool,
 }
 
 fn yes() -> bool {
