@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use ember_vmm::api::client::ApiClient;
-use ember_vmm::api::parsed_request::{DURATION_HEADER, FUNCTION_ERROR_HEADER};
+use ember_vmm::api::parsed_request::{DURATION_HEADER, FUNCTION_ERROR_HEADER, ROUND_TRIP_HEADER};
 use serde_json::{json, Value};
 
 use crate::engine::native_times;
@@ -28,6 +28,9 @@ struct Answer {
     client_us: f64,
     /// The function's own time (guest clock), µs.
     function_us: f64,
+    /// ember-vmm's time from writing the request into the mailbox to
+    /// taking the answer, µs.
+    round_trip_us: f64,
 }
 
 fn invoke(client: &mut ApiClient, event: &[u8]) -> Result<Answer, String> {
@@ -47,10 +50,15 @@ fn invoke(client: &mut ApiClient, event: &[u8]) -> Result<Answer, String> {
         .header(DURATION_HEADER)
         .and_then(|v| v.parse().ok())
         .ok_or("no duration header")?;
+    let round_trip_us = response
+        .header(ROUND_TRIP_HEADER)
+        .and_then(|v| v.parse().ok())
+        .ok_or("no round-trip header")?;
     Ok(Answer {
         body: response.body,
         client_us,
         function_us,
+        round_trip_us,
     })
 }
 
@@ -382,6 +390,11 @@ fn one(
     let mut load: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut delta_ms: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut total_ms: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    // first − warm, split: in the guest outside the function (the mailbox
+    // round trip less the function's time) and in ember-vmm and the
+    // client around it (the client's time less the round trip).
+    let mut guest_ms: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut host_ms: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut touch_us = Vec::new();
     let mut touch_pages = Vec::new();
     let mut warm_client = Vec::new();
@@ -433,6 +446,10 @@ fn one(
         first_fn[mode].push(a.function_us);
         delta_ms[mode].push((a.client_us - w.client_us) / 1000.0);
         total_ms[mode].push((load_us + a.client_us - w.client_us) / 1000.0);
+        let outside = |x: &Answer| x.round_trip_us - x.function_us;
+        let around = |x: &Answer| x.client_us - x.round_trip_us;
+        guest_ms[mode].push((outside(&a) - outside(&w)) / 1000.0);
+        host_ms[mode].push((around(&a) - around(&w)) / 1000.0);
         warm_client.push(w.client_us);
     }
     // Warm: many invocations in one restored VM.
@@ -477,12 +494,24 @@ fn one(
     let mut delta_json = serde_json::Map::new();
     let mut delta_p50 = serde_json::Map::new();
     let mut total_json = serde_json::Map::new();
+    let mut split_json = serde_json::Map::new();
     for (m, label) in modes.iter().enumerate() {
         let f = row(&format!("first response, {label}"), &first[m], "us", 0);
         let ff = row("  the function's own time", &first_fn[m], "us", 0);
         let l = row("  restore (load request)", &load[m], "us", 0);
         let d = row("  first − warm, same VM", &delta_ms[m], "ms", 2);
         let t = row("  restore + first − warm", &total_ms[m], "ms", 2);
+        let g = row(
+            "    in the guest, outside the function",
+            &guest_ms[m],
+            "ms",
+            2,
+        );
+        let h = row("    in ember-vmm and the client", &host_ms[m], "ms", 2);
+        split_json.insert(
+            label.to_string(),
+            json!({ "guest_outside_function_ms": g, "host_ms": h }),
+        );
         total_json.insert(label.to_string(), json!(t));
         first_json.insert(label.to_string(), json!(f));
         first_fn_json.insert(label.to_string(), json!(ff));
@@ -526,6 +555,7 @@ fn one(
         "first_minus_warm_ms": delta_json,
         "first_minus_warm_ms_p50": delta_p50,
         "restore_plus_first_minus_warm_ms": total_json,
+        "first_minus_warm_split": split_json,
         "touch_us": touch,
         "touch_pages": touched_pages,
         "first_invocation_pages": pages,

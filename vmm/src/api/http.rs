@@ -148,21 +148,35 @@ pub enum Parsed {
     Invalid(Response),
 }
 
-/// Parses the first request in `buf`. `continue_sent` tells whether the
+/// Takes the first request out of `input` once it is whole, leaving what
+/// follows it: its body moves out of the buffer rather than being copied
+/// (an event of megabytes would be copied into fresh memory, a page fault
+/// per 4 KiB in a new process). `continue_sent` tells whether the
 /// `100 Continue` for it has already gone out.
-pub fn parse_request(buf: &[u8], continue_sent: bool) -> Parsed {
-    match parse_head(buf, continue_sent) {
-        Ok(head) => Parsed::Request(
-            Request {
-                method: head.method,
-                path: head.path,
-                body: buf[head.len..head.total].to_vec(),
-                close: head.close,
-            },
-            head.total,
-        ),
+pub fn parse_request(input: &mut Vec<u8>, continue_sent: bool) -> Parsed {
+    match parse_head(input, continue_sent) {
+        Ok(head) => {
+            let rest = input.split_off(head.total);
+            let mut body = std::mem::replace(input, rest);
+            body.drain(..head.len);
+            Parsed::Request(
+                Request {
+                    method: head.method,
+                    path: head.path,
+                    body,
+                    close: head.close,
+                },
+                head.total,
+            )
+        }
         Err(parsed) => parsed,
     }
+}
+
+/// The length of the first request in `buf`, head and body, once its head
+/// is complete and valid (the body may not all be there yet).
+pub fn request_len(buf: &[u8]) -> Option<usize> {
+    read_head(buf).ok().map(|head| head.total)
 }
 
 /// Whether `buf` holds something to answer: a whole request, or one to
@@ -180,11 +194,26 @@ struct Head {
     len: usize,
     /// Bytes of head and body.
     total: usize,
+    /// It asks for `100 Continue` before the body.
+    expects_continue: bool,
 }
 
 /// The head of the first request in `buf` once the whole request is
 /// there; otherwise what `parse_request` answers.
 fn parse_head(buf: &[u8], continue_sent: bool) -> Result<Head, Parsed> {
+    let head = read_head(buf)?;
+    if buf.len() < head.total {
+        if head.expects_continue && !continue_sent && buf.len() == head.len {
+            return Err(Parsed::ExpectsContinue);
+        }
+        return Err(Parsed::Incomplete);
+    }
+    Ok(head)
+}
+
+/// The head of the first request in `buf` once the head is complete,
+/// checked (the body may still be coming).
+fn read_head(buf: &[u8]) -> Result<Head, Parsed> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let head_len = match request.parse(buf) {
@@ -251,19 +280,13 @@ fn parse_head(buf: &[u8], continue_sent: bool) -> Result<Head, Parsed> {
             &format!("request body of {body_len} bytes exceeds the API limit of {MAX_BODY} bytes"),
         )));
     }
-    let total = head_len + body_len;
-    if buf.len() < total {
-        if expects_continue && !continue_sent && buf.len() == head_len {
-            return Err(Parsed::ExpectsContinue);
-        }
-        return Err(Parsed::Incomplete);
-    }
     Ok(Head {
         method,
         path,
         close,
         len: head_len,
-        total,
+        total: head_len + body_len,
+        expects_continue,
     })
 }
 
@@ -278,8 +301,13 @@ mod tests {
     fn parses_a_request_with_body() {
         let raw =
             b"PUT /machine-config HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}GET /";
-        match parse_request(raw, false) {
+        let mut input = raw.to_vec();
+        assert_eq!(request_len(raw), Some(raw.len() - 5));
+        assert_eq!(request_len(&raw[..20]), None);
+        match parse_request(&mut input, false) {
             Parsed::Request(req, used) => {
+                // What follows stays for the next request.
+                assert_eq!(input, b"GET /");
                 assert_eq!(req.method, "PUT");
                 assert_eq!(req.path, "/machine-config");
                 assert_eq!(req.body, b"{}");
@@ -293,11 +321,14 @@ mod tests {
     #[test]
     fn waits_for_the_rest() {
         assert_eq!(
-            parse_request(b"GET / HTTP/1.1\r\nHost: x\r\n", false),
+            parse_request(&mut b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec(), false),
             Parsed::Incomplete
         );
         assert_eq!(
-            parse_request(b"PUT /x HTTP/1.1\r\nContent-Length: 10\r\n\r\n12345", false),
+            parse_request(
+                &mut b"PUT /x HTTP/1.1\r\nContent-Length: 10\r\n\r\n12345".to_vec(),
+                false
+            ),
             Parsed::Incomplete
         );
     }
@@ -306,23 +337,30 @@ mod tests {
     fn honours_expect_continue_once() {
         let head =
             b"POST /ember/echo HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n";
-        assert_eq!(parse_request(head, false), Parsed::ExpectsContinue);
-        assert_eq!(parse_request(head, true), Parsed::Incomplete);
+        assert_eq!(
+            parse_request(&mut head.to_vec(), false),
+            Parsed::ExpectsContinue
+        );
+        assert_eq!(parse_request(&mut head.to_vec(), true), Parsed::Incomplete);
         let mut whole = head.to_vec();
         whole.extend_from_slice(b"abc");
-        assert!(matches!(parse_request(&whole, true), Parsed::Request(..)));
+        assert!(matches!(
+            parse_request(&mut whole.to_vec(), true),
+            Parsed::Request(..)
+        ));
     }
 
     #[test]
     fn refuses_bad_requests_by_name() {
-        let check = |raw: &[u8], status: u16, text: &str| match parse_request(raw, false) {
-            Parsed::Invalid(resp) => {
-                assert_eq!(resp.status, status);
-                let body = String::from_utf8(resp.body).unwrap();
-                assert!(body.contains(text), "{body}");
-            }
-            other => panic!("{other:?}"),
-        };
+        let check =
+            |raw: &[u8], status: u16, text: &str| match parse_request(&mut raw.to_vec(), false) {
+                Parsed::Invalid(resp) => {
+                    assert_eq!(resp.status, status);
+                    let body = String::from_utf8(resp.body).unwrap();
+                    assert!(body.contains(text), "{body}");
+                }
+                other => panic!("{other:?}"),
+            };
         check(b"GARBAGE\x01\r\n\r\n", 400, "malformed HTTP request");
         check(
             b"PUT / HTTP/1.1\r\nContent-Length: x\r\n\r\n",

@@ -22,7 +22,7 @@ pub mod http;
 pub mod parsed_request;
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
@@ -54,6 +54,23 @@ const TOKEN_CONNECTIONS: u32 = TOKEN_BASE + 2;
 /// Most input buffered per connection: one whole request (a longer head
 /// or body is refused as soon as it is seen).
 const MAX_INPUT: usize = http::MAX_HEAD + http::MAX_BODY;
+
+/// Populates the pages of a buffer's spare capacity for writing when it
+/// is large (best effort: a refusal leaves the faults to the reads).
+fn populate_spare(buf: &mut Vec<u8>) {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    const PAGE: usize = 4096;
+    let spare = buf.spare_capacity_mut();
+    let start = spare.as_mut_ptr() as usize;
+    let first = start.next_multiple_of(PAGE);
+    let end = (start + spare.len()) & !(PAGE - 1);
+    if end <= first || end - first < 16 * PAGE {
+        return;
+    }
+    // SAFETY: the range lies inside the vector's own allocation;
+    // populating only faults its pages in, leaving their bytes alone.
+    unsafe { libc::madvise(first as *mut libc::c_void, end - first, MADV_POPULATE_WRITE) };
+}
 
 /// A connection's id: its event token less [`TOKEN_CONNECTIONS`].
 type ConnId = u32;
@@ -212,7 +229,7 @@ impl ApiServer {
             // A client that does not read its responses is served no more
             // until it does.
             while !conn.close_after_output && !conn.broken && conn.drained() {
-                match parse_request(&conn.input, conn.continue_sent) {
+                match parse_request(&mut conn.input, conn.continue_sent) {
                     Parsed::Incomplete => break,
                     Parsed::ExpectsContinue => {
                         conn.send(CONTINUE);
@@ -220,8 +237,7 @@ impl ApiServer {
                         break;
                     }
                     Parsed::Invalid(response) => conn.send_response(&response, true),
-                    Parsed::Request(request, used) => {
-                        conn.input.drain(..used);
+                    Parsed::Request(request, _) => {
                         conn.continue_sent = false;
                         let close = request.close;
                         match parsed_request::parse(request) {
@@ -439,16 +455,48 @@ impl ApiServer {
     }
 }
 
-/// Reads what the client sent, up to one request's worth of buffer.
+/// Bytes read at a time while a request's length is not known.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Reads what the client sent, up to one request's worth of buffer,
+/// straight into the connection's buffer. Once a head says how long its
+/// request is, the buffer is made that long at once, and a large body's
+/// pages are populated in one call: a new process's first touch of each
+/// page is a fault, dear on our host (docs/platform.md), and a megabyte
+/// event read into fresh memory page by page cost ~2 ms.
 fn read_available(conn: &mut Connection) {
-    let mut chunk = [0u8; 64 * 1024];
     while conn.input.len() < MAX_INPUT {
-        match conn.stream.read(&mut chunk) {
+        let len = conn.input.len();
+        let want = match http::request_len(&conn.input) {
+            Some(total) if total > len => total - len,
+            _ => READ_CHUNK,
+        };
+        if conn.input.capacity() - len < want {
+            conn.input.reserve_exact(want);
+            populate_spare(&mut conn.input);
+        }
+        let spare = conn.input.spare_capacity_mut();
+        // SAFETY: reads at most `spare.len()` bytes into the vector's
+        // spare capacity, which it owns; only what was read is kept.
+        let read = unsafe {
+            libc::read(
+                conn.stream.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len().min(MAX_INPUT - len),
+            )
+        };
+        let result = if read < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(read as usize)
+        };
+        match result {
             Ok(0) => {
                 conn.peer_closed = true;
                 return;
             }
-            Ok(n) => conn.input.extend_from_slice(&chunk[..n]),
+            // SAFETY: the kernel wrote `n` bytes after the initialised ones.
+            Ok(n) => unsafe { conn.input.set_len(len + n) },
             Err(e) if e.kind() == ErrorKind::WouldBlock => return,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(_) => {
