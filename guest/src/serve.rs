@@ -143,8 +143,10 @@ pub fn serve(mut mailbox: Mailbox, mut code: CodeArea, info: &GuestInfo, memory_
 
 /// Touches the pages `payload` lists (a [`TouchList`]), so that their
 /// first-touch faults are taken now rather than in the next request: a
-/// read of one byte per page, or for writing an atomic OR of zero, which
-/// leaves the byte as it was whoever else writes it. Every range is checked
+/// read of every cache line of the page (which also brings it into the
+/// CPU's caches: a restored VM's memory is otherwise cold there), and for
+/// writing an atomic OR of zero into its first byte, which leaves the byte
+/// as it was whoever else writes it. Every range is checked
 /// against the end of guest memory before any page is touched.
 fn touch(payload: &[u8], memory_end: u64) -> Result<Touched, alloc::string::String> {
     let started = crate::clock::rdtsc();
@@ -154,6 +156,11 @@ fn touch(payload: &[u8], memory_end: u64) -> Result<Touched, alloc::string::Stri
         // Page 0 is never touched: a null pointer is not one to dereference.
         for page in r.first_page.max(1)..r.first_page + u64::from(r.pages) {
             let at = (page * PAGE) as usize;
+            // Every cache line of the page, into the CPU's caches.
+            for line in (0..PAGE as usize).step_by(64) {
+                // SAFETY: inside the page, which lies in guest memory.
+                unsafe { core::ptr::read_volatile((at + line) as *const u8) };
+            }
             if r.write {
                 // SAFETY: the page lies in guest memory, identity-mapped
                 // and writable (checked above); OR-ing zero changes nothing.
