@@ -173,6 +173,18 @@ fn every_two_seconds() -> TestResult {
         used >= 1 && state["predicted"].as_u64().unwrap_or(0) >= used,
         || format!("counters: {state}"),
     )?;
+    // Instances restored ahead had their guests touch the working set
+    // before serving; the restores for waiting calls (all of `manual`'s)
+    // did not.
+    let unused = state["prewarms_unused"].as_u64().unwrap_or(0);
+    let touched = emberd
+        .log
+        .text()
+        .matches("working set touched by the guest")
+        .count() as u64;
+    check(touched >= 1 && touched <= used + unused, || {
+        format!("{touched} touches logged for {used} + {unused} pre-warmed instances")
+    })?;
     // The counters reach /metrics too.
     let metrics = expect_status(client.request("GET", "/metrics", None), 200, "metrics")?;
     let text = String::from_utf8_lossy(&metrics.body).into_owned();

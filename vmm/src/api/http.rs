@@ -148,17 +148,30 @@ pub enum Parsed {
     Invalid(Response),
 }
 
+/// Bodies at least this long are read into a buffer of their own length
+/// and moved out of it, not copied (see [`parse_request`]).
+pub const LARGE_BODY: usize = 64 * 1024;
+
 /// Takes the first request out of `input` once it is whole, leaving what
-/// follows it: its body moves out of the buffer rather than being copied
-/// (an event of megabytes would be copied into fresh memory, a page fault
-/// per 4 KiB in a new process). `continue_sent` tells whether the
-/// `100 Continue` for it has already gone out.
+/// follows it. A large body ([`LARGE_BODY`]) moves out of the buffer
+/// rather than being copied: an event of megabytes would be copied into
+/// fresh memory, a page fault per 4 KiB in a new process. A small one is
+/// copied, and the buffer keeps its capacity for the next request.
+/// `continue_sent` tells whether the `100 Continue` for it has already
+/// gone out.
 pub fn parse_request(input: &mut Vec<u8>, continue_sent: bool) -> Parsed {
     match parse_head(input, continue_sent) {
         Ok(head) => {
-            let rest = input.split_off(head.total);
-            let mut body = std::mem::replace(input, rest);
-            body.drain(..head.len);
+            let body = if head.total - head.len >= LARGE_BODY {
+                let rest = input.split_off(head.total);
+                let mut body = std::mem::replace(input, rest);
+                body.drain(..head.len);
+                body
+            } else {
+                let body = input[head.len..head.total].to_vec();
+                input.drain(..head.total);
+                body
+            };
             Parsed::Request(
                 Request {
                     method: head.method,
@@ -316,6 +329,32 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_large_body_moves_out_and_a_small_one_leaves_the_buffer_its_capacity() {
+        let head = format!("POST /ember/invoke HTTP/1.1\r\nContent-Length: {LARGE_BODY}\r\n\r\n");
+        let mut input = head.clone().into_bytes();
+        input.extend(std::iter::repeat_n(7u8, LARGE_BODY));
+        input.extend_from_slice(b"GET /");
+        let body_at = input.as_ptr() as usize + head.len();
+        match parse_request(&mut input, false) {
+            Parsed::Request(req, _) => {
+                assert_eq!(req.body.len(), LARGE_BODY);
+                assert!(req.body.iter().all(|&b| b == 7));
+                // The body's buffer is the one it was read into.
+                assert_eq!(req.body.as_ptr() as usize, body_at - head.len());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(input, b"GET /");
+        let mut small = b"PUT /x HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}".to_vec();
+        small.reserve(1000);
+        let capacity = small.capacity();
+        assert!(
+            matches!(parse_request(&mut small, false), Parsed::Request(r, _) if r.body == b"{}")
+        );
+        assert!(small.is_empty() && small.capacity() == capacity);
     }
 
     #[test]
