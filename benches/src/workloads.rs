@@ -3,7 +3,10 @@
 //! Per example, in one run: the native build's time; the function's own
 //! time in a warm guest (its clock, the `X-Ember-Duration-Us` header) and
 //! the ratio; restore → first response against a warm response in the
-//! same restored VM, with and without working-set prefetch, interleaved;
+//! same restored VM, four ways interleaved (without the working set,
+//! populated on the host, touched by the guest with the request sent at
+//! once, touched before the request), split into the guest's part outside
+//! the function and ember-vmm's with the client;
 //! the pages the first invocation touches (its recorded working set); the
 //! template's Diff; the time ember-vmm takes to compile the module, fresh
 //! and from its cache. Then deploys of the largest example through emberd,
