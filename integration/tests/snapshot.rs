@@ -156,9 +156,30 @@ fn restore(
     prepared: bool,
     resume: bool,
 ) -> Result<(VmmProcess, ApiClient, serde_json::Value), String> {
+    restore_body(prepared, &load_body(files, resume))
+}
+
+/// As [`restore`], resumed, with `fields` added to the load request.
+fn restore_with(
+    files: &Files,
+    prepared: bool,
+    fields: serde_json::Value,
+) -> Result<(VmmProcess, ApiClient, serde_json::Value), String> {
+    let mut body = load_body(files, true);
+    if let (Some(body), Some(fields)) = (body.as_object_mut(), fields.as_object()) {
+        body.extend(fields.clone());
+    }
+    restore_body(prepared, &body)
+}
+
+/// Sends load request `body` to a fresh process; returns it and the answer.
+fn restore_body(
+    prepared: bool,
+    body: &serde_json::Value,
+) -> Result<(VmmProcess, ApiClient, serde_json::Value), String> {
     let (vmm, mut client) = fresh_vmm(prepared)?;
     let loaded = expect_status(
-        client.put_json("/snapshot/load", &load_body(files, resume)),
+        client.put_json("/snapshot/load", body),
         200,
         "PUT /snapshot/load",
     )
@@ -617,10 +638,8 @@ fn working_set() -> TestResult {
     })?;
     // ... or before it, when asked: then the read set is mapped shared
     // with the file and only the write set was copied.
-    let (sync_vmm, mut sync) = fresh_vmm(false)?;
-    let mut body = load_body(&files, true);
-    body["ember_prefetch_sync"] = json!(true);
-    let loaded = expect_status(sync.put_json("/snapshot/load", &body), 200, "load")?.json();
+    let (sync_vmm, mut sync, loaded) =
+        restore_with(&files, false, json!({ "ember_prefetch_sync": true }))?;
     check(loaded["working_set"] == "prefetched", || {
         format!("load answered {loaded}")
     })?;
@@ -637,10 +656,7 @@ fn working_set() -> TestResult {
     same(&invoke_ok(&mut sync, b"sync")?, b"sync")?;
 
     // Turned off, it neither populates nor records.
-    let (_vmm, mut third) = fresh_vmm(true)?;
-    let mut body = load_body(&files, true);
-    body["ember_prefetch"] = json!(false);
-    let loaded = expect_status(third.put_json("/snapshot/load", &body), 200, "load")?.json();
+    let (_vmm, mut third, loaded) = restore_with(&files, true, json!({ "ember_prefetch": false }))?;
     check(loaded["working_set"] == "off", || {
         format!("load answered {loaded}")
     })?;
@@ -656,16 +672,13 @@ fn touch() -> TestResult {
     let (_vmm, mut client) = boot_vm(false)?;
     load(&mut client, &example("echo.wasm")?)?;
     let (files, _) = snapshot(&mut client, "Full", &dir, "touch")?;
-    let touching_load =
-        |track: bool| -> Result<(VmmProcess, ApiClient, serde_json::Value), String> {
-            let (vmm, mut client) = fresh_vmm(true)?;
-            let mut body = load_body(&files, true);
-            body["ember_touch"] = json!(true);
-            body["track_dirty_pages"] = json!(track);
-            let loaded =
-                expect_status(client.put_json("/snapshot/load", &body), 200, "load")?.json();
-            Ok((vmm, client, loaded))
-        };
+    let touching_load = |track: bool| {
+        restore_with(
+            &files,
+            true,
+            json!({ "ember_touch": true, "track_dirty_pages": track }),
+        )
+    };
 
     // No working set yet: nothing to touch; this restore records one.
     let (vmm, mut first, loaded) = touching_load(false)?;

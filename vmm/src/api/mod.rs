@@ -58,7 +58,6 @@ const MAX_INPUT: usize = http::MAX_HEAD + http::MAX_BODY;
 /// Populates the pages of a buffer's spare capacity for writing when it
 /// is large (best effort: a refusal leaves the faults to the reads).
 fn populate_spare(buf: &mut Vec<u8>) {
-    const MADV_POPULATE_WRITE: libc::c_int = 23;
     const PAGE: usize = 4096;
     let spare = buf.spare_capacity_mut();
     let start = spare.as_mut_ptr() as usize;
@@ -69,7 +68,13 @@ fn populate_spare(buf: &mut Vec<u8>) {
     }
     // SAFETY: the range lies inside the vector's own allocation;
     // populating only faults its pages in, leaving their bytes alone.
-    unsafe { libc::madvise(first as *mut libc::c_void, end - first, MADV_POPULATE_WRITE) };
+    unsafe {
+        libc::madvise(
+            first as *mut libc::c_void,
+            end - first,
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
 }
 
 /// A connection's id: its event token less [`TOKEN_CONNECTIONS`].

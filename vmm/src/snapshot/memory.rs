@@ -847,8 +847,6 @@ impl WorkingSet {
     /// shared with the file). Ranges outside `mem` are skipped. Returns the
     /// pages populated (read, written).
     pub fn prefetch(&self, mem: HostMemory) -> (u64, u64) {
-        const MADV_POPULATE_READ: libc::c_int = 22;
-        const MADV_POPULATE_WRITE: libc::c_int = 23;
         let populate = |ranges: &[PageRange], advice| {
             let mut done = 0;
             for r in ranges {
@@ -873,8 +871,8 @@ impl WorkingSet {
             }
             done
         };
-        let written = populate(&self.written, MADV_POPULATE_WRITE);
-        (populate(&self.read, MADV_POPULATE_READ), written)
+        let written = populate(&self.written, libc::MADV_POPULATE_WRITE);
+        (populate(&self.read, libc::MADV_POPULATE_READ), written)
     }
 }
 

@@ -509,12 +509,15 @@ impl Vmm {
             touch_pages: 0,
             generation: self.generation,
         };
-        let mut touch_set = None;
         if params.ember_prefetch {
             match read_working_set(&ws_path, &state.id) {
                 Some(set) => {
                     if params.ember_touch && params.resume_vm {
-                        touch_set = Some(set.clone());
+                        // A VM that logs dirty pages only reads: a write
+                        // would put the page in its next Diff.
+                        let ranges = set.touch_ranges(&whole_runs(&state.memory), !tracking);
+                        loaded.touch_pages = ranges.iter().map(|r| u64::from(r.pages)).sum();
+                        self.touch_due = Some(ember_abi::mailbox::TouchList::encode(&ranges));
                     }
                     let (read, write) = set.counts();
                     loaded.prefetched_read_pages = read;
@@ -552,14 +555,6 @@ impl Vmm {
         if let Some(microvm) = &mut self.microvm {
             microvm.layers = memory_layers;
             microvm.backing = Backing::Files;
-            if let Some(set) = touch_set {
-                let whole: Vec<memory::Run> = whole_runs(&microvm.layers);
-                // A VM that logs dirty pages only reads: a write would put
-                // the page in its next Diff.
-                let ranges = set.touch_ranges(&whole, !tracking);
-                loaded.touch_pages = ranges.iter().map(|r| u64::from(r.pages)).sum();
-                self.touch_due = Some(ember_abi::mailbox::TouchList::encode(&ranges));
-            }
         }
         let now = Instant::now();
         self.started_at = Some(started);
