@@ -38,6 +38,10 @@ fn main() {
             touch,
         ),
         (
+            "hot_regions_are_copied_into_huge_pages_and_keep_the_vm_intact",
+            hot_regions,
+        ),
+        (
             "a_large_module_is_stored_in_whole_regions_and_restores_byte_identical",
             whole_regions,
         ),
@@ -727,6 +731,85 @@ fn touch() -> TestResult {
         })?;
     }
     Ok(())
+}
+
+/// `ember_hot_region_pages`: with a recorded working set, the regions in
+/// which the first invocation touched that many pages are copied into anonymous huge pages
+/// before the guest runs (prepared or not); the VM answers as before, a
+/// Full snapshot of it restores with the same state, and a VM that logs
+/// dirty pages gets none.
+fn hot_regions() -> TestResult {
+    let dir = fresh_dir()?;
+    let (_vmm, mut client) = boot_vm(false)?;
+    load(&mut client, &example("counter.wasm")?)?;
+    same(&invoke_ok(&mut client, b"")?, b"1\n")?;
+    let (files, _) = snapshot(&mut client, "Full", &dir, "hot")?;
+    let hot_load = |prepared: bool, track: bool| {
+        restore_with(
+            &files,
+            prepared,
+            json!({ "ember_hot_region_pages": 64, "track_dirty_pages": track }),
+        )
+    };
+
+    // No working set yet: nothing to copy; this restore records one.
+    let (vmm, mut first, loaded) = hot_load(true, false)?;
+    check(loaded["hot_regions"] == 0, || {
+        format!("load answered {loaded}")
+    })?;
+    same(&invoke_ok(&mut first, b"")?, b"2\n")?;
+    check(vmm.log.wait_for("working set recorded", PATIENCE), || {
+        format!("no working set recorded\n{}", vmm.transcript())
+    })?;
+
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| !s.contains("[never]"));
+    for prepared in [true, false] {
+        let (vmm, mut client, loaded) = hot_load(prepared, false)?;
+        let hot = loaded["hot_regions"].as_u64().unwrap_or(0);
+        check(hot > 0, || format!("load answered {loaded}"))?;
+        for want in [b"2\n", b"3\n", b"4\n"] {
+            same(&invoke_ok(&mut client, b"")?, want)?;
+        }
+        if thp {
+            let huge = anon_huge_kib(vmm.pid())?;
+            check(huge >= 2048, || {
+                format!("{huge} KiB in anonymous huge pages after {hot} hot regions")
+            })?;
+        }
+        // The copies are guest memory like any other: a Full snapshot of
+        // this VM restores with its state (the counter at 4).
+        if prepared {
+            let (again, _) = snapshot(&mut client, "Full", &dir, "hot-again")?;
+            let (_vmm, mut restored, _) = restore_with(&again, false, json!({}))?;
+            same(&invoke_ok(&mut restored, b"")?, b"5\n")?;
+        }
+    }
+    // No region has more pages than a region holds.
+    let (_vmm, mut none, loaded) =
+        restore_with(&files, true, json!({ "ember_hot_region_pages": 513 }))?;
+    check(loaded["hot_regions"] == 0, || {
+        format!("load answered {loaded}")
+    })?;
+    same(&invoke_ok(&mut none, b"")?, b"2\n")?;
+    // A VM that logs dirty pages keeps every page mapped from the files
+    // (its next Diff is made from the log).
+    let (_vmm, mut tracked, loaded) = hot_load(true, true)?;
+    check(loaded["hot_regions"] == 0, || {
+        format!("load answered {loaded}")
+    })?;
+    same(&invoke_ok(&mut tracked, b"")?, b"2\n")
+}
+
+/// KiB of a process's memory in anonymous transparent huge pages.
+fn anon_huge_kib(pid: u32) -> Result<u64, String> {
+    let rollup =
+        std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).map_err(|e| e.to_string())?;
+    Ok(rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("AnonHugePages:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0))
 }
 
 /// Resident and copied (written, so private) KiB of a VMM's mappings of

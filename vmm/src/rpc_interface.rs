@@ -155,6 +155,10 @@ pub struct SnapshotLoaded {
     /// Pages the guest is asked to touch once the load is answered (the
     /// working set and the whole regions; 0: none, see `ember_touch`).
     pub touch_pages: u64,
+    /// 2 MiB regions copied into anonymous huge pages (`ember_hot_region_pages`).
+    pub hot_regions: usize,
+    /// Time spent copying them, µs.
+    pub hot_us: u64,
     /// The restore generation given to the guest.
     pub generation: u64,
 }

@@ -425,11 +425,36 @@ impl Vmm {
         let host = microvm.host_memory();
         let layers =
             check_layers(&state.memory, top_path.as_deref(), host.len).map_err(load_error)?;
+        let ws_path = working_set_path(&params.snapshot_path);
+        let working_set = if params.ember_prefetch {
+            read_working_set(&ws_path, &state.id)
+        } else {
+            None
+        };
+        let hot_regions = match &working_set {
+            Some(set) if params.ember_hot_region_pages > 0 && !tracking => set.hot_regions(
+                host,
+                &whole_runs(&state.memory),
+                params.ember_hot_region_pages,
+                HOT_REGIONS_MAX,
+            ),
+            _ => Vec::new(),
+        };
 
         // Checked: from here on, a failure leaves a VM half restored, and
         // the process ends after answering.
         let result = (|| -> Result<_, String> {
             let mapped = map_layers(host, &layers).map_err(|e| e.to_string())?;
+            let hot_started = Instant::now();
+            let mut hot = 0;
+            for &region in &hot_regions {
+                // A failed copy only costs speed: the region stays mapped
+                // from the files.
+                match memory::make_anonymous(host, &layers, region) {
+                    Ok(()) => hot += 1,
+                    Err(e) => log::warn!("region {region} stays mapped from the files: {e}"),
+                }
+            }
             drop(layers);
             microvm
                 .vm
@@ -437,10 +462,11 @@ impl Vmm {
                 .map_err(|e| e.to_string())?;
             let _ = microvm.vm.take_dirty_log();
             microvm.vmm_writes().reset();
-            Ok(mapped)
+            Ok((mapped, hot, micros(hot_started)))
         })();
-        let mapped = match result {
-            Ok(mapped) => mapped,
+
+        let (mapped, hot_regions, hot_us) = match result {
+            Ok(done) => done,
             Err(e) => return Err(self.restore_failed(e)),
         };
         // vCPUs restored paused, whatever was asked: nothing runs before
@@ -495,7 +521,6 @@ impl Vmm {
         self.guest_info = session.guest_info.as_deref().and_then(GuestInfo::decode);
 
         // The working set: populate it if recorded, else record it.
-        let ws_path = working_set_path(&params.snapshot_path);
         let mut loaded = SnapshotLoaded {
             restore_us: 0,
             since_process_start_us: 0,
@@ -507,10 +532,12 @@ impl Vmm {
             prefetched_write_pages: 0,
             prefetch_us: 0,
             touch_pages: 0,
+            hot_regions,
+            hot_us,
             generation: self.generation,
         };
         if params.ember_prefetch {
-            match read_working_set(&ws_path, &state.id) {
+            match working_set {
                 Some(set) => {
                     if params.ember_touch && params.resume_vm {
                         // A VM that logs dirty pages only reads: a write
@@ -666,6 +693,10 @@ impl Vmm {
         }
     }
 }
+
+/// At most this many regions (16 MiB) are copied per VM: each costs its
+/// 2 MiB of private memory (docs/vmm.md, "Hot regions").
+const HOT_REGIONS_MAX: usize = 8;
 
 /// The runs of `layers` stored as whole 2 MiB regions.
 fn whole_runs(layers: &[MemoryLayer]) -> Vec<memory::Run> {

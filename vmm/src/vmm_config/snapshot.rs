@@ -75,6 +75,13 @@ pub struct LoadSnapshotParams {
     /// false).
     #[serde(default)]
     pub ember_touch: bool,
+    /// With a recorded working set and no dirty-page tracking: each 2 MiB
+    /// region in which the first invocation touched at least this many
+    /// pages is copied into an anonymous huge page before the vCPUs run
+    /// (docs/vmm.md, "Hot regions"; at most 8 regions). 0, the default:
+    /// none.
+    #[serde(default)]
+    pub ember_hot_region_pages: u64,
 }
 
 fn yes() -> bool {
