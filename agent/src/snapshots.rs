@@ -43,6 +43,14 @@ pub struct SnapshotFiles {
     pub mem: PathBuf,
 }
 
+/// A restore for a waiting request copies a 2 MiB region into a huge page
+/// when the template's first invocation touched at least this many of its
+/// pages (docs/vmm.md, "Hot regions"; measured in docs/BENCHMARKS.md).
+pub const HOT_REGION_PAGES: u64 = 256;
+
+/// … and a restore ahead of traffic (pre-warming), from this many.
+pub const HOT_REGION_PAGES_AHEAD: u64 = 128;
+
 impl SnapshotFiles {
     /// `dir/name.state` and `dir/name.mem`.
     pub fn in_dir(dir: &Path, name: &str) -> SnapshotFiles {
@@ -59,14 +67,25 @@ impl SnapshotFiles {
 
     /// The body of `PUT /snapshot/load`; `touch`: the VM is restored ahead
     /// of its requests, and its guest touches the template's working set
-    /// before the first (`ember_touch`, docs/vmm.md).
+    /// before the first (`ember_touch`, docs/vmm.md). A VM that does not
+    /// log dirty pages gets the regions its first invocation touches most
+    /// in huge pages of its own (`ember_hot_region_pages`): at least 256
+    /// pages touched for a restore a request waits on (where the copy must
+    /// cost less than the faults it saves), 128 for one ahead (where it
+    /// only has to make the touch and what it leaves cheaper).
     pub fn load_body(&self, track_dirty_pages: bool, touch: bool) -> serde_json::Value {
+        let hot_region_pages = match (track_dirty_pages, touch) {
+            (true, _) => 0,
+            (false, true) => HOT_REGION_PAGES_AHEAD,
+            (false, false) => HOT_REGION_PAGES,
+        };
         json!({
             "snapshot_path": self.state,
             "mem_backend": { "backend_type": "File", "backend_path": self.mem },
             "resume_vm": true,
             "track_dirty_pages": track_dirty_pages,
             "ember_touch": touch,
+            "ember_hot_region_pages": hot_region_pages,
         })
     }
 

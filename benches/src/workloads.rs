@@ -3,10 +3,10 @@
 //! Per example, in one run: the native build's time; the function's own
 //! time in a warm guest (its clock, the `X-Ember-Duration-Us` header) and
 //! the ratio; restore → first response against a warm response in the
-//! same restored VM, four ways interleaved (without the working set,
-//! populated on the host, touched by the guest with the request sent at
-//! once, touched before the request), split into the guest's part outside
-//! the function and ember-vmm's with the client;
+//! same restored VM, five ways interleaved (without the working set,
+//! populated on the host, touched by the guest before the request, the
+//! hot regions copied into huge pages, both), split into the guest's part
+//! outside the function and ember-vmm's with the client;
 //! the pages the first invocation touches (its recorded working set); the
 //! template's Diff; the time ember-vmm takes to compile the module, fresh
 //! and from its cache. Then deploys of the largest example through emberd,
@@ -131,42 +131,46 @@ fn run(
         table.push((example.name, figures.clone()));
         out.push(figures);
     }
-    println!("\nsummary (medians; first = restore answered → first response)");
     println!(
-        "{:<10} {:>10} {:>10} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9}",
-        "example",
-        "native us",
-        "guest us",
-        "ratio",
-        "warm us",
-        "first us",
-        "+ms",
-        "+prefetch",
-        "+ahead",
-        "pages",
-        "compile",
-        "cached"
+        "\nsummary (medians; first − warm in ms, by how the VM was restored; \
+         R+: the restore's own time added, for a request that waits on it)"
     );
+    let columns = [
+        ("none", "without prefetch", false),
+        ("prefetch", "with prefetch", false),
+        ("R+prefetch", "with prefetch", true),
+        ("hot", "hot regions", false),
+        ("R+hot", "hot regions", true),
+        ("ahead", "touched ahead", false),
+        ("hot+ahead", "hot regions, touched ahead", false),
+    ];
+    print!(
+        "{:<10} {:>9} {:>9} {:>6} {:>9}",
+        "example", "native us", "guest us", "ratio", "warm us"
+    );
+    for (title, _, _) in &columns {
+        print!(" {title:>10}");
+    }
+    println!(" {:>6} {:>8} {:>8}", "pages", "compile", "cached");
     for (name, f) in &table {
-        println!(
-            "{:<10} {:>10.0} {:>10.0} {:>6.2} {:>10.0} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>7.0}ms {:>7.1}ms",
+        print!(
+            "{:<10} {:>9.0} {:>9.0} {:>6.2} {:>9.0}",
             name,
             f["native_us"]["p50"].as_f64().unwrap_or(0.0),
             f["guest_function_us"]["p50"].as_f64().unwrap_or(0.0),
             f["guest_vs_native_p50"].as_f64().unwrap_or(0.0),
             f["warm_client_us"]["p50"].as_f64().unwrap_or(0.0),
-            f["first_client_us"]["without prefetch"]["p50"]
-                .as_f64()
-                .unwrap_or(0.0),
-            f["first_minus_warm_ms_p50"]["without prefetch"]
-                .as_f64()
-                .unwrap_or(0.0),
-            f["first_minus_warm_ms_p50"]["with prefetch"]
-                .as_f64()
-                .unwrap_or(0.0),
-            f["first_minus_warm_ms_p50"]["touched ahead"]
-                .as_f64()
-                .unwrap_or(0.0),
+        );
+        for (_, way, with_restore) in &columns {
+            let key = if *with_restore {
+                "restore_plus_first_minus_warm_ms"
+            } else {
+                "first_minus_warm_ms"
+            };
+            print!(" {:>10.2}", f[key][way]["p50"].as_f64().unwrap_or(0.0));
+        }
+        println!(
+            " {:>6} {:>6.0}ms {:>6.1}ms",
             f["first_invocation_pages"]["total"],
             f["compile_ms"].as_f64().unwrap_or(0.0),
             f["compile_cached_ms"].as_f64().unwrap_or(0.0),
@@ -377,17 +381,23 @@ fn one(
         })
     };
 
-    // Restore → first response, then warm responses in the same VM, four
+    // Restore → first response, then warm responses in the same VM, five
     // ways, interleaved: without the working set; with it populated on the
-    // host only; with the guest touching it too, the invocation sent at
-    // once (a restore for a waiting request) or after the touch (a VM
-    // restored ahead of its request, as emberd's pool and pre-warming do).
-    let modes = [
-        "without prefetch",
-        "with prefetch",
-        "touched, invoked at once",
-        "touched ahead",
+    // host only; with the guest touching it too before the request (a VM
+    // restored ahead of its request, as emberd's pre-warming does); with
+    // the hot regions copied into huge pages at the restore (emberd's
+    // restores for a waiting request); both (emberd's pre-warming).
+    // (label, prefetch, touch, wait for the touch, hot regions). A touch
+    // sent right before the request is left out: it measured 3–6 ms worse
+    // than none (docs/BENCHMARKS.md).
+    let ways = [
+        ("without prefetch", false, false, false, false),
+        ("with prefetch", true, false, false, false),
+        ("touched ahead", true, true, true, false),
+        ("hot regions", true, false, false, true),
+        ("hot regions, touched ahead", true, true, true, true),
     ];
+    let modes: Vec<&str> = ways.iter().map(|w| w.0).collect();
     let mut first: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut first_fn: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut load: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
@@ -399,6 +409,8 @@ fn one(
     let mut guest_ms: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut host_ms: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut touch_us = Vec::new();
+    let mut hot_regions: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut hot_us: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut touch_pages = Vec::new();
     let mut warm_client = Vec::new();
     let mut warm_fn = Vec::new();
@@ -406,16 +418,27 @@ fn one(
         let mode = i % modes.len();
         let child = bench.prepared(false)?;
         let mut client = child.client()?;
-        let mut body = template.load_body(mode >= 1, false);
-        body["ember_touch"] = json!(mode >= 2);
+        let (_, prefetch, touch, ahead, hot) = ways[mode];
+        let mut body = template.load_body(prefetch, false);
+        body["ember_touch"] = json!(touch);
+        // What emberd asks for (agent/src/snapshots.rs).
+        body["ember_hot_region_pages"] = json!(match (hot, ahead) {
+            (false, _) => 0,
+            (true, true) => 128,
+            (true, false) => 256,
+        });
         let (loaded, load_us) = call(&mut client, "PUT", "/snapshot/load", &body)?;
-        if mode >= 2 && loaded["touch_pages"].as_u64().unwrap_or(0) == 0 {
+        if hot {
+            hot_regions[mode].push(loaded["hot_regions"].as_f64().unwrap_or(0.0));
+            hot_us[mode].push(loaded["hot_us"].as_f64().unwrap_or(0.0));
+        }
+        if touch && loaded["touch_pages"].as_u64().unwrap_or(0) == 0 {
             return Err(format!(
                 "{}: the restore asked for no touch: {loaded}",
                 example.name
             ));
         }
-        if mode == 3 {
+        if ahead {
             // Requests wait for the touch: the status comes after it.
             let (status, _) = call(&mut client, "GET", "/ember/status", &json!(null))?;
             let touched = &status["touch"];
@@ -529,6 +552,21 @@ fn one(
         0,
     );
     let touched_pages = row("  pages it touched", &touch_pages, "pages", 0);
+    // The regions copied into huge pages, per way that asked for them.
+    let mut hot_json = serde_json::Map::new();
+    for (m, label) in modes.iter().enumerate() {
+        if hot_regions[m].is_empty() {
+            continue;
+        }
+        let regions = row(
+            &format!("regions copied into huge pages, {label}"),
+            &hot_regions[m],
+            "regions",
+            0,
+        );
+        let us = row("  time copying them", &hot_us[m], "us", 0);
+        hot_json.insert(label.to_string(), json!({ "regions": regions, "us": us }));
+    }
     let ratio = guest.p50 / native.p50;
     println!(
         "guest / native {ratio:.2}x; first invocation touches {} pages outside the {} pages of \
@@ -561,6 +599,7 @@ fn one(
         "first_minus_warm_split": split_json,
         "touch_us": touch,
         "touch_pages": touched_pages,
+        "hot_regions": hot_json,
         "first_invocation_pages": pages,
         "template_diff": { "pages": created["memory_pages"], "runs": created["memory_runs"], "duration_us": created["duration_us"], "files": template.sizes() },
         "compile_ms": loaded["compile_us"].as_f64().unwrap_or(0.0) / 1000.0,
