@@ -421,11 +421,11 @@ fn one(
         let (_, prefetch, touch, ahead, hot) = ways[mode];
         let mut body = template.load_body(prefetch, false);
         body["ember_touch"] = json!(touch);
-        // What emberd asks for (agent/src/snapshots.rs).
+        // What emberd asks for.
         body["ember_hot_region_pages"] = json!(match (hot, ahead) {
             (false, _) => 0,
-            (true, true) => 128,
-            (true, false) => 256,
+            (true, true) => ember_agent::snapshots::HOT_REGION_PAGES_AHEAD,
+            (true, false) => ember_agent::snapshots::HOT_REGION_PAGES,
         });
         let (loaded, load_us) = call(&mut client, "PUT", "/snapshot/load", &body)?;
         if hot {

@@ -142,8 +142,8 @@ pub enum Parsed {
     Incomplete,
     /// The head is complete and asks for `100 Continue` before the body.
     ExpectsContinue,
-    /// A whole request, taking the first `consumed` bytes.
-    Request(Request, usize),
+    /// A whole request, taken out of the input.
+    Request(Request),
     /// A request that cannot be served; answer and close the connection.
     Invalid(Response),
 }
@@ -172,15 +172,12 @@ pub fn parse_request(input: &mut Vec<u8>, continue_sent: bool) -> Parsed {
                 input.drain(..head.total);
                 body
             };
-            Parsed::Request(
-                Request {
-                    method: head.method,
-                    path: head.path,
-                    body,
-                    close: head.close,
-                },
-                head.total,
-            )
+            Parsed::Request(Request {
+                method: head.method,
+                path: head.path,
+                body,
+                close: head.close,
+            })
         }
         Err(parsed) => parsed,
     }
@@ -318,14 +315,13 @@ mod tests {
         assert_eq!(request_len(raw), Some(raw.len() - 5));
         assert_eq!(request_len(&raw[..20]), None);
         match parse_request(&mut input, false) {
-            Parsed::Request(req, used) => {
+            Parsed::Request(req) => {
                 // What follows stays for the next request.
                 assert_eq!(input, b"GET /");
                 assert_eq!(req.method, "PUT");
                 assert_eq!(req.path, "/machine-config");
                 assert_eq!(req.body, b"{}");
                 assert!(!req.close);
-                assert_eq!(used, raw.len() - 5);
             }
             other => panic!("{other:?}"),
         }
@@ -339,7 +335,7 @@ mod tests {
         input.extend_from_slice(b"GET /");
         let body_at = input.as_ptr() as usize + head.len();
         match parse_request(&mut input, false) {
-            Parsed::Request(req, _) => {
+            Parsed::Request(req) => {
                 assert_eq!(req.body.len(), LARGE_BODY);
                 assert!(req.body.iter().all(|&b| b == 7));
                 // The body's buffer is the one it was read into.
@@ -351,9 +347,7 @@ mod tests {
         let mut small = b"PUT /x HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}".to_vec();
         small.reserve(1000);
         let capacity = small.capacity();
-        assert!(
-            matches!(parse_request(&mut small, false), Parsed::Request(r, _) if r.body == b"{}")
-        );
+        assert!(matches!(parse_request(&mut small, false), Parsed::Request(r) if r.body == b"{}"));
         assert!(small.is_empty() && small.capacity() == capacity);
     }
 

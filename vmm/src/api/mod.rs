@@ -242,7 +242,7 @@ impl ApiServer {
                         break;
                     }
                     Parsed::Invalid(response) => conn.send_response(&response, true),
-                    Parsed::Request(request, _) => {
+                    Parsed::Request(request) => {
                         conn.continue_sent = false;
                         let close = request.close;
                         match parsed_request::parse(request) {

@@ -921,34 +921,7 @@ impl WorkingSet {
 /// and populated for writing.
 fn new_region() -> std::io::Result<usize> {
     let len = REGION_BYTES;
-    // Twice the size, to cut a 2 MiB-aligned stretch out of it.
-    // SAFETY: a new anonymous mapping that nothing else refers to.
-    let raw = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            2 * len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if raw == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    let raw = raw as usize;
-    let addr = raw.next_multiple_of(REGION_BYTES);
-    // SAFETY: the slack on either side of [addr, addr+len) is part of the
-    // mapping just made; unmapping it touches nothing else.
-    unsafe {
-        if addr > raw {
-            libc::munmap(raw as *mut libc::c_void, addr - raw);
-        }
-        let tail = raw + 2 * len - (addr + len);
-        if tail > 0 {
-            libc::munmap((addr + len) as *mut libc::c_void, tail);
-        }
-    }
+    let addr = crate::vstate::memory::map_aligned(len)?;
     for advice in [libc::MADV_HUGEPAGE, libc::MADV_POPULATE_WRITE] {
         // SAFETY: [addr, addr+len) is this function's own mapping; the
         // advice asks for a huge page, then faults it in.

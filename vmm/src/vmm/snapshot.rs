@@ -431,13 +431,11 @@ impl Vmm {
         } else {
             None
         };
+        let whole = whole_runs(&state.memory);
         let hot_regions = match &working_set {
-            Some(set) if params.ember_hot_region_pages > 0 && !tracking => set.hot_regions(
-                host,
-                &whole_runs(&state.memory),
-                params.ember_hot_region_pages,
-                HOT_REGIONS_MAX,
-            ),
+            Some(set) if params.ember_hot_region_pages > 0 && !tracking => {
+                set.hot_regions(host, &whole, params.ember_hot_region_pages, HOT_REGIONS_MAX)
+            }
             _ => Vec::new(),
         };
 
@@ -464,7 +462,6 @@ impl Vmm {
             microvm.vmm_writes().reset();
             Ok((mapped, hot, micros(hot_started)))
         })();
-
         let (mapped, hot_regions, hot_us) = match result {
             Ok(done) => done,
             Err(e) => return Err(self.restore_failed(e)),
@@ -542,7 +539,7 @@ impl Vmm {
                     if params.ember_touch && params.resume_vm {
                         // A VM that logs dirty pages only reads: a write
                         // would put the page in its next Diff.
-                        let ranges = set.touch_ranges(&whole_runs(&state.memory), !tracking);
+                        let ranges = set.touch_ranges(&whole, !tracking);
                         loaded.touch_pages = ranges.iter().map(|r| u64::from(r.pages)).sum();
                         self.touch_due = Some(ember_abi::mailbox::TouchList::encode(&ranges));
                     }

@@ -36,22 +36,21 @@ pub enum MemoryError {
 /// The alignment of guest memory in the VMM's address space.
 const ALIGN: usize = 2 << 20;
 
-/// Maps `size` bytes of guest memory at guest-physical 0 (untouched pages
-/// cost nothing), 2 MiB-aligned, and names the mapping. The mapping lives
-/// as long as the process (one VM per process): it is never unmapped.
-pub fn create_guest_memory(size: usize) -> Result<GuestMemoryMmap, MemoryError> {
-    use vm_memory::bitmap::NewBitmap;
-    use vm_memory::mmap::{GuestRegionMmap, MmapRegionBuilder};
-    let map_err = |source| MemoryError::Map { size, source };
-    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-    let prot = libc::PROT_READ | libc::PROT_WRITE;
+/// Protection and flags of [`map_aligned`]'s mappings.
+const PROT: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+const FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+
+/// Maps `size` bytes of anonymous private memory (read, write, no swap
+/// reserved) at a 2 MiB-aligned address, and returns the address: guest
+/// memory, and the huge pages a restore copies hot regions into.
+pub fn map_aligned(size: usize) -> std::io::Result<usize> {
     let padded = size
         .checked_add(ALIGN)
-        .ok_or_else(|| map_err(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
     // SAFETY: a fresh anonymous mapping; nothing else refers to it.
-    let raw = unsafe { libc::mmap(std::ptr::null_mut(), padded, prot, flags, -1, 0) };
+    let raw = unsafe { libc::mmap(std::ptr::null_mut(), padded, PROT, FLAGS, -1, 0) };
     if raw == libc::MAP_FAILED {
-        return Err(map_err(std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     let start = (raw as usize).next_multiple_of(ALIGN);
     let (head, tail) = (start - raw as usize, raw as usize + padded - (start + size));
@@ -66,13 +65,23 @@ pub fn create_guest_memory(size: usize) -> Result<GuestMemoryMmap, MemoryError> 
             libc::munmap((start + size) as *mut libc::c_void, tail);
         }
     }
+    Ok(start)
+}
+
+/// Maps `size` bytes of guest memory at guest-physical 0 (untouched pages
+/// cost nothing), 2 MiB-aligned, and names the mapping. The mapping lives
+/// as long as the process (one VM per process): it is never unmapped.
+pub fn create_guest_memory(size: usize) -> Result<GuestMemoryMmap, MemoryError> {
+    use vm_memory::bitmap::NewBitmap;
+    use vm_memory::mmap::{GuestRegionMmap, MmapRegionBuilder};
+    let start = map_aligned(size).map_err(|source| MemoryError::Map { size, source })?;
     // SAFETY: [start, start+size) is a mapping of ours with these
     // protections and flags, and it is never unmapped.
     let region = unsafe {
         MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
             .with_raw_mmap_pointer(start as *mut u8)
-            .with_mmap_prot(prot)
-            .with_mmap_flags(flags)
+            .with_mmap_prot(PROT)
+            .with_mmap_flags(FLAGS)
             .build()
     }
     .map_err(|e| MemoryError::Region(e.to_string(), size))?;
