@@ -3,11 +3,12 @@
 //! Everything that talks to a VMM runs on a blocking thread.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use ember_vmm::snapshot::memory::{self, SnapshotId};
 use serde_json::json;
 use tokio::sync::Notify;
 
@@ -181,6 +182,9 @@ pub struct Agent {
     pub store: FunctionStore,
     /// The base snapshot.
     pub base: SnapshotFiles,
+    /// The base snapshot's id: a template whose first layer is not this
+    /// one was built on another base (another guest image) and is rebuilt.
+    base_id: SnapshotId,
     /// Instances and affinity.
     pub pools: Mutex<Pools>,
     prepared: Mutex<Vec<Vmm>>,
@@ -286,7 +290,7 @@ impl Agent {
                 }
             }
         }
-        if !valid_snapshot(&base, config.base_mem_mib) {
+        if !valid_snapshot(&base, config.base_mem_mib, None) {
             tracing::info!("building the base snapshot in {}", base_dir.display());
             let stages = snapshots::build_base(
                 &supervisor,
@@ -296,6 +300,18 @@ impl Agent {
             )?;
             tracing::info!("base snapshot built: {:?}", stages.0);
         }
+        let base_id = ember_vmm::persist::MicrovmState::read(&base.state)
+            .map_err(|e| {
+                ApiError::new(
+                    500,
+                    "base_snapshot_unusable",
+                    format!(
+                        "the base snapshot {} is unusable: {e}",
+                        base.state.display()
+                    ),
+                )
+            })?
+            .id;
         // Bases of other keys (another image, format or host) are stale.
         if let Ok(entries) = std::fs::read_dir(&snap_dir) {
             for entry in entries.flatten() {
@@ -317,6 +333,7 @@ impl Agent {
             supervisor,
             store,
             base,
+            base_id,
             pools: Mutex::new(Pools::default()),
             prepared: Mutex::new(Vec::new()),
             next_vmm: AtomicU64::new(0),
@@ -554,7 +571,7 @@ impl Agent {
         }
         if rebuild {
             self.build_template(v)?;
-        } else if !valid_snapshot(&files, self.config.base_mem_mib) {
+        } else if !valid_snapshot(&files, self.config.base_mem_mib, Some(&self.base_id)) {
             tracing::warn!(
                 "template of {} v{} is missing or corrupt: rebuilding",
                 v.name,
@@ -1257,20 +1274,19 @@ fn wait_for(notified: tokio::sync::futures::Notified<'_>, at_most: Duration) {
 }
 
 /// Whether a snapshot's files exist and pass the checks a load makes
-/// before touching anything (container, consistency, memory files).
-fn valid_snapshot(files: &SnapshotFiles, mem_mib: usize) -> bool {
+/// before touching anything (container, consistency, memory files), and,
+/// given `base`, whether its first memory layer is that snapshot's.
+fn valid_snapshot(files: &SnapshotFiles, mem_mib: usize, base: Option<&SnapshotId>) -> bool {
     if !files.exist() {
         return false;
     }
     match ember_vmm::persist::MicrovmState::read(&files.state) {
         Ok(state) => {
+            let dir = files.state.parent().unwrap_or(Path::new("."));
+            let layers = memory::resolve_layers(&state.memory, dir, Some(&files.mem));
             state.mem_size_mib == mem_mib
-                && ember_vmm::snapshot::memory::check_layers(
-                    &state.memory,
-                    Some(&files.mem),
-                    (mem_mib as u64) << 20,
-                )
-                .is_ok()
+                && base.is_none_or(|id| layers.first().is_some_and(|l| l.id == *id))
+                && memory::check_layers(&layers, (mem_mib as u64) << 20).is_ok()
         }
         Err(e) => {
             tracing::warn!("snapshot {} is unusable: {e}", files.state.display());

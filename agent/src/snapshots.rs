@@ -283,6 +283,10 @@ pub fn build_template(
     let loaded = stages.time("load and initialise the module", || {
         vmm.call("PUT", "/ember/function", Some(&spec.function))
     })?;
+    // The template's state names its parent by file name in its own
+    // directory: the base's memory file is linked there (the same inode,
+    // no copy; it also keeps the template whole if the base is removed).
+    link_beside(&base.mem, &files.state)?;
     stages.time(
         "snapshot the template (Diff)",
         || -> Result<(), VmmError> {
@@ -294,9 +298,53 @@ pub fn build_template(
     Ok((stages, loaded.json()))
 }
 
+/// Hard-links `file` into the directory of `beside`, under its own name
+/// (replacing another file of that name; nothing to do if it is there).
+pub fn link_beside(file: &Path, beside: &Path) -> Result<PathBuf, SnapshotError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |what: String| move |source| SnapshotError::Io { what, source };
+    let name = file.file_name().unwrap_or_default();
+    let link = beside.parent().unwrap_or(Path::new(".")).join(name);
+    let target = std::fs::metadata(file).map_err(io(format!("cannot read {}", file.display())))?;
+    if let Ok(there) = std::fs::symlink_metadata(&link) {
+        if there.dev() == target.dev() && there.ino() == target.ino() {
+            return Ok(link);
+        }
+        std::fs::remove_file(&link).map_err(io(format!("cannot replace {}", link.display())))?;
+    }
+    std::fs::hard_link(file, &link).map_err(io(format!(
+        "cannot link {} to {} (the state directory must be one file system)",
+        file.display(),
+        link.display()
+    )))?;
+    Ok(link)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_beside_links_once_and_replaces_a_stale_file() {
+        let dir = std::env::temp_dir().join(format!("ember-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("base")).unwrap();
+        std::fs::create_dir_all(dir.join("v1")).unwrap();
+        let base = dir.join("base/base.mem");
+        std::fs::write(&base, b"base").unwrap();
+        let state = dir.join("v1/template.state");
+        let link = link_beside(&base, &state).unwrap();
+        assert_eq!(link, dir.join("v1/base.mem"));
+        assert_eq!(std::fs::read(&link).unwrap(), b"base");
+        // Again: kept.
+        assert_eq!(link_beside(&base, &state).unwrap(), link);
+        // A stale file of that name (an older base) is replaced.
+        std::fs::remove_file(&link).unwrap();
+        std::fs::write(&link, b"old").unwrap();
+        link_beside(&base, &state).unwrap();
+        assert_eq!(std::fs::read(&link).unwrap(), b"base");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// The digest is the same on every host CPU (the base snapshot's key
     /// must not change with the CPU emberd started on).

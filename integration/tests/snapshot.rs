@@ -437,8 +437,9 @@ fn twenty_restores() -> TestResult {
     Ok(())
 }
 
-/// Truncated, bit-flipped, wrong-version and wrong-size snapshots, and a
-/// snapshot of another shape than the process was prepared for: each is
+/// Truncated, bit-flipped, wrong-version, wrong-size and escaping (a layer
+/// named by a path out of the state's directory) snapshots, and a snapshot of
+/// another shape than the process was prepared for: each is
 /// refused with its own error, and the same process then restores the
 /// good snapshot.
 fn corrupt_snapshots() -> TestResult {
@@ -459,9 +460,19 @@ fn corrupt_snapshots() -> TestResult {
     flipped_bytes[state.len() / 2] ^= 0x04;
     let flipped = variant("flipped", &flipped_bytes)?;
     let mut version_bytes = state.clone();
-    version_bytes[8] = 2;
+    version_bytes[8] = version_bytes[8].wrapping_add(1);
     let wrong_version = variant("version", &version_bytes)?;
     let not_a_snapshot = variant("garbage", b"this is not a snapshot state file at all")?;
+    // Well-formed containers (checksums right) whose memory layer names a
+    // path out of the state's directory: refused before any file opens.
+    let mut escaping = Vec::new();
+    for (i, name) in ["../0/good.mem", "/etc/passwd"].into_iter().enumerate() {
+        let mut hostile =
+            ember_vmm::persist::MicrovmState::read(&good.state).map_err(|e| fail(e.to_string()))?;
+        hostile.memory[0].path = PathBuf::from(name);
+        let bytes = hostile.encode().map_err(|e| fail(e.to_string()))?;
+        escaping.push(variant(&format!("escaping{i}"), &bytes)?);
+    }
     let short_mem = dir.join("short.mem");
     std::fs::copy(&good.mem, &short_mem).map_err(|e| fail(e.to_string()))?;
     let file = std::fs::OpenOptions::new()
@@ -478,9 +489,11 @@ fn corrupt_snapshots() -> TestResult {
     for (files, text) in [
         (&truncated, "declares a payload"),
         (&flipped, "checksum"),
-        (&wrong_version, "format version 2.0"),
+        (&wrong_version, "format version 3.0"),
         (&not_a_snapshot, "not an Ember snapshot state file"),
         (&wrong_size, "the snapshot expects"),
+        (&escaping[0], "never a path out of it"),
+        (&escaping[1], "never a path out of it"),
     ] {
         expect_fault(
             client.put_json("/snapshot/load", &load_body(files, true)),

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::SerialDeviceState;
 use crate::devices::mailbox::MailboxState;
-use crate::snapshot::memory::{MemoryLayer, SnapshotId};
+use crate::snapshot::memory::{self, MemoryLayer, SnapshotId};
 use crate::snapshot::{self, SnapshotFileError, STATE_MAGIC};
 use crate::vmm_config::machine_config::{MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
 use crate::vstate::vcpu::VcpuState;
@@ -150,6 +150,16 @@ impl MicrovmState {
             Some(first) if first.runs.is_none() => {}
             _ => return bad("its memory does not start with a Full memory file".into()),
         }
+        if let Some(layer) = self
+            .memory
+            .iter()
+            .find(|layer| !memory::is_layer_name(&layer.path))
+        {
+            return bad(format!(
+                "it names a memory layer {:?}: a layer is named by a file name in the state file's directory, never a path out of it",
+                layer.path
+            ));
+        }
         if self.memory.iter().skip(1).any(|layer| layer.runs.is_none()) {
             return bad("a Full memory file is layered over another".into());
         }
@@ -256,13 +266,13 @@ mod tests {
             host_cpuid: vec![Default::default()],
             memory: vec![
                 MemoryLayer {
-                    path: PathBuf::from("/s/base.mem"),
+                    path: PathBuf::from("base.mem"),
                     id: [1; 16],
                     file_len: (128 << 20) + 4096,
                     runs: None,
                 },
                 MemoryLayer {
-                    path: PathBuf::from("/s/diff.mem"),
+                    path: PathBuf::from("diff.mem"),
                     id: [7; 16],
                     file_len: 3 * 4096,
                     runs: Some(vec![Run {
@@ -355,6 +365,14 @@ mod tests {
             |s| s.memory[1].runs = None,
             "a Full memory file is layered over another",
         );
+        // A layer is a file name in the state's own directory: a hostile
+        // state cannot make the VMM open (and map) a file elsewhere.
+        for name in ["/etc/shadow", "../base.mem", "..", ".", "a/b.mem", ""] {
+            let mut s = state();
+            s.memory[0].path = PathBuf::from(name);
+            let err = s.check().unwrap_err().to_string();
+            assert!(err.contains("never a path out of it"), "{name}: {err}");
+        }
         refused(
             |s| {
                 s.memory[1].runs = Some(vec![

@@ -53,8 +53,10 @@ pub struct Run {
 /// One memory file a snapshot's guest memory is made of.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryLayer {
-    /// Where the file was written (the newest layer may be named anew at
-    /// load, by `mem_backend.backend_path`).
+    /// In a state file: the file's name, in the state file's own
+    /// directory (never a path out of it; the newest layer may be named
+    /// anew at load, by `mem_backend.backend_path`). In a live VM: the
+    /// file's absolute path, resolved at load or create.
     pub path: PathBuf,
     /// The id of the snapshot that wrote it (also in its trailer).
     pub id: SnapshotId,
@@ -62,6 +64,16 @@ pub struct MemoryLayer {
     pub file_len: u64,
     /// `None` for a Full file (all of guest memory); the runs for a Diff.
     pub runs: Option<Vec<Run>>,
+}
+
+/// Whether `path` is a layer's name as a state file records it: one plain
+/// file name, no directory, no `.` or `..`.
+pub fn is_layer_name(path: &Path) -> bool {
+    let mut parts = path.components();
+    matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    )
 }
 
 impl MemoryLayer {
@@ -124,6 +136,15 @@ pub enum MemoryFileError {
         guest_page: u64,
         /// Pages.
         pages: u64,
+    },
+    /// memory file {path} has overlapping runs (at guest page {guest_page} or file page {file_page}): corrupt or hostile state
+    Overlap {
+        /// The file.
+        path: PathBuf,
+        /// Where guest ranges overlap (or the run's own start).
+        guest_page: u64,
+        /// Where file ranges overlap (or the run's own start).
+        file_page: u64,
     },
     /// cannot map memory file {path} into guest memory: {source}
     Map {
@@ -542,22 +563,16 @@ pub struct CheckedLayer {
     runs: Option<Vec<Run>>,
 }
 
-/// Opens and checks every layer (`top_path` names the newest one, when the
-/// load request gives its path). Nothing is mapped yet.
+/// Opens and checks every layer, each at its resolved path
+/// ([`resolve_layers`]). Nothing is mapped yet.
 pub fn check_layers(
     layers: &[MemoryLayer],
-    top_path: Option<&Path>,
     mem_len: u64,
 ) -> Result<Vec<CheckedLayer>, MemoryFileError> {
-    let last = layers.len().saturating_sub(1);
     layers
         .iter()
-        .enumerate()
-        .map(|(i, layer)| {
-            let path = match top_path {
-                Some(path) if i == last => path.to_path_buf(),
-                _ => layer.path.clone(),
-            };
+        .map(|layer| {
+            let path = layer.path.clone();
             let file = open_regular(&path).map_err(|source| MemoryFileError::Open {
                 path: path.clone(),
                 source,
@@ -615,6 +630,13 @@ pub fn check_layers(
                             });
                         }
                     }
+                    if let Some((guest_page, file_page)) = overlap(runs) {
+                        return Err(MemoryFileError::Overlap {
+                            path,
+                            guest_page,
+                            file_page,
+                        });
+                    }
                 }
                 None => {}
             }
@@ -625,6 +647,43 @@ pub fn check_layers(
             })
         })
         .collect()
+}
+
+/// A state file's layers with their paths resolved: each name in
+/// `state_dir`, the newest at `top` when the load request names it.
+pub fn resolve_layers(
+    layers: &[MemoryLayer],
+    state_dir: &Path,
+    top: Option<&Path>,
+) -> Vec<MemoryLayer> {
+    let last = layers.len().saturating_sub(1);
+    layers
+        .iter()
+        .enumerate()
+        .map(|(i, layer)| MemoryLayer {
+            path: match top {
+                Some(top) if i == last => top.to_path_buf(),
+                _ => state_dir.join(&layer.path),
+            },
+            ..layer.clone()
+        })
+        .collect()
+}
+
+/// Where two of `runs` (each already inside its bounds) overlap in guest
+/// memory or in the file: the later run's guest and file page.
+fn overlap(runs: &[Run]) -> Option<(u64, u64)> {
+    let mut by_guest: Vec<&Run> = runs.iter().collect();
+    by_guest.sort_unstable_by_key(|r| r.guest_page);
+    let mut by_file = by_guest.clone();
+    by_file.sort_unstable_by_key(|r| r.file_page);
+    let guest = by_guest
+        .windows(2)
+        .find(|w| w[0].guest_page + w[0].pages > w[1].guest_page);
+    let file = by_file
+        .windows(2)
+        .find(|w| w[0].file_page + w[0].pages > w[1].file_page);
+    guest.or(file).map(|w| (w[1].guest_page, w[1].file_page))
 }
 
 /// Opens `path` for reading without blocking, if it is a regular file.
@@ -1390,7 +1449,7 @@ mod tests {
             },
             len,
         };
-        let checked = check_layers(&layers, None, len).unwrap();
+        let checked = check_layers(&layers, len).unwrap();
         let mapped = map_layers(target, &checked).unwrap();
         assert_eq!(mapped.runs, 3);
         if std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
@@ -1461,7 +1520,7 @@ mod tests {
             },
         ];
         let target_mem = anon(len);
-        let checked = check_layers(&layers, None, len).unwrap();
+        let checked = check_layers(&layers, len).unwrap();
         assert_eq!(map_layers(target_mem, &checked).unwrap().runs, 2);
         // SAFETY: the mapping is `len` bytes and ours.
         let restored =
@@ -1472,13 +1531,13 @@ mod tests {
         let mut swapped = layers.clone();
         swapped[1].path = full.clone();
         assert!(matches!(
-            check_layers(&swapped, None, len).err().unwrap(),
+            check_layers(&swapped, len).err().unwrap(),
             MemoryFileError::Size { .. }
         ));
         let mut foreign = layers.clone();
         foreign[0].id = [9; 16];
         assert!(matches!(
-            check_layers(&foreign, None, len).err().unwrap(),
+            check_layers(&foreign, len).err().unwrap(),
             MemoryFileError::Foreign { .. }
         ));
         // A file of the right length without a trailer.
@@ -1487,7 +1546,7 @@ mod tests {
         let mut no_trailer = layers.clone();
         no_trailer[1].path = plain.clone();
         assert!(matches!(
-            check_layers(&no_trailer, None, len).err().unwrap(),
+            check_layers(&no_trailer, len).err().unwrap(),
             MemoryFileError::NoTrailer { .. }
         ));
         // Runs of no pages, or past memory or the file, are refused.
@@ -1517,12 +1576,21 @@ mod tests {
             bad[1].runs = Some(vec![bad_run]);
             assert!(
                 matches!(
-                    check_layers(&bad, None, len).err(),
+                    check_layers(&bad, len).err(),
                     Some(MemoryFileError::BadRun { .. })
                 ),
                 "{bad_run:?}"
             );
         }
+        // Two runs over the same guest page (each inside its bounds): a
+        // hostile state, refused before anything is mapped.
+        let mut twice = layers.clone();
+        let one = layers[1].runs.as_ref().unwrap()[0];
+        twice[1].runs = Some(vec![one, one]);
+        assert!(matches!(
+            check_layers(&twice, len).err().unwrap(),
+            MemoryFileError::Overlap { .. }
+        ));
         // A length below one page (no room for a trailer) is refused, not
         // an underflow.
         let tiny = dir.join("tiny.mem");
@@ -1531,9 +1599,57 @@ mod tests {
         short[1].path = tiny;
         short[1].file_len = 1;
         assert!(matches!(
-            check_layers(&short, None, len).err().unwrap(),
+            check_layers(&short, len).err().unwrap(),
             MemoryFileError::Size { .. }
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn overlapping_runs_are_found_in_guest_memory_and_in_the_file() {
+        let run = |guest_page, file_page, pages| Run {
+            guest_page,
+            file_page,
+            pages,
+        };
+        // Apart in both, in any order.
+        assert_eq!(
+            overlap(&[run(10, 0, 2), run(0, 2, 10), run(12, 12, 1)]),
+            None
+        );
+        assert_eq!(overlap(&[]), None);
+        // Guest ranges overlap (listed out of order).
+        assert_eq!(overlap(&[run(20, 0, 5), run(16, 5, 5)]), Some((20, 0)));
+        // File ranges overlap, guest ranges apart.
+        assert_eq!(overlap(&[run(0, 0, 4), run(100, 3, 1)]), Some((100, 3)));
+        // Whole regions first in the file, guest order otherwise: fine.
+        assert_eq!(overlap(&[run(512, 0, 512), run(3, 512, 1)]), None);
+    }
+
+    #[test]
+    fn layer_names_are_plain_file_names() {
+        assert!(is_layer_name(Path::new("base.mem")));
+        assert!(is_layer_name(Path::new("template.mem")));
+        for bad in ["", ".", "..", "/base.mem", "../base.mem", "a/base.mem", "/"] {
+            assert!(!is_layer_name(Path::new(bad)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn layers_resolve_in_the_state_directory_and_the_top_where_the_request_says() {
+        let layer = |name: &str| MemoryLayer {
+            path: PathBuf::from(name),
+            id: [0; 16],
+            file_len: PAGE,
+            runs: None,
+        };
+        let layers = [layer("base.mem"), layer("template.mem")];
+        let dir = Path::new("/jail/snap");
+        let resolved = resolve_layers(&layers, dir, None);
+        assert_eq!(resolved[0].path, Path::new("/jail/snap/base.mem"));
+        assert_eq!(resolved[1].path, Path::new("/jail/snap/template.mem"));
+        let moved = resolve_layers(&layers, dir, Some(Path::new("/elsewhere/t.mem")));
+        assert_eq!(moved[0].path, Path::new("/jail/snap/base.mem"));
+        assert_eq!(moved[1].path, Path::new("/elsewhere/t.mem"));
     }
 }

@@ -32,7 +32,9 @@ pub const STATE_MAGIC: [u8; 8] = *b"EMBRSx86";
 pub const WORKING_SET_MAGIC: [u8; 8] = *b"EMBRWx86";
 
 /// The container format's major version: a reader refuses any other.
-pub const FORMAT_MAJOR: u16 = 1;
+/// 2: a state file names its memory layers by file name, in its own
+/// directory (1 recorded absolute paths).
+pub const FORMAT_MAJOR: u16 = 2;
 /// The container format's minor version: a reader refuses a newer one
 /// (added fields it would not understand), reads older ones.
 pub const FORMAT_MINOR: u16 = 0;
@@ -404,10 +406,16 @@ mod tests {
     #[test]
     fn other_major_and_newer_minor_are_refused() {
         let mut bytes = encode(STATE_MAGIC, &sample()).unwrap();
-        bytes[8] = 2;
+        bytes[8] = (FORMAT_MAJOR + 1) as u8;
         assert!(matches!(
             decode_sample(&bytes).unwrap_err(),
-            SnapshotFileError::Version { major: 2, .. }
+            SnapshotFileError::Version { major, .. } if major == FORMAT_MAJOR + 1
+        ));
+        let mut bytes = encode(STATE_MAGIC, &sample()).unwrap();
+        bytes[8] = (FORMAT_MAJOR - 1) as u8;
+        assert!(matches!(
+            decode_sample(&bytes).unwrap_err(),
+            SnapshotFileError::Version { .. }
         ));
         let mut bytes = encode(STATE_MAGIC, &sample()).unwrap();
         bytes[10] = (FORMAT_MINOR + 1) as u8;

@@ -92,6 +92,42 @@ fn absolute(path: &Path) -> std::io::Result<PathBuf> {
     }
 }
 
+/// A Diff's state names its parents by file name in its own directory:
+/// each must be there (the same file, e.g. a hard link) and none may share
+/// the new layer's name.
+fn check_parents_beside(
+    parents: &[MemoryLayer],
+    snapshot_dir: &Path,
+    mem_name: &Path,
+) -> Result<(), String> {
+    for parent in parents {
+        let Some(name) = parent.path.file_name() else {
+            return Err(format!(
+                "parent layer {} has no file name",
+                parent.path.display()
+            ));
+        };
+        if name == mem_name {
+            return Err(format!(
+                "mem_file_path's name {} is also a parent layer's ({}): a state file names its layers by file name, so they must differ",
+                mem_name.display(),
+                parent.path.display()
+            ));
+        }
+        let beside = snapshot_dir.join(name);
+        if !same_file(&beside, &parent.path) {
+            return Err(format!(
+                "parent layer {} is not in the snapshot's directory {} (a state file names its layers by file name in its own directory): link it there first (ln {} {})",
+                parent.path.display(),
+                snapshot_dir.display(),
+                parent.path.display(),
+                beside.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether `a` and `b` are the same file (same path, or the same inode).
 fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -212,6 +248,21 @@ impl Vmm {
                 "snapshot_path and mem_file_path name the same file",
             ));
         }
+        let mem_name = mem_path
+            .file_name()
+            .map(PathBuf::from)
+            .ok_or_else(|| create_error("mem_file_path names no file"))?;
+        let snapshot_dir = snapshot_path.parent().unwrap_or(Path::new("/"));
+        for file in [&mem_path, &snapshot_path] {
+            let dir = file.parent().unwrap_or(Path::new("/"));
+            if !dir.is_dir() {
+                return Err(create_error(format!(
+                    "cannot write {}: the directory {} does not exist",
+                    file.display(),
+                    dir.display()
+                )));
+            }
+        }
         if diff {
             if let Some(parent) = microvm
                 .layers
@@ -223,6 +274,7 @@ impl Vmm {
                     parent.path.display()
                 )));
             }
+            check_parents_beside(&microvm.layers, snapshot_dir, &mem_name).map_err(create_error)?;
         }
         let id = random_id().map_err(|e| create_error(format!("no entropy for an id: {e}")))?;
 
@@ -287,17 +339,29 @@ impl Vmm {
                         .map_err(create_error)?;
                 (stats, None, file)
             };
-            let mut layers = if diff {
+            let mut live = if diff {
                 microvm.layers.clone()
             } else {
                 Vec::new()
             };
-            layers.push(MemoryLayer {
+            live.push(MemoryLayer {
                 path: mem_path.clone(),
                 id,
                 file_len: stats.file_len,
                 runs,
             });
+            // The state names each layer in its own directory.
+            let layers = live
+                .iter()
+                .map(|layer| MemoryLayer {
+                    path: layer
+                        .path
+                        .file_name()
+                        .map(PathBuf::from)
+                        .unwrap_or_default(),
+                    ..layer.clone()
+                })
+                .collect();
             let state = MicrovmState {
                 vmm_version: crate::VMM_VERSION.to_string(),
                 id,
@@ -330,9 +394,9 @@ impl Vmm {
             };
             renamed(mem_file)?;
             renamed(state_file)?;
-            Ok((state, stats, bytes.len()))
+            Ok((state, live, stats, bytes.len()))
         })();
-        let (state, stats, state_bytes) = match outcome {
+        let (state, live, stats, state_bytes) = match outcome {
             Ok(done) => done,
             Err(e) => {
                 for (word_index, word) in dirty.iter().enumerate() {
@@ -348,7 +412,7 @@ impl Vmm {
         let restore_runs = state.restore_runs();
         let layer_count = state.memory.len();
         if let Some(microvm) = &mut self.microvm {
-            microvm.layers = state.memory;
+            microvm.layers = live;
         }
         self.snapshots_created += 1;
         let created = SnapshotCreated {
@@ -378,6 +442,15 @@ impl Vmm {
         }
         let top_path = params.memory_path().map_err(load_error)?;
         let state = MicrovmState::read(&params.snapshot_path).map_err(load_error)?;
+        // Layers are named in the state file's directory; the newest may
+        // be named by the request.
+        let state_path = absolute(&params.snapshot_path).map_err(load_error)?;
+        let top_path = match top_path {
+            Some(top) => Some(absolute(&top).map_err(load_error)?),
+            None => None,
+        };
+        let state_dir = state_path.parent().unwrap_or(Path::new("/"));
+        let memory_layers = memory::resolve_layers(&state.memory, state_dir, top_path.as_deref());
         let was_prepared = self.prepared;
         if self.microvm.is_none() {
             // Not prepared: build the VM to the snapshot's shape now. If a
@@ -423,9 +496,8 @@ impl Vmm {
         crate::arch::x86_64::cpuid::check_compatible(&state.host_cpuid, &microvm.supported_cpuid)
             .map_err(load_error)?;
         let host = microvm.host_memory();
-        let layers =
-            check_layers(&state.memory, top_path.as_deref(), host.len).map_err(load_error)?;
-        let ws_path = working_set_path(&params.snapshot_path);
+        let layers = check_layers(&memory_layers, host.len).map_err(load_error)?;
+        let ws_path = working_set_path(&state_path);
         let working_set = if params.ember_prefetch {
             read_working_set(&ws_path, &state.id)
         } else {
@@ -571,10 +643,6 @@ impl Vmm {
                     });
                 }
             }
-        }
-        let mut memory_layers = state.memory;
-        if let (Some(top), Some(last)) = (top_path, memory_layers.last_mut()) {
-            last.path = absolute(&top).unwrap_or(top);
         }
         if let Some(microvm) = &mut self.microvm {
             microvm.layers = memory_layers;
