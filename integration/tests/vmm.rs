@@ -71,6 +71,10 @@ fn main() {
             crash_before_mailbox,
         ),
         ("console_input_reaches_the_uart", console_input),
+        (
+            "console_output_stops_at_its_limit_and_the_vm_goes_on",
+            console_limit,
+        ),
         ("failed_start_can_be_retried", failed_start_can_be_retried),
         (
             "hung_guest_times_out_and_the_vm_is_stopped_with_code_13",
@@ -494,6 +498,27 @@ fn console_input() -> TestResult {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    shutdown(&mut vmm, &mut client)
+}
+
+/// A console capped at 8 bytes: the guest's boot line is cut there, one
+/// note follows, the rest is counted as dropped, and the VM still answers.
+fn console_limit() -> TestResult {
+    let (mut vmm, mut client) = boot(1, 128, &["--serial-out-limit", "8"])?;
+    echo_ok(&mut client, b"after the cap", "echo")?;
+    let status = get_json(&mut client, "/ember/status")?;
+    let dropped = status["console_dropped_bytes"].as_u64().unwrap_or(0);
+    check(dropped >= "EMBER-GUEST-READY\n".len() as u64 - 8, || {
+        format!("status {status}")
+    })?;
+    let note =
+        "EMBER-GU\n[ember-vmm: the console reached its limit of 8 bytes; the rest is dropped]\n";
+    check(vmm.serial.wait_for(note, PATIENCE), || {
+        format!("console: {:?}", vmm.serial.text())
+    })?;
+    check(vmm.serial.text() == note, || {
+        format!("console: {:?}", vmm.serial.text())
+    })?;
     shutdown(&mut vmm, &mut client)
 }
 

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ember_vmm::devices::legacy::serial::ConsoleSink;
+use ember_vmm::devices::legacy::serial::{ConsoleSink, DEFAULT_CONSOLE_LIMIT};
 use ember_vmm::resources::VmResources;
 use ember_vmm::vmm::{Vmm, VmmOptions};
 use ember_vmm::{api, logger, seccomp, vstate, ExitCode};
@@ -28,6 +28,10 @@ struct Args {
     /// Write the guest's serial console to this file instead of stdout.
     #[arg(long, value_name = "FILE")]
     serial_out: Option<PathBuf>,
+    /// Console bytes written at most (a file's earlier contents count);
+    /// the rest is dropped after one line saying so.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CONSOLE_LIMIT)]
+    serial_out_limit: u64,
     /// Log level on stderr: error, warn, info, debug or trace.
     #[arg(long, default_value = "warn", value_parser = parse_level)]
     log_level: log::LevelFilter,
@@ -166,7 +170,7 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
             .append(true)
             .open(path)
         {
-            Ok(file) => ConsoleSink::File(file),
+            Ok(file) => ConsoleSink::file(file, args.serial_out_limit),
             Err(e) => {
                 return fail(
                     ExitCode::GenericError,
@@ -174,7 +178,7 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
                 )
             }
         },
-        None => ConsoleSink::Stdout(std::io::stdout()),
+        None => ConsoleSink::stdout(args.serial_out_limit),
     };
 
     let resources = match &args.config_file {

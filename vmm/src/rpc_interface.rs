@@ -383,6 +383,9 @@ pub struct EmberStatus {
     pub delivered_while_preparing: u64,
     /// Console bytes the output refused.
     pub console_lost_bytes: u64,
+    /// Console bytes dropped because the console reached its limit
+    /// (`--serial-out-limit`).
+    pub console_dropped_bytes: u64,
     /// Console input (stdin) bytes handed to the guest's UART.
     pub console_input_bytes: u64,
     /// Console input bytes dropped because the UART's receive FIFO was full.

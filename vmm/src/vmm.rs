@@ -1433,6 +1433,7 @@ impl Vmm {
             answers_from_memory: self.answers_from_memory,
             delivered_while_preparing: self.deliveries_while_preparing,
             console_lost_bytes: serial.map_or(0, |s| s.lost_bytes),
+            console_dropped_bytes: self.console.dropped_bytes(),
             console_input_bytes: serial.map_or(0, |s| s.input_bytes),
             console_input_dropped_bytes: serial.map_or(0, |s| s.dropped_input_bytes),
             generation: self.generation,

@@ -23,6 +23,11 @@ pub mod log;
 
 use log::{InstanceTag, VmmLog, VmmLogs};
 
+/// Console bytes a VMM may write to `vms/<id>.console` (the guest writes
+/// it; past this the VMM drops the rest, so a flooding guest cannot fill
+/// the disk).
+pub const CONSOLE_LIMIT: u64 = 1 << 20;
+
 /// How long a VMM may take to listen, and a request to be answered.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -184,6 +189,8 @@ impl Supervisor {
             .arg(&sock)
             .args(["--id", id, "--log-level", &self.log_level, "--serial-out"])
             .arg(self.run_dir.join(format!("{id}.console")))
+            .arg("--serial-out-limit")
+            .arg(CONSOLE_LIMIT.to_string())
             .args(
                 self.compile_cache
                     .iter()

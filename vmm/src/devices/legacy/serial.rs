@@ -4,27 +4,118 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
 
 use crate::devices::EventFdTrigger;
 
-/// Where the guest's console goes.
-pub enum ConsoleSink {
-    /// The VMM's standard output.
-    Stdout(io::Stdout),
-    /// A file (`--serial-out`).
+/// Where the guest's console goes, and how much of it: past `limit`
+/// bytes (counted over the process's life, from the file's length when it
+/// was opened) the output is dropped, after one line saying so. The guest
+/// writes its console; a guest that floods it must not fill the host's
+/// disk.
+pub struct ConsoleSink {
+    target: ConsoleTarget,
+    limit: u64,
+    counts: Arc<ConsoleCounts>,
+}
+
+/// The output itself.
+enum ConsoleTarget {
+    Stdout,
     File(File),
 }
 
+/// Shared by every handle on one console.
+#[derive(Default)]
+struct ConsoleCounts {
+    written: AtomicU64,
+    dropped: AtomicU64,
+    noted: AtomicBool,
+}
+
+/// Console bytes a VMM writes by default before it drops the rest.
+pub const DEFAULT_CONSOLE_LIMIT: u64 = 4 << 20;
+
 impl ConsoleSink {
-    /// Another handle on the same output.
+    /// The VMM's standard output, `limit` bytes at most.
+    pub fn stdout(limit: u64) -> Self {
+        ConsoleSink {
+            target: ConsoleTarget::Stdout,
+            limit,
+            counts: Arc::default(),
+        }
+    }
+
+    /// `file` (opened for appending), up to `limit` bytes long.
+    pub fn file(file: File, limit: u64) -> Self {
+        let counts = ConsoleCounts::default();
+        counts
+            .written
+            .store(file.metadata().map_or(0, |m| m.len()), Ordering::Relaxed);
+        ConsoleSink {
+            target: ConsoleTarget::File(file),
+            limit,
+            counts: Arc::new(counts),
+        }
+    }
+
+    /// Another handle on the same output (sharing its count).
     pub fn try_clone(&self) -> io::Result<ConsoleSink> {
-        Ok(match self {
-            ConsoleSink::Stdout(_) => ConsoleSink::Stdout(io::stdout()),
-            ConsoleSink::File(file) => ConsoleSink::File(file.try_clone()?),
+        Ok(ConsoleSink {
+            target: match &self.target {
+                ConsoleTarget::Stdout => ConsoleTarget::Stdout,
+                ConsoleTarget::File(file) => ConsoleTarget::File(file.try_clone()?),
+            },
+            limit: self.limit,
+            counts: self.counts.clone(),
         })
+    }
+
+    /// Bytes dropped past the limit.
+    pub fn dropped_bytes(&self) -> u64 {
+        self.counts.dropped.load(Ordering::Relaxed)
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match &mut self.target {
+            ConsoleTarget::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(bytes).and_then(|()| out.flush())
+            }
+            ConsoleTarget::File(file) => file.write_all(bytes),
+        }
+    }
+
+    /// Writes what fits under the limit, drops the rest (saying so once).
+    fn write_capped(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let written = self.counts.written.load(Ordering::Relaxed);
+        let room = self.limit.saturating_sub(written);
+        let take = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        self.counts
+            .written
+            .fetch_add(take as u64, Ordering::Relaxed);
+        let result = if take > 0 {
+            self.write_all(&bytes[..take])
+        } else {
+            Ok(())
+        };
+        if take < bytes.len() {
+            self.counts
+                .dropped
+                .fetch_add((bytes.len() - take) as u64, Ordering::Relaxed);
+            if !self.counts.noted.swap(true, Ordering::Relaxed) {
+                let note = format!(
+                    "\n[ember-vmm: the console reached its limit of {} bytes; the rest is dropped]\n",
+                    self.limit
+                );
+                self.write_all(note.as_bytes())?;
+            }
+        }
+        result
     }
 }
 
@@ -57,12 +148,14 @@ impl ConsoleOutput {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let result = match &mut self.sink {
-            ConsoleSink::Stdout(out) => out.write_all(&self.pending).and_then(|()| out.flush()),
-            ConsoleSink::File(file) => file.write_all(&self.pending),
-        };
+        let result = self.sink.write_capped(&self.pending);
         self.pending.clear();
         result
+    }
+
+    /// Bytes dropped past the console's limit.
+    pub fn dropped_bytes(&self) -> u64 {
+        self.sink.dropped_bytes()
     }
 }
 
@@ -223,8 +316,9 @@ mod tests {
     fn device() -> SerialDevice {
         SerialDevice::new(
             EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
-            ConsoleOutput::new(ConsoleSink::File(
+            ConsoleOutput::new(ConsoleSink::file(
                 std::fs::File::create("/dev/null").unwrap(),
+                DEFAULT_CONSOLE_LIMIT,
             )),
         )
     }
@@ -243,8 +337,9 @@ mod tests {
         assert_eq!(decoded, state);
         let args = (
             EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
-            ConsoleOutput::new(ConsoleSink::File(
+            ConsoleOutput::new(ConsoleSink::file(
                 std::fs::File::create("/dev/null").unwrap(),
+                DEFAULT_CONSOLE_LIMIT,
             )),
         );
         let mut restored = SerialDevice::restore(args, &decoded).unwrap();
@@ -255,10 +350,44 @@ mod tests {
         too_long.in_buffer = vec![0; 65];
         let args = (
             EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
-            ConsoleOutput::new(ConsoleSink::File(
+            ConsoleOutput::new(ConsoleSink::file(
                 std::fs::File::create("/dev/null").unwrap(),
+                DEFAULT_CONSOLE_LIMIT,
             )),
         );
         assert!(SerialDevice::restore(args, &too_long).is_err());
+    }
+
+    #[test]
+    fn console_output_stops_at_its_limit_with_one_note_and_counts_the_rest() {
+        let dir = std::env::temp_dir().join(format!("ember-console-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console");
+        std::fs::write(&path, b"earlier\n").unwrap();
+        let open = || {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap()
+        };
+        // The file's 8 bytes count: 24 more fit under a limit of 32.
+        let sink = ConsoleSink::file(open(), 32);
+        let mut first = ConsoleOutput::new(sink.try_clone().unwrap());
+        first.write_all(b"0123456789\n").unwrap();
+        assert_eq!(first.dropped_bytes(), 0);
+        // A second handle (a VM built again) shares the count.
+        let mut second = ConsoleOutput::new(sink.try_clone().unwrap());
+        second.write_all(b"abcdefghijklmnopqrstuvwxyz\n").unwrap();
+        assert_eq!(second.dropped_bytes(), 27 - 13);
+        for _ in 0..1000 {
+            second.write_all(b"flood\n").unwrap();
+        }
+        first.flush_pending().unwrap();
+        assert_eq!(sink.dropped_bytes(), 27 - 13 + 6000);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let note =
+            "\n[ember-vmm: the console reached its limit of 32 bytes; the rest is dropped]\n";
+        assert_eq!(text, format!("earlier\n0123456789\nabcdefghijklm{note}"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
