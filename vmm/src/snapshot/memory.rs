@@ -860,6 +860,44 @@ impl WorkingSet {
         })
     }
 
+    /// Reads a working-set file's bytes (`path` names it in errors): the
+    /// container, then every range inside guest memory of `mem_pages`
+    /// pages, and no more ranges than pages. The file sits beside a
+    /// snapshot and is read at every restore: a range past memory, or
+    /// billions of them, would have the restore touch what is not guest
+    /// memory or spin.
+    pub fn decode(path: &Path, bytes: &[u8], mem_pages: u64) -> Result<WorkingSet, String> {
+        let set: WorkingSet = crate::snapshot::decode(
+            crate::snapshot::WORKING_SET_MAGIC,
+            "working-set file",
+            path,
+            bytes,
+        )
+        .map_err(|e| e.to_string())?;
+        let ranges = set.read.len() + set.written.len();
+        if ranges as u64 > mem_pages {
+            return Err(format!(
+                "{}: {ranges} ranges for {mem_pages} pages of memory",
+                path.display()
+            ));
+        }
+        for r in set.read.iter().chain(&set.written) {
+            if r.pages == 0
+                || r.start
+                    .checked_add(r.pages)
+                    .is_none_or(|end| end > mem_pages)
+            {
+                return Err(format!(
+                    "{}: a range of {} pages at page {:#x} lies outside {mem_pages} pages of memory",
+                    path.display(),
+                    r.pages,
+                    r.start
+                ));
+            }
+        }
+        Ok(set)
+    }
+
     /// Pages in each set.
     pub fn counts(&self) -> (u64, u64) {
         let sum = |v: &[PageRange]| v.iter().fold(0u64, |n, r| n.saturating_add(r.pages));
@@ -1651,5 +1689,37 @@ mod tests {
         let moved = resolve_layers(&layers, dir, Some(Path::new("/elsewhere/t.mem")));
         assert_eq!(moved[0].path, Path::new("/jail/snap/base.mem"));
         assert_eq!(moved[1].path, Path::new("/elsewhere/t.mem"));
+    }
+
+    #[test]
+    fn a_working_set_outside_memory_or_of_too_many_ranges_is_refused() {
+        let path = Path::new("/snapshots/t.ws");
+        let r = |start, pages| PageRange { start, pages };
+        let file = |read: Vec<PageRange>, written: Vec<PageRange>| {
+            let set = WorkingSet {
+                snapshot_id: [7; 16],
+                read,
+                written,
+            };
+            crate::snapshot::encode(crate::snapshot::WORKING_SET_MAGIC, &set).unwrap()
+        };
+        let good = file(vec![r(0, 2), r(10, 6)], vec![r(15, 1)]);
+        let set = WorkingSet::decode(path, &good, 16).unwrap();
+        assert_eq!(set.counts(), (8, 1));
+        for (bytes, mem_pages, why) in [
+            (good.clone(), 15, "lies outside 15 pages"),
+            (file(vec![r(u64::MAX, 2)], vec![]), 16, "lies outside"),
+            (file(vec![], vec![r(3, u64::MAX)]), 16, "lies outside"),
+            (file(vec![r(3, 0)], vec![]), 16, "lies outside"),
+            (
+                file(vec![r(0, 1); 17], vec![]),
+                16,
+                "17 ranges for 16 pages",
+            ),
+            (good[..good.len() - 1].to_vec(), 16, "truncated"),
+        ] {
+            let e = WorkingSet::decode(path, &bytes, mem_pages).unwrap_err();
+            assert!(e.contains(why), "{e} (expected {why:?})");
+        }
     }
 }

@@ -65,7 +65,7 @@ fn load_error(text: impl std::fmt::Display) -> VmmActionError {
 /// A guest that said `ready` (its `GuestInfo` saved in the snapshot) must
 /// speak this ember-vmm's mailbox protocol: an older guest image takes its
 /// modules another way.
-fn check_guest_protocol(guest_info: Option<&[u8]>) -> Result<(), String> {
+pub fn check_guest_protocol(guest_info: Option<&[u8]>) -> Result<(), String> {
     let Some(bytes) = guest_info else {
         return Ok(());
     };
@@ -499,7 +499,7 @@ impl Vmm {
         let layers = check_layers(&memory_layers, host.len).map_err(load_error)?;
         let ws_path = working_set_path(&state_path);
         let working_set = if params.ember_prefetch {
-            read_working_set(&ws_path, &state.id)
+            read_working_set(&ws_path, &state.id, host.len / memory::PAGE)
         } else {
             None
         };
@@ -773,11 +773,11 @@ fn whole_runs(layers: &[MemoryLayer]) -> Vec<memory::Run> {
         .collect()
 }
 
-/// The working set beside a snapshot, if there is one for this snapshot.
-fn read_working_set(path: &Path, id: &SnapshotId) -> Option<WorkingSet> {
+/// The working set beside a snapshot, if there is one for this snapshot
+/// (and it fits guest memory of `mem_pages` pages).
+fn read_working_set(path: &Path, id: &SnapshotId, mem_pages: u64) -> Option<WorkingSet> {
     let bytes = crate::snapshot::read_file(path, "working-set file").ok()?;
-    match crate::snapshot::decode::<WorkingSet>(WORKING_SET_MAGIC, "working-set file", path, &bytes)
-    {
+    match WorkingSet::decode(path, &bytes, mem_pages) {
         Ok(set) if &set.snapshot_id == id => Some(set),
         Ok(_) => {
             log::info!(
