@@ -52,7 +52,7 @@ impl IntoResponse for ApiError {
 }
 
 /// Files a deploy may bundle.
-const MAX_FILES: usize = 1000;
+pub const MAX_FILES: usize = 1000;
 
 /// A multipart error as the API reports it (413 for a body over the limit).
 fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
@@ -234,16 +234,37 @@ async fn deploy(
     Path(name): Path<String>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let mut multipart = multipart.map_err(|e| {
+    let multipart = multipart.map_err(|e| {
         bad(format!(
             "the body must be multipart/form-data with a boundary: {e}"
         ))
     })?;
+    let parts = read_deploy(multipart).await?;
+    crate::functions::check_name(&name)?;
+    let deployed =
+        blocking(move || agent.deploy(&name, parts.config, &parts.module, &parts.files)).await?;
+    Ok(Json(deployed))
+}
+
+/// What a deploy's multipart body holds, checked.
+#[derive(Debug)]
+pub struct DeployParts {
+    /// The `config` part (the defaults when absent).
+    pub config: FunctionConfig,
+    /// The `module` part: starts with the WebAssembly magic.
+    pub module: Bytes,
+    /// The `file` parts: (checked name, bytes), at most [`MAX_FILES`].
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads a deploy's multipart body to its end and checks its parts: the
+/// first problem is reported once the whole body is read (a client still
+/// sending when the answer comes may never see it). Faces the network:
+/// fuzzed (fuzz/fuzz_targets/deploy_multipart.rs).
+pub async fn read_deploy(mut multipart: Multipart) -> Result<DeployParts, ApiError> {
     let mut config: Option<FunctionConfig> = None;
     let mut module: Option<Bytes> = None;
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-    // The first problem is reported once the whole body is read: a client
-    // still sending when the answer comes may never see it.
     let mut problem: Option<ApiError> = None;
     loop {
         let field = match multipart.next_field().await {
@@ -298,7 +319,6 @@ async fn deploy(
     if let Some(problem) = problem {
         return Err(problem);
     }
-    crate::functions::check_name(&name)?;
     if files.len() > MAX_FILES {
         return Err(bad(format!("{} files; at most {MAX_FILES}", files.len())));
     }
@@ -310,9 +330,11 @@ async fn deploy(
             "the module is not WebAssembly (no \\0asm header)",
         ));
     }
-    let config = config.unwrap_or_default();
-    let deployed = blocking(move || agent.deploy(&name, config, &module, &files)).await?;
-    Ok(Json(deployed))
+    Ok(DeployParts {
+        config: config.unwrap_or_default(),
+        module,
+        files,
+    })
 }
 
 fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {

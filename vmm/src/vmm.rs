@@ -20,6 +20,7 @@
 //! to the caller, and the guest is left parked, so the VMM keeps serving.
 
 mod snapshot;
+pub use snapshot::check_guest_protocol;
 
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;

@@ -168,16 +168,22 @@ pub enum SnapshotFileError {
 /// Encodes `value` into a container with `magic`.
 pub fn encode<T: Serialize>(magic: [u8; 8], value: &T) -> Result<Vec<u8>, SnapshotFileError> {
     let payload = postcard::to_allocvec(value).map_err(SnapshotFileError::Encode)?;
+    Ok(wrap_payload(magic, &payload))
+}
+
+/// A container with `magic` around `payload` as it is (this format's
+/// version, the length, the checksum).
+pub fn wrap_payload(magic: [u8; 8], payload: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len() + CHECKSUM_LEN);
     bytes.extend_from_slice(&magic);
     bytes.extend_from_slice(&FORMAT_MAJOR.to_le_bytes());
     bytes.extend_from_slice(&FORMAT_MINOR.to_le_bytes());
     bytes.extend_from_slice(&0u32.to_le_bytes());
     bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&payload);
+    bytes.extend_from_slice(payload);
     let checksum = crc32fast::hash(&bytes);
     bytes.extend_from_slice(&checksum.to_le_bytes());
-    Ok(bytes)
+    bytes
 }
 
 /// Checks a container read from `path` and decodes its payload.
