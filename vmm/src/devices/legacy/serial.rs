@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vm_superio::serial::NoEvents;
@@ -34,7 +34,6 @@ enum ConsoleTarget {
 struct ConsoleCounts {
     written: AtomicU64,
     dropped: AtomicU64,
-    noted: AtomicBool,
 }
 
 /// Console bytes a VMM writes by default before it drops the rest.
@@ -104,10 +103,11 @@ impl ConsoleSink {
             Ok(())
         };
         if take < bytes.len() {
-            self.counts
+            let dropped_before = self
+                .counts
                 .dropped
                 .fetch_add((bytes.len() - take) as u64, Ordering::Relaxed);
-            if !self.counts.noted.swap(true, Ordering::Relaxed) {
+            if dropped_before == 0 {
                 let note = format!(
                     "\n[ember-vmm: the console reached its limit of {} bytes; the rest is dropped]\n",
                     self.limit
@@ -151,11 +151,6 @@ impl ConsoleOutput {
         let result = self.sink.write_capped(&self.pending);
         self.pending.clear();
         result
-    }
-
-    /// Bytes dropped past the console's limit.
-    pub fn dropped_bytes(&self) -> u64 {
-        self.sink.dropped_bytes()
     }
 }
 
@@ -374,11 +369,11 @@ mod tests {
         let sink = ConsoleSink::file(open(), 32);
         let mut first = ConsoleOutput::new(sink.try_clone().unwrap());
         first.write_all(b"0123456789\n").unwrap();
-        assert_eq!(first.dropped_bytes(), 0);
+        assert_eq!(sink.dropped_bytes(), 0);
         // A second handle (a VM built again) shares the count.
         let mut second = ConsoleOutput::new(sink.try_clone().unwrap());
         second.write_all(b"abcdefghijklmnopqrstuvwxyz\n").unwrap();
-        assert_eq!(second.dropped_bytes(), 27 - 13);
+        assert_eq!(sink.dropped_bytes(), 27 - 13);
         for _ in 0..1000 {
             second.write_all(b"flood\n").unwrap();
         }
