@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use crate::functions::{random_u64, FunctionConfig, FunctionError, FunctionStore, FunctionVersion};
 use crate::pool::{Affinity, Instance, Pools, Route, Start, AFFINITY_WAIT};
 use crate::snapshots::{self, SnapshotError, SnapshotFiles, TemplateSpec};
-use crate::supervisor::{Supervisor, Vmm, VmmError};
+use crate::supervisor::{SpawnOptions, Supervisor, Vmm, VmmError};
 
 /// The largest event, as in Lambda (and ember-vmm).
 pub const MAX_EVENT_BYTES: usize = ember_abi::function::MAX_EVENT_BYTES;
@@ -38,8 +38,13 @@ pub struct AgentConfig {
     /// Prepared ember-vmm processes kept ready.
     pub prepared: usize,
     /// Memory the instances may claim in all, MiB (each claims its
-    /// function's memory_mib, or 128).
+    /// function's memory_mib, or 128, plus `vmm_overhead_mib`).
     pub memory_budget_mib: u64,
+    /// What each VM uses beyond its function's memory, MiB: added to the
+    /// claim and, jailed, to the cgroup's memory limit.
+    pub vmm_overhead_mib: u64,
+    /// How VMMs are confined (`None`: `--no-jail`).
+    pub jail: Option<JailSettings>,
     /// ember-vmm's log level (its lines are forwarded into emberd's log).
     pub vmm_log_level: String,
     /// Async invocations, the journal, control actions.
@@ -49,6 +54,23 @@ pub struct AgentConfig {
     /// The keep-alive and pre-warm policy of functions with `prewarm: auto`.
     pub prewarm_policy: crate::predict::Policy,
 }
+
+/// How emberd jails its VMMs (docs/security.md).
+#[derive(Debug, Clone)]
+pub struct JailSettings {
+    /// The first uid (and gid) jailed VMMs run as.
+    pub first_id: u32,
+    /// How many ids from the first (the most VMMs at once).
+    pub ids: u32,
+    /// Each VM's pids.max.
+    pub pids_max: u64,
+    /// Each VM's cpu.max (quota, period µs), if any.
+    pub cpu_max: Option<(u64, u64)>,
+}
+
+/// Threads and processes a jailed VMM may have: its keeper, the VMM
+/// thread, vCPUs, the prefetcher and two start-up helpers, with room.
+pub const VMM_PIDS_MAX: u64 = 32;
 
 /// An error the API reports: status, kind, message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,10 +277,29 @@ impl Agent {
             std::fs::create_dir_all(dir)
                 .map_err(io_err(format!("cannot create {}", dir.display())))?;
         }
-        let mut supervisor = Supervisor::new(config.vmm.clone(), run_dir, &config.vmm_log_level)
+        let mut supervisor = Supervisor::new(config.vmm.clone(), run_dir.clone(), &config.vmm_log_level)
             .map_err(io_err("cannot start the VMM log thread".into()))?;
-        supervisor.compile_cache = Some(config.state_dir.join("compiled"));
+        let compile_cache = config.state_dir.join("compiled");
+        std::fs::create_dir_all(&compile_cache)
+            .map_err(io_err(format!("cannot create {}", compile_cache.display())))?;
+        supervisor.compile_cache = Some(compile_cache);
         let stale = supervisor.reap_stale();
+        match &config.jail {
+            Some(settings) => {
+                supervisor.jail = Some(Arc::new(
+                    make_jail(&config, settings, &run_dir).map_err(|e| {
+                        ApiError::new(
+                            500,
+                            "cannot_jail",
+                            format!("emberd cannot jail its VMMs: {e}. Fix that, or start emberd with --no-jail to run every VMM unconfined (development only)"),
+                        )
+                    })?,
+                ));
+            }
+            None => tracing::warn!(
+                "--no-jail: every ember-vmm runs unconfined, as emberd's user, with no cgroup: a guest that escapes into its VMM gets the host. Development only (docs/security.md)"
+            ),
+        }
         if stale > 0 {
             tracing::warn!("killed {stale} ember-vmm processes a previous emberd left running");
         }
@@ -297,6 +338,7 @@ impl Agent {
                 &config.guest_image,
                 config.base_mem_mib,
                 &base,
+                mib_bytes(config.base_mem_mib as u64 + config.vmm_overhead_mib),
             )?;
             tracing::info!("base snapshot built: {:?}", stages.0);
         }
@@ -391,10 +433,50 @@ impl Agent {
 
     fn spawn_prepared(&self) -> Result<Vmm, VmmError> {
         let mem = self.config.base_mem_mib.to_string();
+        // Until it is given a function: room for any (lowered at the
+        // restore, [`Agent::stage_for`]).
+        let options = SpawnOptions {
+            memory_max: Some(mib_bytes(
+                self.config.base_mem_mib as u64 + self.config.vmm_overhead_mib,
+            )),
+            read_only: Vec::new(),
+        };
         self.supervisor.spawn(
             &self.vmm_id("p"),
             &["--prepare", "--mem-size-mib", &mem, "--vcpus", "1"],
+            &options,
         )
+    }
+
+    /// The memory an instance of `v` may use, MiB: its function's
+    /// `memory_mib` (else [`DEFAULT_MEMORY_MIB`]) and the VMM's overhead.
+    /// What the budget counts and, jailed, the cgroup enforces.
+    pub fn instance_memory_mib(&self, v: &FunctionVersion) -> u64 {
+        self.function_memory_mib(v) + self.config.vmm_overhead_mib
+    }
+
+    /// The linear memory limit of `v`: its `memory_mib`, else 128 MiB or
+    /// half the VM's memory, whichever is less (the runtime, the module
+    /// and the mailbox need the rest).
+    pub fn function_memory_mib(&self, v: &FunctionVersion) -> u64 {
+        v.config
+            .memory_mib
+            .unwrap_or(DEFAULT_MEMORY_MIB.min(self.config.base_mem_mib as u64 / 2))
+    }
+
+    /// Readies `vmm` to be restored from `files` for `v`: its memory limit
+    /// lowered to the function's, the files linked into its directory.
+    /// Returns the files as the VMM is to be told of them.
+    fn stage_for(
+        &self,
+        vmm: &Vmm,
+        v: &FunctionVersion,
+        files: &SnapshotFiles,
+    ) -> Result<SnapshotFiles, ApiError> {
+        vmm.limit_memory(mib_bytes(self.instance_memory_mib(v)))
+            .map_err(io_err(format!("cannot set the memory limit of {}", vmm.id)))?;
+        vmm.stage_snapshot(files)
+            .map_err(io_err(format!("cannot give {} its snapshot", vmm.id)))
     }
 
     /// Tops the prepared pool up (blocking; call on a blocking thread).
@@ -514,9 +596,7 @@ impl Agent {
             "env": v.config.env,
             "timeout_ms": v.config.timeout_ms,
         });
-        if let Some(mib) = v.config.memory_mib {
-            body["memory_mib"] = json!(mib);
-        }
+        body["memory_mib"] = json!(self.function_memory_mib(v));
         body
     }
 
@@ -679,7 +759,7 @@ impl Agent {
                         }
                     }
                     Route::Restore { affinity } => {
-                        let need = v.config.memory_mib.unwrap_or(DEFAULT_CLAIM_MIB);
+                        let need = self.instance_memory_mib(&v);
                         let budget = self.config.memory_budget_mib;
                         let mut claimed: u64 = pools.instances.values().map(|i| i.memory_mib).sum();
                         // Over budget: idle instances (of any function)
@@ -823,9 +903,14 @@ impl Agent {
                 (response, keep)
             }
             Err(e) => {
-                tracing::warn!("the instance stopped while serving ({e}); it is destroyed");
-                crashed = Some(format!("the instance stopped while serving: {e}"));
-                let body = json!({ "error": { "kind": "crash", "message": format!("the instance stopped while serving: {e}") } });
+                // Why the VMM ended, if it did (a kill at its memory limit, say).
+                let why = vmm
+                    .exit_reason(Duration::from_millis(200))
+                    .map_or_else(|| e.to_string(), |reason| format!("{reason} ({e})"));
+                tracing::warn!("the instance stopped while serving: {why}; it is destroyed");
+                let message = format!("the instance stopped while serving: {why}");
+                crashed = Some(message.clone());
+                let body = json!({ "error": { "kind": "crash", "message": message } });
                 let response = ember_vmm::api::client::ApiResponse {
                     status: 200,
                     headers: vec![(
@@ -837,6 +922,11 @@ impl Agent {
                 (response, false)
             }
         };
+        // A working set the instance recorded goes beside its template
+        // (jailed, the VMM wrote it in its own directory).
+        if start != Start::Warm {
+            vmm.collect_working_set(&self.store.template(&v.name, v.version));
+        }
         self.finish(&id, vmm, keep);
         if let Some(message) = crashed {
             self.crash_detected(&v, Some(&id), &message);
@@ -867,10 +957,11 @@ impl Agent {
             let mut vmm = self.take_prepared()?;
             // Tagged before the load: what ember-vmm says of it is the instance's.
             vmm.serve_instance(id, &v.name, v.version);
+            let staged = self.stage_for(&vmm, v, &template)?;
             let e = match vmm.call(
                 "PUT",
                 "/snapshot/load",
-                Some(&template.load_body(false, ahead)),
+                Some(&staged.load_body(false, ahead)),
             ) {
                 Ok(_) => break vmm,
                 Err(e) => e,
@@ -1080,7 +1171,7 @@ impl Agent {
     /// function's instance limit and the memory budget leave room (a
     /// guess never evicts another instance).
     fn prewarm_one(&self, v: &Arc<FunctionVersion>) {
-        let need = v.config.memory_mib.unwrap_or(DEFAULT_CLAIM_MIB);
+        let need = self.instance_memory_mib(&v);
         let id = {
             let mut pools = lock(&self.pools);
             let count = pools
@@ -1231,9 +1322,74 @@ enum Step {
     Full,
 }
 
-/// The memory an instance claims of the host's budget when its function
-/// sets no `memory_mib`, MiB.
-pub const DEFAULT_CLAIM_MIB: u64 = 128;
+/// A function's memory when it sets no `memory_mib`, MiB: its linear
+/// memory's limit in the guest (less in VMs under 256 MiB:
+/// [`Agent::function_memory_mib`]).
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+
+/// What a VMM and its guest use beyond the function's linear memory, MiB:
+/// the guest kernel, runtime and compiled module, the VMM's own heap and
+/// the pages a restore copies (measured: docs/security.md, "Memory").
+pub const VMM_OVERHEAD_MIB: u64 = 64;
+
+fn mib_bytes(mib: u64) -> u64 {
+    mib << 20
+}
+
+/// Checks that this host can jail VMMs and readies what every jail uses:
+/// the cgroup parent (`ember/<digest of the state dir>`, its stale leaves
+/// removed), the root's mount point. Says exactly what is missing.
+fn make_jail(
+    config: &AgentConfig,
+    settings: &JailSettings,
+    run_dir: &Path,
+) -> Result<crate::supervisor::Jail, String> {
+    use ember_vmm::jail::cgroup::{Hierarchy, CGROUP_ROOT};
+    use sha2::Digest;
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("jailing needs root (namespaces, a uid per VM, cgroups)".into());
+    }
+    if !Path::new("/proc/self/ns/pid").exists() {
+        return Err("this kernel has no namespaces (/proc/self/ns/pid is missing)".into());
+    }
+    let hierarchy = Hierarchy::detect(Path::new(CGROUP_ROOT)).map_err(|e| e.to_string())?;
+    let state = std::fs::canonicalize(&config.state_dir).unwrap_or(config.state_dir.clone());
+    let digest = sha2::Sha256::digest(state.as_os_str().as_encoded_bytes());
+    let tag: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let parent = match &hierarchy {
+        Hierarchy::V1 { .. } => PathBuf::from("ember").join(tag),
+        Hierarchy::V2(root) => {
+            // A delegated subtree: emberd's own cgroup. Processes may not
+            // sit beside child cgroups with controllers: emberd moves into
+            // a leaf of its own first.
+            let own = std::fs::read_to_string("/proc/self/cgroup")
+                .ok()
+                .and_then(|t| t.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)))
+                .ok_or("cannot read emberd's cgroup v2 path from /proc/self/cgroup")?;
+            let own = PathBuf::from(own.trim_start_matches('/'));
+            let leaf = root.join(&own).join("emberd");
+            std::fs::create_dir_all(&leaf)
+                .and_then(|()| std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string()))
+                .map_err(|e| format!("cannot move emberd into {} ({e}): is its cgroup delegated (Delegate=yes)?", leaf.display()))?;
+            own.join(format!("vms-{tag}"))
+        }
+    };
+    hierarchy.prepare_parent(&parent).map_err(|e| e.to_string())?;
+    let jail = crate::supervisor::Jail::new(
+        settings.first_id,
+        settings.ids,
+        hierarchy,
+        parent,
+        settings.pids_max,
+        settings.cpu_max,
+        mib_bytes(config.base_mem_mib as u64 + 64),
+        run_dir,
+    );
+    std::fs::create_dir_all(&jail.root_mount)
+        .map_err(|e| format!("cannot create {}: {e}", jail.root_mount.display()))?;
+    Ok(jail)
+}
 
 /// Invocations admitted at once (serving or waiting for an instance),
 /// well below tokio's 512 blocking threads; more get a 429 before they

@@ -160,6 +160,7 @@ impl Agent {
             &self.config.guest_image,
             self.config.base_mem_mib,
             &self.base,
+            (self.config.base_mem_mib as u64 + self.config.vmm_overhead_mib) << 20,
         );
         self.record_control_action(
             &v.name,

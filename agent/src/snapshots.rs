@@ -16,7 +16,7 @@ use std::time::Instant;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::supervisor::{Supervisor, Vmm, VmmError};
+use crate::supervisor::{SpawnOptions, Supervisor, Vmm, VmmError};
 
 /// Errors building snapshots.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,15 @@ impl SnapshotFiles {
         SnapshotFiles {
             state: dir.join(format!("{name}.state")),
             mem: dir.join(format!("{name}.mem")),
+        }
+    }
+
+    /// The same file names in `dir`.
+    pub fn moved_to(&self, dir: &Path) -> SnapshotFiles {
+        let name = |p: &Path| dir.join(p.file_name().unwrap_or_default());
+        SnapshotFiles {
+            state: name(&self.state),
+            mem: name(&self.mem),
         }
     }
 
@@ -173,9 +182,17 @@ pub fn build_base(
     image: &Path,
     mem_mib: usize,
     files: &SnapshotFiles,
+    memory_max: u64,
 ) -> Result<Stages, SnapshotError> {
     let mut stages = Stages::default();
-    let mut vmm: Vmm = stages.time("start ember-vmm", || supervisor.spawn("base-build", &[]))?;
+    let options = SpawnOptions {
+        memory_max: Some(memory_max),
+        read_only: vec![image.to_path_buf()],
+    };
+    let mut vmm: Vmm = stages.time("start ember-vmm", || {
+        supervisor.spawn("base-build", &[], &options)
+    })?;
+    let target = vmm.snapshot_target(files);
     stages.time("boot the guest", || -> Result<(), VmmError> {
         vmm.call(
             "PUT",
@@ -198,10 +215,12 @@ pub fn build_base(
         "snapshot the booted guest (Full)",
         || -> Result<(), VmmError> {
             vmm.call("PATCH", "/vm", Some(&json!({ "state": "Paused" })))?;
-            vmm.call("PUT", "/snapshot/create", Some(&files.create_body("Full")))?;
+            vmm.call("PUT", "/snapshot/create", Some(&target.create_body("Full")))?;
             Ok(())
         },
     )?;
+    vmm.collect_snapshot(files)
+        .map_err(io_error(format!("cannot move the base snapshot into {}", files.state.display())))?;
     Ok(stages)
 }
 
@@ -274,14 +293,20 @@ pub fn build_template(
     files: &SnapshotFiles,
 ) -> Result<(Stages, serde_json::Value), SnapshotError> {
     let mut stages = Stages::default();
+    let staged = vmm
+        .stage_snapshot(base)
+        .map_err(io_error(format!("cannot give {} the base snapshot", vmm.id)))?;
     stages.time("restore the base snapshot", || {
-        vmm.call("PUT", "/snapshot/load", Some(&base.load_body(true, false)))
+        vmm.call("PUT", "/snapshot/load", Some(&staged.load_body(true, false)))
     })?;
     stages.time("compile the module (or find it compiled)", || {
         precompile(vmm, spec)
     });
+    let function = vmm
+        .stage_function(&spec.function)
+        .map_err(io_error(format!("cannot give {} the module", vmm.id)))?;
     let loaded = stages.time("load and initialise the module", || {
-        vmm.call("PUT", "/ember/function", Some(&spec.function))
+        vmm.call("PUT", "/ember/function", Some(&function))
     })?;
     // The template's state names its parent by file name in its own
     // directory: the base's memory file is linked there (the same inode,
@@ -291,10 +316,13 @@ pub fn build_template(
         "snapshot the template (Diff)",
         || -> Result<(), VmmError> {
             vmm.call("PATCH", "/vm", Some(&json!({ "state": "Paused" })))?;
-            vmm.call("PUT", "/snapshot/create", Some(&files.create_body("Diff")))?;
+            let target = vmm.snapshot_target(files);
+            vmm.call("PUT", "/snapshot/create", Some(&target.create_body("Diff")))?;
             Ok(())
         },
     )?;
+    vmm.collect_snapshot(files)
+        .map_err(io_error(format!("cannot move the template into {}", files.state.display())))?;
     Ok((stages, loaded.json()))
 }
 
@@ -318,6 +346,10 @@ pub fn link_beside(file: &Path, beside: &Path) -> Result<PathBuf, SnapshotError>
         link.display()
     )))?;
     Ok(link)
+}
+
+fn io_error(what: String) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    move |source| SnapshotError::Io { what, source }
 }
 
 #[cfg(test)]

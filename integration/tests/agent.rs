@@ -72,6 +72,18 @@ fn main() {
             "an_upgraded_guest_image_rebuilds_the_snapshots_and_keeps_the_functions",
             upgraded_image,
         ),
+        (
+            "every_vmm_is_jailed_unprivileged_and_in_a_cgroup_of_its_own",
+            jailed,
+        ),
+        (
+            "a_vm_past_its_memory_limit_is_killed_and_reported_as_a_crash",
+            memory_limit_kill,
+        ),
+        (
+            "no_jail_runs_vmms_unconfined_and_says_so",
+            no_jail,
+        ),
     ];
     run_kvm_tests(tests);
 }
@@ -665,12 +677,13 @@ fn admission_limit() -> TestResult {
 /// 429 with Retry-After, at once.
 fn host_full() -> TestResult {
     let (emberd, mut client) = with_function_args(
-        &["--memory-budget-mib", "150"],
+        &["--memory-budget-mib", "300"],
         "sha",
         "sha256.wasm",
         json!({ "memory_mib": 64, "timeout_ms": 60000 }),
     )?;
-    // memory_mib 64 claims 64: two instances fit 150, a third does not.
+    // memory_mib 64 claims 64 + the VMM's 64: two instances fit 300, a
+    // third does not.
     let workers: Vec<_> = (0..2)
         .map(|_| {
             let mut c = emberd.client();
@@ -884,7 +897,8 @@ fn cli() -> TestResult {
 /// function's keep-alive is reaped.
 fn eviction_and_keep_alive() -> TestResult {
     let (_emberd, mut client) = with_function_args(
-        &["--memory-budget-mib", "140"],
+        // a claims 64 + 64 (the VMM's overhead), b 80 + 64: not both.
+        &["--memory-budget-mib", "250"],
         "a",
         "echo.wasm",
         json!({ "memory_mib": 64 }),
@@ -1172,4 +1186,162 @@ fn upgraded_image() -> TestResult {
             .contains("template of counter v1 is missing or corrupt: rebuilding"),
         || format!("the template was not rebuilt:\n{}", emberd.log.text()),
     )
+}
+
+/// A `/proc/PID/status` field.
+fn status_field(pid: u32, field: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
+        .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// The children of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// The pids of every ember-vmm process on the host.
+fn vmm_processes() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|c| c.trim() == "ember-vmm")
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every VMM emberd runs (prepared ones and instances): its keeper and
+/// the VMM itself run as a uid and gid of their own (not root), with no
+/// capability, no_new_privs; the VMM in namespaces of its own, seeing a
+/// root with nothing but its directory and what is bound in, in a cgroup
+/// leaf whose memory limit is the function's memory plus the overhead.
+fn jailed() -> TestResult {
+    let (emberd, mut client) =
+        with_function("echo", "echo.wasm", json!({ "memory_mib": 32 }))?;
+    same(&invoke_ok_via(&mut client, "echo", b"jailed", &[])?.body, b"jailed")?;
+    let instances = get_json(&mut client, "/instances")?;
+    let keeper = instances[0]["pid"].as_u64().unwrap_or(0) as u32;
+    check(keeper > 0, || format!("instances: {instances}"))?;
+    let vmm = children(keeper);
+    check(vmm.len() == 1, || format!("the keeper {keeper} has children {vmm:?}"))?;
+    let vmm = vmm[0];
+    let mut uids = std::collections::BTreeSet::new();
+    for pid in [keeper, vmm] {
+        let uid = status_field(pid, "Uid:")?;
+        let gid = status_field(pid, "Gid:")?;
+        check(uid.split_whitespace().all(|u| u != "0" && u.parse::<u32>().is_ok_and(|u| u >= 3_000_000)), || {
+            format!("process {pid} runs as uids {uid}")
+        })?;
+        check(gid.split_whitespace().all(|g| g != "0"), || format!("process {pid} runs as gids {gid}"))?;
+        uids.insert(uid);
+        for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+            let value = status_field(pid, caps)?;
+            check(u64::from_str_radix(&value, 16) == Ok(0), || {
+                format!("process {pid} has {caps} {value}")
+            })?;
+        }
+        check(status_field(pid, "NoNewPrivs:")? == "1", || format!("process {pid} lacks no_new_privs"))?;
+    }
+    check(uids.len() == 1, || format!("keeper and VMM differ: {uids:?}"))?;
+    // Namespaces of its own.
+    for ns in ["mnt", "pid", "net", "ipc", "uts"] {
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).map_err(|e| e.to_string())?;
+        let theirs = std::fs::read_link(format!("/proc/{vmm}/ns/{ns}")).map_err(|e| e.to_string())?;
+        check(ours != theirs, || format!("the VMM shares our {ns} namespace"))?;
+    }
+    check(status_field(vmm, "NSpid:")?.split_whitespace().last() == Some("1"), || "the VMM is not PID 1 of its namespace".into())?;
+    // Its root holds no /etc, /dev, /proc, /home; the state dir shows only
+    // its own VMM directory.
+    let root = format!("/proc/{vmm}/root");
+    for hidden in ["etc", "dev", "proc", "home", "usr", "bin"] {
+        check(!Path::new(&format!("{root}/{hidden}")).exists(), || format!("the jail shows /{hidden}"))?;
+    }
+    let vms = emberd.state_dir.join("state/vms");
+    let seen: Vec<String> = std::fs::read_dir(format!("{root}{}", vms.display()))
+        .map_err(|e| format!("the jail's view of {}: {e}", vms.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    check(seen.len() == 1, || format!("the jail sees {seen:?} in {}", vms.display()))?;
+    check(!Path::new(&format!("{root}{}", emberd.state_dir.join("state/journal.db").display())).exists(), || {
+        "the jail sees the journal".into()
+    })?;
+    // Its cgroup leaf and limits.
+    let cgroup = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).map_err(|e| e.to_string())?;
+    let memory_leaf = cgroup
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            (controllers.split(',').any(|c| c == "memory") || controllers.is_empty()).then(|| path.to_string())
+        })
+        .ok_or_else(|| format!("no memory cgroup in {cgroup}"))?;
+    check(memory_leaf.contains("ember"), || format!("the VMM's memory cgroup is {memory_leaf}"))?;
+    let v1 = Path::new("/sys/fs/cgroup/memory").join(memory_leaf.trim_start_matches('/'));
+    let limit_file = if v1.join("memory.limit_in_bytes").exists() {
+        v1.join("memory.limit_in_bytes")
+    } else {
+        Path::new("/sys/fs/cgroup").join(memory_leaf.trim_start_matches('/')).join("memory.max")
+    };
+    let limit = std::fs::read_to_string(&limit_file).map_err(|e| format!("{}: {e}", limit_file.display()))?;
+    check(limit.trim() == ((32u64 + 64) << 20).to_string(), || {
+        format!("{}: {limit} (want (32 + 64) MiB)", limit_file.display())
+    })?;
+    // No ember-vmm on the host runs as root (this emberd's, or others').
+    for pid in vmm_processes() {
+        let uid = status_field(pid, "Uid:")?;
+        let ours = pid == keeper || pid == vmm || std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.contains("--jail-root"));
+        if ours {
+            check(!uid.starts_with("0\t") && !uid.starts_with("0 "), || format!("ember-vmm {pid} runs as root"))?;
+        }
+    }
+    Ok(())
+}
+
+/// A VM whose memory outgrows its cgroup's limit (here the VMM's overhead
+/// is set to 1 MiB, so a 6 MiB event is too much) is killed by the
+/// kernel; emberd reports the invocation as a crash naming the limit, and
+/// serves on.
+fn memory_limit_kill() -> TestResult {
+    let (_emberd, mut client) = with_function_args(
+        &["--vmm-overhead-mib", "1"],
+        "echo",
+        "echo.wasm",
+        json!({ "memory_mib": 8 }),
+    )?;
+    let response = invoke(&mut client, "echo", &vec![7u8; 6 << 20], &[])?;
+    let body = String::from_utf8_lossy(&response.body).into_owned();
+    check(
+        response.header("x-ember-function-error") == Some("crash") && body.contains("memory limit"),
+        || format!("over the limit: {} {:?} {body}", response.status, response.headers),
+    )?;
+    same(&invoke_ok_via(&mut client, "echo", b"small", &[])?.body, b"small")?;
+    let health = get_json(&mut client, "/health")?;
+    check(health["status"] == "ok", || format!("health {health}"))?;
+    Ok(())
+}
+
+/// `--no-jail`: the VMMs run as emberd's user, and emberd's log says so.
+fn no_jail() -> TestResult {
+    let (emberd, mut client) = with_function_args(&["--no-jail"], "echo", "echo.wasm", json!({}))?;
+    invoke_ok_via(&mut client, "echo", b"x", &[])?;
+    check(emberd.log.text().contains("--no-jail: every ember-vmm runs unconfined"), || "no warning in the log".into())?;
+    let instances = get_json(&mut client, "/instances")?;
+    let pid = instances[0]["pid"].as_u64().unwrap_or(0) as u32;
+    let uid = status_field(pid, "Uid:")?;
+    let me = status_field(std::process::id(), "Uid:")?;
+    check(uid == me, || format!("unjailed VMM {pid} runs as {uid}, emberd's user is {me}"))?;
+    check(children(pid).is_empty(), || "an unjailed VMM has a child".into())?;
+    Ok(())
 }

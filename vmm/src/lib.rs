@@ -17,6 +17,7 @@ pub mod arch;
 pub mod builder;
 pub mod devices;
 pub mod files;
+pub mod jail;
 pub mod logger;
 pub mod persist;
 pub mod resources;
@@ -51,6 +52,9 @@ pub enum ExitCode {
     /// The guest did not answer a request within its deadline; the VM was
     /// stopped (it is never reused).
     GuestUnresponsive = 13,
+    /// The kernel killed the VMM at its cgroup's memory limit (the
+    /// jail's keeper reports it: docs/security.md).
+    MemoryLimit = 14,
     /// A thread made a system call outside its seccomp filter.
     BadSyscall = 148,
 }

@@ -8,7 +8,7 @@ use clap::Parser;
 use ember_vmm::devices::legacy::serial::{ConsoleSink, DEFAULT_CONSOLE_LIMIT};
 use ember_vmm::resources::VmResources;
 use ember_vmm::vmm::{Vmm, VmmOptions};
-use ember_vmm::{api, logger, seccomp, vstate, ExitCode};
+use ember_vmm::{api, jail, logger, seccomp, vstate, ExitCode};
 use event_manager::{EventManager, SubscriberOps};
 
 /// A minimal VMM for the Ember guest. Speaks a subset of Firecracker's API
@@ -73,6 +73,89 @@ struct Args {
     /// With --prepare: log dirty pages (for Diff snapshots of the restored VM).
     #[arg(long, requires = "prepare")]
     track_dirty_pages: bool,
+    #[command(flatten)]
+    jail: JailArgs,
+}
+
+/// The jail (docs/security.md): without --jail-root, none.
+#[derive(Debug, clap::Args)]
+struct JailArgs {
+    /// Jail the VMM: new namespaces, this empty directory as the mount
+    /// point of its tmpfs root, the uid and gid below, no capabilities.
+    /// Needs root.
+    #[arg(long, value_name = "DIR", requires_all = ["jail_uid", "jail_gid"])]
+    jail_root: Option<PathBuf>,
+    /// The jailed VMM's uid (not 0).
+    #[arg(long, value_name = "UID", requires = "jail_root")]
+    jail_uid: Option<u32>,
+    /// The jailed VMM's gid (not 0).
+    #[arg(long, value_name = "GID", requires = "jail_root")]
+    jail_gid: Option<u32>,
+    /// A host file or directory visible read-only in the jail, at its own
+    /// path (repeatable).
+    #[arg(long, value_name = "PATH", requires = "jail_root")]
+    jail_ro: Vec<PathBuf>,
+    /// A host directory visible read-write in the jail, at its own path
+    /// (repeatable).
+    #[arg(long, value_name = "DIR", requires = "jail_root")]
+    jail_rw: Vec<PathBuf>,
+    /// RLIMIT_FSIZE in the jail: the largest file the VMM may write.
+    #[arg(long, value_name = "BYTES", requires = "jail_root")]
+    jail_max_file_bytes: Option<u64>,
+    /// The VM's cgroup leaf, relative to the hierarchy root (made, limited
+    /// and joined before the namespaces; removed when the VMM ends).
+    #[arg(long, value_name = "NAME", requires = "jail_root")]
+    cgroup: Option<PathBuf>,
+    /// The leaf's memory limit (memory.max), bytes.
+    #[arg(long, value_name = "BYTES", requires = "cgroup")]
+    memory_max: Option<u64>,
+    /// The leaf's process and thread limit (pids.max).
+    #[arg(long, value_name = "N", requires = "cgroup")]
+    pids_max: Option<u64>,
+    /// The leaf's CPU bandwidth (cpu.max): QUOTA_US/PERIOD_US.
+    #[arg(long, value_name = "QUOTA/PERIOD", requires = "cgroup", value_parser = parse_cpu_max)]
+    cpu_max: Option<(u64, u64)>,
+}
+
+fn parse_cpu_max(text: &str) -> Result<(u64, u64), String> {
+    let (quota, period) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not QUOTA_US/PERIOD_US"))?;
+    let number = |t: &str| t.parse::<u64>().map_err(|_| format!("{t:?} is not a number"));
+    Ok((number(quota)?, number(period)?))
+}
+
+/// Enters the jail the arguments describe, if any: the keeper never
+/// returns from here, the jailed VMM returns `/dev/kvm`.
+fn jail(args: &JailArgs) -> Result<Option<std::os::fd::OwnedFd>, String> {
+    let Some(root) = &args.jail_root else {
+        return Ok(None);
+    };
+    let cgroup = match &args.cgroup {
+        Some(name) => Some(jail::cgroup::LeafSpec {
+            hierarchy: jail::cgroup::Hierarchy::detect(std::path::Path::new(
+                jail::cgroup::CGROUP_ROOT,
+            ))
+            .map_err(|e| e.to_string())?,
+            name: name.clone(),
+            memory_max: args.memory_max,
+            pids_max: args.pids_max,
+            cpu_max: args.cpu_max,
+        }),
+        None => None,
+    };
+    let spec = jail::Spec {
+        root: root.clone(),
+        uid: args.jail_uid.unwrap_or(0),
+        gid: args.jail_gid.unwrap_or(0),
+        read_only: args.jail_ro.clone(),
+        read_write: args.jail_rw.clone(),
+        cgroup,
+        max_file_bytes: args.jail_max_file_bytes,
+        max_open_files: jail::DEFAULT_MAX_OPEN_FILES,
+    };
+    let jailed = jail::enter(&spec).map_err(|e| e.to_string())?;
+    Ok(Some(jailed.kvm))
 }
 
 fn main() {
@@ -96,7 +179,14 @@ fn main() {
     };
     logger::init(args.log_level, &args.id, process_start);
     install_panic_hook();
-    exit(run(args, process_start));
+    let kvm = match jail(&args.jail) {
+        Ok(kvm) => kvm,
+        Err(e) => exit(fail(ExitCode::GenericError, e)),
+    };
+    if kvm.is_some() {
+        log::info!("jailed");
+    }
+    exit(run(args, kvm, process_start));
 }
 
 /// A panic (an ember-vmm bug) is reported and ends the process with exit
@@ -136,7 +226,7 @@ fn fail(code: ExitCode, message: impl std::fmt::Display) -> ExitCode {
     code
 }
 
-fn run(args: Args, process_start: Instant) -> ExitCode {
+fn run(args: Args, kvm: Option<std::os::fd::OwnedFd>, process_start: Instant) -> ExitCode {
     if args.api_sock.is_none() && args.config_file.is_none() {
         return fail(
             ExitCode::ArgParsing,
@@ -146,7 +236,7 @@ fn run(args: Args, process_start: Instant) -> ExitCode {
     // Before anything else: creating the VM and reading the supported
     // CPUID take the better part of a millisecond, and neither depends on
     // the configuration (see vstate::kvm).
-    let kvm = match vstate::kvm::KvmContext::open() {
+    let kvm = match vstate::kvm::KvmContext::open(kvm) {
         Ok(kvm) => kvm,
         Err(e) => return fail(ExitCode::GenericError, e),
     };

@@ -410,7 +410,7 @@ impl Vmm {
             .map_err(|e| VmmActionError::Internal(format!("cannot reopen the console: {e}")))?;
         let kvm = match self.kvm.take() {
             Some(kvm) => kvm,
-            None => KvmContext::open().map_err(StartMicrovmError::Kvm)?,
+            None => KvmContext::open(None).map_err(StartMicrovmError::Kvm)?,
         };
         Ok((console, kvm))
     }

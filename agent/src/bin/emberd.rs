@@ -57,6 +57,24 @@ struct Args {
     /// emberd's log, tagged with the VMM and its instance.
     #[arg(long, value_name = "LEVEL")]
     vmm_log_level: Option<String>,
+    /// Run every VMM unconfined: no namespaces, no uid of its own, no
+    /// cgroup (development only; emberd warns at start). Without it,
+    /// emberd refuses to start where it cannot jail (docs/security.md).
+    #[arg(long)]
+    no_jail: bool,
+    /// The uids (and gids) jailed VMMs run as: FIRST:COUNT, one per VMM
+    /// (default 3000000:65536).
+    #[arg(long, value_name = "FIRST:COUNT")]
+    jail_ids: Option<String>,
+    /// Each VM's CPU bandwidth, as a cgroup's cpu.max: QUOTA_US/PERIOD_US
+    /// (default: unlimited).
+    #[arg(long, value_name = "QUOTA/PERIOD")]
+    vm_cpu_max: Option<String>,
+    /// What each VM may use beyond its function's memory_mib, MiB: the
+    /// cgroup's memory limit and the budget's claim are their sum
+    /// (default 64).
+    #[arg(long, value_name = "MIB")]
+    vmm_overhead_mib: Option<u64>,
 }
 
 /// The config file: the same options.
@@ -73,6 +91,10 @@ struct ConfigFile {
     prewarm_policy: Option<String>,
     log_format: Option<LogFormat>,
     vmm_log_level: Option<String>,
+    no_jail: Option<bool>,
+    jail_ids: Option<String>,
+    vm_cpu_max: Option<String>,
+    vmm_overhead_mib: Option<u64>,
     // Async invocations and the journal (config file only).
     max_queued_events: Option<u64>,
     journal_max_records: Option<u64>,
@@ -235,7 +257,39 @@ fn run(args: Args, file: ConfigFile) -> Result<(), String> {
             .as_deref()
             .unwrap_or("ember"),
     )?;
+    let jail = if args.no_jail || file.no_jail == Some(true) {
+        None
+    } else {
+        let ids = args.jail_ids.or(file.jail_ids);
+        let (first_id, ids) = match ids.as_deref() {
+            None => (3_000_000, 65_536),
+            Some(text) => text
+                .split_once(':')
+                .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
+                .filter(|&(first, count)| first > 0 && count > 0 && first.checked_add(count).is_some())
+                .ok_or_else(|| format!("--jail-ids {text:?} is not FIRST:COUNT (FIRST > 0)"))?,
+        };
+        let cpu_max = match args.vm_cpu_max.or(file.vm_cpu_max) {
+            None => None,
+            Some(text) => Some(
+                text.split_once('/')
+                    .and_then(|(q, p)| Some((q.parse::<u64>().ok()?, p.parse::<u64>().ok()?)))
+                    .ok_or_else(|| format!("--vm-cpu-max {text:?} is not QUOTA_US/PERIOD_US"))?,
+            ),
+        };
+        Some(ember_agent::host::JailSettings {
+            first_id,
+            ids,
+            pids_max: ember_agent::host::VMM_PIDS_MAX,
+            cpu_max,
+        })
+    };
     let config = AgentConfig {
+        vmm_overhead_mib: args
+            .vmm_overhead_mib
+            .or(file.vmm_overhead_mib)
+            .unwrap_or(ember_agent::host::VMM_OVERHEAD_MIB),
+        jail,
         prewarm_policy,
         state_dir,
         vmm,

@@ -3,6 +3,12 @@
 //! Each VMM's stderr is forwarded into emberd's log, tagged with the VMM
 //! and the instance it serves ([`log`]).
 //!
+//! Each VMM has a directory of its own, `<state>/vms/<id>/`: its API
+//! socket (`api.sock`), its console (`console`), and the snapshot and
+//! module files it is given (hard links, [`Vmm::stage_snapshot`]). Jailed
+//! (the default, [`Jail`]), that directory is all it may write, and what
+//! it reads is linked into it.
+//!
 //! Every VMM emberd starts has a pidfile in `<state>/vms/` naming its pid,
 //! its start time (from /proc/PID/stat) and its executable, and dies with
 //! emberd (PR_SET_PDEATHSIG). On start, emberd finds the VMMs a crashed
@@ -23,7 +29,7 @@ pub mod log;
 
 use log::{InstanceTag, VmmLog, VmmLogs};
 
-/// Console bytes a VMM may write to `vms/<id>.console` (the guest writes
+/// Console bytes a VMM may write to `vms/<id>/console` (the guest writes
 /// it; past this the VMM drops the rest, so a flooding guest cannot fill
 /// the disk).
 pub const CONSOLE_LIMIT: u64 = 1 << 20;
@@ -97,10 +103,98 @@ pub struct Supervisor {
     /// ember-vmm's `--log-level`.
     pub log_level: String,
     /// ember-vmm's `--compile-cache`: `<state>/compiled`, shared by every
-    /// VMM, so a module deployed again is not compiled again.
+    /// VMM, so a module deployed again is not compiled again (read-only to
+    /// a jailed VMM: emberd compiles into it).
     pub compile_cache: Option<PathBuf>,
+    /// How VMMs are confined; `None`: not at all (`--no-jail`).
+    pub jail: Option<Arc<Jail>>,
     spawner: Spawner,
     logs: VmmLogs,
+}
+
+/// How emberd jails its VMMs (docs/security.md): each gets a uid and gid
+/// of its own from a range, a cgroup leaf under `cgroup_parent`, and sees
+/// only its own directory (read-write) and what is bound or linked in.
+#[derive(Debug)]
+pub struct Jail {
+    /// The first uid (and gid) of the range.
+    pub first_id: u32,
+    /// How many ids the range holds (at most this many VMMs at once).
+    pub ids: u32,
+    /// The cgroup hierarchy.
+    pub hierarchy: ember_vmm::jail::cgroup::Hierarchy,
+    /// The leaves' parent, relative to the hierarchy root.
+    pub cgroup_parent: PathBuf,
+    /// Each leaf's pids.max.
+    pub pids_max: u64,
+    /// Each leaf's cpu.max (quota, period µs), if any.
+    pub cpu_max: Option<(u64, u64)>,
+    /// RLIMIT_FSIZE of a VMM: its largest file (a Full snapshot's memory).
+    pub max_file_bytes: u64,
+    /// The empty directory each VMM mounts its root on.
+    pub root_mount: PathBuf,
+    in_use: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+}
+
+impl Jail {
+    /// A jail configuration; `run_dir` holds the root mount point.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        first_id: u32,
+        ids: u32,
+        hierarchy: ember_vmm::jail::cgroup::Hierarchy,
+        cgroup_parent: PathBuf,
+        pids_max: u64,
+        cpu_max: Option<(u64, u64)>,
+        max_file_bytes: u64,
+        run_dir: &Path,
+    ) -> Jail {
+        Jail {
+            first_id,
+            ids,
+            hierarchy,
+            cgroup_parent,
+            pids_max,
+            cpu_max,
+            max_file_bytes,
+            root_mount: run_dir.join(".jail-root"),
+            in_use: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+        }
+    }
+
+    fn take_id(&self) -> Option<u32> {
+        let mut used = self.in_use.lock().unwrap_or_else(|p| p.into_inner());
+        let id = (self.first_id..self.first_id.saturating_add(self.ids)).find(|id| !used.contains(id))?;
+        used.insert(id);
+        Some(id)
+    }
+
+    fn give_back(&self, id: u32) {
+        self.in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// The VMM's leaf directories (one per hierarchy).
+    fn leaf_dirs(&self, id: &str) -> Vec<PathBuf> {
+        self.hierarchy.dirs(&self.cgroup_parent.join(id))
+    }
+
+    /// Removes a VMM's cgroup leaf (after its keeper exited).
+    fn remove_leaf(&self, id: &str) {
+        ember_vmm::jail::cgroup::remove_leaf(&self.hierarchy, &self.cgroup_parent.join(id));
+    }
+}
+
+/// What one VMM needs beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct SpawnOptions {
+    /// Its cgroup's memory limit, bytes (jailed only).
+    pub memory_max: Option<u64>,
+    /// Host paths it reads that are not linked into its directory (the
+    /// guest image of a base build), bound read-only (jailed only).
+    pub read_only: Vec<PathBuf>,
 }
 
 /// A request to the spawner thread: the command, and where its child goes.
@@ -155,9 +249,13 @@ pub struct Vmm {
     pub id: String,
     /// Its log, forwarded into emberd's.
     pub log: Arc<VmmLog>,
+    /// Its directory, `<run>/<id>`.
+    pub dir: PathBuf,
     child: Child,
     client: ApiClient,
     run_dir: PathBuf,
+    /// The jail and the uid it runs as, when jailed.
+    jailed: Option<(Arc<Jail>, u32)>,
 }
 
 impl Supervisor {
@@ -169,33 +267,98 @@ impl Supervisor {
             run_dir,
             log_level: log_level.to_string(),
             compile_cache: None,
+            jail: None,
             spawner: Spawner::start(),
             logs: VmmLogs::start()?,
         })
     }
 
-    /// Spawns `ember-vmm --api-sock <run>/<id>.sock --id <id> args...` and
-    /// returns once its socket accepts.
-    pub fn spawn(&self, id: &str, args: &[&str]) -> Result<Vmm, VmmError> {
-        let sock = self.run_dir.join(format!("{id}.sock"));
-        let _ = std::fs::remove_file(&sock);
-        let (stderr, log) = self.logs.pipe(id).map_err(|source| VmmError::Spawn {
+    /// Spawns `ember-vmm --api-sock <run>/<id>/api.sock --id <id> args...`
+    /// (jailed, unless this supervisor has no [`Jail`]) and returns once its
+    /// socket accepts.
+    pub fn spawn(&self, id: &str, args: &[&str], options: &SpawnOptions) -> Result<Vmm, VmmError> {
+        let spawn_error = |source| VmmError::Spawn {
             binary: self.vmm.clone(),
             source,
-        })?;
+        };
+        let dir = self.run_dir.join(id);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).map_err(spawn_error)?;
+        let sock = dir.join("api.sock");
+        let jailed = match &self.jail {
+            Some(jail) => {
+                let Some(uid) = jail.take_id() else {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(spawn_error(std::io::Error::other(format!(
+                        "all {} jail ids from {} are in use",
+                        jail.ids, jail.first_id
+                    ))));
+                };
+                // Root's, writable by the VMM's group: the VMM creates its
+                // socket and console; emberd links files in.
+                let owned = std::os::unix::fs::chown(&dir, Some(0), Some(uid)).and_then(|()| {
+                    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o770))
+                });
+                if let Err(e) = owned {
+                    jail.give_back(uid);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(spawn_error(e));
+                }
+                Some((jail.clone(), uid))
+            }
+            None => None,
+        };
+        let give_back = || {
+            if let Some((jail, uid)) = &jailed {
+                jail.give_back(*uid);
+            }
+        };
+        let (stderr, log) = match self.logs.pipe(id) {
+            Ok(pipe) => pipe,
+            Err(e) => {
+                give_back();
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(spawn_error(e));
+            }
+        };
         let mut command = Command::new(&self.vmm);
         command
             .arg("--api-sock")
             .arg(&sock)
             .args(["--id", id, "--log-level", &self.log_level, "--serial-out"])
-            .arg(self.run_dir.join(format!("{id}.console")))
+            .arg(dir.join("console"))
             .arg("--serial-out-limit")
             .arg(CONSOLE_LIMIT.to_string())
             .args(
                 self.compile_cache
                     .iter()
                     .flat_map(|dir| [std::ffi::OsStr::new("--compile-cache"), dir.as_os_str()]),
-            )
+            );
+        if let Some((jail, uid)) = &jailed {
+            let uid = uid.to_string();
+            command
+                .arg("--jail-root")
+                .arg(&jail.root_mount)
+                .args(["--jail-uid", &uid, "--jail-gid", &uid])
+                .arg("--jail-rw")
+                .arg(&dir)
+                .arg("--jail-max-file-bytes")
+                .arg(jail.max_file_bytes.to_string())
+                .arg("--cgroup")
+                .arg(jail.cgroup_parent.join(id))
+                .arg("--pids-max")
+                .arg(jail.pids_max.to_string());
+            for path in self.compile_cache.iter().chain(&options.read_only) {
+                command.arg("--jail-ro").arg(path);
+            }
+            if let Some(bytes) = options.memory_max {
+                command.arg("--memory-max").arg(bytes.to_string());
+            }
+            if let Some((quota, period)) = jail.cpu_max {
+                command.arg("--cpu-max").arg(format!("{quota}/{period}"));
+            }
+        }
+        command
             .args(args)
             // Nothing of emberd's environment (NOTIFY_SOCKET, say) is the
             // VMM's business.
@@ -219,19 +382,22 @@ impl Supervisor {
                 Ok(())
             });
         }
-        let mut child = self
-            .spawner
-            .spawn(command)
-            .map_err(|source| VmmError::Spawn {
-                binary: self.vmm.clone(),
-                source,
-            })?;
-        let cleanup = |child: &mut Child| {
-            let _ = child.kill();
-            let _ = child.wait();
-            for ext in ["pid", "sock", "console"] {
-                let _ = std::fs::remove_file(self.run_dir.join(format!("{id}.{ext}")));
+        let mut child = match self.spawner.spawn(command) {
+            Ok(child) => child,
+            Err(source) => {
+                give_back();
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(spawn_error(source));
             }
+        };
+        let cleanup = |child: &mut Child| {
+            stop(child, jailed.is_some());
+            if let Some((jail, _)) = &jailed {
+                jail.remove_leaf(id);
+            }
+            give_back();
+            let _ = std::fs::remove_file(self.run_dir.join(format!("{id}.pid")));
+            let _ = std::fs::remove_dir_all(&dir);
         };
         log.set_pid(child.id());
         if let Err(e) = write_pidfile(&self.run_dir, id, child.id(), &self.vmm) {
@@ -269,9 +435,11 @@ impl Supervisor {
         Ok(Vmm {
             id: id.to_string(),
             log,
+            dir,
             child,
             client,
             run_dir: self.run_dir.clone(),
+            jailed,
         })
     }
 
@@ -297,9 +465,19 @@ impl Supervisor {
                 }
             }
             let stem = path.with_extension("");
-            // `log`: the files of emberd versions that logged VMMs to files.
+            // `log`, `sock`, `console`: the files of earlier emberd versions.
             for ext in ["pid", "sock", "log", "console"] {
                 let _ = std::fs::remove_file(stem.with_extension(ext));
+            }
+            let _ = std::fs::remove_dir_all(&stem);
+        }
+        // Directories of VMMs whose pidfile was never written.
+        if let Ok(entries) = std::fs::read_dir(&self.run_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                if entry.file_type().is_ok_and(|t| t.is_dir()) && name != ".jail-root" {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
             }
         }
         killed
@@ -339,6 +517,151 @@ impl Vmm {
     /// Whether the process has exited.
     pub fn exited(&mut self) -> bool {
         !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Why the process ended, waiting up to `patience` for it to end (a
+    /// VMM whose socket hung up is usually a moment from its exit).
+    pub fn exit_reason(&mut self, patience: Duration) -> Option<String> {
+        let deadline = Instant::now() + patience;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(describe_exit(status));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The uid a jailed VMM runs as.
+    pub fn jail_uid(&self) -> Option<u32> {
+        self.jailed.as_ref().map(|(_, uid)| *uid)
+    }
+
+    /// Sets the memory limit of a jailed VMM's cgroup (lowering it from
+    /// the prepared VMM's to the function's, before a restore). Unjailed:
+    /// nothing.
+    pub fn limit_memory(&self, bytes: u64) -> std::io::Result<()> {
+        use ember_vmm::jail::cgroup::Hierarchy;
+        let Some((jail, _)) = &self.jailed else {
+            return Ok(());
+        };
+        let dirs = jail.leaf_dirs(&self.id);
+        let bytes = bytes.to_string();
+        match &jail.hierarchy {
+            Hierarchy::V2(_) => std::fs::write(dirs[0].join("memory.max"), bytes),
+            Hierarchy::V1 { .. } => {
+                // Lowering: memory first (memory + swap may not go below it).
+                std::fs::write(dirs[0].join("memory.limit_in_bytes"), &bytes)?;
+                let memsw = dirs[0].join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    std::fs::write(memsw, &bytes)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The snapshot `files` as this VMM should be told of them: jailed,
+    /// the state, memory and working-set files beside `files.state` are
+    /// hard-linked into its directory (the same inodes, made readable);
+    /// unjailed, `files` itself.
+    pub fn stage_snapshot(&self, files: &SnapshotPaths) -> std::io::Result<SnapshotPaths> {
+        if self.jailed.is_none() {
+            return Ok(files.clone());
+        }
+        let from = files.state.parent().unwrap_or(Path::new("/"));
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let text = name.to_string_lossy();
+            let wanted = [".state", ".mem", ".ws"].iter().any(|e| text.ends_with(e));
+            if wanted && entry.file_type()?.is_file() {
+                link_readable(&entry.path(), &self.dir.join(&name))?;
+            }
+        }
+        Ok(files.moved_to(&self.dir))
+    }
+
+    /// The body of `PUT /ember/function` as this VMM should get it:
+    /// jailed, the module and files are linked into `fn/` of its
+    /// directory and the body names them there.
+    pub fn stage_function(&self, body: &serde_json::Value) -> std::io::Result<serde_json::Value> {
+        let mut body = body.clone();
+        if self.jailed.is_none() {
+            return Ok(body);
+        }
+        let into = self.dir.join("fn");
+        std::fs::create_dir_all(&into)?;
+        if let Some(module) = body["module_path"].as_str().map(PathBuf::from) {
+            let link = into.join("module.wasm");
+            link_readable(&module, &link)?;
+            body["module_path"] = serde_json::json!(link);
+        }
+        if let Some(files) = body["files"].as_array_mut() {
+            for (i, file) in files.iter_mut().enumerate() {
+                if let Some(path) = file["host_path"].as_str().map(PathBuf::from) {
+                    let link = into.join(format!("file{i}"));
+                    link_readable(&path, &link)?;
+                    file["host_path"] = serde_json::json!(link);
+                }
+            }
+        }
+        Ok(body)
+    }
+
+    /// Where this VMM should write a snapshot bound for `files`: jailed,
+    /// its own directory (then [`Vmm::collect_snapshot`]); unjailed,
+    /// `files`.
+    pub fn snapshot_target(&self, files: &SnapshotPaths) -> SnapshotPaths {
+        match &self.jailed {
+            Some(_) => files.moved_to(&self.dir),
+            None => files.clone(),
+        }
+    }
+
+    /// Moves a snapshot this VMM wrote at `snapshot_target(files)` to
+    /// `files`: owned by root, read-only to others, memory file first and
+    /// the state last (a state file names a whole snapshot), the directory
+    /// synced.
+    pub fn collect_snapshot(&self, files: &SnapshotPaths) -> std::io::Result<()> {
+        if self.jailed.is_none() {
+            return Ok(());
+        }
+        let made = files.moved_to(&self.dir);
+        for (from, to) in [(&made.mem, &files.mem), (&made.state, &files.state)] {
+            take_ownership(from)?;
+            std::fs::rename(from, to)?;
+        }
+        if let Some(dir) = files.state.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Moves a working set this VMM recorded for the snapshot it was
+    /// restored from (`files`, as staged) back beside that snapshot, if
+    /// none is there yet. Its contents are the guest's doing: a restore
+    /// checks them like any file (they only steer prefetching).
+    pub fn collect_working_set(&self, files: &SnapshotPaths) {
+        if self.jailed.is_none() {
+            return;
+        }
+        let ws = |state: &Path| {
+            let mut path = state.as_os_str().to_owned();
+            path.push(".ws");
+            PathBuf::from(path)
+        };
+        let (made, home) = (ws(&files.moved_to(&self.dir).state), ws(&files.state));
+        if home.exists() || !made.exists() {
+            return;
+        }
+        // A link (not a rename): the VMM's own name for it stays valid.
+        let moved = take_ownership(&made).and_then(|()| std::fs::hard_link(&made, &home));
+        if let Err(e) = moved {
+            tracing::debug!("working set {} not kept: {e}", made.display());
+        }
     }
 
     /// Sends a request; a non-2xx answer is an error carrying its message.
@@ -417,14 +740,96 @@ impl Vmm {
 
 impl Drop for Vmm {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for ext in ["pid", "sock", "console"] {
-            let _ = std::fs::remove_file(self.run_dir.join(format!("{}.{ext}", self.id)));
+        stop(&mut self.child, self.jailed.is_some());
+        if let Some((jail, uid)) = &self.jailed {
+            jail.remove_leaf(&self.id);
+            jail.give_back(*uid);
         }
+        let _ = std::fs::remove_file(self.run_dir.join(format!("{}.pid", self.id)));
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
+/// A snapshot's two files (the shape of `snapshots::SnapshotFiles`).
+pub type SnapshotPaths = crate::snapshots::SnapshotFiles;
+
+/// Hard-links `file` at `link` (replacing what is there), making the inode
+/// readable by others if it is not: a jailed VMM reads it under its own
+/// uid. emberd's state directory itself stays closed to other users.
+fn link_readable(file: &Path, link: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(file)?;
+    let mode = meta.permissions().mode();
+    if mode & 0o004 == 0 {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode((mode | 0o444) & 0o7755))?;
+    }
+    let _ = std::fs::remove_file(link);
+    std::fs::hard_link(file, link).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot link {} to {}: {e}", file.display(), link.display()),
+        )
+    })
+}
+
+/// Makes a file a jailed VMM wrote root's and read-only to others (so
+/// that no later VMM given the same uid may change it).
+fn take_ownership(file: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(file, Some(0), Some(0))?;
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644))
+}
+
+/// Ends a VMM. A jailed one is asked (SIGTERM to its keeper, which kills
+/// the VMM, removes its cgroup leaf and exits), then killed if it has not
+/// ended within a second.
+fn stop(child: &mut Child, jailed: bool) {
+    if jailed {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// What an ember-vmm exit status means (docs/vmm.md, "Exit codes").
+pub fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    use ember_vmm::ExitCode;
+    let Some(code) = status.code() else {
+        return match status.signal() {
+            Some(signal) => format!("ember-vmm was killed by signal {signal}"),
+            None => format!("ember-vmm ended ({status})"),
+        };
+    };
+    let known = [
+        (ExitCode::GuestCrashed, "the guest crashed"),
+        (ExitCode::GuestTripleFault, "the guest triple-faulted"),
+        (ExitCode::KvmError, "KVM stopped the vCPU"),
+        (ExitCode::GuestUnresponsive, "the guest stopped answering"),
+        (
+            ExitCode::MemoryLimit,
+            "the VM reached its memory limit (memory.max) and was killed",
+        ),
+        (
+            ExitCode::BadSyscall,
+            "ember-vmm made a system call its seccomp filter forbids",
+        ),
+        (ExitCode::GenericError, "ember-vmm failed"),
+    ];
+    match known.iter().find(|(c, _)| c.code() == code) {
+        Some((_, what)) => format!("{what} (ember-vmm exit code {code})"),
+        None if code > 128 => format!("ember-vmm was killed by signal {}", code - 128),
+        None => format!("ember-vmm exited with code {code}"),
+    }
+}
 fn write_pidfile(run_dir: &Path, id: &str, pid: u32, exe: &Path) -> Result<(), VmmError> {
     let path = run_dir.join(format!("{id}.pid"));
     let start = start_time(pid).unwrap_or(0);

@@ -204,10 +204,29 @@ const PM_SWAPPED: u64 = 1 << 62;
 /// Pagemap: page is file-backed (or shared anonymous): not a private copy.
 const PM_FILE: u64 = 1 << 61;
 
+/// /proc/self/pagemap opened before the jail hid /proc ([`Pagemap::preopen`]).
+static PAGEMAP: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
 impl Pagemap {
+    /// Opens this process's pagemap for every later [`Pagemap::read`]
+    /// (call before /proc goes out of reach).
+    pub fn preopen() -> std::io::Result<()> {
+        let file = std::fs::File::open("/proc/self/pagemap")?;
+        let _ = PAGEMAP.set(file);
+        Ok(())
+    }
+
     /// Reads the pagemap entries for all of `mem`.
     pub fn read(mem: HostMemory) -> Result<Pagemap, MemoryFileError> {
-        let file = std::fs::File::open("/proc/self/pagemap").map_err(MemoryFileError::Pagemap)?;
+        let opened;
+        let file = match PAGEMAP.get() {
+            Some(file) => file,
+            None => {
+                opened = std::fs::File::open("/proc/self/pagemap")
+                    .map_err(MemoryFileError::Pagemap)?;
+                &opened
+            }
+        };
         let mut raw = vec![0u8; mem.pages() as usize * 8];
         file.read_exact_at(&mut raw, (mem.addr as u64 / PAGE) * 8)
             .map_err(MemoryFileError::Pagemap)?;

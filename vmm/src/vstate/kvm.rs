@@ -46,10 +46,16 @@ pub struct KvmContext {
 
 impl KvmContext {
     /// Starts reading the supported CPUID on a helper thread, opens
-    /// `/dev/kvm`, checks it and creates the VM.
-    pub fn open() -> Result<KvmContext, KvmError> {
-        let cpuid = CpuidPrefetch::start();
-        let kvm = Kvm::new().map_err(KvmError::Open)?;
+    /// `/dev/kvm` (or takes it open: a jailed VMM cannot reach it), checks
+    /// it and creates the VM.
+    pub fn open(opened: Option<std::os::fd::OwnedFd>) -> Result<KvmContext, KvmError> {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        let kvm = match opened {
+            // SAFETY: an open /dev/kvm whose ownership passes to Kvm.
+            Some(fd) => unsafe { Kvm::from_raw_fd(fd.into_raw_fd()) },
+            None => Kvm::new().map_err(KvmError::Open)?,
+        };
+        let cpuid = CpuidPrefetch::start(&kvm);
         let version = kvm.get_api_version();
         if version != kvm_bindings::KVM_API_VERSION as i32 {
             return Err(KvmError::ApiVersion(version));
@@ -65,7 +71,7 @@ impl KvmContext {
 
     /// The VM, and the supported CPUID once read (this waits for the helper).
     pub fn into_parts(self) -> Result<(Kvm, VmFd, CpuId), KvmError> {
-        let cpuid = self.cpuid.wait()?;
+        let cpuid = self.cpuid.wait(&self.kvm)?;
         Ok((self.kvm, self.vm_fd, cpuid))
     }
 }
@@ -76,26 +82,34 @@ impl KvmContext {
 struct CpuidPrefetch(Option<std::thread::JoinHandle<Result<CpuId, KvmError>>>);
 
 impl CpuidPrefetch {
-    /// Starts reading (or, if no thread can be started, leaves it to `wait`).
-    fn start() -> CpuidPrefetch {
+    /// Starts reading on a descriptor of its own (or, if none can be had
+    /// or no thread started, leaves it to `wait`).
+    fn start(kvm: &Kvm) -> CpuidPrefetch {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: dup(2) of an open descriptor; the copy is owned by the
+        // thread's Kvm.
+        let fd = unsafe { libc::fcntl(kvm.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return CpuidPrefetch(None);
+        }
+        // SAFETY: a fresh descriptor of /dev/kvm.
+        let own = unsafe { Kvm::from_raw_fd(fd) };
         let thread = std::thread::Builder::new()
             .name("ember_cpuid".into())
-            .spawn(read_supported_cpuid);
+            .spawn(move || read_supported_cpuid(&own));
         CpuidPrefetch(thread.ok())
     }
 
     /// The supported CPUID, once read.
-    fn wait(self) -> Result<CpuId, KvmError> {
+    fn wait(self, kvm: &Kvm) -> Result<CpuId, KvmError> {
         match self.0 {
             Some(thread) => thread.join().unwrap_or(Err(KvmError::CpuidThread)),
-            None => read_supported_cpuid(),
+            None => read_supported_cpuid(kvm),
         }
     }
 }
 
-fn read_supported_cpuid() -> Result<CpuId, KvmError> {
-    Kvm::new()
-        .map_err(KvmError::Open)?
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+fn read_supported_cpuid(kvm: &Kvm) -> Result<CpuId, KvmError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(KvmError::SupportedCpuid)
 }
