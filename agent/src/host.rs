@@ -277,8 +277,9 @@ impl Agent {
             std::fs::create_dir_all(dir)
                 .map_err(io_err(format!("cannot create {}", dir.display())))?;
         }
-        let mut supervisor = Supervisor::new(config.vmm.clone(), run_dir.clone(), &config.vmm_log_level)
-            .map_err(io_err("cannot start the VMM log thread".into()))?;
+        let mut supervisor =
+            Supervisor::new(config.vmm.clone(), run_dir.clone(), &config.vmm_log_level)
+                .map_err(io_err("cannot start the VMM log thread".into()))?;
         let compile_cache = config.state_dir.join("compiled");
         std::fs::create_dir_all(&compile_cache)
             .map_err(io_err(format!("cannot create {}", compile_cache.display())))?;
@@ -469,7 +470,7 @@ impl Agent {
     /// Returns the files as the VMM is to be told of them.
     fn stage_for(
         &self,
-        vmm: &Vmm,
+        vmm: &mut Vmm,
         v: &FunctionVersion,
         files: &SnapshotFiles,
     ) -> Result<SnapshotFiles, ApiError> {
@@ -922,11 +923,10 @@ impl Agent {
                 (response, false)
             }
         };
-        // A working set the instance recorded goes beside its template
-        // (jailed, the VMM wrote it in its own directory).
-        if start != Start::Warm {
-            vmm.collect_working_set(&self.store.template(&v.name, v.version));
-        }
+        // A working set the instance recorded (after its first answer)
+        // goes beside its template: jailed, the VMM wrote it in its own
+        // directory. Two stats when there is nothing to do.
+        vmm.collect_working_set();
         self.finish(&id, vmm, keep);
         if let Some(message) = crashed {
             self.crash_detected(&v, Some(&id), &message);
@@ -957,7 +957,7 @@ impl Agent {
             let mut vmm = self.take_prepared()?;
             // Tagged before the load: what ember-vmm says of it is the instance's.
             vmm.serve_instance(id, &v.name, v.version);
-            let staged = self.stage_for(&vmm, v, &template)?;
+            let staged = self.stage_for(&mut vmm, v, &template)?;
             let e = match vmm.call(
                 "PUT",
                 "/snapshot/load",
@@ -1365,17 +1365,29 @@ fn make_jail(
             // a leaf of its own first.
             let own = std::fs::read_to_string("/proc/self/cgroup")
                 .ok()
-                .and_then(|t| t.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)))
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+                })
                 .ok_or("cannot read emberd's cgroup v2 path from /proc/self/cgroup")?;
             let own = PathBuf::from(own.trim_start_matches('/'));
             let leaf = root.join(&own).join("emberd");
             std::fs::create_dir_all(&leaf)
-                .and_then(|()| std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string()))
-                .map_err(|e| format!("cannot move emberd into {} ({e}): is its cgroup delegated (Delegate=yes)?", leaf.display()))?;
+                .and_then(|()| {
+                    std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())
+                })
+                .map_err(|e| {
+                    format!(
+                        "cannot move emberd into {} ({e}): is its cgroup delegated (Delegate=yes)?",
+                        leaf.display()
+                    )
+                })?;
             own.join(format!("vms-{tag}"))
         }
     };
-    hierarchy.prepare_parent(&parent).map_err(|e| e.to_string())?;
+    hierarchy
+        .prepare_parent(&parent)
+        .map_err(|e| e.to_string())?;
     let jail = crate::supervisor::Jail::new(
         settings.first_id,
         settings.ids,

@@ -219,8 +219,10 @@ pub fn build_base(
             Ok(())
         },
     )?;
-    vmm.collect_snapshot(files)
-        .map_err(io_error(format!("cannot move the base snapshot into {}", files.state.display())))?;
+    vmm.collect_snapshot(files).map_err(io_error(format!(
+        "cannot move the base snapshot into {}",
+        files.state.display()
+    )))?;
     Ok(stages)
 }
 
@@ -293,11 +295,16 @@ pub fn build_template(
     files: &SnapshotFiles,
 ) -> Result<(Stages, serde_json::Value), SnapshotError> {
     let mut stages = Stages::default();
-    let staged = vmm
-        .stage_snapshot(base)
-        .map_err(io_error(format!("cannot give {} the base snapshot", vmm.id)))?;
+    let staged = vmm.stage_snapshot(base).map_err(io_error(format!(
+        "cannot give {} the base snapshot",
+        vmm.id
+    )))?;
     stages.time("restore the base snapshot", || {
-        vmm.call("PUT", "/snapshot/load", Some(&staged.load_body(true, false)))
+        vmm.call(
+            "PUT",
+            "/snapshot/load",
+            Some(&staged.load_body(true, false)),
+        )
     })?;
     stages.time("compile the module (or find it compiled)", || {
         precompile(vmm, spec)
@@ -321,8 +328,10 @@ pub fn build_template(
             Ok(())
         },
     )?;
-    vmm.collect_snapshot(files)
-        .map_err(io_error(format!("cannot move the template into {}", files.state.display())))?;
+    vmm.collect_snapshot(files).map_err(io_error(format!(
+        "cannot move the template into {}",
+        files.state.display()
+    )))?;
     Ok((stages, loaded.json()))
 }
 

@@ -80,10 +80,7 @@ fn main() {
             "a_vm_past_its_memory_limit_is_killed_and_reported_as_a_crash",
             memory_limit_kill,
         ),
-        (
-            "no_jail_runs_vmms_unconfined_and_says_so",
-            no_jail,
-        ),
+        ("no_jail_runs_vmms_unconfined_and_says_so", no_jail),
     ];
     run_kvm_tests(tests);
 }
@@ -1227,23 +1224,31 @@ fn vmm_processes() -> Vec<u32> {
 /// root with nothing but its directory and what is bound in, in a cgroup
 /// leaf whose memory limit is the function's memory plus the overhead.
 fn jailed() -> TestResult {
-    let (emberd, mut client) =
-        with_function("echo", "echo.wasm", json!({ "memory_mib": 32 }))?;
-    same(&invoke_ok_via(&mut client, "echo", b"jailed", &[])?.body, b"jailed")?;
+    let (emberd, mut client) = with_function("echo", "echo.wasm", json!({ "memory_mib": 32 }))?;
+    same(
+        &invoke_ok_via(&mut client, "echo", b"jailed", &[])?.body,
+        b"jailed",
+    )?;
     let instances = get_json(&mut client, "/instances")?;
     let keeper = instances[0]["pid"].as_u64().unwrap_or(0) as u32;
     check(keeper > 0, || format!("instances: {instances}"))?;
     let vmm = children(keeper);
-    check(vmm.len() == 1, || format!("the keeper {keeper} has children {vmm:?}"))?;
+    check(vmm.len() == 1, || {
+        format!("the keeper {keeper} has children {vmm:?}")
+    })?;
     let vmm = vmm[0];
     let mut uids = std::collections::BTreeSet::new();
     for pid in [keeper, vmm] {
         let uid = status_field(pid, "Uid:")?;
         let gid = status_field(pid, "Gid:")?;
-        check(uid.split_whitespace().all(|u| u != "0" && u.parse::<u32>().is_ok_and(|u| u >= 3_000_000)), || {
-            format!("process {pid} runs as uids {uid}")
+        check(
+            uid.split_whitespace()
+                .all(|u| u != "0" && u.parse::<u32>().is_ok_and(|u| u >= 3_000_000)),
+            || format!("process {pid} runs as uids {uid}"),
+        )?;
+        check(gid.split_whitespace().all(|g| g != "0"), || {
+            format!("process {pid} runs as gids {gid}")
         })?;
-        check(gid.split_whitespace().all(|g| g != "0"), || format!("process {pid} runs as gids {gid}"))?;
         uids.insert(uid);
         for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
             let value = status_field(pid, caps)?;
@@ -1251,21 +1256,33 @@ fn jailed() -> TestResult {
                 format!("process {pid} has {caps} {value}")
             })?;
         }
-        check(status_field(pid, "NoNewPrivs:")? == "1", || format!("process {pid} lacks no_new_privs"))?;
+        check(status_field(pid, "NoNewPrivs:")? == "1", || {
+            format!("process {pid} lacks no_new_privs")
+        })?;
     }
-    check(uids.len() == 1, || format!("keeper and VMM differ: {uids:?}"))?;
+    check(uids.len() == 1, || {
+        format!("keeper and VMM differ: {uids:?}")
+    })?;
     // Namespaces of its own.
     for ns in ["mnt", "pid", "net", "ipc", "uts"] {
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).map_err(|e| e.to_string())?;
-        let theirs = std::fs::read_link(format!("/proc/{vmm}/ns/{ns}")).map_err(|e| e.to_string())?;
-        check(ours != theirs, || format!("the VMM shares our {ns} namespace"))?;
+        let theirs =
+            std::fs::read_link(format!("/proc/{vmm}/ns/{ns}")).map_err(|e| e.to_string())?;
+        check(ours != theirs, || {
+            format!("the VMM shares our {ns} namespace")
+        })?;
     }
-    check(status_field(vmm, "NSpid:")?.split_whitespace().last() == Some("1"), || "the VMM is not PID 1 of its namespace".into())?;
+    check(
+        status_field(vmm, "NSpid:")?.split_whitespace().last() == Some("1"),
+        || "the VMM is not PID 1 of its namespace".into(),
+    )?;
     // Its root holds no /etc, /dev, /proc, /home; the state dir shows only
     // its own VMM directory.
     let root = format!("/proc/{vmm}/root");
     for hidden in ["etc", "dev", "proc", "home", "usr", "bin"] {
-        check(!Path::new(&format!("{root}/{hidden}")).exists(), || format!("the jail shows /{hidden}"))?;
+        check(!Path::new(&format!("{root}/{hidden}")).exists(), || {
+            format!("the jail shows /{hidden}")
+        })?;
     }
     let vms = emberd.state_dir.join("state/vms");
     let seen: Vec<String> = std::fs::read_dir(format!("{root}{}", vms.display()))
@@ -1273,37 +1290,56 @@ fn jailed() -> TestResult {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    check(seen.len() == 1, || format!("the jail sees {seen:?} in {}", vms.display()))?;
-    check(!Path::new(&format!("{root}{}", emberd.state_dir.join("state/journal.db").display())).exists(), || {
-        "the jail sees the journal".into()
+    check(seen.len() == 1, || {
+        format!("the jail sees {seen:?} in {}", vms.display())
     })?;
+    check(
+        !Path::new(&format!(
+            "{root}{}",
+            emberd.state_dir.join("state/journal.db").display()
+        ))
+        .exists(),
+        || "the jail sees the journal".into(),
+    )?;
     // Its cgroup leaf and limits.
-    let cgroup = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).map_err(|e| e.to_string())?;
+    let cgroup =
+        std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).map_err(|e| e.to_string())?;
     let memory_leaf = cgroup
         .lines()
         .find_map(|l| {
             let mut parts = l.splitn(3, ':');
             let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-            (controllers.split(',').any(|c| c == "memory") || controllers.is_empty()).then(|| path.to_string())
+            (controllers.split(',').any(|c| c == "memory") || controllers.is_empty())
+                .then(|| path.to_string())
         })
         .ok_or_else(|| format!("no memory cgroup in {cgroup}"))?;
-    check(memory_leaf.contains("ember"), || format!("the VMM's memory cgroup is {memory_leaf}"))?;
+    check(memory_leaf.contains("ember"), || {
+        format!("the VMM's memory cgroup is {memory_leaf}")
+    })?;
     let v1 = Path::new("/sys/fs/cgroup/memory").join(memory_leaf.trim_start_matches('/'));
     let limit_file = if v1.join("memory.limit_in_bytes").exists() {
         v1.join("memory.limit_in_bytes")
     } else {
-        Path::new("/sys/fs/cgroup").join(memory_leaf.trim_start_matches('/')).join("memory.max")
+        Path::new("/sys/fs/cgroup")
+            .join(memory_leaf.trim_start_matches('/'))
+            .join("memory.max")
     };
-    let limit = std::fs::read_to_string(&limit_file).map_err(|e| format!("{}: {e}", limit_file.display()))?;
+    let limit = std::fs::read_to_string(&limit_file)
+        .map_err(|e| format!("{}: {e}", limit_file.display()))?;
     check(limit.trim() == ((32u64 + 64) << 20).to_string(), || {
         format!("{}: {limit} (want (32 + 64) MiB)", limit_file.display())
     })?;
     // No ember-vmm on the host runs as root (this emberd's, or others').
     for pid in vmm_processes() {
         let uid = status_field(pid, "Uid:")?;
-        let ours = pid == keeper || pid == vmm || std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.contains("--jail-root"));
+        let ours = pid == keeper
+            || pid == vmm
+            || std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.contains("--jail-root"));
         if ours {
-            check(!uid.starts_with("0\t") && !uid.starts_with("0 "), || format!("ember-vmm {pid} runs as root"))?;
+            check(!uid.starts_with("0\t") && !uid.starts_with("0 "), || {
+                format!("ember-vmm {pid} runs as root")
+            })?;
         }
     }
     Ok(())
@@ -1324,9 +1360,17 @@ fn memory_limit_kill() -> TestResult {
     let body = String::from_utf8_lossy(&response.body).into_owned();
     check(
         response.header("x-ember-function-error") == Some("crash") && body.contains("memory limit"),
-        || format!("over the limit: {} {:?} {body}", response.status, response.headers),
+        || {
+            format!(
+                "over the limit: {} {:?} {body}",
+                response.status, response.headers
+            )
+        },
     )?;
-    same(&invoke_ok_via(&mut client, "echo", b"small", &[])?.body, b"small")?;
+    same(
+        &invoke_ok_via(&mut client, "echo", b"small", &[])?.body,
+        b"small",
+    )?;
     let health = get_json(&mut client, "/health")?;
     check(health["status"] == "ok", || format!("health {health}"))?;
     Ok(())
@@ -1336,12 +1380,22 @@ fn memory_limit_kill() -> TestResult {
 fn no_jail() -> TestResult {
     let (emberd, mut client) = with_function_args(&["--no-jail"], "echo", "echo.wasm", json!({}))?;
     invoke_ok_via(&mut client, "echo", b"x", &[])?;
-    check(emberd.log.text().contains("--no-jail: every ember-vmm runs unconfined"), || "no warning in the log".into())?;
+    check(
+        emberd
+            .log
+            .text()
+            .contains("--no-jail: every ember-vmm runs unconfined"),
+        || "no warning in the log".into(),
+    )?;
     let instances = get_json(&mut client, "/instances")?;
     let pid = instances[0]["pid"].as_u64().unwrap_or(0) as u32;
     let uid = status_field(pid, "Uid:")?;
     let me = status_field(std::process::id(), "Uid:")?;
-    check(uid == me, || format!("unjailed VMM {pid} runs as {uid}, emberd's user is {me}"))?;
-    check(children(pid).is_empty(), || "an unjailed VMM has a child".into())?;
+    check(uid == me, || {
+        format!("unjailed VMM {pid} runs as {uid}, emberd's user is {me}")
+    })?;
+    check(children(pid).is_empty(), || {
+        "an unjailed VMM has a child".into()
+    })?;
     Ok(())
 }

@@ -121,7 +121,10 @@ fn parse_cpu_max(text: &str) -> Result<(u64, u64), String> {
     let (quota, period) = text
         .split_once('/')
         .ok_or_else(|| format!("{text:?} is not QUOTA_US/PERIOD_US"))?;
-    let number = |t: &str| t.parse::<u64>().map_err(|_| format!("{t:?} is not a number"));
+    let number = |t: &str| {
+        t.parse::<u64>()
+            .map_err(|_| format!("{t:?} is not a number"))
+    };
     Ok((number(quota)?, number(period)?))
 }
 

@@ -266,7 +266,9 @@ fn run(args: Args, file: ConfigFile) -> Result<(), String> {
             Some(text) => text
                 .split_once(':')
                 .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
-                .filter(|&(first, count)| first > 0 && count > 0 && first.checked_add(count).is_some())
+                .filter(|&(first, count)| {
+                    first > 0 && count > 0 && first.checked_add(count).is_some()
+                })
                 .ok_or_else(|| format!("--jail-ids {text:?} is not FIRST:COUNT (FIRST > 0)"))?,
         };
         let cpu_max = match args.vm_cpu_max.or(file.vm_cpu_max) {

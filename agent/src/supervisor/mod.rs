@@ -164,7 +164,8 @@ impl Jail {
 
     fn take_id(&self) -> Option<u32> {
         let mut used = self.in_use.lock().unwrap_or_else(|p| p.into_inner());
-        let id = (self.first_id..self.first_id.saturating_add(self.ids)).find(|id| !used.contains(id))?;
+        let id = (self.first_id..self.first_id.saturating_add(self.ids))
+            .find(|id| !used.contains(id))?;
         used.insert(id);
         Some(id)
     }
@@ -256,6 +257,9 @@ pub struct Vmm {
     run_dir: PathBuf,
     /// The jail and the uid it runs as, when jailed.
     jailed: Option<(Arc<Jail>, u32)>,
+    /// The snapshot it was restored from, as staged (its working set is
+    /// collected from there).
+    restored_from: Option<SnapshotPaths>,
 }
 
 impl Supervisor {
@@ -297,7 +301,10 @@ impl Supervisor {
                 // Root's, writable by the VMM's group: the VMM creates its
                 // socket and console; emberd links files in.
                 let owned = std::os::unix::fs::chown(&dir, Some(0), Some(uid)).and_then(|()| {
-                    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o770))
+                    std::fs::set_permissions(
+                        &dir,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o770),
+                    )
                 });
                 if let Err(e) = owned {
                     jail.give_back(uid);
@@ -440,6 +447,7 @@ impl Supervisor {
             client,
             run_dir: self.run_dir.clone(),
             jailed,
+            restored_from: None,
         })
     }
 
@@ -567,10 +575,11 @@ impl Vmm {
     /// the state, memory and working-set files beside `files.state` are
     /// hard-linked into its directory (the same inodes, made readable);
     /// unjailed, `files` itself.
-    pub fn stage_snapshot(&self, files: &SnapshotPaths) -> std::io::Result<SnapshotPaths> {
+    pub fn stage_snapshot(&mut self, files: &SnapshotPaths) -> std::io::Result<SnapshotPaths> {
         if self.jailed.is_none() {
             return Ok(files.clone());
         }
+        self.restored_from = Some(files.clone());
         let from = files.state.parent().unwrap_or(Path::new("/"));
         for entry in std::fs::read_dir(from)? {
             let entry = entry?;
@@ -640,14 +649,14 @@ impl Vmm {
         Ok(())
     }
 
-    /// Moves a working set this VMM recorded for the snapshot it was
-    /// restored from (`files`, as staged) back beside that snapshot, if
+    /// Links a working set this VMM recorded (after its first invocation)
+    /// for the snapshot it was restored from back beside that snapshot, if
     /// none is there yet. Its contents are the guest's doing: a restore
     /// checks them like any file (they only steer prefetching).
-    pub fn collect_working_set(&self, files: &SnapshotPaths) {
-        if self.jailed.is_none() {
+    pub fn collect_working_set(&self) {
+        let Some(files) = &self.restored_from else {
             return;
-        }
+        };
         let ws = |state: &Path| {
             let mut path = state.as_os_str().to_owned();
             path.push(".ws");
@@ -741,6 +750,7 @@ impl Vmm {
 impl Drop for Vmm {
     fn drop(&mut self) {
         stop(&mut self.child, self.jailed.is_some());
+        self.collect_working_set();
         if let Some((jail, uid)) = &self.jailed {
             jail.remove_leaf(&self.id);
             jail.give_back(*uid);
@@ -761,7 +771,10 @@ fn link_readable(file: &Path, link: &Path) -> std::io::Result<()> {
     let meta = std::fs::metadata(file)?;
     let mode = meta.permissions().mode();
     if mode & 0o004 == 0 {
-        std::fs::set_permissions(file, std::fs::Permissions::from_mode((mode | 0o444) & 0o7755))?;
+        std::fs::set_permissions(
+            file,
+            std::fs::Permissions::from_mode((mode | 0o444) & 0o7755),
+        )?;
     }
     let _ = std::fs::remove_file(link);
     std::fs::hard_link(file, link).map_err(|e| {
@@ -801,8 +814,8 @@ fn stop(child: &mut Child, jailed: bool) {
 
 /// What an ember-vmm exit status means (docs/vmm.md, "Exit codes").
 pub fn describe_exit(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
     use ember_vmm::ExitCode;
+    use std::os::unix::process::ExitStatusExt;
     let Some(code) = status.code() else {
         return match status.signal() {
             Some(signal) => format!("ember-vmm was killed by signal {signal}"),

@@ -323,8 +323,15 @@ mod tests {
     #[test]
     fn v2_with_memory_and_pids_is_chosen_over_v1() {
         let root = fake_root("v2");
-        std::fs::write(root.join("cgroup.controllers"), "cpuset cpu io memory pids\n").unwrap();
-        assert_eq!(Hierarchy::detect(&root).unwrap(), Hierarchy::V2(root.clone()));
+        std::fs::write(
+            root.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        assert_eq!(
+            Hierarchy::detect(&root).unwrap(),
+            Hierarchy::V2(root.clone())
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 
@@ -333,7 +340,11 @@ mod tests {
         let root = fake_root("hybrid");
         std::fs::create_dir_all(root.join("unified")).unwrap();
         std::fs::write(root.join("unified/cgroup.controllers"), "hugetlb\n").unwrap();
-        for (dir, file) in [("memory", "memory.limit_in_bytes"), ("pids", "cgroup.procs"), ("cpu", "cpu.cfs_quota_us")] {
+        for (dir, file) in [
+            ("memory", "memory.limit_in_bytes"),
+            ("pids", "cgroup.procs"),
+            ("cpu", "cpu.cfs_quota_us"),
+        ] {
             std::fs::create_dir_all(root.join(dir)).unwrap();
             std::fs::write(root.join(dir).join(file), "").unwrap();
         }
@@ -377,7 +388,11 @@ mod tests {
             },
             dirs: vec![root.clone()],
         };
-        std::fs::write(root.join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n").unwrap();
+        std::fs::write(
+            root.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .unwrap();
         assert_eq!(leaf.oom_kills(), 2);
         let v2 = Leaf {
             spec: LeafSpec {
@@ -386,7 +401,11 @@ mod tests {
             },
             dirs: vec![root.clone()],
         };
-        std::fs::write(root.join("memory.events"), "low 0\nhigh 0\nmax 5\noom 1\noom_kill 0\n").unwrap();
+        std::fs::write(
+            root.join("memory.events"),
+            "low 0\nhigh 0\nmax 5\noom 1\noom_kill 0\n",
+        )
+        .unwrap();
         assert!(!v2.oom_killed());
         std::fs::remove_dir_all(&root).unwrap();
     }

@@ -186,6 +186,8 @@ fn unshare_and_fork(spec: &Spec, leaf: Option<&cgroup::Leaf>) -> Result<(), Jail
         unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
     // SAFETY: no other thread exists (documented precondition of `enter`),
     // so the child is a consistent copy.
+    // SAFETY: getppid(2) has no preconditions.
+    let starter = unsafe { libc::getppid() };
     let pid = check(unsafe { libc::fork() }).map_err(step("fork into the PID namespace"))?;
     if pid != 0 {
         drop(read_end);
@@ -194,7 +196,20 @@ fn unshare_and_fork(spec: &Spec, leaf: Option<&cgroup::Leaf>) -> Result<(), Jail
         // removes the cgroup leaf once the keeper has exited.
         // Dumpable: emberd reads its /proc/PID/exe to know it after a
         // crash; nothing of the keeper's is secret.
-        if let Err(e) = drop_privileges(spec, true) {
+        let dropped = drop_privileges(spec, true).and_then(|()| {
+            // A credential change clears the parent-death signal the
+            // starter (emberd) may have set: set again, then check that
+            // the starter is still there.
+            die_with_parent()?;
+            // SAFETY: getppid(2) has no preconditions.
+            if unsafe { libc::getppid() } != starter {
+                return Err(JailError::Spec(
+                    "the process that started ember-vmm is gone".into(),
+                ));
+            }
+            Ok(())
+        });
+        if let Err(e) = dropped {
             log::error!("{e}; killing the VMM");
             // SAFETY: kill(2) on our own child.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -202,20 +217,6 @@ fn unshare_and_fork(spec: &Spec, leaf: Option<&cgroup::Leaf>) -> Result<(), Jail
         keep(pid, leaf, write_end);
     }
     drop(write_end);
-    // SAFETY: prctl(2) on this process.
-    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) })
-        .map_err(step("die with the keeper (PR_SET_PDEATHSIG)"))?;
-    let mut poll = libc::pollfd {
-        fd: read_end.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one pollfd, timeout 0.
-    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-    if ready != 0 {
-        return Err(JailError::Spec("the keeper died during the start".into()));
-    }
-    drop(read_end);
     if let Some(leaf) = leaf {
         leaf.join()?;
     }
@@ -231,7 +232,29 @@ fn unshare_and_fork(spec: &Spec, leaf: Option<&cgroup::Leaf>) -> Result<(), Jail
     // whatever emberd's own umask.
     // SAFETY: umask(2) has no preconditions.
     unsafe { libc::umask(0o022) };
-    limit_and_drop(spec)
+    limit_and_drop(spec)?;
+    // After the credential change (which clears it): the VMM dies with its
+    // keeper. If the keeper died before this, the pipe says so.
+    die_with_parent()?;
+    let mut poll = libc::pollfd {
+        fd: read_end.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, timeout 0.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    if ready != 0 {
+        return Err(JailError::Spec("the keeper died during the start".into()));
+    }
+    Ok(())
+}
+
+/// PR_SET_PDEATHSIG: SIGKILL when the parent dies.
+fn die_with_parent() -> Result<(), JailError> {
+    // SAFETY: prctl(2) on this process.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) })
+        .map(drop)
+        .map_err(step("die with the parent (PR_SET_PDEATHSIG)"))
 }
 
 /// The keeper: waits for the VMM, exits with its code.
@@ -450,8 +473,14 @@ fn drop_privileges(spec: &Spec, dumpable: bool) -> Result<(), JailError> {
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
             .map_err(step("set no_new_privs"))?;
         // (A uid change has just reset it to fs.suid_dumpable.)
-        check(libc::prctl(libc::PR_SET_DUMPABLE, libc::c_ulong::from(dumpable), 0, 0, 0))
-            .map_err(step("set whether it is dumpable"))?;
+        check(libc::prctl(
+            libc::PR_SET_DUMPABLE,
+            libc::c_ulong::from(dumpable),
+            0,
+            0,
+            0,
+        ))
+        .map_err(step("set whether it is dumpable"))?;
     }
     let left = capabilities().map_err(step("read the capabilities left"))?;
     if left != [0; 3] {

@@ -222,8 +222,8 @@ impl Pagemap {
         let file = match PAGEMAP.get() {
             Some(file) => file,
             None => {
-                opened = std::fs::File::open("/proc/self/pagemap")
-                    .map_err(MemoryFileError::Pagemap)?;
+                opened =
+                    std::fs::File::open("/proc/self/pagemap").map_err(MemoryFileError::Pagemap)?;
                 &opened
             }
         };
