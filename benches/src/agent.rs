@@ -37,16 +37,25 @@ impl Drop for Emberd {
 
 impl Emberd {
     pub(crate) fn start(binaries: &Binaries) -> Result<Emberd, String> {
+        Emberd::start_with(binaries, &[])
+    }
+
+    /// Starts emberd with `args` on a fresh directory (removed when it stops).
+    pub(crate) fn start_with(binaries: &Binaries, args: &[&str]) -> Result<Emberd, String> {
         let dir = std::env::temp_dir().join(format!("ember-bench-emberd-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let mut emberd = Emberd::start_in(binaries, &dir)?;
+        let mut emberd = Emberd::start_in_with(binaries, &dir, args)?;
         emberd.owns_dir = true;
         Ok(emberd)
     }
 
     /// Starts emberd on `dir` (kept when it stops).
     fn start_in(binaries: &Binaries, dir: &Path) -> Result<Emberd, String> {
+        Emberd::start_in_with(binaries, dir, &[])
+    }
+
+    fn start_in_with(binaries: &Binaries, dir: &Path, args: &[&str]) -> Result<Emberd, String> {
         let emberd = binaries.vmm.with_file_name("emberd");
         let dir = dir.to_path_buf();
         let socket = dir.join("emberd.sock");
@@ -59,6 +68,7 @@ impl Emberd {
             .arg(&binaries.vmm)
             .arg("--guest-image")
             .arg(&binaries.guest_image)
+            .args(args)
             .env("EMBER_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -199,6 +209,37 @@ pub fn bench_invoke(
             .map_err(|e| e.to_string())?;
     }
 
+    // Jailed (the default, as above) against --no-jail: restored
+    // invocations, each emberd in turn, twice (A B A B), the same count.
+    drop(client);
+    drop(emberd);
+    let mut by_jail: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for _round in 0..2 {
+        for (i, args) in [&[][..], &["--no-jail"][..]].iter().enumerate() {
+            let emberd = Emberd::start_with(binaries, args)?;
+            let mut client = emberd.client()?;
+            deploy(&mut client, "echo", &echo, json!({}))?;
+            for _ in 0..restores.div_ceil(2) {
+                prepared_ready(&mut client, 2)?;
+                let (response, us) = invoke(&mut client, "echo", b"restore me")?;
+                if response.header("x-ember-start") != Some("restored") {
+                    return Err(format!("expected a restore: {:?}", response.headers));
+                }
+                by_jail[i].push(us / 1000.0);
+                let id = response
+                    .header("x-ember-instance")
+                    .unwrap_or_default()
+                    .to_string();
+                client
+                    .request("DELETE", &format!("/instances/{id}"), None)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    let emberd = Emberd::start(binaries)?;
+    let mut client = emberd.client()?;
+    deploy(&mut client, "echo", &echo, json!({ "max_concurrency": 64 }))?;
+
     // Warm: one client, back to back.
     let event = vec![b'w'; 64];
     for _ in 0..200 {
@@ -245,6 +286,10 @@ pub fn bench_invoke(
     println!("{}", d.row("deploy → template ready", "ms", 1));
     let r = Summary::of(&restored_us.iter().map(|us| us / 1000.0).collect::<Vec<_>>());
     println!("{}", r.row("invoke, restored (prepared VMM)", "ms", 3));
+    let jailed = Summary::of(&by_jail[0]);
+    println!("{}", jailed.row("  A/B: restored, jailed", "ms", 3));
+    let unjailed = Summary::of(&by_jail[1]);
+    println!("{}", unjailed.row("  A/B: restored, --no-jail", "ms", 3));
     let w = Summary::of(&warm_us);
     println!("{}", w.row("invoke, warm", "us", 1));
     println!("throughput, {clients} clients, warm: {throughput:.0} invocations/s");
@@ -252,6 +297,8 @@ pub fn bench_invoke(
         "bench": "invoke",
         "deploy_ms": d,
         "restored_ms": r,
+        "restored_jailed_ms": jailed,
+        "restored_no_jail_ms": unjailed,
         "warm_us": w,
         "throughput_4_clients_per_s": throughput,
     }))

@@ -16,6 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ember_vmm::api::client::ApiClient;
+use ember_vmm::jail::cgroup::Hierarchy;
 use serde_json::{json, Value};
 
 use crate::launch::{examples_dir, Binaries};
@@ -34,6 +35,9 @@ pub struct Options {
 }
 
 const PATIENCE: Duration = Duration::from_secs(20);
+
+/// The uid and gid of the bench's jailed VMMs.
+const JAIL_ID: u32 = 3_999_000;
 
 /// A command function that writes one byte into every page of 80 MiB of
 /// fresh linear memory.
@@ -59,6 +63,8 @@ pub(crate) struct Child {
     output: Vec<u8>,
     sock: PathBuf,
     spawned_at: Instant,
+    /// A jailed VMM's directory and cgroup leaf, removed after it.
+    jail: Option<(PathBuf, Hierarchy, PathBuf)>,
 }
 
 impl Child {
@@ -76,7 +82,16 @@ impl Child {
         name: &str,
         console: bool,
     ) -> Result<Child, String> {
-        let sock = dir.join(format!("{name}.sock"));
+        Child::spawn_at(binary, args, dir.join(format!("{name}.sock")), console)
+    }
+
+    /// As [`Child::spawn_with`], the socket at `sock`.
+    fn spawn_at(
+        binary: &Path,
+        args: &[&str],
+        sock: PathBuf,
+        console: bool,
+    ) -> Result<Child, String> {
         let _ = std::fs::remove_file(&sock);
         let spawned_at = Instant::now();
         let mut child = Command::new(binary)
@@ -99,6 +114,7 @@ impl Child {
             output: Vec::new(),
             sock,
             spawned_at,
+            jail: None,
         })
     }
 
@@ -196,6 +212,10 @@ impl Drop for Child {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.sock);
+        if let Some((dir, hierarchy, leaf)) = &self.jail {
+            ember_vmm::jail::cgroup::remove_leaf(hierarchy, leaf);
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -341,6 +361,76 @@ impl Bench<'_> {
         args.extend_from_slice(extra);
         let mut child = Child::spawn(&self.binaries.vmm, &args, &self.dir, &self.name("p"))?;
         child.wait_for("prepared for a restore")?;
+        Ok(child)
+    }
+
+    /// An ember-vmm prepared for this bench's snapshots in a jail as
+    /// emberd makes it (uid, namespaces, tmpfs root with the snapshots
+    /// read-only and its own directory, cgroup leaf with memory and pids
+    /// limits), once prepared.
+    pub(crate) fn prepared_jailed(&self) -> Result<Child, String> {
+        let mem = self.mem_mib.to_string();
+        let args = [
+            "--prepare",
+            "--mem-size-mib",
+            &mem,
+            "--vcpus",
+            "1",
+            "--log-level",
+            "info",
+        ];
+        let mut child = self.spawn_jailed(&args, "jp")?;
+        child.wait_for("prepared for a restore")?;
+        Ok(child)
+    }
+
+    /// Spawns a jailed ember-vmm with `args` (see [`Bench::prepared_jailed`]).
+    fn spawn_jailed(&self, args: &[&str], what: &str) -> Result<Child, String> {
+        let name = self.name(what);
+        let hierarchy = Hierarchy::detect(Path::new(ember_vmm::jail::cgroup::CGROUP_ROOT))
+            .map_err(|e| e.to_string())?;
+        let parent = PathBuf::from("ember-bench");
+        hierarchy
+            .prepare_parent(&parent)
+            .map_err(|e| e.to_string())?;
+        let vm_dir = self.dir.join("jail").join(&name);
+        let root = self.dir.join(".jail-root");
+        for dir in [&vm_dir, &root] {
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        }
+        std::os::unix::fs::chown(&vm_dir, Some(0), Some(JAIL_ID)).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&vm_dir, std::os::unix::fs::PermissionsExt::from_mode(0o770))
+            .map_err(|e| e.to_string())?;
+        let leaf = parent.join(&name);
+        let (id, memory_max) = (
+            JAIL_ID.to_string(),
+            ((self.mem_mib as u64 + 64) << 20).to_string(),
+        );
+        let jail_args = [
+            "--jail-root",
+            root.to_str().unwrap_or_default(),
+            "--jail-uid",
+            &id,
+            "--jail-gid",
+            &id,
+            "--jail-ro",
+            self.dir.to_str().unwrap_or_default(),
+            "--jail-rw",
+            vm_dir.to_str().unwrap_or_default(),
+            "--cgroup",
+            leaf.to_str().unwrap_or_default(),
+            "--memory-max",
+            &memory_max,
+            "--pids-max",
+            "32",
+        ];
+        let all: Vec<&str> = jail_args
+            .iter()
+            .copied()
+            .chain(args.iter().copied())
+            .collect();
+        let mut child = Child::spawn_at(&self.binaries.vmm, &all, vm_dir.join("api.sock"), false)?;
+        child.jail = Some((vm_dir, hierarchy, leaf));
         Ok(child)
     }
 
@@ -562,7 +652,33 @@ fn run(bench: &Bench, options: &Options) -> Result<Value, String> {
     let mut prepared_inside_us = Vec::new();
     let mut start_us = Vec::new();
     let mut start_inside_us = Vec::new();
+    let mut jailed_prepared_us = Vec::new();
+    let mut jailed_start_us = Vec::new();
+    let mut jailed_start_inside_us = Vec::new();
     for _ in 0..runs {
+        // Jailed (as emberd runs them), interleaved with the unjailed runs.
+        let child = bench.prepared_jailed()?;
+        let mut client = child.client()?;
+        let (_, us) = call(
+            &mut client,
+            "PUT",
+            "/snapshot/load",
+            &echo.load_body(false, false),
+        )?;
+        jailed_prepared_us.push(us);
+        drop(child);
+        let child = bench.spawn_jailed(&["--log-level", "info"], "jr")?;
+        let mut client = child.wait_socket()?;
+        let (loaded, _) = call(
+            &mut client,
+            "PUT",
+            "/snapshot/load",
+            &echo.load_body(false, false),
+        )?;
+        jailed_start_us.push(child.spawned_at.elapsed().as_secs_f64() * 1e6);
+        jailed_start_inside_us.push(loaded["since_process_start_us"].as_f64().unwrap_or(0.0));
+        drop(child);
+
         let child = bench.prepared(false)?;
         let mut client = child.client()?;
         let (loaded, us) = call(
@@ -604,6 +720,24 @@ fn run(bench: &Bench, options: &Options) -> Result<Value, String> {
     let start_inside = summary_row(
         "  ember-vmm's own clock (main → ready)",
         &ms(&start_inside_us),
+        "ms",
+        3,
+    );
+    let jailed_prepared = summary_row(
+        "jailed, prepared: load request → resumed",
+        &ms(&jailed_prepared_us),
+        "ms",
+        3,
+    );
+    let jailed_start = summary_row(
+        "jailed, process start → resumed",
+        &ms(&jailed_start_us),
+        "ms",
+        3,
+    );
+    let jailed_start_inside = summary_row(
+        "  ember-vmm's own clock (main → ready)",
+        &ms(&jailed_start_inside_us),
         "ms",
         3,
     );
@@ -760,6 +894,9 @@ fn run(bench: &Bench, options: &Options) -> Result<Value, String> {
         "restore": {
             "prepared_ms": prepared_summary,
             "prepared_inside_ms": prepared_inside,
+            "jailed_prepared_ms": jailed_prepared,
+            "jailed_start_ms": jailed_start,
+            "jailed_start_inside_ms": jailed_start_inside,
             "process_start_ms": start_summary,
             "process_start_inside_ms": start_inside,
         },
