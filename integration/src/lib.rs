@@ -370,7 +370,13 @@ pub struct Launch {
     pub extra_args: Vec<String>,
     /// Give it a pipe as stdin (else /dev/null).
     pub stdin_pipe: bool,
+    /// Jail it as emberd does ([`JAIL_ID`] as uid and gid, its directory
+    /// read-write, the guest image read-only, no cgroup).
+    pub jail: bool,
 }
+
+/// The uid and gid of jailed VMMs the tests start themselves.
+pub const JAIL_ID: u32 = 3_998_000;
 
 impl VmmProcess {
     /// Starts ember-vmm as `launch` says, in a fresh directory, logging at
@@ -391,6 +397,23 @@ impl VmmProcess {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if launch.jail {
+            use std::os::unix::fs::PermissionsExt;
+            let root = dir.join(".jail-root");
+            std::fs::create_dir(&root).map_err(|e| e.to_string())?;
+            std::os::unix::fs::chown(&dir, Some(0), Some(JAIL_ID)).map_err(|e| e.to_string())?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770))
+                .map_err(|e| e.to_string())?;
+            let id = JAIL_ID.to_string();
+            command
+                .arg("--jail-root")
+                .arg(&root)
+                .args(["--jail-uid", &id, "--jail-gid", &id])
+                .arg("--jail-rw")
+                .arg(&dir)
+                .arg("--jail-ro")
+                .arg(guest_image()?);
+        }
         let api_sock = launch.api.then(|| dir.join("api.sock"));
         if let Some(sock) = &api_sock {
             command.arg("--api-sock").arg(sock);

@@ -13,6 +13,10 @@ fn main() {
     let tests: Vec<Test> = vec![
         ("boot_to_ready_with_one_vcpu", boot_to_ready_with_one_vcpu),
         (
+            "a_jailed_vmm_boots_unprivileged_and_sees_only_what_it_was_given",
+            jailed_boot,
+        ),
+        (
             "boot_with_two_vcpus_pause_resume",
             boot_with_two_vcpus_pause_resume,
         ),
@@ -697,5 +701,84 @@ fn ring0_boot_path() -> TestResult {
     check((10..=64).contains(&count), || {
         format!("the ring-0 boot path ran {count} instructions")
     })?;
+    shutdown(&mut vmm, &mut client)
+}
+
+/// `--jail-root`: the VMM runs as the jail's uid under a keeper, cannot
+/// open a host file it was not given (/etc/passwd is not there, though it
+/// is on the host), boots the image it was given, and ends cleanly.
+fn jailed_boot() -> TestResult {
+    let launch = Launch {
+        api: true,
+        jail: true,
+        ..Launch::default()
+    };
+    let mut vmm = VmmProcess::start(launch)?;
+    let mut client = vmm.client();
+    let refused = client
+        .request(
+            "PUT",
+            "/boot-source",
+            Some(
+                json!({ "kernel_image_path": "/etc/passwd" })
+                    .to_string()
+                    .as_bytes(),
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+    let message = refused.fault_message().unwrap_or_default();
+    check(
+        refused.status == 400 && message.contains("No such file"),
+        || {
+            format!(
+                "booting /etc/passwd in the jail: {} {message}",
+                refused.status
+            )
+        },
+    )?;
+    let image = guest_image()?;
+    expect_status(
+        client.request(
+            "PUT",
+            "/boot-source",
+            Some(boot_source(&image).to_string().as_bytes()),
+        ),
+        204,
+        "boot-source",
+    )?;
+    expect_status(
+        client.request(
+            "PUT",
+            "/machine-config",
+            Some(machine_config(1, 128).to_string().as_bytes()),
+        ),
+        204,
+        "machine-config",
+    )?;
+    expect_status(action(&mut client, "InstanceStart"), 204, "InstanceStart")?;
+    check(vmm.serial.wait_for("EMBER-GUEST-READY\n", PATIENCE), || {
+        vmm.transcript()
+    })?;
+    let keeper = vmm.pid();
+    let children = std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children"))
+        .unwrap_or_default();
+    let inner: u32 = children
+        .trim()
+        .parse()
+        .map_err(|_| format!("the keeper's children: {children:?}"))?;
+    for pid in [keeper, inner] {
+        let status =
+            std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+        let uid = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .unwrap_or_default();
+        check(
+            uid.split_whitespace()
+                .skip(1)
+                .all(|u| u == JAIL_ID.to_string()),
+            || format!("process {pid}: {uid}"),
+        )?;
+    }
     shutdown(&mut vmm, &mut client)
 }

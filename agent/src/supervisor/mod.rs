@@ -878,6 +878,86 @@ fn process_is(pid: u32, start: u64, exe: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn jail(first: u32, ids: u32) -> Jail {
+        Jail::new(
+            first,
+            ids,
+            ember_vmm::jail::cgroup::Hierarchy::V2(PathBuf::from("/nonexistent")),
+            PathBuf::from("ember/x"),
+            32,
+            None,
+            1 << 30,
+            Path::new("/tmp"),
+        )
+    }
+
+    #[test]
+    fn jail_ids_are_handed_out_once_and_taken_back() {
+        let jail = jail(3_000_000, 2);
+        let a = jail.take_id().unwrap();
+        let b = jail.take_id().unwrap();
+        assert_ne!(a, b);
+        assert!([a, b].iter().all(|id| (3_000_000..3_000_002).contains(id)));
+        assert_eq!(jail.take_id(), None, "the range is spent");
+        jail.give_back(a);
+        assert_eq!(jail.take_id(), Some(a));
+        assert_eq!(jail.root_mount, Path::new("/tmp/.jail-root"));
+        assert_eq!(
+            jail.leaf_dirs("p1"),
+            vec![PathBuf::from("/nonexistent/ember/x/p1")]
+        );
+    }
+
+    #[test]
+    fn exit_statuses_are_named() {
+        let exited = |code: i32| std::process::ExitStatus::from_raw(code << 8);
+        assert!(
+            describe_exit(exited(14)).contains("memory limit"),
+            "{}",
+            describe_exit(exited(14))
+        );
+        assert!(describe_exit(exited(148)).contains("seccomp"));
+        assert!(describe_exit(exited(10)).contains("guest crashed"));
+        assert_eq!(
+            describe_exit(exited(137)),
+            "ember-vmm was killed by signal 9"
+        );
+        assert_eq!(describe_exit(exited(77)), "ember-vmm exited with code 77");
+        let signalled = std::process::ExitStatus::from_raw(libc::SIGKILL);
+        assert_eq!(describe_exit(signalled), "ember-vmm was killed by signal 9");
+    }
+
+    #[test]
+    fn a_linked_file_is_made_readable_and_ownership_is_taken_back() {
+        let dir = std::env::temp_dir().join(format!("ember-stage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("template.mem");
+        std::fs::write(&file, b"memory").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.join("link.mem");
+        std::fs::write(&link, b"stale").unwrap();
+        link_readable(&file, &link).unwrap();
+        assert_eq!(
+            std::fs::read(&link).unwrap(),
+            b"memory",
+            "the stale file is replaced"
+        );
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+        take_ownership(&file).unwrap();
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        let missing = link_readable(&dir.join("none"), &link);
+        assert!(missing.is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn own_start_time_is_read_and_a_stranger_is_not_ours() {

@@ -520,3 +520,69 @@ fn capabilities() -> std::io::Result<[u32; 3]> {
         data[0].inheritable | data[1].inheritable,
     ])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> Spec {
+        Spec {
+            root: PathBuf::from("/run/ember/.jail-root"),
+            uid: 3_000_000,
+            gid: 3_000_000,
+            read_only: vec![PathBuf::from("/var/lib/ember/compiled")],
+            read_write: vec![PathBuf::from("/var/lib/ember/vms/p1")],
+            max_open_files: DEFAULT_MAX_OPEN_FILES,
+            ..Spec::default()
+        }
+    }
+
+    #[test]
+    fn a_usable_spec_passes() {
+        spec().validate().unwrap();
+    }
+
+    #[test]
+    fn root_ids_relative_paths_and_dot_dot_are_refused() {
+        let refused = |s: Spec, what: &str| {
+            let e = s.validate().unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        };
+        refused(Spec { uid: 0, ..spec() }, "must not be 0");
+        refused(Spec { gid: 0, ..spec() }, "must not be 0");
+        refused(
+            Spec {
+                root: PathBuf::from("jail"),
+                ..spec()
+            },
+            "absolute",
+        );
+        refused(
+            Spec {
+                read_only: vec![PathBuf::from("/var/lib/ember/../../etc")],
+                ..spec()
+            },
+            "without '..'",
+        );
+        refused(
+            Spec {
+                read_write: vec![PathBuf::from("vms")],
+                ..spec()
+            },
+            "absolute",
+        );
+        refused(
+            Spec {
+                read_only: vec![PathBuf::from("/")],
+                ..spec()
+            },
+            "root cannot be bound",
+        );
+    }
+
+    #[test]
+    fn this_process_capabilities_are_read() {
+        // Whatever they are, capget answers for this process.
+        capabilities().unwrap();
+    }
+}
