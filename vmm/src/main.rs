@@ -236,6 +236,7 @@ fn run(args: Args, kvm: Option<std::os::fd::OwnedFd>, process_start: Instant) ->
             "give --api-sock, --config-file, or both",
         );
     }
+    let jailed = kvm.is_some();
     // Before anything else: creating the VM and reading the supported
     // CPUID take the better part of a millisecond, and neither depends on
     // the configuration (see vstate::kvm).
@@ -285,6 +286,20 @@ fn run(args: Args, kvm: Option<std::os::fd::OwnedFd>, process_start: Instant) ->
     let api = match &args.api_sock {
         Some(path) => match api::bind(path) {
             Ok(server) => {
+                // Jailed, the socket is the jail uid's: whoever started the
+                // jail connects without CAP_DAC_OVERRIDE. Only it and the
+                // jail reach the directory the socket is in.
+                if jailed {
+                    use std::os::unix::fs::PermissionsExt;
+                    if let Err(e) =
+                        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+                    {
+                        return fail(
+                            ExitCode::GenericError,
+                            format!("cannot open the API socket {} to its starter: {e}", path.display()),
+                        );
+                    }
+                }
                 log::info!("API server listening on {}", path.display());
                 Some(server)
             }

@@ -17,6 +17,7 @@
 //! — and kills them.
 
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -868,11 +869,20 @@ fn start_time(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Whether `pid` runs `exe` and started at `start`.
+/// Whether `pid` runs `exe` and started at `start`. A jailed VMM's
+/// keeper runs as another uid: its /proc/PID/exe needs CAP_SYS_PTRACE to
+/// read, which emberd does not keep; its command line (readable by all)
+/// names the binary as emberd started it.
 fn process_is(pid: u32, start: u64, exe: &Path) -> bool {
-    let running = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-    let exe = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
-    running.is_some_and(|r| r == exe) && start_time(pid) == Some(start)
+    let canonical = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
+    let runs = match std::fs::read_link(format!("/proc/{pid}/exe")) {
+        Ok(running) => running == canonical,
+        Err(_) => std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|line| {
+            let argv0 = line.split(|b| *b == 0).next().unwrap_or_default();
+            std::fs::canonicalize(std::ffi::OsStr::from_bytes(argv0)).is_ok_and(|p| p == canonical)
+        }),
+    };
+    runs && start_time(pid) == Some(start)
 }
 
 #[cfg(test)]
