@@ -1299,6 +1299,13 @@ impl Agent {
         };
         drop(all);
         lock(&self.prepared).clear();
+        // The cgroup parent of this state dir's VMs, once they are gone
+        // (a VMM still ending keeps it: the next start reuses it).
+        if let Some(jail) = &self.supervisor.jail {
+            for dir in jail.hierarchy.dirs(&jail.cgroup_parent) {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
     }
 
     /// Prepared VMMs ready.
