@@ -1171,7 +1171,7 @@ impl Agent {
     /// function's instance limit and the memory budget leave room (a
     /// guess never evicts another instance).
     fn prewarm_one(&self, v: &Arc<FunctionVersion>) {
-        let need = self.instance_memory_mib(&v);
+        let need = self.instance_memory_mib(v);
         let id = {
             let mut pools = lock(&self.pools);
             let count = pools

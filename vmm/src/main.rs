@@ -296,7 +296,10 @@ fn run(args: Args, kvm: Option<std::os::fd::OwnedFd>, process_start: Instant) ->
                     {
                         return fail(
                             ExitCode::GenericError,
-                            format!("cannot open the API socket {} to its starter: {e}", path.display()),
+                            format!(
+                                "cannot open the API socket {} to its starter: {e}",
+                                path.display()
+                            ),
                         );
                     }
                 }

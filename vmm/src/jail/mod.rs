@@ -184,10 +184,10 @@ fn unshare_and_fork(spec: &Spec, leaf: Option<&cgroup::Leaf>) -> Result<(), Jail
     // SAFETY: both descriptors were just created and are owned here.
     let (read_end, write_end) =
         unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
-    // SAFETY: no other thread exists (documented precondition of `enter`),
-    // so the child is a consistent copy.
     // SAFETY: getppid(2) has no preconditions.
     let starter = unsafe { libc::getppid() };
+    // SAFETY: no other thread exists (documented precondition of `enter`),
+    // so the child is a consistent copy.
     let pid = check(unsafe { libc::fork() }).map_err(step("fork into the PID namespace"))?;
     if pid != 0 {
         drop(read_end);
@@ -304,33 +304,44 @@ fn keep(child: libc::pid_t, leaf: Option<&cgroup::Leaf>, _write_end: OwnedFd) ->
     unsafe { libc::_exit(code) }
 }
 
+/// mount(2): `source` on `target` (NUL-terminated strings the caller
+/// owns for the call).
+fn mount(
+    source: Option<&std::ffi::CStr>,
+    target: &std::ffi::CStr,
+    fstype: Option<&std::ffi::CStr>,
+    flags: libc::c_ulong,
+    data: Option<&std::ffi::CStr>,
+) -> std::io::Result<()> {
+    let ptr = |s: Option<&std::ffi::CStr>| s.map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: every pointer is null or a NUL-terminated string alive for
+    // the call; mount(2) changes only this process's mount namespace
+    // (the jail's, private from its first call).
+    check(unsafe {
+        libc::mount(
+            ptr(source),
+            target.as_ptr(),
+            ptr(fstype),
+            flags,
+            ptr(data) as *const libc::c_void,
+        )
+    })
+    .map(drop)
+}
+
 /// Mounts the tmpfs root, binds the paths, pivots into it.
 fn build_root(spec: &Spec) -> Result<(), JailError> {
     let root = &spec.root;
     let c_root = cstr(root)?;
-    let none = std::ptr::null();
-    // SAFETY (every mount/umount/pivot call below): plain system calls on
-    // NUL-terminated paths owned for the duration of the call; they change
-    // only this process's private mount namespace.
-    check(unsafe {
-        libc::mount(
-            none,
-            c"/".as_ptr(),
-            none,
-            libc::MS_REC | libc::MS_PRIVATE,
-            none as *const libc::c_void,
-        )
-    })
-    .map_err(step("make the mounts private"))?;
-    check(unsafe {
-        libc::mount(
-            c"ember-jail".as_ptr(),
-            c_root.as_ptr(),
-            c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            c"size=256k,nr_inodes=1024,mode=0755".as_ptr() as *const libc::c_void,
-        )
-    })
+    mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)
+        .map_err(step("make the mounts private"))?;
+    mount(
+        Some(c"ember-jail"),
+        &c_root,
+        Some(c"tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some(c"size=256k,nr_inodes=1024,mode=0755"),
+    )
     .map_err(step(format!("mount a tmpfs on {}", root.display())))?;
     let mut binds: Vec<(&PathBuf, bool)> = spec
         .read_only
@@ -346,27 +357,23 @@ fn build_root(spec: &Spec) -> Result<(), JailError> {
     let old = root.join(".old");
     std::fs::create_dir(&old).map_err(step("make the old root's mount point"))?;
     let c_old = cstr(&old)?;
-    check(unsafe { libc::syscall(libc::SYS_pivot_root, c_root.as_ptr(), c_old.as_ptr()) as i32 })
-        .map_err(step(format!("pivot_root into {}", root.display())))?;
+    // SAFETY: pivot_root(2) with two NUL-terminated paths alive for the
+    // call, in this process's private mount namespace.
+    let pivoted =
+        unsafe { libc::syscall(libc::SYS_pivot_root, c_root.as_ptr(), c_old.as_ptr()) } as i32;
+    check(pivoted).map_err(step(format!("pivot_root into {}", root.display())))?;
     std::env::set_current_dir("/").map_err(step("chdir to the new root"))?;
+    // SAFETY: umount2(2) of a NUL-terminated path, in this namespace.
     check(unsafe { libc::umount2(c"/.old".as_ptr(), libc::MNT_DETACH) })
         .map_err(step("detach the old root"))?;
     std::fs::remove_dir("/.old").map_err(step("remove the old root's mount point"))?;
-    check(unsafe {
-        libc::mount(
-            none,
-            c"/".as_ptr(),
-            none,
-            libc::MS_REMOUNT
-                | libc::MS_BIND
-                | libc::MS_RDONLY
-                | libc::MS_NOSUID
-                | libc::MS_NODEV
-                | libc::MS_NOEXEC,
-            none as *const libc::c_void,
-        )
-    })
-    .map_err(step("make the new root read-only"))?;
+    let read_only = libc::MS_REMOUNT
+        | libc::MS_BIND
+        | libc::MS_RDONLY
+        | libc::MS_NOSUID
+        | libc::MS_NODEV
+        | libc::MS_NOEXEC;
+    mount(None, c"/", None, read_only, None).map_err(step("make the new root read-only"))?;
     Ok(())
 }
 
@@ -384,34 +391,20 @@ fn bind(root: &Path, path: &Path, writable: bool) -> Result<(), JailError> {
     }
     .map_err(step(format!("make the mount point of {}", path.display())))?;
     let (c_path, c_target) = (cstr(path)?, cstr(&target)?);
-    let none = std::ptr::null();
-    // SAFETY: as in build_root.
-    check(unsafe {
-        libc::mount(
-            c_path.as_ptr(),
-            c_target.as_ptr(),
-            none,
-            libc::MS_BIND | libc::MS_REC,
-            none as *const libc::c_void,
-        )
-    })
+    mount(
+        Some(&c_path),
+        &c_target,
+        None,
+        libc::MS_BIND | libc::MS_REC,
+        None,
+    )
     .map_err(step(format!("bind {}", path.display())))?;
-    let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
-    flags |= libc::MS_NOEXEC;
+    let mut flags =
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     if !writable {
         flags |= libc::MS_RDONLY;
     }
-    // SAFETY: as in build_root.
-    check(unsafe {
-        libc::mount(
-            none,
-            c_target.as_ptr(),
-            none,
-            flags,
-            none as *const libc::c_void,
-        )
-    })
-    .map_err(step(format!(
+    mount(None, &c_target, None, flags, None).map_err(step(format!(
         "make {} {}",
         path.display(),
         if writable { "nosuid" } else { "read-only" }
