@@ -17,6 +17,18 @@ fn main() {
             jailed_boot,
         ),
         (
+            "before_boot_the_api_is_served_under_the_setup_filter",
+            seccomp_before_boot,
+        ),
+        (
+            "a_vcpu_thread_outside_its_filter_ends_the_process_with_a_report",
+            seccomp_vcpu,
+        ),
+        (
+            "the_prefetch_thread_outside_its_filter_ends_the_process_with_a_report",
+            seccomp_prefetch,
+        ),
+        (
             "boot_with_two_vcpus_pause_resume",
             boot_with_two_vcpus_pause_resume,
         ),
@@ -781,4 +793,51 @@ fn jailed_boot() -> TestResult {
         )?;
     }
     shutdown(&mut vmm, &mut client)
+}
+
+/// Sends a forbidden-syscall test command and checks the process dies
+/// with code 148 naming `thread` and socket(2).
+fn forbidden(vmm: &mut VmmProcess, path: &str, thread: &str) -> TestResult {
+    let mut client = vmm.client();
+    // Asked of another thread, the command may be answered before the
+    // process dies; asked of the VMM thread, it never is.
+    let _ = client.post(path, b"");
+    expect_exit(vmm, 148, "seccomp violation")?;
+    let report = format!("seccomp: thread '{thread}' made system call 41 (socket)");
+    printed(&vmm.log.clone(), &report, vmm)
+}
+
+/// The VMM thread's `vmm_setup` filter is in place before its first API
+/// request: a forbidden call then ends the process as after boot.
+fn seccomp_before_boot() -> TestResult {
+    let mut vmm = VmmProcess::start(Launch {
+        api: true,
+        extra_args: vec!["--test-commands".into()],
+        ..Launch::default()
+    })?;
+    forbidden(&mut vmm, "/ember/test/forbidden-syscall", "vmm")
+}
+
+/// A vCPU thread (paused, so it takes the command at once) makes a call
+/// its filter forbids.
+fn seccomp_vcpu() -> TestResult {
+    let (mut vmm, mut client) = boot(1, 128, &["--test-commands"])?;
+    expect_status(set_vm_state(&mut client, "Paused"), 204, "pause")?;
+    forbidden(&mut vmm, "/ember/test/forbidden-syscall/vcpu", "vcpu0")
+}
+
+/// The prefetch thread of a prepared VMM makes a call its filter forbids.
+fn seccomp_prefetch() -> TestResult {
+    let mut vmm = VmmProcess::start(Launch {
+        api: true,
+        extra_args: ["--test-commands", "--prepare", "--mem-size-mib", "128"]
+            .map(String::from)
+            .to_vec(),
+        ..Launch::default()
+    })?;
+    forbidden(
+        &mut vmm,
+        "/ember/test/forbidden-syscall/prefetch",
+        "prefetch",
+    )
 }

@@ -347,6 +347,12 @@ fn run(args: Args, kvm: Option<std::os::fd::OwnedFd>, process_start: Instant) ->
         }
     };
     manager.add_subscriber(vmm.clone());
+    // Before the first API request is read: what serving the API and
+    // building the VM need, no more; building the VM narrows it to the
+    // `vmm` filter (docs/vmm.md, "Threads").
+    if let Err(e) = seccomp::apply(seccomp::ThreadKind::VmmSetup, "vmm", !args.no_seccomp) {
+        return fail(ExitCode::GenericError, e);
+    }
     if args.prepare {
         let shape = ember_vmm::vmm_config::machine_config::MachineConfig {
             vcpu_count: args.vcpus,

@@ -49,9 +49,10 @@ pub enum VmmAction {
     GetGuestStats,
     /// `POST /ember/test/{crash,reset,bad-length}` (with `--test-commands`).
     TestGuest(GuestTest),
-    /// `POST /ember/test/forbidden-syscall` (with `--test-commands`): the
-    /// VMM thread makes a system call outside its seccomp filter.
-    TestForbiddenSyscall,
+    /// `POST /ember/test/forbidden-syscall[/vcpu|/prefetch]` (with
+    /// `--test-commands`): that thread (the VMM thread by default) makes a
+    /// system call outside its seccomp filter.
+    TestForbiddenSyscall(crate::seccomp::ThreadKind),
 }
 
 /// Test-only guest commands.

@@ -26,6 +26,10 @@ pub enum ThreadKind {
     Vcpu,
     /// The thread that populates a restored VM's working set.
     Prefetch,
+    /// The VMM thread from before its first API request until the VM is
+    /// built (the union of the others and what building needs; the `vmm`
+    /// filter then narrows it).
+    VmmSetup,
 }
 
 impl ThreadKind {
@@ -35,6 +39,7 @@ impl ThreadKind {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Prefetch => "prefetch",
+            ThreadKind::VmmSetup => "vmm_setup",
         }
     }
 
@@ -44,6 +49,9 @@ impl ThreadKind {
             ThreadKind::Vcpu => include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_vcpu.bpf")),
             ThreadKind::Prefetch => {
                 include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_prefetch.bpf"))
+            }
+            ThreadKind::VmmSetup => {
+                include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_vmm_setup.bpf"))
             }
         }
     }
@@ -182,7 +190,12 @@ mod tests {
 
     #[test]
     fn every_filter_is_embedded_and_well_formed() {
-        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Prefetch] {
+        for kind in [
+            ThreadKind::Vmm,
+            ThreadKind::Vcpu,
+            ThreadKind::Prefetch,
+            ThreadKind::VmmSetup,
+        ] {
             let bytes = kind.bpf_bytes();
             assert_eq!(
                 bytes.len() % 8,
@@ -293,6 +306,86 @@ mod tests {
             expected.len(),
             "every KVM ioctl named above is in the policy once"
         );
+    }
+
+    /// Runs `call` in a child process under `kind`'s filter: whether the
+    /// child was killed by SIGSYS (the filter refused the call).
+    fn refused(kind: ThreadKind, call: fn() -> i64) -> bool {
+        let filter = kind.filter();
+        // SAFETY: the child only installs the prepared filter, makes the
+        // call and _exits; the parent waits for it.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                if seccompiler::apply_filter(&filter).is_err() {
+                    libc::_exit(2);
+                }
+                call();
+                libc::_exit(0);
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            if libc::WIFEXITED(status) {
+                assert_eq!(libc::WEXITSTATUS(status), 0, "the filter did not install");
+                false
+            } else {
+                libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+            }
+        }
+    }
+
+    fn mmap_with(prot: i32) -> i64 {
+        // SAFETY: an anonymous mapping nobody uses (the child exits).
+        unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            ) as i64
+        }
+    }
+
+    #[test]
+    fn no_filter_lets_a_thread_map_executable_memory() {
+        for kind in [
+            ThreadKind::Vmm,
+            ThreadKind::Vcpu,
+            ThreadKind::Prefetch,
+            ThreadKind::VmmSetup,
+        ] {
+            assert!(
+                !refused(kind, || mmap_with(libc::PROT_READ | libc::PROT_WRITE)),
+                "{}: a plain mapping was refused",
+                kind.name()
+            );
+            assert!(
+                refused(kind, || mmap_with(libc::PROT_READ | libc::PROT_EXEC)),
+                "{}: an executable mapping was allowed",
+                kind.name()
+            );
+        }
+        assert!(refused(ThreadKind::VmmSetup, || {
+            // SAFETY: mprotect of no page of ours fails or is refused.
+            unsafe { libc::mprotect(std::ptr::null_mut(), 0, libc::PROT_EXEC) as i64 }
+        }));
+    }
+
+    #[test]
+    fn madvise_is_limited_to_the_advice_the_vmm_gives() {
+        // SAFETY (each call): advice on no memory, which fails or is refused.
+        assert!(!refused(ThreadKind::Vmm, || unsafe {
+            libc::madvise(std::ptr::null_mut(), 0, libc::MADV_POPULATE_READ) as i64
+        }));
+        assert!(refused(ThreadKind::Vmm, || unsafe {
+            libc::madvise(std::ptr::null_mut(), 0, libc::MADV_DONTFORK) as i64
+        }));
+        assert!(refused(ThreadKind::Vcpu, || unsafe {
+            libc::madvise(std::ptr::null_mut(), 0, libc::MADV_DONTNEED) as i64
+        }));
     }
 
     #[test]

@@ -192,6 +192,8 @@ pub struct Vmm {
     resources: VmResources,
     console: ConsoleSink,
     kvm: Option<KvmContext>,
+    /// `/dev/kvm` again, for a start retried after a failed one.
+    kvm_spare: Option<std::os::fd::OwnedFd>,
     api: Option<ApiServer>,
     vcpu_events: Receiver<(u8, VcpuEvent)>,
     vcpu_event_sender: VcpuEventSender,
@@ -305,6 +307,7 @@ impl Vmm {
             process_start,
             resources,
             console,
+            kvm_spare: kvm.dup_kvm(),
             kvm: Some(kvm),
             api,
             vcpu_events,
@@ -410,7 +413,10 @@ impl Vmm {
             .map_err(|e| VmmActionError::Internal(format!("cannot reopen the console: {e}")))?;
         let kvm = match self.kvm.take() {
             Some(kvm) => kvm,
-            None => KvmContext::open(None).map_err(StartMicrovmError::Kvm)?,
+            None => {
+                let kvm = self.kvm_spare.as_ref().and_then(|fd| fd.try_clone().ok());
+                KvmContext::open(kvm).map_err(StartMicrovmError::Kvm)?
+            }
         };
         Ok((console, kvm))
     }
@@ -462,7 +468,7 @@ impl Vmm {
             VmmAction::GetGuestStats => return self.ask(RequestKind::Stats),
             VmmAction::LoadFunction(bundle) => return self.load_function(bundle),
             VmmAction::Invoke(event) => return self.invoke(event),
-            VmmAction::TestGuest(_) | VmmAction::TestForbiddenSyscall
+            VmmAction::TestGuest(_) | VmmAction::TestForbiddenSyscall(_)
                 if !self.options.test_commands =>
             {
                 Err(VmmActionError::TestCommandsDisabled)
@@ -476,7 +482,24 @@ impl Vmm {
                 };
                 return self.ask(kind);
             }
-            VmmAction::TestForbiddenSyscall => Err(forbidden_syscall()),
+            VmmAction::TestForbiddenSyscall(ThreadKind::Vcpu) => {
+                // A paused vCPU takes the command at once; a running one
+                // when it next leaves the guest.
+                match self.microvm.as_ref().and_then(|m| m.vcpus.first()) {
+                    Some(vcpu) => {
+                        vcpu.send(VcpuCommand::TestForbiddenSyscall);
+                        Ok(VmmData::Empty)
+                    }
+                    None => Err(VmmActionError::Internal("no vCPU yet".into())),
+                }
+            }
+            VmmAction::TestForbiddenSyscall(ThreadKind::Prefetch) => match &self.prefetcher {
+                Some(prefetcher) if prefetcher.test_forbidden_syscall() => Ok(VmmData::Empty),
+                _ => Err(VmmActionError::Internal(
+                    "no prefetch thread (it starts with a prepared or restored VM)".into(),
+                )),
+            },
+            VmmAction::TestForbiddenSyscall(_) => Err(forbidden_syscall()),
         })
     }
 
@@ -1478,7 +1501,7 @@ fn set_nonblocking(fd: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
 
 /// `--test-commands` only: a system call no thread's filter allows
 /// (socket(AF_INET)); under seccomp it ends the process with exit code 148.
-fn forbidden_syscall() -> VmmActionError {
+pub(crate) fn forbidden_syscall() -> VmmActionError {
     // SAFETY: socket(2) with constant arguments; the descriptor, if any, is closed.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
     if fd >= 0 {

@@ -99,7 +99,15 @@ pub fn parse(request: Request) -> Result<VmmAction, Response> {
         ("POST", "/ember/test/reset") => VmmAction::TestGuest(GuestTest::Reset),
         ("POST", "/ember/test/bad-length") => VmmAction::TestGuest(GuestTest::BadLength),
         ("POST", "/ember/test/hang") => VmmAction::TestGuest(GuestTest::Hang),
-        ("POST", "/ember/test/forbidden-syscall") => VmmAction::TestForbiddenSyscall,
+        ("POST", "/ember/test/forbidden-syscall") => {
+            VmmAction::TestForbiddenSyscall(crate::seccomp::ThreadKind::Vmm)
+        }
+        ("POST", "/ember/test/forbidden-syscall/vcpu") => {
+            VmmAction::TestForbiddenSyscall(crate::seccomp::ThreadKind::Vcpu)
+        }
+        ("POST", "/ember/test/forbidden-syscall/prefetch") => {
+            VmmAction::TestForbiddenSyscall(crate::seccomp::ThreadKind::Prefetch)
+        }
         _ => {
             return Err(Response::fault(
                 400,

@@ -1136,14 +1136,15 @@ pub fn make_anonymous(
 /// way, but on another CPU it leaves the restore's path. Started before
 /// the VMM thread's seccomp filter, under its own.
 pub struct Prefetcher {
-    tx: std::sync::mpsc::Sender<(HostMemory, WorkingSet)>,
+    tx: std::sync::mpsc::Sender<Option<(HostMemory, WorkingSet)>>,
 }
 
 impl Prefetcher {
     /// Starts the thread (it installs the `prefetch` filter unless
     /// `seccomp` is false).
     pub fn start(seccomp: bool) -> std::io::Result<Prefetcher> {
-        let (tx, rx) = std::sync::mpsc::channel::<(HostMemory, WorkingSet)>();
+        // `None`: `--test-commands`' forbidden system call.
+        let (tx, rx) = std::sync::mpsc::channel::<Option<(HostMemory, WorkingSet)>>();
         std::thread::Builder::new()
             .name("ember_prefetch".into())
             .spawn(move || {
@@ -1153,7 +1154,11 @@ impl Prefetcher {
                     log::error!("the prefetch thread runs without work: {e}");
                     return;
                 }
-                while let Ok((mem, set)) = rx.recv() {
+                while let Ok(job) = rx.recv() {
+                    let Some((mem, set)) = job else {
+                        let _ = crate::vmm::forbidden_syscall();
+                        continue;
+                    };
                     let started = std::time::Instant::now();
                     let (read, written) = set.prefetch(mem);
                     log::info!(
@@ -1173,7 +1178,13 @@ impl Prefetcher {
     /// Populates `set` in `mem` on the thread. `mem` must stay mapped for
     /// the life of the process (guest memory does).
     pub fn submit(&self, mem: HostMemory, set: WorkingSet) -> bool {
-        self.tx.send((mem, set)).is_ok()
+        self.tx.send(Some((mem, set))).is_ok()
+    }
+
+    /// `--test-commands`: has the thread make a system call its filter
+    /// forbids. Whether it was asked.
+    pub fn test_forbidden_syscall(&self) -> bool {
+        self.tx.send(None).is_ok()
     }
 }
 

@@ -69,6 +69,17 @@ impl KvmContext {
         Ok(KvmContext { kvm, vm_fd, cpuid })
     }
 
+    /// Another descriptor of `/dev/kvm`, for a context made later (after a
+    /// failed start: a jailed VMM cannot open `/dev/kvm` again, nor may its
+    /// seccomp filter open anything read-write).
+    pub fn dup_kvm(&self) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) of an open descriptor.
+        let fd = unsafe { libc::fcntl(self.kvm.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        // SAFETY: a fresh descriptor owned from here.
+        (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+
     /// The VM, and the supported CPUID once read (this waits for the helper).
     pub fn into_parts(self) -> Result<(Kvm, VmFd, CpuId), KvmError> {
         let cpuid = self.cpuid.wait(&self.kvm)?;

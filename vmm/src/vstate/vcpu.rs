@@ -66,6 +66,8 @@ pub enum VcpuCommand {
         /// Done, or why not.
         reply: Sender<Result<(), String>>,
     },
+    /// `--test-commands`: make a system call the vCPU filter forbids.
+    TestForbiddenSyscall,
 }
 
 impl std::fmt::Debug for VcpuCommand {
@@ -77,6 +79,7 @@ impl std::fmt::Debug for VcpuCommand {
             VcpuCommand::Continue => "Continue",
             VcpuCommand::Save { .. } => "Save",
             VcpuCommand::Restore { .. } => "Restore",
+            VcpuCommand::TestForbiddenSyscall => "TestForbiddenSyscall",
         })
     }
 }
@@ -379,6 +382,9 @@ impl Vcpu {
                         }
                         let _ = reply.send(result);
                     }
+                    VcpuCommand::TestForbiddenSyscall => {
+                        let _ = crate::vmm::forbidden_syscall();
+                    }
                     other => log::warn!("vCPU {} ignored {other:?} while {state:?}", self.index),
                 }
                 continue;
@@ -396,6 +402,9 @@ impl Vcpu {
                 }
                 Ok(VcpuCommand::Restore { reply, .. }) => {
                     let _ = reply.send(Err("a running vCPU cannot be restored onto".into()));
+                }
+                Ok(VcpuCommand::TestForbiddenSyscall) => {
+                    let _ = crate::vmm::forbidden_syscall();
                 }
                 Ok(other) => log::warn!("vCPU {} ignored {other:?} while running", self.index),
                 Err(TryRecvError::Empty) => {}
