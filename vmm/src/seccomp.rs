@@ -376,16 +376,13 @@ mod tests {
 
     #[test]
     fn madvise_is_limited_to_the_advice_the_vmm_gives() {
-        // SAFETY (each call): advice on no memory, which fails or is refused.
-        assert!(!refused(ThreadKind::Vmm, || unsafe {
-            libc::madvise(std::ptr::null_mut(), 0, libc::MADV_POPULATE_READ) as i64
-        }));
-        assert!(refused(ThreadKind::Vmm, || unsafe {
-            libc::madvise(std::ptr::null_mut(), 0, libc::MADV_DONTFORK) as i64
-        }));
-        assert!(refused(ThreadKind::Vcpu, || unsafe {
-            libc::madvise(std::ptr::null_mut(), 0, libc::MADV_DONTNEED) as i64
-        }));
+        fn advise(advice: i32) -> i64 {
+            // SAFETY: advice on no memory, which fails or is refused.
+            unsafe { libc::madvise(std::ptr::null_mut(), 0, advice) as i64 }
+        }
+        assert!(!refused(ThreadKind::Vmm, || advise(libc::MADV_POPULATE_READ)));
+        assert!(refused(ThreadKind::Vmm, || advise(libc::MADV_DONTFORK)));
+        assert!(refused(ThreadKind::Vcpu, || advise(libc::MADV_DONTNEED)));
     }
 
     #[test]
