@@ -287,6 +287,15 @@ impl Agent {
         let stale = supervisor.reap_stale();
         match &config.jail {
             Some(settings) => {
+                // Snapshots an unjailed emberd wrote (umask 0077): a
+                // jailed VMM reads them under its own uid.
+                let changed = ["snapshots", "functions"]
+                    .iter()
+                    .map(|d| crate::supervisor::make_snapshots_readable(&config.state_dir.join(d)))
+                    .sum::<usize>();
+                if changed > 0 {
+                    tracing::info!("made {changed} snapshot files readable to jailed VMMs");
+                }
                 supervisor.jail = Some(Arc::new(
                     make_jail(&config, settings, &run_dir).map_err(|e| {
                         ApiError::new(

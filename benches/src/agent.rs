@@ -233,6 +233,10 @@ pub fn bench_invoke(
                 client
                     .request("DELETE", &format!("/instances/{id}"), None)
                     .map_err(|e| e.to_string())?;
+                // The instance's teardown (off the request path, heavier
+                // jailed: a keeper, a cgroup leaf) ends before the next
+                // restore is timed.
+                std::thread::sleep(Duration::from_millis(30));
             }
         }
     }

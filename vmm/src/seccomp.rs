@@ -380,7 +380,9 @@ mod tests {
             // SAFETY: advice on no memory, which fails or is refused.
             unsafe { libc::madvise(std::ptr::null_mut(), 0, advice) as i64 }
         }
-        assert!(!refused(ThreadKind::Vmm, || advise(libc::MADV_POPULATE_READ)));
+        assert!(!refused(ThreadKind::Vmm, || advise(
+            libc::MADV_POPULATE_READ
+        )));
         assert!(refused(ThreadKind::Vmm, || advise(libc::MADV_DONTFORK)));
         assert!(refused(ThreadKind::Vcpu, || advise(libc::MADV_DONTNEED)));
     }

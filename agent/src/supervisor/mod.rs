@@ -134,6 +134,8 @@ pub struct Jail {
     pub max_file_bytes: u64,
     /// The empty directory each VMM mounts its root on.
     pub root_mount: PathBuf,
+    /// Whether the host swaps (cgroup v1 then limits memory + swap too).
+    pub swap: bool,
     in_use: std::sync::Mutex<std::collections::BTreeSet<u32>>,
 }
 
@@ -159,6 +161,7 @@ impl Jail {
             cpu_max,
             max_file_bytes,
             root_mount: run_dir.join(".jail-root"),
+            swap: host_swaps(),
             in_use: std::sync::Mutex::new(std::collections::BTreeSet::new()),
         }
     }
@@ -563,9 +566,10 @@ impl Vmm {
             Hierarchy::V1 { .. } => {
                 // Lowering: memory first (memory + swap may not go below it).
                 std::fs::write(dirs[0].join("memory.limit_in_bytes"), &bytes)?;
-                let memsw = dirs[0].join("memory.memsw.limit_in_bytes");
-                if memsw.exists() {
-                    std::fs::write(memsw, &bytes)?;
+                // Without swap, memory + swap cannot exceed memory: one
+                // write less on the restore path.
+                if jail.swap {
+                    std::fs::write(dirs[0].join("memory.memsw.limit_in_bytes"), &bytes)?;
                 }
                 Ok(())
             }
@@ -587,8 +591,9 @@ impl Vmm {
             let name = entry.file_name();
             let text = name.to_string_lossy();
             let wanted = [".state", ".mem", ".ws"].iter().any(|e| text.ends_with(e));
+            // (Snapshot files are made 0644 when written: no chmod here.)
             if wanted && entry.file_type()?.is_file() {
-                link_readable(&entry.path(), &self.dir.join(&name))?;
+                link(&entry.path(), &self.dir.join(&name))?;
             }
         }
         Ok(files.moved_to(&self.dir))
@@ -761,27 +766,81 @@ impl Drop for Vmm {
     }
 }
 
+/// Whether /proc/meminfo says the host has swap.
+fn host_swaps() -> bool {
+    std::fs::read_to_string("/proc/meminfo").is_ok_and(|text| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("SwapTotal:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .is_some_and(|kib| kib > 0)
+    })
+}
+
+/// Makes the snapshot files (`*.state`, `*.mem`, `*.ws`) under `dir`
+/// readable by others, as a jailed VMM needs (files an unjailed emberd
+/// wrote under umask 0077 are not). Returns how many it changed.
+pub fn make_snapshots_readable(dir: &Path) -> usize {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut changed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => changed += make_snapshots_readable(&path),
+            Ok(t) if t.is_file() => {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if ![".state", ".mem", ".ws"].iter().any(|e| name.ends_with(e)) {
+                    continue;
+                }
+                if let Ok(meta) = entry.metadata() {
+                    let mode = meta.permissions().mode();
+                    if mode & 0o004 == 0 {
+                        let readable = std::fs::Permissions::from_mode((mode | 0o444) & 0o7755);
+                        if std::fs::set_permissions(&path, readable).is_ok() {
+                            changed += 1;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    changed
+}
+
 /// A snapshot's two files (the shape of `snapshots::SnapshotFiles`).
 pub type SnapshotPaths = crate::snapshots::SnapshotFiles;
 
 /// Hard-links `file` at `link` (replacing what is there), making the inode
 /// readable by others if it is not: a jailed VMM reads it under its own
 /// uid. emberd's state directory itself stays closed to other users.
-fn link_readable(file: &Path, link: &Path) -> std::io::Result<()> {
+fn link_readable(file: &Path, at: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(file)?;
-    let mode = meta.permissions().mode();
+    let mode = std::fs::metadata(file)?.permissions().mode();
     if mode & 0o004 == 0 {
         std::fs::set_permissions(
             file,
             std::fs::Permissions::from_mode((mode | 0o444) & 0o7755),
         )?;
     }
-    let _ = std::fs::remove_file(link);
-    std::fs::hard_link(file, link).map_err(|e| {
+    link(file, at)
+}
+
+/// Hard-links `file` at `at`, replacing what is there.
+fn link(file: &Path, at: &Path) -> std::io::Result<()> {
+    let linked = match std::fs::hard_link(file, at) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(at).and_then(|()| std::fs::hard_link(file, at))
+        }
+        other => other,
+    };
+    linked.map_err(|e| {
         std::io::Error::new(
             e.kind(),
-            format!("cannot link {} to {}: {e}", file.display(), link.display()),
+            format!("cannot link {} to {}: {e}", file.display(), at.display()),
         )
     })
 }
@@ -919,6 +978,29 @@ mod tests {
             jail.leaf_dirs("p1"),
             vec![PathBuf::from("/nonexistent/ember/x/p1")]
         );
+    }
+
+    #[test]
+    fn snapshot_files_are_made_readable_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("ember-readable-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("f/v1")).unwrap();
+        let files = [
+            "f/v1/template.state",
+            "f/v1/template.mem",
+            "f/v1/template.state.ws",
+            "f/v1/module.wasm",
+        ];
+        for f in files {
+            std::fs::write(dir.join(f), b"x").unwrap();
+            std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        assert_eq!(make_snapshots_readable(&dir), 3);
+        let mode = |f: &str| std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("f/v1/template.mem"), 0o644);
+        assert_eq!(mode("f/v1/module.wasm"), 0o600, "not a snapshot file");
+        assert_eq!(make_snapshots_readable(&dir), 0, "once is enough");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

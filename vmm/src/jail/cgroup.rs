@@ -246,11 +246,19 @@ impl Leaf {
     }
 
     /// Moves the calling process into the leaf ("0": whoever writes, in
-    /// any PID namespace). The jail's child does this, not the keeper,
-    /// which must stay out to remove the leaf.
+    /// any PID namespace).
     pub fn join(&self) -> Result<(), CgroupError> {
+        self.add("0")
+    }
+
+    /// Moves process `pid` (of the caller's PID namespace) into the leaf.
+    pub fn add_process(&self, pid: u32) -> Result<(), CgroupError> {
+        self.add(&pid.to_string())
+    }
+
+    fn add(&self, pid: &str) -> Result<(), CgroupError> {
         for dir in &self.dirs {
-            write(dir, "cgroup.procs", "0")?;
+            write(dir, "cgroup.procs", pid)?;
         }
         Ok(())
     }

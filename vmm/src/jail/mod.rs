@@ -13,8 +13,10 @@
 //!    the VMM does (step 5): no ember-vmm process stays root. Whoever
 //!    started ember-vmm removes the cgroup leaf after the keeper exits
 //!    ([`cgroup::remove_leaf`]);
-//! 4. the child, PID 1 of the new PID namespace, joins the cgroup leaf,
-//!    unshares the mount, IPC, UTS and network namespaces, and makes a
+//! 4. the child, PID 1 of the new PID namespace (which the keeper moves
+//!    into the cgroup leaf meanwhile, and says so on a pipe the child
+//!    waits on last), unshares the mount, IPC, UTS and network
+//!    namespaces, and makes a
 //!    tmpfs its root (pivot_root) holding only the paths bound into it,
 //!    read-only or read-write, each at its host path (so every path the
 //!    API names means the same inside); the old root is detached and the
@@ -175,8 +177,8 @@ fn unshare_and_fork(spec: &Spec, leaf: Option<&cgroup::Leaf>) -> Result<(), Jail
     // SAFETY: unshare(2) only changes this process's namespaces.
     check(unsafe { libc::unshare(libc::CLONE_NEWPID) })
         .map_err(step("unshare the PID namespace"))?;
-    // The keeper holds the write end: the child sees it closed (POLLHUP)
-    // if the keeper died before the child asked to die with it.
+    // The keeper writes one byte once the child is in its cgroup; the
+    // child sees the pipe closed if the keeper died or failed first.
     let mut ends = [0; 2];
     // SAFETY: pipe2(2) fills the array it is given.
     check(unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) })
@@ -191,6 +193,25 @@ fn unshare_and_fork(spec: &Spec, leaf: Option<&cgroup::Leaf>) -> Result<(), Jail
     let pid = check(unsafe { libc::fork() }).map_err(step("fork into the PID namespace"))?;
     if pid != 0 {
         drop(read_end);
+        // The keeper moves the VMM into its cgroup leaf while the VMM
+        // builds its root (a move into a cgroup waits for an RCU grace
+        // period: 0.3–5 ms here); one byte on the pipe says it is done.
+        // The keeper itself stays out of the leaf.
+        let joined = match leaf {
+            Some(leaf) => leaf.add_process(pid as u32).map_err(JailError::from),
+            None => Ok(()),
+        };
+        let joined = joined.and_then(|()| {
+            // SAFETY: write(2) of one byte from a local.
+            check(unsafe { libc::write(write_end.as_raw_fd(), b"j".as_ptr().cast(), 1) } as i32)
+                .map(drop)
+                .map_err(step("tell the VMM it is in its cgroup"))
+        });
+        if let Err(e) = joined {
+            log::error!("{e}; killing the VMM");
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         // The keeper needs no privilege either: it runs as the VMM's uid
         // (so no ember-vmm process stays root); whoever made the jail
         // removes the cgroup leaf once the keeper has exited.
@@ -217,9 +238,6 @@ fn unshare_and_fork(spec: &Spec, leaf: Option<&cgroup::Leaf>) -> Result<(), Jail
         keep(pid, leaf, write_end);
     }
     drop(write_end);
-    if let Some(leaf) = leaf {
-        leaf.join()?;
-    }
     let flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET;
     // SAFETY: as above.
     check(unsafe { libc::unshare(flags) })
@@ -234,17 +252,22 @@ fn unshare_and_fork(spec: &Spec, leaf: Option<&cgroup::Leaf>) -> Result<(), Jail
     unsafe { libc::umask(0o022) };
     limit_and_drop(spec)?;
     // After the credential change (which clears it): the VMM dies with its
-    // keeper. If the keeper died before this, the pipe says so.
+    // keeper. The keeper's byte says the VMM is in its cgroup; none (the
+    // pipe closed) that the keeper died or failed.
     die_with_parent()?;
-    let mut poll = libc::pollfd {
-        fd: read_end.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
+    let mut byte = [0u8; 1];
+    let read = loop {
+        // SAFETY: read(2) of one byte into a local.
+        let n = unsafe { libc::read(read_end.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+        if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break n;
+        }
     };
-    // SAFETY: one pollfd, timeout 0.
-    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-    if ready != 0 {
-        return Err(JailError::Spec("the keeper died during the start".into()));
+    if read != 1 {
+        return Err(JailError::Spec(
+            "the keeper did not put the VMM in its cgroup (it died or failed: its log says why)"
+                .into(),
+        ));
     }
     Ok(())
 }
