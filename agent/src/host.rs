@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use crate::functions::{random_u64, FunctionConfig, FunctionError, FunctionStore, FunctionVersion};
 use crate::pool::{Affinity, Instance, Pools, Route, Start, AFFINITY_WAIT};
 use crate::snapshots::{self, SnapshotError, SnapshotFiles, TemplateSpec};
-use crate::supervisor::{SpawnOptions, Supervisor, Vmm, VmmError};
+use crate::supervisor::{LimitWrite, SpawnOptions, Supervisor, Vmm, VmmError};
 
 /// The largest event, as in Lambda (and ember-vmm).
 pub const MAX_EVENT_BYTES: usize = ember_abi::function::MAX_EVENT_BYTES;
@@ -482,11 +482,12 @@ impl Agent {
         vmm: &mut Vmm,
         v: &FunctionVersion,
         files: &SnapshotFiles,
-    ) -> Result<SnapshotFiles, ApiError> {
-        vmm.limit_memory(mib_bytes(self.instance_memory_mib(v)))
-            .map_err(io_err(format!("cannot set the memory limit of {}", vmm.id)))?;
-        vmm.stage_snapshot(files)
-            .map_err(io_err(format!("cannot give {} its snapshot", vmm.id)))
+    ) -> Result<(SnapshotFiles, LimitWrite), ApiError> {
+        let limit = vmm.limit_memory(mib_bytes(self.instance_memory_mib(v)));
+        let staged = vmm
+            .stage_snapshot(files)
+            .map_err(io_err(format!("cannot give {} its snapshot", vmm.id)))?;
+        Ok((staged, limit))
     }
 
     /// Tops the prepared pool up (blocking; call on a blocking thread).
@@ -966,13 +967,20 @@ impl Agent {
             let mut vmm = self.take_prepared()?;
             // Tagged before the load: what ember-vmm says of it is the instance's.
             vmm.serve_instance(id, &v.name, v.version);
-            let staged = self.stage_for(&mut vmm, v, &template)?;
+            let (staged, limit) = self.stage_for(&mut vmm, v, &template)?;
             let e = match vmm.call(
                 "PUT",
                 "/snapshot/load",
                 Some(&staged.load_body(false, ahead)),
             ) {
-                Ok(_) => break vmm,
+                // The function's memory limit, written beside the load,
+                // holds before the VM serves (written, or the VM goes).
+                Ok(_) => match limit.wait() {
+                    Ok(()) => break vmm,
+                    Err(e) => {
+                        return Err(io_err(format!("cannot set the memory limit of {}", vmm.id))(e))
+                    }
+                },
                 Err(e) => e,
             };
             drop(vmm);
