@@ -147,6 +147,9 @@ pub enum RequestKind {
     TestBadLength = 0x102,
     /// Test only: never answer (spin in ring 3).
     TestHang = 0x103,
+    /// Test only: ring the doorbell over and over, each time with a message
+    /// of no known kind and a sequence number the host never sent.
+    TestDoorbellLoop = 0x104,
 }
 
 /// The address the guest touches to fault on [`RequestKind::TestCrash`]:
@@ -169,6 +172,7 @@ impl RequestKind {
             0x101 => RequestKind::TestReset,
             0x102 => RequestKind::TestBadLength,
             0x103 => RequestKind::TestHang,
+            0x104 => RequestKind::TestDoorbellLoop,
             _ => return None,
         })
     }
@@ -661,6 +665,7 @@ mod tests {
             RequestKind::TestReset,
             RequestKind::TestBadLength,
             RequestKind::TestHang,
+            RequestKind::TestDoorbellLoop,
         ] {
             assert_eq!(RequestKind::from_u32(kind as u32), Some(kind));
         }

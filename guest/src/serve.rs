@@ -128,6 +128,15 @@ pub fn serve(mut mailbox: Mailbox, mut code: CodeArea, info: &GuestInfo, memory_
             Some(RequestKind::TestHang) => loop {
                 core::hint::spin_loop();
             },
+            Some(RequestKind::TestDoorbellLoop) => {
+                // Garbage, forever: a kind no one knows, sequence numbers
+                // the host never sent, the doorbell rung each time.
+                let mut n = seq;
+                loop {
+                    n = n.wrapping_add(1);
+                    mailbox.post_raw(0xdead_beef, n, 0);
+                }
+            }
             None => {
                 let mut text = [0u8; 64];
                 let mut w = ByteWriter::new(&mut text);

@@ -21,6 +21,10 @@ fn main() {
             seccomp_before_boot,
         ),
         (
+            "hostile_guest_ringing_the_doorbell_with_garbage_is_refused_and_costs_no_cpu",
+            hostile_guest_doorbell_loop,
+        ),
+        (
             "a_vcpu_thread_outside_its_filter_ends_the_process_with_a_report",
             seccomp_vcpu,
         ),
@@ -840,4 +844,37 @@ fn seccomp_prefetch() -> TestResult {
         "/ember/test/forbidden-syscall/prefetch",
         "prefetch",
     )
+}
+
+/// A guest that rings the doorbell over and over, each time with a message
+/// of no known kind and a sequence number the host never sent: every one
+/// is refused (the caller gets an error naming it), the VMM keeps serving
+/// its API, and it does not spin — the vCPU waits in its exit until the
+/// next request, which meets the next piece of garbage.
+fn hostile_guest_doorbell_loop() -> TestResult {
+    let (vmm, mut client) = boot(1, 128, &["--test-commands"])?;
+    let first = client
+        .post("/ember/test/doorbell-loop", b"")
+        .map_err(|e| e.to_string())?;
+    check(!(200..300).contains(&first.status), || {
+        format!("the garbage was answered {} {:?}", first.status, first.fault_message())
+    })?;
+    for i in 0..3 {
+        let answer = client.post("/ember/ping", b"").map_err(|e| e.to_string())?;
+        check(!(200..300).contains(&answer.status), || {
+            format!("ping {i} after the garbage: {}", answer.status)
+        })?;
+    }
+    let status = get_json(&mut client, "/ember/status")?;
+    check(status["protocol_errors"].as_u64() >= Some(4), || {
+        format!("status {status}")
+    })?;
+    let before = cpu_ticks(vmm.pid())?;
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(vmm.pid())? - before;
+    check(used <= 5, || {
+        format!("a VM whose guest rings with garbage used {used} ticks of CPU in 1 s")
+    })?;
+    let info = expect_status(client.get("/"), 200, "GET / after the garbage")?.json();
+    check(info["state"] == "Running", || format!("GET / said {info}"))
 }

@@ -66,6 +66,8 @@ pub enum GuestTest {
     BadLength,
     /// The guest never answers (it spins in ring 3).
     Hang,
+    /// The guest rings the doorbell over and over with garbage messages.
+    DoorbellLoop,
 }
 
 /// A successful answer.

@@ -479,6 +479,7 @@ impl Vmm {
                     GuestTest::Reset => RequestKind::TestReset,
                     GuestTest::BadLength => RequestKind::TestBadLength,
                     GuestTest::Hang => RequestKind::TestHang,
+                    GuestTest::DoorbellLoop => RequestKind::TestDoorbellLoop,
                 };
                 return self.ask(kind);
             }

@@ -99,6 +99,7 @@ pub fn parse(request: Request) -> Result<VmmAction, Response> {
         ("POST", "/ember/test/reset") => VmmAction::TestGuest(GuestTest::Reset),
         ("POST", "/ember/test/bad-length") => VmmAction::TestGuest(GuestTest::BadLength),
         ("POST", "/ember/test/hang") => VmmAction::TestGuest(GuestTest::Hang),
+        ("POST", "/ember/test/doorbell-loop") => VmmAction::TestGuest(GuestTest::DoorbellLoop),
         ("POST", "/ember/test/forbidden-syscall") => {
             VmmAction::TestForbiddenSyscall(crate::seccomp::ThreadKind::Vmm)
         }
