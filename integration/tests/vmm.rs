@@ -857,7 +857,11 @@ fn hostile_guest_doorbell_loop() -> TestResult {
         .post("/ember/test/doorbell-loop", b"")
         .map_err(|e| e.to_string())?;
     check(!(200..300).contains(&first.status), || {
-        format!("the garbage was answered {} {:?}", first.status, first.fault_message())
+        format!(
+            "the garbage was answered {} {:?}",
+            first.status,
+            first.fault_message()
+        )
     })?;
     for i in 0..3 {
         let answer = client.post("/ember/ping", b"").map_err(|e| e.to_string())?;
