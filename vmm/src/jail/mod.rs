@@ -269,6 +269,18 @@ fn unshare_and_fork(spec: &Spec, leaf: Option<&cgroup::Leaf>) -> Result<(), Jail
                 .into(),
         ));
     }
+    // The byte may have come before the keeper died, and before the
+    // parent-death signal was armed: a keeper alive holds the pipe open.
+    let mut poll = libc::pollfd {
+        fd: read_end.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, no wait.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    if ready != 0 {
+        return Err(JailError::Spec("the keeper died during the start".into()));
+    }
     Ok(())
 }
 
