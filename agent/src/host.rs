@@ -1360,6 +1360,43 @@ fn mib_bytes(mib: u64) -> u64 {
     mib << 20
 }
 
+/// Eight hex digits naming a state directory (its canonical path's
+/// SHA-256): the VMs' cgroup parent is `ember/<tag>` on cgroup v1.
+pub fn state_dir_tag(state_dir: &Path) -> String {
+    use sha2::Digest;
+    let state = std::fs::canonicalize(state_dir).unwrap_or(state_dir.to_path_buf());
+    let digest = sha2::Sha256::digest(state.as_os_str().as_encoded_bytes());
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Removes the cgroup leaves and parent the VMs of `state_dir` used on a
+/// cgroup v1 host, once their processes are gone (waiting up to `patience`
+/// for them to go): for whoever killed an emberd that could not clean up
+/// (a restarted emberd also sweeps them). Returns whether all went.
+pub fn remove_vm_cgroups(state_dir: &Path, patience: Duration) -> bool {
+    use ember_vmm::jail::cgroup::{Hierarchy, CGROUP_ROOT};
+    let Ok(hierarchy @ Hierarchy::V1 { .. }) = Hierarchy::detect(Path::new(CGROUP_ROOT)) else {
+        return true;
+    };
+    let deadline = Instant::now() + patience;
+    let mut all = true;
+    for parent in hierarchy.dirs(&PathBuf::from("ember").join(state_dir_tag(state_dir))) {
+        if let Ok(entries) = std::fs::read_dir(&parent) {
+            for entry in entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            {
+                while std::fs::remove_dir(entry.path()).is_err() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        let gone = std::fs::remove_dir(&parent).is_ok() || !parent.exists();
+        all &= gone;
+    }
+    all
+}
+
 /// Checks that this host can jail VMMs and readies what every jail uses:
 /// the cgroup parent (`ember/<digest of the state dir>`, its stale leaves
 /// removed), the root's mount point. Says exactly what is missing.
@@ -1369,7 +1406,6 @@ fn make_jail(
     run_dir: &Path,
 ) -> Result<crate::supervisor::Jail, String> {
     use ember_vmm::jail::cgroup::{Hierarchy, CGROUP_ROOT};
-    use sha2::Digest;
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err("jailing needs root (namespaces, a uid per VM, cgroups)".into());
@@ -1378,9 +1414,7 @@ fn make_jail(
         return Err("this kernel has no namespaces (/proc/self/ns/pid is missing)".into());
     }
     let hierarchy = Hierarchy::detect(Path::new(CGROUP_ROOT)).map_err(|e| e.to_string())?;
-    let state = std::fs::canonicalize(&config.state_dir).unwrap_or(config.state_dir.clone());
-    let digest = sha2::Sha256::digest(state.as_os_str().as_encoded_bytes());
-    let tag: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let tag = state_dir_tag(&config.state_dir);
     let parent = match &hierarchy {
         Hierarchy::V1 { .. } => PathBuf::from("ember").join(tag),
         Hierarchy::V2(root) => {

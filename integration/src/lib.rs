@@ -611,6 +611,9 @@ impl Drop for Emberd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Killed, emberd cannot remove its VMs' cgroups; its VMMs die with
+        // it (a parent-death signal), and then their leaves can go.
+        ember_agent::host::remove_vm_cgroups(&self.state_dir.join("state"), Duration::from_secs(2));
     }
 }
 
