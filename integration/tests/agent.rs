@@ -673,23 +673,30 @@ fn admission_limit() -> TestResult {
 /// 100 MiB of 150, busy): a request that needs another instance gets a
 /// 429 with Retry-After, at once.
 fn host_full() -> TestResult {
-    let (emberd, mut client) = with_function_args(
-        &["--memory-budget-mib", "300"],
-        "sha",
-        "sha256.wasm",
-        json!({ "memory_mib": 64, "timeout_ms": 60000 }),
+    // Two invocations that stay busy until their time limit (3 s), so that
+    // both are certainly busy at once however long each restore takes.
+    let dir = fresh_dir()?;
+    let module = wat_module(&dir, "spin", SPIN)?;
+    let emberd = Emberd::start(&dir, &["--memory-budget-mib", "300"])?;
+    let mut client = emberd.client();
+    deploy(
+        &mut client,
+        "spin",
+        &module,
+        json!({ "memory_mib": 64, "timeout_ms": 3000 }),
+        &[],
     )?;
     // memory_mib 64 claims 64 + the VMM's 64: two instances fit 300, a
     // third does not.
     let workers: Vec<_> = (0..2)
         .map(|_| {
             let mut c = emberd.client();
-            std::thread::spawn(move || invoke(&mut c, "sha", &vec![3u8; 6 << 20], &[]))
+            std::thread::spawn(move || invoke(&mut c, "spin", b"x", &[]))
         })
         .collect();
     busy_instances(&mut client, 2)?;
     let started = std::time::Instant::now();
-    let response = invoke(&mut client, "sha", b"x", &[])?;
+    let response = invoke(&mut client, "spin", b"x", &[])?;
     check(
         response.status == 429
             && error_kind(&response) == "too_many_requests"
