@@ -170,6 +170,24 @@ fn prepared_ready(client: &mut ApiClient, want: u64) -> Result<(), String> {
     }
 }
 
+/// One invocation of `echo` on a fresh instance, once the prepared pool
+/// is full; the instance is deleted after. Its time, µs.
+fn restored_once(client: &mut ApiClient) -> Result<f64, String> {
+    prepared_ready(client, 2)?;
+    let (response, us) = invoke(client, "echo", b"restore me")?;
+    if response.header("x-ember-start") != Some("restored") {
+        return Err(format!("expected a restore: {:?}", response.headers));
+    }
+    let id = response
+        .header("x-ember-instance")
+        .unwrap_or_default()
+        .to_string();
+    client
+        .request("DELETE", &format!("/instances/{id}"), None)
+        .map_err(|e| e.to_string())?;
+    Ok(us)
+}
+
 /// `ember-bench invoke`.
 pub fn bench_invoke(
     binaries: &Binaries,
@@ -194,19 +212,7 @@ pub fn bench_invoke(
     // deleted, and the prepared pool refilled, off the clock).
     let mut restored_us = Vec::new();
     for _ in 0..restores {
-        prepared_ready(&mut client, 2)?;
-        let (response, us) = invoke(&mut client, "echo", b"restore me")?;
-        if response.header("x-ember-start") != Some("restored") {
-            return Err(format!("expected a restore: {:?}", response.headers));
-        }
-        restored_us.push(us);
-        let id = response
-            .header("x-ember-instance")
-            .unwrap_or_default()
-            .to_string();
-        client
-            .request("DELETE", &format!("/instances/{id}"), None)
-            .map_err(|e| e.to_string())?;
+        restored_us.push(restored_once(&mut client)?);
     }
 
     // Jailed (the default, as above) against --no-jail: restored
@@ -220,19 +226,7 @@ pub fn bench_invoke(
             let mut client = emberd.client()?;
             deploy(&mut client, "echo", &echo, json!({}))?;
             for _ in 0..restores.div_ceil(2) {
-                prepared_ready(&mut client, 2)?;
-                let (response, us) = invoke(&mut client, "echo", b"restore me")?;
-                if response.header("x-ember-start") != Some("restored") {
-                    return Err(format!("expected a restore: {:?}", response.headers));
-                }
-                by_jail[i].push(us / 1000.0);
-                let id = response
-                    .header("x-ember-instance")
-                    .unwrap_or_default()
-                    .to_string();
-                client
-                    .request("DELETE", &format!("/instances/{id}"), None)
-                    .map_err(|e| e.to_string())?;
+                by_jail[i].push(restored_once(&mut client)? / 1000.0);
                 // The instance's teardown (off the request path, heavier
                 // jailed: a keeper, a cgroup leaf) ends before the next
                 // restore is timed.

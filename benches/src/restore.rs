@@ -324,6 +324,20 @@ impl Snapshot {
     }
 }
 
+/// ember-vmm's arguments for a VM prepared for this bench's snapshots of
+/// `mem` MiB.
+fn prepare_args(mem: &str) -> Vec<&str> {
+    vec![
+        "--prepare",
+        "--mem-size-mib",
+        mem,
+        "--vcpus",
+        "1",
+        "--log-level",
+        "info",
+    ]
+}
+
 /// The bench's working directory and binaries.
 pub(crate) struct Bench<'a> {
     pub(crate) binaries: &'a Binaries,
@@ -346,15 +360,7 @@ impl Bench<'_> {
     /// As [`Bench::prepared`], with more ember-vmm arguments.
     pub(crate) fn prepared_with(&self, track: bool, extra: &[&str]) -> Result<Child, String> {
         let mem = self.mem_mib.to_string();
-        let mut args = vec![
-            "--prepare",
-            "--mem-size-mib",
-            &mem,
-            "--vcpus",
-            "1",
-            "--log-level",
-            "info",
-        ];
+        let mut args = prepare_args(&mem);
         if track {
             args.push("--track-dirty-pages");
         }
@@ -370,16 +376,7 @@ impl Bench<'_> {
     /// limits), once prepared.
     pub(crate) fn prepared_jailed(&self) -> Result<Child, String> {
         let mem = self.mem_mib.to_string();
-        let args = [
-            "--prepare",
-            "--mem-size-mib",
-            &mem,
-            "--vcpus",
-            "1",
-            "--log-level",
-            "info",
-        ];
-        let mut child = self.spawn_jailed(&args, "jp")?;
+        let mut child = self.spawn_jailed(&prepare_args(&mem), "jp")?;
         child.wait_for("prepared for a restore")?;
         Ok(child)
     }
