@@ -667,7 +667,7 @@ impl Vmm {
     /// for the snapshot it was restored from back beside that snapshot, if
     /// none is there yet. Its contents are the guest's doing: a restore
     /// checks them like any file (they only steer prefetching).
-    pub fn collect_working_set(&self) {
+    pub fn collect_working_set(&mut self) {
         let Some(files) = &self.restored_from else {
             return;
         };
@@ -677,7 +677,13 @@ impl Vmm {
             PathBuf::from(path)
         };
         let (made, home) = (ws(&files.moved_to(&self.dir).state), ws(&files.state));
-        if home.exists() || !made.exists() {
+        if home.exists() {
+            // Nothing to collect, now or later: no more checks on this
+            // instance's warm invocations.
+            self.restored_from = None;
+            return;
+        }
+        if !made.exists() {
             return;
         }
         // A link (not a rename): the VMM's own name for it stays valid.
