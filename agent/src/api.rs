@@ -494,6 +494,8 @@ async fn serve_invocation(
     let body = read_event(body).await?;
     let instance = header(&headers, INSTANCE_HEADER)?;
     let key = header(&headers, AFFINITY_HEADER)?;
+    // Meaningful with `Event` only, but a malformed one is refused here too.
+    header(&headers, IDEMPOTENCY_HEADER)?;
     let started = std::time::Instant::now();
     let metrics_agent = agent.clone();
     let served = blocking(move || {
@@ -664,6 +666,14 @@ impl ListQuery {
     }
 
     fn filter(&self) -> Result<RecordFilter, ApiError> {
+        if let Some(kind) = &self.kind {
+            if !journal::RECORD_KINDS.contains(&kind.as_str()) {
+                return Err(bad(format!(
+                    "kind {kind:?}: give one of {}",
+                    journal::RECORD_KINDS.join(", ")
+                )));
+            }
+        }
         Ok(RecordFilter {
             function: self.function.clone(),
             kind: self.kind.clone(),
@@ -1244,6 +1254,21 @@ async fn metadata(
     use crate::metadata::{Scope, SERIES};
     let Query(q) = query.map_err(|e| bad(e.body_text()))?;
     let Some(name) = q.series else {
+        // The catalog takes no parameter: one given is a mistake (a
+        // series left out), not something to ignore.
+        let given = [
+            ("function", q.function.is_some()),
+            ("kind", q.kind.is_some()),
+            ("state", q.state.is_some()),
+            ("stat", q.stat.is_some()),
+            ("since", q.since.is_some()),
+            ("step", q.step.is_some()),
+        ];
+        if let Some((param, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(bad(format!(
+                "{param}: a parameter of a series' points; give series too (without it, GET /metadata is the catalog)"
+            )));
+        }
         let catalog: Vec<serde_json::Value> = SERIES
             .iter()
             .map(|s| {
@@ -1425,5 +1450,24 @@ mod tests {
         a.sort();
         b.sort();
         assert_eq!(a, b, "routes in api.rs vs paths in docs/api.yaml");
+    }
+    /// A journal filter names a kind of record that exists, or is refused
+    /// (an unknown kind would match nothing and look like an empty journal).
+    #[test]
+    fn journal_filters_refuse_an_unknown_kind() {
+        for kind in crate::journal::RECORD_KINDS {
+            let q = super::ListQuery {
+                kind: Some(kind.into()),
+                ..Default::default()
+            };
+            assert_eq!(q.filter().unwrap().kind.as_deref(), Some(kind));
+        }
+        let q = super::ListQuery {
+            kind: Some("AAA".into()),
+            ..Default::default()
+        };
+        let e = q.filter().unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("\"AAA\""), "{}", e.message);
     }
 }

@@ -309,13 +309,23 @@ pub struct AttemptEnd {
     pub log_tail: Option<String>,
 }
 
+/// Every kind of failure record (the `kind` of [`NewRecord`]).
+pub const RECORD_KINDS: [&str; 7] = [
+    "retries_exhausted",
+    "expired",
+    "function_deleted",
+    "invalid_event",
+    "interrupted",
+    "sync_failure",
+    "control_action",
+];
+
 /// A journal record to write.
 #[derive(Debug, Clone, Default)]
 pub struct NewRecord {
     /// Its id.
     pub id: String,
-    /// The condition: `retries_exhausted`, `expired`, `function_deleted`,
-    /// `invalid_event`, `interrupted`, `sync_failure`, `control_action`.
+    /// The condition, one of [`RECORD_KINDS`].
     pub kind: &'static str,
     /// The function.
     pub function: String,

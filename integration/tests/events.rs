@@ -194,6 +194,27 @@ fn accepted_and_delivered() -> TestResult {
     )
     .map_err(|e| e.to_string())?;
     expect_error(&bad, 400, "bad_request", "invalid invocation type")?;
+    let routed = invoke(
+        &mut client,
+        "echo",
+        b"x",
+        &[EVENT, ("X-Ember-Instance", "i-1")],
+    )
+    .map_err(|e| e.to_string())?;
+    expect_error(
+        &routed,
+        400,
+        "bad_request",
+        "an instance asked for by an event",
+    )?;
+    let malformed = invoke(
+        &mut client,
+        "echo",
+        b"x",
+        &[("X-Ember-Idempotency-Key", "")],
+    )
+    .map_err(|e| e.to_string())?;
+    expect_error(&malformed, 400, "bad_request", "an empty idempotency key")?;
     let sync = invoke(
         &mut client,
         "echo",

@@ -756,6 +756,19 @@ fn bad_inputs() -> TestResult {
         .get("/metadata?series=nope")
         .map_err(|e| e.to_string())?;
     expect_error(&r, 400, "bad_request", "an unknown series")?;
+    let r = client
+        .get("/metadata?step=3601")
+        .map_err(|e| e.to_string())?;
+    expect_error(
+        &r,
+        400,
+        "bad_request",
+        "a series' parameter without a series",
+    )?;
+    let r = client
+        .get("/journal?kind=nope")
+        .map_err(|e| e.to_string())?;
+    expect_error(&r, 400, "bad_request", "an unknown journal record kind")?;
     let r = client.get("/metaevents/bad").map_err(|e| e.to_string())?;
     expect_error(&r, 404, "not_found", "a rule never stored")?;
     let r = client.get("/schedules/bad").map_err(|e| e.to_string())?;
