@@ -150,6 +150,11 @@ pub enum RequestKind {
     /// Test only: ring the doorbell over and over, each time with a message
     /// of no known kind and a sequence number the host never sent.
     TestDoorbellLoop = 0x104,
+    /// Test only: answer [`MessageKind::Pong`], then answer the next
+    /// request, whatever it is, with a message as long as the response
+    /// area filled with random bytes, of the kind the payload names (a
+    /// little-endian `u32`; 0: the kind that request expects).
+    TestMaximalAnswer = 0x105,
 }
 
 /// The address the guest touches to fault on [`RequestKind::TestCrash`]:
@@ -173,7 +178,28 @@ impl RequestKind {
             0x102 => RequestKind::TestBadLength,
             0x103 => RequestKind::TestHang,
             0x104 => RequestKind::TestDoorbellLoop,
+            0x105 => RequestKind::TestMaximalAnswer,
             _ => return None,
+        })
+    }
+
+    /// The kind of a successful answer to this request (a load may also
+    /// answer `LoadFailed`, an invocation `OutcomePreparing`, any request
+    /// `Error`); none for the test requests that break the protocol.
+    pub const fn usual_answer(self) -> Option<MessageKind> {
+        Some(match self {
+            RequestKind::Ping | RequestKind::TestMaximalAnswer => MessageKind::Pong,
+            RequestKind::Echo => MessageKind::EchoReply,
+            RequestKind::Shutdown => MessageKind::ShutdownAck,
+            RequestKind::Load => MessageKind::Loaded,
+            RequestKind::Invoke => MessageKind::Outcome,
+            RequestKind::Stats => MessageKind::Stats,
+            RequestKind::Touch => MessageKind::Touched,
+            RequestKind::TestCrash
+            | RequestKind::TestReset
+            | RequestKind::TestBadLength
+            | RequestKind::TestHang
+            | RequestKind::TestDoorbellLoop => return None,
         })
     }
 }
@@ -666,9 +692,15 @@ mod tests {
             RequestKind::TestBadLength,
             RequestKind::TestHang,
             RequestKind::TestDoorbellLoop,
+            RequestKind::TestMaximalAnswer,
         ] {
             assert_eq!(RequestKind::from_u32(kind as u32), Some(kind));
         }
+        assert_eq!(
+            RequestKind::Invoke.usual_answer(),
+            Some(MessageKind::Outcome)
+        );
+        assert_eq!(RequestKind::TestHang.usual_answer(), None);
         for code in 1..=13 {
             assert_eq!(MessageKind::from_u32(code).unwrap() as u32, code);
         }

@@ -27,6 +27,9 @@ pub fn serve(mut mailbox: Mailbox, mut code: CodeArea, info: &GuestInfo, memory_
     reply(&mut mailbox, MessageKind::Ready, 0, &info.encode());
 
     let mut function: Option<Function> = None;
+    // Test only: the kind to answer the next request with, in a message
+    // of random bytes as long as the response area (0: the usual kind).
+    let mut maximal_answer: Option<u32> = None;
     let mut generation = mailbox.generation();
     loop {
         // Restored from a snapshot since the last request: other copies of
@@ -45,8 +48,33 @@ pub fn serve(mut mailbox: Mailbox, mut code: CodeArea, info: &GuestInfo, memory_
             error(&mut mailbox, seq, "request longer than the request area");
             continue;
         }
+        if let Some(code) = maximal_answer.take() {
+            let kind = match code {
+                0 => RequestKind::from_u32(request.kind)
+                    .and_then(RequestKind::usual_answer)
+                    .map_or(0, |k| k as u32),
+                code => code,
+            };
+            let area = mailbox.response_area();
+            if !crate::rng::fill(area) {
+                area.fill(0xa5);
+            }
+            let len = area.len() as u32;
+            mailbox.post_raw(kind, seq, len);
+            continue;
+        }
         match RequestKind::from_u32(request.kind) {
             Some(RequestKind::Ping) => mailbox.post(MessageKind::Pong, seq, 0),
+            Some(RequestKind::TestMaximalAnswer) => {
+                let payload = mailbox.request_payload(request.len);
+                match <[u8; 4]>::try_from(payload) {
+                    Ok(code) => {
+                        maximal_answer = Some(u32::from_le_bytes(code));
+                        mailbox.post(MessageKind::Pong, seq, 0);
+                    }
+                    Err(_) => error(&mut mailbox, seq, "a maximal answer's kind is 4 bytes"),
+                }
+            }
             Some(RequestKind::Echo) => {
                 // The payload goes through the heap, as events do.
                 let payload: Vec<u8> = mailbox.request_payload(request.len).to_vec();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use ember_abi::mailbox::MessageKind;
 use ember_integration::*;
 use ember_vmm::api::client::{ApiClient, ApiResponse};
 use ember_vmm::api::parsed_request::{FUNCTION_ERROR_HEADER, LOG_HEADER};
@@ -33,6 +34,10 @@ fn main() {
         (
             "wasi_calls_with_hostile_arguments_get_errnos",
             hostile_arguments,
+        ),
+        (
+            "hostile_guest_answering_with_maximal_garbage_of_every_kind_is_refused",
+            hostile_guest_maximal_answers,
         ),
         ("traps_are_reported_and_the_next_invocation_works", traps),
         ("reactor_is_rebuilt_after_a_trap", reactor_trap),
@@ -913,4 +918,109 @@ fn recompiled_for_the_guest() -> TestResult {
     let (mut vmm, mut client, loaded) = load()?;
     check(loaded["compiled"] == "cache", || format!("{loaded}"))?;
     shutdown(&mut vmm, &mut client)
+}
+
+/// Arms the guest's test mode: it answers the next request with random
+/// bytes filling its whole response area, in a message of kind `code`
+/// (0: the kind that request expects).
+fn arm_maximal_answer(client: &mut ApiClient, code: u32) -> TestResult {
+    expect_status(
+        client.post("/ember/test/maximal-answer", code.to_string().as_bytes()),
+        200,
+        "arming a maximal answer",
+    )
+    .map(drop)
+    .map_err(Failed::from)
+}
+
+/// The fault message of a refused answer; an error if it was not refused.
+fn refused(response: Result<ApiResponse, std::io::Error>, what: &str) -> Result<String, Failed> {
+    let response = response.map_err(|e| format!("{what}: {e}"))?;
+    check(!(200..300).contains(&response.status), || {
+        format!(
+            "{what}: a maximal garbage answer was accepted: {}",
+            response.status
+        )
+    })?;
+    Ok(response.fault_message().unwrap_or_default().to_string())
+}
+
+/// A guest that answers with the most bytes its response area holds, all
+/// random: in the kind each request expects (stats, an outcome, a load),
+/// and in every message kind there is (and one there is not) as the
+/// answer to a ping. Each is refused with an error naming it — or, for an
+/// echo, whose reply may be any bytes, returned whole, and for a pong,
+/// whose payload is not read, answered — a text the guest
+/// wrote is cut to 4 KiB, the VMM serves on after each, and a crash report
+/// of garbage ends the VM as a crash whose report is unreadable.
+fn hostile_guest_maximal_answers() -> TestResult {
+    let (mut vmm, mut client, _) =
+        with_function_args(&example("echo.wasm")?, json!({}), &["--test-commands"])?;
+
+    // Each request, answered in its own kind, with garbage.
+    arm_maximal_answer(&mut client, 0)?;
+    let echoed = expect_status(client.post("/ember/echo", b"x"), 200, "echo")?;
+    check(echoed.body.len() >= 1 << 20, || {
+        format!(
+            "an echo answered with the whole area returned {} bytes",
+            echoed.body.len()
+        )
+    })?;
+    arm_maximal_answer(&mut client, 0)?;
+    let text = refused(client.get("/ember/stats"), "stats")?;
+    check(text.contains("stats are malformed"), || {
+        format!("stats: {text}")
+    })?;
+    arm_maximal_answer(&mut client, 0)?;
+    let text = refused(client.post("/ember/invoke", b"event"), "invoke")?;
+    check(text.contains("outcome is malformed"), || {
+        format!("invoke: {text}")
+    })?;
+    let fine = expect_status(client.post("/ember/invoke", b"again"), 200, "invoke after")?;
+    check(fine.body == b"again", || "the next invocation".to_string())?;
+
+    // Every kind of message (and an unknown one) as the answer to a ping;
+    // a plain ping after each is answered.
+    for code in (1..=13u32)
+        .filter(|&c| c != MessageKind::Crash as u32)
+        .chain([0xdead])
+    {
+        arm_maximal_answer(&mut client, code)?;
+        let what = format!("a ping answered with kind {code}");
+        if code == MessageKind::Pong as u32 {
+            // The kind a ping expects: its payload is never read.
+            expect_status(client.post("/ember/ping", b""), 200, &what)?;
+            continue;
+        }
+        let text = refused(client.post("/ember/ping", b""), &what)?;
+        check(text.len() < 16 << 10, || {
+            format!("{what}: an error of {} bytes reached the API", text.len())
+        })?;
+        if code == MessageKind::Error as u32 {
+            check(text.contains("more bytes cut"), || {
+                format!("{what}: {text:.200}")
+            })?;
+        }
+        expect_status(
+            client.post("/ember/ping", b""),
+            200,
+            &format!("ping after {what}"),
+        )?;
+    }
+    let status = get_json(&mut client, "/ember/status")?;
+    check(status["protocol_errors"].as_u64() >= Some(11), || {
+        format!("status {status}")
+    })?;
+    let fine = expect_status(
+        client.post("/ember/invoke", b"still"),
+        200,
+        "invoke at the end",
+    )?;
+    check(fine.body == b"still", || "the last invocation".to_string())?;
+
+    // A crash report of garbage: the guest has stopped; the VM ends as a crash.
+    arm_maximal_answer(&mut client, MessageKind::Crash as u32)?;
+    let text = refused(client.post("/ember/ping", b""), "a garbage crash report")?;
+    check(text.contains("unreadable"), || format!("crash: {text}"))?;
+    expect_exit(&mut vmm, 10, "a guest whose crash report is garbage")
 }

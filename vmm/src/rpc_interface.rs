@@ -68,6 +68,10 @@ pub enum GuestTest {
     Hang,
     /// The guest rings the doorbell over and over with garbage messages.
     DoorbellLoop,
+    /// The guest answers the next request with random bytes as long as
+    /// its response area, in a message of this kind (0: the kind that
+    /// request expects).
+    MaximalAnswer(u32),
 }
 
 /// A successful answer.

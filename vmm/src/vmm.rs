@@ -474,14 +474,22 @@ impl Vmm {
                 Err(VmmActionError::TestCommandsDisabled)
             }
             VmmAction::TestGuest(test) => {
-                let kind = match test {
-                    GuestTest::Crash => RequestKind::TestCrash,
-                    GuestTest::Reset => RequestKind::TestReset,
-                    GuestTest::BadLength => RequestKind::TestBadLength,
-                    GuestTest::Hang => RequestKind::TestHang,
-                    GuestTest::DoorbellLoop => RequestKind::TestDoorbellLoop,
+                let (kind, payload) = match test {
+                    GuestTest::Crash => (RequestKind::TestCrash, Vec::new()),
+                    GuestTest::Reset => (RequestKind::TestReset, Vec::new()),
+                    GuestTest::BadLength => (RequestKind::TestBadLength, Vec::new()),
+                    GuestTest::Hang => (RequestKind::TestHang, Vec::new()),
+                    GuestTest::DoorbellLoop => (RequestKind::TestDoorbellLoop, Vec::new()),
+                    GuestTest::MaximalAnswer(code) => {
+                        (RequestKind::TestMaximalAnswer, code.to_le_bytes().to_vec())
+                    }
                 };
-                return self.ask(kind);
+                return self.request_guest(
+                    kind,
+                    Payload::body(payload),
+                    self.options.mailbox_timeout,
+                    None,
+                );
             }
             VmmAction::TestForbiddenSyscall(ThreadKind::Vcpu) => {
                 // A paused vCPU takes the command at once; a running one
@@ -950,6 +958,7 @@ impl Vmm {
             RequestKind::Invoke => &[MessageKind::Outcome, MessageKind::OutcomePreparing],
             RequestKind::Stats => &[MessageKind::Stats],
             RequestKind::Touch => &[MessageKind::Touched],
+            RequestKind::TestMaximalAnswer => &[MessageKind::Pong],
             _ => &[],
         };
         if message.kind != MessageKind::Error && !expected.contains(&message.kind) {
@@ -969,9 +978,7 @@ impl Vmm {
             self.code_area_in_use = true;
         }
         let response = match message.kind {
-            MessageKind::Error => Err(VmmActionError::GuestError(
-                String::from_utf8_lossy(&message.payload).into(),
-            )),
+            MessageKind::Error => Err(VmmActionError::GuestError(guest_text(&message.payload))),
             MessageKind::Pong => Ok(VmmData::Pong { round_trip_us }),
             MessageKind::EchoReply => Ok(VmmData::Echo {
                 payload: message.payload,
@@ -1008,7 +1015,7 @@ impl Vmm {
                 }
             },
             MessageKind::LoadFailed => {
-                let why = String::from_utf8_lossy(&message.payload).into_owned();
+                let why = guest_text(&message.payload);
                 // A cached compilation the guest's Wasmtime refused (made
                 // for other CPU features or settings, or damaged): drop it,
                 // compile anew, and load that instead.
@@ -1059,7 +1066,7 @@ impl Vmm {
                                 payload.drain(..OutcomeHeader::SIZE);
                                 Ok(payload)
                             }
-                            Err((kind, text)) => Err((kind, String::from_utf8_lossy(text).into())),
+                            Err((kind, text)) => Err((kind, guest_text(text))),
                         };
                         if let Some(recording) = &mut self.working_set {
                             recording.due = true;
@@ -1482,6 +1489,24 @@ impl Vmm {
     }
 }
 
+/// The most of a text from the guest (an error, a load failure, a
+/// function's error message) that goes into an API answer and a log line.
+const MAX_GUEST_TEXT: usize = 4096;
+
+/// A text the guest wrote, as UTF-8 (invalid sequences replaced) and cut
+/// to [`MAX_GUEST_TEXT`] bytes of the guest's, saying how much was cut: a
+/// guest may fill its whole response area (megabytes) with one.
+fn guest_text(bytes: &[u8]) -> String {
+    if bytes.len() <= MAX_GUEST_TEXT {
+        return String::from_utf8_lossy(bytes).into_owned();
+    }
+    format!(
+        "{}… ({} more bytes cut)",
+        String::from_utf8_lossy(&bytes[..MAX_GUEST_TEXT]),
+        bytes.len() - MAX_GUEST_TEXT
+    )
+}
+
 /// The guest posted something that does not fit the exchange.
 fn unexpected(what: String) -> VmmActionError {
     VmmActionError::Protocol(ProtocolError::Unexpected(what))
@@ -1561,5 +1586,24 @@ impl MutEventSubscriber for Vmm {
         if let Err(e) = ops.add(stdin) {
             log::debug!("no console input: stdin cannot be watched ({e:?})");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_text_is_cut_and_says_so() {
+        assert_eq!(guest_text(b"no such file"), "no such file");
+        assert_eq!(guest_text(b"\xff!"), "\u{fffd}!");
+        let long = vec![b'x'; MAX_GUEST_TEXT + 10];
+        let text = guest_text(&long);
+        assert!(text.starts_with(&"x".repeat(MAX_GUEST_TEXT)));
+        assert!(text.ends_with("… (10 more bytes cut)"), "{text}");
+        // Invalid bytes grow threefold as replacement characters: the cut
+        // is made on the guest's bytes, before.
+        let garbage = vec![0xffu8; 8 << 20];
+        assert!(guest_text(&garbage).len() < 4 * MAX_GUEST_TEXT);
     }
 }

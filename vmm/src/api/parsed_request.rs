@@ -100,6 +100,25 @@ pub fn parse(request: Request) -> Result<VmmAction, Response> {
         ("POST", "/ember/test/bad-length") => VmmAction::TestGuest(GuestTest::BadLength),
         ("POST", "/ember/test/hang") => VmmAction::TestGuest(GuestTest::Hang),
         ("POST", "/ember/test/doorbell-loop") => VmmAction::TestGuest(GuestTest::DoorbellLoop),
+        ("POST", "/ember/test/maximal-answer") => {
+            let code = std::str::from_utf8(&request.body)
+                .ok()
+                .map(str::trim)
+                .and_then(|t| {
+                    if t.is_empty() {
+                        Some(0)
+                    } else {
+                        t.parse::<u32>().ok()
+                    }
+                })
+                .ok_or_else(|| {
+                    Response::fault(
+                        400,
+                        "the body is a message kind's code, in decimal (empty: the usual kind)",
+                    )
+                })?;
+            VmmAction::TestGuest(GuestTest::MaximalAnswer(code))
+        }
         ("POST", "/ember/test/forbidden-syscall") => {
             VmmAction::TestForbiddenSyscall(crate::seccomp::ThreadKind::Vmm)
         }
@@ -209,6 +228,20 @@ mod tests {
             response.status,
             value["fault_message"].as_str().unwrap().to_string(),
         )
+    }
+
+    #[test]
+    fn a_maximal_answer_names_its_kind_in_decimal() {
+        let arm = |body| parse(request("POST", "/ember/test/maximal-answer", body));
+        let kind = |code| Ok(VmmAction::TestGuest(GuestTest::MaximalAnswer(code)));
+        assert_eq!(arm(""), kind(0));
+        assert_eq!(arm("9\n"), kind(9));
+        assert_eq!(arm("57005"), kind(0xdead));
+        for bad in ["-1", "nine", "4294967296"] {
+            let (status, text) = fault(arm(bad).unwrap_err());
+            assert_eq!(status, 400, "{bad}");
+            assert!(text.contains("message kind"), "{text}");
+        }
     }
 
     #[test]
