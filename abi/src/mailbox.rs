@@ -155,6 +155,9 @@ pub enum RequestKind {
     /// area filled with random bytes, of the kind the payload names (a
     /// little-endian `u32`; 0: the kind that request expects).
     TestMaximalAnswer = 0x105,
+    /// Test only: write as many bytes to the console as the payload says
+    /// (a little-endian `u32`), then answer [`MessageKind::Pong`].
+    TestConsoleFlood = 0x106,
 }
 
 /// The address the guest touches to fault on [`RequestKind::TestCrash`]:
@@ -179,6 +182,7 @@ impl RequestKind {
             0x103 => RequestKind::TestHang,
             0x104 => RequestKind::TestDoorbellLoop,
             0x105 => RequestKind::TestMaximalAnswer,
+            0x106 => RequestKind::TestConsoleFlood,
             _ => return None,
         })
     }
@@ -188,7 +192,9 @@ impl RequestKind {
     /// `Error`); none for the test requests that break the protocol.
     pub const fn usual_answer(self) -> Option<MessageKind> {
         Some(match self {
-            RequestKind::Ping | RequestKind::TestMaximalAnswer => MessageKind::Pong,
+            RequestKind::Ping | RequestKind::TestMaximalAnswer | RequestKind::TestConsoleFlood => {
+                MessageKind::Pong
+            }
             RequestKind::Echo => MessageKind::EchoReply,
             RequestKind::Shutdown => MessageKind::ShutdownAck,
             RequestKind::Load => MessageKind::Loaded,
@@ -693,6 +699,7 @@ mod tests {
             RequestKind::TestHang,
             RequestKind::TestDoorbellLoop,
             RequestKind::TestMaximalAnswer,
+            RequestKind::TestConsoleFlood,
         ] {
             assert_eq!(RequestKind::from_u32(kind as u32), Some(kind));
         }

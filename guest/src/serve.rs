@@ -75,6 +75,24 @@ pub fn serve(mut mailbox: Mailbox, mut code: CodeArea, info: &GuestInfo, memory_
                     Err(_) => error(&mut mailbox, seq, "a maximal answer's kind is 4 bytes"),
                 }
             }
+            Some(RequestKind::TestConsoleFlood) => {
+                let payload = mailbox.request_payload(request.len);
+                match <[u8; 4]>::try_from(payload) {
+                    Ok(count) => {
+                        // Lines of 63 bytes and a newline, the last cut short.
+                        let line = [b'F'; 64];
+                        let mut left = u32::from_le_bytes(count) as usize;
+                        while left > 0 {
+                            let n = left.min(line.len());
+                            ember_kernel::console::write_bytes(&line[..n - 1]);
+                            ember_kernel::console::write_bytes(b"\n");
+                            left -= n;
+                        }
+                        mailbox.post(MessageKind::Pong, seq, 0);
+                    }
+                    Err(_) => error(&mut mailbox, seq, "a console flood's length is 4 bytes"),
+                }
+            }
             Some(RequestKind::Echo) => {
                 // The payload goes through the heap, as events do.
                 let payload: Vec<u8> = mailbox.request_payload(request.len).to_vec();

@@ -95,6 +95,10 @@ fn main() {
             "console_output_stops_at_its_limit_and_the_vm_goes_on",
             console_limit,
         ),
+        (
+            "hostile_guest_flooding_its_console_is_cut_at_the_cap_and_serves_on",
+            console_flood,
+        ),
         ("failed_start_can_be_retried", failed_start_can_be_retried),
         (
             "hung_guest_times_out_and_the_vm_is_stopped_with_code_13",
@@ -539,6 +543,39 @@ fn console_limit() -> TestResult {
     check(vmm.serial.text() == note, || {
         format!("console: {:?}", vmm.serial.text())
     })?;
+    shutdown(&mut vmm, &mut client)
+}
+
+/// A guest that writes 32 KiB to a console capped at 4 KiB (emberd caps
+/// at 1 MiB; the same code, a smaller figure to keep the test short: each
+/// byte is an exit): what reaches the host stops at the cap plus one note,
+/// the rest is counted as dropped, and the VM answers on.
+fn console_flood() -> TestResult {
+    const CAP: usize = 4096;
+    const FLOOD: usize = 32 << 10;
+    let (mut vmm, mut client) = boot(
+        1,
+        128,
+        &["--test-commands", "--serial-out-limit", &CAP.to_string()],
+    )?;
+    expect_status(
+        client.post("/ember/test/console-flood", FLOOD.to_string().as_bytes()),
+        200,
+        "console flood",
+    )?;
+    echo_ok(&mut client, b"after the flood", "echo")?;
+    let status = get_json(&mut client, "/ember/status")?;
+    let dropped = status["console_dropped_bytes"].as_u64().unwrap_or(0) as usize;
+    check(dropped >= FLOOD - CAP, || format!("status {status}"))?;
+    let note = "[ember-vmm: the console reached its limit of 4096 bytes; the rest is dropped]\n";
+    check(vmm.serial.wait_for(note, PATIENCE), || {
+        format!("console: {} bytes", vmm.serial.text().len())
+    })?;
+    let console = vmm.serial.text();
+    check(console.len() == CAP + 1 + note.len(), || {
+        format!("{} bytes reached the console (cap {CAP})", console.len())
+    })?;
+    check(console.contains("FFFFFFFF"), || "the flood".to_string())?;
     shutdown(&mut vmm, &mut client)
 }
 

@@ -72,6 +72,8 @@ pub enum GuestTest {
     /// its response area, in a message of this kind (0: the kind that
     /// request expects).
     MaximalAnswer(u32),
+    /// The guest writes this many bytes to its console, then answers.
+    ConsoleFlood(u32),
 }
 
 /// A successful answer.

@@ -483,6 +483,9 @@ impl Vmm {
                     GuestTest::MaximalAnswer(code) => {
                         (RequestKind::TestMaximalAnswer, code.to_le_bytes().to_vec())
                     }
+                    GuestTest::ConsoleFlood(bytes) => {
+                        (RequestKind::TestConsoleFlood, bytes.to_le_bytes().to_vec())
+                    }
                 };
                 return self.request_guest(
                     kind,
@@ -958,7 +961,7 @@ impl Vmm {
             RequestKind::Invoke => &[MessageKind::Outcome, MessageKind::OutcomePreparing],
             RequestKind::Stats => &[MessageKind::Stats],
             RequestKind::Touch => &[MessageKind::Touched],
-            RequestKind::TestMaximalAnswer => &[MessageKind::Pong],
+            RequestKind::TestMaximalAnswer | RequestKind::TestConsoleFlood => &[MessageKind::Pong],
             _ => &[],
         };
         if message.kind != MessageKind::Error && !expected.contains(&message.kind) {

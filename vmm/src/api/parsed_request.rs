@@ -119,6 +119,15 @@ pub fn parse(request: Request) -> Result<VmmAction, Response> {
                 })?;
             VmmAction::TestGuest(GuestTest::MaximalAnswer(code))
         }
+        ("POST", "/ember/test/console-flood") => {
+            let bytes = std::str::from_utf8(&request.body)
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok())
+                .ok_or_else(|| {
+                    Response::fault(400, "the body is how many bytes to write, in decimal")
+                })?;
+            VmmAction::TestGuest(GuestTest::ConsoleFlood(bytes))
+        }
         ("POST", "/ember/test/forbidden-syscall") => {
             VmmAction::TestForbiddenSyscall(crate::seccomp::ThreadKind::Vmm)
         }
@@ -231,7 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn a_maximal_answer_names_its_kind_in_decimal() {
+    fn guest_tests_take_their_number_in_decimal() {
         let arm = |body| parse(request("POST", "/ember/test/maximal-answer", body));
         let kind = |code| Ok(VmmAction::TestGuest(GuestTest::MaximalAnswer(code)));
         assert_eq!(arm(""), kind(0));
@@ -242,6 +251,14 @@ mod tests {
             assert_eq!(status, 400, "{bad}");
             assert!(text.contains("message kind"), "{text}");
         }
+        let flood = |body| parse(request("POST", "/ember/test/console-flood", body));
+        assert_eq!(
+            flood("65536"),
+            Ok(VmmAction::TestGuest(GuestTest::ConsoleFlood(65536)))
+        );
+        let (status, text) = fault(flood("").unwrap_err());
+        assert_eq!(status, 400);
+        assert!(text.contains("how many bytes"), "{text}");
     }
 
     #[test]
