@@ -194,6 +194,7 @@ pub fn bench_invoke(
     count: usize,
     restores: usize,
     seconds: u64,
+    gap_ms: u64,
 ) -> Result<Value, String> {
     let examples = examples_dir()?;
     let echo = examples.join("echo.wasm");
@@ -215,25 +216,34 @@ pub fn bench_invoke(
         restored_us.push(restored_once(&mut client)?);
     }
 
-    // Jailed (the default, as above) against --no-jail: restored
-    // invocations, each emberd in turn, twice (A B A B), the same count.
+    // Jailed (the default, as above) against --no-jail: two emberds side
+    // by side, restored invocations alternating between them (A B A B,
+    // `restores` each), each timed once both prepared pools are full.
     drop(client);
     drop(emberd);
-    let mut by_jail: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for _round in 0..2 {
-        for (i, args) in [&[][..], &["--no-jail"][..]].iter().enumerate() {
-            let emberd = Emberd::start_with(binaries, args)?;
-            let mut client = emberd.client()?;
-            deploy(&mut client, "echo", &echo, json!({}))?;
-            for _ in 0..restores.div_ceil(2) {
-                by_jail[i].push(restored_once(&mut client)? / 1000.0);
-                // The instance's teardown (off the request path, heavier
-                // jailed: a keeper, a cgroup leaf) ends before the next
-                // restore is timed.
-                std::thread::sleep(Duration::from_millis(30));
-            }
-        }
+    let pair = [
+        Emberd::start_with(binaries, &[])?,
+        Emberd::start_with(binaries, &["--no-jail"])?,
+    ];
+    let mut clients = Vec::new();
+    for emberd in &pair {
+        let mut client = emberd.client()?;
+        deploy(&mut client, "echo", &echo, json!({}))?;
+        clients.push(client);
     }
+    let mut by_jail: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..restores * 2 {
+        let i = round % 2;
+        let other = &mut clients[1 - i];
+        prepared_ready(other, 2)?;
+        by_jail[i].push(restored_once(&mut clients[i])? / 1000.0);
+        // The instance's teardown (off the request path, heavier jailed:
+        // a keeper, a cgroup leaf, namespaces) ends before the next
+        // restore is timed.
+        std::thread::sleep(Duration::from_millis(gap_ms));
+    }
+    drop(clients);
+    drop(pair);
     let emberd = Emberd::start(binaries)?;
     let mut client = emberd.client()?;
     deploy(&mut client, "echo", &echo, json!({ "max_concurrency": 64 }))?;
@@ -297,6 +307,7 @@ pub fn bench_invoke(
         "restored_ms": r,
         "restored_jailed_ms": jailed,
         "restored_no_jail_ms": unjailed,
+        "jail_ab_gap_ms": gap_ms,
         "warm_us": w,
         "throughput_4_clients_per_s": throughput,
     }))

@@ -119,6 +119,10 @@ enum Bench {
         /// Seconds of the 4-client throughput run.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Milliseconds between a restored instance's delete and the next
+        /// restore in the jailed/--no-jail A/B (its teardown's time).
+        #[arg(long, default_value_t = 30)]
+        gap_ms: u64,
     },
     /// Async invocations through emberd: durable accepts/s and latency (8
     /// clients), accept → result recorded, recovery of a queue after kill -9.
@@ -336,7 +340,8 @@ fn run_vm_bench(binaries: &Binaries, args: &Args) -> Result<serde_json::Value, S
             count,
             restores,
             seconds,
-        } => agent::bench_invoke(binaries, count, restores, seconds),
+            gap_ms,
+        } => agent::bench_invoke(binaries, count, restores, seconds, gap_ms),
         Bench::Async {
             seconds,
             count,
