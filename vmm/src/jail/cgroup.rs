@@ -417,4 +417,76 @@ mod tests {
         assert!(!v2.oom_killed());
         std::fs::remove_dir_all(&root).unwrap();
     }
+
+    /// On v2 (which our hosts do not offer with the memory controller, so
+    /// this file-level check is what CI has of it): the parent gets the
+    /// controllers its own parent offers, for its children; a leaf is one
+    /// directory holding every limit (and no swap where swap is
+    /// accounted); joining writes to that one `cgroup.procs`.
+    #[test]
+    fn v2_parents_enable_controllers_and_leaves_hold_every_limit() {
+        let root = fake_root("v2-leaf");
+        let hierarchy = Hierarchy::V2(root.clone());
+        let parent = Path::new("ember/abc");
+        std::fs::create_dir_all(root.join(parent)).unwrap();
+        std::fs::write(
+            root.join("ember/cgroup.controllers"),
+            "cpu io memory pids
+",
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("ember/abc/cgroup.controllers"),
+            "memory pids
+",
+        )
+        .unwrap();
+        // A leaf an earlier run left, empty: removed.
+        std::fs::create_dir_all(root.join("ember/abc/stale")).unwrap();
+        hierarchy.prepare_parent(parent).unwrap();
+        let enabled = |dir: &str| {
+            std::fs::read_to_string(root.join(dir).join("cgroup.subtree_control")).unwrap()
+        };
+        assert_eq!(enabled("ember"), "+memory +pids +cpu");
+        assert_eq!(enabled("ember/abc"), "+memory +pids");
+        assert!(!root.join("ember/abc/stale").exists());
+
+        let spec = LeafSpec {
+            hierarchy: hierarchy.clone(),
+            name: parent.join("vm1"),
+            memory_max: Some(96 << 20),
+            pids_max: Some(32),
+            cpu_max: Some((50_000, 100_000)),
+        };
+        // No memory.swap.max in this leaf (swap not accounted): none written.
+        let leaf = Leaf::create(&spec).unwrap();
+        let dir = root.join("ember/abc/vm1");
+        let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap();
+        assert_eq!(read("memory.max"), (96u64 << 20).to_string());
+        assert_eq!(read("pids.max"), "32");
+        assert_eq!(read("cpu.max"), "50000 100000");
+        assert!(!dir.join("memory.swap.max").exists());
+        leaf.add_process(4242).unwrap();
+        assert_eq!(read("cgroup.procs"), "4242");
+        leaf.join().unwrap();
+        assert_eq!(read("cgroup.procs"), "0");
+        assert_eq!(leaf.dirs, vec![dir.clone()]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// The v2 parent refuses, naming the fix, when it cannot enable the
+    /// controllers (a subtree not delegated).
+    #[test]
+    fn v2_without_controllers_to_enable_says_so() {
+        let root = fake_root("v2-nodelegation");
+        let hierarchy = Hierarchy::V2(root.clone());
+        std::fs::create_dir_all(root.join("ember/abc")).unwrap();
+        // No cgroup.controllers in the parent's parent: not delegated here.
+        let err = hierarchy
+            .prepare_parent(Path::new("ember/abc"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cgroup.controllers"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
