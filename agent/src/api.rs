@@ -1451,6 +1451,7 @@ mod tests {
         b.sort();
         assert_eq!(a, b, "routes in api.rs vs paths in docs/api.yaml");
     }
+
     /// A journal filter names a kind of record that exists, or is refused
     /// (an unknown kind would match nothing and look like an empty journal).
     #[test]
