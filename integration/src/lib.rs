@@ -527,6 +527,8 @@ pub struct Emberd {
     pub state_dir: PathBuf,
     /// Its log (stderr).
     pub log: Capture,
+    /// The `--state-dir` it was given (its cgroup parent is named after it).
+    agent_state: PathBuf,
     _lock: KvmLock,
 }
 
@@ -558,6 +560,11 @@ impl Emberd {
         state_dir: &Path,
     ) -> Result<Emberd, String> {
         let lock = KvmLock::acquire();
+        let agent_state = command
+            .get_args()
+            .skip_while(|a| *a != "--state-dir")
+            .nth(1)
+            .map_or_else(|| state_dir.join("state"), PathBuf::from);
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -570,6 +577,7 @@ impl Emberd {
             socket,
             state_dir: state_dir.to_path_buf(),
             log,
+            agent_state,
             _lock: lock,
         };
         if !emberd.log.wait_for("emberd listening on", PATIENCE) {
@@ -613,7 +621,7 @@ impl Drop for Emberd {
         let _ = self.child.wait();
         // Killed, emberd cannot remove its VMs' cgroups; its VMMs die with
         // it (a parent-death signal), and then their leaves can go.
-        ember_agent::host::remove_vm_cgroups(&self.state_dir.join("state"), Duration::from_secs(2));
+        ember_agent::host::remove_vm_cgroups(&self.agent_state, Duration::from_secs(2));
     }
 }
 
