@@ -310,6 +310,9 @@ impl Agent {
                 "--no-jail: every ember-vmm runs unconfined, as emberd's user, with no cgroup: a guest that escapes into its VMM gets the host. Development only (docs/security.md)"
             ),
         }
+        // A start that fails from here on (a VMM that cannot start, a
+        // journal that cannot be used) removes the cgroup parent it made.
+        let mut undo_cgroups = RemoveCgroupsOnDrop(supervisor.jail.clone());
         if stale > 0 {
             tracing::warn!("killed {stale} ember-vmm processes a previous emberd left running");
         }
@@ -408,6 +411,7 @@ impl Agent {
             }
         }
         agent.refill_prepared();
+        undo_cgroups.0 = None;
         Ok(agent)
     }
 
@@ -1316,12 +1320,9 @@ impl Agent {
         };
         drop(all);
         lock(&self.prepared).clear();
-        // The cgroup parent of this state dir's VMs, once they are gone
-        // (a VMM still ending keeps it: the next start reuses it).
+        // The cgroup parent of this state dir's VMs, once they are gone.
         if let Some(jail) = &self.supervisor.jail {
-            for dir in jail.hierarchy.dirs(&jail.cgroup_parent) {
-                let _ = std::fs::remove_dir(dir);
-            }
+            jail.remove_cgroups();
         }
     }
 
@@ -1395,6 +1396,18 @@ pub fn remove_vm_cgroups(state_dir: &Path, patience: Duration) -> bool {
         all &= gone;
     }
     all
+}
+
+/// Removes a jail's cgroups when dropped, unless emptied first: what a
+/// start that fails half-way leaves.
+struct RemoveCgroupsOnDrop(Option<Arc<crate::supervisor::Jail>>);
+
+impl Drop for RemoveCgroupsOnDrop {
+    fn drop(&mut self) {
+        if let Some(jail) = self.0.take() {
+            jail.remove_cgroups();
+        }
+    }
 }
 
 /// Checks that this host can jail VMMs and readies what every jail uses:

@@ -1115,7 +1115,18 @@ fn vmm_cannot_start() -> TestResult {
             && stderr.contains("exit status: 3")
             && stderr.contains("no KVM here, sorry"),
         || format!("emberd did not say why the VMM failed:\n{stderr}"),
-    )
+    )?;
+    // The cgroup parent its jails would have used went with it.
+    use ember_vmm::jail::cgroup::{Hierarchy, CGROUP_ROOT};
+    if let Ok(hierarchy @ Hierarchy::V1 { .. }) = Hierarchy::detect(Path::new(CGROUP_ROOT)) {
+        let tag = ember_agent::host::state_dir_tag(&dir.join("state"));
+        for parent in hierarchy.dirs(&Path::new("ember").join(tag)) {
+            check(!parent.exists(), || {
+                format!("a failed start left {}", parent.display())
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// emberd on `dir` (as [`Emberd::start`] does) with another guest image.

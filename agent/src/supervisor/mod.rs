@@ -169,6 +169,23 @@ impl Jail {
         }
     }
 
+    /// Removes the cgroup parent of this emberd's VMs, and what empty
+    /// leaves it still holds, in every hierarchy (at a stop, or a start
+    /// that failed). A leaf whose VMM is still ending keeps it: the next
+    /// start on the same state dir reuses it.
+    pub fn remove_cgroups(&self) {
+        for dir in self.hierarchy.dirs(&self.cgroup_parent) {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        let _ = std::fs::remove_dir(entry.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
     fn take_id(&self) -> Option<u32> {
         let mut used = self.in_use.lock().unwrap_or_else(|p| p.into_inner());
         let id = (self.first_id..self.first_id.saturating_add(self.ids))
