@@ -1375,27 +1375,12 @@ pub fn state_dir_tag(state_dir: &Path) -> String {
 /// for them to go): for whoever killed an emberd that could not clean up
 /// (a restarted emberd also sweeps them). Returns whether all went.
 pub fn remove_vm_cgroups(state_dir: &Path, patience: Duration) -> bool {
-    use ember_vmm::jail::cgroup::{Hierarchy, CGROUP_ROOT};
+    use ember_vmm::jail::cgroup::{remove_parent, Hierarchy, CGROUP_ROOT};
     let Ok(hierarchy @ Hierarchy::V1 { .. }) = Hierarchy::detect(Path::new(CGROUP_ROOT)) else {
         return true;
     };
-    let deadline = Instant::now() + patience;
-    let mut all = true;
-    for parent in hierarchy.dirs(&PathBuf::from("ember").join(state_dir_tag(state_dir))) {
-        if let Ok(entries) = std::fs::read_dir(&parent) {
-            for entry in entries
-                .flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            {
-                while std::fs::remove_dir(entry.path()).is_err() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        }
-        let gone = std::fs::remove_dir(&parent).is_ok() || !parent.exists();
-        all &= gone;
-    }
-    all
+    let parent = PathBuf::from("ember").join(state_dir_tag(state_dir));
+    remove_parent(&hierarchy, &parent, patience)
 }
 
 /// Removes a jail's cgroups when dropped, unless emptied first: what a

@@ -174,16 +174,11 @@ impl Jail {
     /// that failed). A leaf whose VMM is still ending keeps it: the next
     /// start on the same state dir reuses it.
     pub fn remove_cgroups(&self) {
-        for dir in self.hierarchy.dirs(&self.cgroup_parent) {
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                for entry in entries.flatten() {
-                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                        let _ = std::fs::remove_dir(entry.path());
-                    }
-                }
-            }
-            let _ = std::fs::remove_dir(dir);
-        }
+        ember_vmm::jail::cgroup::remove_parent(
+            &self.hierarchy,
+            &self.cgroup_parent,
+            std::time::Duration::ZERO,
+        );
     }
 
     fn take_id(&self) -> Option<u32> {

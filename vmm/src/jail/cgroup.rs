@@ -14,6 +14,7 @@
 //! | kills at the memory limit | `memory.events` `oom_kill` | `memory.oom_control` `oom_kill` |
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Where the cgroup hierarchies are mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -117,14 +118,7 @@ impl Hierarchy {
     pub fn prepare_parent(&self, parent: &Path) -> Result<(), CgroupError> {
         for dir in self.dirs(parent) {
             std::fs::create_dir_all(&dir).map_err(io(&dir, "create"))?;
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                for entry in entries.flatten() {
-                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                        // Fails (EBUSY) when processes remain: kept.
-                        let _ = std::fs::remove_dir(entry.path());
-                    }
-                }
-            }
+            remove_empty_leaves(&dir, Instant::now());
         }
         if let Hierarchy::V2(root) = self {
             // The parent's parent (emberd's delegated cgroup, emptied of
@@ -245,20 +239,10 @@ impl Leaf {
         Ok(())
     }
 
-    /// Moves the calling process into the leaf ("0": whoever writes, in
-    /// any PID namespace).
-    pub fn join(&self) -> Result<(), CgroupError> {
-        self.add("0")
-    }
-
     /// Moves process `pid` (of the caller's PID namespace) into the leaf.
     pub fn add_process(&self, pid: u32) -> Result<(), CgroupError> {
-        self.add(&pid.to_string())
-    }
-
-    fn add(&self, pid: &str) -> Result<(), CgroupError> {
         for dir in &self.dirs {
-            write(dir, "cgroup.procs", pid)?;
+            write(dir, "cgroup.procs", &pid.to_string())?;
         }
         Ok(())
     }
@@ -294,11 +278,40 @@ impl Leaf {
                 match std::fs::remove_dir(dir) {
                     Ok(()) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
             }
         }
     }
+}
+
+/// Removes the leaves under `dir` (a failure, EBUSY, means processes
+/// remain: retried until `deadline`, then kept).
+fn remove_empty_leaves(dir: &Path, deadline: Instant) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+    {
+        while std::fs::remove_dir(entry.path()).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Removes the parent `parent` of `hierarchy`'s leaves and the leaves it
+/// holds, in every hierarchy, waiting up to `patience` for leaves whose
+/// processes are still ending. Returns whether all of it went.
+pub fn remove_parent(hierarchy: &Hierarchy, parent: &Path, patience: Duration) -> bool {
+    let deadline = Instant::now() + patience;
+    let mut all = true;
+    for dir in hierarchy.dirs(parent) {
+        remove_empty_leaves(&dir, deadline);
+        all &= std::fs::remove_dir(&dir).is_ok() || !dir.exists();
+    }
+    all
 }
 
 /// Removes the leaf `name` of `hierarchy` (for whoever made a jail with
@@ -422,7 +435,7 @@ mod tests {
     /// this file-level check is what CI has of it): the parent gets the
     /// controllers its own parent offers, for its children; a leaf is one
     /// directory holding every limit (and no swap where swap is
-    /// accounted); joining writes to that one `cgroup.procs`.
+    /// accounted); a process moves in through that one `cgroup.procs`.
     #[test]
     fn v2_parents_enable_controllers_and_leaves_hold_every_limit() {
         let root = fake_root("v2-leaf");
@@ -468,8 +481,6 @@ mod tests {
         assert!(!dir.join("memory.swap.max").exists());
         leaf.add_process(4242).unwrap();
         assert_eq!(read("cgroup.procs"), "4242");
-        leaf.join().unwrap();
-        assert_eq!(read("cgroup.procs"), "0");
         assert_eq!(leaf.dirs, vec![dir.clone()]);
         std::fs::remove_dir_all(&root).unwrap();
     }
