@@ -66,22 +66,20 @@ pub fn serve(mut mailbox: Mailbox, mut code: CodeArea, info: &GuestInfo, memory_
         match RequestKind::from_u32(request.kind) {
             Some(RequestKind::Ping) => mailbox.post(MessageKind::Pong, seq, 0),
             Some(RequestKind::TestMaximalAnswer) => {
-                let payload = mailbox.request_payload(request.len);
-                match <[u8; 4]>::try_from(payload) {
-                    Ok(code) => {
-                        maximal_answer = Some(u32::from_le_bytes(code));
+                match u32_payload(mailbox.request_payload(request.len)) {
+                    Some(code) => {
+                        maximal_answer = Some(code);
                         mailbox.post(MessageKind::Pong, seq, 0);
                     }
-                    Err(_) => error(&mut mailbox, seq, "a maximal answer's kind is 4 bytes"),
+                    None => error(&mut mailbox, seq, "a maximal answer's kind is 4 bytes"),
                 }
             }
             Some(RequestKind::TestConsoleFlood) => {
-                let payload = mailbox.request_payload(request.len);
-                match <[u8; 4]>::try_from(payload) {
-                    Ok(count) => {
+                match u32_payload(mailbox.request_payload(request.len)) {
+                    Some(count) => {
                         // Lines of 63 bytes and a newline, the last cut short.
                         let line = [b'F'; 64];
-                        let mut left = u32::from_le_bytes(count) as usize;
+                        let mut left = count as usize;
                         while left > 0 {
                             let n = left.min(line.len());
                             ember_kernel::console::write_bytes(&line[..n - 1]);
@@ -90,7 +88,7 @@ pub fn serve(mut mailbox: Mailbox, mut code: CodeArea, info: &GuestInfo, memory_
                         }
                         mailbox.post(MessageKind::Pong, seq, 0);
                     }
-                    Err(_) => error(&mut mailbox, seq, "a console flood's length is 4 bytes"),
+                    None => error(&mut mailbox, seq, "a console flood's length is 4 bytes"),
                 }
             }
             Some(RequestKind::Echo) => {
@@ -236,6 +234,11 @@ pub fn crash() -> ! {
     // SAFETY: the read faults (it is meant to); nothing is read.
     unsafe { core::ptr::read_volatile(TEST_CRASH_ADDRESS as *const u8) };
     unreachable!("reading an unmapped address returned");
+}
+
+/// A test request's payload: one little-endian `u32`, nothing else.
+fn u32_payload(payload: &[u8]) -> Option<u32> {
+    <[u8; 4]>::try_from(payload).ok().map(u32::from_le_bytes)
 }
 
 /// Answers request `seq` with an error message.

@@ -609,10 +609,8 @@ impl Vmm {
         for entry in std::fs::read_dir(from)? {
             let entry = entry?;
             let name = entry.file_name();
-            let text = name.to_string_lossy();
-            let wanted = [".state", ".mem", ".ws"].iter().any(|e| text.ends_with(e));
             // (Snapshot files are made 0644 when written: no chmod here.)
-            if wanted && entry.file_type()?.is_file() {
+            if is_snapshot_file(&name) && entry.file_type()?.is_file() {
                 link(&entry.path(), &self.dir.join(&name))?;
             }
         }
@@ -853,7 +851,6 @@ fn host_swaps() -> bool {
 /// readable by others, as a jailed VMM needs (files an unjailed emberd
 /// wrote under umask 0077 are not). Returns how many it changed.
 pub fn make_snapshots_readable(dir: &Path) -> usize {
-    use std::os::unix::fs::PermissionsExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -862,26 +859,34 @@ pub fn make_snapshots_readable(dir: &Path) -> usize {
         let path = entry.path();
         match entry.file_type() {
             Ok(t) if t.is_dir() => changed += make_snapshots_readable(&path),
-            Ok(t) if t.is_file() => {
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                if ![".state", ".mem", ".ws"].iter().any(|e| name.ends_with(e)) {
-                    continue;
-                }
-                if let Ok(meta) = entry.metadata() {
-                    let mode = meta.permissions().mode();
-                    if mode & 0o004 == 0 {
-                        let readable = std::fs::Permissions::from_mode((mode | 0o444) & 0o7755);
-                        if std::fs::set_permissions(&path, readable).is_ok() {
-                            changed += 1;
-                        }
-                    }
-                }
+            Ok(t) if t.is_file() && is_snapshot_file(&entry.file_name()) => {
+                changed += usize::from(make_readable(&path).unwrap_or(false));
             }
             _ => {}
         }
     }
     changed
+}
+
+/// Whether `name` is a snapshot's file: its state, memory or working set.
+fn is_snapshot_file(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_string_lossy();
+    [".state", ".mem", ".ws"].iter().any(|e| name.ends_with(e))
+}
+
+/// Makes `file` readable by others if it is not (a jailed VMM reads it
+/// under its own uid); whether it changed it.
+fn make_readable(file: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(file)?.permissions().mode();
+    if mode & 0o004 != 0 {
+        return Ok(false);
+    }
+    std::fs::set_permissions(
+        file,
+        std::fs::Permissions::from_mode((mode | 0o444) & 0o7755),
+    )?;
+    Ok(true)
 }
 
 /// A snapshot's two files (the shape of `snapshots::SnapshotFiles`).
@@ -891,14 +896,7 @@ pub type SnapshotPaths = crate::snapshots::SnapshotFiles;
 /// readable by others if it is not: a jailed VMM reads it under its own
 /// uid. emberd's state directory itself stays closed to other users.
 fn link_readable(file: &Path, at: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(file)?.permissions().mode();
-    if mode & 0o004 == 0 {
-        std::fs::set_permissions(
-            file,
-            std::fs::Permissions::from_mode((mode | 0o444) & 0o7755),
-        )?;
-    }
+    make_readable(file)?;
     link(file, at)
 }
 
